@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from budgetwarden_api.v1 import budget_pb2 as pb
+from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
+
+DEFAULT_ADDR = "127.0.0.1:50151"
+
+
+def default_addr() -> str:
+    """Where the sidecar is: ``BUDGETWARDEN_ADDR`` (set by the Kubernetes injector) or the default loopback port."""
+    return os.environ.get("BUDGETWARDEN_ADDR", DEFAULT_ADDR)
+
+
+def _check_request(**fields: Any) -> pb.CheckRequest:
+    labels: Mapping[str, str] = fields.pop("labels", None) or {}
+    request = pb.CheckRequest(**fields)
+    request.labels.update(labels)
+    return request
+
+
+class BudgetClient:
+    """A blocking client. Every method takes the request fields as keyword arguments and returns the response."""
+
+    def __init__(self, addr: str | None = None, *, timeout: float = 5.0) -> None:
+        self.addr = addr or default_addr()
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.addr)
+        self._stub = pb_grpc.BudgetServiceStub(self._channel)
+
+    def check(self, **fields: Any) -> pb.CheckResponse:
+        return self._stub.Check(_check_request(**fields), timeout=self.timeout)
+
+    def report(self, records: Iterable[pb.UsageRecord]) -> pb.ReportResponse:
+        return self._stub.Report(pb.ReportRequest(records=list(records)), timeout=self.timeout)
+
+    def release(self, **fields: Any) -> pb.ReleaseResponse:
+        return self._stub.Release(pb.ReleaseRequest(**fields), timeout=self.timeout)
+
+    def get_budget(self, **fields: Any) -> pb.GetBudgetResponse:
+        return self._stub.GetBudget(pb.GetBudgetRequest(**fields), timeout=self.timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> BudgetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncBudgetClient:
+    """The asyncio twin of :class:`BudgetClient`."""
+
+    def __init__(self, addr: str | None = None, *, timeout: float = 5.0) -> None:
+        self.addr = addr or default_addr()
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(self.addr)
+        self._stub = pb_grpc.BudgetServiceStub(self._channel)
+
+    async def check(self, **fields: Any) -> pb.CheckResponse:
+        return await self._stub.Check(_check_request(**fields), timeout=self.timeout)
+
+    async def report(self, records: Iterable[pb.UsageRecord]) -> pb.ReportResponse:
+        return await self._stub.Report(pb.ReportRequest(records=list(records)), timeout=self.timeout)
+
+    async def release(self, **fields: Any) -> pb.ReleaseResponse:
+        return await self._stub.Release(pb.ReleaseRequest(**fields), timeout=self.timeout)
+
+    async def get_budget(self, **fields: Any) -> pb.GetBudgetResponse:
+        return await self._stub.GetBudget(pb.GetBudgetRequest(**fields), timeout=self.timeout)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncBudgetClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

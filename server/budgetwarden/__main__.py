@@ -1,0 +1,5 @@
+import sys
+
+from budgetwarden._cli import main
+
+sys.exit(main())

@@ -1,0 +1,305 @@
+"""The ``budgetwarden`` command: run the sidecar, talk to it, validate policies.
+
+Errors are one line on stderr and a non-zero exit; never a traceback.
+Exit codes: 0 success (for ``check``: allowed or degraded), 1 error (server unreachable, rejected request, bad file),
+2 bad arguments, 3 ``check`` answered deny or checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import typing
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from pydantic import ValidationError
+
+from budgetwarden import __version__
+from budgetwarden._config import Settings, load_settings
+from budgetwarden._policy import PolicyError, load_policy
+from budgetwarden_api.v1 import budget_pb2 as pb
+from budgetwarden_client import BudgetClient, default_addr
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
+
+
+class CliError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, so flags, environment variables and the config file can never drift apart."""
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "BUDGETWARDEN_" + name.upper()
+        help_text = f"{info.description} [env {env}; default {info.default}]"
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else None
+        parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--addr", default=None, help="sidecar address [env BUDGETWARDEN_ADDR; default 127.0.0.1:50151]")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
+    parser.add_argument("--json", action="store_true", help="print the response as JSON")
+    parser.add_argument("--tenant", default="default", help="tenant id (default: 'default')")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="budgetwarden", description="Token-budget sidecar for AI agents.")
+    parser.add_argument("--version", action="version", version=f"budgetwarden {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="run the sidecar (starts the embedded Redis unless --redis-url is set)")
+    serve.add_argument("--config", type=Path, default=None, help="YAML file of settings (lowest precedence)")
+    _add_setting_flags(serve)
+
+    check = commands.add_parser("check", help="ask whether a step may run, and reserve its tokens")
+    _client_flags(check)
+    check.add_argument("--task", required=True, help="task id")
+    check.add_argument("--step", required=True, help="step id")
+    check.add_argument("--tokens", type=int, default=None, help="tokens asked for in all (counted as input)")
+    check.add_argument("--input-tokens", type=int, default=0, help="estimated input tokens")
+    check.add_argument("--output-tokens", type=int, default=0, help="max output tokens")
+    check.add_argument("--tool-calls", type=int, default=0, help="planned tool calls")
+    check.add_argument("--task-type", default="", help="task type (default: the policy's)")
+    check.add_argument("--model", default="", help="model the step will call")
+    check.add_argument("--lease", type=int, default=None, help="lease in seconds")
+    check.add_argument("--ceiling", type=int, default=None, help="explicit task ceiling (first check only)")
+    check.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="attribution label")
+
+    report = commands.add_parser("report", help="report what a step really spent")
+    _client_flags(report)
+    report.add_argument("--reservation", default="", help="reservation id (or --task and --step)")
+    report.add_argument("--task", default="", help="task id")
+    report.add_argument("--step", default="", help="step id")
+    report.add_argument("--input-tokens", type=int, default=0)
+    report.add_argument("--output-tokens", type=int, default=0)
+    report.add_argument("--cached-input-tokens", type=int, default=0)
+    report.add_argument("--tool-calls", type=int, default=0)
+    report.add_argument("--model", default="")
+    report.add_argument("--task-type", default="")
+    report.add_argument("--outcome", choices=["completed", "failed", "cancelled"], default="completed")
+    report.add_argument("--idempotency-key", default="", help="default: one report per step")
+
+    release = commands.add_parser("release", help="hand back a reservation whose step will not run")
+    _client_flags(release)
+    release.add_argument("--reservation", default="", help="reservation id (or --task and --step)")
+    release.add_argument("--task", default="")
+    release.add_argument("--step", default="")
+
+    budget = commands.add_parser("budget", help="show a task's budget and its tenant's windows")
+    _client_flags(budget)
+    budget.add_argument("--task", default="", help="task id (default: only the tenant's windows)")
+    budget.add_argument("--task-type", default="")
+
+    policy = commands.add_parser("policy", help="work with policy files")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
+    validate = policy_commands.add_parser("validate", help="check a policy file; errors name the line and field")
+    validate.add_argument("file", type=Path)
+    return parser
+
+
+def _labels(pairs: Sequence[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--label {pair!r}: expected KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def _ts(message: Any, field: str) -> str:
+    if not message.HasField(field):
+        return "-"
+    return str(getattr(message, field).ToDatetime(tzinfo=UTC).isoformat(timespec="seconds"))
+
+
+def _scope_table(scopes: Sequence[pb.ScopeState]) -> list[str]:
+    rows = [("scope", "limit", "used", "reserved", "remaining", "resets at")]
+    for s in scopes:
+        limit = str(s.limit_tokens) if s.HasField("limit_tokens") else "-"
+        remaining = str(s.remaining_tokens) if s.HasField("remaining_tokens") else "-"
+        resets = _ts(s, "resets_at")
+        rows.append((s.name, limit, str(s.used_tokens), str(s.reserved_tokens), remaining, resets))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(widths[i]) if i in (0, 5) else cell.rjust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+
+
+def _print(message: Any, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, sort_keys=True))
+    else:
+        print("\n".join(lines))
+
+
+def _enum(enum_type: Any, value: int, prefix: str) -> str:
+    return str(enum_type.Name(value)).removeprefix(prefix)
+
+
+def _cmd_check(args: argparse.Namespace, client: BudgetClient) -> int:
+    input_tokens = args.input_tokens + (args.tokens or 0)
+    fields: dict[str, Any] = {
+        "tenant_id": args.tenant,
+        "task_id": args.task,
+        "step_id": args.step,
+        "task_type": args.task_type,
+        "model": args.model,
+        "estimated_input_tokens": input_tokens,
+        "max_output_tokens": args.output_tokens,
+        "planned_tool_calls": args.tool_calls,
+        "labels": _labels(args.label),
+    }
+    if args.lease is not None:
+        fields["lease_seconds"] = args.lease
+    if args.ceiling is not None:
+        fields["task_ceiling_tokens"] = args.ceiling
+    answer = client.check(**fields)
+    decision = _enum(pb.Decision, answer.decision, "DECISION_")
+    head = f"{decision}: granted {answer.granted_tokens} of {answer.requested_tokens} tokens"
+    if answer.reservation_id:
+        head += f", reservation {answer.reservation_id}, lease until {_ts(answer, 'lease_expires_at')}"
+    lines = [head, f"reason: {_enum(pb.Reason, answer.reason, 'REASON_')}: {answer.message}"]
+    if answer.binding_scope:
+        lines.append(f"bound by: {answer.binding_scope}")
+    if answer.HasField("retry_after"):
+        lines.append(f"retry after: {answer.retry_after.ToTimedelta().total_seconds():.0f}s")
+    if answer.from_fail_mode:
+        lines.append("note: answered by the fail mode (budget store unavailable)")
+    if answer.replayed:
+        lines.append("note: this step was checked before; this is its reservation")
+    if answer.scopes:
+        lines += ["", *_scope_table(answer.scopes)]
+    _print(answer, args.json, lines)
+    return EXIT_OK if answer.decision in (pb.DECISION_ALLOW, pb.DECISION_DEGRADE) else EXIT_DENIED
+
+
+def _cmd_report(args: argparse.Namespace, client: BudgetClient) -> int:
+    if not args.reservation and not (args.task and args.step):
+        raise CliError("give --reservation, or --task and --step")
+    record = pb.UsageRecord(
+        tenant_id=args.tenant,
+        reservation_id=args.reservation,
+        task_id=args.task,
+        step_id=args.step,
+        model=args.model,
+        task_type=args.task_type,
+        input_tokens=args.input_tokens,
+        output_tokens=args.output_tokens,
+        cached_input_tokens=args.cached_input_tokens,
+        tool_calls=args.tool_calls,
+        outcome=pb.Outcome.Value(f"OUTCOME_{args.outcome.upper()}"),
+        idempotency_key=args.idempotency_key,
+    )
+    record.timestamp.GetCurrentTime()
+    result = client.report([record]).results[0]
+    line = (
+        f"{_enum(pb.ReportStatus, result.status, 'REPORT_STATUS_')}: charged {result.charged_tokens} tokens, "
+        f"refunded {result.refunded_tokens}, overage {result.overage_tokens}"
+    )
+    if result.HasField("task_remaining_tokens"):
+        line += f"; task has {result.task_remaining_tokens} tokens left"
+    _print(result, args.json, [line])
+    return EXIT_OK
+
+
+def _cmd_release(args: argparse.Namespace, client: BudgetClient) -> int:
+    if not args.reservation and not (args.task and args.step):
+        raise CliError("give --reservation, or --task and --step")
+    answer = client.release(tenant_id=args.tenant, reservation_id=args.reservation, task_id=args.task, step_id=args.step)
+    status = _enum(pb.ReleaseStatus, answer.status, "RELEASE_STATUS_")
+    _print(answer, args.json, [f"{status}: {answer.released_tokens} tokens handed back (reservation {answer.reservation_id})"])
+    return EXIT_OK
+
+
+def _cmd_budget(args: argparse.Namespace, client: BudgetClient) -> int:
+    answer = client.get_budget(tenant_id=args.tenant, task_id=args.task, task_type=args.task_type)
+    lines = []
+    if args.task:
+        known = f"task type {answer.task_type}, {answer.active_reservations} live reservations" if answer.task_known else "not checked yet"
+        lines.append(f"task {args.task}: {known}")
+    lines += _scope_table(answer.scopes)
+    _print(answer, args.json, lines)
+    return EXIT_OK
+
+
+def _cmd_policy_validate(args: argparse.Namespace) -> int:
+    loaded = load_policy(args.file)
+    policy = loaded.policy
+    print(
+        f"{args.file}: valid (version {loaded.version}): {len(policy.tenants)} tenants, "
+        f"{len(policy.task_types)} task types, unknown tenants: {policy.unknown_tenants}"
+    )
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from budgetwarden import _logging
+    from budgetwarden._server import serve
+
+    flags = {name: getattr(args, name) for name in Settings.model_fields}
+    config = args.config
+    if config is None:
+        import os
+
+        env_config = os.environ.get("BUDGETWARDEN_CONFIG")
+        config = Path(env_config) if env_config else None
+    settings = load_settings(config, **flags)
+    _logging.configure(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+_CLIENT_COMMANDS = {"check": _cmd_check, "report": _cmd_report, "release": _cmd_release, "budget": _cmd_budget}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    prog = f"budgetwarden {args.command}"
+    try:
+        if args.command == "serve":
+            return _cmd_serve(args)
+        if args.command == "policy":
+            return _cmd_policy_validate(args)
+        with BudgetClient(args.addr or default_addr(), timeout=args.timeout) as client:
+            return _CLIENT_COMMANDS[args.command](args, client)
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            print(f"{prog}: error: cannot reach the sidecar at {args.addr or default_addr()}: {details}", file=sys.stderr)
+        else:
+            name = code.name if code is not None else "ERROR"
+            print(f"{prog}: error: {name}: {details}", file=sys.stderr)
+        return EXIT_ERROR
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"{exc.source}:{problem}", file=sys.stderr)
+        return EXIT_ERROR
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        print(f"{prog}: error: setting {where}: {first['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CliError, OSError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR

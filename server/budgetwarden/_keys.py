@@ -1,0 +1,52 @@
+"""Redis key names. Every key of a tenant carries the tenant's hash tag; caller ids are escaped or hashed."""
+
+from __future__ import annotations
+
+import hashlib
+from urllib.parse import quote
+
+from budgetwarden._model import WindowSpan
+
+KEY_VERSION = "bw1"
+
+
+def digest(*parts: str) -> str:
+    """A 128-bit hex digest of the parts, length-prefixed so that ("ab", "c") and ("a", "bc") differ."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        data = part.encode()
+        h.update(len(data).to_bytes(4, "big"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def reservation_id(task_id: str, step_id: str) -> str:
+    """Stable per (task, step): checking a step again finds the same reservation."""
+    return digest(task_id, step_id)
+
+
+def is_reservation_id(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+class TenantKeys:
+    """The key names of one tenant. ``quote`` leaves no ``{``, ``}``, ``:`` or space in the tag."""
+
+    __slots__ = ("leases", "prefix", "resv_prefix")
+
+    def __init__(self, tenant_id: str) -> None:
+        self.prefix = f"{KEY_VERSION}:{{{quote(tenant_id, safe='')}}}:"
+        self.resv_prefix = self.prefix + "resv:"
+        self.leases = self.prefix + "leases"
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}task:{digest(task_id)}"
+
+    def reservation(self, reservation_id: str) -> str:
+        return self.resv_prefix + reservation_id
+
+    def window(self, span: WindowSpan) -> str:
+        return f"{self.prefix}win:{span.window.name.lower()}:{span.label}"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}idem:{digest(key)}"

@@ -1,0 +1,157 @@
+"""Plain data shared by the decision rules, the store and the transport. No I/O, no protobuf.
+
+Enum values equal the protobuf ones so the transport converts by value.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+# Bounds that keep every counter exact: Lua numbers are doubles (exact below 2**53) and Redis counters are int64.
+MAX_TOKENS_PER_FIELD = 1_000_000_000
+MAX_LIMIT_TOKENS = 1_000_000_000_000_000
+
+
+class Decision(enum.IntEnum):
+    ALLOW = 1
+    DEGRADE = 2
+    CHECKPOINT = 3
+    DENY = 4
+
+
+class Reason(enum.IntEnum):
+    WITHIN_BUDGET = 1
+    STEP_CAP_EXCEEDED = 2
+    TASK_BUDGET_EXHAUSTED = 3
+    TENANT_WINDOW_EXHAUSTED = 4
+    FAIL_OPEN = 5
+    FAIL_CLOSED = 6
+    UNKNOWN_TENANT = 7
+    UNKNOWN_TASK_TYPE = 8
+
+
+class ScopeKind(enum.IntEnum):
+    TASK = 1
+    STEP = 2
+    TENANT_WINDOW = 3
+
+
+class Window(enum.IntEnum):
+    MINUTE = 1
+    HOUR = 2
+    DAY = 3
+    MONTH = 4
+
+
+class Outcome(enum.IntEnum):
+    COMPLETED = 1
+    FAILED = 2
+    CANCELLED = 3
+
+
+class ReportStatus(enum.IntEnum):
+    APPLIED = 1
+    DUPLICATE = 2
+    UNRESERVED = 3
+
+
+class ReleaseStatus(enum.IntEnum):
+    RELEASED = 1
+    ALREADY_RELEASED = 2
+    ALREADY_REPORTED = 3
+    EXPIRED = 4
+    NOT_FOUND = 5
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpan:
+    """One calendar window: [start_ms, end_ms) in epoch milliseconds, and a label unique per window."""
+
+    window: Window
+    label: str
+    start_ms: int
+    end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """A counter a step is charged to (the task or a tenant window), or the per-step cap."""
+
+    name: str
+    kind: ScopeKind
+    limit: int | None
+    span: WindowSpan | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """A scope's figures as the store read them, after any reservation this call made."""
+
+    limit: int | None
+    used: int
+    reserved: int
+
+    @property
+    def remaining(self) -> int | None:
+        if self.limit is None:
+            return None
+        return max(0, self.limit - self.used - self.reserved)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckInput:
+    """A validated Check request."""
+
+    tenant_id: str
+    task_id: str
+    step_id: str
+    task_type: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    tool_calls: int
+    labels: dict[str, str] = field(default_factory=dict)
+    lease_seconds: int | None = None
+    task_ceiling: int | None = None
+
+    @property
+    def requested(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The decision for one check, before it is put on the wire."""
+
+    decision: Decision
+    reason: Reason
+    granted: int
+    message: str
+    binding_scope: str = ""
+    retry_after_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageInput:
+    """A validated usage record."""
+
+    tenant_id: str
+    reservation_id: str
+    task_id: str
+    step_id: str
+    task_type: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    tool_calls: int
+    outcome: Outcome
+    idempotency_key: str
+    timestamp_ms: int | None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        # Cached input tokens are part of input_tokens; they matter for cost, not for the token count.
+        return self.input_tokens + self.output_tokens

@@ -1,0 +1,189 @@
+"""The gRPC transport: decodes requests, validates them, calls the limiter and encodes its answers.
+
+Handlers are registered with a deserializer that never raises, so a malformed message becomes INVALID_ARGUMENT
+rather than the INTERNAL that grpc would answer for a failing deserializer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from budgetwarden._keys import reservation_id
+from budgetwarden._limiter import CheckResult, Limiter, StoreUnavailable
+from budgetwarden._model import Counter, Scope
+from budgetwarden._validation import (
+    InvalidArgument,
+    budget_target,
+    check_input,
+    release_target,
+    usage_inputs,
+)
+from budgetwarden_api.v1 import budget_pb2 as pb
+
+log = logging.getLogger("budgetwarden.service")
+
+SERVICE_NAME = "budgetwarden.v1.BudgetService"
+M = TypeVar("M", bound=Message)
+
+
+class _Malformed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(message_type: type[M]) -> Callable[[bytes], M | _Malformed]:
+    def parse(data: bytes) -> M | _Malformed:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return _Malformed(str(exc) or "cannot parse")
+
+    return parse
+
+
+async def _invalid(context: grpc.aio.ServicerContext[Any, Any], message: str) -> NoReturn:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+    raise AssertionError("abort returned")  # pragma: no cover
+
+
+def scope_state(scope: Scope, counter: Counter) -> pb.ScopeState:
+    state = pb.ScopeState(
+        name=scope.name,
+        kind=int(scope.kind),  # type: ignore[arg-type]
+        used_tokens=counter.used,
+        reserved_tokens=counter.reserved,
+    )
+    if scope.span is not None:
+        state.window = int(scope.span.window)  # type: ignore[assignment]
+        state.window_start.FromMilliseconds(scope.span.start_ms)
+        state.resets_at.FromMilliseconds(scope.span.end_ms)
+    if counter.limit is not None:
+        state.limit_tokens = counter.limit
+        state.remaining_tokens = max(0, counter.limit - counter.used - counter.reserved)
+    return state
+
+
+def check_response(result: CheckResult) -> pb.CheckResponse:
+    verdict = result.verdict
+    response = pb.CheckResponse(
+        decision=int(verdict.decision),  # type: ignore[arg-type]
+        reservation_id=result.reservation_id,
+        granted_tokens=verdict.granted,
+        reason=int(verdict.reason),  # type: ignore[arg-type]
+        message=verdict.message,
+        binding_scope=verdict.binding_scope,
+        scopes=[scope_state(scope, counter) for scope, counter in result.scopes],
+        from_fail_mode=result.from_fail_mode,
+        replayed=result.replayed,
+        requested_tokens=result.requested,
+    )
+    if result.lease_expires_ms is not None:
+        response.lease_expires_at.FromMilliseconds(result.lease_expires_ms)
+    if verdict.retry_after_ms is not None:
+        response.retry_after.FromMilliseconds(verdict.retry_after_ms)
+    return response
+
+
+class BudgetServicer:
+    def __init__(self, limiter: Limiter, *, max_lease_seconds: int) -> None:
+        self.limiter = limiter
+        self.max_lease_seconds = max_lease_seconds
+
+    async def check(self, request: pb.CheckRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> pb.CheckResponse:
+        if isinstance(request, _Malformed):
+            await _invalid(context, f"request: not a valid CheckRequest ({request.error})")
+        try:
+            checked = check_input(request, max_lease_seconds=self.max_lease_seconds)
+        except InvalidArgument as exc:
+            await _invalid(context, str(exc))
+        remaining = context.time_remaining()
+        result = await self.limiter.check(checked, None if remaining is None else remaining * 0.9)
+        return check_response(result)
+
+    async def report(self, request: pb.ReportRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReportResponse:
+        if isinstance(request, _Malformed):
+            await _invalid(context, f"request: not a valid ReportRequest ({request.error})")
+        try:
+            records = usage_inputs(request, self.limiter.clock())
+        except InvalidArgument as exc:
+            await _invalid(context, str(exc))
+        try:
+            applied = await self.limiter.report(records)
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable, nothing was applied: {exc}")
+        results = []
+        for item in applied:
+            result = pb.ReportResult(
+                status=int(item.status),  # type: ignore[arg-type]
+                reservation_id=item.reservation_id,
+                charged_tokens=item.charged,
+                refunded_tokens=item.refunded,
+                overage_tokens=item.overage,
+            )
+            if item.task is not None and item.task.remaining is not None:
+                result.task_remaining_tokens = item.task.remaining
+            results.append(result)
+        return pb.ReportResponse(results=results)
+
+    async def release(self, request: pb.ReleaseRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReleaseResponse:
+        if isinstance(request, _Malformed):
+            await _invalid(context, f"request: not a valid ReleaseRequest ({request.error})")
+        try:
+            tenant_id, rid, task_id, step_id = release_target(request)
+        except InvalidArgument as exc:
+            await _invalid(context, str(exc))
+        rid = rid or reservation_id(task_id, step_id)
+        try:
+            status, amount = await self.limiter.release(tenant_id, rid)
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {exc}")
+        return pb.ReleaseResponse(status=status, reservation_id=rid, released_tokens=amount)  # type: ignore[arg-type]
+
+    async def get_budget(
+        self, request: pb.GetBudgetRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetBudgetResponse:
+        if isinstance(request, _Malformed):
+            await _invalid(context, f"request: not a valid GetBudgetRequest ({request.error})")
+        try:
+            tenant_id, task_id, task_type = budget_target(request)
+        except InvalidArgument as exc:
+            await _invalid(context, str(exc))
+        try:
+            view = await self.limiter.budget(tenant_id, task_id, task_type)
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {exc}")
+        return pb.GetBudgetResponse(
+            scopes=[scope_state(scope, counter) for scope, counter in view.scopes],
+            task_known=view.state.task_known,
+            task_type=view.state.task_type,
+            active_reservations=view.state.active_reservations,
+        )
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(
+            method: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]],
+            request_type: type[Message],
+            response_type: type[Message],
+        ) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                method,
+                request_deserializer=_lenient(request_type),
+                response_serializer=response_type.SerializeToString,
+            )
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Check": unary(self.check, pb.CheckRequest, pb.CheckResponse),
+                "Report": unary(self.report, pb.ReportRequest, pb.ReportResponse),
+                "Release": unary(self.release, pb.ReleaseRequest, pb.ReleaseResponse),
+                "GetBudget": unary(self.get_budget, pb.GetBudgetRequest, pb.GetBudgetResponse),
+            },
+        )

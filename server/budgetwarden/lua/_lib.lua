@@ -1,0 +1,78 @@
+-- Helpers shared by every budgetwarden script; the store prepends this file to each script before loading it.
+--
+-- Data model (all keys of one tenant share the hash tag {tenant}, so every script runs on Redis Cluster):
+--   <p>task:<h>      hash  limit, used, reserved, active, task_id, task_type      (expires after task retention)
+--   <p>win:<w>:<l>   hash  used, reserved                                        (expires after its window + grace)
+--   <p>resv:<id>     hash  state, amount, lease, scopes, untils, requested       (expires after lease + retention)
+--   <p>leases        zset  reservation id -> lease expiry (ms); expired members are purged lazily by every script
+-- A reservation names the scope keys it holds on ("scopes") and until when each scope key is alive ("untils";
+-- 0 means the task key, which is alive as long as it exists). Scope keys read from a reservation are in the same hash
+-- slot as the script's declared keys, because they carry the same tenant tag.
+-- Times come from the caller's clock (ARGV); expiries are set relative to it (PEXPIRE, never PEXPIREAT), so a skew
+-- between the sidecar's clock and Redis's never makes a key vanish early.
+
+local LIMIT_NONE = -1
+local PURGE_BATCH = 256
+
+local function num(value)
+  if value == false or value == nil then return 0 end
+  return tonumber(value)
+end
+
+local function words(text)
+  local out = {}
+  for word in string.gmatch(text or '', '%S+') do out[#out + 1] = word end
+  return out
+end
+
+-- Is a scope key still the right place to count in? Window keys die with their window; the task key with its TTL.
+local function scope_alive(key, until_ms, now)
+  if until_ms == 0 then return redis.call('EXISTS', key) == 1 end
+  return until_ms > now
+end
+
+-- Adds `delta` to `field` of every live scope of a reservation record.
+local function add_to_scopes(record, field, delta, now)
+  if delta == 0 then return end
+  local keys, untils = words(record.scopes), words(record.untils)
+  for i, key in ipairs(keys) do
+    if scope_alive(key, tonumber(untils[i]), now) then redis.call('HINCRBY', key, field, delta) end
+  end
+end
+
+local function load_record(resv_key)
+  local f = redis.call('HMGET', resv_key, 'state', 'amount', 'lease', 'scopes', 'untils')
+  if not f[1] then return nil end
+  return { state = f[1], amount = num(f[2]), lease = num(f[3]), scopes = f[4], untils = f[5] }
+end
+
+-- Ends the hold of a live reservation: its amount stops counting as reserved. Returns the amount handed back.
+local function end_hold(resv_key, record, new_state, leases, now)
+  add_to_scopes(record, 'reserved', -record.amount, now)
+  local task_key = words(record.scopes)[1]
+  if task_key and redis.call('EXISTS', task_key) == 1 then redis.call('HINCRBY', task_key, 'active', -1) end
+  redis.call('HSET', resv_key, 'state', new_state)
+  redis.call('ZREM', leases, string.match(resv_key, '([^:]+)$'))
+  return record.amount
+end
+
+-- Expired leases stop holding budget: no background job, every script sweeps a bounded batch first.
+local function purge_expired(leases, resv_prefix, now)
+  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, PURGE_BATCH)
+  for _, id in ipairs(expired) do
+    local resv_key = resv_prefix .. id
+    local record = load_record(resv_key)
+    if record and record.state == 'reserved' then
+      end_hold(resv_key, record, 'expired', leases, now)
+    else
+      redis.call('ZREM', leases, id)
+    end
+  end
+end
+
+local function task_counter(task_key)
+  local f = redis.call('HMGET', task_key, 'limit', 'used', 'reserved')
+  local limit = LIMIT_NONE
+  if f[1] then limit = tonumber(f[1]) end
+  return limit, num(f[2]), num(f[3])
+end
