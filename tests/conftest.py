@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
+from support import RunningSidecar
 
+from budgetwarden._config import Settings
 from budgetwarden._embedded import EmbeddedRedis, free_port
 
 
@@ -21,11 +24,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 
 @pytest.fixture
-def redis_url(redis_server: EmbeddedRedis) -> Iterator[str]:
+def redis_url(redis_server: EmbeddedRedis) -> str:
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     client.close()
-    yield redis_server.url
+    return redis_server.url
 
 
 @pytest.fixture
@@ -45,3 +48,26 @@ async def async_redis(redis_url: str) -> AsyncIterator[AsyncRedis]:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
+
+
+@pytest.fixture
+def start_sidecar(redis_url: str) -> Iterator[Callable[..., RunningSidecar]]:
+    """Start sidecars against the test's Redis; keyword arguments override settings."""
+    started: list[RunningSidecar] = []
+
+    def start(**overrides: Any) -> RunningSidecar:
+        values: dict[str, Any] = {"listen": f"127.0.0.1:{free_port()}", "redis_url": redis_url, "log_format": "text"}
+        values.update(overrides)
+        running = RunningSidecar(Settings(**values)).start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def sidecar(start_sidecar: Callable[..., RunningSidecar]) -> RunningSidecar:
+    """A sidecar with the built-in default policy."""
+    return start_sidecar()

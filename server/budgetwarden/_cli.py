@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import typing
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -138,7 +139,12 @@ def _scope_table(scopes: Sequence[pb.ScopeState]) -> list[str]:
         resets = _ts(s, "resets_at")
         rows.append((s.name, limit, str(s.used_tokens), str(s.reserved_tokens), remaining, resets))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(widths[i]) if i in (0, 5) else cell.rjust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+    return [
+        "  ".join(
+            cell.ljust(widths[i]) if i in (0, 5) else cell.rjust(widths[i]) for i, cell in enumerate(row)
+        ).rstrip()
+        for row in rows
+    ]
 
 
 def _print(message: Any, as_json: bool, lines: list[str]) -> None:
@@ -221,9 +227,15 @@ def _cmd_report(args: argparse.Namespace, client: BudgetClient) -> int:
 def _cmd_release(args: argparse.Namespace, client: BudgetClient) -> int:
     if not args.reservation and not (args.task and args.step):
         raise CliError("give --reservation, or --task and --step")
-    answer = client.release(tenant_id=args.tenant, reservation_id=args.reservation, task_id=args.task, step_id=args.step)
+    answer = client.release(
+        tenant_id=args.tenant, reservation_id=args.reservation, task_id=args.task, step_id=args.step
+    )
     status = _enum(pb.ReleaseStatus, answer.status, "RELEASE_STATUS_")
-    _print(answer, args.json, [f"{status}: {answer.released_tokens} tokens handed back (reservation {answer.reservation_id})"])
+    _print(
+        answer,
+        args.json,
+        [f"{status}: {answer.released_tokens} tokens handed back (reservation {answer.reservation_id})"],
+    )
     return EXIT_OK
 
 
@@ -231,7 +243,11 @@ def _cmd_budget(args: argparse.Namespace, client: BudgetClient) -> int:
     answer = client.get_budget(tenant_id=args.tenant, task_id=args.task, task_type=args.task_type)
     lines = []
     if args.task:
-        known = f"task type {answer.task_type}, {answer.active_reservations} live reservations" if answer.task_known else "not checked yet"
+        known = (
+            f"task type {answer.task_type}, {answer.active_reservations} live reservations"
+            if answer.task_known
+            else "not checked yet"
+        )
         lines.append(f"task {args.task}: {known}")
     lines += _scope_table(answer.scopes)
     _print(answer, args.json, lines)
@@ -261,10 +277,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config = Path(env_config) if env_config else None
     settings = load_settings(config, **flags)
     _logging.configure(settings.log_level, settings.log_format)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        pass
     return EXIT_OK
 
 
@@ -286,7 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         if code == grpc.StatusCode.UNAVAILABLE:
-            print(f"{prog}: error: cannot reach the sidecar at {args.addr or default_addr()}: {details}", file=sys.stderr)
+            print(
+                f"{prog}: error: cannot reach the sidecar at {args.addr or default_addr()}: {details}", file=sys.stderr
+            )
         else:
             name = code.name if code is not None else "ERROR"
             print(f"{prog}: error: {name}: {details}", file=sys.stderr)

@@ -64,7 +64,12 @@ class Planner:
 
     def window_scopes(self, tenant: TenantPolicy, now_ms: int) -> tuple[Scope, ...]:
         scopes = [
-            Scope(WINDOW_SCOPE_NAMES[window], ScopeKind.TENANT_WINDOW, limit, self._spans.get(window, tenant.time_zone, now_ms))
+            Scope(
+                WINDOW_SCOPE_NAMES[window],
+                ScopeKind.TENANT_WINDOW,
+                limit,
+                self._spans.get(window, tenant.time_zone, now_ms),
+            )
             for window, limit in tenant.window_limits()
         ]
         scopes.reverse()
@@ -144,7 +149,8 @@ def decide(plan: CheckPlan, fitted: int | None, counters: tuple[Counter, ...], n
                 f"task budget exhausted: {held} of {counter.limit} tokens used or reserved, step asks for {requested}",
                 scope.name,
             )
-        assert scope.span is not None and counter.limit is not None
+        assert scope.span is not None
+        assert counter.limit is not None
         # Waiting helps only if the step could fit an empty window at all.
         retry_after = scope.span.end_ms - now_ms if requested <= counter.limit else None
         return Verdict(

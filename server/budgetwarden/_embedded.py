@@ -123,7 +123,9 @@ class EmbeddedRedis:
         try:
             while True:
                 if self._process.poll() is not None:
-                    raise EmbeddedError(f"{self.binary.name} exited with {self._process.returncode}: {self._log_tail()}")
+                    raise EmbeddedError(
+                        f"{self.binary.name} exited with {self._process.returncode}: {self._log_tail()}"
+                    )
                 try:
                     if client.ping():
                         return self.url

@@ -43,7 +43,7 @@ class BudgetView:
     state: BudgetState
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailableError(Exception):
     """The store could not answer; the transport maps this to UNAVAILABLE."""
 
 
@@ -118,7 +118,9 @@ class Limiter:
             )
             rid = reservation_id(request.task_id, request.step_id)
             return CheckResult(verdict, plan.requested, rid, None, (), from_fail_mode=True)
-        verdict = Verdict(Decision.DENY, Reason.FAIL_CLOSED, 0, "budget store unavailable: denied by fail mode 'closed'")
+        verdict = Verdict(
+            Decision.DENY, Reason.FAIL_CLOSED, 0, "budget store unavailable: denied by fail mode 'closed'"
+        )
         return CheckResult(verdict, plan.requested, "", None, (), from_fail_mode=True)
 
     async def report(self, records: Sequence[UsageInput]) -> list[Applied]:
@@ -133,13 +135,13 @@ class Limiter:
         try:
             return await self.store.report(entries, now)
         except StoreErrors as exc:
-            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
 
     async def release(self, tenant_id: str, rid: str) -> tuple[int, int]:
         try:
             status, amount = await self.store.release(tenant_id, rid, self.clock())
         except StoreErrors as exc:
-            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
         return status, amount
 
     async def budget(self, tenant_id: str, task_id: str, task_type: str) -> BudgetView:
@@ -150,7 +152,7 @@ class Limiter:
         try:
             state = await self.store.budget(tenant_id, task_id, windows, now)
         except StoreErrors as exc:
-            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
         task_counter = state.counters[0]
         scopes: tuple[tuple[Scope, Counter], ...] = tuple(zip(windows, state.counters[1:], strict=True))
         if task_id:

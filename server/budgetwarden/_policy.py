@@ -53,7 +53,9 @@ class TenantPolicy(_Strict):
 
     def window_limits(self) -> list[tuple[Window, int]]:
         """The enforced windows, shortest first."""
-        limits = [(WINDOW_NAMES[name], limit.tokens) for name, limit in self.windows.items() if limit.tokens is not None]
+        limits = [
+            (WINDOW_NAMES[name], limit.tokens) for name, limit in self.windows.items() if limit.tokens is not None
+        ]
         return sorted(limits)
 
 

@@ -79,7 +79,12 @@ class Sidecar:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving",
-            extra={"listen": settings.listen, "port": self.port, "policy": self.policy.source, "policy_version": self.policy.version},
+            extra={
+                "listen": settings.listen,
+                "port": self.port,
+                "policy": self.policy.source,
+                "policy_version": self.policy.version,
+            },
         )
 
     async def stop(self) -> None:

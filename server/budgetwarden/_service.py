@@ -14,10 +14,10 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from budgetwarden._keys import reservation_id
-from budgetwarden._limiter import CheckResult, Limiter, StoreUnavailable
+from budgetwarden._limiter import CheckResult, Limiter, StoreUnavailableError
 from budgetwarden._model import Counter, Scope
 from budgetwarden._validation import (
-    InvalidArgument,
+    InvalidRequestError,
     budget_target,
     check_input,
     release_target,
@@ -96,27 +96,31 @@ class BudgetServicer:
         self.limiter = limiter
         self.max_lease_seconds = max_lease_seconds
 
-    async def check(self, request: pb.CheckRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> pb.CheckResponse:
+    async def check(
+        self, request: pb.CheckRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CheckResponse:
         if isinstance(request, _Malformed):
             await _invalid(context, f"request: not a valid CheckRequest ({request.error})")
         try:
             checked = check_input(request, max_lease_seconds=self.max_lease_seconds)
-        except InvalidArgument as exc:
+        except InvalidRequestError as exc:
             await _invalid(context, str(exc))
         remaining = context.time_remaining()
         result = await self.limiter.check(checked, None if remaining is None else remaining * 0.9)
         return check_response(result)
 
-    async def report(self, request: pb.ReportRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReportResponse:
+    async def report(
+        self, request: pb.ReportRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReportResponse:
         if isinstance(request, _Malformed):
             await _invalid(context, f"request: not a valid ReportRequest ({request.error})")
         try:
             records = usage_inputs(request, self.limiter.clock())
-        except InvalidArgument as exc:
+        except InvalidRequestError as exc:
             await _invalid(context, str(exc))
         try:
             applied = await self.limiter.report(records)
-        except StoreUnavailable as exc:
+        except StoreUnavailableError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable, nothing was applied: {exc}")
         results = []
         for item in applied:
@@ -132,17 +136,19 @@ class BudgetServicer:
             results.append(result)
         return pb.ReportResponse(results=results)
 
-    async def release(self, request: pb.ReleaseRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReleaseResponse:
+    async def release(
+        self, request: pb.ReleaseRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReleaseResponse:
         if isinstance(request, _Malformed):
             await _invalid(context, f"request: not a valid ReleaseRequest ({request.error})")
         try:
             tenant_id, rid, task_id, step_id = release_target(request)
-        except InvalidArgument as exc:
+        except InvalidRequestError as exc:
             await _invalid(context, str(exc))
         rid = rid or reservation_id(task_id, step_id)
         try:
             status, amount = await self.limiter.release(tenant_id, rid)
-        except StoreUnavailable as exc:
+        except StoreUnavailableError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {exc}")
         return pb.ReleaseResponse(status=status, reservation_id=rid, released_tokens=amount)  # type: ignore[arg-type]
 
@@ -153,11 +159,11 @@ class BudgetServicer:
             await _invalid(context, f"request: not a valid GetBudgetRequest ({request.error})")
         try:
             tenant_id, task_id, task_type = budget_target(request)
-        except InvalidArgument as exc:
+        except InvalidRequestError as exc:
             await _invalid(context, str(exc))
         try:
             view = await self.limiter.budget(tenant_id, task_id, task_type)
-        except StoreUnavailable as exc:
+        except StoreUnavailableError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {exc}")
         return pb.GetBudgetResponse(
             scopes=[scope_state(scope, counter) for scope, counter in view.scopes],
@@ -171,7 +177,7 @@ class BudgetServicer:
             method: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]],
             request_type: type[Message],
             response_type: type[Message],
-        ) -> grpc.RpcMethodHandler:
+        ) -> grpc.RpcMethodHandler[Any, Any]:
             return grpc.unary_unary_rpc_method_handler(
                 method,
                 request_deserializer=_lenient(request_type),

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from budgetwarden._keys import TenantKeys, reservation_id
-from budgetwarden._model import Counter, ReleaseStatus, ReportStatus, Scope, ScopeKind, UsageInput
+from budgetwarden._model import Counter, ReleaseStatus, ReportStatus, Scope, UsageInput
 
 AnyRedis = Redis | RedisCluster
 _NONE = -1
@@ -178,7 +178,7 @@ class BudgetStore:
                 record.task_type,
                 *untils,
             ]
-            await self._report(keys=script_keys, args=args, client=pipe)
+            await self._report(keys=script_keys, args=args, client=cast(AnyRedis, pipe))
         replies = await pipe.execute()
         applied = []
         for rid, reply in zip(ids, replies, strict=True):
@@ -197,7 +197,7 @@ class BudgetStore:
         script_keys = [keys.leases, keys.task(task_id)]
         args: list[Any] = [now_ms, keys.resv_prefix]
         for scope in windows:
-            assert scope.span is not None and scope.kind is ScopeKind.TENANT_WINDOW
+            assert scope.span is not None
             script_keys.append(keys.window(scope.span))
             args.append(_limit_arg(scope.limit))
         reply = await self._budget(keys=script_keys, args=args)

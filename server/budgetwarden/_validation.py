@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from budgetwarden._keys import is_reservation_id
 from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_TOKENS_PER_FIELD, CheckInput, Outcome, UsageInput
 from budgetwarden_api.v1 import budget_pb2 as pb
@@ -14,7 +16,7 @@ MAX_RECORDS = 1000
 FUTURE_SKEW_MS = 5 * 60_000
 
 
-class InvalidArgument(ValueError):
+class InvalidRequestError(ValueError):
     def __init__(self, field: str, problem: str) -> None:
         self.field = field
         super().__init__(f"{field}: {problem}")
@@ -23,40 +25,40 @@ class InvalidArgument(ValueError):
 def _id(value: str, field: str, *, required: bool = True) -> str:
     if not value:
         if required:
-            raise InvalidArgument(field, "is required")
+            raise InvalidRequestError(field, "is required")
         return value
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > MAX_ID_BYTES:
-        raise InvalidArgument(field, f"is {size} bytes long, at most {MAX_ID_BYTES} are allowed")
+        raise InvalidRequestError(field, f"is {size} bytes long, at most {MAX_ID_BYTES} are allowed")
     if any(ch < " " for ch in value):
-        raise InvalidArgument(field, "contains control characters")
+        raise InvalidRequestError(field, "contains control characters")
     return value
 
 
 def _count(value: int, field: str, bound: int = MAX_TOKENS_PER_FIELD) -> int:
     if value < 0:
-        raise InvalidArgument(field, f"must not be negative (got {value})")
+        raise InvalidRequestError(field, f"must not be negative (got {value})")
     if value > bound:
-        raise InvalidArgument(field, f"must be at most {bound} (got {value})")
+        raise InvalidRequestError(field, f"must be at most {bound} (got {value})")
     return value
 
 
-def _labels(labels: dict[str, str] | object, field: str) -> dict[str, str]:
-    items = dict(labels)  # type: ignore[call-overload]
+def _labels(labels: Mapping[str, str], field: str) -> dict[str, str]:
+    items = dict(labels)
     if len(items) > MAX_LABELS:
-        raise InvalidArgument(field, f"has {len(items)} entries, at most {MAX_LABELS} are allowed")
+        raise InvalidRequestError(field, f"has {len(items)} entries, at most {MAX_LABELS} are allowed")
     for key, value in items.items():
         if not key:
-            raise InvalidArgument(field, "keys must not be empty")
+            raise InvalidRequestError(field, "keys must not be empty")
         for part, what in ((key, "key"), (value, "value")):
             if len(part.encode()) > MAX_LABEL_BYTES:
-                raise InvalidArgument(f"{field}[{key[:32]!r}]", f"{what} is longer than {MAX_LABEL_BYTES} bytes")
+                raise InvalidRequestError(f"{field}[{key[:32]!r}]", f"{what} is longer than {MAX_LABEL_BYTES} bytes")
     return items
 
 
 def _reservation(value: str, field: str) -> str:
     if value and not is_reservation_id(value):
-        raise InvalidArgument(field, "is not a reservation id issued by budgetwarden (32 lowercase hex characters)")
+        raise InvalidRequestError(field, "is not a reservation id issued by budgetwarden (32 lowercase hex characters)")
     return value
 
 
@@ -65,12 +67,14 @@ def check_input(request: pb.CheckRequest, *, max_lease_seconds: int) -> CheckInp
     if request.HasField("lease_seconds"):
         lease = request.lease_seconds
         if not 1 <= lease <= max_lease_seconds:
-            raise InvalidArgument("lease_seconds", f"must be between 1 and {max_lease_seconds} (got {lease})")
+            raise InvalidRequestError("lease_seconds", f"must be between 1 and {max_lease_seconds} (got {lease})")
     ceiling = None
     if request.HasField("task_ceiling_tokens"):
         ceiling = request.task_ceiling_tokens
         if not 1 <= ceiling <= MAX_LIMIT_TOKENS:
-            raise InvalidArgument("task_ceiling_tokens", f"must be between 1 and {MAX_LIMIT_TOKENS} (got {ceiling})")
+            raise InvalidRequestError(
+                "task_ceiling_tokens", f"must be between 1 and {MAX_LIMIT_TOKENS} (got {ceiling})"
+            )
     return CheckInput(
         tenant_id=_id(request.tenant_id, "tenant_id"),
         task_id=_id(request.task_id, "task_id"),
@@ -88,9 +92,9 @@ def check_input(request: pb.CheckRequest, *, max_lease_seconds: int) -> CheckInp
 
 def usage_inputs(request: pb.ReportRequest, now_ms: int) -> list[UsageInput]:
     if not request.records:
-        raise InvalidArgument("records", "must hold at least one record")
+        raise InvalidRequestError("records", "must hold at least one record")
     if len(request.records) > MAX_RECORDS:
-        raise InvalidArgument("records", f"holds {len(request.records)} records, at most {MAX_RECORDS} are allowed")
+        raise InvalidRequestError("records", f"holds {len(request.records)} records, at most {MAX_RECORDS} are allowed")
     return [_usage(record, f"records[{i}]", now_ms) for i, record in enumerate(request.records)]
 
 
@@ -99,24 +103,26 @@ def _usage(record: pb.UsageRecord, at: str, now_ms: int) -> UsageInput:
     task_id = _id(record.task_id, f"{at}.task_id", required=False)
     step_id = _id(record.step_id, f"{at}.step_id", required=False)
     if not reservation and not (task_id and step_id):
-        raise InvalidArgument(f"{at}.reservation_id", "is required unless task_id and step_id are both given")
+        raise InvalidRequestError(f"{at}.reservation_id", "is required unless task_id and step_id are both given")
     input_tokens = _count(record.input_tokens, f"{at}.input_tokens")
     cached = _count(record.cached_input_tokens, f"{at}.cached_input_tokens")
     if cached > input_tokens:
-        raise InvalidArgument(f"{at}.cached_input_tokens", f"({cached}) must not exceed input_tokens ({input_tokens})")
+        raise InvalidRequestError(
+            f"{at}.cached_input_tokens", f"({cached}) must not exceed input_tokens ({input_tokens})"
+        )
     if record.outcome not in pb.Outcome.values():
-        raise InvalidArgument(f"{at}.outcome", f"unknown value {record.outcome}")
+        raise InvalidRequestError(f"{at}.outcome", f"unknown value {record.outcome}")
     timestamp_ms = None
     if record.HasField("timestamp"):
         ts = record.timestamp
         if not 0 <= ts.nanos < 1_000_000_000 or ts.seconds <= 0:
-            raise InvalidArgument(f"{at}.timestamp", "is not a valid time")
+            raise InvalidRequestError(f"{at}.timestamp", "is not a valid time")
         timestamp_ms = ts.seconds * 1000 + ts.nanos // 1_000_000
         if timestamp_ms > now_ms + FUTURE_SKEW_MS:
-            raise InvalidArgument(f"{at}.timestamp", "is more than 5 minutes in the future")
+            raise InvalidRequestError(f"{at}.timestamp", "is more than 5 minutes in the future")
     idempotency_key = record.idempotency_key
     if len(idempotency_key.encode()) > MAX_ID_BYTES:
-        raise InvalidArgument(f"{at}.idempotency_key", f"is longer than {MAX_ID_BYTES} bytes")
+        raise InvalidRequestError(f"{at}.idempotency_key", f"is longer than {MAX_ID_BYTES} bytes")
     return UsageInput(
         tenant_id=_id(record.tenant_id, f"{at}.tenant_id"),
         reservation_id=reservation,
@@ -141,7 +147,7 @@ def release_target(request: pb.ReleaseRequest) -> tuple[str, str, str, str]:
     task_id = _id(request.task_id, "task_id", required=False)
     step_id = _id(request.step_id, "step_id", required=False)
     if not reservation and not (task_id and step_id):
-        raise InvalidArgument("reservation_id", "is required unless task_id and step_id are both given")
+        raise InvalidRequestError("reservation_id", "is required unless task_id and step_id are both given")
     return tenant_id, reservation, task_id, step_id
 
 

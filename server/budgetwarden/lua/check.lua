@@ -33,8 +33,9 @@ if existing[1] == 'reserved' or existing[1] == 'reported' then
   return counters({ 2, 0, num(existing[2]), num(existing[3]) })
 end
 
+-- The first check fixes the task's ceiling. Usage reported before it (without a reservation) stays counted.
 if redis.call('HSETNX', task_key, 'limit', ARGV[6]) == 1 then
-  redis.call('HSET', task_key, 'task_id', ARGV[7], 'task_type', ARGV[8], 'used', 0, 'reserved', 0, 'active', 0)
+  redis.call('HSET', task_key, 'task_id', ARGV[7], 'task_type', ARGV[8])
 end
 redis.call('PEXPIRE', task_key, ARGV[5])
 

@@ -1,0 +1,57 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything else is a step of those.
+PYTHON ?= $(shell command -v python3.12 || command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+RUN_STAMP := $(VENV)/.run-installed
+DEV_STAMP := $(VENV)/.dev-installed
+
+.PHONY: run test venv dev lint format typecheck buf-lint proto proto-check pytest clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "budgetwarden needs Python 3.11 or newer"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@ $(RUN_STAMP)
+
+venv: $(RUN_STAMP)
+dev: $(DEV_STAMP)
+
+## run: start the sidecar on 127.0.0.1:50151 with the embedded Redis-compatible server
+run: $(RUN_STAMP)
+	$(BIN)/budgetwarden serve --log-format text
+
+## test: lint, types, buf lint, generated-code freshness, then the whole test suite
+test: lint typecheck buf-lint proto-check pytest
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(DEV_STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(DEV_STAMP)
+	$(BIN)/mypy
+
+buf-lint: $(DEV_STAMP)
+	$(BIN)/buf lint proto
+
+proto: $(DEV_STAMP)
+	$(BIN)/python proto/generate.py
+
+proto-check: $(DEV_STAMP)
+	$(BIN)/python proto/generate.py --check
+
+pytest: $(DEV_STAMP)
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

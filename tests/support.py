@@ -1,0 +1,42 @@
+"""Helpers shared by tests (importable as ``support``; pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from budgetwarden._config import Settings
+from budgetwarden._server import Sidecar
+
+T = TypeVar("T")
+
+
+class RunningSidecar:
+    """A sidecar serving on a free loopback port from its own thread and event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.addr = settings.listen
+        self.sidecar: Sidecar | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> RunningSidecar:
+        self._thread.start()
+        self.sidecar = Sidecar(self.settings)
+        asyncio.run_coroutine_threadsafe(self.sidecar.start(), self._loop).result(30)
+        return self
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the sidecar's loop (to reach its internals)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
+
+    def stop(self) -> None:
+        if self.sidecar is not None:
+            asyncio.run_coroutine_threadsafe(self.sidecar.stop(), self._loop).result(30)
+            self.sidecar = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()

@@ -1,0 +1,254 @@
+"""The Lua scripts on their own, against a real server: keys and arguments exactly as documented in each script."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from budgetwarden._store import load_lua
+
+NOW = 1_796_000_000_000  # a fixed "now" (2026-11): times are arguments, never the server's clock
+P = "bw1:{acme}:"
+LEASES = P + "leases"
+TASK = P + "task:t1"
+DAY = P + "win:day:2026-11-27"
+MINUTE = P + "win:minute:2026-11-27T08:34+0000"
+HOUR_MS = 3_600_000
+
+
+class Scripts:
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._check = client.register_script(load_lua("check"))
+        self._report = client.register_script(load_lua("report"))
+        self._release = client.register_script(load_lua("release"))
+        self._budget = client.register_script(load_lua("budget"))
+
+    def check(
+        self,
+        step: str,
+        candidates: list[int],
+        *,
+        now: int = NOW,
+        lease_ms: int = 60_000,
+        task_limit: int = 1000,
+        windows: list[tuple[str, int, int]] | None = None,
+    ) -> list[int]:
+        windows = [(DAY, 5000, NOW + 24 * HOUR_MS), (MINUTE, 800, NOW + 60_000)] if windows is None else windows
+        keys = [P + "resv:" + step, LEASES, TASK] + [key for key, _, _ in windows]
+        args: list[Any] = [now, now + lease_ms, 86_400_000, P + "resv:", 7 * 86_400_000, task_limit, "t1", "general"]
+        args += [step, max(candidates, default=0)]
+        for _, limit, until in windows:
+            args += [limit, until]
+        args += [len(candidates), *candidates]
+        return [int(v) for v in self._check(keys=keys, args=args)]
+
+    def report(self, step: str, tokens: int, *, key: str = "", now: int = NOW, fallback: bool = True) -> list[int]:
+        keys = [P + "resv:" + step, LEASES, P + "idem:" + (key or step)]
+        untils: list[int] = []
+        if fallback:
+            keys += [TASK, DAY]
+            untils = [0, NOW + 24 * HOUR_MS]
+        args = [now, 86_400_000, tokens, P + "resv:", 1 if fallback else 0, 7 * 86_400_000, "t1", "general", *untils]
+        return [int(v) for v in self._report(keys=keys, args=args)]
+
+    def release(self, step: str, *, now: int = NOW) -> list[int]:
+        return [int(v) for v in self._release(keys=[P + "resv:" + step, LEASES], args=[now, P + "resv:"])]
+
+    def budget(self, *, now: int = NOW) -> list[Any]:
+        reply = self._budget(keys=[LEASES, TASK, DAY, MINUTE], args=[now, P + "resv:", 5000, 800])
+        return [reply[0], reply[1], *map(int, reply[2:])]
+
+    def held(self, key: str) -> tuple[int, int]:
+        used, reserved = self.client.hmget(key, "used", "reserved")
+        return int(used or 0), int(reserved or 0)
+
+
+@pytest.fixture
+def lua(sync_redis: redis.Redis) -> Scripts:
+    return Scripts(sync_redis)
+
+
+def test_check_reserves_on_every_scope(lua: Scripts) -> None:
+    reply = lua.check("s1", [300])
+    assert reply[:4] == [1, 0, 300, NOW + 60_000]
+    assert reply[4:] == [1000, 0, 300, 5000, 0, 300, 800, 0, 300]
+    for key in (TASK, DAY, MINUTE):
+        assert lua.held(key) == (0, 300)
+    assert lua.client.zscore(LEASES, "s1") == NOW + 60_000
+    assert lua.client.hget(P + "resv:s1", "state") == b"reserved"
+
+
+def test_all_or_nothing_when_one_scope_does_not_fit(lua: Scripts) -> None:
+    lua.check("s1", [700])
+    reply = lua.check("s2", [200])  # fits task (900 <= 1000) and day, not the minute (900 > 800)
+    assert reply[:4] == [0, -1, 0, 0]
+    for key in (TASK, DAY, MINUTE):
+        assert lua.held(key) == (0, 700)
+    assert not lua.client.exists(P + "resv:s2")
+
+
+def test_exactly_at_the_limit_fits_and_one_more_does_not(lua: Scripts) -> None:
+    windows: list[tuple[str, int, int]] = []
+    assert lua.check("s1", [600], windows=windows)[0] == 1
+    assert lua.check("s2", [401], windows=windows)[0] == 0
+    assert lua.check("s3", [400], windows=windows)[0] == 1
+    assert lua.held(TASK) == (0, 1000)
+
+
+def test_first_fitting_candidate_is_reserved(lua: Scripts) -> None:
+    lua.check("s1", [600], windows=[])
+    reply = lua.check("s2", [900, 500, 300], windows=[])  # 900 and 500 do not fit next to 600; 300 does
+    assert reply[:3] == [1, 2, 300]
+    assert lua.held(TASK) == (0, 900)
+
+
+def test_candidates_reserve_only_one(lua: Scripts) -> None:
+    reply = lua.check("s1", [2000, 700, 100], windows=[])
+    assert reply[:3] == [1, 1, 700]
+    assert lua.held(TASK) == (0, 700)
+
+
+def test_no_candidate_only_reads(lua: Scripts) -> None:
+    reply = lua.check("s1", [])
+    assert reply[:4] == [0, -1, 0, 0]
+    assert not lua.client.exists(DAY)
+    assert not lua.client.exists(MINUTE)
+
+
+def test_same_step_twice_is_one_reservation(lua: Scripts) -> None:
+    first = lua.check("s1", [300])
+    again = lua.check("s1", [300], now=NOW + 5_000)
+    assert again[0] == 2
+    assert again[2:4] == first[2:4]
+    assert lua.held(TASK) == (0, 300)
+    lua.report("s1", 250)
+    assert lua.check("s1", [300])[0] == 2  # a reported step is not reserved again
+    assert lua.held(TASK) == (250, 0)
+
+
+def test_task_ceiling_is_fixed_by_the_first_check(lua: Scripts) -> None:
+    lua.check("s1", [100], task_limit=400, windows=[])
+    reply = lua.check("s2", [350], task_limit=5000, windows=[])
+    assert reply[0] == 0
+    assert reply[4] == 400
+
+
+def test_lease_expiry_frees_the_budget_without_a_job(lua: Scripts) -> None:
+    lua.check("s1", [700], lease_ms=10_000)
+    assert lua.check("s2", [400], now=NOW + 9_999)[0] == 0  # still held
+    reply = lua.check("s2", [400], now=NOW + 10_000)  # the lease ran out: swept by this very call
+    assert reply[0] == 1
+    assert lua.held(TASK) == (0, 400)
+    assert lua.client.hget(P + "resv:s1", "state") == b"expired"
+    assert lua.client.zscore(LEASES, "s1") is None
+
+
+def test_expired_step_may_reserve_again(lua: Scripts) -> None:
+    lua.check("s1", [100], lease_ms=1_000)
+    reply = lua.check("s1", [100], now=NOW + 2_000)
+    assert reply[0] == 1
+    assert lua.held(TASK) == (0, 100)
+
+
+def test_report_refunds_an_overestimate(lua: Scripts) -> None:
+    lua.check("s1", [500])
+    assert lua.report("s1", 320) == [1, 320, 180, 0, 1, 1000, 320, 0]
+    for key in (TASK, DAY, MINUTE):
+        assert lua.held(key) == (320, 0)
+    assert lua.client.hget(P + "resv:s1", "state") == b"reported"
+    assert lua.client.zcard(LEASES) == 0
+
+
+def test_report_charges_beyond_the_reservation(lua: Scripts) -> None:
+    lua.check("s1", [500])
+    assert lua.report("s1", 1300)[:4] == [1, 1300, 0, 800]
+    assert lua.held(TASK) == (1300, 0)  # recorded even above the ceiling: real spend is never dropped
+    assert lua.check("s2", [0], windows=[])[0] == 0  # and nothing more fits
+
+
+def test_duplicate_report_is_applied_once(lua: Scripts) -> None:
+    lua.check("s1", [500])
+    lua.report("s1", 200, key="k1")
+    assert lua.report("s1", 200, key="k1")[0] == 2
+    assert lua.held(TASK) == (200, 0)
+
+
+def test_report_after_the_lease_is_charged_as_unreserved(lua: Scripts) -> None:
+    lua.check("s1", [500], lease_ms=1_000)
+    reply = lua.report("s1", 450, now=NOW + 5_000)
+    assert reply[:4] == [3, 450, 0, 0]
+    assert lua.held(TASK) == (450, 0)
+    assert lua.held(DAY) == (450, 0)
+
+
+def test_report_without_reservation_charges_the_fallback_scopes(lua: Scripts) -> None:
+    reply = lua.report("ghost", 90)
+    assert reply[0] == 3
+    assert lua.held(TASK) == (90, 0)
+    assert lua.held(DAY) == (90, 0)
+    assert 0 < lua.client.pttl(DAY) <= 24 * HOUR_MS  # a window created by a report expires too
+    # The task's ceiling is still fixed by its first check, and that earlier usage counts against it.
+    assert lua.check("s1", [911], windows=[])[0] == 0
+    assert lua.check("s1", [910], windows=[])[0] == 1
+
+
+def test_release_hands_back_once(lua: Scripts) -> None:
+    lua.check("s1", [500])
+    assert lua.release("s1", now=NOW + 1) == [1, 500]
+    assert lua.release("s1", now=NOW + 2) == [2, 0]
+    for key in (TASK, DAY, MINUTE):
+        assert lua.held(key) == (0, 0)
+    assert lua.release("nothing") == [5, 0]
+
+
+def test_release_after_report_or_expiry(lua: Scripts) -> None:
+    lua.check("s1", [500])
+    lua.report("s1", 100)
+    assert lua.release("s1") == [3, 0]
+    lua.check("s2", [100], lease_ms=1_000)
+    assert lua.release("s2", now=NOW + 1_000) == [4, 0]
+    assert lua.held(TASK) == (100, 0)
+
+
+def test_window_rollover_starts_from_zero(lua: Scripts) -> None:
+    minute_1 = [(MINUTE, 800, NOW + 60_000)]
+    minute_2 = [(P + "win:minute:2026-11-27T08:35+0000", 800, NOW + 120_000)]
+    assert lua.check("s1", [800], windows=minute_1)[0] == 1
+    assert lua.check("s2", [100], windows=minute_1, now=NOW + 30_000)[0] == 0
+    assert lua.check("s2", [100], windows=minute_2, now=NOW + 60_000)[0] == 1
+
+
+def test_counts_in_a_finished_window_are_not_touched(lua: Scripts) -> None:
+    lua.check("s1", [500], windows=[(MINUTE, 800, NOW + 60_000)], lease_ms=600_000)
+    # Reported after the minute window's key is no longer alive: only live scopes are charged.
+    lua.report("s1", 200, now=NOW + 60_000)
+    assert lua.held(TASK) == (200, 0)
+    assert lua.held(MINUTE) == (0, 500)
+
+
+def test_keys_expire_relative_to_the_callers_clock(lua: Scripts) -> None:
+    lua.check("s1", [100], lease_ms=60_000)
+    assert 0 < lua.client.pttl(MINUTE) <= 60_000
+    assert 0 < lua.client.pttl(P + "resv:s1") <= 60_000 + 86_400_000
+    assert 0 < lua.client.pttl(TASK) <= 7 * 86_400_000
+
+
+def test_budget_reads_after_sweeping_leases(lua: Scripts) -> None:
+    lua.check("s1", [100], lease_ms=1_000)
+    lua.check("s2", [200], lease_ms=60_000)
+    reply = lua.budget(now=NOW + 1_000)
+    assert reply[:3] == [1, b"general", 1]
+    assert reply[3:] == [1000, 0, 200, 5000, 0, 200, 800, 0, 200]
+
+
+def test_purge_is_bounded_per_call(lua: Scripts) -> None:
+    for i in range(300):
+        lua.check(f"s{i}", [1], lease_ms=1_000, windows=[])
+    lua.check("probe", [], now=NOW + 1_000, windows=[])
+    assert lua.client.zcard(LEASES) == 300 - 256
+    lua.check("probe", [], now=NOW + 1_000, windows=[])
+    assert lua.client.zcard(LEASES) == 0
+    assert lua.held(TASK) == (0, 0)
