@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from budgetwarden._decision import TASK_SCOPE, CheckPlan, Planner, decide
 from budgetwarden._keys import reservation_id
@@ -19,7 +19,8 @@ from budgetwarden._store import Applied, BudgetState, BudgetStore
 log = logging.getLogger("budgetwarden.limiter")
 
 Clock = Callable[[], int]
-StoreErrors = (RedisError, OSError, asyncio.TimeoutError)
+# Everything that means "the store did not answer"; anything else is a bug and surfaces as one.
+StoreErrors = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
 def wall_clock_ms() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -151,7 +152,7 @@ class BudgetStore:
         """
         if not records:
             return []
-        pipe = self.redis.pipeline(transaction=False)
+        calls: list[tuple[list[str], list[Any]]] = []
         ids: list[str] = []
         for record, task_id, windows in records:
             keys = TenantKeys(record.tenant_id)
@@ -178,14 +179,24 @@ class BudgetStore:
                 record.task_type,
                 *untils,
             ]
-            await self._report(keys=script_keys, args=args, client=cast(AnyRedis, pipe))
-        replies = await pipe.execute()
+            calls.append((script_keys, args))
+        replies = await self._run_all(self._report, calls)
         applied = []
         for rid, reply in zip(ids, replies, strict=True):
             status, charged, refunded, overage = (int(v) for v in reply[:4])
             task = _counter(*reply[5:8]) if int(reply[4]) else None
             applied.append(Applied(ReportStatus(status), rid, charged, refunded, overage, task))
         return applied
+
+    async def _run_all(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run many script calls: one pipeline on a single node; concurrently on a cluster, where redis-py does not
+        pipeline EVALSHA (each call still goes straight to the node owning its tenant's slot)."""
+        if isinstance(self.redis, RedisCluster):
+            return list(await asyncio.gather(*(script(keys=keys, args=args) for keys, args in calls)))
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in calls:
+            await script(keys=keys, args=args, client=cast(Redis, pipe))
+        return list(await pipe.execute())
 
     async def release(self, tenant_id: str, rid: str, now_ms: int) -> tuple[ReleaseStatus, int]:
         keys = TenantKeys(tenant_id)

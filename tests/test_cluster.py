@@ -1,0 +1,114 @@
+"""The same scripts on a real Redis Cluster (three Valkey nodes started by the test), through the gRPC API."""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from budgetwarden._embedded import server_binary
+from budgetwarden_api.v1 import budget_pb2 as pb
+from budgetwarden_client import BudgetClient
+from support import RunningSidecar
+
+SLOTS = 16384
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """Ports whose cluster-bus port (port + 10000) is free as well."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(20000, 29999)
+        if port not in ports and _free(port) and _free(port + 10000):
+            ports.append(port)
+    return ports
+
+
+@pytest.fixture(scope="module")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    ports = _cluster_ports(3)
+    processes = []
+    for port in ports:
+        workdir: Path = tmp_path_factory.mktemp(f"node{port}")
+        args = [str(server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
+        args += ["--cluster-config-file", "nodes.conf", "--dir", str(workdir), "--save", "", "--appendonly", "no"]
+        processes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        clients = [redis.Redis(port=port) for port in ports]
+        for client in clients:
+            for _ in range(200):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        share = SLOTS // len(ports)
+        for i, client in enumerate(clients):
+            last = SLOTS - 1 if i == len(ports) - 1 else (i + 1) * share - 1
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+        for client in clients[1:]:
+            client.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
+        for _ in range(400):
+            infos = [client.execute_command("CLUSTER", "INFO") for client in clients]
+            if all(b"cluster_state:ok" in info for info in infos):
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("cluster did not become ready")
+        for client in clients:
+            client.close()
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+
+
+def test_tenants_spread_over_nodes_and_scripts_run_unchanged(
+    start_sidecar: Callable[..., RunningSidecar], cluster_url: str
+) -> None:
+    running = start_sidecar(redis_url=cluster_url, redis_cluster=True)
+    tenants = [f"tenant-{i}" for i in range(12)]
+    with BudgetClient(running.addr) as client:
+        for tenant in tenants:
+            answer = client.check(tenant_id=tenant, task_id="t", step_id="s1", estimated_input_tokens=100)
+            assert answer.decision == pb.DECISION_ALLOW, answer.message
+            assert client.check(tenant_id=tenant, task_id="t", step_id="s1", estimated_input_tokens=100).replayed
+            denied = client.check(tenant_id=tenant, task_id="t", step_id="big", estimated_input_tokens=300_000)
+            assert denied.decision == pb.DECISION_DENY
+        # One Report batch spans tenants, hence hash slots and nodes: the pipeline is split per node.
+        records = [
+            pb.UsageRecord(tenant_id=tenant, task_id="t", step_id="s1", input_tokens=60, idempotency_key="k")
+            for tenant in tenants
+        ]
+        statuses = [result.status for result in client.report(records).results]
+        assert statuses == [pb.REPORT_STATUS_APPLIED] * len(tenants)
+        statuses = [result.status for result in client.report(records).results]
+        assert statuses == [pb.REPORT_STATUS_DUPLICATE] * len(tenants)
+        for tenant in tenants:
+            budget = client.get_budget(tenant_id=tenant, task_id="t")
+            task = next(scope for scope in budget.scopes if scope.name == "task")
+            assert (task.used_tokens, task.reserved_tokens) == (60, 0)
+            release = client.release(tenant_id=tenant, task_id="t", step_id="s1")
+            assert release.status == pb.RELEASE_STATUS_ALREADY_REPORTED
+    cluster = redis.RedisCluster.from_url(cluster_url)
+    try:
+        nodes_with_keys = [node for node in cluster.get_primaries() if cluster.dbsize(target_nodes=node)]
+        assert len(nodes_with_keys) > 1  # the tenants really are on different nodes
+    finally:
+        cluster.close()
