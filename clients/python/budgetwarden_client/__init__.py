@@ -1,10 +1,7 @@
 """Python client for the budgetwarden sidecar.
 
-    from budgetwarden_client import BudgetClient
-
-    with BudgetClient() as budget:                      # BUDGETWARDEN_ADDR or 127.0.0.1:50151
-        answer = budget.check(tenant_id="acme", task_id="t1", step_id="s1", estimated_input_tokens=1200,
-                              max_output_tokens=800)
+``BudgetClient`` (blocking) and ``AsyncBudgetClient`` (asyncio) call the sidecar at ``BUDGETWARDEN_ADDR`` (default
+``127.0.0.1:50151``); ``pb`` is the generated message module (``pb.CheckRequest``, ``pb.DECISION_ALLOW``, ...).
 """
 
 from budgetwarden_client._client import DEFAULT_ADDR, AsyncBudgetClient, BudgetClient, default_addr
