@@ -55,7 +55,7 @@ def test_version_changes_with_content() -> None:
         ("task_types:\n  a:\n    per_task: {tokenz: 1}\n", "3: task_types.a.per_task.tokenz: Extra inputs"),
         ("task_types:\n  a:\n    per_step: {tokens: 1000000000000000001}\n", "3: task_types.a.per_step.tokens"),
         ("task_types:\n  a:\n    lease_seconds: 0\n", "3: task_types.a.lease_seconds"),
-        ("default_task_type: nope\n", "1: (top level): default_task_type 'nope' is not one of task_types"),
+        ("task_types: {a: {}}\ndefault_task_type: nope\n", "2: default_task_type: 'nope' is not one of task_types (a)"),
         ("version: 2\n", "1: version: Input should be 1"),
         ("unknown_tenants: maybe\n", "1: unknown_tenants: Input should be 'default' or 'reject'"),
         ("tenants:\n  a: {}\n  a: {}\n", "3: tenants.a: duplicate key (first given on line 2)"),

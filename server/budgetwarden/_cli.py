@@ -23,7 +23,7 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import ValidationError
 
 from budgetwarden import __version__
-from budgetwarden._config import Settings, load_settings
+from budgetwarden._config import ConfigFileError, Settings, load_settings
 from budgetwarden._policy import PolicyError, load_policy
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient, default_addr
@@ -316,6 +316,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = ".".join(str(p) for p in first["loc"])
         print(f"{prog}: error: setting {where}: {first['msg']}", file=sys.stderr)
         return EXIT_USAGE
-    except (CliError, OSError) as exc:
+    except (CliError, ConfigFileError, OSError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from budgetwarden._model import MAX_LIMIT_TOKENS, Window
 
@@ -70,14 +70,17 @@ class Policy(_Strict):
     unknown_tenants: Literal["default", "reject"] = "default"
     default_tenant: TenantPolicy = Field(default_factory=TenantPolicy)
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
-    default_task_type: str | None = None
+    # task_types comes before default_task_type so that the latter's validator can see the former.
     task_types: dict[str, TaskTypePolicy] = Field(default_factory=dict)
+    default_task_type: str | None = None
 
-    @model_validator(mode="after")
-    def _default_task_type_exists(self) -> Policy:
-        if self.default_task_type is not None and self.default_task_type not in self.task_types:
-            raise ValueError(f"default_task_type {self.default_task_type!r} is not one of task_types")
-        return self
+    @field_validator("default_task_type")
+    @classmethod
+    def _default_task_type_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        known = info.data.get("task_types")
+        if value is not None and known is not None and value not in known:
+            raise ValueError(f"{value!r} is not one of task_types ({', '.join(sorted(known)) or 'none defined'})")
+        return value
 
     def tenant(self, tenant_id: str) -> TenantPolicy | None:
         found = self.tenants.get(tenant_id)

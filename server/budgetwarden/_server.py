@@ -70,9 +70,12 @@ class Sidecar:
         server.add_generic_rpc_handlers([servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        self.port = server.add_insecure_port(settings.listen)
+        try:
+            self.port = server.add_insecure_port(settings.listen)
+        except RuntimeError:  # grpcio raises a bare RuntimeError for an address in use or malformed
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {settings.listen}")
+            raise OSError(f"cannot listen on {settings.listen}: the address is in use or not a valid host:port")
         await server.start()
         self.server = server
         for name in ("", SERVICE_NAME):
