@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
-from support import RunningSidecar
 
 from budgetwarden._config import Settings
 from budgetwarden._embedded import EmbeddedRedis, free_port
+
+from support import RunningSidecar
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import redis
 from budgetwarden._embedded import server_binary
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
+
 from support import RunningSidecar
 
 SLOTS = 16384

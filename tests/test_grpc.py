@@ -12,11 +12,12 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import RunningSidecar
 
 from budgetwarden._embedded import free_port
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
+
+from support import RunningSidecar
 
 STRICT_POLICY = """
 unknown_tenants: reject

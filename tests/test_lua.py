@@ -46,12 +46,14 @@ class Scripts:
         return [int(v) for v in self._check(keys=keys, args=args)]
 
     def report(self, step: str, tokens: int, *, key: str = "", now: int = NOW, fallback: bool = True) -> list[int]:
-        keys = [P + "resv:" + step, LEASES, P + "idem:" + (key or step)]
+        keys = [P + "resv:" + step, LEASES, P + "idem:" + (key or "resv:" + step)]
         untils: list[int] = []
         if fallback:
             keys += [TASK, DAY]
             untils = [0, NOW + 24 * HOUR_MS]
-        args = [now, 86_400_000, tokens, P + "resv:", 1 if fallback else 0, 7 * 86_400_000, "t1", "general", *untils]
+        marker_flag = 0 if key else 1
+        args = [now, 86_400_000, tokens, P + "resv:", 1 if fallback else 0, 7 * 86_400_000, "t1", "general"]
+        args += [marker_flag, *untils]
         return [int(v) for v in self._report(keys=keys, args=args)]
 
     def release(self, step: str, *, now: int = NOW) -> list[int]:
@@ -174,6 +176,19 @@ def test_duplicate_report_is_applied_once(lua: Scripts) -> None:
     lua.report("s1", 200, key="k1")
     assert lua.report("s1", 200, key="k1")[0] == 2
     assert lua.held(TASK) == (200, 0)
+
+
+def test_keyless_report_counts_once_per_reservation(lua: Scripts) -> None:
+    lua.check("s1", [500], lease_ms=1_000)
+    assert lua.report("s1", 100, now=NOW + 2_000)[0] == 3  # late: charged without its (lapsed) reservation
+    assert lua.report("s1", 100, now=NOW + 2_000)[0] == 2  # a retry of it is a duplicate
+    assert lua.check("s1", [300], now=NOW + 3_000)[0] == 2  # the step was reported: a check replays
+    lua.check("s2", [200])
+    assert lua.release("s2") == [1, 200]
+    assert lua.check("s2", [250])[:3] == [1, 0, 250]  # released, so reserved again: a new generation
+    assert lua.report("s2", 240)[0] == 1  # whose keyless report is applied, not taken for an older one
+    assert lua.report("s2", 240)[0] == 2
+    assert lua.held(TASK) == (340, 0)
 
 
 def test_report_after_the_lease_is_charged_as_unreserved(lua: Scripts) -> None:

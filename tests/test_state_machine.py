@@ -102,6 +102,7 @@ class Held:
     lease_ms: int
     window: str  # the day the step was admitted on
     window_alive_until_ms: int  # after this the window's counter is gone: nothing is added to it any more
+    generation: int = 1  # how many times the step was reserved: a keyless report counts once per generation
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,8 @@ class Model:
                 Decision.DENY, Reason.TENANT_WINDOW_EXHAUSTED, 0, "tenant.day", retry_after_ms=day_end - now
             )
         lease = now + lease_s * 1000
-        self.steps[(task_id, step_id)] = Held(task_id, "reserved", amount, lease, label, day_end + GRACE_MS)
+        generation = 1 if held is None else held.generation + 1
+        self.steps[(task_id, step_id)] = Held(task_id, "reserved", amount, lease, label, day_end + GRACE_MS, generation)
         task.reserved += amount
         task.active += 1
         window.reserved += amount
@@ -186,11 +188,13 @@ class Model:
     ) -> tuple[ReportStatus, int, int, int, Counter | None]:
         """Returns status, charged, refunded, overage and the task's counter afterwards (if the task is known).
 
-        A report without an idempotency key is keyed by its reservation id, so only the first such report of a step
-        counts. A late report of a lapsed reservation charges the usage but leaves the step lapsed (not reported):
-        checking it again reserves anew.
+        A report without an idempotency key is keyed by its reservation and that reservation's generation, so each
+        reservation of a step takes one keyless report. A report of a lapsed or released reservation charges the
+        usage and marks the step reported: checking it again replays.
         """
-        marker = key or f"reservation:{reservation_id(task_id, step_id)}"
+        known = self.steps.get((task_id, step_id))
+        generation = 0 if known is None else known.generation
+        marker = key or f"reservation:{reservation_id(task_id, step_id)}:{generation}"
         if marker in self.idempotency:
             return ReportStatus.DUPLICATE, 0, 0, 0, None
         self.idempotency.add(marker)
@@ -203,6 +207,8 @@ class Model:
                 self.end_hold(held, "reported", now)
                 status = ReportStatus.APPLIED
                 refunded, overage = max(0, held.amount - tokens), max(0, tokens - held.amount)
+            else:
+                held.state = "reported"
             # Real spend is charged to where the step was admitted, whether its reservation is still live or not.
             task = self.tasks[task_id]
             task.used += tokens

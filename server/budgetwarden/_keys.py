@@ -50,3 +50,7 @@ class TenantKeys:
 
     def idempotency(self, key: str) -> str:
         return f"{self.prefix}idem:{digest(key)}"
+
+    def keyless_marker(self, reservation_id: str) -> str:
+        """The base of the marker of a report without a key; the script appends the reservation's generation."""
+        return f"{self.prefix}idem:resv:{reservation_id}"

@@ -158,8 +158,9 @@ class BudgetStore:
             keys = TenantKeys(record.tenant_id)
             rid = record.reservation_id or reservation_id(record.task_id, record.step_id)
             ids.append(rid)
-            idem = record.idempotency_key or f"reservation:{rid}"
-            script_keys = [keys.reservation(rid), keys.leases, keys.idempotency(idem)]
+            # Without a key, report.lua completes the marker with the reservation's generation.
+            marker = keys.idempotency(record.idempotency_key) if record.idempotency_key else keys.keyless_marker(rid)
+            script_keys = [keys.reservation(rid), keys.leases, marker]
             untils: list[int] = []
             if task_id:
                 script_keys.append(keys.task(task_id))
@@ -177,6 +178,7 @@ class BudgetStore:
                 self.retention.task_ms,
                 task_id,
                 record.task_type,
+                0 if record.idempotency_key else 1,
                 *untils,
             ]
             calls.append((script_keys, args))

@@ -3,7 +3,7 @@
 -- Data model (all keys of one tenant share the hash tag {tenant}, so every script runs on Redis Cluster):
 --   <p>task:<h>      hash  limit, used, reserved, active, task_id, task_type      (expires after task retention)
 --   <p>win:<w>:<l>   hash  used, reserved                                        (expires after its window + grace)
---   <p>resv:<id>     hash  state, amount, lease, scopes, untils, requested       (expires after lease + retention)
+--   <p>resv:<id>     hash  state, gen, amount, lease, scopes, untils, requested  (expires after lease + retention)
 --   <p>leases        zset  reservation id -> lease expiry (ms); expired members are purged lazily by every script
 -- A reservation names the scope keys it holds on ("scopes") and until when each scope key is alive ("untils";
 -- 0 means the task key, which is alive as long as it exists). Scope keys read from a reservation are in the same hash

@@ -65,8 +65,10 @@ for c = 1, ncand do
       redis.call('PEXPIRE', key, math.max(1, tonumber(alive_until) - now))
       scopes[#scopes + 1], untils[#untils + 1] = key, alive_until
     end
+    -- A step reserved again (after a release or a lapse) starts a new generation: its keyless report counts anew.
+    local generation = num(redis.call('HGET', resv_key, 'gen')) + 1
     redis.call('DEL', resv_key)
-    redis.call('HSET', resv_key, 'state', 'reserved', 'amount', amount, 'lease', lease_until,
+    redis.call('HSET', resv_key, 'state', 'reserved', 'gen', generation, 'amount', amount, 'lease', lease_until,
       'scopes', table.concat(scopes, ' '), 'untils', table.concat(untils, ' '),
       'requested', ARGV[10], 'step_id', ARGV[9])
     redis.call('PEXPIRE', resv_key, math.max(1, lease_until - now) + tonumber(ARGV[3]))

