@@ -4,7 +4,7 @@
 ``127.0.0.1:50151``); ``pb`` is the generated message module (``pb.CheckRequest``, ``pb.DECISION_ALLOW``, ...).
 """
 
-from budgetwarden_client._client import DEFAULT_ADDR, AsyncBudgetClient, BudgetClient, default_addr
 from budgetwarden_api.v1 import budget_pb2 as pb
+from budgetwarden_client._client import DEFAULT_ADDR, AsyncBudgetClient, BudgetClient, default_addr
 
 __all__ = ["DEFAULT_ADDR", "AsyncBudgetClient", "BudgetClient", "default_addr", "pb"]
