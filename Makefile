@@ -1,5 +1,7 @@
 # The two commands a newcomer needs: `make run` and `make test`. Everything else is a step of those.
-PYTHON ?= $(shell command -v python3.12 || command -v python3.11 || command -v python3)
+# The first interpreter that really runs and is 3.11+ (a pyenv shim may exist for a version that is not installed).
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && { echo $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.run-installed
@@ -8,7 +10,7 @@ DEV_STAMP := $(VENV)/.dev-installed
 .PHONY: run test venv dev lint format typecheck buf-lint proto proto-check pytest clean
 
 $(BIN)/python:
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "budgetwarden needs Python 3.11 or newer"'
+	@test -n "$(PYTHON)" || { echo "budgetwarden needs Python 3.11 or newer (python3.11, python3.12, ... on PATH)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
