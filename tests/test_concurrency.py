@@ -54,6 +54,7 @@ def policy_text(*, task: int, step: int, day: int, month: int | None = None, tim
     return f"""\
 version: 1
 unknown_tenants: reject
+default_model: {{}}  # free: these tests count tokens only
 tenants:
   {TENANT}:
     time_zone: {time_zone}

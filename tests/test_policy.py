@@ -16,12 +16,19 @@ def problems(text: str) -> list[str]:
 
 def test_example_and_default_policies_are_valid() -> None:
     example = load_policy(ROOT / "examples" / "policy.yaml").policy
-    assert example.tenants["acme"].window_limits() == [
-        (Window.MINUTE, 200000),
-        (Window.HOUR, 3000000),
-        (Window.DAY, 20000000),
-        (Window.MONTH, 400000000),
+    limits = example.tenants["acme"].window_limits()
+    assert [(window, limit.tokens, limit.usd_micros) for window, limit in limits] == [
+        (Window.MINUTE, 200000, None),
+        (Window.HOUR, 3000000, None),
+        (Window.DAY, 20000000, 400_000_000),
+        (Window.MONTH, None, 8_000_000_000),
     ]
+    research = example.task_types["research"]
+    assert (research.soft_bp, research.checkpoint_bp) == (8000, 9500)
+    assert [rung.name for rung in research.degrade] == ["cheaper-model", "smaller-context", "no-tools"]
+    assert example.model("gpt-4o")[0].cached_input_micros_per_mtok == 1_250_000
+    assert example.model("gpt-4-turbo")[0].cached_input_micros_per_mtok == 10_000_000  # defaults to the input price
+    assert example.model("unknown-llm") == (example.default_model, True)
     assert example.task_type("") == ("general", example.task_types["general"])
     assert example.task_type("research")[0] == "research"  # type: ignore[index]
     assert default_policy().policy.task_type("anything")[0] == "default"  # type: ignore[index]

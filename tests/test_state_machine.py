@@ -47,6 +47,7 @@ LEASE_S = 60
 GRACE_MS = Retention().window_grace_ms
 
 POLICY = f"""\
+default_model: {{}}  # free: the model counts tokens only
 version: 1
 unknown_tenants: reject
 tenants:
@@ -294,7 +295,7 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             event(f"check: {want.decision.name} {want.reason.name}{' (replay)' if want.replayed else ''}")
             assert got == want
             assert not result.from_fail_mode
-            assert result.requested == amount
+            assert result.requested.tokens == amount
             task = self.model.tasks[task_id]
             window = self.model.window(utc_day(self.now)[0])
             scopes = [(scope.name, counter) for scope, counter in result.scopes]

@@ -2,26 +2,37 @@
 
 A check runs in two halves around one atomic store call:
 
-1. ``plan_check`` turns the request and the policy into the scopes to charge and the candidate amounts to try.
-2. The store reserves the first candidate that fits every scope, atomically, and returns every scope's counter.
-3. ``decide`` turns what the store did into a decision, a reason and a message.
+1. ``Planner.plan_check`` turns the request and the policy into the scopes to charge and the candidate amounts to try:
+   the request as asked (bounded by the task's soft threshold), then each rung of the degrade ladder (bounded by the
+   checkpoint threshold), then the request as asked again when a soft threshold is set.
+2. The store reserves the first candidate that fits every scope, atomically (``lua/check.lua`` applies ``fits``), or
+   opens a checkpoint when only the task's checkpoint threshold stands in the way.
+3. ``decide`` turns what the store did into a decision, a reason, a message and the advice.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
+from budgetwarden._cost import estimate_micros
 from budgetwarden._model import (
+    Advice,
+    Amount,
     CheckInput,
     Counter,
     Decision,
     Reason,
     Scope,
     ScopeKind,
+    StoreStatus,
+    Thresholds,
+    Unit,
     Verdict,
     Window,
+    threshold_of,
 )
-from budgetwarden._policy import Policy, TaskTypePolicy, TenantPolicy
+from budgetwarden._policy import Policy, Rung, TaskTypePolicy, TenantPolicy
 from budgetwarden._windows import SpanCache
 
 TASK_SCOPE = "task"
@@ -34,28 +45,90 @@ WINDOW_SCOPE_NAMES = {
 }
 
 
+class Bound(enum.IntEnum):
+    """Which task threshold bounds a candidate: the request as asked stays under the soft threshold; degraded ones
+    (and the request once past the soft threshold) under the checkpoint threshold."""
+
+    SOFT = 0
+    CHECKPOINT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """A step as it would run: which model, how much context and output, how many tool calls."""
+
+    model: str
+    input_tokens: int
+    output_tokens: int
+    tool_calls: int
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    amount: Amount
+    bound: Bound
+    shape: Shape
+    rung: str | None  # None: the request as asked
+
+
 @dataclass(frozen=True, slots=True)
 class CheckPlan:
     """What to ask the store for one check.
 
     ``counted`` are the scopes with counters, in binding order: the task first, then the tenant's windows from the
-    longest to the shortest (the first one that does not fit is the one that frees up last). ``task_limit`` is the
-    ceiling a new task starts with. ``candidates`` are the amounts to try, in order; none means "only read".
-    ``early`` is set when the answer is known without the store (unknown tenant or task type).
+    longest to the shortest (the first one that does not fit is the one that frees up last). The task scope carries
+    the ceiling a new task starts with. ``early`` is set when the answer is known without the store.
     """
 
-    requested: int
+    requested: Amount
     task_type: str
-    task_limit: int | None
+    thresholds: Thresholds
     lease_seconds: int | None
     counted: tuple[Scope, ...]
     step: Scope | None
-    candidates: tuple[int, ...]
+    candidates: tuple[Candidate, ...]
+    shape: Shape
+    model_assumed: bool = False
     early: Verdict | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StoreOutcome:
+    """What the store reported for a plan: ``counters`` belong to ``plan.counted``, in order, after any grant;
+    ``thresholds`` are the task's as stored (fixed by its first check)."""
+
+    status: StoreStatus
+    fitted: int | None
+    counters: tuple[Counter, ...]
+    thresholds: Thresholds = Thresholds()
+    checkpoint_id: str = ""
+
+
+def fits(counter: Counter, amount: Amount | int, limit: int | None = None, limit_usd: int | None = None) -> bool:
+    """The one fit rule, in both units (``lua/check.lua`` applies the same). Limits default to the counter's."""
+    if isinstance(amount, int):
+        amount = Amount(amount)
+    return _failing_unit(counter, amount, limit, limit_usd) is None
+
+
+def _failing_unit(
+    counter: Counter, amount: Amount, limit: int | None = None, limit_usd: int | None = None
+) -> Unit | None:
+    tokens_limit = counter.limit if limit is None else limit
+    usd_limit = counter.limit_usd if limit_usd is None else limit_usd
+    if tokens_limit is not None and counter.used + counter.reserved + amount.tokens > tokens_limit:
+        return Unit.TOKENS
+    if usd_limit is not None and counter.used_usd + counter.reserved_usd + amount.usd > usd_limit:
+        return Unit.USD
+    return None
+
+
 class Planner:
-    """Builds check plans; keeps a cache of the current calendar windows (plain memo, still pure in effect)."""
+    """Builds check plans; keeps a cache of the current calendar windows (a plain memo: still pure in effect)."""
 
     __slots__ = ("_spans",)
 
@@ -67,8 +140,9 @@ class Planner:
             Scope(
                 WINDOW_SCOPE_NAMES[window],
                 ScopeKind.TENANT_WINDOW,
-                limit,
+                limit.tokens,
                 self._spans.get(window, tenant.time_zone, now_ms),
+                limit.usd_micros,
             )
             for window, limit in tenant.window_limits()
         ]
@@ -76,91 +150,218 @@ class Planner:
         return tuple(scopes)
 
     def plan_check(self, policy: Policy, request: CheckInput, now_ms: int) -> CheckPlan:
-        requested = request.requested
+        shape = Shape(request.model, request.input_tokens, request.output_tokens, request.tool_calls)
+        model, assumed = policy.model(request.model)
+        requested = Amount(shape.tokens, estimate_micros(model, shape.input_tokens, shape.output_tokens))
         tenant = policy.tenant(request.tenant_id)
         if tenant is None:
-            verdict = Verdict(
-                Decision.DENY,
-                Reason.UNKNOWN_TENANT,
-                0,
-                f"tenant {request.tenant_id!r} is not in the policy and the policy rejects unknown tenants",
-            )
-            return CheckPlan(requested, request.task_type, None, None, (), None, (), verdict)
+            message = f"tenant {request.tenant_id!r} is not in the policy and the policy rejects unknown tenants"
+            verdict = Verdict(Decision.DENY, Reason.UNKNOWN_TENANT, 0, message)
+            return CheckPlan(requested, request.task_type, Thresholds(), None, (), None, (), shape, assumed, verdict)
         resolved = policy.task_type(request.task_type)
         if resolved is None:
-            verdict = Verdict(
-                Decision.DENY,
-                Reason.UNKNOWN_TASK_TYPE,
-                0,
-                f"task type {request.task_type!r} is not in the policy and the policy has no default task type",
-            )
-            return CheckPlan(requested, request.task_type, None, None, (), None, (), verdict)
+            message = f"task type {request.task_type!r} is not in the policy and the policy has no default task type"
+            verdict = Verdict(Decision.DENY, Reason.UNKNOWN_TASK_TYPE, 0, message)
+            return CheckPlan(requested, request.task_type, Thresholds(), None, (), None, (), shape, assumed, verdict)
         task_type, rules = resolved
-        task_limit = _task_limit(rules, request.task_ceiling)
-        counted = (Scope(TASK_SCOPE, ScopeKind.TASK, task_limit), *self.window_scopes(tenant, now_ms))
-        step_cap = rules.per_step.tokens
-        step = None if step_cap is None else Scope(STEP_SCOPE, ScopeKind.STEP, step_cap)
-        fits_step = step_cap is None or requested <= step_cap
-        candidates = (requested,) if fits_step else ()
-        return CheckPlan(requested, task_type, task_limit, rules.lease_seconds, counted, step, candidates)
+        task = Scope(
+            TASK_SCOPE,
+            ScopeKind.TASK,
+            _task_limit(rules.per_task.tokens, request.task_ceiling),
+            None,
+            rules.per_task.usd_micros,
+        )
+        counted = (task, *self.window_scopes(tenant, now_ms))
+        step = None
+        if rules.per_step.is_set:
+            step = Scope(STEP_SCOPE, ScopeKind.STEP, rules.per_step.tokens, None, rules.per_step.usd_micros)
+        thresholds = Thresholds(rules.soft_bp, rules.checkpoint_bp)
+        candidates = _candidates(policy, rules, shape, requested, step)
+        return CheckPlan(
+            requested, task_type, thresholds, rules.lease_seconds, counted, step, candidates, shape, assumed
+        )
 
 
-def _task_limit(rules: TaskTypePolicy, explicit: int | None) -> int | None:
+def _task_limit(policy_limit: int | None, explicit: int | None) -> int | None:
     """An explicit ceiling is honoured, but never above what the policy allows."""
-    policy_limit = rules.per_task.tokens
     if explicit is None:
         return policy_limit
     return explicit if policy_limit is None else min(explicit, policy_limit)
 
 
-def fits(counter: Counter, amount: int) -> bool:
-    """The one fit rule. The Lua script applies the same rule atomically (lua/check.lua)."""
-    return counter.limit is None or counter.used + counter.reserved + amount <= counter.limit
+def apply_rung(policy: Policy, rung: Rung, shape: Shape) -> Shape:
+    model = shape.model
+    if rung.model == "cheaper":
+        known = policy.models.get(shape.model)
+        model = known.degrade_to if known is not None and known.degrade_to else shape.model
+    elif rung.model is not None:
+        model = rung.model
+    return Shape(
+        model,
+        shape.input_tokens if rung.max_context_tokens is None else min(shape.input_tokens, rung.max_context_tokens),
+        shape.output_tokens if rung.max_output_tokens is None else min(shape.output_tokens, rung.max_output_tokens),
+        shape.tool_calls if rung.max_tool_calls is None else min(shape.tool_calls, rung.max_tool_calls),
+    )
 
 
-def decide(plan: CheckPlan, fitted: int | None, counters: tuple[Counter, ...], now_ms: int) -> Verdict:
-    """The decision for a plan, given which candidate the store reserved (if any) and the counters it read.
+def _candidates(
+    policy: Policy, rules: TaskTypePolicy, asked: Shape, requested: Amount, step: Scope | None
+) -> tuple[Candidate, ...]:
+    out: list[Candidate] = []
 
-    ``counters`` belong to ``plan.counted``, in order; when a candidate was reserved they include it.
-    """
+    def add(shape: Shape, amount: Amount, bound: Bound, rung: str | None) -> None:
+        if step is not None and not fits(Counter(step.limit, 0, 0, step.limit_usd), amount):
+            return  # above the per-step cap
+        if out and out[-1].amount == amount and out[-1].bound == bound and out[-1].shape == shape:
+            return
+        out.append(Candidate(amount, bound, shape, rung))
+
+    add(asked, requested, Bound.SOFT, None)
+    shape = asked
+    for rung in rules.degrade:
+        degraded = apply_rung(policy, rung, shape)
+        if degraded == shape:
+            continue  # this rung changes nothing for this request
+        shape = degraded
+        model, _ = policy.model(shape.model)
+        add(
+            shape,
+            Amount(shape.tokens, estimate_micros(model, shape.input_tokens, shape.output_tokens)),
+            Bound.CHECKPOINT,
+            rung.name,
+        )
+    if rules.soft_bp is not None:
+        add(asked, requested, Bound.CHECKPOINT, None)
+    return tuple(out)
+
+
+def advice_for(asked: Shape, candidate: Candidate) -> Advice:
+    shape = candidate.shape
+    return Advice(
+        rung=candidate.rung or "",
+        model=shape.model if shape.model != asked.model else "",
+        max_context_tokens=shape.input_tokens if shape.input_tokens < asked.input_tokens else 0,
+        max_output_tokens=shape.output_tokens if shape.output_tokens < asked.output_tokens else 0,
+        max_tool_calls=shape.tool_calls if shape.tool_calls < asked.tool_calls else None,
+    )
+
+
+def _task_bounds(counter: Counter, thresholds: Thresholds, bound: Bound) -> tuple[int | None, int | None]:
+    """The task's effective limits for a candidate bound, in tokens and micro-USD."""
+    checkpoint = (
+        threshold_of(counter.limit, thresholds.checkpoint_bp),
+        threshold_of(counter.limit_usd, thresholds.checkpoint_bp),
+    )
+    if bound is Bound.CHECKPOINT or thresholds.soft_bp is None:
+        return checkpoint
+    return threshold_of(counter.limit, thresholds.soft_bp), threshold_of(counter.limit_usd, thresholds.soft_bp)
+
+
+def _unit_text(unit: Unit, counter: Counter, amount: Amount, limit: int | None) -> str:
+    if unit is Unit.USD:
+        held = counter.used_usd + counter.reserved_usd
+        return f"${held / 1e6:.6f} of ${(limit or 0) / 1e6:.6f} used or reserved, step costs ${amount.usd / 1e6:.6f}"
+    held = counter.used + counter.reserved
+    return f"{held} of {limit} tokens used or reserved, step asks for {amount.tokens}"
+
+
+def decide(plan: CheckPlan, outcome: StoreOutcome, now_ms: int) -> Verdict:
+    """The decision for a plan, given what the store did."""
     if plan.early is not None:
         return plan.early
-    if fitted is not None:
-        granted = plan.candidates[fitted]
-        return Verdict(Decision.ALLOW, Reason.WITHIN_BUDGET, granted, f"allowed {granted} tokens")
-    requested = plan.requested
-    if plan.step is not None and plan.step.limit is not None and requested > plan.step.limit:
+    if outcome.status is StoreStatus.CLOSED:
         return Verdict(
-            Decision.DENY,
-            Reason.STEP_CAP_EXCEEDED,
-            0,
-            f"step asks for {requested} tokens, above the per-step cap of {plan.step.limit}",
-            STEP_SCOPE,
+            Decision.DENY, Reason.TASK_CLOSED, 0, "the task was closed: its checkpoint was denied", TASK_SCOPE
         )
-    for scope, counter in zip(plan.counted, counters, strict=True):
-        if fits(counter, requested):
+    if outcome.status is StoreStatus.CHECKPOINT:
+        return Verdict(
+            Decision.CHECKPOINT,
+            Reason.CHECKPOINT_REQUIRED,
+            0,
+            f"the task reached its checkpoint threshold; nothing more is granted until checkpoint "
+            f"{outcome.checkpoint_id} is approved",
+            TASK_SCOPE,
+            checkpoint_id=outcome.checkpoint_id,
+        )
+    if outcome.fitted is not None:
+        return _granted(plan, outcome, plan.candidates[outcome.fitted])
+    return _denied(plan, outcome, now_ms)
+
+
+def _granted(plan: CheckPlan, outcome: StoreOutcome, candidate: Candidate) -> Verdict:
+    amount = candidate.amount
+    if candidate.rung is None:
+        message = f"allowed {amount.tokens} tokens"
+        if candidate.bound is Bound.CHECKPOINT:
+            message += " (the task is past its soft threshold, and no degrade rung makes this step cheaper)"
+        return Verdict(Decision.ALLOW, Reason.WITHIN_BUDGET, amount.tokens, message, granted_usd=amount.usd)
+    binding, unit = _first_failing(plan, outcome, plan.requested, hard_only=True)
+    if binding:
+        reason, why = Reason.DEGRADED_TO_FIT, f"the request does not fit {binding} as asked"
+    else:
+        reason, why = Reason.SOFT_THRESHOLD, "the task is past its soft threshold"
+        binding, unit = TASK_SCOPE, _soft_unit(plan, outcome)
+    message = f"degraded by rung {candidate.rung!r}: {why}; granted {amount.tokens} of {plan.requested.tokens} tokens"
+    advice = advice_for(plan.shape, candidate)
+    return Verdict(Decision.DEGRADE, reason, amount.tokens, message, binding, None, unit, amount.usd, advice)
+
+
+def _soft_unit(plan: CheckPlan, outcome: StoreOutcome) -> Unit:
+    counter = outcome.counters[0]
+    limits = _task_bounds(counter, outcome.thresholds, Bound.SOFT)
+    return _failing_unit(counter, plan.requested, *limits) or Unit.TOKENS
+
+
+def _first_failing(
+    plan: CheckPlan, outcome: StoreOutcome, amount: Amount, *, hard_only: bool
+) -> tuple[str, Unit | None]:
+    """The first scope (binding order) that ``amount`` does not fit, and in which unit."""
+    for scope, counter in zip(plan.counted, outcome.counters, strict=True):
+        if scope.kind is ScopeKind.TASK and not hard_only:
+            unit = _failing_unit(counter, amount, *_task_bounds(counter, outcome.thresholds, Bound.CHECKPOINT))
+        else:
+            unit = _failing_unit(counter, amount)
+        if unit is not None:
+            return scope.name, unit
+    return "", None
+
+
+def _denied(plan: CheckPlan, outcome: StoreOutcome, now_ms: int) -> Verdict:
+    if not plan.candidates:
+        step = plan.step
+        assert step is not None
+        unit = _failing_unit(Counter(step.limit, 0, 0, step.limit_usd), plan.requested) or Unit.TOKENS
+        cap = f"{step.limit} tokens" if unit is Unit.TOKENS else f"${(step.limit_usd or 0) / 1e6:.6f}"
+        asked = f"{plan.requested.tokens} tokens" if unit is Unit.TOKENS else f"${plan.requested.usd / 1e6:.6f}"
+        message = f"step asks for {asked}, above the per-step cap of {cap}, and no degrade rung brings it under"
+        return Verdict(Decision.DENY, Reason.STEP_CAP_EXCEEDED, 0, message, STEP_SCOPE, binding_unit=unit)
+    # Explain with the cheapest thing that was tried: if even that does not fit, nothing does.
+    cheapest = plan.candidates[-1].amount
+    for scope, counter in zip(plan.counted, outcome.counters, strict=True):
+        if scope.kind is ScopeKind.TASK:
+            limits = _task_bounds(counter, outcome.thresholds, Bound.CHECKPOINT)
+        else:
+            limits = (counter.limit, counter.limit_usd)
+        failing = _failing_unit(counter, cheapest, *limits)
+        if failing is None:
             continue
-        held = counter.used + counter.reserved
+        unit = failing
+        limit = limits[0] if unit is Unit.TOKENS else limits[1]
+        detail = _unit_text(unit, counter, cheapest, limit)
         if scope.kind is ScopeKind.TASK:
             return Verdict(
                 Decision.DENY,
                 Reason.TASK_BUDGET_EXHAUSTED,
                 0,
-                f"task budget exhausted: {held} of {counter.limit} tokens used or reserved, step asks for {requested}",
+                f"task budget exhausted: {detail}",
                 scope.name,
+                binding_unit=unit,
             )
         assert scope.span is not None
-        assert counter.limit is not None
+        needed = cheapest.tokens if unit is Unit.TOKENS else cheapest.usd
         # Waiting helps only if the step could fit an empty window at all.
-        retry_after = scope.span.end_ms - now_ms if requested <= counter.limit else None
-        return Verdict(
-            Decision.DENY,
-            Reason.TENANT_WINDOW_EXHAUSTED,
-            0,
-            f"{scope.name} window {scope.span.label} exhausted: {held} of {counter.limit} tokens used or reserved, "
-            f"step asks for {requested}",
-            scope.name,
-            retry_after,
-        )
-    # The store reserved nothing although every scope fits: only possible when there was nothing to try.
-    return Verdict(Decision.DENY, Reason.STEP_CAP_EXCEEDED, 0, "nothing was requested within the step cap", STEP_SCOPE)
+        retry_after = scope.span.end_ms - now_ms if limit is not None and needed <= limit else None
+        message = f"{scope.name} window {scope.span.label} exhausted: {detail}"
+        return Verdict(Decision.DENY, Reason.TENANT_WINDOW_EXHAUSTED, 0, message, scope.name, retry_after, unit)
+    # Counters moved between the script's decision and this explanation cannot happen (they come from the same call).
+    return Verdict(Decision.DENY, Reason.TASK_BUDGET_EXHAUSTED, 0, "no candidate fits", TASK_SCOPE)

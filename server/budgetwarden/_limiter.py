@@ -1,4 +1,5 @@
-"""The limiter: joins the pure decision rules to the store, and answers from the fail mode when the store cannot."""
+"""The limiter: joins the pure decision rules to the store, counts prompts, and answers from the fail mode when the
+store cannot."""
 
 from __future__ import annotations
 
@@ -6,21 +7,37 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from budgetwarden._decision import TASK_SCOPE, CheckPlan, Planner, decide
+from budgetwarden._cost import actual_micros
+from budgetwarden._decision import TASK_SCOPE, CheckPlan, Planner, StoreOutcome, decide
 from budgetwarden._keys import reservation_id
-from budgetwarden._model import CheckInput, Counter, Decision, Reason, Scope, ScopeKind, UsageInput, Verdict
+from budgetwarden._model import (
+    Amount,
+    CheckInput,
+    Counter,
+    Decision,
+    Reason,
+    Scope,
+    ScopeKind,
+    StoreStatus,
+    Thresholds,
+    UsageInput,
+    Verdict,
+)
 from budgetwarden._policy import LoadedPolicy
-from budgetwarden._store import Applied, BudgetState, BudgetStore
+from budgetwarden._store import Applied, BudgetState, BudgetStore, UsageEntry, parse_checkpoint_id
+from budgetwarden._tokens import ChatMessage, TokenCount, TokenCounter
 
 log = logging.getLogger("budgetwarden.limiter")
 
 Clock = Callable[[], int]
 # Everything that means "the store did not answer"; anything else is a bug and surfaces as one.
 StoreErrors = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+# Prompts longer than this (in characters) are counted on a worker thread so other checks keep flowing.
+INLINE_COUNT_CHARS = 16_384
 
 
 def wall_clock_ms() -> int:
@@ -28,14 +45,32 @@ def wall_clock_ms() -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Prompt:
+    """A prompt for the sidecar to count: plain text, or chat messages."""
+
+    text: str | None = None
+    messages: tuple[ChatMessage, ...] = ()
+
+    @property
+    def size(self) -> int:
+        if self.text is not None:
+            return len(self.text)
+        return sum(len(m.content) + len(m.role) + len(m.name) for m in self.messages)
+
+
+@dataclass(frozen=True, slots=True)
 class CheckResult:
     verdict: Verdict
-    requested: int
+    requested: Amount
     reservation_id: str
     lease_expires_ms: int | None
     scopes: tuple[tuple[Scope, Counter], ...]
     replayed: bool = False
     from_fail_mode: bool = False
+    policy_version: str = ""
+    thresholds: Thresholds = Thresholds()
+    token_count: TokenCount | None = None
+    model_assumed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +83,10 @@ class StoreUnavailableError(Exception):
     """The store could not answer; the transport maps this to UNAVAILABLE."""
 
 
+class UnknownCheckpointError(ValueError):
+    """Not a checkpoint id this service issues."""
+
+
 class Limiter:
     def __init__(
         self,
@@ -58,6 +97,7 @@ class Limiter:
         check_deadline_s: float = 0.25,
         default_lease_s: int = 600,
         clock: Clock = wall_clock_ms,
+        counter: TokenCounter | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -66,12 +106,34 @@ class Limiter:
         self.default_lease_s = default_lease_s
         self.clock = clock
         self.planner = Planner()
+        self.counter = counter or TokenCounter()
 
-    async def check(self, request: CheckInput, deadline_s: float | None = None) -> CheckResult:
+    async def count(self, model: str, prompt: Prompt) -> TokenCount:
+        """Count a prompt with the model's encoding; long prompts on a worker thread."""
+        encoding = self.policy().policy.model(model)[0].encoding
+
+        def run() -> TokenCount:
+            if prompt.text is not None:
+                return self.counter.count_text(prompt.text, encoding)
+            return self.counter.count_chat(list(prompt.messages), encoding)
+
+        if prompt.size > INLINE_COUNT_CHARS:
+            return await asyncio.to_thread(run)
+        return run()
+
+    async def check(
+        self, request: CheckInput, deadline_s: float | None = None, prompt: Prompt | None = None
+    ) -> CheckResult:
+        token_count = None
+        if prompt is not None:
+            token_count = await self.count(request.model, prompt)
+            request = replace(request, input_tokens=token_count.tokens)
+        loaded = self.policy()
         now = self.clock()
-        plan = self.planner.plan_check(self.policy().policy, request, now)
+        plan = self.planner.plan_check(loaded.policy, request, now)
+        common = {"policy_version": loaded.version, "token_count": token_count, "model_assumed": plan.model_assumed}
         if plan.early is not None:
-            return CheckResult(plan.early, plan.requested, "", None, ())
+            return CheckResult(plan.early, plan.requested, "", None, (), **common)  # type: ignore[arg-type]
         lease_s = request.lease_seconds or plan.lease_seconds or self.default_lease_s
         timeout = self.check_deadline_s if deadline_s is None else min(self.check_deadline_s, deadline_s)
         try:
@@ -81,48 +143,67 @@ class Limiter:
                     task_id=request.task_id,
                     step_id=request.step_id,
                     task_type=plan.task_type,
-                    requested=plan.requested,
-                    task_limit=plan.task_limit,
+                    task=plan.counted[0],
+                    thresholds=plan.thresholds,
                     windows=plan.counted[1:],
-                    candidates=plan.candidates,
+                    candidates=[(c.amount.tokens, c.amount.usd, int(c.bound)) for c in plan.candidates],
                     now_ms=now,
                     lease_ms=lease_s * 1000,
                 ),
                 timeout,
             )
         except StoreErrors as exc:
-            return self._fail_mode_answer(request, plan, exc)
+            return self._fail_mode_answer(request, plan, exc, loaded.version)
         scopes = tuple(zip(plan.counted, reservation.counters, strict=True))
         if plan.step is not None:
-            scopes = ((plan.step, Counter(plan.step.limit, 0, 0)), *scopes)
+            scopes = ((plan.step, Counter(plan.step.limit, 0, 0, plan.step.limit_usd)), *scopes)
+        extra = {**common, "thresholds": reservation.thresholds}
         if reservation.replayed:
-            verdict = Verdict(Decision.ALLOW, Reason.WITHIN_BUDGET, reservation.granted, "step was checked before")
-            return CheckResult(
-                verdict, plan.requested, reservation.reservation_id, reservation.lease_expires_ms, scopes, True
+            granted = reservation.granted
+            verdict = Verdict(
+                Decision.ALLOW, Reason.WITHIN_BUDGET, granted.tokens, "step was checked before", granted_usd=granted.usd
             )
-        verdict = decide(plan, reservation.fitted, reservation.counters, now)
-        lease = reservation.lease_expires_ms if reservation.status else None
-        return CheckResult(verdict, plan.requested, reservation.reservation_id, lease, scopes)
+            return CheckResult(
+                verdict,
+                plan.requested,
+                reservation.reservation_id,
+                reservation.lease_expires_ms,
+                scopes,
+                True,
+                **extra,  # type: ignore[arg-type]
+            )
+        outcome = StoreOutcome(
+            reservation.status,
+            reservation.fitted,
+            reservation.counters,
+            reservation.thresholds,
+            reservation.checkpoint_id,
+        )
+        verdict = decide(plan, outcome, now)
+        lease = reservation.lease_expires_ms if reservation.status is StoreStatus.RESERVED else None
+        return CheckResult(verdict, plan.requested, reservation.reservation_id, lease, scopes, **extra)  # type: ignore[arg-type]
 
-    def _fail_mode_answer(self, request: CheckInput, plan: CheckPlan, exc: BaseException) -> CheckResult:
+    def _fail_mode_answer(self, request: CheckInput, plan: CheckPlan, exc: BaseException, version: str) -> CheckResult:
         log.warning(
             "budget store did not answer; fail mode %s applies",
             self.fail_mode,
             extra={"error": repr(exc), "tenant_id": request.tenant_id},
         )
+        requested = plan.requested
         if self.fail_mode == "open":
             verdict = Verdict(
                 Decision.ALLOW,
                 Reason.FAIL_OPEN,
-                plan.requested,
+                requested.tokens,
                 "budget store unavailable: allowed by fail mode 'open'; usage will be reconciled when reported",
+                granted_usd=requested.usd,
             )
             rid = reservation_id(request.task_id, request.step_id)
-            return CheckResult(verdict, plan.requested, rid, None, (), from_fail_mode=True)
+            return CheckResult(verdict, requested, rid, None, (), from_fail_mode=True, policy_version=version)
         verdict = Verdict(
             Decision.DENY, Reason.FAIL_CLOSED, 0, "budget store unavailable: denied by fail mode 'closed'"
         )
-        return CheckResult(verdict, plan.requested, "", None, (), from_fail_mode=True)
+        return CheckResult(verdict, requested, "", None, (), from_fail_mode=True, policy_version=version)
 
     async def report(self, records: Sequence[UsageInput]) -> list[Applied]:
         now = self.clock()
@@ -131,8 +212,9 @@ class Limiter:
         for record in records:
             at = now if record.timestamp_ms is None else min(now, record.timestamp_ms)
             tenant = policy.tenant(record.tenant_id) or policy.default_tenant
-            windows = self.planner.window_scopes(tenant, at)
-            entries.append((record, record.task_id, windows))
+            model, _ = policy.model(record.model)
+            cost = actual_micros(model, record.input_tokens, record.cached_input_tokens, record.output_tokens)
+            entries.append(UsageEntry(record, cost, self.planner.window_scopes(tenant, at)))
         try:
             return await self.store.report(entries, now)
         except StoreErrors as exc:
@@ -157,5 +239,39 @@ class Limiter:
         task_counter = state.counters[0]
         scopes: tuple[tuple[Scope, Counter], ...] = tuple(zip(windows, state.counters[1:], strict=True))
         if task_id:
-            scopes = ((Scope(TASK_SCOPE, ScopeKind.TASK, task_counter.limit), task_counter), *scopes)
+            task = Scope(TASK_SCOPE, ScopeKind.TASK, task_counter.limit, None, task_counter.limit_usd)
+            scopes = ((task, task_counter), *scopes)
         return BudgetView(scopes, state)
+
+    # --- administration ---------------------------------------------------------------------------------------
+
+    async def decide_checkpoint(self, checkpoint: str, *, approve: bool, add: Amount) -> tuple[int, Counter]:
+        owner = parse_checkpoint_id(checkpoint)
+        if owner is None:
+            raise UnknownCheckpointError(checkpoint)
+        tenant_id, task_id = owner
+        try:
+            return await self.store.decide_checkpoint(
+                tenant_id, task_id, checkpoint, approve=approve, add=add, now_ms=self.clock()
+            )
+        except StoreErrors as exc:
+            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
+
+    async def set_ceiling(
+        self, tenant_id: str, task_id: str, *, add: bool, tokens: int | None, usd: int | None
+    ) -> Counter:
+        try:
+            return await self.store.set_ceiling(
+                tenant_id, task_id, add=add, tokens=tokens, usd=usd, now_ms=self.clock()
+            )
+        except StoreErrors as exc:
+            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
+
+    async def reset_task(self, tenant_id: str, task_id: str) -> bool:
+        try:
+            return await self.store.reset_task(tenant_id, task_id)
+        except StoreErrors as exc:
+            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
+
+
+__all__ = ["BudgetView", "CheckResult", "Limiter", "Prompt", "StoreUnavailableError", "UnknownCheckpointError"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 # Bounds that keep every counter exact: Lua numbers are doubles (exact below 2**53) and Redis counters are int64.
 MAX_TOKENS_PER_FIELD = 1_000_000_000
 MAX_LIMIT_TOKENS = 1_000_000_000_000_000
+MAX_LIMIT_USD = 1_000_000_000_000_000  # in micro-USD: a billion dollars
 
 
 class Decision(enum.IntEnum):
@@ -29,6 +30,25 @@ class Reason(enum.IntEnum):
     FAIL_CLOSED = 6
     UNKNOWN_TENANT = 7
     UNKNOWN_TASK_TYPE = 8
+    SOFT_THRESHOLD = 9
+    DEGRADED_TO_FIT = 10
+    CHECKPOINT_REQUIRED = 11
+    TASK_CLOSED = 12
+
+
+class StoreStatus(enum.IntEnum):
+    """What the check script did (the first number of its reply)."""
+
+    NOTHING = 0
+    RESERVED = 1
+    REPLAYED = 2
+    CHECKPOINT = 3
+    CLOSED = 4
+
+
+class Unit(enum.IntEnum):
+    TOKENS = 1
+    USD = 2
 
 
 class ScopeKind(enum.IntEnum):
@@ -76,21 +96,28 @@ class WindowSpan:
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """A counter a step is charged to (the task or a tenant window), or the per-step cap."""
+    """A counter a step is charged to (the task or a tenant window), or the per-step cap.
+
+    ``limit`` is in tokens and ``limit_usd`` in micro-USD; None means no limit in that unit.
+    """
 
     name: str
     kind: ScopeKind
     limit: int | None
     span: WindowSpan | None = None
+    limit_usd: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Counter:
-    """A scope's figures as the store read them, after any reservation this call made."""
+    """A scope's figures as the store read them, after any reservation this call made. Cost is in micro-USD."""
 
     limit: int | None
     used: int
     reserved: int
+    limit_usd: int | None = None
+    used_usd: int = 0
+    reserved_usd: int = 0
 
     @property
     def remaining(self) -> int | None:
@@ -98,10 +125,52 @@ class Counter:
             return None
         return max(0, self.limit - self.used - self.reserved)
 
+    @property
+    def remaining_usd(self) -> int | None:
+        if self.limit_usd is None:
+            return None
+        return max(0, self.limit_usd - self.used_usd - self.reserved_usd)
+
+
+@dataclass(frozen=True, slots=True)
+class Amount:
+    """What a step asks for or is granted: tokens and cost in micro-USD."""
+
+    tokens: int
+    usd: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """A task's soft and checkpoint thresholds in basis points of its ceiling (None: not set)."""
+
+    soft_bp: int | None = None
+    checkpoint_bp: int | None = None
+
+
+def threshold_of(limit: int | None, bp: int | None) -> int | None:
+    """The part of a limit a threshold stands for, rounded down; the Lua scripts compute the same."""
+    if limit is None:
+        return None
+    if bp is None:
+        return limit
+    return limit * bp // 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Advice:
+    """How to make a step cheaper (DEGRADE): None / 0 fields mean "no change"."""
+
+    rung: str
+    model: str = ""
+    max_context_tokens: int = 0
+    max_output_tokens: int = 0
+    max_tool_calls: int | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class CheckInput:
-    """A validated Check request."""
+    """A validated Check request (the input tokens already counted when the request carried a prompt)."""
 
     tenant_id: str
     task_id: str
@@ -130,6 +199,10 @@ class Verdict:
     message: str
     binding_scope: str = ""
     retry_after_ms: int | None = None
+    binding_unit: Unit | None = None
+    granted_usd: int = 0
+    advice: Advice | None = None
+    checkpoint_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""The policy file: tenants with windowed limits, task types with per-task and per-step ceilings.
+"""The policy file: tenants with windowed limits, task types with ceilings, thresholds and degrade ladders, and a
+model table with prices and tokenizer encodings.
 
 Loaded from YAML and validated with pydantic; a validation error names the file, the line and the field.
 """
@@ -13,11 +14,16 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from budgetwarden._model import MAX_LIMIT_TOKENS, Window
+from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, MAX_TOKENS_PER_FIELD, Window
 
 TokenLimit = Annotated[int, Field(ge=0, le=MAX_LIMIT_TOKENS)]
+UsdLimit = Annotated[float, Field(ge=0, le=MAX_LIMIT_USD / 1_000_000, allow_inf_nan=False)]
+UsdPrice = Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+TokenCap = Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_FIELD)]
+BASIS_POINTS = 10_000
 
 WINDOW_NAMES: dict[str, Window] = {
     "minute": Window.MINUTE,
@@ -32,10 +38,76 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def usd_to_micros(usd: float) -> int:
+    """Dollars to integer micro-USD, rounded to the nearest micro-dollar (counters never hold floats)."""
+    return round(usd * 1_000_000)
+
+
 class Limit(_Strict):
-    """A limit on one scope. A scope without a limit is not enforced."""
+    """A limit on one scope, in tokens and/or USD; the tighter binds. A scope without a limit is not enforced."""
 
     tokens: TokenLimit | None = None
+    usd: UsdLimit | None = None
+
+    @property
+    def usd_micros(self) -> int | None:
+        return None if self.usd is None else usd_to_micros(self.usd)
+
+    @property
+    def is_set(self) -> bool:
+        return self.tokens is not None or self.usd is not None
+
+
+class ModelPolicy(_Strict):
+    """A model's prices (USD per million tokens) and tokenizer encoding."""
+
+    input_usd_per_mtok: UsdPrice = 0.0
+    output_usd_per_mtok: UsdPrice = 0.0
+    # Unset: the input price.
+    cached_input_usd_per_mtok: UsdPrice | None = None
+    encoding: str = "cl100k_base"
+    # The cheaper model a `model: cheaper` degrade rung switches to.
+    degrade_to: str | None = None
+
+    @property
+    def input_micros_per_mtok(self) -> int:
+        return usd_to_micros(self.input_usd_per_mtok)
+
+    @property
+    def output_micros_per_mtok(self) -> int:
+        return usd_to_micros(self.output_usd_per_mtok)
+
+    @property
+    def cached_input_micros_per_mtok(self) -> int:
+        cached = self.cached_input_usd_per_mtok
+        return self.input_micros_per_mtok if cached is None else usd_to_micros(cached)
+
+
+# Prices assumed for a model that is not in the table (and no default_model is given): deliberately high, so that
+# an unknown model can never be used to slip past a cost budget.
+BUILTIN_DEFAULT_MODEL = ModelPolicy(
+    input_usd_per_mtok=15.0, output_usd_per_mtok=75.0, cached_input_usd_per_mtok=15.0, encoding="cl100k_base"
+)
+
+
+class Rung(_Strict):
+    """One rung of a degrade ladder. Rungs are cumulative: rung N applies its own changes on top of rungs 1..N-1."""
+
+    name: str
+    # "cheaper" switches to the requested model's degrade_to; any other value names a model of the table.
+    model: str | None = None
+    max_context_tokens: TokenCap | None = None
+    max_output_tokens: TokenCap | None = None
+    max_tool_calls: Annotated[int, Field(ge=0, le=100_000)] | None = None
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> Rung:
+        if self.model is None and self.max_context_tokens is None and self.max_output_tokens is None:
+            if self.max_tool_calls is None:
+                raise ValueError(
+                    "a rung needs at least one of model, max_context_tokens, max_output_tokens, max_tool_calls"
+                )
+        return self
 
 
 class TenantPolicy(_Strict):
@@ -51,18 +123,39 @@ class TenantPolicy(_Strict):
             raise ValueError(f"unknown time zone {value!r} (use an IANA name such as 'Europe/Berlin')") from None
         return value
 
-    def window_limits(self) -> list[tuple[Window, int]]:
+    def window_limits(self) -> list[tuple[Window, Limit]]:
         """The enforced windows, shortest first."""
-        limits = [
-            (WINDOW_NAMES[name], limit.tokens) for name, limit in self.windows.items() if limit.tokens is not None
-        ]
-        return sorted(limits)
+        limits = [(WINDOW_NAMES[name], limit) for name, limit in self.windows.items() if limit.is_set]
+        return sorted(limits, key=lambda item: item[0])
 
 
 class TaskTypePolicy(_Strict):
     per_task: Limit = Field(default_factory=Limit)
     per_step: Limit = Field(default_factory=Limit)
     lease_seconds: Annotated[int, Field(ge=1, le=7 * 86400)] | None = None
+    # Fraction of the task ceiling above which steps are degraded (with the ladder) instead of allowed as asked.
+    soft_threshold: Fraction | None = None
+    # Fraction of the task ceiling at which the task must stop at a checkpoint and wait for an approval.
+    checkpoint_threshold: Fraction | None = None
+    degrade: list[Rung] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _thresholds_in_order(self) -> TaskTypePolicy:
+        soft, checkpoint = self.soft_threshold, self.checkpoint_threshold
+        if soft is not None and checkpoint is not None and soft > checkpoint:
+            raise ValueError(f"soft_threshold ({soft}) must not be above checkpoint_threshold ({checkpoint})")
+        names = [rung.name for rung in self.degrade]
+        if len(set(names)) != len(names):
+            raise ValueError("degrade rung names must be unique")
+        return self
+
+    @property
+    def soft_bp(self) -> int | None:
+        return None if self.soft_threshold is None else round(self.soft_threshold * BASIS_POINTS)
+
+    @property
+    def checkpoint_bp(self) -> int | None:
+        return None if self.checkpoint_threshold is None else round(self.checkpoint_threshold * BASIS_POINTS)
 
 
 class Policy(_Strict):
@@ -70,9 +163,33 @@ class Policy(_Strict):
     unknown_tenants: Literal["default", "reject"] = "default"
     default_tenant: TenantPolicy = Field(default_factory=TenantPolicy)
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
-    # task_types comes before default_task_type so that the latter's validator can see the former.
+    # models and task_types come before what refers to them, so that validators can see them.
+    models: dict[str, ModelPolicy] = Field(default_factory=dict)
+    default_model: ModelPolicy = BUILTIN_DEFAULT_MODEL
     task_types: dict[str, TaskTypePolicy] = Field(default_factory=dict)
     default_task_type: str | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _degrade_targets_exist(cls, models: dict[str, ModelPolicy]) -> dict[str, ModelPolicy]:
+        for name, model in models.items():
+            if model.degrade_to is not None and model.degrade_to not in models:
+                raise ValueError(f"{name}.degrade_to: {model.degrade_to!r} is not one of models")
+        return models
+
+    @field_validator("task_types")
+    @classmethod
+    def _rung_models_exist(
+        cls, task_types: dict[str, TaskTypePolicy], info: ValidationInfo
+    ) -> dict[str, TaskTypePolicy]:
+        models = info.data.get("models") or {}
+        for name, rules in task_types.items():
+            for i, rung in enumerate(rules.degrade):
+                if rung.model not in (None, "cheaper") and rung.model not in models:
+                    raise ValueError(
+                        f"{name}.degrade[{i}].model: {rung.model!r} is neither 'cheaper' nor one of models"
+                    )
+        return task_types
 
     @field_validator("default_task_type")
     @classmethod
@@ -87,6 +204,11 @@ class Policy(_Strict):
         if found is not None:
             return found
         return self.default_tenant if self.unknown_tenants == "default" else None
+
+    def model(self, name: str) -> tuple[ModelPolicy, bool]:
+        """The model's prices and encoding, and whether they were assumed (the model is not in the table)."""
+        found = self.models.get(name)
+        return (self.default_model, True) if found is None else (found, False)
 
     def task_type(self, name: str) -> tuple[str, TaskTypePolicy] | None:
         """Resolve a requested task type (empty: the default) to its name and policy."""

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError, Message
 
 from budgetwarden._keys import reservation_id
 from budgetwarden._limiter import CheckResult, Limiter, StoreUnavailableError
-from budgetwarden._model import Counter, Scope
+from budgetwarden._model import Counter, Scope, ScopeKind, Thresholds, threshold_of
 from budgetwarden._validation import (
     InvalidRequestError,
     budget_target,
@@ -53,20 +53,30 @@ async def _invalid(context: grpc.aio.ServicerContext[Any, Any], message: str) ->
     raise AssertionError("abort returned")  # pragma: no cover
 
 
-def scope_state(scope: Scope, counter: Counter) -> pb.ScopeState:
+def scope_state(scope: Scope, counter: Counter, thresholds: Thresholds | None = None) -> pb.ScopeState:
     state = pb.ScopeState(
         name=scope.name,
         kind=int(scope.kind),  # type: ignore[arg-type]
         used_tokens=counter.used,
         reserved_tokens=counter.reserved,
+        used_usd_micros=counter.used_usd,
+        reserved_usd_micros=counter.reserved_usd,
     )
     if scope.span is not None:
         state.window = int(scope.span.window)  # type: ignore[assignment]
         state.window_start.FromMilliseconds(scope.span.start_ms)
         state.resets_at.FromMilliseconds(scope.span.end_ms)
-    if counter.limit is not None:
-        state.limit_tokens = counter.limit
-        state.remaining_tokens = max(0, counter.limit - counter.used - counter.reserved)
+    if counter.remaining is not None:
+        state.limit_tokens = counter.limit  # type: ignore[assignment]
+        state.remaining_tokens = counter.remaining
+    if counter.remaining_usd is not None:
+        state.limit_usd_micros = counter.limit_usd  # type: ignore[assignment]
+        state.remaining_usd_micros = counter.remaining_usd
+    if thresholds is not None and scope.kind is ScopeKind.TASK and counter.limit is not None:
+        if thresholds.soft_bp is not None:
+            state.soft_limit_tokens = threshold_of(counter.limit, thresholds.soft_bp)  # type: ignore[assignment]
+        if thresholds.checkpoint_bp is not None:
+            state.checkpoint_limit_tokens = threshold_of(counter.limit, thresholds.checkpoint_bp)  # type: ignore[assignment]
     return state
 
 
@@ -79,15 +89,35 @@ def check_response(result: CheckResult) -> pb.CheckResponse:
         reason=int(verdict.reason),  # type: ignore[arg-type]
         message=verdict.message,
         binding_scope=verdict.binding_scope,
-        scopes=[scope_state(scope, counter) for scope, counter in result.scopes],
+        scopes=[scope_state(scope, counter, result.thresholds) for scope, counter in result.scopes],
         from_fail_mode=result.from_fail_mode,
         replayed=result.replayed,
-        requested_tokens=result.requested,
+        requested_tokens=result.requested.tokens,
+        policy_version=result.policy_version,
+        granted_cost_usd_micros=verdict.granted_usd,
+        requested_cost_usd_micros=result.requested.usd,
+        model_assumed=result.model_assumed,
+        checkpoint_id=verdict.checkpoint_id,
     )
+    if verdict.binding_unit is not None:
+        response.binding_unit = int(verdict.binding_unit)  # type: ignore[assignment]
     if result.lease_expires_ms is not None:
         response.lease_expires_at.FromMilliseconds(result.lease_expires_ms)
     if verdict.retry_after_ms is not None:
         response.retry_after.FromMilliseconds(verdict.retry_after_ms)
+    if verdict.advice is not None:
+        advice = verdict.advice
+        response.advice.rung = advice.rung
+        response.advice.model = advice.model
+        response.advice.max_context_tokens = advice.max_context_tokens
+        response.advice.max_output_tokens = advice.max_output_tokens
+        if advice.max_tool_calls is not None:
+            response.advice.max_tool_calls = advice.max_tool_calls
+    if result.token_count is not None:
+        count = result.token_count
+        response.token_count.input_tokens = count.tokens
+        response.token_count.encoding = count.encoding
+        response.token_count.approximate = not count.exact
     return response
 
 
@@ -102,11 +132,11 @@ class BudgetServicer:
         if isinstance(request, _Malformed):
             await _invalid(context, f"request: not a valid CheckRequest ({request.error})")
         try:
-            checked = check_input(request, max_lease_seconds=self.max_lease_seconds)
+            checked, prompt = check_input(request, max_lease_seconds=self.max_lease_seconds)
         except InvalidRequestError as exc:
             await _invalid(context, str(exc))
         remaining = context.time_remaining()
-        result = await self.limiter.check(checked, None if remaining is None else remaining * 0.9)
+        result = await self.limiter.check(checked, None if remaining is None else remaining * 0.9, prompt)
         return check_response(result)
 
     async def report(
@@ -128,6 +158,7 @@ class BudgetServicer:
                 status=int(item.status),  # type: ignore[arg-type]
                 reservation_id=item.reservation_id,
                 charged_tokens=item.charged,
+                charged_cost_usd_micros=item.charged_usd,
                 refunded_tokens=item.refunded,
                 overage_tokens=item.overage,
             )
@@ -165,12 +196,18 @@ class BudgetServicer:
             view = await self.limiter.budget(tenant_id, task_id, task_type)
         except StoreUnavailableError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {exc}")
-        return pb.GetBudgetResponse(
-            scopes=[scope_state(scope, counter) for scope, counter in view.scopes],
-            task_known=view.state.task_known,
-            task_type=view.state.task_type,
-            active_reservations=view.state.active_reservations,
+        state = view.state
+        response = pb.GetBudgetResponse(
+            scopes=[scope_state(scope, counter, state.thresholds) for scope, counter in view.scopes],
+            task_known=state.task_known,
+            task_type=state.task_type,
+            active_reservations=state.active_reservations,
+            task_closed=state.closed,
         )
+        if state.checkpoint_id:
+            response.checkpoint.id = state.checkpoint_id
+            response.checkpoint.opened_at.FromMilliseconds(state.checkpoint_at_ms)
+        return response
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(

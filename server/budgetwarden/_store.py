@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -13,7 +14,16 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from budgetwarden._keys import TenantKeys, reservation_id
-from budgetwarden._model import Counter, ReleaseStatus, ReportStatus, Scope, UsageInput
+from budgetwarden._model import (
+    Amount,
+    Counter,
+    ReleaseStatus,
+    ReportStatus,
+    Scope,
+    StoreStatus,
+    Thresholds,
+    UsageInput,
+)
 
 AnyRedis = Redis | RedisCluster
 _NONE = -1
@@ -29,13 +39,56 @@ def _limit_arg(limit: int | None) -> int:
     return _NONE if limit is None else limit
 
 
-def _counter(limit: Any, used: Any, reserved: Any) -> Counter:
-    limit = int(limit)
-    return Counter(None if limit == _NONE else limit, int(used), int(reserved))
+def _optional(value: Any) -> int | None:
+    value = int(value)
+    return None if value == _NONE else value
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _counters(flat: Sequence[Any]) -> tuple[Counter, ...]:
-    return tuple(_counter(*flat[i : i + 3]) for i in range(0, len(flat), 3))
+    """Counters from a flat reply of (limit, used, reserved, limit_usd, used_usd, reserved_usd) per scope."""
+    out = []
+    for i in range(0, len(flat), 6):
+        limit, used, reserved, limit_usd, used_usd, reserved_usd = flat[i : i + 6]
+        out.append(
+            Counter(_optional(limit), int(used), int(reserved), _optional(limit_usd), int(used_usd), int(reserved_usd))
+        )
+    return tuple(out)
+
+
+def _thresholds(soft_bp: Any, checkpoint_bp: Any) -> Thresholds:
+    return Thresholds(_optional(soft_bp), _optional(checkpoint_bp))
+
+
+def checkpoint_id(tenant_id: str, task_id: str, number: int) -> str:
+    """Stable and self-describing, so that an approval needs nothing but the id: ck1.<tenant>.<task>.<n>."""
+    return f"{checkpoint_prefix(tenant_id, task_id)}{number}"
+
+
+def checkpoint_prefix(tenant_id: str, task_id: str) -> str:
+    return f"ck1.{_b64(tenant_id)}.{_b64(task_id)}."
+
+
+def parse_checkpoint_id(value: str) -> tuple[str, str] | None:
+    """The (tenant, task) a checkpoint id belongs to, or None when it is not one."""
+    parts = value.split(".")
+    if len(parts) != 4 or parts[0] != "ck1" or not parts[3].isdigit():
+        return None
+    try:
+        return _unb64(parts[1]), _unb64(parts[2])
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _unb64(text: str) -> str:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +105,27 @@ class Retention:
 class Reservation:
     """What a check did in the store."""
 
-    status: int  # 1 reserved now, 2 replayed, 0 nothing reserved
+    status: StoreStatus
     fitted: int | None
-    granted: int
+    granted: Amount
     lease_expires_ms: int
     reservation_id: str
+    checkpoint_id: str
+    thresholds: Thresholds
     counters: tuple[Counter, ...]
 
     @property
     def replayed(self) -> bool:
-        return self.status == 2
+        return self.status is StoreStatus.REPLAYED
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEntry:
+    """A usage record ready for the store: its cost, and where to charge it if it has no reservation."""
+
+    record: UsageInput
+    cost_usd: int
+    windows: Sequence[Scope]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +135,7 @@ class Applied:
     status: ReportStatus
     reservation_id: str
     charged: int
+    charged_usd: int
     refunded: int
     overage: int
     task: Counter | None
@@ -81,6 +146,10 @@ class BudgetState:
     task_known: bool
     task_type: str
     active_reservations: int
+    checkpoint_id: str
+    checkpoint_at_ms: int
+    closed: bool
+    thresholds: Thresholds
     counters: tuple[Counter, ...]
 
 
@@ -94,6 +163,7 @@ class BudgetStore:
         self._report = self._script("report")
         self._release = self._script("release")
         self._budget = self._script("budget")
+        self._admin = self._script("admin")
 
     def _script(self, name: str) -> AsyncScript:
         return self.redis.register_script(load_lua(name))
@@ -105,13 +175,14 @@ class BudgetStore:
         task_id: str,
         step_id: str,
         task_type: str,
-        requested: int,
-        task_limit: int | None,
+        task: Scope,
+        thresholds: Thresholds,
         windows: Sequence[Scope],
-        candidates: Sequence[int],
+        candidates: Sequence[tuple[int, int, int]],
         now_ms: int,
         lease_ms: int,
     ) -> Reservation:
+        """Reserve the first of ``candidates`` (tokens, micro-USD, bound) that fits; see lua/check.lua."""
         keys = TenantKeys(tenant_id)
         rid = reservation_id(task_id, step_id)
         lease_until = now_ms + lease_ms
@@ -122,39 +193,49 @@ class BudgetStore:
             self.retention.record_ms,
             keys.resv_prefix,
             self.retention.task_ms,
-            _limit_arg(task_limit),
+            _limit_arg(task.limit),
+            _limit_arg(task.limit_usd),
+            _limit_arg(thresholds.soft_bp),
+            _limit_arg(thresholds.checkpoint_bp),
             task_id,
             task_type,
             step_id,
-            requested,
+            checkpoint_prefix(tenant_id, task_id),
         ]
         for scope in windows:
             assert scope.span is not None
             script_keys.append(keys.window(scope.span))
-            args += (_limit_arg(scope.limit), scope.span.end_ms + self.retention.window_grace_ms)
+            args += (
+                _limit_arg(scope.limit),
+                _limit_arg(scope.limit_usd),
+                scope.span.end_ms + self.retention.window_grace_ms,
+            )
         args.append(len(candidates))
-        args += candidates
+        for candidate in candidates:
+            args += candidate
         reply = await self._check(keys=script_keys, args=args)
-        status, fitted, granted, lease = (int(v) for v in reply[:4])
+        status = StoreStatus(int(reply[0]))
+        fitted = int(reply[1])
+        reserved = status in (StoreStatus.RESERVED, StoreStatus.REPLAYED)
         return Reservation(
-            status,
-            None if fitted < 0 else fitted,
-            granted,
-            lease,
-            rid if status else "",
-            _counters(reply[4:]),
+            status=status,
+            fitted=None if fitted < 0 else fitted,
+            granted=Amount(int(reply[2]), int(reply[3])),
+            lease_expires_ms=int(reply[4]),
+            reservation_id=rid if reserved else "",
+            checkpoint_id=_text(reply[5]),
+            thresholds=_thresholds(reply[6], reply[7]),
+            counters=_counters(reply[8:]),
         )
 
-    async def report(self, records: Sequence[tuple[UsageInput, str, Sequence[Scope]]], now_ms: int) -> list[Applied]:
-        """Apply usage records in one pipeline; each record is atomic on its own.
-
-        Each entry is (record, task key id or "", the tenant windows current at the record's time).
-        """
-        if not records:
+    async def report(self, entries: Sequence[UsageEntry], now_ms: int) -> list[Applied]:
+        """Apply usage records, many per round trip; each record is atomic on its own (lua/report.lua)."""
+        if not entries:
             return []
         calls: list[tuple[list[str], list[Any]]] = []
         ids: list[str] = []
-        for record, task_id, windows in records:
+        for entry in entries:
+            record = entry.record
             keys = TenantKeys(record.tenant_id)
             rid = record.reservation_id or reservation_id(record.task_id, record.step_id)
             ids.append(rid)
@@ -162,10 +243,10 @@ class BudgetStore:
             marker = keys.idempotency(record.idempotency_key) if record.idempotency_key else keys.keyless_marker(rid)
             script_keys = [keys.reservation(rid), keys.leases, marker]
             untils: list[int] = []
-            if task_id:
-                script_keys.append(keys.task(task_id))
+            if record.task_id:
+                script_keys.append(keys.task(record.task_id))
                 untils.append(0)
-            for scope in windows:
+            for scope in entry.windows:
                 assert scope.span is not None
                 script_keys.append(keys.window(scope.span))
                 untils.append(scope.span.end_ms + self.retention.window_grace_ms)
@@ -173,10 +254,11 @@ class BudgetStore:
                 now_ms,
                 self.retention.idempotency_ms,
                 record.tokens,
+                entry.cost_usd,
                 keys.resv_prefix,
-                1 if task_id else 0,
+                1 if record.task_id else 0,
                 self.retention.task_ms,
-                task_id,
+                record.task_id,
                 record.task_type,
                 0 if record.idempotency_key else 1,
                 *untils,
@@ -185,9 +267,9 @@ class BudgetStore:
         replies = await self._run_all(self._report, calls)
         applied = []
         for rid, reply in zip(ids, replies, strict=True):
-            status, charged, refunded, overage = (int(v) for v in reply[:4])
-            task = _counter(*reply[5:8]) if int(reply[4]) else None
-            applied.append(Applied(ReportStatus(status), rid, charged, refunded, overage, task))
+            status, charged, charged_usd, refunded, overage, known = (int(v) for v in reply[:6])
+            task = _counters(reply[6:12])[0] if known else None
+            applied.append(Applied(ReportStatus(status), rid, charged, charged_usd, refunded, overage, task))
         return applied
 
     async def _run_all(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -212,7 +294,36 @@ class BudgetStore:
         for scope in windows:
             assert scope.span is not None
             script_keys.append(keys.window(scope.span))
-            args.append(_limit_arg(scope.limit))
+            args += (_limit_arg(scope.limit), _limit_arg(scope.limit_usd))
         reply = await self._budget(keys=script_keys, args=args)
-        task_type = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        return BudgetState(bool(int(reply[0])), task_type, int(reply[2]), _counters(reply[3:]))
+        return BudgetState(
+            task_known=bool(int(reply[0])),
+            task_type=_text(reply[1]),
+            active_reservations=int(reply[2]),
+            checkpoint_id=_text(reply[3]),
+            checkpoint_at_ms=int(reply[4]),
+            closed=bool(int(reply[5])),
+            thresholds=_thresholds(reply[6], reply[7]),
+            counters=_counters(reply[8:]),
+        )
+
+    async def decide_checkpoint(
+        self, tenant_id: str, task_id: str, checkpoint: str, *, approve: bool, add: Amount, now_ms: int
+    ) -> tuple[int, Counter]:
+        keys = TenantKeys(tenant_id)
+        action = "approve" if approve else "deny"
+        args: list[str | int] = [action, now_ms, self.retention.task_ms, checkpoint, add.tokens, add.usd]
+        reply = await self._admin(keys=[keys.task(task_id)], args=args)
+        return int(reply[0]), _counters(reply[1:7])[0]
+
+    async def set_ceiling(
+        self, tenant_id: str, task_id: str, *, add: bool, tokens: int | None, usd: int | None, now_ms: int
+    ) -> Counter:
+        keys = TenantKeys(tenant_id)
+        args: list[str | int] = ["ceiling", now_ms, self.retention.task_ms, "add" if add else "set"]
+        args += ["" if tokens is None else tokens, "" if usd is None else usd]
+        reply = await self._admin(keys=[keys.task(task_id)], args=args)
+        return _counters(reply[1:7])[0]
+
+    async def reset_task(self, tenant_id: str, task_id: str) -> bool:
+        return bool(await self.redis.delete(TenantKeys(tenant_id).task(task_id)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from budgetwarden._keys import is_reservation_id
+from budgetwarden._limiter import Prompt
+from budgetwarden._tokens import ChatMessage
 from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_TOKENS_PER_FIELD, CheckInput, Outcome, UsageInput
 from budgetwarden_api.v1 import budget_pb2 as pb
 
@@ -62,7 +64,38 @@ def _reservation(value: str, field: str) -> str:
     return value
 
 
-def check_input(request: pb.CheckRequest, *, max_lease_seconds: int) -> CheckInput:
+MAX_PROMPT_CHARS = 4 * 1024 * 1024
+MAX_MESSAGES = 10_000
+
+
+def _prompt(request: pb.CheckRequest) -> Prompt | None:
+    which = request.WhichOneof("input")
+    if which == "prompt_text":
+        if len(request.prompt_text) > MAX_PROMPT_CHARS:
+            raise InvalidRequestError("prompt_text", f"is longer than {MAX_PROMPT_CHARS} characters")
+        return Prompt(text=request.prompt_text)
+    if which == "prompt_messages":
+        messages = request.prompt_messages.messages
+        if not messages:
+            raise InvalidRequestError("prompt_messages.messages", "must hold at least one message")
+        if len(messages) > MAX_MESSAGES:
+            raise InvalidRequestError("prompt_messages.messages", f"holds more than {MAX_MESSAGES} messages")
+        out = []
+        total = 0
+        for i, message in enumerate(messages):
+            at = f"prompt_messages.messages[{i}]"
+            role = _id(message.role, f"{at}.role")
+            name = _id(message.name, f"{at}.name", required=False)
+            total += len(message.content)
+            if total > MAX_PROMPT_CHARS:
+                raise InvalidRequestError("prompt_messages", f"is longer than {MAX_PROMPT_CHARS} characters in all")
+            out.append(ChatMessage(role, message.content, name))
+        return Prompt(messages=tuple(out))
+    return None
+
+
+def check_input(request: pb.CheckRequest, *, max_lease_seconds: int) -> tuple[CheckInput, Prompt | None]:
+    """The validated request, and the prompt to count when it carries one instead of an estimate."""
     lease = None
     if request.HasField("lease_seconds"):
         lease = request.lease_seconds
@@ -75,7 +108,7 @@ def check_input(request: pb.CheckRequest, *, max_lease_seconds: int) -> CheckInp
             raise InvalidRequestError(
                 "task_ceiling_tokens", f"must be between 1 and {MAX_LIMIT_TOKENS} (got {ceiling})"
             )
-    return CheckInput(
+    checked = CheckInput(
         tenant_id=_id(request.tenant_id, "tenant_id"),
         task_id=_id(request.task_id, "task_id"),
         step_id=_id(request.step_id, "step_id"),
@@ -88,6 +121,7 @@ def check_input(request: pb.CheckRequest, *, max_lease_seconds: int) -> CheckInp
         lease_seconds=lease,
         task_ceiling=ceiling,
     )
+    return checked, _prompt(request)
 
 
 def usage_inputs(request: pb.ReportRequest, now_ms: int) -> list[UsageInput]:

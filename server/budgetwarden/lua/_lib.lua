@@ -1,9 +1,11 @@
 -- Helpers shared by every budgetwarden script; the store prepends this file to each script before loading it.
 --
 -- Data model (all keys of one tenant share the hash tag {tenant}, so every script runs on Redis Cluster):
---   <p>task:<h>      hash  limit, used, reserved, active, task_id, task_type      (expires after task retention)
---   <p>win:<w>:<l>   hash  used, reserved                                        (expires after its window + grace)
---   <p>resv:<id>     hash  state, gen, amount, lease, scopes, untils, requested  (expires after lease + retention)
+--   <p>task:<h>      hash  limit, limit_usd, soft_bp, ckpt_bp, used, reserved, used_usd, reserved_usd, active,
+--                         checkpoint (open id), checkpoint_at, checkpoints (count), closed, task_id, task_type
+--                                                                               (expires after task retention)
+--   <p>win:<w>:<l>   hash  used, reserved, used_usd, reserved_usd                (expires after its window + grace)
+--   <p>resv:<id>     hash  state, gen, amount, amount_usd, lease, scopes, untils (expires after lease + retention)
 --   <p>leases        zset  reservation id -> lease expiry (ms); expired members are purged lazily by every script
 -- A reservation names the scope keys it holds on ("scopes") and until when each scope key is alive ("untils";
 -- 0 means the task key, which is alive as long as it exists). Scope keys read from a reservation are in the same hash
@@ -31,24 +33,27 @@ local function scope_alive(key, until_ms, now)
   return until_ms > now
 end
 
--- Adds `delta` to `field` of every live scope of a reservation record.
-local function add_to_scopes(record, field, delta, now)
-  if delta == 0 then return end
+-- Adds tokens and micro-USD to a counter pair ('used' or 'reserved') of every live scope of a reservation record.
+local function add_to_scopes(record, field, tokens, usd, now)
+  if tokens == 0 and usd == 0 then return end
   local keys, untils = words(record.scopes), words(record.untils)
   for i, key in ipairs(keys) do
-    if scope_alive(key, tonumber(untils[i]), now) then redis.call('HINCRBY', key, field, delta) end
+    if scope_alive(key, tonumber(untils[i]), now) then
+      if tokens ~= 0 then redis.call('HINCRBY', key, field, tokens) end
+      if usd ~= 0 then redis.call('HINCRBY', key, field .. '_usd', usd) end
+    end
   end
 end
 
 local function load_record(resv_key)
-  local f = redis.call('HMGET', resv_key, 'state', 'amount', 'lease', 'scopes', 'untils')
+  local f = redis.call('HMGET', resv_key, 'state', 'amount', 'amount_usd', 'lease', 'scopes', 'untils')
   if not f[1] then return nil end
-  return { state = f[1], amount = num(f[2]), lease = num(f[3]), scopes = f[4], untils = f[5] }
+  return { state = f[1], amount = num(f[2]), amount_usd = num(f[3]), lease = num(f[4]), scopes = f[5], untils = f[6] }
 end
 
--- Ends the hold of a live reservation: its amount stops counting as reserved. Returns the amount handed back.
+-- Ends the hold of a live reservation: its amount stops counting as reserved. Returns the tokens handed back.
 local function end_hold(resv_key, record, new_state, leases, now)
-  add_to_scopes(record, 'reserved', -record.amount, now)
+  add_to_scopes(record, 'reserved', -record.amount, -record.amount_usd, now)
   local task_key = words(record.scopes)[1]
   if task_key and redis.call('EXISTS', task_key) == 1 then redis.call('HINCRBY', task_key, 'active', -1) end
   redis.call('HSET', resv_key, 'state', new_state)
@@ -70,9 +75,35 @@ local function purge_expired(leases, resv_prefix, now)
   end
 end
 
+-- A task's counter: { limit, used, reserved, limit_usd, used_usd, reserved_usd } (limits -1 when none).
 local function task_counter(task_key)
-  local f = redis.call('HMGET', task_key, 'limit', 'used', 'reserved')
-  local limit = LIMIT_NONE
+  local f = redis.call('HMGET', task_key, 'limit', 'used', 'reserved', 'limit_usd', 'used_usd', 'reserved_usd')
+  local limit, limit_usd = LIMIT_NONE, LIMIT_NONE
   if f[1] then limit = tonumber(f[1]) end
-  return limit, num(f[2]), num(f[3])
+  if f[4] then limit_usd = tonumber(f[4]) end
+  return { limit, num(f[2]), num(f[3]), limit_usd, num(f[5]), num(f[6]) }
+end
+
+-- A window's counter, with its limits from the caller.
+local function window_counter(key, limit, limit_usd)
+  local f = redis.call('HMGET', key, 'used', 'reserved', 'used_usd', 'reserved_usd')
+  return { tonumber(limit), num(f[1]), num(f[2]), tonumber(limit_usd), num(f[3]), num(f[4]) }
+end
+
+local function append_counter(out, c)
+  for i = 1, 6 do out[#out + 1] = c[i] end
+end
+
+-- floor(limit * bp / 10000) without leaving the integers that doubles hold exactly (limit <= 10^15, bp <= 10000).
+local function threshold(limit, bp)
+  if limit == LIMIT_NONE or bp == LIMIT_NONE then return limit end
+  local rest = limit % 10000
+  return (limit - rest) / 10000 * bp + math.floor(rest * bp / 10000)
+end
+
+-- Does `tokens`/`usd` fit on top of a counter, against the given limits (-1: none)?
+local function fits(c, tokens, usd, limit, limit_usd)
+  if limit ~= LIMIT_NONE and c[2] + c[3] + tokens > limit then return false end
+  if limit_usd ~= LIMIT_NONE and c[5] + c[6] + usd > limit_usd then return false end
+  return true
 end

@@ -4,22 +4,25 @@
 -- KEYS[3] idempotency marker; for a record without a key, the marker's base, completed here with the reservation's
 --         generation so that each reservation of a step takes one keyless report
 -- KEYS[4..] where to charge usage that has no reservation: the task (if known) then the tenant's current windows
--- ARGV[1] now (ms)   ARGV[2] idempotency window (ms)   ARGV[3] tokens used   ARGV[4] reservation key prefix
--- ARGV[5] 1 if KEYS[4] is the task   ARGV[6] task retention (ms)   ARGV[7] task id   ARGV[8] task type
--- ARGV[9] 1 if the record has no idempotency key   then per fallback key: alive-until (ms; 0 for the task)
+-- ARGV[1] now (ms)   ARGV[2] idempotency window (ms)   ARGV[3] tokens used   ARGV[4] cost (micro-USD)
+-- ARGV[5] reservation key prefix   ARGV[6] 1 if KEYS[4] is the task   ARGV[7] task retention (ms)
+-- ARGV[8] task id   ARGV[9] task type   ARGV[10] 1 if the record has no idempotency key
+-- then per fallback key: alive-until (ms; 0 for the task)
 --
--- Returns { status, charged, refunded, overage, task known (0/1), task limit, task used, task reserved }
+-- Returns { status, charged tokens, charged micro-USD, refunded tokens, overage tokens, task known (0/1),
+--           then the task's limit, used, reserved, limit_usd, used_usd, reserved_usd }
 -- status: 1 applied to its reservation, 2 duplicate, 3 charged without a (live) reservation.
 
 local resv_key, leases, marker = KEYS[1], KEYS[2], KEYS[3]
-local now, tokens = tonumber(ARGV[1]), tonumber(ARGV[3])
+local now, tokens, usd = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local UNTILS = 10
 
-if ARGV[9] == '1' then marker = marker .. ':' .. num(redis.call('HGET', resv_key, 'gen')) end
+if ARGV[10] == '1' then marker = marker .. ':' .. num(redis.call('HGET', resv_key, 'gen')) end
 if not redis.call('SET', marker, '1', 'NX', 'PX', ARGV[2]) then
-  return { 2, 0, 0, 0, 0, LIMIT_NONE, 0, 0 }
+  return { 2, 0, 0, 0, 0, 0, LIMIT_NONE, 0, 0, LIMIT_NONE, 0, 0 }
 end
 
-purge_expired(leases, ARGV[4], now)
+purge_expired(leases, ARGV[5], now)
 
 local status, refunded, overage = 3, 0, 0
 local task_key = nil
@@ -39,29 +42,31 @@ if record then
     redis.call('HSET', resv_key, 'state', 'reported')
   end
   -- Real spend is never dropped: charged to the scopes the step was admitted on, reserved or not.
-  add_to_scopes(record, 'used', tokens, now)
+  add_to_scopes(record, 'used', tokens, usd, now)
 else
-  local has_task = ARGV[5] == '1'
-  if has_task then
+  if ARGV[6] == '1' then
     task_key = KEYS[4]
     if redis.call('EXISTS', task_key) == 0 then
-      redis.call('HSET', task_key, 'task_id', ARGV[7], 'task_type', ARGV[8], 'used', 0, 'reserved', 0, 'active', 0)
+      redis.call('HSET', task_key, 'task_id', ARGV[8], 'task_type', ARGV[9])
     end
-    redis.call('PEXPIRE', task_key, ARGV[6])
+    redis.call('PEXPIRE', task_key, ARGV[7])
   end
   for i = 4, #KEYS do
-    if scope_alive(KEYS[i], tonumber(ARGV[9 + i - 3]), now) then redis.call('HINCRBY', KEYS[i], 'used', tokens) end
-  end
-  -- A window key first touched by a report must expire too.
-  for i = 4, #KEYS do
-    local alive_until = tonumber(ARGV[9 + i - 3])
-    if alive_until > now then redis.call('PEXPIRE', KEYS[i], alive_until - now) end
+    local alive_until = tonumber(ARGV[UNTILS + i - 3])
+    if scope_alive(KEYS[i], alive_until, now) then
+      redis.call('HINCRBY', KEYS[i], 'used', tokens)
+      redis.call('HINCRBY', KEYS[i], 'used_usd', usd)
+      -- A window key first touched by a report must expire too.
+      if alive_until > 0 then redis.call('PEXPIRE', KEYS[i], alive_until - now) end
+    end
   end
 end
 
-local known, limit, used, reserved = 0, LIMIT_NONE, 0, 0
+local out = { status, tokens, usd, refunded, overage, 0 }
 if task_key and redis.call('EXISTS', task_key) == 1 then
-  known = 1
-  limit, used, reserved = task_counter(task_key)
+  out[6] = 1
+  append_counter(out, task_counter(task_key))
+else
+  append_counter(out, { LIMIT_NONE, 0, 0, LIMIT_NONE, 0, 0 })
 end
-return { status, tokens, refunded, overage, known, limit, used, reserved }
+return out

@@ -79,6 +79,14 @@ class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reason.ValueTy
     """The tenant is not in the policy and the policy rejects unknown tenants."""
     REASON_UNKNOWN_TASK_TYPE: _Reason.ValueType  # 8
     """The task type is not in the policy and there is no default task type."""
+    REASON_SOFT_THRESHOLD: _Reason.ValueType  # 9
+    """The request fits, but the task crossed its soft threshold: a degrade rung was applied."""
+    REASON_DEGRADED_TO_FIT: _Reason.ValueType  # 10
+    """The request does not fit as asked; a degrade rung makes it fit."""
+    REASON_CHECKPOINT_REQUIRED: _Reason.ValueType  # 11
+    """The task reached its checkpoint threshold: nothing more is granted until the checkpoint is approved."""
+    REASON_TASK_CLOSED: _Reason.ValueType  # 12
+    """The task was closed (its checkpoint was denied)."""
 
 class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper):
     """Reason says why a decision was taken."""
@@ -100,7 +108,35 @@ REASON_UNKNOWN_TENANT: Reason.ValueType  # 7
 """The tenant is not in the policy and the policy rejects unknown tenants."""
 REASON_UNKNOWN_TASK_TYPE: Reason.ValueType  # 8
 """The task type is not in the policy and there is no default task type."""
+REASON_SOFT_THRESHOLD: Reason.ValueType  # 9
+"""The request fits, but the task crossed its soft threshold: a degrade rung was applied."""
+REASON_DEGRADED_TO_FIT: Reason.ValueType  # 10
+"""The request does not fit as asked; a degrade rung makes it fit."""
+REASON_CHECKPOINT_REQUIRED: Reason.ValueType  # 11
+"""The task reached its checkpoint threshold: nothing more is granted until the checkpoint is approved."""
+REASON_TASK_CLOSED: Reason.ValueType  # 12
+"""The task was closed (its checkpoint was denied)."""
 Global___Reason: _TypeAlias = Reason  # noqa: Y015
+
+class _Unit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UnitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Unit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    UNIT_UNSPECIFIED: _Unit.ValueType  # 0
+    UNIT_TOKENS: _Unit.ValueType  # 1
+    UNIT_USD: _Unit.ValueType  # 2
+    """Cost, in micro-USD (millionths of a US dollar)."""
+
+class Unit(_Unit, metaclass=_UnitEnumTypeWrapper):
+    """Unit is what a limit counts."""
+
+UNIT_UNSPECIFIED: Unit.ValueType  # 0
+UNIT_TOKENS: Unit.ValueType  # 1
+UNIT_USD: Unit.ValueType  # 2
+"""Cost, in micro-USD (millionths of a US dollar)."""
+Global___Unit: _TypeAlias = Unit  # noqa: Y015
 
 class _ScopeKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -249,6 +285,12 @@ class ScopeState(_message.Message):
     REMAINING_TOKENS_FIELD_NUMBER: _builtins.int
     WINDOW_START_FIELD_NUMBER: _builtins.int
     RESETS_AT_FIELD_NUMBER: _builtins.int
+    LIMIT_USD_MICROS_FIELD_NUMBER: _builtins.int
+    USED_USD_MICROS_FIELD_NUMBER: _builtins.int
+    RESERVED_USD_MICROS_FIELD_NUMBER: _builtins.int
+    REMAINING_USD_MICROS_FIELD_NUMBER: _builtins.int
+    SOFT_LIMIT_TOKENS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_LIMIT_TOKENS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A stable name: "step", "task", "tenant.minute", "tenant.hour", "tenant.day", "tenant.month"."""
     kind: Global___ScopeKind.ValueType
@@ -262,6 +304,18 @@ class ScopeState(_message.Message):
     """Tokens held by live reservations (this request's included when it was granted)."""
     remaining_tokens: _builtins.int
     """limit - used - reserved, never below zero; unset when the scope has no limit."""
+    limit_usd_micros: _builtins.int
+    """The cost limit in micro-USD; unset when the scope has none."""
+    used_usd_micros: _builtins.int
+    """Cost charged by reports, in micro-USD."""
+    reserved_usd_micros: _builtins.int
+    """Cost held by live reservations, in micro-USD."""
+    remaining_usd_micros: _builtins.int
+    """limit - used - reserved in micro-USD, never below zero; unset when the scope has no cost limit."""
+    soft_limit_tokens: _builtins.int
+    """Task scope: above this many tokens held, steps are degraded (unset: no soft threshold)."""
+    checkpoint_limit_tokens: _builtins.int
+    """Task scope: a step that would take the task above this many tokens opens a checkpoint (unset: none)."""
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp:
         """Start of the current window (tenant windows only)."""
@@ -282,21 +336,122 @@ class ScopeState(_message.Message):
         remaining_tokens: _builtins.int | None = ...,
         window_start: _timestamp_pb2.Timestamp | None = ...,
         resets_at: _timestamp_pb2.Timestamp | None = ...,
+        limit_usd_micros: _builtins.int | None = ...,
+        used_usd_micros: _builtins.int = ...,
+        reserved_usd_micros: _builtins.int = ...,
+        remaining_usd_micros: _builtins.int | None = ...,
+        soft_limit_tokens: _builtins.int | None = ...,
+        checkpoint_limit_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit_tokens", b"_limit_tokens", "_remaining_tokens", b"_remaining_tokens", "limit_tokens", b"limit_tokens", "remaining_tokens", b"remaining_tokens", "resets_at", b"resets_at", "window_start", b"window_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_limit_tokens", b"_checkpoint_limit_tokens", "_limit_tokens", b"_limit_tokens", "_limit_usd_micros", b"_limit_usd_micros", "_remaining_tokens", b"_remaining_tokens", "_remaining_usd_micros", b"_remaining_usd_micros", "_soft_limit_tokens", b"_soft_limit_tokens", "checkpoint_limit_tokens", b"checkpoint_limit_tokens", "limit_tokens", b"limit_tokens", "limit_usd_micros", b"limit_usd_micros", "remaining_tokens", b"remaining_tokens", "remaining_usd_micros", b"remaining_usd_micros", "resets_at", b"resets_at", "soft_limit_tokens", b"soft_limit_tokens", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit_tokens", b"_limit_tokens", "_remaining_tokens", b"_remaining_tokens", "kind", b"kind", "limit_tokens", b"limit_tokens", "name", b"name", "remaining_tokens", b"remaining_tokens", "reserved_tokens", b"reserved_tokens", "resets_at", b"resets_at", "used_tokens", b"used_tokens", "window", b"window", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_limit_tokens", b"_checkpoint_limit_tokens", "_limit_tokens", b"_limit_tokens", "_limit_usd_micros", b"_limit_usd_micros", "_remaining_tokens", b"_remaining_tokens", "_remaining_usd_micros", b"_remaining_usd_micros", "_soft_limit_tokens", b"_soft_limit_tokens", "checkpoint_limit_tokens", b"checkpoint_limit_tokens", "kind", b"kind", "limit_tokens", b"limit_tokens", "limit_usd_micros", b"limit_usd_micros", "name", b"name", "remaining_tokens", b"remaining_tokens", "remaining_usd_micros", b"remaining_usd_micros", "reserved_tokens", b"reserved_tokens", "reserved_usd_micros", b"reserved_usd_micros", "resets_at", b"resets_at", "soft_limit_tokens", b"soft_limit_tokens", "used_tokens", b"used_tokens", "used_usd_micros", b"used_usd_micros", "window", b"window", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__checkpoint_limit_tokens: _TypeAlias = _typing.Literal["checkpoint_limit_tokens"]  # noqa: Y015
+    _WhichOneofArgType__checkpoint_limit_tokens: _TypeAlias = _typing.Literal["_checkpoint_limit_tokens", b"_checkpoint_limit_tokens"]  # noqa: Y015
     _WhichOneofReturnType__limit_tokens: _TypeAlias = _typing.Literal["limit_tokens"]  # noqa: Y015
     _WhichOneofArgType__limit_tokens: _TypeAlias = _typing.Literal["_limit_tokens", b"_limit_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__limit_usd_micros: _TypeAlias = _typing.Literal["limit_usd_micros"]  # noqa: Y015
+    _WhichOneofArgType__limit_usd_micros: _TypeAlias = _typing.Literal["_limit_usd_micros", b"_limit_usd_micros"]  # noqa: Y015
     _WhichOneofReturnType__remaining_tokens: _TypeAlias = _typing.Literal["remaining_tokens"]  # noqa: Y015
     _WhichOneofArgType__remaining_tokens: _TypeAlias = _typing.Literal["_remaining_tokens", b"_remaining_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__remaining_usd_micros: _TypeAlias = _typing.Literal["remaining_usd_micros"]  # noqa: Y015
+    _WhichOneofArgType__remaining_usd_micros: _TypeAlias = _typing.Literal["_remaining_usd_micros", b"_remaining_usd_micros"]  # noqa: Y015
+    _WhichOneofReturnType__soft_limit_tokens: _TypeAlias = _typing.Literal["soft_limit_tokens"]  # noqa: Y015
+    _WhichOneofArgType__soft_limit_tokens: _TypeAlias = _typing.Literal["_soft_limit_tokens", b"_soft_limit_tokens"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__checkpoint_limit_tokens) -> _WhichOneofReturnType__checkpoint_limit_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__limit_tokens) -> _WhichOneofReturnType__limit_tokens | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit_usd_micros) -> _WhichOneofReturnType__limit_usd_micros | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__remaining_tokens) -> _WhichOneofReturnType__remaining_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remaining_usd_micros) -> _WhichOneofReturnType__remaining_usd_micros | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__soft_limit_tokens) -> _WhichOneofReturnType__soft_limit_tokens | None: ...
 
 Global___ScopeState: _TypeAlias = ScopeState  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    """ChatMessage is one message of a chat prompt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    content: _builtins.str
+    name: _builtins.str
+    """Optional participant name (counts towards the prompt's tokens)."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class ChatPrompt(_message.Message):
+    """ChatPrompt is a prompt given as chat messages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatPrompt: _TypeAlias = ChatPrompt  # noqa: Y015
+
+@_typing.final
+class TokenCount(_message.Message):
+    """TokenCount says how the sidecar counted a prompt it was given."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    APPROXIMATE_FIELD_NUMBER: _builtins.int
+    input_tokens: _builtins.int
+    encoding: _builtins.str
+    """The tiktoken encoding used."""
+    approximate: _builtins.bool
+    """True when the model's own encoding was not available offline and a fallback counted instead."""
+    def __init__(
+        self,
+        *,
+        input_tokens: _builtins.int = ...,
+        encoding: _builtins.str = ...,
+        approximate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approximate", b"approximate", "encoding", b"encoding", "input_tokens", b"input_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenCount: _TypeAlias = TokenCount  # noqa: Y015
 
 @_typing.final
 class DegradeAdvice(_message.Message):
@@ -368,6 +523,8 @@ class CheckRequest(_message.Message):
     TASK_TYPE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     ESTIMATED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    PROMPT_TEXT_FIELD_NUMBER: _builtins.int
+    PROMPT_MESSAGES_FIELD_NUMBER: _builtins.int
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     PLANNED_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
@@ -385,6 +542,8 @@ class CheckRequest(_message.Message):
     """The model the step will call."""
     estimated_input_tokens: _builtins.int
     """The caller's estimate of the input tokens."""
+    prompt_text: _builtins.str
+    """The prompt as plain text: the sidecar counts its tokens with the model's encoding."""
     max_output_tokens: _builtins.int
     """The most output tokens the step may produce. estimated_input_tokens + max_output_tokens is what is asked for."""
     planned_tool_calls: _builtins.int
@@ -393,6 +552,10 @@ class CheckRequest(_message.Message):
     """How long the reservation may be held before it lapses. Unset: the server's default."""
     task_ceiling_tokens: _builtins.int
     """An explicit ceiling for the task, honoured only on the task's first check and never above the policy's."""
+    @_builtins.property
+    def prompt_messages(self) -> Global___ChatPrompt:
+        """The prompt as chat messages: counted with the model's encoding plus the chat format's overhead."""
+
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Attribution labels (user, feature, ...). Keys and values are at most 256 bytes each; at most 32 labels."""
@@ -406,21 +569,23 @@ class CheckRequest(_message.Message):
         task_type: _builtins.str = ...,
         model: _builtins.str = ...,
         estimated_input_tokens: _builtins.int = ...,
+        prompt_text: _builtins.str = ...,
+        prompt_messages: Global___ChatPrompt | None = ...,
         max_output_tokens: _builtins.int = ...,
         planned_tool_calls: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         lease_seconds: _builtins.int | None = ...,
         task_ceiling_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_lease_seconds", b"_lease_seconds", "_task_ceiling_tokens", b"_task_ceiling_tokens", "estimated_input_tokens", b"estimated_input_tokens", "input", b"input", "lease_seconds", b"lease_seconds", "task_ceiling_tokens", b"task_ceiling_tokens"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lease_seconds", b"_lease_seconds", "_task_ceiling_tokens", b"_task_ceiling_tokens", "estimated_input_tokens", b"estimated_input_tokens", "input", b"input", "lease_seconds", b"lease_seconds", "prompt_messages", b"prompt_messages", "prompt_text", b"prompt_text", "task_ceiling_tokens", b"task_ceiling_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lease_seconds", b"_lease_seconds", "_task_ceiling_tokens", b"_task_ceiling_tokens", "estimated_input_tokens", b"estimated_input_tokens", "input", b"input", "labels", b"labels", "lease_seconds", b"lease_seconds", "max_output_tokens", b"max_output_tokens", "model", b"model", "planned_tool_calls", b"planned_tool_calls", "step_id", b"step_id", "task_ceiling_tokens", b"task_ceiling_tokens", "task_id", b"task_id", "task_type", b"task_type", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lease_seconds", b"_lease_seconds", "_task_ceiling_tokens", b"_task_ceiling_tokens", "estimated_input_tokens", b"estimated_input_tokens", "input", b"input", "labels", b"labels", "lease_seconds", b"lease_seconds", "max_output_tokens", b"max_output_tokens", "model", b"model", "planned_tool_calls", b"planned_tool_calls", "prompt_messages", b"prompt_messages", "prompt_text", b"prompt_text", "step_id", b"step_id", "task_ceiling_tokens", b"task_ceiling_tokens", "task_id", b"task_id", "task_type", b"task_type", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__lease_seconds: _TypeAlias = _typing.Literal["lease_seconds"]  # noqa: Y015
     _WhichOneofArgType__lease_seconds: _TypeAlias = _typing.Literal["_lease_seconds", b"_lease_seconds"]  # noqa: Y015
     _WhichOneofReturnType__task_ceiling_tokens: _TypeAlias = _typing.Literal["task_ceiling_tokens"]  # noqa: Y015
     _WhichOneofArgType__task_ceiling_tokens: _TypeAlias = _typing.Literal["_task_ceiling_tokens", b"_task_ceiling_tokens"]  # noqa: Y015
-    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["estimated_input_tokens"]  # noqa: Y015
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["estimated_input_tokens", "prompt_text", "prompt_messages"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lease_seconds) -> _WhichOneofReturnType__lease_seconds | None: ...
@@ -448,6 +613,13 @@ class CheckResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     REQUESTED_TOKENS_FIELD_NUMBER: _builtins.int
     ADVICE_FIELD_NUMBER: _builtins.int
+    BINDING_UNIT_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    GRANTED_COST_USD_MICROS_FIELD_NUMBER: _builtins.int
+    REQUESTED_COST_USD_MICROS_FIELD_NUMBER: _builtins.int
+    TOKEN_COUNT_FIELD_NUMBER: _builtins.int
+    MODEL_ASSUMED_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     reservation_id: _builtins.str
     """Identifies the reservation (empty when nothing was reserved). Stable for a (tenant, task, step)."""
@@ -464,6 +636,18 @@ class CheckResponse(_message.Message):
     """True when this (task, step) had been checked before and this is the stored answer."""
     requested_tokens: _builtins.int
     """What was asked for: estimated_input_tokens + max_output_tokens."""
+    binding_unit: Global___Unit.ValueType
+    """Which limit of the binding scope bound the decision."""
+    policy_version: _builtins.str
+    """The version of the policy that decided."""
+    granted_cost_usd_micros: _builtins.int
+    """Cost reserved for the step, in micro-USD."""
+    requested_cost_usd_micros: _builtins.int
+    """Cost of the request as asked, in micro-USD."""
+    model_assumed: _builtins.bool
+    """True when the model is not in the policy's model table and the default prices were assumed."""
+    checkpoint_id: _builtins.str
+    """With DECISION_CHECKPOINT: the checkpoint to approve (budgetwarden approve ID)."""
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the reservation lapses if it is neither reported nor released."""
@@ -479,6 +663,10 @@ class CheckResponse(_message.Message):
     @_builtins.property
     def advice(self) -> Global___DegradeAdvice:
         """Filled with DECISION_DEGRADE."""
+
+    @_builtins.property
+    def token_count(self) -> Global___TokenCount:
+        """Set when the request carried a prompt that the sidecar counted."""
 
     def __init__(
         self,
@@ -496,10 +684,17 @@ class CheckResponse(_message.Message):
         replayed: _builtins.bool = ...,
         requested_tokens: _builtins.int = ...,
         advice: Global___DegradeAdvice | None = ...,
+        binding_unit: Global___Unit.ValueType = ...,
+        policy_version: _builtins.str = ...,
+        granted_cost_usd_micros: _builtins.int = ...,
+        requested_cost_usd_micros: _builtins.int = ...,
+        token_count: Global___TokenCount | None = ...,
+        model_assumed: _builtins.bool = ...,
+        checkpoint_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["advice", b"advice", "lease_expires_at", b"lease_expires_at", "retry_after", b"retry_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["advice", b"advice", "lease_expires_at", b"lease_expires_at", "retry_after", b"retry_after", "token_count", b"token_count"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advice", b"advice", "binding_scope", b"binding_scope", "decision", b"decision", "from_fail_mode", b"from_fail_mode", "granted_tokens", b"granted_tokens", "lease_expires_at", b"lease_expires_at", "message", b"message", "reason", b"reason", "replayed", b"replayed", "requested_tokens", b"requested_tokens", "reservation_id", b"reservation_id", "retry_after", b"retry_after", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advice", b"advice", "binding_scope", b"binding_scope", "binding_unit", b"binding_unit", "checkpoint_id", b"checkpoint_id", "decision", b"decision", "from_fail_mode", b"from_fail_mode", "granted_cost_usd_micros", b"granted_cost_usd_micros", "granted_tokens", b"granted_tokens", "lease_expires_at", b"lease_expires_at", "message", b"message", "model_assumed", b"model_assumed", "policy_version", b"policy_version", "reason", b"reason", "replayed", b"replayed", "requested_cost_usd_micros", b"requested_cost_usd_micros", "requested_tokens", b"requested_tokens", "reservation_id", b"reservation_id", "retry_after", b"retry_after", "scopes", b"scopes", "token_count", b"token_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -631,6 +826,7 @@ class ReportResult(_message.Message):
     REFUNDED_TOKENS_FIELD_NUMBER: _builtins.int
     OVERAGE_TOKENS_FIELD_NUMBER: _builtins.int
     TASK_REMAINING_TOKENS_FIELD_NUMBER: _builtins.int
+    CHARGED_COST_USD_MICROS_FIELD_NUMBER: _builtins.int
     status: Global___ReportStatus.ValueType
     reservation_id: _builtins.str
     charged_tokens: _builtins.int
@@ -641,6 +837,8 @@ class ReportResult(_message.Message):
     """Tokens charged beyond the reservation."""
     task_remaining_tokens: _builtins.int
     """The task's remaining tokens after this record; unset when unknown or unlimited."""
+    charged_cost_usd_micros: _builtins.int
+    """Cost charged by this record, in micro-USD (input, cached input and output priced separately)."""
     def __init__(
         self,
         *,
@@ -650,10 +848,11 @@ class ReportResult(_message.Message):
         refunded_tokens: _builtins.int = ...,
         overage_tokens: _builtins.int = ...,
         task_remaining_tokens: _builtins.int | None = ...,
+        charged_cost_usd_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_task_remaining_tokens", b"_task_remaining_tokens", "task_remaining_tokens", b"task_remaining_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_task_remaining_tokens", b"_task_remaining_tokens", "charged_tokens", b"charged_tokens", "overage_tokens", b"overage_tokens", "refunded_tokens", b"refunded_tokens", "reservation_id", b"reservation_id", "status", b"status", "task_remaining_tokens", b"task_remaining_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_task_remaining_tokens", b"_task_remaining_tokens", "charged_cost_usd_micros", b"charged_cost_usd_micros", "charged_tokens", b"charged_tokens", "overage_tokens", b"overage_tokens", "refunded_tokens", b"refunded_tokens", "reservation_id", b"reservation_id", "status", b"status", "task_remaining_tokens", b"task_remaining_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__task_remaining_tokens: _TypeAlias = _typing.Literal["task_remaining_tokens"]  # noqa: Y015
     _WhichOneofArgType__task_remaining_tokens: _TypeAlias = _typing.Literal["_task_remaining_tokens", b"_task_remaining_tokens"]  # noqa: Y015
@@ -773,15 +972,23 @@ class GetBudgetResponse(_message.Message):
     TASK_KNOWN_FIELD_NUMBER: _builtins.int
     TASK_TYPE_FIELD_NUMBER: _builtins.int
     ACTIVE_RESERVATIONS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    TASK_CLOSED_FIELD_NUMBER: _builtins.int
     task_known: _builtins.bool
     """Whether the task has been checked at least once."""
     task_type: _builtins.str
     """The task type the task was started with."""
     active_reservations: _builtins.int
     """Reservations of the task that are live now."""
+    task_closed: _builtins.bool
+    """True when the task was closed by a denied checkpoint."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeState]:
         """The task's lifetime scope and the tenant's windows."""
+
+    @_builtins.property
+    def checkpoint(self) -> Global___Checkpoint:
+        """The task's open checkpoint, if any."""
 
     def __init__(
         self,
@@ -790,11 +997,39 @@ class GetBudgetResponse(_message.Message):
         task_known: _builtins.bool = ...,
         task_type: _builtins.str = ...,
         active_reservations: _builtins.int = ...,
+        checkpoint: Global___Checkpoint | None = ...,
+        task_closed: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_reservations", b"active_reservations", "scopes", b"scopes", "task_known", b"task_known", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_reservations", b"active_reservations", "checkpoint", b"checkpoint", "scopes", b"scopes", "task_closed", b"task_closed", "task_known", b"task_known", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetBudgetResponse: _TypeAlias = GetBudgetResponse  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """Checkpoint is a stop in a task that waits for an approval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    OPENED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Stable; give it to BudgetAdminService.ApproveCheckpoint or `budgetwarden approve`."""
+    @_builtins.property
+    def opened_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        opened_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["opened_at", b"opened_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "opened_at", b"opened_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015

@@ -1,0 +1,27 @@
+"""Cost arithmetic in integer micro-USD. Prices are micro-USD per million tokens; every cost rounds up."""
+
+from __future__ import annotations
+
+from budgetwarden._policy import ModelPolicy
+
+_MTOK = 1_000_000
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def estimate_micros(model: ModelPolicy, input_tokens: int, output_tokens: int) -> int:
+    """What a check reserves: the estimate at the model's prices, all input taken as uncached."""
+    return _ceil_div(input_tokens * model.input_micros_per_mtok + output_tokens * model.output_micros_per_mtok, _MTOK)
+
+
+def actual_micros(model: ModelPolicy, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> int:
+    """What a report charges: uncached input, cached input and output, each at its own price."""
+    uncached = input_tokens - cached_input_tokens
+    total = (
+        uncached * model.input_micros_per_mtok
+        + cached_input_tokens * model.cached_input_micros_per_mtok
+        + output_tokens * model.output_micros_per_mtok
+    )
+    return _ceil_div(total, _MTOK)
