@@ -18,53 +18,90 @@ MINUTE = P + "win:minute:2026-11-27T08:34+0000"
 HOUR_MS = 3_600_000
 
 
+Window = tuple[str, int, int] | tuple[str, int, int, int]  # key, token limit, [micro-USD limit,] alive-until
+Candidate = int | tuple[int, int, int]  # tokens, or (tokens, micro-USD, bound)
+
+
+def tokens_only(flat: list[Any]) -> list[int]:
+    """(limit, used, reserved) per scope out of the scripts' six figures per scope."""
+    out: list[int] = []
+    for i in range(0, len(flat), 6):
+        out += [int(v) for v in flat[i : i + 3]]
+    return out
+
+
 class Scripts:
+    """Calls each script with its documented keys and arguments. ``check``/``report``/``budget`` return the token
+    figures in a compact list; ``last`` keeps the whole reply."""
+
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        self.last: list[Any] = []
         self._check = client.register_script(load_lua("check"))
         self._report = client.register_script(load_lua("report"))
         self._release = client.register_script(load_lua("release"))
         self._budget = client.register_script(load_lua("budget"))
+        self._admin = client.register_script(load_lua("admin"))
 
     def check(
         self,
         step: str,
-        candidates: list[int],
+        candidates: list[Candidate],
         *,
         now: int = NOW,
         lease_ms: int = 60_000,
         task_limit: int = 1000,
-        windows: list[tuple[str, int, int]] | None = None,
+        task_limit_usd: int = -1,
+        soft_bp: int = -1,
+        checkpoint_bp: int = -1,
+        windows: list[Window] | None = None,
     ) -> list[int]:
+        """Returns [status, fitted, granted tokens, lease, then limit, used, reserved per scope]."""
         windows = [(DAY, 5000, NOW + 24 * HOUR_MS), (MINUTE, 800, NOW + 60_000)] if windows is None else windows
-        keys = [P + "resv:" + step, LEASES, TASK] + [key for key, _, _ in windows]
-        args: list[Any] = [now, now + lease_ms, 86_400_000, P + "resv:", 7 * 86_400_000, task_limit, "t1", "general"]
-        args += [step, max(candidates, default=0)]
-        for _, limit, until in windows:
-            args += [limit, until]
-        args += [len(candidates), *candidates]
-        return [int(v) for v in self._check(keys=keys, args=args)]
+        keys = [P + "resv:" + step, LEASES, TASK] + [w[0] for w in windows]
+        args: list[Any] = [now, now + lease_ms, 86_400_000, P + "resv:", 7 * 86_400_000, task_limit, task_limit_usd]
+        args += [soft_bp, checkpoint_bp, "t1", "general", step, "ck1.x.y."]
+        for window in windows:
+            key, limit, *rest = window
+            limit_usd, until = (rest[0], rest[1]) if len(rest) == 2 else (-1, rest[0])
+            args += [limit, limit_usd, until]
+        args.append(len(candidates))
+        for candidate in candidates:
+            args += [candidate, 0, 0] if isinstance(candidate, int) else list(candidate)
+        self.last = list(self._check(keys=keys, args=args))
+        reply = self.last
+        return [int(reply[0]), int(reply[1]), int(reply[2]), int(reply[4]), *tokens_only(reply[8:])]
 
-    def report(self, step: str, tokens: int, *, key: str = "", now: int = NOW, fallback: bool = True) -> list[int]:
+    def report(
+        self, step: str, tokens: int, *, usd: int = 0, key: str = "", now: int = NOW, fallback: bool = True
+    ) -> list[int]:
+        """Returns [status, charged, refunded, overage, task known, task limit, used, reserved]."""
         keys = [P + "resv:" + step, LEASES, P + "idem:" + (key or "resv:" + step)]
         untils: list[int] = []
         if fallback:
             keys += [TASK, DAY]
             untils = [0, NOW + 24 * HOUR_MS]
-        marker_flag = 0 if key else 1
-        args = [now, 86_400_000, tokens, P + "resv:", 1 if fallback else 0, 7 * 86_400_000, "t1", "general"]
-        args += [marker_flag, *untils]
-        return [int(v) for v in self._report(keys=keys, args=args)]
+        args = [now, 86_400_000, tokens, usd, P + "resv:", 1 if fallback else 0, 7 * 86_400_000, "t1", "general"]
+        args += [0 if key else 1, *untils]
+        self.last = list(self._report(keys=keys, args=args))
+        reply = [int(v) for v in self.last]
+        return [reply[0], reply[1], reply[3], reply[4], reply[5], *reply[6:9]]
 
     def release(self, step: str, *, now: int = NOW) -> list[int]:
         return [int(v) for v in self._release(keys=[P + "resv:" + step, LEASES], args=[now, P + "resv:"])]
 
     def budget(self, *, now: int = NOW) -> list[Any]:
-        reply = self._budget(keys=[LEASES, TASK, DAY, MINUTE], args=[now, P + "resv:", 5000, 800])
-        return [reply[0], reply[1], *map(int, reply[2:])]
+        """Returns [task known, task type, active, then limit, used, reserved per scope]."""
+        self.last = list(self._budget(keys=[LEASES, TASK, DAY, MINUTE], args=[now, P + "resv:", 5000, -1, 800, -1]))
+        reply = self.last
+        return [int(reply[0]), reply[1], int(reply[2]), *tokens_only(reply[8:])]
 
-    def held(self, key: str) -> tuple[int, int]:
-        used, reserved = self.client.hmget(key, "used", "reserved")
+    def admin(self, *args: Any, now: int = NOW) -> list[int]:
+        return [int(v) for v in self._admin(keys=[TASK], args=[args[0], now, 7 * 86_400_000, *args[1:]])]
+
+    def held(self, key: str, usd: bool = False) -> tuple[int, int]:
+        fields = ("used_usd", "reserved_usd") if usd else ("used", "reserved")
+        used, reserved = self.client.hmget(key, *fields)
         return int(used or 0), int(reserved or 0)
 
 
@@ -267,3 +304,94 @@ def test_purge_is_bounded_per_call(lua: Scripts) -> None:
     lua.check("probe", [], now=NOW + 1_000, windows=[])
     assert lua.client.zcard(LEASES) == 0
     assert lua.held(TASK) == (0, 0)
+
+
+# --- cost, thresholds, checkpoints, administration ----------------------------------------------------------------
+
+
+def test_cost_is_a_second_dimension_on_every_scope(lua: Scripts) -> None:
+    windows: list[Window] = [(DAY, 5000, 10_000, NOW + 24 * HOUR_MS)]
+    assert lua.check("s1", [(100, 6_000, 0)], windows=windows, task_limit_usd=50_000)[0] == 1
+    assert lua.held(DAY, usd=True) == (0, 6_000)
+    assert lua.held(TASK, usd=True) == (0, 6_000)
+    reply = lua.check("s2", [(100, 4_001, 0)], windows=windows, task_limit_usd=50_000)
+    assert reply[0] == 0  # tokens fit, cost does not: nothing is reserved anywhere
+    assert lua.held(TASK) == (0, 100)
+    assert lua.check("s3", [(100, 4_000, 0)], windows=windows)[0] == 1  # exactly at the cost limit
+    assert lua.report("s1", 80, usd=5_000)[:4] == [1, 80, 20, 0]
+    assert lua.held(DAY, usd=True) == (5_000, 4_000)
+    assert lua.release("s3") == [1, 100]
+    assert lua.held(TASK, usd=True) == (5_000, 0)
+
+
+def test_soft_bound_only_limits_the_request_as_asked(lua: Scripts) -> None:
+    # ceiling 1000, soft 80% = 800: the request as asked (bound 0) must stay under 800; a degraded one (bound 1)
+    # only under the ceiling (no checkpoint threshold).
+    assert lua.check("s1", [(700, 0, 0)], soft_bp=8000, windows=[])[0] == 1
+    reply = lua.check("s2", [(200, 0, 0), (150, 0, 1)], soft_bp=8000, windows=[])
+    assert reply[:3] == [1, 1, 150]
+    assert lua.check("s3", [(100, 0, 0), (100, 0, 1)], soft_bp=8000, windows=[])[:3] == [1, 1, 100]
+    assert lua.check("s4", [(51, 0, 0), (51, 0, 1)], soft_bp=8000, windows=[])[0] == 0  # 950 + 51 > 1000
+
+
+def test_checkpoint_opens_when_only_the_checkpoint_line_is_in_the_way(lua: Scripts) -> None:
+    # ceiling 1000, checkpoint 90% = 900
+    assert lua.check("s1", [(850, 0, 1)], checkpoint_bp=9000, windows=[])[0] == 1
+    reply = lua.check("s2", [(100, 0, 0), (60, 0, 1)], checkpoint_bp=9000, windows=[])
+    assert reply[0] == 3
+    assert lua.last[5] == b"ck1.x.y.1"
+    assert lua.held(TASK) == (0, 850)  # nothing granted
+    # While it is open, every check of the task stops there, even a tiny one.
+    assert lua.check("s3", [(1, 0, 1)], checkpoint_bp=9000, windows=[])[0] == 3
+    assert lua.last[5] == b"ck1.x.y.1"
+    assert lua.budget()[:3] == [1, b"general", 1]
+    assert lua.last[3:6] == [b"ck1.x.y.1", NOW, 0]
+    # Approval raises the ceiling (and so the checkpoint line, 90% of 1500 = 1350) and lets the task go on.
+    assert lua.admin("approve", "ck1.x.y.1", 500, 0)[:2] == [1, 1500]
+    assert lua.admin("approve", "ck1.x.y.1", 500, 0)[:2] == [2, 1500]  # idempotent
+    assert lua.check("s2", [(100, 0, 0)], checkpoint_bp=9000, windows=[])[0] == 1
+    assert lua.check("s4", [(401, 0, 1)], checkpoint_bp=9000, windows=[])[0] == 3  # 1351 > 1350: the next one
+    assert lua.last[5] == b"ck1.x.y.2"
+
+
+def test_no_checkpoint_when_a_window_is_what_blocks(lua: Scripts) -> None:
+    windows: list[Window] = [(MINUTE, 100, NOW + 60_000)]
+    assert lua.check("s1", [(950, 0, 1)], checkpoint_bp=9000, windows=windows)[0] == 0
+    assert lua.client.hget(TASK, "checkpoint") is None
+
+
+def test_checkpoint_at_the_ceiling_instead_of_a_denial(lua: Scripts) -> None:
+    assert lua.check("s1", [(1000, 0, 1)], checkpoint_bp=10000, windows=[])[0] == 1
+    assert lua.check("s2", [(1, 0, 1)], checkpoint_bp=10000, windows=[])[0] == 3
+    assert lua.check("s2", [(1, 0, 1)], windows=[], task_limit=5)[0] == 3  # thresholds are the task's, not the call's
+
+
+def test_denied_checkpoint_closes_the_task(lua: Scripts) -> None:
+    assert lua.check("s1", [(850, 0, 1)], checkpoint_bp=9000, windows=[])[0] == 1
+    assert lua.check("s2", [(100, 0, 1)], checkpoint_bp=9000, windows=[])[0] == 3
+    assert lua.check("s1", [(850, 0, 1)], checkpoint_bp=9000, windows=[])[0] == 2  # a held step still replays
+    assert lua.admin("approve", "ck1.x.y.9", 5, 0)[0] == 5  # no such checkpoint
+    assert lua.admin("deny", "ck1.x.y.1")[0] == 3
+    assert lua.admin("deny", "ck1.x.y.1")[0] == 4
+    assert lua.admin("approve", "ck1.x.y.1", 5, 0)[0] == 6  # decided the other way
+    assert lua.check("s3", [(1, 0, 0)], windows=[])[0] == 4
+    assert lua.release("s1") == [1, 850]  # what was held can still be handed back
+
+
+def test_thresholds_are_exact_for_large_limits(lua: Scripts) -> None:
+    limit = 999_999_999_999_999
+    for bp in (1, 3333, 9999):
+        lua.client.delete(TASK)
+        expected = limit * bp // 10_000
+        assert lua.check("a", [(expected, 0, 1)], task_limit=limit, checkpoint_bp=bp, windows=[])[0] == 1
+        lua.release("a")
+        assert lua.check("b", [(expected + 1, 0, 1)], task_limit=limit, checkpoint_bp=bp, windows=[])[0] == 3
+
+
+def test_a_ceiling_set_before_the_first_check_stays(lua: Scripts) -> None:
+    assert lua.admin("ceiling", "set", 300, "")[:2] == [7, 300]
+    assert lua.check("s1", [301], windows=[], task_limit=1000, checkpoint_bp=9000)[0] == 3  # 90% of 300 = 270
+    assert lua.client.hget(TASK, "ckpt_bp") == b"9000"  # the first check still set the thresholds
+    assert lua.admin("ceiling", "add", 100, "")[1] == 400
+    assert lua.admin("ceiling", "add", "", 5_000)[4] == -1  # adding to a cost ceiling that does not exist: none
+    assert lua.admin("ceiling", "set", "", 5_000)[4] == 5_000

@@ -13,7 +13,7 @@ A check runs in two halves around one atomic store call:
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from budgetwarden._cost import estimate_micros
 from budgetwarden._model import (
@@ -235,6 +235,29 @@ def _candidates(
     return tuple(out)
 
 
+def simulate(plan: CheckPlan, counters: tuple[Counter, ...], thresholds: Thresholds) -> StoreOutcome:
+    """What lua/check.lua does for a plan, without a store: which candidate it would reserve, or whether it would open
+    a checkpoint. For ``policy explain`` and for testing the Lua against the rules. Counters are before the call."""
+    task, windows = counters[0], counters[1:]
+    for index, candidate in enumerate(plan.candidates):
+        windows_fit = all(fits(counter, candidate.amount) for counter in windows)
+        if windows_fit and fits(task, candidate.amount, *_task_bounds(task, thresholds, candidate.bound)):
+            amount = candidate.amount
+            granted = tuple(
+                replace(
+                    counter, reserved=counter.reserved + amount.tokens, reserved_usd=counter.reserved_usd + amount.usd
+                )
+                for counter in counters
+            )
+            return StoreOutcome(StoreStatus.RESERVED, index, granted, thresholds)
+    if thresholds.checkpoint_bp is not None:
+        for candidate in plan.candidates:
+            windows_fit = all(fits(counter, candidate.amount) for counter in windows)
+            if windows_fit and not fits(task, candidate.amount, *_task_bounds(task, thresholds, Bound.CHECKPOINT)):
+                return StoreOutcome(StoreStatus.CHECKPOINT, None, counters, thresholds, "(a new checkpoint)")
+    return StoreOutcome(StoreStatus.NOTHING, None, counters, thresholds)
+
+
 def advice_for(asked: Shape, candidate: Candidate) -> Advice:
     shape = candidate.shape
     return Advice(
@@ -296,8 +319,14 @@ def _granted(plan: CheckPlan, outcome: StoreOutcome, candidate: Candidate) -> Ve
             message += " (the task is past its soft threshold, and no degrade rung makes this step cheaper)"
         return Verdict(Decision.ALLOW, Reason.WITHIN_BUDGET, amount.tokens, message, granted_usd=amount.usd)
     binding, unit = _first_failing(plan, outcome, plan.requested, hard_only=True)
+    step = plan.step
+    if step is not None:
+        step_unit = _failing_unit(Counter(step.limit, 0, 0, step.limit_usd), plan.requested)
+        if step_unit is not None:
+            binding, unit = STEP_SCOPE, step_unit
     if binding:
-        reason, why = Reason.DEGRADED_TO_FIT, f"the request does not fit {binding} as asked"
+        limit_kind = "cost" if unit is Unit.USD else "token"
+        reason, why = Reason.DEGRADED_TO_FIT, f"the request does not fit the {binding} {limit_kind} limit as asked"
     else:
         reason, why = Reason.SOFT_THRESHOLD, "the task is past its soft threshold"
         binding, unit = TASK_SCOPE, _soft_unit(plan, outcome)
