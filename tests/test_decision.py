@@ -94,9 +94,9 @@ def plan(req: CheckInput, policy: Policy = POLICY) -> CheckPlan:
     return Planner().plan_check(policy, req, NOW)
 
 
-def run(p: CheckPlan, counters: tuple[Counter, ...], thresholds: Thresholds = Thresholds()) -> Verdict:
+def run(p: CheckPlan, counters: tuple[Counter, ...], thresholds: Thresholds | None = None) -> Verdict:
     """The store's half done by the pure simulation of lua/check.lua, then the decision."""
-    return decide(p, simulate(p, counters, thresholds), NOW)
+    return decide(p, simulate(p, counters, thresholds or Thresholds()), NOW)
 
 
 def counters(task: tuple[int, int], day: tuple[int, int], minute: tuple[int, int]) -> tuple[Counter, ...]:

@@ -62,7 +62,7 @@ class Scripts:
         args: list[Any] = [now, now + lease_ms, 86_400_000, P + "resv:", 7 * 86_400_000, task_limit, task_limit_usd]
         args += [soft_bp, checkpoint_bp, "t1", "general", step, "ck1.x.y."]
         for window in windows:
-            key, limit, *rest = window
+            _, limit, *rest = window
             limit_usd, until = (rest[0], rest[1]) if len(rest) == 2 else (-1, rest[0])
             args += [limit, limit_usd, until]
         args.append(len(candidates))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from budgetwarden._cost import estimate_micros
 from budgetwarden._model import (
+    NO_THRESHOLDS,
     Advice,
     Amount,
     CheckInput,
@@ -104,7 +105,7 @@ class StoreOutcome:
     status: StoreStatus
     fitted: int | None
     counters: tuple[Counter, ...]
-    thresholds: Thresholds = Thresholds()
+    thresholds: Thresholds = NO_THRESHOLDS
     checkpoint_id: str = ""
 
 

@@ -15,6 +15,7 @@ from budgetwarden._cost import actual_micros
 from budgetwarden._decision import TASK_SCOPE, CheckPlan, Planner, StoreOutcome, decide
 from budgetwarden._keys import reservation_id
 from budgetwarden._model import (
+    NO_THRESHOLDS,
     Amount,
     CheckInput,
     Counter,
@@ -68,7 +69,7 @@ class CheckResult:
     replayed: bool = False
     from_fail_mode: bool = False
     policy_version: str = ""
-    thresholds: Thresholds = Thresholds()
+    thresholds: Thresholds = NO_THRESHOLDS
     token_count: TokenCount | None = None
     model_assumed: bool = False
 

@@ -148,6 +148,9 @@ class Thresholds:
     checkpoint_bp: int | None = None
 
 
+NO_THRESHOLDS = Thresholds()
+
+
 def threshold_of(limit: int | None, bp: int | None) -> int | None:
     """The part of a limit a threshold stands for, rounded down; the Lua scripts compute the same."""
     if limit is None:

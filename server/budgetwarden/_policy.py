@@ -102,11 +102,11 @@ class Rung(_Strict):
 
     @model_validator(mode="after")
     def _changes_something(self) -> Rung:
-        if self.model is None and self.max_context_tokens is None and self.max_output_tokens is None:
-            if self.max_tool_calls is None:
-                raise ValueError(
-                    "a rung needs at least one of model, max_context_tokens, max_output_tokens, max_tool_calls"
-                )
+        changes = (self.model, self.max_context_tokens, self.max_output_tokens, self.max_tool_calls)
+        if all(change is None for change in changes):
+            raise ValueError(
+                "a rung needs at least one of model, max_context_tokens, max_output_tokens, max_tool_calls"
+            )
         return self
 
 

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 from budgetwarden._keys import is_reservation_id
 from budgetwarden._limiter import Prompt
-from budgetwarden._tokens import ChatMessage
 from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_TOKENS_PER_FIELD, CheckInput, Outcome, UsageInput
+from budgetwarden._tokens import ChatMessage
 from budgetwarden_api.v1 import budget_pb2 as pb
 
 MAX_ID_BYTES = 256
