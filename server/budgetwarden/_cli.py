@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 import typing
 from collections.abc import Sequence
 from datetime import UTC
@@ -24,9 +25,11 @@ from pydantic import ValidationError
 
 from budgetwarden import __version__
 from budgetwarden._config import ConfigFileError, Settings, load_settings
-from budgetwarden._policy import PolicyError, load_policy
+from budgetwarden._decision import Planner, decide, simulate
+from budgetwarden._model import CheckInput, Counter, Thresholds, threshold_of
+from budgetwarden._policy import PolicyError, default_policy, load_policy
 from budgetwarden_api.v1 import budget_pb2 as pb
-from budgetwarden_client import BudgetClient, default_addr
+from budgetwarden_client import AdminClient, BudgetClient, admin_pb, default_addr
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
 
@@ -108,11 +111,42 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--task", default="", help="task id (default: only the tenant's windows)")
     budget.add_argument("--task-type", default="")
 
+    approve = commands.add_parser("approve", help="approve a checkpoint: raise the task's ceiling and let it go on")
+    approve.add_argument("checkpoint", help="checkpoint id (from check or budget)")
+    approve.add_argument("--add", type=int, default=0, help="tokens to add to the task's ceiling")
+    approve.add_argument("--add-usd", type=float, default=0.0, help="USD to add to the task's cost ceiling")
+    _admin_flags(approve)
+
+    deny = commands.add_parser("deny", help="deny a checkpoint: close the task")
+    deny.add_argument("checkpoint", help="checkpoint id")
+    _admin_flags(deny)
+
     policy = commands.add_parser("policy", help="work with policy files")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
     validate = policy_commands.add_parser("validate", help="check a policy file; errors name the line and field")
     validate.add_argument("file", type=Path)
+    explain = policy_commands.add_parser(
+        "explain", help="show the decision the rules would take for a step, and why (Redis is not touched)"
+    )
+    explain.add_argument("--policy-file", type=Path, default=None, help="policy file (default: the built-in one)")
+    explain.add_argument("--tenant", default="default", help="tenant id")
+    explain.add_argument("--task-type", default="", help="task type (default: the policy's)")
+    explain.add_argument("--model", default="", help="model the step would call")
+    explain.add_argument("--tokens", type=int, required=True, help="tokens asked for (counted as input)")
+    explain.add_argument("--output-tokens", type=int, default=0, help="max output tokens, on top of --tokens")
+    explain.add_argument("--tool-calls", type=int, default=0, help="planned tool calls")
+    explain.add_argument("--used", type=int, default=0, help="tokens the task has used (and holds) already")
+    explain.add_argument("--used-usd", type=float, default=0.0, help="USD the task has used already")
+    explain.add_argument("--window-used", type=int, default=0, help="tokens used in each tenant window already")
     return parser
+
+
+def _admin_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin-addr", default=None, help="admin listener [env BUDGETWARDEN_ADMIN_ADDR; default 127.0.0.1:50152]"
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
+    parser.add_argument("--json", action="store_true", help="print the response as JSON")
 
 
 def _labels(pairs: Sequence[str]) -> dict[str, str]:
@@ -259,9 +293,90 @@ def _cmd_policy_validate(args: argparse.Namespace) -> int:
     policy = loaded.policy
     print(
         f"{args.file}: valid (version {loaded.version}): {len(policy.tenants)} tenants, "
-        f"{len(policy.task_types)} task types, unknown tenants: {policy.unknown_tenants}"
+        f"{len(policy.task_types)} task types, {len(policy.models)} models, unknown tenants: {policy.unknown_tenants}"
     )
     return EXIT_OK
+
+
+def _usd(micros: int | None) -> str:
+    return "-" if micros is None else f"${micros / 1e6:.6f}"
+
+
+def _cmd_policy_explain(args: argparse.Namespace) -> int:
+    loaded = load_policy(args.policy_file) if args.policy_file else default_policy()
+    now = int(time.time() * 1000)
+    request = CheckInput(
+        args.tenant, "explain", "explain", args.task_type, args.model, args.tokens, args.output_tokens, args.tool_calls
+    )
+    for name, value in (("--tokens", args.tokens), ("--output-tokens", args.output_tokens), ("--used", args.used)):
+        if value < 0:
+            raise CliError(f"{name} must not be negative")
+    plan = Planner().plan_check(loaded.policy, request, now)
+    lines = [f"policy {loaded.source} (version {loaded.version})"]
+    if plan.early is None:
+        task = plan.counted[0]
+        rules = loaded.policy.task_type(args.task_type)
+        assert rules is not None
+        thresholds = Thresholds(rules[1].soft_bp, rules[1].checkpoint_bp)
+        used_usd = round(args.used_usd * 1_000_000)
+        counters = (
+            Counter(task.limit, args.used, 0, task.limit_usd, used_usd, 0),
+            *(Counter(s.limit, args.window_used, 0, s.limit_usd, 0, 0) for s in plan.counted[1:]),
+        )
+        outcome = simulate(plan, counters, thresholds)
+        verdict = decide(plan, outcome, now)
+        soft = threshold_of(task.limit, thresholds.soft_bp) if thresholds.soft_bp is not None else None
+        checkpoint = (
+            threshold_of(task.limit, thresholds.checkpoint_bp) if thresholds.checkpoint_bp is not None else None
+        )
+        lines.append(
+            f"task type {plan.task_type}: ceiling {task.limit if task.limit is not None else '-'} tokens / "
+            f"{_usd(task.limit_usd)}, soft threshold {soft if soft is not None else '-'}, "
+            f"checkpoint at {checkpoint if checkpoint is not None else '-'}; used {args.used} tokens / {_usd(used_usd)}"
+        )
+        _, assumed = loaded.policy.model(args.model)
+        lines.append(f"model {args.model or '(none)'}: {'assumed default prices' if assumed else 'from the table'}")
+        lines.append("candidates, tried in order:")
+        for i, candidate in enumerate(plan.candidates):
+            chosen = " <- granted" if outcome.fitted == i else ""
+            bound = "under the soft threshold" if candidate.bound == 0 else "under the checkpoint line"
+            lines.append(
+                f"  {i + 1}. {candidate.rung or 'as asked'}: {candidate.amount.tokens} tokens, "
+                f"{_usd(candidate.amount.usd)} on {candidate.shape.model or '(model)'}, must fit {bound}{chosen}"
+            )
+        if not plan.candidates:
+            lines.append("  none: the step is above the per-step cap and no rung brings it under")
+    else:
+        verdict = plan.early
+    lines.append(f"decision: {verdict.decision.name} ({verdict.reason.name}): {verdict.message}")
+    if verdict.advice is not None:
+        a = verdict.advice
+        lines.append(
+            f"advice: rung {a.rung}, model {a.model or 'unchanged'}, max context {a.max_context_tokens or '-'}, "
+            f"max output {a.max_output_tokens or '-'}, max tool calls "
+            f"{a.max_tool_calls if a.max_tool_calls is not None else '-'}"
+        )
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    with AdminClient(args.admin_addr, timeout=args.timeout) as client:
+        if args.command == "approve":
+            if args.add < 0 or args.add_usd < 0:
+                raise CliError("--add and --add-usd must not be negative")
+            answer: Any = client.approve(
+                args.checkpoint, add_tokens=args.add, add_usd_micros=round(args.add_usd * 1_000_000)
+            )
+        else:
+            answer = client.deny(args.checkpoint)
+    outcome = _enum(admin_pb.CheckpointOutcome, answer.outcome, "CHECKPOINT_OUTCOME_")
+    lines = [f"{outcome}: {args.checkpoint}"]
+    if args.command == "approve" and answer.HasField("task"):
+        lines += _scope_table([answer.task])
+    _print(answer, args.json, lines)
+    bad = (admin_pb.CHECKPOINT_OUTCOME_NOT_FOUND, admin_pb.CHECKPOINT_OUTCOME_CONFLICT)
+    return EXIT_ERROR if answer.outcome in bad else EXIT_OK
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -293,7 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _cmd_serve(args)
         if args.command == "policy":
-            return _cmd_policy_validate(args)
+            return _cmd_policy_validate(args) if args.policy_command == "validate" else _cmd_policy_explain(args)
+        if args.command in ("approve", "deny"):
+            return _cmd_checkpoint(args)
         with BudgetClient(args.addr or default_addr(), timeout=args.timeout) as client:
             return _CLIENT_COMMANDS[args.command](args, client)
     except grpc.RpcError as exc:

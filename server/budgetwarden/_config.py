@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(False, description="treat redis_url as a Redis Cluster seed node")
     data_dir: Path = Field(Path(".budgetwarden"), description="where the embedded server keeps its data")
     policy_file: Path | None = Field(None, description="policy YAML file; unset: the built-in default policy")
+    policy_reload_seconds: Annotated[float, Field(ge=0)] = Field(
+        2.0, description="how often the policy file is checked for changes (0: only on SIGHUP)"
+    )
+    admin_listen: str | None = Field(
+        None, description="host:port for BudgetAdminService (approvals, ceilings); unset: not served"
+    )
     fail_mode: Literal["open", "closed"] = Field(
         "closed", description="answer when Redis does not answer in time: open (allow) or closed (deny)"
     )

@@ -13,10 +13,12 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from budgetwarden._admin import SERVICE_NAME as ADMIN_SERVICE_NAME
+from budgetwarden._admin import AdminServicer
 from budgetwarden._config import Settings
 from budgetwarden._embedded import EmbeddedRedis
 from budgetwarden._limiter import Limiter
-from budgetwarden._policy import LoadedPolicy, default_policy, load_policy
+from budgetwarden._policy import LoadedPolicy, PolicyError, default_policy, load_policy
 from budgetwarden._service import SERVICE_NAME, BudgetServicer
 from budgetwarden._store import AnyRedis, BudgetStore, Retention
 
@@ -38,11 +40,50 @@ class Sidecar:
         self.embedded: EmbeddedRedis | None = None
         self.redis: AnyRedis | None = None
         self.server: grpc.aio.Server | None = None
+        self.admin_server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.admin_port = 0
+        self._watch: asyncio.Task[None] | None = None
+        self._policy_stamp = self._stamp()
 
     def current_policy(self) -> LoadedPolicy:
         return self.policy
+
+    def _stamp(self) -> tuple[int, int] | None:
+        path = self.settings.policy_file
+        if path is None:
+            return None
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def reload_policy(self) -> bool:
+        """Load the policy file again. A bad file is rejected (file, line, field) and the running policy stays."""
+        path = self.settings.policy_file
+        if path is None:
+            return False
+        self._policy_stamp = self._stamp()
+        try:
+            loaded = load_policy(path)
+        except PolicyError as exc:
+            log.error(
+                "policy file rejected; the running policy stays in force",
+                extra={"problems": [f"{exc.source}:{p}" for p in exc.problems], "policy_version": self.policy.version},
+            )
+            return False
+        if loaded.version != self.policy.version:
+            self.policy = loaded
+            log.info("policy reloaded", extra={"policy": loaded.source, "policy_version": loaded.version})
+        return True
+
+    async def _watch_policy(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self._stamp() != self._policy_stamp:
+                self.reload_policy()
 
     async def start(self) -> None:
         settings = self.settings
@@ -70,14 +111,18 @@ class Sidecar:
         server.add_generic_rpc_handlers([servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        try:
-            self.port = server.add_insecure_port(settings.listen)
-        except RuntimeError:  # grpcio raises a bare RuntimeError for an address in use or malformed
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"cannot listen on {settings.listen}: the address is in use or not a valid host:port")
+        self.port = self._bind(server, settings.listen)
         await server.start()
         self.server = server
+        if settings.admin_listen:
+            admin = grpc.aio.server()
+            admin.add_generic_rpc_handlers([AdminServicer(limiter).handler()])
+            reflection.enable_server_reflection([ADMIN_SERVICE_NAME, reflection.SERVICE_NAME], admin)
+            self.admin_port = self._bind(admin, settings.admin_listen)
+            await admin.start()
+            self.admin_server = admin
+        if settings.policy_file is not None and settings.policy_reload_seconds > 0:
+            self._watch = asyncio.create_task(self._watch_policy(settings.policy_reload_seconds))
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -90,8 +135,24 @@ class Sidecar:
             },
         )
 
+    @staticmethod
+    def _bind(server: grpc.aio.Server, address: str) -> int:
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises a bare RuntimeError for an address in use or malformed
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot listen on {address}: the address is in use or not a valid host:port")
+        return port
+
     async def stop(self) -> None:
         """Stop accepting calls, let in-flight ones finish within the grace period, then release Redis."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        if self.admin_server is not None:
+            await self.admin_server.stop(self.settings.shutdown_grace_seconds)
+            self.admin_server = None
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(self.settings.shutdown_grace_seconds)
@@ -111,6 +172,7 @@ async def serve(settings: Settings, on_ready: Callable[[Sidecar], None] | None =
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, sidecar.reload_policy)
     try:
         await sidecar.start()
         if on_ready is not None:

@@ -24,14 +24,15 @@ class InvalidRequestError(ValueError):
         super().__init__(f"{field}: {problem}")
 
 
-def _id(value: str, field: str, *, required: bool = True) -> str:
+def ident(value: str, field: str, *, required: bool = True, max_bytes: int = MAX_ID_BYTES) -> str:
+    """An id: present (when required), at most ``max_bytes`` of UTF-8, no control characters."""
     if not value:
         if required:
             raise InvalidRequestError(field, "is required")
         return value
     size = len(value.encode("utf-8", "surrogatepass"))
-    if size > MAX_ID_BYTES:
-        raise InvalidRequestError(field, f"is {size} bytes long, at most {MAX_ID_BYTES} are allowed")
+    if size > max_bytes:
+        raise InvalidRequestError(field, f"is {size} bytes long, at most {max_bytes} are allowed")
     if any(ch < " " for ch in value):
         raise InvalidRequestError(field, "contains control characters")
     return value
@@ -84,8 +85,8 @@ def _prompt(request: pb.CheckRequest) -> Prompt | None:
         total = 0
         for i, message in enumerate(messages):
             at = f"prompt_messages.messages[{i}]"
-            role = _id(message.role, f"{at}.role")
-            name = _id(message.name, f"{at}.name", required=False)
+            role = ident(message.role, f"{at}.role")
+            name = ident(message.name, f"{at}.name", required=False)
             total += len(message.content)
             if total > MAX_PROMPT_CHARS:
                 raise InvalidRequestError("prompt_messages", f"is longer than {MAX_PROMPT_CHARS} characters in all")
@@ -109,11 +110,11 @@ def check_input(request: pb.CheckRequest, *, max_lease_seconds: int) -> tuple[Ch
                 "task_ceiling_tokens", f"must be between 1 and {MAX_LIMIT_TOKENS} (got {ceiling})"
             )
     checked = CheckInput(
-        tenant_id=_id(request.tenant_id, "tenant_id"),
-        task_id=_id(request.task_id, "task_id"),
-        step_id=_id(request.step_id, "step_id"),
-        task_type=_id(request.task_type, "task_type", required=False),
-        model=_id(request.model, "model", required=False),
+        tenant_id=ident(request.tenant_id, "tenant_id"),
+        task_id=ident(request.task_id, "task_id"),
+        step_id=ident(request.step_id, "step_id"),
+        task_type=ident(request.task_type, "task_type", required=False),
+        model=ident(request.model, "model", required=False),
         input_tokens=_count(request.estimated_input_tokens, "estimated_input_tokens"),
         output_tokens=_count(request.max_output_tokens, "max_output_tokens"),
         tool_calls=_count(request.planned_tool_calls, "planned_tool_calls", MAX_TOOL_CALLS),
@@ -134,8 +135,8 @@ def usage_inputs(request: pb.ReportRequest, now_ms: int) -> list[UsageInput]:
 
 def _usage(record: pb.UsageRecord, at: str, now_ms: int) -> UsageInput:
     reservation = _reservation(record.reservation_id, f"{at}.reservation_id")
-    task_id = _id(record.task_id, f"{at}.task_id", required=False)
-    step_id = _id(record.step_id, f"{at}.step_id", required=False)
+    task_id = ident(record.task_id, f"{at}.task_id", required=False)
+    step_id = ident(record.step_id, f"{at}.step_id", required=False)
     if not reservation and not (task_id and step_id):
         raise InvalidRequestError(f"{at}.reservation_id", "is required unless task_id and step_id are both given")
     input_tokens = _count(record.input_tokens, f"{at}.input_tokens")
@@ -158,12 +159,12 @@ def _usage(record: pb.UsageRecord, at: str, now_ms: int) -> UsageInput:
     if len(idempotency_key.encode()) > MAX_ID_BYTES:
         raise InvalidRequestError(f"{at}.idempotency_key", f"is longer than {MAX_ID_BYTES} bytes")
     return UsageInput(
-        tenant_id=_id(record.tenant_id, f"{at}.tenant_id"),
+        tenant_id=ident(record.tenant_id, f"{at}.tenant_id"),
         reservation_id=reservation,
         task_id=task_id,
         step_id=step_id,
-        task_type=_id(record.task_type, f"{at}.task_type", required=False),
-        model=_id(record.model, f"{at}.model", required=False),
+        task_type=ident(record.task_type, f"{at}.task_type", required=False),
+        model=ident(record.model, f"{at}.model", required=False),
         input_tokens=input_tokens,
         output_tokens=_count(record.output_tokens, f"{at}.output_tokens"),
         cached_input_tokens=cached,
@@ -176,10 +177,10 @@ def _usage(record: pb.UsageRecord, at: str, now_ms: int) -> UsageInput:
 
 
 def release_target(request: pb.ReleaseRequest) -> tuple[str, str, str, str]:
-    tenant_id = _id(request.tenant_id, "tenant_id")
+    tenant_id = ident(request.tenant_id, "tenant_id")
     reservation = _reservation(request.reservation_id, "reservation_id")
-    task_id = _id(request.task_id, "task_id", required=False)
-    step_id = _id(request.step_id, "step_id", required=False)
+    task_id = ident(request.task_id, "task_id", required=False)
+    step_id = ident(request.step_id, "step_id", required=False)
     if not reservation and not (task_id and step_id):
         raise InvalidRequestError("reservation_id", "is required unless task_id and step_id are both given")
     return tenant_id, reservation, task_id, step_id
@@ -187,7 +188,7 @@ def release_target(request: pb.ReleaseRequest) -> tuple[str, str, str, str]:
 
 def budget_target(request: pb.GetBudgetRequest) -> tuple[str, str, str]:
     return (
-        _id(request.tenant_id, "tenant_id"),
-        _id(request.task_id, "task_id", required=False),
-        _id(request.task_type, "task_type", required=False),
+        ident(request.tenant_id, "tenant_id"),
+        ident(request.task_id, "task_id", required=False),
+        ident(request.task_type, "task_type", required=False),
     )

@@ -7,10 +7,13 @@ from typing import Any
 
 import grpc
 
+from budgetwarden_api.v1 import admin_pb2 as admin_pb
+from budgetwarden_api.v1 import admin_pb2_grpc as admin_grpc
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 
 DEFAULT_ADDR = "127.0.0.1:50151"
+DEFAULT_ADMIN_ADDR = "127.0.0.1:50152"
 
 
 def default_addr() -> str:
@@ -87,3 +90,46 @@ class AsyncBudgetClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+class AdminClient:
+    """A blocking client for BudgetAdminService (``BUDGETWARDEN_ADMIN_ADDR`` or 127.0.0.1:50152)."""
+
+    def __init__(self, addr: str | None = None, *, timeout: float = 5.0) -> None:
+        self.addr = addr or os.environ.get("BUDGETWARDEN_ADMIN_ADDR", DEFAULT_ADMIN_ADDR)
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.addr)
+        self._stub = admin_grpc.BudgetAdminServiceStub(self._channel)
+
+    def approve(
+        self, checkpoint_id: str, *, add_tokens: int = 0, add_usd_micros: int = 0
+    ) -> admin_pb.ApproveCheckpointResponse:
+        request = admin_pb.ApproveCheckpointRequest(
+            checkpoint_id=checkpoint_id, add_tokens=add_tokens, add_usd_micros=add_usd_micros
+        )
+        return self._stub.ApproveCheckpoint(request, timeout=self.timeout)
+
+    def deny(self, checkpoint_id: str) -> admin_pb.DenyCheckpointResponse:
+        return self._stub.DenyCheckpoint(
+            admin_pb.DenyCheckpointRequest(checkpoint_id=checkpoint_id), timeout=self.timeout
+        )
+
+    def set_ceiling(self, **fields: Any) -> admin_pb.SetTaskCeilingResponse:
+        return self._stub.SetTaskCeiling(admin_pb.SetTaskCeilingRequest(**fields), timeout=self.timeout)
+
+    def reset_task(self, tenant_id: str, task_id: str) -> admin_pb.ResetTaskResponse:
+        request = admin_pb.ResetTaskRequest(tenant_id=tenant_id, task_id=task_id)
+        return self._stub.ResetTask(request, timeout=self.timeout)
+
+    def tenant_windows(self, tenant_id: str) -> admin_pb.GetTenantWindowsResponse:
+        request = admin_pb.GetTenantWindowsRequest(tenant_id=tenant_id)
+        return self._stub.GetTenantWindows(request, timeout=self.timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
