@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -40,3 +43,25 @@ class RunningSidecar:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``budgetwarden`` in a clean environment (no inherited BUDGETWARDEN_* variables)."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("BUDGETWARDEN_")}
+    environ.update(env or {})
+    result = subprocess.run(
+        [sys.executable, "-m", "budgetwarden", *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]

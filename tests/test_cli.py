@@ -6,10 +6,8 @@ Every invocation is checked for the CLI's promise: errors are one line on stderr
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +16,10 @@ import pytest
 from budgetwarden._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
+from support import cli, one_error_line
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
 RESERVATION_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``budgetwarden`` in a clean environment (no inherited BUDGETWARDEN_* variables)."""
-    environ = {key: value for key, value in os.environ.items() if not key.startswith("BUDGETWARDEN_")}
-    environ.update(env or {})
-    result = subprocess.run(
-        [sys.executable, "-m", "budgetwarden", *args],
-        capture_output=True,
-        text=True,
-        env=environ,
-        timeout=60,
-        check=False,
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
-
-
-def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def table_row(stdout: str, scope: str) -> list[str]:
@@ -375,7 +353,8 @@ def test_policy_validate_a_good_file(tmp_path: Path) -> None:
     assert result.returncode == EXIT_OK, result.stderr
     assert result.stderr == ""
     assert re.fullmatch(
-        rf"{re.escape(str(path))}: valid \(version [0-9a-f]{{12}}\): 1 tenants, 2 task types, unknown tenants: reject",
+        rf"{re.escape(str(path))}: valid \(version [0-9a-f]{{12}}\): "
+        r"1 tenants, 2 task types, 0 models, unknown tenants: reject",
         result.stdout.strip(),
     ), result.stdout
 

@@ -417,9 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         if code == grpc.StatusCode.UNAVAILABLE:
-            print(
-                f"{prog}: error: cannot reach the sidecar at {args.addr or default_addr()}: {details}", file=sys.stderr
-            )
+            where = getattr(args, "addr", None) or getattr(args, "admin_addr", None) or default_addr()
+            print(f"{prog}: error: cannot reach the sidecar at {where}: {details}", file=sys.stderr)
         else:
             name = code.name if code is not None else "ERROR"
             print(f"{prog}: error: {name}: {details}", file=sys.stderr)
