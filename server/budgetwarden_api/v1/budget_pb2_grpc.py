@@ -45,6 +45,11 @@ class BudgetServiceStub:
                 request_serializer=budgetwarden_dot_v1_dot_budget__pb2.ReportRequest.SerializeToString,
                 response_deserializer=budgetwarden_dot_v1_dot_budget__pb2.ReportResponse.FromString,
                 _registered_method=True)
+        self.ReportStream = channel.stream_unary(
+                '/budgetwarden.v1.BudgetService/ReportStream',
+                request_serializer=budgetwarden_dot_v1_dot_budget__pb2.ReportStreamRequest.SerializeToString,
+                response_deserializer=budgetwarden_dot_v1_dot_budget__pb2.ReportStreamResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/budgetwarden.v1.BudgetService/Release',
                 request_serializer=budgetwarden_dot_v1_dot_budget__pb2.ReleaseRequest.SerializeToString,
@@ -76,6 +81,14 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportStream(self, request_iterator, context):
+        """ReportStream takes batches of usage records for high-volume reporters. The single response comes after every
+        record was applied; if the stream fails, send all of it again: records are idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Release hands back a reservation whose step will not run.
         """
@@ -102,6 +115,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=budgetwarden_dot_v1_dot_budget__pb2.ReportRequest.FromString,
                     response_serializer=budgetwarden_dot_v1_dot_budget__pb2.ReportResponse.SerializeToString,
+            ),
+            'ReportStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportStream,
+                    request_deserializer=budgetwarden_dot_v1_dot_budget__pb2.ReportStreamRequest.FromString,
+                    response_serializer=budgetwarden_dot_v1_dot_budget__pb2.ReportStreamResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -169,6 +187,33 @@ class BudgetService:
             '/budgetwarden.v1.BudgetService/Report',
             budgetwarden_dot_v1_dot_budget__pb2.ReportRequest.SerializeToString,
             budgetwarden_dot_v1_dot_budget__pb2.ReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/budgetwarden.v1.BudgetService/ReportStream',
+            budgetwarden_dot_v1_dot_budget__pb2.ReportStreamRequest.SerializeToString,
+            budgetwarden_dot_v1_dot_budget__pb2.ReportStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

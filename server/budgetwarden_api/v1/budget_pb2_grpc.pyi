@@ -44,6 +44,10 @@ class BudgetServiceStub:
     """
     Report: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ReportRequest, _budget_pb2.ReportResponse]
     """Report replaces reservations by real usage (a refund or an extra charge). Records are idempotent."""
+    ReportStream: _grpc.StreamUnaryMultiCallable[_budget_pb2.ReportStreamRequest, _budget_pb2.ReportStreamResponse]
+    """ReportStream takes batches of usage records for high-volume reporters. The single response comes after every
+    record was applied; if the stream fails, send all of it again: records are idempotent.
+    """
     Release: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ReleaseRequest, _budget_pb2.ReleaseResponse]
     """Release hands back a reservation whose step will not run."""
     GetBudget: _grpc.UnaryUnaryMultiCallable[_budget_pb2.GetBudgetRequest, _budget_pb2.GetBudgetResponse]
@@ -60,6 +64,10 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """
     Report: _aio.UnaryUnaryMultiCallable[_budget_pb2.ReportRequest, _budget_pb2.ReportResponse]  # type: ignore[assignment]
     """Report replaces reservations by real usage (a refund or an extra charge). Records are idempotent."""
+    ReportStream: _aio.StreamUnaryMultiCallable[_budget_pb2.ReportStreamRequest, _budget_pb2.ReportStreamResponse]  # type: ignore[assignment]
+    """ReportStream takes batches of usage records for high-volume reporters. The single response comes after every
+    record was applied; if the stream fails, send all of it again: records are idempotent.
+    """
     Release: _aio.UnaryUnaryMultiCallable[_budget_pb2.ReleaseRequest, _budget_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Release hands back a reservation whose step will not run."""
     GetBudget: _aio.UnaryUnaryMultiCallable[_budget_pb2.GetBudgetRequest, _budget_pb2.GetBudgetResponse]  # type: ignore[assignment]
@@ -85,6 +93,16 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_pb2.ReportResponse, _abc.Awaitable[_budget_pb2.ReportResponse]]:
         """Report replaces reservations by real usage (a refund or an extra charge). Records are idempotent."""
+
+    @_abc_1.abstractmethod
+    def ReportStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_budget_pb2.ReportStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.ReportStreamResponse, _abc.Awaitable[_budget_pb2.ReportStreamResponse]]:
+        """ReportStream takes batches of usage records for high-volume reporters. The single response comes after every
+        record was applied; if the stream fails, send all of it again: records are idempotent.
+        """
 
     @_abc_1.abstractmethod
     def Release(
