@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ LEASES = P + "leases"
 TASK = P + "task:t1"
 DAY = P + "win:day:2026-11-27"
 MINUTE = P + "win:minute:2026-11-27T08:34+0000"
+USAGE = P + "usage"
 HOUR_MS = 3_600_000
 
 
@@ -68,6 +70,7 @@ class Scripts:
         args.append(len(candidates))
         for candidate in candidates:
             args += [candidate, 0, 0] if isinstance(candidate, int) else list(candidate)
+            args.append("ALLOW")
         self.last = list(self._check(keys=keys, args=args))
         reply = self.last
         return [int(reply[0]), int(reply[1]), int(reply[2]), int(reply[4]), *tokens_only(reply[8:])]
@@ -76,13 +79,14 @@ class Scripts:
         self, step: str, tokens: int, *, usd: int = 0, key: str = "", now: int = NOW, fallback: bool = True
     ) -> list[int]:
         """Returns [status, charged, refunded, overage, task known, task limit, used, reserved]."""
-        keys = [P + "resv:" + step, LEASES, P + "idem:" + (key or "resv:" + step)]
+        keys = [P + "resv:" + step, LEASES, P + "idem:" + (key or "resv:" + step), USAGE]
         untils: list[int] = []
         if fallback:
             keys += [TASK, DAY]
             untils = [0, NOW + 24 * HOUR_MS]
         args = [now, 86_400_000, tokens, usd, P + "resv:", 1 if fallback else 0, 7 * 86_400_000, "t1", "general"]
-        args += [0 if key else 1, *untils]
+        event = json.dumps({"step_id": step, "tokens": tokens})
+        args += [0 if key else 1, event, key and f"event-{key}", 1000, 0, *untils]
         self.last = list(self._report(keys=keys, args=args))
         reply = [int(v) for v in self.last]
         return [reply[0], reply[1], reply[3], reply[4], reply[5], *reply[6:9]]
@@ -395,3 +399,32 @@ def test_a_ceiling_set_before_the_first_check_stays(lua: Scripts) -> None:
     assert lua.admin("ceiling", "add", 100, "")[1] == 400
     assert lua.admin("ceiling", "add", "", 5_000)[4] == -1  # adding to a cost ceiling that does not exist: none
     assert lua.admin("ceiling", "set", "", 5_000)[4] == 5_000
+
+
+# --- usage events ----------------------------------------------------------------------------------------------
+
+
+def events(lua: Scripts) -> list[dict[str, str]]:
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()} for _, fields in lua.client.xrange(USAGE, "-", "+")
+    ]
+
+
+def test_every_applied_record_is_one_event_written_with_its_charge(lua: Scripts) -> None:
+    lua.check("s1", [300])
+    lua.report("s1", 250, key="k1")
+    lua.report("s1", 250, key="k1")  # duplicate: no second event
+    lua.report("ghost", 40)  # unreserved, keyless: its id comes from the reservation id and generation
+    got = events(lua)
+    assert [(e["id"], e["status"], e["admitted"], e["task_type"]) for e in got] == [
+        ("event-k1", "applied", "ALLOW", "general"),
+        ("ghost-0", "unreserved", "NONE", "general"),
+    ]
+    assert json.loads(got[0]["event"]) == {"step_id": "s1", "tokens": 250}
+
+
+def test_the_stream_is_capped(lua: Scripts) -> None:
+    for i in range(3000):
+        lua.report(f"s{i}", 1, key=f"k{i}")
+    assert lua.client.xlen(USAGE) < 3000  # MAXLEN ~ 1000 trims in whole nodes, so roughly, never unbounded
+    assert lua.client.xlen(USAGE) >= 1000

@@ -11,11 +11,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import re
 import sys
 import time
 import typing
 from collections.abc import Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -121,6 +123,21 @@ def _parser() -> argparse.ArgumentParser:
     deny.add_argument("checkpoint", help="checkpoint id")
     _admin_flags(deny)
 
+    usage = commands.add_parser("usage", help="read the usage events (billing) from Redis")
+    usage_commands = usage.add_subparsers(dest="usage_command", required=True, parser_class=_Parser)
+    export = usage_commands.add_parser("export", help="write usage events as CloudEvents 1.0 JSON lines")
+    export.add_argument("--since", required=True, help="ISO 8601 time, epoch milliseconds, or an age like 15m, 24h, 7d")
+    export.add_argument("--until", default=None, help="same forms as --since (default: now)")
+    export.add_argument("--tenant", default=None, help="one tenant (default: every tenant)")
+    export.add_argument("--output", type=Path, default=None, help="file to write (default: standard output)")
+    _redis_flags(export)
+    summary = usage_commands.add_parser("summary", help="totals of tokens and cost, grouped")
+    summary.add_argument("--tenant", required=True, help="tenant id")
+    summary.add_argument("--by", default="task_type", help="task_type, model, task_id, outcome or label:KEY")
+    summary.add_argument("--since", default="0", help="ISO 8601 time, epoch milliseconds, or an age (default: all)")
+    summary.add_argument("--until", default=None)
+    _redis_flags(summary)
+
     policy = commands.add_parser("policy", help="work with policy files")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
     validate = policy_commands.add_parser("validate", help="check a policy file; errors name the line and field")
@@ -139,6 +156,21 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--used-usd", type=float, default=0.0, help="USD the task has used already")
     explain.add_argument("--window-used", type=int, default=0, help="tokens used in each tenant window already")
     return parser
+
+
+def _redis_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("BUDGETWARDEN_REDIS_URL"),
+        help="Redis URL [env BUDGETWARDEN_REDIS_URL; default: the embedded server's socket in --data-dir]",
+    )
+    parser.add_argument("--redis-cluster", action="store_true", help="the URL is a Redis Cluster seed node")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("BUDGETWARDEN_DATA_DIR", ".budgetwarden")),
+        help="the running embedded server's data dir [env BUDGETWARDEN_DATA_DIR; default .budgetwarden]",
+    )
 
 
 def _admin_flags(parser: argparse.ArgumentParser) -> None:
@@ -360,6 +392,97 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_AGE = re.compile(r"^(\d+)([smhd])$")
+_AGE_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _time_ms(text: str, flag: str) -> int:
+    """ISO 8601, epoch milliseconds, or an age before now (15m, 24h, 7d)."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    age = _AGE.match(text)
+    if age:
+        return int(time.time() * 1000) - int(age.group(1)) * _AGE_MS[age.group(2)]
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(f"{flag} {text!r}: expected an ISO 8601 time, epoch milliseconds, or an age like 24h") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _usage_client(args: argparse.Namespace) -> Any:
+    import redis
+
+    url = args.redis_url or f"unix://{(args.data_dir / 'redis.sock').resolve()}"
+    if args.redis_cluster:
+        return redis.RedisCluster.from_url(url)
+    return redis.Redis.from_url(url)
+
+
+def _cmd_usage(args: argparse.Namespace) -> int:
+    import redis
+
+    from budgetwarden._usage import read_events
+
+    since = _time_ms(args.since, "--since")
+    until = None if args.until is None else _time_ms(args.until, "--until")
+    client = _usage_client(args)
+    try:
+        events = read_events(client, args.tenant, since, until)
+        if args.usage_command == "export":
+            out = args.output.open("w") if args.output else sys.stdout
+            count = 0
+            try:
+                for event in events:
+                    out.write(json.dumps(event.cloudevent(), separators=(",", ":")) + "\n")
+                    count += 1
+            finally:
+                if args.output:
+                    out.close()
+            print(f"exported {count} usage events", file=sys.stderr)
+            return EXIT_OK
+        return _print_summary(args, events)
+    except redis.RedisError as exc:
+        raise CliError(f"cannot read usage events from Redis: {exc}") from None
+    finally:
+        client.close()
+
+
+def _print_summary(args: argparse.Namespace, events: Any) -> int:
+    by: str = args.by
+    if by.startswith("label:"):
+        label = by.removeprefix("label:")
+
+        def key_of(data: dict[str, Any]) -> str:
+            return str(data.get("labels", {}).get(label, "(none)"))
+    elif by in ("task_type", "model", "task_id", "outcome"):
+
+        def key_of(data: dict[str, Any]) -> str:
+            return str(data.get(by) or "(none)")
+    else:
+        raise CliError(f"--by {by!r}: expected task_type, model, task_id, outcome or label:KEY")
+    totals: dict[str, list[int]] = {}
+    for event in events:
+        data = event.data
+        sums = totals.setdefault(key_of(data), [0, 0, 0, 0, 0])
+        sums[0] += 1
+        sums[1] += data["input_tokens"]
+        sums[2] += data["cached_input_tokens"]
+        sums[3] += data["output_tokens"]
+        sums[4] += data["cost_usd_micros"]
+    rows = [(by, "events", "input", "cached", "output", "tokens", "cost usd")]
+    for key in sorted(totals):
+        n, inp, cached, out, cost = totals[key]
+        rows.append((key, str(n), str(inp), str(cached), str(out), str(inp + out), f"{cost / 1e6:.6f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)))
+    return EXIT_OK
+
+
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
     with AdminClient(args.admin_addr, timeout=args.timeout) as client:
         if args.command == "approve":
@@ -386,8 +509,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name) for name in Settings.model_fields}
     config = args.config
     if config is None:
-        import os
-
         env_config = os.environ.get("BUDGETWARDEN_CONFIG")
         config = Path(env_config) if env_config else None
     settings = load_settings(config, **flags)
@@ -411,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_policy_validate(args) if args.policy_command == "validate" else _cmd_policy_explain(args)
         if args.command in ("approve", "deny"):
             return _cmd_checkpoint(args)
+        if args.command == "usage":
+            return _cmd_usage(args)
         with BudgetClient(args.addr or default_addr(), timeout=args.timeout) as client:
             return _CLIENT_COMMANDS[args.command](args, client)
     except grpc.RpcError as exc:

@@ -53,7 +53,13 @@ class Settings(BaseSettings):
         7 * 86400, description="how long an idle task's counter is kept"
     )
     idempotency_window_seconds: Annotated[int, Field(ge=60)] = Field(
-        86400, description="how long a report's idempotency key is remembered (counted from the report)"
+        86400, description="how long a report's idempotency key is remembered, on top of the longest lease"
+    )
+    usage_stream_max_len: Annotated[int, Field(ge=1000)] = Field(
+        1_000_000, description="usage events kept per tenant stream, at most (approximately)"
+    )
+    usage_stream_max_age_seconds: Annotated[int, Field(ge=60)] = Field(
+        7 * 86400, description="usage events older than this are trimmed from the stream"
     )
     window_grace_seconds: Annotated[int, Field(ge=0)] = Field(
         3600, description="how long a tenant window's counter outlives its window, so late reports still count"

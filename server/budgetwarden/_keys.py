@@ -32,12 +32,13 @@ def is_reservation_id(value: str) -> bool:
 class TenantKeys:
     """The key names of one tenant. ``quote`` leaves no ``{``, ``}``, ``:`` or space in the tag."""
 
-    __slots__ = ("leases", "prefix", "resv_prefix")
+    __slots__ = ("leases", "prefix", "resv_prefix", "usage")
 
     def __init__(self, tenant_id: str) -> None:
         self.prefix = f"{KEY_VERSION}:{{{quote(tenant_id, safe='')}}}:"
         self.resv_prefix = self.prefix + "resv:"
         self.leases = self.prefix + "leases"
+        self.usage = self.prefix + "usage"
 
     def task(self, task_id: str) -> str:
         return f"{self.prefix}task:{digest(task_id)}"

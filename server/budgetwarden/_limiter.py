@@ -147,7 +147,10 @@ class Limiter:
                     task=plan.counted[0],
                     thresholds=plan.thresholds,
                     windows=plan.counted[1:],
-                    candidates=[(c.amount.tokens, c.amount.usd, int(c.bound)) for c in plan.candidates],
+                    candidates=[
+                        (c.amount.tokens, c.amount.usd, int(c.bound), f"DEGRADE:{c.rung}" if c.rung else "ALLOW")
+                        for c in plan.candidates
+                    ],
                     now_ms=now,
                     lease_ms=lease_s * 1000,
                 ),
@@ -215,7 +218,7 @@ class Limiter:
             tenant = policy.tenant(record.tenant_id) or policy.default_tenant
             model, _ = policy.model(record.model)
             cost = actual_micros(model, record.input_tokens, record.cached_input_tokens, record.output_tokens)
-            entries.append(UsageEntry(record, cost, self.planner.window_scopes(tenant, at)))
+            entries.append(UsageEntry(record, cost, self.planner.window_scopes(tenant, at), at))
         try:
             return await self.store.report(entries, now)
         except StoreErrors as exc:

@@ -96,8 +96,11 @@ class Sidecar:
         retention = Retention(
             record_ms=settings.reservation_retention_seconds * 1000,
             task_ms=settings.task_retention_seconds * 1000,
-            idempotency_ms=settings.idempotency_window_seconds * 1000,
+            # Remembered for at least the longest lease plus the window, however late a report comes.
+            idempotency_ms=(settings.idempotency_window_seconds + settings.max_lease_seconds) * 1000,
             window_grace_ms=settings.window_grace_seconds * 1000,
+            usage_max_len=settings.usage_stream_max_len,
+            usage_max_age_ms=settings.usage_stream_max_age_seconds * 1000,
         )
         limiter = Limiter(
             BudgetStore(self.redis, retention),

@@ -7,7 +7,7 @@ rather than the INTERNAL that grpc would answer for a failing deserializer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError, Message
 
 from budgetwarden._keys import reservation_id
 from budgetwarden._limiter import CheckResult, Limiter, StoreUnavailableError
-from budgetwarden._model import Counter, Scope, ScopeKind, Thresholds, threshold_of
+from budgetwarden._model import Counter, ReportStatus, Scope, ScopeKind, Thresholds, threshold_of
 from budgetwarden._validation import (
     InvalidRequestError,
     budget_target,
@@ -139,6 +139,34 @@ class BudgetServicer:
         result = await self.limiter.check(checked, None if remaining is None else remaining * 0.9, prompt)
         return check_response(result)
 
+    async def report_stream(
+        self, requests: AsyncIterator[pb.ReportStreamRequest | _Malformed], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReportStreamResponse:
+        """Each message is validated and applied as it arrives; the one response acknowledges all of them."""
+        totals = dict.fromkeys(ReportStatus, 0)
+        received = 0
+        async for request in requests:
+            if isinstance(request, _Malformed):
+                await _invalid(context, f"request: not a valid ReportStreamRequest ({request.error})")
+            try:
+                records = usage_inputs(request, self.limiter.clock())
+            except InvalidRequestError as exc:
+                await _invalid(context, f"message {received}: {exc}")
+            try:
+                applied = await self.limiter.report(records)
+            except StoreUnavailableError as exc:
+                message = f"budget store unavailable: {exc}; send the stream again (records are idempotent)"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, message)
+            for item in applied:
+                totals[item.status] += 1
+            received += 1
+        return pb.ReportStreamResponse(
+            records=sum(totals.values()),
+            applied=totals[ReportStatus.APPLIED],
+            duplicate=totals[ReportStatus.DUPLICATE],
+            unreserved=totals[ReportStatus.UNRESERVED],
+        )
+
     async def report(
         self, request: pb.ReportRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReportResponse:
@@ -226,6 +254,11 @@ class BudgetServicer:
             {
                 "Check": unary(self.check, pb.CheckRequest, pb.CheckResponse),
                 "Report": unary(self.report, pb.ReportRequest, pb.ReportResponse),
+                "ReportStream": grpc.stream_unary_rpc_method_handler(
+                    self.report_stream,
+                    request_deserializer=_lenient(pb.ReportStreamRequest),
+                    response_serializer=pb.ReportStreamResponse.SerializeToString,
+                ),
                 "Release": unary(self.release, pb.ReleaseRequest, pb.ReleaseResponse),
                 "GetBudget": unary(self.get_budget, pb.GetBudgetRequest, pb.GetBudgetResponse),
             },

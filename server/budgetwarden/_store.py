@@ -24,6 +24,7 @@ from budgetwarden._model import (
     Thresholds,
     UsageInput,
 )
+from budgetwarden._usage import event_id, event_payload
 
 AnyRedis = Redis | RedisCluster
 _NONE = -1
@@ -99,6 +100,8 @@ class Retention:
     task_ms: int = 7 * 86_400_000
     idempotency_ms: int = 86_400_000
     window_grace_ms: int = 3_600_000
+    usage_max_len: int = 1_000_000
+    usage_max_age_ms: int = 7 * 86_400_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +129,7 @@ class UsageEntry:
     record: UsageInput
     cost_usd: int
     windows: Sequence[Scope]
+    at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,11 +182,11 @@ class BudgetStore:
         task: Scope,
         thresholds: Thresholds,
         windows: Sequence[Scope],
-        candidates: Sequence[tuple[int, int, int]],
+        candidates: Sequence[tuple[int, int, int, str]],
         now_ms: int,
         lease_ms: int,
     ) -> Reservation:
-        """Reserve the first of ``candidates`` (tokens, micro-USD, bound) that fits; see lua/check.lua."""
+        """Reserve the first of ``candidates`` (tokens, micro-USD, bound, label) that fits; see lua/check.lua."""
         keys = TenantKeys(tenant_id)
         rid = reservation_id(task_id, step_id)
         lease_until = now_ms + lease_ms
@@ -241,7 +245,7 @@ class BudgetStore:
             ids.append(rid)
             # Without a key, report.lua completes the marker with the reservation's generation.
             marker = keys.idempotency(record.idempotency_key) if record.idempotency_key else keys.keyless_marker(rid)
-            script_keys = [keys.reservation(rid), keys.leases, marker]
+            script_keys = [keys.reservation(rid), keys.leases, marker, keys.usage]
             untils: list[int] = []
             if record.task_id:
                 script_keys.append(keys.task(record.task_id))
@@ -261,6 +265,10 @@ class BudgetStore:
                 record.task_id,
                 record.task_type,
                 0 if record.idempotency_key else 1,
+                event_payload(record, rid, entry.cost_usd, entry.at_ms),
+                event_id(record.tenant_id, record.idempotency_key),
+                self.retention.usage_max_len,
+                max(0, now_ms - self.retention.usage_max_age_ms),
                 *untils,
             ]
             calls.append((script_keys, args))

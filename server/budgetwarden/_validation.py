@@ -125,7 +125,7 @@ def check_input(request: pb.CheckRequest, *, max_lease_seconds: int) -> tuple[Ch
     return checked, _prompt(request)
 
 
-def usage_inputs(request: pb.ReportRequest, now_ms: int) -> list[UsageInput]:
+def usage_inputs(request: pb.ReportRequest | pb.ReportStreamRequest, now_ms: int) -> list[UsageInput]:
     if not request.records:
         raise InvalidRequestError("records", "must hold at least one record")
     if len(request.records) > MAX_RECORDS:

@@ -8,7 +8,8 @@
 -- ARGV[8] soft threshold of a new task (basis points, -1: none)   ARGV[9] checkpoint threshold (likewise)
 -- ARGV[10] task id   ARGV[11] task type   ARGV[12] step id   ARGV[13] checkpoint id prefix
 -- then per window: token limit, micro-USD limit (-1: none), alive-until (ms)
--- then the number of candidates and per candidate: tokens, micro-USD, bound (0: soft threshold, 1: checkpoint)
+-- then the number of candidates and per candidate: tokens, micro-USD, bound (0: soft threshold, 1: checkpoint),
+-- and the decision it stands for (recorded on the reservation for the usage event, e.g. ALLOW or DEGRADE:rung)
 --
 -- Returns { status, fitted (0-based, -1: none), granted tokens, granted micro-USD, lease expiry, checkpoint id,
 --           task soft bp, task checkpoint bp, then per scope: limit, used, reserved, limit_usd, used_usd, reserved_usd }
@@ -71,7 +72,7 @@ local first = WIN + 3 * nwin + 1
 local ncand = tonumber(ARGV[first])
 local stopped_by_checkpoint = false
 for c = 1, ncand do
-  local at = first + 3 * (c - 1)
+  local at = first + 4 * (c - 1)
   local tokens, usd, bound = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), ARGV[at + 3]
   local windows_fit = true
   for i = 1, nwin do
@@ -97,7 +98,7 @@ for c = 1, ncand do
     redis.call('DEL', resv_key)
     redis.call('HSET', resv_key, 'state', 'reserved', 'gen', generation, 'amount', tokens, 'amount_usd', usd,
       'lease', lease_until, 'scopes', table.concat(scopes, ' '), 'untils', table.concat(untils, ' '),
-      'step_id', ARGV[12])
+      'step_id', ARGV[12], 'admitted', ARGV[at + 4])
     redis.call('PEXPIRE', resv_key, math.max(1, lease_until - now) + tonumber(ARGV[3]))
     redis.call('ZADD', leases, lease_until, string.match(resv_key, '([^:]+)$'))
     return reply({ 1, c - 1, tokens, usd, lease_until, '' })
