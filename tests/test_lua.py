@@ -88,7 +88,7 @@ class Scripts:
         event = json.dumps({"step_id": step, "tokens": tokens})
         args += [0 if key else 1, event, key and f"event-{key}", 1000, 0, *untils]
         self.last = list(self._report(keys=keys, args=args))
-        reply = [int(v) for v in self.last]
+        reply = [int(v) for v in self.last[:12]]  # then the task type
         return [reply[0], reply[1], reply[3], reply[4], reply[5], *reply[6:9]]
 
     def release(self, step: str, *, now: int = NOW) -> list[int]:

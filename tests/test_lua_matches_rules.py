@@ -74,7 +74,7 @@ def test_check_script_chooses_what_the_rules_choose(
         args += [none if c[0] is None else c[0], none if c[3] is None else c[3], NOW + 60_000]
     args.append(len(candidates))
     for tokens, usd, bound in candidates:
-        args += [tokens, usd, int(bound)]
+        args += [tokens, usd, int(bound), "ALLOW"]
     reply = sync_redis.register_script(load_lua("check"))(
         keys=[P + "resv:s", P + "leases", TASK, DAY, MINUTE], args=args
     )

@@ -67,6 +67,19 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: Annotated[float, Field(ge=0)] = Field(
         10.0, description="how long in-flight calls may take to finish on SIGTERM"
     )
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
+        None, description="port of a Prometheus scrape endpoint (/metrics); unset: none. OTLP export: OTEL_* variables"
+    )
+    metrics_host: str = Field("0.0.0.0", description="address the Prometheus endpoint listens on")
+    metric_labels: str = Field(
+        "", description="comma-separated request label keys promoted to metric attributes (e.g. user,feature)"
+    )
+    metric_max_tenants: Annotated[int, Field(ge=1)] = Field(
+        100, description="distinct tenants in metric attributes; more are folded into '_other'"
+    )
+    metric_max_task_types: Annotated[int, Field(ge=1)] = Field(
+        50, description="distinct task types in metric attributes; more are folded into '_other'"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
 

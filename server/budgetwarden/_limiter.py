@@ -30,6 +30,7 @@ from budgetwarden._model import (
 )
 from budgetwarden._policy import LoadedPolicy
 from budgetwarden._store import Applied, BudgetState, BudgetStore, UsageEntry, parse_checkpoint_id
+from budgetwarden._telemetry import ReportedUsage, Telemetry
 from budgetwarden._tokens import ChatMessage, TokenCount, TokenCounter
 
 log = logging.getLogger("budgetwarden.limiter")
@@ -72,6 +73,7 @@ class CheckResult:
     thresholds: Thresholds = NO_THRESHOLDS
     token_count: TokenCount | None = None
     model_assumed: bool = False
+    task_type: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class Limiter:
         default_lease_s: int = 600,
         clock: Clock = wall_clock_ms,
         counter: TokenCounter | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -108,6 +111,7 @@ class Limiter:
         self.clock = clock
         self.planner = Planner()
         self.counter = counter or TokenCounter()
+        self.telemetry = telemetry or Telemetry(None)
 
     async def count(self, model: str, prompt: Prompt) -> TokenCount:
         """Count a prompt with the model's encoding; long prompts on a worker thread."""
@@ -125,6 +129,23 @@ class Limiter:
     async def check(
         self, request: CheckInput, deadline_s: float | None = None, prompt: Prompt | None = None
     ) -> CheckResult:
+        started = time.perf_counter()
+        result = await self._check(request, deadline_s, prompt)
+        verdict = result.verdict
+        self.telemetry.check(
+            tenant_id=request.tenant_id,
+            task_type=result.task_type,
+            model=request.model,
+            decision=verdict.decision.name,
+            reason=verdict.reason.name,
+            reserved_tokens=verdict.granted if result.lease_expires_ms is not None else 0,
+            fail_mode=self.fail_mode if result.from_fail_mode else None,
+            seconds=time.perf_counter() - started,
+            labels=request.labels,
+        )
+        return result
+
+    async def _check(self, request: CheckInput, deadline_s: float | None, prompt: Prompt | None) -> CheckResult:
         token_count = None
         if prompt is not None:
             token_count = await self.count(request.model, prompt)
@@ -132,7 +153,12 @@ class Limiter:
         loaded = self.policy()
         now = self.clock()
         plan = self.planner.plan_check(loaded.policy, request, now)
-        common = {"policy_version": loaded.version, "token_count": token_count, "model_assumed": plan.model_assumed}
+        common = {
+            "policy_version": loaded.version,
+            "token_count": token_count,
+            "model_assumed": plan.model_assumed,
+            "task_type": plan.task_type,
+        }
         if plan.early is not None:
             return CheckResult(plan.early, plan.requested, "", None, (), **common)  # type: ignore[arg-type]
         lease_s = request.lease_seconds or plan.lease_seconds or self.default_lease_s
@@ -220,9 +246,26 @@ class Limiter:
             cost = actual_micros(model, record.input_tokens, record.cached_input_tokens, record.output_tokens)
             entries.append(UsageEntry(record, cost, self.planner.window_scopes(tenant, at), at))
         try:
-            return await self.store.report(entries, now)
+            applied = await self.store.report(entries, now)
         except StoreErrors as exc:
             raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
+        if self.telemetry.enabled:
+            self.telemetry.reported(
+                ReportedUsage(
+                    tenant_id=entry.record.tenant_id,
+                    task_type=item.task_type,
+                    model=entry.record.model,
+                    provider=policy.model(entry.record.model)[0].provider,
+                    status=item.status.name.lower(),
+                    input_tokens=entry.record.input_tokens,
+                    cached_input_tokens=entry.record.cached_input_tokens,
+                    output_tokens=entry.record.output_tokens,
+                    cost_usd_micros=item.charged_usd,
+                    refunded_tokens=item.refunded,
+                )
+                for entry, item in zip(entries, applied, strict=True)
+            )
+        return applied
 
     async def release(self, tenant_id: str, rid: str) -> tuple[int, int]:
         try:

@@ -68,6 +68,8 @@ class ModelPolicy(_Strict):
     encoding: str = "cl100k_base"
     # The cheaper model a `model: cheaper` degrade rung switches to.
     degrade_to: str | None = None
+    # gen_ai.provider.name in metrics (openai, anthropic, aws.bedrock, ...).
+    provider: str = ""
 
     @property
     def input_micros_per_mtok(self) -> int:

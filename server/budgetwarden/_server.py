@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
@@ -16,11 +17,14 @@ from redis.asyncio.cluster import RedisCluster
 from budgetwarden._admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from budgetwarden._admin import AdminServicer
 from budgetwarden._config import Settings
+from budgetwarden._decision import Planner
 from budgetwarden._embedded import EmbeddedRedis
-from budgetwarden._limiter import Limiter
+from budgetwarden._keys import TenantKeys
+from budgetwarden._limiter import Limiter, wall_clock_ms
 from budgetwarden._policy import LoadedPolicy, PolicyError, default_policy, load_policy
 from budgetwarden._service import SERVICE_NAME, BudgetServicer
 from budgetwarden._store import AnyRedis, BudgetStore, Retention
+from budgetwarden._telemetry import Telemetry, telemetry_from_env
 
 log = logging.getLogger("budgetwarden.server")
 
@@ -46,6 +50,8 @@ class Sidecar:
         self.admin_port = 0
         self._watch: asyncio.Task[None] | None = None
         self._policy_stamp = self._stamp()
+        self.telemetry = Telemetry(None)
+        self._gauge_redis: redis.Redis | redis.RedisCluster | None = None
 
     def current_policy(self) -> LoadedPolicy:
         return self.policy
@@ -73,10 +79,12 @@ class Sidecar:
                 "policy file rejected; the running policy stays in force",
                 extra={"problems": [f"{exc.source}:{p}" for p in exc.problems], "policy_version": self.policy.version},
             )
+            self.telemetry.policy_reload("rejected")
             return False
         if loaded.version != self.policy.version:
             self.policy = loaded
             log.info("policy reloaded", extra={"policy": loaded.source, "policy_version": loaded.version})
+            self.telemetry.policy_reload("applied")
         return True
 
     async def _watch_policy(self, interval: float) -> None:
@@ -93,6 +101,17 @@ class Sidecar:
             url = await asyncio.to_thread(self.embedded.start)
             log.info("embedded Redis-compatible server started", extra={"url": url, "pid": self.embedded.pid})
         self.redis = redis_client(url, cluster=settings.redis_cluster)
+        self.telemetry = telemetry_from_env(
+            metrics_port=settings.metrics_port,
+            metrics_host=settings.metrics_host,
+            label_keys=[key.strip() for key in settings.metric_labels.split(",") if key.strip()],
+            max_tenants=settings.metric_max_tenants,
+            max_task_types=settings.metric_max_task_types,
+        )
+        if self.telemetry.enabled:
+            sync = redis.RedisCluster.from_url(url) if settings.redis_cluster else redis.Redis.from_url(url)
+            self._gauge_redis = sync
+            self.telemetry.set_gauge_source(self._read_gauges)
         retention = Retention(
             record_ms=settings.reservation_retention_seconds * 1000,
             task_ms=settings.task_retention_seconds * 1000,
@@ -103,11 +122,12 @@ class Sidecar:
             usage_max_age_ms=settings.usage_stream_max_age_seconds * 1000,
         )
         limiter = Limiter(
-            BudgetStore(self.redis, retention),
+            BudgetStore(self.redis, retention, self.telemetry),
             self.current_policy,
             fail_mode=settings.fail_mode,
             check_deadline_s=settings.check_deadline_ms / 1000,
             default_lease_s=settings.default_lease_seconds,
+            telemetry=self.telemetry,
         )
         servicer = BudgetServicer(limiter, max_lease_seconds=settings.max_lease_seconds)
         server = grpc.aio.server()
@@ -138,6 +158,27 @@ class Sidecar:
             },
         )
 
+    def _read_gauges(self, tenants: Sequence[str]) -> Iterator[tuple[str, int, dict[str, int]]]:
+        """Live reservations and tokens left per window, for the observable gauges (runs on the reader thread)."""
+        client = self._gauge_redis
+        if client is None:
+            return
+        now = wall_clock_ms()
+        policy = self.policy.policy
+        planner = Planner()
+        for tenant_id in tenants:
+            keys = TenantKeys(tenant_id)
+            active = int(client.zcount(keys.leases, f"({now}", "+inf"))
+            remaining: dict[str, int] = {}
+            tenant = policy.tenant(tenant_id) or policy.default_tenant
+            for scope in planner.window_scopes(tenant, now):
+                if scope.limit is None or scope.span is None:
+                    continue
+                used, reserved = client.hmget(keys.window(scope.span), "used", "reserved")
+                left = scope.limit - int(used or 0) - int(reserved or 0)
+                remaining[scope.span.window.name.lower()] = max(0, left)
+            yield tenant_id, active, remaining
+
     @staticmethod
     def _bind(server: grpc.aio.Server, address: str) -> int:
         try:
@@ -163,6 +204,10 @@ class Sidecar:
         if self.redis is not None:
             await self.redis.aclose()
             self.redis = None
+        await asyncio.to_thread(self.telemetry.shutdown)
+        if self._gauge_redis is not None:
+            self._gauge_redis.close()
+            self._gauge_redis = None
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
             self.embedded = None

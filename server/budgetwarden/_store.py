@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -24,6 +25,7 @@ from budgetwarden._model import (
     Thresholds,
     UsageInput,
 )
+from budgetwarden._telemetry import Telemetry
 from budgetwarden._usage import event_id, event_payload
 
 AnyRedis = Redis | RedisCluster
@@ -143,6 +145,7 @@ class Applied:
     refunded: int
     overage: int
     task: Counter | None
+    task_type: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +163,10 @@ class BudgetState:
 class BudgetStore:
     """The Redis side. Scripts are redis-py ``Script`` objects: EVALSHA, with a fallback to EVAL on NOSCRIPT."""
 
-    def __init__(self, redis: AnyRedis, retention: Retention | None = None) -> None:
+    def __init__(self, redis: AnyRedis, retention: Retention | None = None, telemetry: Telemetry | None = None) -> None:
         self.redis = redis
         self.retention = retention or Retention()
+        self.telemetry = telemetry or Telemetry(None)
         self._check = self._script("check")
         self._report = self._script("report")
         self._release = self._script("release")
@@ -217,7 +221,9 @@ class BudgetStore:
         args.append(len(candidates))
         for candidate in candidates:
             args += candidate
+        started = time.perf_counter()
         reply = await self._check(keys=script_keys, args=args)
+        self.telemetry.redis_call("check", time.perf_counter() - started)
         status = StoreStatus(int(reply[0]))
         fitted = int(reply[1])
         reserved = status in (StoreStatus.RESERVED, StoreStatus.REPLAYED)
@@ -272,12 +278,16 @@ class BudgetStore:
                 *untils,
             ]
             calls.append((script_keys, args))
+        started = time.perf_counter()
         replies = await self._run_all(self._report, calls)
+        self.telemetry.redis_call("report", time.perf_counter() - started)
         applied = []
         for rid, reply in zip(ids, replies, strict=True):
             status, charged, charged_usd, refunded, overage, known = (int(v) for v in reply[:6])
             task = _counters(reply[6:12])[0] if known else None
-            applied.append(Applied(ReportStatus(status), rid, charged, charged_usd, refunded, overage, task))
+            applied.append(
+                Applied(ReportStatus(status), rid, charged, charged_usd, refunded, overage, task, _text(reply[12]))
+            )
         return applied
 
     async def _run_all(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:

@@ -14,13 +14,16 @@ from budgetwarden_client._client import (
     BudgetClient,
     default_addr,
 )
+from budgetwarden_client._reporter import BackgroundReporter, ReporterStats
 
 __all__ = [
     "DEFAULT_ADDR",
     "DEFAULT_ADMIN_ADDR",
     "AdminClient",
     "AsyncBudgetClient",
+    "BackgroundReporter",
     "BudgetClient",
+    "ReporterStats",
     "admin_pb",
     "default_addr",
     "pb",

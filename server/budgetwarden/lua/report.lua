@@ -16,7 +16,7 @@
 -- events never disagree.
 --
 -- Returns { status, charged tokens, charged micro-USD, refunded tokens, overage tokens, task known (0/1),
---           then the task's limit, used, reserved, limit_usd, used_usd, reserved_usd }
+--           then the task's limit, used, reserved, limit_usd, used_usd, reserved_usd, then the task type }
 -- status: 1 applied to its reservation, 2 duplicate, 3 charged without a (live) reservation.
 
 local resv_key, leases, marker, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -26,7 +26,7 @@ local UNTILS, FIRST_FALLBACK = 14, 5
 local generation = num(redis.call('HGET', resv_key, 'gen'))
 if ARGV[10] == '1' then marker = marker .. ':' .. generation end
 if not redis.call('SET', marker, '1', 'NX', 'PX', ARGV[2]) then
-  return { 2, 0, 0, 0, 0, 0, LIMIT_NONE, 0, 0, LIMIT_NONE, 0, 0 }
+  return { 2, 0, 0, 0, 0, 0, LIMIT_NONE, 0, 0, LIMIT_NONE, 0, 0, ARGV[9] }
 end
 
 purge_expired(leases, ARGV[5], now)
@@ -87,4 +87,5 @@ if task_key and redis.call('EXISTS', task_key) == 1 then
 else
   append_counter(out, { LIMIT_NONE, 0, 0, LIMIT_NONE, 0, 0 })
 end
+out[#out + 1] = task_type
 return out

@@ -1,0 +1,348 @@
+"""OpenTelemetry metrics: what operators and billing teams read. The check path only records into the SDK's
+in-memory aggregations; export runs on the SDK reader's own thread (OTLP) or on scrape (Prometheus).
+
+Cardinality is bounded: task and step ids are never attributes, request labels become attributes only when their key
+is allow-listed, and tenants and task types beyond a cap are folded into one overflow value.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+
+from budgetwarden import __version__
+
+log = logging.getLogger("budgetwarden.telemetry")
+
+METER_NAME = "budgetwarden"
+OVERFLOW = "_other"
+# The GenAI semantic conventions' token buckets, and buckets fit for sub-millisecond work.
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+GENAI_LATEST = "gen_ai_latest_experimental"
+
+
+def genai_latest_requested(environ: dict[str, str] | None = None) -> bool:
+    """OTEL_SEMCONV_STABILITY_OPT_IN, as OTel instrumentations read it: a comma-separated list of opt-ins."""
+    value = (environ if environ is not None else os.environ).get("OTEL_SEMCONV_STABILITY_OPT_IN", "")
+    return GENAI_LATEST in {part.strip() for part in value.split(",")}
+
+
+class _Capped:
+    """At most ``limit`` distinct values pass; later new ones become the overflow value."""
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return OVERFLOW
+        self._seen.add(value)
+        return value
+
+    def values(self) -> list[str]:
+        return sorted(self._seen)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedUsage:
+    """One applied usage record, as telemetry needs it."""
+
+    tenant_id: str
+    task_type: str
+    model: str
+    provider: str
+    status: str  # applied, duplicate, unreserved
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    cost_usd_micros: int
+    refunded_tokens: int
+
+
+GaugeSource = Callable[[Sequence[str]], Iterable[tuple[str, int, dict[str, int]]]]
+
+
+class Telemetry:
+    """The instruments. Build with :func:`telemetry_from_env`, or with an explicit provider in tests."""
+
+    def __init__(
+        self,
+        provider: MeterProvider | None,
+        *,
+        label_keys: Sequence[str] = (),
+        max_tenants: int = 100,
+        max_task_types: int = 50,
+        genai_latest: bool = False,
+    ) -> None:
+        self.provider = provider
+        self.enabled = provider is not None
+        self.label_keys = tuple(label_keys)
+        self.tenant = _Capped(max_tenants)
+        self.task_type = _Capped(max_task_types)
+        self.model = _Capped(max_task_types * 4)
+        self.genai_latest = genai_latest
+        self._gauge_source: GaugeSource | None = None
+        self._on_shutdown: list[Callable[[], None]] = []
+        if provider is None:
+            return
+        meter: Meter = provider.get_meter(METER_NAME, __version__)
+        self.decisions = meter.create_counter("budgetwarden.check.decisions", "{decision}", "Check decisions")
+        self.check_duration = meter.create_histogram(
+            "budgetwarden.check.duration", "s", "Time to answer a check (validation to decision)"
+        )
+        self.fail_mode = meter.create_counter(
+            "budgetwarden.check.fail_mode", "{decision}", "Checks answered by the fail mode (store unavailable)"
+        )
+        self.reserved = meter.create_counter("budgetwarden.tokens.reserved", "{token}", "Tokens reserved by checks")
+        self.consumed = meter.create_counter("budgetwarden.tokens.consumed", "{token}", "Tokens reported as used")
+        self.refunded = meter.create_counter(
+            "budgetwarden.tokens.refunded", "{token}", "Reserved tokens handed back because a step used less"
+        )
+        self.cost = meter.create_counter("budgetwarden.cost.consumed", "USD", "Cost of reported usage")
+        self.reports = meter.create_counter("budgetwarden.reports", "{record}", "Usage records by outcome")
+        self.redis_duration = meter.create_histogram(
+            "budgetwarden.redis.duration", "s", "Round trip of one budget script call to Redis"
+        )
+        self.reloads = meter.create_counter("budgetwarden.policy.reloads", "{reload}", "Policy reloads by result")
+        meter.create_observable_gauge(
+            "budgetwarden.reservations.active",
+            [self._observe_active],
+            "{reservation}",
+            "Reservations held now, per tenant",
+        )
+        meter.create_observable_gauge(
+            "budgetwarden.budget.remaining",
+            [self._observe_remaining],
+            "{token}",
+            "Tokens left in each enforced tenant window",
+        )
+        if genai_latest:
+            self.genai_input = meter.create_counter(
+                "gen_ai.client.inference.usage.input_tokens", "{token}", "Input tokens used, cached ones included"
+            )
+            self.genai_output = meter.create_counter(
+                "gen_ai.client.inference.usage.output_tokens", "{token}", "Output tokens used"
+            )
+            self.genai_cached = meter.create_counter(
+                "gen_ai.client.inference.usage.cache_read.input_tokens", "{token}", "Input tokens read from a cache"
+            )
+        else:
+            self.genai_usage = meter.create_histogram(
+                "gen_ai.client.token.usage", "{token}", "Measures number of input and output tokens used"
+            )
+
+    # --- recording (event-loop thread) ----------------------------------------------------------------------
+
+    def _labels(self, labels: dict[str, str]) -> dict[str, str]:
+        return {f"budgetwarden.label.{key}": labels[key] for key in self.label_keys if key in labels}
+
+    def check(
+        self,
+        *,
+        tenant_id: str,
+        task_type: str,
+        model: str,
+        decision: str,
+        reason: str,
+        reserved_tokens: int,
+        fail_mode: str | None,
+        seconds: float,
+        labels: dict[str, str],
+    ) -> None:
+        if not self.enabled:
+            return
+        tenant, kind = self.tenant(tenant_id), self.task_type(task_type or "")
+        attributes = {
+            "budgetwarden.decision": decision,
+            "budgetwarden.reason": reason,
+            "budgetwarden.tenant": tenant,
+            "budgetwarden.task_type": kind,
+            **self._labels(labels),
+        }
+        self.decisions.add(1, attributes)
+        self.check_duration.record(seconds, {"budgetwarden.decision": decision})
+        if fail_mode is not None:
+            self.fail_mode.add(1, {"budgetwarden.fail_mode": fail_mode})
+        if reserved_tokens:
+            usage = {
+                "budgetwarden.tenant": tenant,
+                "budgetwarden.task_type": kind,
+                "gen_ai.request.model": self.model(model),
+            }
+            self.reserved.add(reserved_tokens, usage)
+
+    def reported(self, records: Iterable[ReportedUsage]) -> None:
+        if not self.enabled:
+            return
+        for r in records:
+            tenant = self.tenant(r.tenant_id)
+            self.reports.add(1, {"budgetwarden.report.status": r.status, "budgetwarden.tenant": tenant})
+            if r.status == "duplicate":
+                continue
+            model = self.model(r.model)
+            usage = {
+                "budgetwarden.tenant": tenant,
+                "budgetwarden.task_type": self.task_type(r.task_type),
+                "gen_ai.request.model": model,
+            }
+            self.consumed.add(r.input_tokens + r.output_tokens, usage)
+            self.cost.add(r.cost_usd_micros / 1_000_000, usage)
+            if r.refunded_tokens:
+                self.refunded.add(r.refunded_tokens, usage)
+            genai = {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": r.provider or "unknown",
+                "gen_ai.request.model": model,
+            }
+            if self.genai_latest:
+                latest = {**genai, "gen_ai.token.modality": "unknown"}
+                self.genai_input.add(r.input_tokens, latest)
+                self.genai_output.add(r.output_tokens, latest)
+                if r.cached_input_tokens:
+                    self.genai_cached.add(r.cached_input_tokens, latest)
+            else:
+                self.genai_usage.record(r.input_tokens, {**genai, "gen_ai.token.type": "input"})
+                self.genai_usage.record(r.output_tokens, {**genai, "gen_ai.token.type": "output"})
+
+    def redis_call(self, script: str, seconds: float) -> None:
+        if self.enabled:
+            self.redis_duration.record(seconds, {"budgetwarden.redis.script": script})
+
+    def policy_reload(self, result: str) -> None:
+        if self.enabled:
+            self.reloads.add(1, {"budgetwarden.policy.result": result})
+
+    # --- observing (reader thread) --------------------------------------------------------------------------
+
+    def set_gauge_source(self, source: GaugeSource) -> None:
+        """``source(tenants)`` yields (tenant, active reservations, {window: tokens remaining}) per tenant."""
+        self._gauge_source = source
+
+    def _gauges(self) -> list[tuple[str, int, dict[str, int]]]:
+        if self._gauge_source is None:
+            return []
+        tenants = [t for t in self.tenant.values() if t != OVERFLOW]
+        try:
+            return list(self._gauge_source(tenants))
+        except Exception as exc:  # a gauge must never break an export; the next one tries again
+            log.warning("cannot read budget gauges", extra={"error": repr(exc)})
+            return []
+
+    def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(active, {"budgetwarden.tenant": tenant}) for tenant, active, _ in self._gauges()]
+
+    def _observe_remaining(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(left, {"budgetwarden.tenant": tenant, "budgetwarden.window": window})
+            for tenant, _, windows in self._gauges()
+            for window, left in windows.items()
+        ]
+
+    def shutdown(self) -> None:
+        """Flush what is recorded (a last OTLP export) and stop the scrape endpoint."""
+        if self.provider is not None:
+            self.provider.shutdown()
+        for stop in self._on_shutdown:
+            stop()
+
+
+def _views(genai_latest: bool) -> list[View]:
+    seconds = ExplicitBucketHistogramAggregation(SECONDS_BUCKETS)
+    tokens = ExplicitBucketHistogramAggregation(TOKEN_BUCKETS)
+    views = [
+        View(instrument_name="budgetwarden.check.duration", aggregation=seconds),
+        View(instrument_name="budgetwarden.redis.duration", aggregation=seconds),
+    ]
+    if not genai_latest:
+        views.append(View(instrument_name="gen_ai.client.token.usage", aggregation=tokens))
+    return views
+
+
+def resource_from_env(environ: dict[str, str] | None = None) -> Resource:
+    """service.name/version, plus the pod from the downward API when present; OTEL_RESOURCE_ATTRIBUTES and
+    OTEL_SERVICE_NAME (read by the SDK) win."""
+    env = environ if environ is not None else os.environ
+    attributes: dict[str, str] = {"service.name": "budgetwarden", "service.version": __version__}
+    for key, names in {
+        "k8s.pod.name": ("K8S_POD_NAME", "POD_NAME"),
+        "k8s.namespace.name": ("K8S_NAMESPACE_NAME", "POD_NAMESPACE"),
+        "k8s.node.name": ("K8S_NODE_NAME", "NODE_NAME"),
+        "k8s.pod.uid": ("K8S_POD_UID", "POD_UID"),
+    }.items():
+        for name in names:
+            if env.get(name):
+                attributes[key] = env[name]
+                break
+    return Resource.create(attributes)
+
+
+def _otlp_reader(environ: dict[str, str]) -> MetricReader | None:
+    endpoint = environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not endpoint:
+        return None
+    protocol = environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    if (protocol or "http/protobuf") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+
+        exporter: object = GrpcExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+
+        exporter = HttpExporter()
+    # The exporters read endpoint, headers, timeout and TLS from the standard OTEL_* variables themselves;
+    # OTEL_METRIC_EXPORT_INTERVAL sets the interval.
+    return PeriodicExportingMetricReader(exporter)  # type: ignore[arg-type]
+
+
+def telemetry_from_env(
+    *,
+    metrics_port: int | None,
+    metrics_host: str,
+    label_keys: Sequence[str],
+    max_tenants: int,
+    max_task_types: int,
+    environ: dict[str, str] | None = None,
+) -> Telemetry:
+    """Metrics as configured by the standard OTEL_* variables and budgetwarden's settings."""
+    env = dict(environ if environ is not None else os.environ)
+    latest = genai_latest_requested(env)
+
+    def build(provider: MeterProvider | None) -> Telemetry:
+        return Telemetry(
+            provider, label_keys=label_keys, max_tenants=max_tenants, max_task_types=max_task_types, genai_latest=latest
+        )
+
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return build(None)
+    readers: list[MetricReader] = []
+    stops: list[Callable[[], None]] = []
+    otlp = _otlp_reader(env)
+    if otlp is not None:
+        readers.append(otlp)
+    if metrics_port is not None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry()
+        readers.append(PrometheusMetricReader(registry=registry))
+        server, _ = start_http_server(metrics_port, addr=metrics_host, registry=registry)
+        stops.append(server.shutdown)
+    if not readers:
+        return build(None)
+    telemetry = build(MeterProvider(metric_readers=readers, resource=resource_from_env(env), views=_views(latest)))
+    telemetry._on_shutdown.extend(stops)
+    return telemetry
