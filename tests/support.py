@@ -37,6 +37,8 @@ class RunningSidecar:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
 
     def stop(self) -> None:
+        if self._loop.is_closed():
+            return
         if self.sidecar is not None:
             asyncio.run_coroutine_threadsafe(self.sidecar.stop(), self._loop).result(30)
             self.sidecar = None
