@@ -405,9 +405,7 @@ def test_a_ceiling_set_before_the_first_check_stays(lua: Scripts) -> None:
 
 
 def events(lua: Scripts) -> list[dict[str, str]]:
-    return [
-        {k.decode(): v.decode() for k, v in fields.items()} for _, fields in lua.client.xrange(USAGE, "-", "+")
-    ]
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in lua.client.xrange(USAGE, "-", "+")]
 
 
 def test_every_applied_record_is_one_event_written_with_its_charge(lua: Scripts) -> None:
