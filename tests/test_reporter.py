@@ -6,6 +6,8 @@ lost record or a record counted twice fails. Sidecars that are "down" are addres
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import shutil
 import signal
@@ -44,11 +46,12 @@ class Truth:
     def __init__(self) -> None:
         self.by_task: dict[str, int] = {}
 
-    def records(self, count: int, *, tasks: int = 1, prefix: str = "t", start: int = 0) -> list[pb.UsageRecord]:
+    def records(self, count: int, *, tasks: int = 1, prefix: str = "t", per_step: int = 1) -> list[pb.UsageRecord]:
+        """``per_step`` > 1: that many records (say, model calls) per step, each to be counted."""
         out = []
-        for i in range(start, start + count):
+        for i in range(count):
             task = f"{prefix}{i % tasks}"
-            record = usage(task, f"s{i}", 10 + i % 97)
+            record = usage(task, f"s{i // per_step}", 10 + i % 97)
             self.by_task[task] = self.by_task.get(task, 0) + charged(record)
             out.append(record)
         return out
@@ -197,7 +200,9 @@ def test_spilled_journal_is_replayed_by_the_next_reporter_and_a_second_replay_ch
     reporter = BackgroundReporter(
         down_addr, on_full="spill", journal_path=journal, queue_size=10, batch_size=10, **FAST_RETRY
     )
-    for record in truth.records(200, tasks=4):  # no idempotency keys: the reporter's own must survive the journal
+    # No idempotency keys, and three records per step: only the keys the reporter gives them keep them apart on the
+    # server (a key-less record counts once per step), and those keys must survive the journal.
+    for record in truth.records(200, tasks=4, per_step=3):
         assert reporter.report(record)
     spilled_while_full = reporter.stats.spilled
     assert spilled_while_full >= 180  # at most one batch in flight and a full queue stayed in memory
@@ -206,6 +211,10 @@ def test_spilled_journal_is_replayed_by_the_next_reporter_and_a_second_replay_ch
     stats = reporter.stats.snapshot()
     assert (stats.spilled, stats.lost, stats.acknowledged, stats.dropped) == (200, 0, 0, 0)
     assert journal_lines(journal) == 200
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    keys = {pb.UsageRecord.FromString(base64.b64decode(line["record"])).idempotency_key for line in lines}
+    assert len(keys) == 200
+    assert "" not in keys
     copy = tmp_path / "copy.journal"
     shutil.copy(journal, copy)
 

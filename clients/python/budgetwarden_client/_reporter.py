@@ -817,7 +817,7 @@ class BackgroundReporter:
                     self._stream = stream = False
                     attempt += 1
                     continue
-                raise _UnsentError(chunk, stopped=False)
+                self._failed(code, details)
             except _BadResponseError as error:
                 self._failed(grpc.StatusCode.UNKNOWN, str(error))
             else:
