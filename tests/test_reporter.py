@@ -151,21 +151,22 @@ def test_a_sidecar_restart_mid_stream_neither_loses_nor_doubles(
     start_sidecar: Callable[..., RunningSidecar], redis_url: str, down_addr: str
 ) -> None:
     truth = Truth()
+    records = truth.records(1000, tasks=5)
     settings: dict[str, Any] = {"listen": down_addr, "redis_url": redis_url, "log_format": "text"}
     first = RunningSidecar(Settings(**settings)).start()
     with BackgroundReporter(down_addr, batch_size=50, flush_interval=0.01, **FAST_RETRY) as reporter:
-        stopper = None
+        stopper = threading.Thread(target=first.stop)
         try:
-            for i, record in enumerate(truth.records(1000, tasks=5)):
+            for record in records[:600]:
                 assert reporter.report(record)
-                if i == 400:  # stop it while batches are in flight
-                    stopper = threading.Thread(target=first.stop)
+                if record is records[400]:  # stop it while batches are in flight
                     stopper.start()
         finally:
-            if stopper is None:
+            if not stopper.is_alive() and stopper.ident is None:
                 first.stop()
-            else:
-                stopper.join(30)
+            stopper.join(30)
+        for record in records[600:]:  # reported while nothing listens: these at least must be retried
+            assert reporter.report(record)
         wait_until(lambda: reporter.stats.retried > 0, "failed attempts while the sidecar is down")
         second = start_sidecar(listen=down_addr)
         assert reporter.flush(timeout=30)
@@ -296,6 +297,34 @@ def test_block_mode_waits_for_room(start_sidecar: Callable[..., RunningSidecar],
     assert (reporter.stats.acknowledged, reporter.stats.dropped, reporter.stats.lost) == (12, 0, 0)
     kept = {task: tokens for task, tokens in truth.by_task.items() if task.startswith("kept")}
     assert used(up.addr, kept) == kept
+
+
+def test_max_retries_moves_a_batch_to_the_journal_or_counts_it_lost(
+    start_sidecar: Callable[..., RunningSidecar], down_addr: str, tmp_path: Path
+) -> None:
+    truth = Truth()
+    lossy = BackgroundReporter(down_addr, max_retries=2, batch_size=5, flush_interval=60, **FAST_RETRY)
+    assert all(lossy.report(record) for record in truth.records(5, prefix="gone"))
+    assert lossy.flush(timeout=20) is False  # dealt with, but by giving up
+    # one batch of 5 (the size trigger): sent, retried twice, given up
+    assert (lossy.stats.lost, lossy.stats.retried, lossy.stats.sent, lossy.stats.acknowledged) == (5, 2, 15, 0)
+    lossy.close()
+
+    journal = tmp_path / "usage.journal"
+    with BackgroundReporter(
+        down_addr, max_retries=1, batch_size=5, flush_interval=60, journal_path=journal, **FAST_RETRY
+    ) as kept:
+        records = truth.records(5, prefix="kept")
+        assert all(kept.report(record) for record in records)
+        wait_until(lambda: kept.stats.spilled == 5, "the batch to move to the journal after its retries")
+        assert journal_lines(journal) == 5
+        up = start_sidecar(listen=down_addr)
+        assert kept.flush(timeout=30)  # the journal is retried after a pause, and now delivered
+        stats = kept.stats.snapshot()
+    assert (stats.replayed, stats.acknowledged, stats.lost) == (5, 5, 0)
+    assert not journal.exists()
+    kept_truth = {task: tokens for task, tokens in truth.by_task.items() if task.startswith("kept")}
+    assert used(up.addr, kept_truth) == kept_truth
 
 
 def test_close_drains_and_later_reports_are_dropped(sidecar: RunningSidecar) -> None:

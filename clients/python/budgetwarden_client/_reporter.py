@@ -532,8 +532,10 @@ class BackgroundReporter:
     def flush(self, timeout: float | None = None) -> bool:
         """Sends what is queued now, without waiting for ``flush_interval``, and waits until every record reported
         before this call is dealt with (acknowledged, or refused as invalid and counted in ``stats.rejected``) and the
-        journal is empty. False if that did not happen within ``timeout`` seconds (None: wait as long as it takes)."""
+        journal is empty. False if that did not happen within ``timeout`` seconds (None: wait as long as it takes), or
+        if records were lost meanwhile (``max_retries`` exhausted with no journal)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        lost = self.stats.lost
         with self._lock:
             target = self._enqueued
             self._flushing += 1
@@ -546,7 +548,7 @@ class BackgroundReporter:
                     if remaining is not None and remaining <= 0:
                         return False
                     self._progress.wait(remaining)
-                return True
+                return self.stats.lost == lost
             finally:
                 self._flushing -= 1
 
@@ -858,10 +860,12 @@ class BackgroundReporter:
             while not future.done():
                 remaining = None if self._deadline is None else self._deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    future.cancel()
-                    raise _StoppedError
+                    break
                 self._wake.wait(remaining)
-        return future.result()
+            else:
+                return future.result()
+        future.cancel()  # outside the lock: its completion callback takes the lock
+        raise _StoppedError
 
     def _call_done(self, _future: Any) -> None:
         with self._lock:
