@@ -722,6 +722,9 @@ def test_the_first_calls_after_a_redis_restart_reach_the_store(
 
 
 STARTS = 80
+# Two busy client threads make the crash most likely (about one start in seven here); with four or more, gRPC skips
+# its fork handlers ("Other threads are currently calling into gRPC") and the child survives.
+LOADERS = 2
 
 
 def test_starting_the_embedded_server_beside_live_grpc_never_crashes_it(
@@ -742,7 +745,7 @@ def test_starting_the_embedded_server_beside_live_grpc_never_crashes_it(
                 client.report([record])
                 acknowledged[n] += 1
 
-    threads = [threading.Thread(target=load, args=(n,), daemon=True) for n in range(3)]
+    threads = [threading.Thread(target=load, args=(n,), daemon=True) for n in range(LOADERS)]
     crashes = []
     for thread in threads:
         thread.start()
@@ -760,7 +763,7 @@ def test_starting_the_embedded_server_beside_live_grpc_never_crashes_it(
         for thread in threads:
             thread.join(30)
     assert not any(thread.is_alive() for thread in threads)
-    assert min(acknowledged[n] for n in range(3)) >= STARTS, f"the sidecar was not busy all along: {acknowledged}"
+    assert min(acknowledged[n] for n in range(LOADERS)) >= STARTS, f"the sidecar was not busy all along: {acknowledged}"
     assert not crashes, f"{len(crashes)} of {STARTS} starts crashed: {crashes}"
 
 

@@ -7,10 +7,8 @@ loopback port), persists with an append-only file there, and is stopped when bud
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -51,10 +49,13 @@ def free_port() -> int:
         return port
 
 
-def _die_with_parent() -> None:
-    # Linux only: the child gets SIGTERM if budgetwarden dies without stopping it.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# Linux: the server gets SIGTERM if budgetwarden dies without stopping it. This runs as a tiny exec shim rather than
+# a preexec_fn, because gRPC's fork handlers can kill a child that runs Python between fork and exec.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM); "  # PR_SET_PDEATHSIG
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 class EmbeddedRedis:
@@ -114,10 +115,10 @@ class EmbeddedRedis:
         if self.socket_path is not None and self.socket_path.exists():
             self._refuse_if_live(self.socket_path)
             self.socket_path.unlink()
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        self._process = subprocess.Popen(
-            self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=preexec
-        )
+        args = self._args()
+        if sys.platform.startswith("linux"):
+            args = [sys.executable, "-c", _DIE_WITH_PARENT, *args]
+        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url, socket_timeout=1.0)
         try:

@@ -13,6 +13,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from budgetwarden._admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from budgetwarden._admin import AdminServicer
@@ -30,9 +33,12 @@ log = logging.getLogger("budgetwarden.server")
 
 
 def redis_client(url: str, *, cluster: bool) -> AnyRedis:
+    """One retry on a dropped connection: after Redis restarts, every pooled connection is dead once. Every script the
+    sidecar runs is idempotent (reservations, report markers, release states, decided checkpoints), so a retry after a
+    drop is safe — except adding to a ceiling through the admin API, which could then apply twice."""
     if cluster:
-        return RedisCluster.from_url(url)
-    return Redis.from_url(url)
+        return RedisCluster.from_url(url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+    return Redis.from_url(url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
 
 
 class Sidecar:
@@ -98,7 +104,9 @@ class Sidecar:
         url = settings.redis_url
         if url is None:
             self.embedded = EmbeddedRedis(settings.data_dir)
-            url = await asyncio.to_thread(self.embedded.start)
+            # Started from this thread, not a worker: the child's die-with-parent signal is tied to the thread that
+            # spawned it, and this one lives as long as the sidecar.
+            url = self.embedded.start()
             log.info("embedded Redis-compatible server started", extra={"url": url, "pid": self.embedded.pid})
         self.redis = redis_client(url, cluster=settings.redis_cluster)
         self.telemetry = telemetry_from_env(

@@ -179,7 +179,10 @@ class BudgetServicer:
         try:
             applied = await self.limiter.report(records)
         except StoreUnavailableError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable, nothing was applied: {exc}")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"budget store unavailable: {exc}; some records may be applied, send them again (they are idempotent)",
+            )
         results = []
         for item in applied:
             result = pb.ReportResult(
