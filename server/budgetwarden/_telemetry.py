@@ -57,6 +57,27 @@ class _Capped:
         return sorted(self._seen)
 
 
+Attributes = tuple[tuple[str, str], ...]
+
+
+class _Sum:
+    """A monotonic sum kept in a plain dict on the hot path and reported through an observable counter when the
+    reader collects: a dict update costs far less than an SDK measurement (attribute cleaning and hashing)."""
+
+    __slots__ = ("_totals",)
+
+    def __init__(self, meter: Meter, name: str, unit: str, description: str) -> None:
+        self._totals: dict[Attributes, float] = {}
+        meter.create_observable_counter(name, [self._observe], unit, description)
+
+    def add(self, value: float, attributes: Attributes) -> None:
+        self._totals[attributes] = self._totals.get(attributes, 0) + value
+
+    def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        # list() copies the dict in one step under the GIL, so the event loop may keep adding meanwhile.
+        return [Observation(total, dict(attributes)) for attributes, total in list(self._totals.items())]
+
+
 @dataclass(frozen=True, slots=True)
 class ReportedUsage:
     """One applied usage record, as telemetry needs it."""
@@ -100,24 +121,24 @@ class Telemetry:
         if provider is None:
             return
         meter: Meter = provider.get_meter(METER_NAME, __version__)
-        self.decisions = meter.create_counter("budgetwarden.check.decisions", "{decision}", "Check decisions")
+        self.decisions = _Sum(meter, "budgetwarden.check.decisions", "{decision}", "Check decisions")
         self.check_duration = meter.create_histogram(
             "budgetwarden.check.duration", "s", "Time to answer a check (validation to decision)"
         )
-        self.fail_mode = meter.create_counter(
-            "budgetwarden.check.fail_mode", "{decision}", "Checks answered by the fail mode (store unavailable)"
+        self.fail_mode = _Sum(
+            meter, "budgetwarden.check.fail_mode", "{decision}", "Checks answered by the fail mode (store unavailable)"
         )
-        self.reserved = meter.create_counter("budgetwarden.tokens.reserved", "{token}", "Tokens reserved by checks")
-        self.consumed = meter.create_counter("budgetwarden.tokens.consumed", "{token}", "Tokens reported as used")
-        self.refunded = meter.create_counter(
-            "budgetwarden.tokens.refunded", "{token}", "Reserved tokens handed back because a step used less"
+        self.reserved = _Sum(meter, "budgetwarden.tokens.reserved", "{token}", "Tokens reserved by checks")
+        self.consumed = _Sum(meter, "budgetwarden.tokens.consumed", "{token}", "Tokens reported as used")
+        self.refunded = _Sum(
+            meter, "budgetwarden.tokens.refunded", "{token}", "Reserved tokens handed back because a step used less"
         )
-        self.cost = meter.create_counter("budgetwarden.cost.consumed", "USD", "Cost of reported usage")
-        self.reports = meter.create_counter("budgetwarden.reports", "{record}", "Usage records by outcome")
+        self.cost = _Sum(meter, "budgetwarden.cost.consumed", "USD", "Cost of reported usage")
+        self.reports = _Sum(meter, "budgetwarden.reports", "{record}", "Usage records by outcome")
         self.redis_duration = meter.create_histogram(
             "budgetwarden.redis.duration", "s", "Round trip of one budget script call to Redis"
         )
-        self.reloads = meter.create_counter("budgetwarden.policy.reloads", "{reload}", "Policy reloads by result")
+        self.reloads = _Sum(meter, "budgetwarden.policy.reloads", "{reload}", "Policy reloads by result")
         meter.create_observable_gauge(
             "budgetwarden.reservations.active",
             [self._observe_active],
@@ -131,14 +152,17 @@ class Telemetry:
             "Tokens left in each enforced tenant window",
         )
         if genai_latest:
-            self.genai_input = meter.create_counter(
-                "gen_ai.client.inference.usage.input_tokens", "{token}", "Input tokens used, cached ones included"
+            self.genai_input = _Sum(
+                meter, "gen_ai.client.inference.usage.input_tokens", "{token}", "Input tokens used, cached included"
             )
-            self.genai_output = meter.create_counter(
-                "gen_ai.client.inference.usage.output_tokens", "{token}", "Output tokens used"
+            self.genai_output = _Sum(
+                meter, "gen_ai.client.inference.usage.output_tokens", "{token}", "Output tokens used"
             )
-            self.genai_cached = meter.create_counter(
-                "gen_ai.client.inference.usage.cache_read.input_tokens", "{token}", "Input tokens read from a cache"
+            self.genai_cached = _Sum(
+                meter,
+                "gen_ai.client.inference.usage.cache_read.input_tokens",
+                "{token}",
+                "Input tokens read from a cache",
             )
         else:
             self.genai_usage = meter.create_histogram(
@@ -147,8 +171,8 @@ class Telemetry:
 
     # --- recording (event-loop thread) ----------------------------------------------------------------------
 
-    def _labels(self, labels: dict[str, str]) -> dict[str, str]:
-        return {f"budgetwarden.label.{key}": labels[key] for key in self.label_keys if key in labels}
+    def _labels(self, labels: dict[str, str]) -> Attributes:
+        return tuple((f"budgetwarden.label.{key}", labels[key]) for key in self.label_keys if key in labels)
 
     def check(
         self,
@@ -166,23 +190,22 @@ class Telemetry:
         if not self.enabled:
             return
         tenant, kind = self.tenant(tenant_id), self.task_type(task_type or "")
-        attributes = {
-            "budgetwarden.decision": decision,
-            "budgetwarden.reason": reason,
-            "budgetwarden.tenant": tenant,
-            "budgetwarden.task_type": kind,
-            **self._labels(labels),
-        }
-        self.decisions.add(1, attributes)
+        attributes = (
+            ("budgetwarden.decision", decision),
+            ("budgetwarden.reason", reason),
+            ("budgetwarden.tenant", tenant),
+            ("budgetwarden.task_type", kind),
+        )
+        self.decisions.add(1, attributes + self._labels(labels) if self.label_keys else attributes)
         self.check_duration.record(seconds, {"budgetwarden.decision": decision})
         if fail_mode is not None:
-            self.fail_mode.add(1, {"budgetwarden.fail_mode": fail_mode})
+            self.fail_mode.add(1, (("budgetwarden.fail_mode", fail_mode),))
         if reserved_tokens:
-            usage = {
-                "budgetwarden.tenant": tenant,
-                "budgetwarden.task_type": kind,
-                "gen_ai.request.model": self.model(model),
-            }
+            usage = (
+                ("budgetwarden.tenant", tenant),
+                ("budgetwarden.task_type", kind),
+                ("gen_ai.request.model", self.model(model)),
+            )
             self.reserved.add(reserved_tokens, usage)
 
     def reported(self, records: Iterable[ReportedUsage]) -> None:
@@ -190,33 +213,33 @@ class Telemetry:
             return
         for r in records:
             tenant = self.tenant(r.tenant_id)
-            self.reports.add(1, {"budgetwarden.report.status": r.status, "budgetwarden.tenant": tenant})
+            self.reports.add(1, (("budgetwarden.report.status", r.status), ("budgetwarden.tenant", tenant)))
             if r.status == "duplicate":
                 continue
             model = self.model(r.model)
-            usage = {
-                "budgetwarden.tenant": tenant,
-                "budgetwarden.task_type": self.task_type(r.task_type),
-                "gen_ai.request.model": model,
-            }
+            usage = (
+                ("budgetwarden.tenant", tenant),
+                ("budgetwarden.task_type", self.task_type(r.task_type)),
+                ("gen_ai.request.model", model),
+            )
             self.consumed.add(r.input_tokens + r.output_tokens, usage)
             self.cost.add(r.cost_usd_micros / 1_000_000, usage)
             if r.refunded_tokens:
                 self.refunded.add(r.refunded_tokens, usage)
-            genai = {
-                "gen_ai.operation.name": "chat",
-                "gen_ai.provider.name": r.provider or "unknown",
-                "gen_ai.request.model": model,
-            }
+            genai = (
+                ("gen_ai.operation.name", "chat"),
+                ("gen_ai.provider.name", r.provider or "unknown"),
+                ("gen_ai.request.model", model),
+            )
             if self.genai_latest:
-                latest = {**genai, "gen_ai.token.modality": "unknown"}
+                latest = (*genai, ("gen_ai.token.modality", "unknown"))
                 self.genai_input.add(r.input_tokens, latest)
                 self.genai_output.add(r.output_tokens, latest)
                 if r.cached_input_tokens:
                     self.genai_cached.add(r.cached_input_tokens, latest)
             else:
-                self.genai_usage.record(r.input_tokens, {**genai, "gen_ai.token.type": "input"})
-                self.genai_usage.record(r.output_tokens, {**genai, "gen_ai.token.type": "output"})
+                self.genai_usage.record(r.input_tokens, {**dict(genai), "gen_ai.token.type": "input"})
+                self.genai_usage.record(r.output_tokens, {**dict(genai), "gen_ai.token.type": "output"})
 
     def redis_call(self, script: str, seconds: float) -> None:
         if self.enabled:
@@ -224,7 +247,7 @@ class Telemetry:
 
     def policy_reload(self, result: str) -> None:
         if self.enabled:
-            self.reloads.add(1, {"budgetwarden.policy.result": result})
+            self.reloads.add(1, (("budgetwarden.policy.result", result),))
 
     # --- observing (reader thread) --------------------------------------------------------------------------
 
