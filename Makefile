@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.run-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test venv dev lint format typecheck buf-lint proto proto-check pytest clean
+.PHONY: run test venv dev lint format typecheck buf-lint proto proto-check pytest bench clean
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "budgetwarden needs Python 3.11 or newer (python3.11, python3.12, ... on PATH)"; exit 1; }
@@ -54,6 +54,10 @@ proto-check: $(DEV_STAMP)
 
 pytest: $(DEV_STAMP)
 	$(BIN)/pytest
+
+## bench: the check benchmark against its baselines, appended to docs/benchmarks.md
+bench: $(DEV_STAMP)
+	$(BIN)/python bench/harness.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

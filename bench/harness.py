@@ -1,0 +1,309 @@
+"""The check benchmark: budgetwarden against its baselines, in one run, with ratios.
+
+    .venv/bin/python bench/harness.py [--seconds 10] [--write docs/benchmarks.md]     (make bench)
+    .venv/bin/python bench/harness.py --smoke                                          (a second per scenario)
+
+Servers (each its own process): the transport floor and the naive one-EVALSHA handler (bench/baselines.py), and
+`budgetwarden serve`, all on one Valkey with an append-only file. Load comes from separate OS processes running
+grpc.aio clients: closed loop at fixed concurrency for throughput, open loop at a fixed rate for latency (measured
+from each request's scheduled time, so a stall is not hidden by the load generator waiting). Every check uses a
+distinct step id. Latencies go into HDR histograms merged across processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hdrh.histogram import HdrHistogram
+
+from budgetwarden._embedded import EmbeddedRedis, free_port
+from budgetwarden_api.v1 import budget_pb2 as pb
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from counting_stall import machine  # noqa: E402
+
+CHECK = "/budgetwarden.v1.BudgetService/Check"
+POLICY = """
+default_tenant: {windows: {day: {tokens: 1000000000000}, month: {tokens: 1000000000000}}}
+tenants:
+  tight: {windows: {minute: {tokens: 50000}}}
+default_model: {}
+default_task_type: agent
+task_types:
+  agent: {per_task: {tokens: 1000000000000}, per_step: {tokens: 100000}}
+"""
+
+
+# --- load generation (runs in worker processes) ------------------------------------------------------------------
+
+
+def _request_prefix(tenant: str) -> bytes:
+    """Everything but the task and step; serialized once (protobuf merges concatenated messages)."""
+    return pb.CheckRequest(tenant_id=tenant, estimated_input_tokens=800, max_output_tokens=200).SerializeToString()
+
+
+async def _load(job: dict[str, Any]) -> tuple[bytes, int, int]:
+    histogram = HdrHistogram(1, 60_000_000, 3)
+    prefix = _request_prefix(job["tenant"])
+    tasks = job["tasks"]
+    worker = job["worker"]
+    errors = 0
+    done = 0
+    async with grpc.aio.insecure_channel(job["addr"]) as channel:
+        call = channel.unary_unary(CHECK)
+        counter = 0
+
+        def next_request() -> bytes:
+            nonlocal counter
+            counter += 1
+            task = f"task-{counter % tasks}" if tasks > 1 else "task-0"
+            tail = pb.CheckRequest(task_id=task, step_id=f"{worker}-{counter}-{time.time_ns()}").SerializeToString()
+            return prefix + tail
+
+        async def one(scheduled: float) -> None:
+            nonlocal errors, done
+            try:
+                await call(next_request(), timeout=10)
+            except grpc.aio.AioRpcError:
+                errors += 1
+                return
+            histogram.record_value(max(1, int((time.perf_counter() - scheduled) * 1e6)))
+            done += 1
+
+        deadline = time.perf_counter() + job["seconds"]
+        if job["mode"] == "closed":
+
+            async def loop() -> None:
+                while time.perf_counter() < deadline:
+                    await one(time.perf_counter())
+
+            await asyncio.gather(*(loop() for _ in range(job["concurrency"])))
+        else:
+            interval = 1.0 / job["rate"]
+            start = time.perf_counter()
+            pending: set[asyncio.Task[None]] = set()
+            i = 0
+            while True:
+                scheduled = start + i * interval
+                if scheduled >= deadline:
+                    break
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(one(scheduled))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                i += 1
+            await asyncio.gather(*pending)
+    return histogram.encode(), done, errors
+
+
+def _worker(job: dict[str, Any]) -> tuple[bytes, int, int]:
+    return asyncio.run(_load(job))
+
+
+@dataclass
+class Result:
+    name: str
+    server: str
+    rate: float
+    p50: float
+    p90: float
+    p99: float
+    p999: float
+    max: float
+    errors: int
+
+
+def run_load(
+    name: str, server: str, addr: str, *, mode: str, seconds: float, processes: int, concurrency: int = 16,
+    rate: float = 0.0, tasks: int = 1, tenant: str = "bench",
+) -> Result:  # fmt: skip
+    jobs = [
+        {"addr": addr, "mode": mode, "seconds": seconds, "concurrency": concurrency, "rate": rate / processes,
+         "tasks": tasks, "tenant": tenant, "worker": f"{server}-{name}-{w}"}
+        for w in range(processes)
+    ]  # fmt: skip
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes) as pool:
+        parts = pool.map(_worker, jobs)
+    merged = HdrHistogram(1, 60_000_000, 3)
+    done = errors = 0
+    for encoded, count, failed in parts:
+        merged.add(HdrHistogram.decode(encoded))
+        done += count
+        errors += failed
+    ms = 1000.0
+    return Result(
+        name, server, done / seconds,
+        merged.get_value_at_percentile(50) / ms, merged.get_value_at_percentile(90) / ms,
+        merged.get_value_at_percentile(99) / ms, merged.get_value_at_percentile(99.9) / ms,
+        merged.get_max_value() / ms, errors,
+    )  # fmt: skip
+
+
+# --- servers ------------------------------------------------------------------------------------------------------
+
+
+def wait_serving(addr: str, timeout: float = 30.0) -> float:
+    started = time.perf_counter()
+    with grpc.insecure_channel(addr) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.perf_counter() - started
+            except grpc.RpcError:
+                pass
+            if time.perf_counter() - started > timeout:
+                raise TimeoutError(f"{addr} did not serve within {timeout}s")
+            time.sleep(0.01)
+
+
+def wait_port(addr: str, timeout: float = 30.0) -> None:
+    with grpc.insecure_channel(addr) as channel:
+        grpc.channel_ready_future(channel).result(timeout)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL)
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per scenario")
+    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument("--smoke", action="store_true", help="one second per scenario, nothing written")
+    parser.add_argument("--write", type=Path, default=None)
+    args = parser.parse_args()
+    seconds = 1.0 if args.smoke else args.seconds
+    results: list[Result] = []
+    notes: list[str] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | {"OTEL_SDK_DISABLED": "true"}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        valkey = EmbeddedRedis(Path(tmp) / "valkey", port=free_port(), persistent=True)
+        url = valkey.start()
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(POLICY)
+        addrs = {name: f"127.0.0.1:{free_port()}" for name in ("floor", "naive", "budgetwarden")}
+        processes = {
+            "floor": start([str(HERE / "baselines.py"), "floor", "--listen", addrs["floor"]], env),
+            "naive": start([str(HERE / "baselines.py"), "naive", "--listen", addrs["naive"], "--redis-url", url], env),
+        }
+        launched = time.perf_counter()
+        processes["budgetwarden"] = start(
+            ["-m", "budgetwarden", "serve", "--listen", addrs["budgetwarden"], "--redis-url", url, "--policy-file",
+             str(policy), "--log-level", "WARNING", "--usage-stream-max-len", "10000000"], env,
+        )  # fmt: skip
+        try:
+            wait_serving(addrs["budgetwarden"])
+            ready = time.perf_counter() - launched
+            for name in ("floor", "naive"):
+                wait_port(addrs[name])
+            time.sleep(1.0)
+            idle_rss = rss_mb(processes["budgetwarden"].pid)
+            notes.append(
+                f"budgetwarden serve (external Redis): SERVING {ready:.2f} s after launch; {idle_rss:.0f} MB RSS idle"
+            )
+
+            for server in ("floor", "naive", "budgetwarden"):
+                run_load("warm-up", server, addrs[server], mode="closed", seconds=min(1.0, seconds), processes=1)
+            for server in ("floor", "naive", "budgetwarden"):
+                results.append(run_load("closed loop, one task", server, addrs[server], mode="closed",
+                                        seconds=seconds, processes=args.processes))  # fmt: skip
+            for tasks in (1000,) if args.smoke else (1000, 100_000):
+                name = f"closed loop, {tasks:,} tasks"
+                results.append(run_load(name, "budgetwarden", addrs["budgetwarden"], mode="closed", seconds=seconds,
+                                        processes=args.processes, tasks=tasks))  # fmt: skip
+            results.append(run_load("closed loop, near the limit (one tenant, mostly denied)", "budgetwarden",
+                                    addrs["budgetwarden"], mode="closed", seconds=seconds, processes=args.processes,
+                                    tenant="tight", tasks=50))  # fmt: skip
+            for server in ("floor", "budgetwarden"):
+                results.append(run_load("open loop, 1,000 checks/s", server, addrs[server], mode="open",
+                                        seconds=seconds, processes=args.processes, rate=1000))  # fmt: skip
+            loaded_rss = rss_mb(processes["budgetwarden"].pid)
+            notes.append(f"budgetwarden serve after the load: {loaded_rss:.0f} MB RSS")
+            client = redis.Redis.from_url(url)
+            keys = client.dbsize()
+            memory = client.info("memory")["used_memory"]
+            tasks_known = sum(1 for _ in client.scan_iter(match="bw1:*:task:*", count=10_000))
+            client.close()
+            if tasks_known:
+                notes.append(
+                    f"Redis after the run: {keys:,} keys, {memory / 2**20:.0f} MiB used, {tasks_known:,} tasks: about "
+                    f"{memory / tasks_known:.0f} bytes per task including its reservation records (bounded: records "
+                    "expire after lease + retention, tasks after the task retention)"
+                )
+        finally:
+            for process in processes.values():
+                process.terminate()
+                process.wait(30)
+            valkey.stop()
+
+        embedded_dir = Path(tmp) / "embedded"
+        port = free_port()
+        launched = time.perf_counter()
+        embedded = start(["-m", "budgetwarden", "serve", "--listen", f"127.0.0.1:{port}", "--data-dir",
+                          str(embedded_dir), "--log-level", "WARNING"], env)  # fmt: skip
+        try:
+            wait_serving(f"127.0.0.1:{port}")
+            took = time.perf_counter() - launched
+            notes.append(f"budgetwarden serve (embedded default, starts Valkey): SERVING {took:.2f} s after launch")
+        finally:
+            embedded.terminate()
+            embedded.wait(30)
+
+    floor = next(r.rate for r in results if r.server == "floor" and r.name.startswith("closed loop, one"))
+    lines = [
+        f"### Checks: budgetwarden vs. its baselines ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"Machine: {machine()}. Command: `.venv/bin/python bench/harness.py --seconds {seconds:g}` "
+        f"({args.processes} load-generator processes of grpc.aio clients, 16 in flight each in closed loop; Valkey "
+        "with AOF everysec; servers, Valkey and load on the same 2 cores; metrics off).",
+        "",
+        "| scenario | server | checks/s | vs. floor | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.server} | {r.rate:,.0f} | {r.rate / floor:.2f} | {r.p50:.2f} | {r.p90:.2f} | "
+            f"{r.p99:.2f} | {r.p999:.2f} | {r.max:.2f} | {r.errors} |"
+        )
+    lines += ["", *[f"- {note}" for note in notes], ""]
+    report = "\n".join(lines)
+    print(report)
+    if args.write and not args.smoke:
+        with args.write.open("a") as out:
+            out.write("\n" + report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
