@@ -426,3 +426,16 @@ def test_fail_open_usage_is_reconciled_when_reported(
         (result,) = c.report([usage(reservation_id=admitted.reservation_id, input_tokens=90)]).results
         assert result.status == pb.REPORT_STATUS_UNRESERVED
         assert scopes(c.get_budget(tenant_id="acme", task_id="t1"))["task"].used_tokens == 90
+
+
+def test_health_on_its_own_listener(start_sidecar: Callable[..., RunningSidecar]) -> None:
+    health_addr = f"127.0.0.1:{free_port()}"
+    running = start_sidecar(health_listen=health_addr)
+    with grpc.insecure_channel(health_addr) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as caught:  # only health there: the budget API stays on its own listener
+            channel.unary_unary("/budgetwarden.v1.BudgetService/Check")(b"", timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with BudgetClient(running.addr) as client:
+        assert check(client).decision == pb.DECISION_ALLOW

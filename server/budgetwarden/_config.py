@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BUDGETWARDEN_", extra="forbid", frozen=True)
 
     listen: str = Field("127.0.0.1:50151", description="host:port the budget API listens on")
+    health_listen: str | None = Field(
+        None,
+        description="extra host:port serving only grpc.health.v1 (for kubelet probes on the pod IP); unset: none",
+    )
     redis_url: str | None = Field(
         None, description="redis://, rediss:// or unix:// URL of Redis; unset: start the embedded server"
     )

@@ -51,6 +51,7 @@ class Sidecar:
         self.redis: AnyRedis | None = None
         self.server: grpc.aio.Server | None = None
         self.admin_server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.admin_port = 0
@@ -145,6 +146,13 @@ class Sidecar:
         self.port = self._bind(server, settings.listen)
         await server.start()
         self.server = server
+        if settings.health_listen:
+            # Kubelet probes reach the pod IP, not loopback: health gets its own listener, the budget API stays local.
+            health_only = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_only)
+            self._bind(health_only, settings.health_listen)
+            await health_only.start()
+            self.health_server = health_only
         if settings.admin_listen:
             admin = grpc.aio.server()
             admin.add_generic_rpc_handlers([AdminServicer(limiter).handler()])
@@ -205,6 +213,10 @@ class Sidecar:
         if self.admin_server is not None:
             await self.admin_server.stop(self.settings.shutdown_grace_seconds)
             self.admin_server = None
+        if self.health_server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self.health_server.stop(0)
+            self.health_server = None
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(self.settings.shutdown_grace_seconds)
