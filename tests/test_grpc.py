@@ -439,3 +439,24 @@ def test_health_on_its_own_listener(start_sidecar: Callable[..., RunningSidecar]
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with BudgetClient(running.addr) as client:
         assert check(client).decision == pb.DECISION_ALLOW
+
+
+def test_a_sidecar_bound_to_a_tenant_serves_only_that_tenant(start_sidecar: Callable[..., RunningSidecar]) -> None:
+    running = start_sidecar(tenant="acme")
+    with BudgetClient(running.addr) as client:
+        answer = client.check(task_id="t1", step_id="s1", estimated_input_tokens=10)  # no tenant: the bound one
+        assert answer.decision == pb.DECISION_ALLOW
+        assert client.get_budget(task_id="t1").task_known
+        assert client.get_budget(tenant_id="acme", task_id="t1").task_known
+        for call in (
+            lambda: client.check(tenant_id="globex", task_id="t1", step_id="s2", estimated_input_tokens=10),
+            lambda: client.get_budget(tenant_id="globex"),
+            lambda: client.release(tenant_id="globex", task_id="t1", step_id="s1"),
+            lambda: client.report([usage(), pb.UsageRecord(tenant_id="globex", task_id="t", step_id="s")]),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "serves tenant 'acme' only" in caught.value.details()
+        (result,) = client.report([pb.UsageRecord(task_id="t1", step_id="s1", input_tokens=8)]).results
+        assert result.status == pb.REPORT_STATUS_APPLIED

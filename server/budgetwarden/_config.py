@@ -26,6 +26,10 @@ class Settings(BaseSettings):
         None,
         description="extra host:port serving only grpc.health.v1 (for kubelet probes on the pod IP); unset: none",
     )
+    tenant: str | None = Field(
+        None,
+        description="bind this sidecar to one tenant: empty tenant_id means it, any other is PERMISSION_DENIED",
+    )
     redis_url: str | None = Field(
         None, description="redis://, rediss:// or unix:// URL of Redis; unset: start the embedded server"
     )

@@ -138,7 +138,9 @@ class Sidecar:
             default_lease_s=settings.default_lease_seconds,
             telemetry=self.telemetry,
         )
-        servicer = BudgetServicer(limiter, max_lease_seconds=settings.max_lease_seconds)
+        servicer = BudgetServicer(
+            limiter, max_lease_seconds=settings.max_lease_seconds, bound_tenant=settings.tenant or None
+        )
         server = grpc.aio.server()
         server.add_generic_rpc_handlers([servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

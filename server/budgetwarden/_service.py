@@ -122,9 +122,22 @@ def check_response(result: CheckResult) -> pb.CheckResponse:
 
 
 class BudgetServicer:
-    def __init__(self, limiter: Limiter, *, max_lease_seconds: int) -> None:
+    def __init__(self, limiter: Limiter, *, max_lease_seconds: int, bound_tenant: str | None = None) -> None:
         self.limiter = limiter
         self.max_lease_seconds = max_lease_seconds
+        self.bound_tenant = bound_tenant
+
+    async def _bind_tenant(self, message: Any, field: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """A sidecar bound to a tenant answers only for that tenant: an empty tenant_id means it, another is refused."""
+        if self.bound_tenant is None:
+            return
+        if not message.tenant_id:
+            message.tenant_id = self.bound_tenant
+        elif message.tenant_id != self.bound_tenant:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{field}: this sidecar serves tenant {self.bound_tenant!r} only",
+            )
 
     async def check(
         self, request: pb.CheckRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]
@@ -132,6 +145,7 @@ class BudgetServicer:
         if isinstance(request, _Malformed):
             await _invalid(context, f"request: not a valid CheckRequest ({request.error})")
         try:
+            await self._bind_tenant(request, "tenant_id", context)
             checked, prompt = check_input(request, max_lease_seconds=self.max_lease_seconds)
         except InvalidRequestError as exc:
             await _invalid(context, str(exc))
@@ -149,6 +163,8 @@ class BudgetServicer:
             if isinstance(request, _Malformed):
                 await _invalid(context, f"request: not a valid ReportStreamRequest ({request.error})")
             try:
+                for i, record in enumerate(request.records):
+                    await self._bind_tenant(record, f"message {received}: records[{i}].tenant_id", context)
                 records = usage_inputs(request, self.limiter.clock())
             except InvalidRequestError as exc:
                 await _invalid(context, f"message {received}: {exc}")
@@ -173,6 +189,8 @@ class BudgetServicer:
         if isinstance(request, _Malformed):
             await _invalid(context, f"request: not a valid ReportRequest ({request.error})")
         try:
+            for i, record in enumerate(request.records):
+                await self._bind_tenant(record, f"records[{i}].tenant_id", context)
             records = usage_inputs(request, self.limiter.clock())
         except InvalidRequestError as exc:
             await _invalid(context, str(exc))
@@ -204,6 +222,7 @@ class BudgetServicer:
         if isinstance(request, _Malformed):
             await _invalid(context, f"request: not a valid ReleaseRequest ({request.error})")
         try:
+            await self._bind_tenant(request, "tenant_id", context)
             tenant_id, rid, task_id, step_id = release_target(request)
         except InvalidRequestError as exc:
             await _invalid(context, str(exc))
@@ -220,6 +239,7 @@ class BudgetServicer:
         if isinstance(request, _Malformed):
             await _invalid(context, f"request: not a valid GetBudgetRequest ({request.error})")
         try:
+            await self._bind_tenant(request, "tenant_id", context)
             tenant_id, task_id, task_type = budget_target(request)
         except InvalidRequestError as exc:
             await _invalid(context, str(exc))
