@@ -460,3 +460,12 @@ def test_a_sidecar_bound_to_a_tenant_serves_only_that_tenant(start_sidecar: Call
             assert "serves tenant 'acme' only" in caught.value.details()
         (result,) = client.report([pb.UsageRecord(task_id="t1", step_id="s1", input_tokens=8)]).results
         assert result.status == pb.REPORT_STATUS_APPLIED
+
+
+def test_the_sidecars_default_task_type(start_sidecar: Callable[..., RunningSidecar], tmp_path: Any) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(STRICT_POLICY + "  tiny:\n    per_task: {tokens: 50}\n")
+    running = start_sidecar(policy_file=policy, default_task_type="tiny")
+    with BudgetClient(running.addr) as client:
+        assert check(client, "s1", 100).reason == pb.REASON_TASK_BUDGET_EXHAUSTED  # tiny, not the policy's general
+        assert check(client, "s2", 100, task_id="t2", task_type="general").decision == pb.DECISION_ALLOW

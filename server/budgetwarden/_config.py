@@ -30,6 +30,9 @@ class Settings(BaseSettings):
         None,
         description="bind this sidecar to one tenant: empty tenant_id means it, any other is PERMISSION_DENIED",
     )
+    default_task_type: str | None = Field(
+        None, description="task type of checks that name none (before the policy's default_task_type)"
+    )
     redis_url: str | None = Field(
         None, description="redis://, rediss:// or unix:// URL of Redis; unset: start the embedded server"
     )

@@ -139,7 +139,10 @@ class Sidecar:
             telemetry=self.telemetry,
         )
         servicer = BudgetServicer(
-            limiter, max_lease_seconds=settings.max_lease_seconds, bound_tenant=settings.tenant or None
+            limiter,
+            max_lease_seconds=settings.max_lease_seconds,
+            bound_tenant=settings.tenant or None,
+            default_task_type=settings.default_task_type or None,
         )
         server = grpc.aio.server()
         server.add_generic_rpc_handlers([servicer.handler()])

@@ -122,10 +122,18 @@ def check_response(result: CheckResult) -> pb.CheckResponse:
 
 
 class BudgetServicer:
-    def __init__(self, limiter: Limiter, *, max_lease_seconds: int, bound_tenant: str | None = None) -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        *,
+        max_lease_seconds: int,
+        bound_tenant: str | None = None,
+        default_task_type: str | None = None,
+    ) -> None:
         self.limiter = limiter
         self.max_lease_seconds = max_lease_seconds
         self.bound_tenant = bound_tenant
+        self.default_task_type = default_task_type
 
     async def _bind_tenant(self, message: Any, field: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """A sidecar bound to a tenant answers only for that tenant: an empty tenant_id means it, another is refused."""
@@ -146,6 +154,8 @@ class BudgetServicer:
             await _invalid(context, f"request: not a valid CheckRequest ({request.error})")
         try:
             await self._bind_tenant(request, "tenant_id", context)
+            if self.default_task_type and not request.task_type:
+                request.task_type = self.default_task_type
             checked, prompt = check_input(request, max_lease_seconds=self.max_lease_seconds)
         except InvalidRequestError as exc:
             await _invalid(context, str(exc))
