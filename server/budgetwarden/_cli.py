@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from budgetwarden import __version__
 from budgetwarden._config import ConfigFileError, Settings, load_settings
 from budgetwarden._decision import Planner, decide, simulate
+from budgetwarden._inject import add_arguments as add_inject_arguments
 from budgetwarden._model import CheckInput, Counter, Thresholds, threshold_of
 from budgetwarden._policy import PolicyError, default_policy, load_policy
 from budgetwarden_api.v1 import budget_pb2 as pb
@@ -155,6 +156,15 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--used", type=int, default=0, help="tokens the task has used (and holds) already")
     explain.add_argument("--used-usd", type=float, default=0.0, help="USD the task has used already")
     explain.add_argument("--window-used", type=int, default=0, help="tokens used in each tenant window already")
+
+    inject = commands.add_parser(
+        "inject-webhook",
+        help="run the Kubernetes sidecar-injection webhook (HTTPS, admission.k8s.io/v1)",
+        description='Mutating admission webhook: POST /mutate (pods opting in with budgetwarden.io/inject: "true"; '
+        "every pod not opting out with --inject-all), POST /mutate-all (every pod not opting out, for namespaces "
+        "labelled budgetwarden.io/inject=enabled), GET /healthz and /readyz.",
+    )
+    add_inject_arguments(inject)
     return parser
 
 
@@ -518,6 +528,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_inject_webhook(args: argparse.Namespace) -> int:
+    from budgetwarden import _inject, _logging
+
+    try:
+        if args.print_ca_bundle:
+            print(_inject.ca_bundle(args))
+            return EXIT_OK
+        config = _inject.config_from_args(args)
+        _logging.configure(config.log_level, config.log_format)
+        _inject.run(config)
+    except _inject.InjectConfigError as exc:
+        print(f"budgetwarden inject-webhook: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except _inject.InjectError as exc:
+        raise CliError(str(exc)) from None
+    return EXIT_OK
+
+
 _CLIENT_COMMANDS = {"check": _cmd_check, "report": _cmd_report, "release": _cmd_release, "budget": _cmd_budget}
 
 
@@ -528,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _cmd_serve(args)
+        if args.command == "inject-webhook":
+            return _cmd_inject_webhook(args)
         if args.command == "policy":
             return _cmd_policy_validate(args) if args.policy_command == "validate" else _cmd_policy_explain(args)
         if args.command in ("approve", "deny"):
