@@ -261,6 +261,7 @@ def test_counting_works_with_networking_disabled(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["3", "True", "3", "False"]
+    assert not (tmp_path / "empty-cache").exists()  # loading an encoding writes nothing (a read-only image works)
 
 
 # --- reload -----------------------------------------------------------------------------------------------------

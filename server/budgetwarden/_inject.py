@@ -58,6 +58,8 @@ log = logging.getLogger("budgetwarden.inject")
 PREFIX = "budgetwarden.io/"
 INJECT = PREFIX + "inject"
 STATUS = PREFIX + "status"
+# A label, because a NetworkPolicy can select pods by label only: it lets injected pods reach Redis.
+SIDECAR_LABEL = PREFIX + "sidecar"
 TENANT = PREFIX + "tenant"
 TASK_TYPE = PREFIX + "task-type"
 CPU = PREFIX + "cpu"
@@ -721,11 +723,14 @@ def injection_patch(config: InjectConfig, pod: Mapping[str, Any], settings: PodS
     ops: list[dict[str, Any]] = []
     metadata = pod.get("metadata")
     if not isinstance(metadata, dict):
-        ops.append({"op": "add", "path": "/metadata", "value": {"annotations": {STATUS: STATUS_INJECTED}}})
-    elif not isinstance(metadata.get("annotations"), dict):
-        ops.append({"op": "add", "path": "/metadata/annotations", "value": {STATUS: STATUS_INJECTED}})
+        value = {"annotations": {STATUS: STATUS_INJECTED}, "labels": {SIDECAR_LABEL: STATUS_INJECTED}}
+        ops.append({"op": "add", "path": "/metadata", "value": value})
     else:
-        ops.append({"op": "add", "path": pointer("metadata", "annotations", STATUS), "value": STATUS_INJECTED})
+        for field, key in (("annotations", STATUS), ("labels", SIDECAR_LABEL)):
+            if not isinstance(metadata.get(field), dict):
+                ops.append({"op": "add", "path": f"/metadata/{field}", "value": {key: STATUS_INJECTED}})
+            else:
+                ops.append({"op": "add", "path": pointer("metadata", field, key), "value": STATUS_INJECTED})
     spec = pod["spec"]
     if config.policy_configmap:
         volumes = spec.get("volumes")

