@@ -10,8 +10,6 @@ Reports the small checks' latency in both phases, and their ratio, in the same r
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import tiktoken
+from _common import machine, percentile, publish
 
 from budgetwarden._embedded import free_port
 from budgetwarden_client import BudgetClient
@@ -36,11 +35,6 @@ default_task_type: open
 task_types:
   open: {}
 """
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def small_checks(addr: str, seconds: float, threads: int) -> list[float]:
@@ -81,20 +75,6 @@ def big_prompts(addr: str, text: str, stop: threading.Event, counted: list[float
             counted.append(time.perf_counter() - started)
             assert answer.token_count.input_tokens > 90_000
             i += 1
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
-    )
 
 
 def main() -> int:
@@ -171,11 +151,7 @@ def main() -> int:
         "encoding), so the event loop keeps answering other checks; what remains is CPU contention on 2 cores.",
         "",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.write:
-        with args.write.open("a") as out:
-            out.write("\n" + report)
+    publish(lines, args.write)
     return 0
 
 

@@ -31,7 +31,8 @@ from budgetwarden._embedded import EmbeddedRedis, free_port
 from budgetwarden_client import BudgetClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from counting_stall import machine, percentile, small_checks
+from _common import machine, percentile, publish
+from counting_stall import small_checks
 
 
 class Receiver(otlp_grpc.MetricsServiceServicer):
@@ -153,11 +154,7 @@ def main() -> int:
         f"{on_rate / off_rate:.2f}; p99 {quiet_p99 / off_p99:.2f} and {on_p99 / off_p99:.2f}.",
         "",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.write:
-        with args.write.open("a") as out:
-            out.write("\n" + report)
+    publish(lines, args.write)
     return 0
 
 

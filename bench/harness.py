@@ -35,7 +35,7 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from counting_stall import machine  # noqa: E402
+from _common import machine, publish  # noqa: E402
 
 CHECK = "/budgetwarden.v1.BudgetService/Check"
 POLICY = """
@@ -297,11 +297,7 @@ def main() -> int:
             f"{r.p99:.2f} | {r.p999:.2f} | {r.max:.2f} | {r.errors} |"
         )
     lines += ["", *[f"- {note}" for note in notes], ""]
-    report = "\n".join(lines)
-    print(report)
-    if args.write and not args.smoke:
-        with args.write.open("a") as out:
-            out.write("\n" + report)
+    publish(lines, None if args.smoke else args.write)
     return 0
 
 

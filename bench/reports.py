@@ -35,7 +35,7 @@ from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from counting_stall import machine
+from _common import machine, publish
 
 POLICY = "default_tenant: {windows: {day: {tokens: 1000000000000}}}\ndefault_task_type: t\ntask_types: {t: {}}\n"
 BATCH = 500
@@ -154,11 +154,7 @@ def main() -> int:
         f"| ReportStream, 20 messages of 500 per stream | {stream_rate:,.0f} | {stream_rate / store_rate:.2f} |",
         "",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.write:
-        with args.write.open("a") as out:
-            out.write("\n" + report)
+    publish(lines, args.write)
     return 0
 
 
