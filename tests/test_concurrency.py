@@ -494,8 +494,8 @@ def test_releases_reports_and_lapsing_leases_race_without_losing_a_token(
     assert len(new_grants) > 50
     assert len(released) > 5
     assert len(applied) > 5
-    assert any(row["status"] == ReleaseStatus.EXPIRED for row in releases)
-    assert any(row["status"] == ReportStatus.DUPLICATE for row in reports)
+    # Which streams meet a lapsed lease or a duplicate first depends on scheduling (under a loaded machine, possibly
+    # none): those paths are pinned deterministically in test_lua.py and the state machine, not required here.
 
     # A hold ends once: by a release, by a report, or by its lease lapsing; never twice, never not at all.
     held_back = sum(row["amount"] for row in released) + sum(
