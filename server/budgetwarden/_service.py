@@ -6,6 +6,7 @@ rather than the INTERNAL that grpc would answer for a failing deserializer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
@@ -51,6 +52,37 @@ def _lenient(message_type: type[M]) -> Callable[[bytes], M | _Malformed]:
 async def _invalid(context: grpc.aio.ServicerContext[Any, Any], message: str) -> NoReturn:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
     raise AssertionError("abort returned")  # pragma: no cover
+
+
+@contextlib.asynccontextmanager
+async def answering(
+    context: grpc.aio.ServicerContext[Any, Any], *, prefix: str = "", retry_hint: str = ""
+) -> AsyncIterator[None]:
+    """Maps what the layers below raise to status codes: bad input to INVALID_ARGUMENT (the message names the field),
+    an unavailable store to UNAVAILABLE."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        await _invalid(context, f"{prefix}{exc}")
+    except StoreUnavailableError as exc:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {exc}{retry_hint}")
+
+
+def unary_handler(
+    method: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]],
+    request_type: type[Message],
+    response_type: type[Message],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A unary handler whose method only ever sees a parsed request: bytes that do not parse are INVALID_ARGUMENT."""
+
+    async def call(request: Message | _Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        if isinstance(request, _Malformed):
+            await _invalid(context, f"request: not a valid {request_type.__name__} ({request.error})")
+        return await method(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        call, request_deserializer=_lenient(request_type), response_serializer=response_type.SerializeToString
+    )
 
 
 def scope_state(scope: Scope, counter: Counter, thresholds: Thresholds | None = None) -> pb.ScopeState:
@@ -147,18 +179,12 @@ class BudgetServicer:
                 f"{field}: this sidecar serves tenant {self.bound_tenant!r} only",
             )
 
-    async def check(
-        self, request: pb.CheckRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.CheckResponse:
-        if isinstance(request, _Malformed):
-            await _invalid(context, f"request: not a valid CheckRequest ({request.error})")
-        try:
-            await self._bind_tenant(request, "tenant_id", context)
-            if self.default_task_type and not request.task_type:
-                request.task_type = self.default_task_type
+    async def check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.CheckResponse:
+        await self._bind_tenant(request, "tenant_id", context)
+        if self.default_task_type and not request.task_type:
+            request.task_type = self.default_task_type
+        async with answering(context):
             checked, prompt = check_input(request, max_lease_seconds=self.max_lease_seconds)
-        except InvalidRequestError as exc:
-            await _invalid(context, str(exc))
         remaining = context.time_remaining()
         result = await self.limiter.check(checked, None if remaining is None else remaining * 0.9, prompt)
         return check_response(result)
@@ -172,17 +198,12 @@ class BudgetServicer:
         async for request in requests:
             if isinstance(request, _Malformed):
                 await _invalid(context, f"request: not a valid ReportStreamRequest ({request.error})")
-            try:
-                for i, record in enumerate(request.records):
-                    await self._bind_tenant(record, f"message {received}: records[{i}].tenant_id", context)
+            for i, record in enumerate(request.records):
+                await self._bind_tenant(record, f"message {received}: records[{i}].tenant_id", context)
+            async with answering(context, prefix=f"message {received}: "):
                 records = usage_inputs(request, self.limiter.clock())
-            except InvalidRequestError as exc:
-                await _invalid(context, f"message {received}: {exc}")
-            try:
+            async with answering(context, retry_hint="; send the stream again (records are idempotent)"):
                 applied = await self.limiter.report(records)
-            except StoreUnavailableError as exc:
-                message = f"budget store unavailable: {exc}; send the stream again (records are idempotent)"
-                await context.abort(grpc.StatusCode.UNAVAILABLE, message)
             for item in applied:
                 totals[item.status] += 1
             received += 1
@@ -193,24 +214,15 @@ class BudgetServicer:
             unreserved=totals[ReportStatus.UNRESERVED],
         )
 
-    async def report(
-        self, request: pb.ReportRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ReportResponse:
-        if isinstance(request, _Malformed):
-            await _invalid(context, f"request: not a valid ReportRequest ({request.error})")
-        try:
-            for i, record in enumerate(request.records):
-                await self._bind_tenant(record, f"records[{i}].tenant_id", context)
+    async def report(self, request: pb.ReportRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReportResponse:
+        for i, record in enumerate(request.records):
+            await self._bind_tenant(record, f"records[{i}].tenant_id", context)
+        async with answering(context):
             records = usage_inputs(request, self.limiter.clock())
-        except InvalidRequestError as exc:
-            await _invalid(context, str(exc))
-        try:
+        async with answering(
+            context, retry_hint="; some records may be applied, send them again (they are idempotent)"
+        ):
             applied = await self.limiter.report(records)
-        except StoreUnavailableError as exc:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"budget store unavailable: {exc}; some records may be applied, send them again (they are idempotent)",
-            )
         results = []
         for item in applied:
             result = pb.ReportResult(
@@ -227,36 +239,23 @@ class BudgetServicer:
         return pb.ReportResponse(results=results)
 
     async def release(
-        self, request: pb.ReleaseRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReleaseResponse:
-        if isinstance(request, _Malformed):
-            await _invalid(context, f"request: not a valid ReleaseRequest ({request.error})")
-        try:
-            await self._bind_tenant(request, "tenant_id", context)
+        await self._bind_tenant(request, "tenant_id", context)
+        async with answering(context):
             tenant_id, rid, task_id, step_id = release_target(request)
-        except InvalidRequestError as exc:
-            await _invalid(context, str(exc))
         rid = rid or reservation_id(task_id, step_id)
-        try:
+        async with answering(context):
             status, amount = await self.limiter.release(tenant_id, rid)
-        except StoreUnavailableError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {exc}")
         return pb.ReleaseResponse(status=status, reservation_id=rid, released_tokens=amount)  # type: ignore[arg-type]
 
     async def get_budget(
-        self, request: pb.GetBudgetRequest | _Malformed, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.GetBudgetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetBudgetResponse:
-        if isinstance(request, _Malformed):
-            await _invalid(context, f"request: not a valid GetBudgetRequest ({request.error})")
-        try:
-            await self._bind_tenant(request, "tenant_id", context)
+        await self._bind_tenant(request, "tenant_id", context)
+        async with answering(context):
             tenant_id, task_id, task_type = budget_target(request)
-        except InvalidRequestError as exc:
-            await _invalid(context, str(exc))
-        try:
             view = await self.limiter.budget(tenant_id, task_id, task_type)
-        except StoreUnavailableError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {exc}")
         state = view.state
         response = pb.GetBudgetResponse(
             scopes=[scope_state(scope, counter, state.thresholds) for scope, counter in view.scopes],
@@ -271,28 +270,17 @@ class BudgetServicer:
         return response
 
     def handler(self) -> grpc.GenericRpcHandler:
-        def unary(
-            method: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]],
-            request_type: type[Message],
-            response_type: type[Message],
-        ) -> grpc.RpcMethodHandler[Any, Any]:
-            return grpc.unary_unary_rpc_method_handler(
-                method,
-                request_deserializer=_lenient(request_type),
-                response_serializer=response_type.SerializeToString,
-            )
-
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
-                "Check": unary(self.check, pb.CheckRequest, pb.CheckResponse),
-                "Report": unary(self.report, pb.ReportRequest, pb.ReportResponse),
+                "Check": unary_handler(self.check, pb.CheckRequest, pb.CheckResponse),
+                "Report": unary_handler(self.report, pb.ReportRequest, pb.ReportResponse),
                 "ReportStream": grpc.stream_unary_rpc_method_handler(
                     self.report_stream,
                     request_deserializer=_lenient(pb.ReportStreamRequest),
                     response_serializer=pb.ReportStreamResponse.SerializeToString,
                 ),
-                "Release": unary(self.release, pb.ReleaseRequest, pb.ReleaseResponse),
-                "GetBudget": unary(self.get_budget, pb.GetBudgetRequest, pb.GetBudgetResponse),
+                "Release": unary_handler(self.release, pb.ReleaseRequest, pb.ReleaseResponse),
+                "GetBudget": unary_handler(self.get_budget, pb.GetBudgetRequest, pb.GetBudgetResponse),
             },
         )
