@@ -4,9 +4,10 @@ store cannot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisClusterException, RedisError
@@ -40,6 +41,15 @@ Clock = Callable[[], int]
 StoreErrors = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 # Prompts longer than this (in characters) are counted on a worker thread so other checks keep flowing.
 INLINE_COUNT_CHARS = 16_384
+
+
+@contextlib.contextmanager
+def _unavailable() -> Iterator[None]:
+    """Anything meaning "the store did not answer" becomes StoreUnavailableError (the transport's UNAVAILABLE)."""
+    try:
+        yield
+    except StoreErrors as exc:
+        raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
 
 
 def wall_clock_ms() -> int:
@@ -244,10 +254,8 @@ class Limiter:
             model, _ = policy.model(record.model)
             cost = actual_micros(model, record.input_tokens, record.cached_input_tokens, record.output_tokens)
             entries.append(UsageEntry(record, cost, self.planner.window_scopes(tenant, at), at))
-        try:
+        with _unavailable():
             applied = await self.store.report(entries, now)
-        except StoreErrors as exc:
-            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
         if self.telemetry.enabled:
             self.telemetry.reported(
                 ReportedUsage(
@@ -267,10 +275,8 @@ class Limiter:
         return applied
 
     async def release(self, tenant_id: str, rid: str) -> tuple[int, int]:
-        try:
+        with _unavailable():
             status, amount = await self.store.release(tenant_id, rid, self.clock())
-        except StoreErrors as exc:
-            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
         return status, amount
 
     async def budget(self, tenant_id: str, task_id: str, task_type: str) -> BudgetView:
@@ -278,10 +284,8 @@ class Limiter:
         policy = self.policy().policy
         tenant = policy.tenant(tenant_id) or policy.default_tenant
         windows = self.planner.window_scopes(tenant, now)
-        try:
+        with _unavailable():
             state = await self.store.budget(tenant_id, task_id, windows, now)
-        except StoreErrors as exc:
-            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
         task_counter = state.counters[0]
         scopes: tuple[tuple[Scope, Counter], ...] = tuple(zip(windows, state.counters[1:], strict=True))
         if task_id:
@@ -296,28 +300,22 @@ class Limiter:
         if owner is None:
             raise UnknownCheckpointError(checkpoint)
         tenant_id, task_id = owner
-        try:
+        with _unavailable():
             return await self.store.decide_checkpoint(
                 tenant_id, task_id, checkpoint, approve=approve, add=add, now_ms=self.clock()
             )
-        except StoreErrors as exc:
-            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
 
     async def set_ceiling(
         self, tenant_id: str, task_id: str, *, add: bool, tokens: int | None, usd: int | None
     ) -> Counter:
-        try:
+        with _unavailable():
             return await self.store.set_ceiling(
                 tenant_id, task_id, add=add, tokens=tokens, usd=usd, now_ms=self.clock()
             )
-        except StoreErrors as exc:
-            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
 
     async def reset_task(self, tenant_id: str, task_id: str) -> bool:
-        try:
+        with _unavailable():
             return await self.store.reset_task(tenant_id, task_id)
-        except StoreErrors as exc:
-            raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
 
 
 __all__ = ["BudgetView", "CheckResult", "Limiter", "Prompt", "StoreUnavailableError", "UnknownCheckpointError"]
