@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
+import queue
 import subprocess
 import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from budgetwarden._config import Settings
@@ -67,3 +69,47 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def run_processes(
+    target: Callable[..., None],
+    per_process: Sequence[tuple[Any, ...]],
+    parties: int | None = None,
+    *,
+    timeout: float = 90.0,
+) -> list[Any]:
+    """Runs ``target(index, results, barrier, *args)`` in one spawned process per entry and returns their results.
+
+    ``barrier`` has ``parties`` places (default: one per process) so workers can start their load together; each
+    worker puts ``(index, traceback or None, result)`` on ``results``."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    barrier = ctx.Barrier(parties or len(per_process))
+    procs = [
+        ctx.Process(target=target, args=(index, results, barrier, *args), daemon=True)
+        for index, args in enumerate(per_process)
+    ]
+    collected: dict[int, Any] = {}
+    failures: list[str] = []
+    try:
+        for proc in procs:
+            proc.start()
+        for _ in procs:
+            try:
+                index, error, value = results.get(timeout=timeout)
+            except queue.Empty:
+                failures.append("a worker process gave no result in time")
+                break
+            if error is not None:
+                failures.append(f"worker {index} failed:\n{error}")
+            collected[index] = value
+    finally:
+        for proc in procs:
+            if proc.pid is None:
+                continue
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+    assert not failures, "\n".join(failures)
+    return [collected[index] for index in range(len(procs))]

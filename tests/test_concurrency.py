@@ -11,8 +11,6 @@ exactly once; a report sent twice at once is applied once.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import queue
 import random
 import threading
 import traceback
@@ -34,11 +32,12 @@ from budgetwarden._policy import parse_policy
 from budgetwarden._store import BudgetStore
 from budgetwarden_client import BudgetClient, pb
 
+from support import run_processes
+
 TENANT = "acme"
 PROCESSES = 4
 MAX_STEP = 500
 BARRIER_TIMEOUT_S = 60.0
-RESULT_TIMEOUT_S = 90.0
 CHURN_STEPS = 6
 # A fixed clock for the limiter-level tests: the windows cannot roll over while a test runs.
 FIXED_NOW_MS = int(datetime(2025, 6, 17, 12, 0, tzinfo=UTC).timestamp() * 1000)
@@ -296,39 +295,6 @@ def churn_worker(index: int, results: Any, barrier: Any, url: str, text: str, st
     except BaseException:
         barrier.abort()
         results.put((index, traceback.format_exc(), None))
-
-
-def run_processes(target: Callable[..., None], per_process: Sequence[tuple[Any, ...]], parties: int) -> list[Any]:
-    """Runs ``target(index, results, barrier, *args)`` in one spawned process per entry; returns their results."""
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    barrier = ctx.Barrier(parties)
-    procs = [
-        ctx.Process(target=target, args=(index, results, barrier, *args), daemon=True)
-        for index, args in enumerate(per_process)
-    ]
-    for proc in procs:
-        proc.start()
-    collected: dict[int, Any] = {}
-    failures: list[str] = []
-    try:
-        for _ in procs:
-            try:
-                index, error, value = results.get(timeout=RESULT_TIMEOUT_S)
-            except queue.Empty:
-                failures.append("a worker process gave no result in time")
-                break
-            if error is not None:
-                failures.append(f"worker {index} failed:\n{error}")
-            collected[index] = value
-    finally:
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-    assert not failures, "\n".join(failures)
-    return [collected[index] for index in range(len(procs))]
 
 
 # ---------------------------------------------------------------------------------------------------------------

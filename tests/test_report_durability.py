@@ -14,9 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import multiprocessing
 import os
-import queue
 import re
 import signal
 import subprocess
@@ -40,7 +38,7 @@ from budgetwarden._usage import UsageEvent, event_id, read_events
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar
+from support import RunningSidecar, run_processes
 
 pytestmark = pytest.mark.slow
 
@@ -383,41 +381,6 @@ def many_records_worker(index: int, results: Any, barrier: Any, addr: str) -> No
         results.put((index, traceback.format_exc(), None))
 
 
-def run_processes(target: Callable[..., None], per_process: Sequence[tuple[Any, ...]]) -> list[Any]:
-    """Runs ``target(index, results, barrier, *args)`` in one spawned process per entry; returns their results."""
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    barrier = ctx.Barrier(len(per_process))
-    procs = [
-        ctx.Process(target=target, args=(index, results, barrier, *args), daemon=True)
-        for index, args in enumerate(per_process)
-    ]
-    collected: dict[int, Any] = {}
-    failures: list[str] = []
-    try:
-        for proc in procs:
-            proc.start()
-        for _ in procs:
-            try:
-                index, error, value = results.get(timeout=RESULT_TIMEOUT_S)
-            except queue.Empty:
-                failures.append("a worker process gave no result in time")
-                break
-            if error is not None:
-                failures.append(f"worker {index} failed:\n{error}")
-            collected[index] = value
-    finally:
-        for proc in procs:
-            if proc.pid is None:
-                continue
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-    assert not failures, "\n".join(failures)
-    return [collected[index] for index in range(len(procs))]
-
-
 def test_100k_records_from_4_processes_with_duplicates_and_retries_count_exactly_once(
     start_sidecar: Callable[..., RunningSidecar], redis_url: str, tmp_path: Path
 ) -> None:
@@ -439,7 +402,7 @@ def test_100k_records_from_4_processes_with_duplicates_and_retries_count_exactly
     assert checked > 1000
     assert planned_sent > RECORDS + shared + 5000
 
-    outputs = run_processes(many_records_worker, [(sidecar.addr,)] * PROCESSES)
+    outputs = run_processes(many_records_worker, [(sidecar.addr,)] * PROCESSES, timeout=RESULT_TIMEOUT_S)
 
     problems = [p for out in outputs for p in out["problems"]]
     assert not problems, problems[:10]
