@@ -32,6 +32,27 @@ def tokens_only(flat: list[Any]) -> list[int]:
     return out
 
 
+DEFAULT_WINDOWS: list[Window] = [(DAY, 5000, NOW + 24 * HOUR_MS), (MINUTE, 800, NOW + 60_000)]
+
+
+def check_arg(
+    step: str,
+    candidates: list[Candidate],
+    lease_until: int,
+    task_limit: int = 1000,
+    task_limit_usd: int = -1,
+    soft_bp: int = -1,
+    checkpoint_bp: int = -1,
+) -> str:
+    """The one argument of a check: its fields joined by the unit separator (see lua/check.lua)."""
+    fields: list[Any] = [lease_until, task_limit, task_limit_usd, soft_bp, checkpoint_bp, "t1", "general", step]
+    fields.append("ck1.x.y.")
+    for candidate in candidates:
+        fields += [candidate, 0, 0] if isinstance(candidate, int) else list(candidate)
+        fields.append("ALLOW")
+    return "\x1f".join(str(f) for f in fields)
+
+
 class Scripts:
     """Calls each script with its documented keys and arguments. ``check``/``report``/``budget`` return the token
     figures in a compact list; ``last`` keeps the whole reply."""
@@ -59,21 +80,24 @@ class Scripts:
         windows: list[Window] | None = None,
     ) -> list[int]:
         """Returns [status, fitted, granted tokens, lease, then limit, used, reserved per scope]."""
-        windows = [(DAY, 5000, NOW + 24 * HOUR_MS), (MINUTE, 800, NOW + 60_000)] if windows is None else windows
-        keys = [P + "resv:" + step, LEASES, TASK] + [w[0] for w in windows]
-        args: list[Any] = [now, now + lease_ms, 86_400_000, P + "resv:", 7 * 86_400_000, task_limit, task_limit_usd]
-        args += [soft_bp, checkpoint_bp, "t1", "general", step, "ck1.x.y."]
+        windows = DEFAULT_WINDOWS if windows is None else windows
+        step_arg = check_arg(step, candidates, now + lease_ms, task_limit, task_limit_usd, soft_bp, checkpoint_bp)
+        self.last = self.check_many([(step, step_arg)], now=now, windows=windows)[0]
+        reply = self.last
+        return [int(reply[0]), int(reply[1]), int(reply[2]), int(reply[4]), *tokens_only(reply[8:])]
+
+    def check_many(self, steps: list[tuple[str, str]], *, now: int = NOW, windows: list[Window]) -> list[list[Any]]:
+        """One script call for many (step, argument) pairs of the same task; returns the whole reply of each."""
+        keys = [LEASES] + [w[0] for w in windows]
+        args: list[Any] = [now, 86_400_000, P + "resv:", 7 * 86_400_000, len(windows)]
         for window in windows:
             _, limit, *rest = window
             limit_usd, until = (rest[0], rest[1]) if len(rest) == 2 else (-1, rest[0])
             args += [limit, limit_usd, until]
-        args.append(len(candidates))
-        for candidate in candidates:
-            args += [candidate, 0, 0] if isinstance(candidate, int) else list(candidate)
-            args.append("ALLOW")
-        self.last = list(self._check(keys=keys, args=args))
-        reply = self.last
-        return [int(reply[0]), int(reply[1]), int(reply[2]), int(reply[4]), *tokens_only(reply[8:])]
+        for step, arg in steps:
+            keys += [P + "resv:" + step, TASK]
+            args.append(arg)
+        return [list(reply) for reply in self._check(keys=keys, args=args)]
 
     def report(
         self, step: str, tokens: int, *, usd: int = 0, key: str = "", now: int = NOW, fallback: bool = True

@@ -68,15 +68,15 @@ def test_check_script_chooses_what_the_rules_choose(
     for key, c in ((DAY, day), (MINUTE, minute)):
         sync_redis.hset(key, mapping={"used": c[1], "reserved": c[2], "used_usd": c[4], "reserved_usd": c[5]})
 
-    args: list[int | str] = [NOW, NOW + 60_000, 60_000, P + "resv:", 600_000, none, none, none, none]
-    args += ["t", "general", "s", "ck1.p."]
+    args: list[int | str] = [NOW, 60_000, P + "resv:", 600_000, 2]
     for c in (day, minute):
         args += [none if c[0] is None else c[0], none if c[3] is None else c[3], NOW + 60_000]
-    args.append(len(candidates))
+    step: list[int | str] = [NOW + 60_000, none, none, none, none, "t", "general", "s", "ck1.p."]
     for tokens, usd, bound in candidates:
-        args += [tokens, usd, int(bound), "ALLOW"]
-    reply = sync_redis.register_script(load_lua("check"))(
-        keys=[P + "resv:s", P + "leases", TASK, DAY, MINUTE], args=args
+        step += [tokens, usd, int(bound), "ALLOW"]
+    args.append("\x1f".join(str(field) for field in step))
+    (reply,) = sync_redis.register_script(load_lua("check"))(
+        keys=[P + "leases", DAY, MINUTE, P + "resv:s", TASK], args=args
     )
 
     shape = Shape("m", 0, 0, 0)

@@ -51,6 +51,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+# Separates the fields of one check's argument: ids are validated to hold no control characters.
+_SEPARATOR = "\x1f"
+
+
+def _field(text: str) -> str:
+    """Policy-made text (a rung name) in a check's argument: control characters would break the field list."""
+    return text if text.isprintable() else "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
 def _counters(flat: Sequence[Any]) -> tuple[Counter, ...]:
     """Counters from a flat reply of (limit, used, reserved, limit_usd, used_usd, reserved_usd) per scope."""
     out = []
@@ -125,6 +134,36 @@ class Reservation:
 
 
 @dataclass(frozen=True, slots=True)
+class StepCheck:
+    """One step to check: its task's scope and thresholds (used if this is the task's first check), the candidates
+    (tokens, micro-USD, bound, label) in order of preference, and how long its lease is."""
+
+    task_id: str
+    step_id: str
+    task_type: str
+    task: Scope
+    thresholds: Thresholds
+    candidates: Sequence[tuple[int, int, int, str]]
+    lease_ms: int
+
+
+def _reservation(reply: Sequence[Any], rid: str) -> Reservation:
+    status = StoreStatus(int(reply[0]))
+    fitted = int(reply[1])
+    reserved = status is StoreStatus.RESERVED or status is StoreStatus.REPLAYED
+    return Reservation(
+        status=status,
+        fitted=None if fitted < 0 else fitted,
+        granted=Amount(int(reply[2]), int(reply[3])),
+        lease_expires_ms=int(reply[4]),
+        reservation_id=rid if reserved else "",
+        checkpoint_id=_text(reply[5]),
+        thresholds=_thresholds(reply[6], reply[7]),
+        counters=_counters(reply[8:]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class UsageEntry:
     """A usage record ready for the store: its cost, and where to charge it if it has no reservation."""
 
@@ -191,52 +230,47 @@ class BudgetStore:
         lease_ms: int,
     ) -> Reservation:
         """Reserve the first of ``candidates`` (tokens, micro-USD, bound, label) that fits; see lua/check.lua."""
+        step = StepCheck(task_id, step_id, task_type, task, thresholds, candidates, lease_ms)
+        return (await self.reserve_many(tenant_id, windows, [step], now_ms))[0]
+
+    async def reserve_many(
+        self, tenant_id: str, windows: Sequence[Scope], steps: Sequence[StepCheck], now_ms: int
+    ) -> list[Reservation]:
+        """Check many steps of one tenant in one script call, in order; each is all-or-nothing on its own and decided
+        as if it ran alone after the ones before it (lua/check.lua)."""
         keys = TenantKeys(tenant_id)
-        rid = reservation_id(task_id, step_id)
-        lease_until = now_ms + lease_ms
-        script_keys = [keys.reservation(rid), keys.leases, keys.task(task_id)]
-        args: list[Any] = [
-            now_ms,
-            lease_until,
-            self.retention.record_ms,
-            keys.resv_prefix,
-            self.retention.task_ms,
-            _limit_arg(task.limit),
-            _limit_arg(task.limit_usd),
-            _limit_arg(thresholds.soft_bp),
-            _limit_arg(thresholds.checkpoint_bp),
-            task_id,
-            task_type,
-            step_id,
-            checkpoint_prefix(tenant_id, task_id),
-        ]
+        retention = self.retention
+        script_keys = [keys.leases]
+        args: list[Any] = [now_ms, retention.record_ms, keys.resv_prefix, retention.task_ms, len(windows)]
         for scope in windows:
             assert scope.span is not None
             script_keys.append(keys.window(scope.span))
-            args += (
-                _limit_arg(scope.limit),
-                _limit_arg(scope.limit_usd),
-                scope.span.end_ms + self.retention.window_grace_ms,
-            )
-        args.append(len(candidates))
-        for candidate in candidates:
-            args += candidate
+            alive_until = scope.span.end_ms + retention.window_grace_ms
+            args += (_limit_arg(scope.limit), _limit_arg(scope.limit_usd), alive_until)
+        ids = []
+        for step in steps:
+            rid = reservation_id(step.task_id, step.step_id)
+            ids.append(rid)
+            script_keys += (keys.reservation(rid), keys.task(step.task_id))
+            task, thresholds = step.task, step.thresholds
+            parts = [
+                str(now_ms + step.lease_ms),
+                str(_limit_arg(task.limit)),
+                str(_limit_arg(task.limit_usd)),
+                str(_limit_arg(thresholds.soft_bp)),
+                str(_limit_arg(thresholds.checkpoint_bp)),
+                step.task_id,
+                step.task_type,
+                step.step_id,
+                checkpoint_prefix(tenant_id, step.task_id),
+            ]
+            for tokens, usd, bound, label in step.candidates:
+                parts += (str(tokens), str(usd), str(bound), _field(label))
+            args.append(_SEPARATOR.join(parts))
         started = time.perf_counter()
-        reply = await self._check(keys=script_keys, args=args)
+        replies = await self._check(keys=script_keys, args=args)
         self.telemetry.redis_call("check", time.perf_counter() - started)
-        status = StoreStatus(int(reply[0]))
-        fitted = int(reply[1])
-        reserved = status in (StoreStatus.RESERVED, StoreStatus.REPLAYED)
-        return Reservation(
-            status=status,
-            fitted=None if fitted < 0 else fitted,
-            granted=Amount(int(reply[2]), int(reply[3])),
-            lease_expires_ms=int(reply[4]),
-            reservation_id=rid if reserved else "",
-            checkpoint_id=_text(reply[5]),
-            thresholds=_thresholds(reply[6], reply[7]),
-            counters=_counters(reply[8:]),
-        )
+        return [_reservation(reply, rid) for reply, rid in zip(replies, ids, strict=True)]
 
     async def report(self, entries: Sequence[UsageEntry], now_ms: int) -> list[Applied]:
         """Apply usage records, many per round trip; each record is atomic on its own (lua/report.lua)."""

@@ -1,118 +1,159 @@
--- Check: reserve the first candidate that fits every scope, on all of them at once, or reserve nothing; open a
--- checkpoint when only the task's checkpoint threshold stands in the way.
+-- Check: for each step of a batch of one tenant, in order, reserve the first candidate that fits every scope, on all of
+-- them at once, or reserve nothing; open a checkpoint when only the task's checkpoint threshold stands in the way.
+-- Each check is decided exactly as if it ran alone after the checks before it in the batch; a unary check is a batch
+-- of one.
 --
--- KEYS[1] reservation record   KEYS[2] tenant leases   KEYS[3] task   KEYS[4..] tenant windows, in plan order
--- ARGV[1] now (ms)   ARGV[2] lease expiry (ms)   ARGV[3] record retention after the lease (ms)
--- ARGV[4] reservation key prefix   ARGV[5] task retention (ms)
--- ARGV[6] ceiling of a new task in tokens (-1: none)   ARGV[7] in micro-USD (-1: none)
--- ARGV[8] soft threshold of a new task (basis points, -1: none)   ARGV[9] checkpoint threshold (likewise)
--- ARGV[10] task id   ARGV[11] task type   ARGV[12] step id   ARGV[13] checkpoint id prefix
+-- KEYS[1] tenant leases   KEYS[2 .. 1+nwin] tenant windows, in plan order
+-- then per check: KEYS reservation record, task
+-- ARGV[1] now (ms)   ARGV[2] record retention after the lease (ms)   ARGV[3] reservation key prefix
+-- ARGV[4] task retention (ms)   ARGV[5] number of windows (nwin)
 -- then per window: token limit, micro-USD limit (-1: none), alive-until (ms)
--- then the number of candidates and per candidate: tokens, micro-USD, bound (0: soft threshold, 1: checkpoint),
--- and the decision it stands for (recorded on the reservation for the usage event, e.g. ALLOW or DEGRADE:rung)
+-- then per check one argument, its fields joined by \31 (the unit separator: ids never hold control characters):
+--   lease expiry (ms), ceiling of a new task in tokens (-1: none), in micro-USD (-1: none),
+--   soft threshold of a new task (basis points, -1: none), checkpoint threshold (likewise),
+--   task id, task type, step id, checkpoint id prefix,
+--   then per candidate: tokens, micro-USD, bound (0: soft threshold, 1: checkpoint), and the decision it stands for
+--   (recorded on the reservation for the usage event, e.g. ALLOW or DEGRADE:rung)
 --
--- Returns { status, fitted (0-based, -1: none), granted tokens, granted micro-USD, lease expiry, checkpoint id,
---           task soft bp, task checkpoint bp, then per scope: limit, used, reserved, limit_usd, used_usd, reserved_usd }
+-- Returns one reply per check, in order:
+--   { status, fitted (0-based, -1: none), granted tokens, granted micro-USD, lease expiry, checkpoint id,
+--     task soft bp, task checkpoint bp, then per scope (task, then windows): limit, used, reserved, limit_usd,
+--     used_usd, reserved_usd }
 -- status: 0 nothing reserved, 1 reserved now, 2 replay of an earlier reservation of this step,
 --         3 the task is at a checkpoint, 4 the task is closed.
 
-local resv_key, leases, task_key = KEYS[1], KEYS[2], KEYS[3]
+local leases = KEYS[1]
 local now = tonumber(ARGV[1])
-local lease_until = tonumber(ARGV[2])
-local nwin = #KEYS - 3
-local WIN = 13
+local nwin = tonumber(ARGV[5])
+local first_check = 6 + 3 * nwin
 
-purge_expired(leases, ARGV[4], now)
+purge_expired(leases, ARGV[3], now)
 
-local function reply(head)
-  local t = redis.call('HMGET', task_key, 'soft_bp', 'ckpt_bp')
-  head[#head + 1] = tonumber(t[1] or LIMIT_NONE)
-  head[#head + 1] = tonumber(t[2] or LIMIT_NONE)
-  append_counter(head, task_counter(task_key))
-  for i = 1, nwin do
-    local at = WIN + 3 * (i - 1)
-    append_counter(head, window_counter(KEYS[3 + i], ARGV[at + 1], ARGV[at + 2]))
+-- The windows are read once per batch and kept here; what the batch reserves on them is written once, at the end.
+local windows, win_keys, win_until, win_touched = {}, {}, {}, {}
+local win_added, win_added_usd = {}, {}
+for i = 1, nwin do
+  local at = 6 + 3 * (i - 1)
+  win_keys[i], win_until[i] = KEYS[1 + i], ARGV[at + 2]
+  windows[i] = window_counter(win_keys[i], ARGV[at], ARGV[at + 1])
+  win_touched[i], win_added[i], win_added_usd[i] = false, 0, 0
+end
+local scope_list = table.concat(win_keys, ' ')
+local until_list = table.concat(win_until, ' ')
+
+local function fields(text)
+  local out, from = {}, 1
+  while true do
+    local at = string.find(text, '\31', from, true)
+    if not at then
+      out[#out + 1] = string.sub(text, from)
+      return out
+    end
+    out[#out + 1] = string.sub(text, from, at - 1)
+    from = at + 1
   end
+end
+
+local TASK_FIELDS = { 'closed', 'checkpoint', 'soft_bp', 'ckpt_bp', 'limit', 'used', 'reserved', 'limit_usd',
+  'used_usd', 'reserved_usd' }
+
+-- The task's state: closed, open checkpoint, thresholds and its counter (limits -1 when none).
+local function read_task(task_key)
+  local f = redis.call('HMGET', task_key, unpack(TASK_FIELDS))
+  local counter = { tonumber(f[5] or LIMIT_NONE), num(f[6]), num(f[7]), tonumber(f[8] or LIMIT_NONE), num(f[9]),
+    num(f[10]) }
+  return f[1], f[2], tonumber(f[3] or LIMIT_NONE), tonumber(f[4] or LIMIT_NONE), counter
+end
+
+local function reply(head, soft_bp, ckpt_bp, task)
+  head[7], head[8] = soft_bp, ckpt_bp
+  append_counter(head, task)
+  for i = 1, nwin do append_counter(head, windows[i]) end
   return head
 end
 
--- The same step checked again gets the same reservation while it is held or after it was reported. A released or
--- lapsed one holds nothing any more, so the step may reserve again.
-local existing = redis.call('HMGET', resv_key, 'state', 'amount', 'amount_usd', 'lease')
-if existing[1] == 'reserved' or existing[1] == 'reported' then
-  return reply({ 2, 0, num(existing[2]), num(existing[3]), num(existing[4]), '' })
-end
-
--- The first check fixes the task's ceiling and thresholds. Usage reported before it stays counted, and a ceiling an
--- operator set before it stays in force.
-if redis.call('HSETNX', task_key, 'init', 1) == 1 then
-  redis.call('HSETNX', task_key, 'limit', ARGV[6])
-  redis.call('HSETNX', task_key, 'limit_usd', ARGV[7])
-  redis.call('HSET', task_key, 'soft_bp', ARGV[8], 'ckpt_bp', ARGV[9], 'task_id', ARGV[10], 'task_type', ARGV[11])
-end
-redis.call('PEXPIRE', task_key, ARGV[5])
-
-local state = redis.call('HMGET', task_key, 'closed', 'checkpoint', 'soft_bp', 'ckpt_bp')
-if state[1] == '1' then return reply({ 4, -1, 0, 0, 0, '' }) end
-if state[2] then return reply({ 3, -1, 0, 0, 0, state[2] }) end
-
-local task = task_counter(task_key)
-local soft_bp, ckpt_bp = tonumber(state[3] or LIMIT_NONE), tonumber(state[4] or LIMIT_NONE)
-local ckpt, ckpt_usd = threshold(task[1], ckpt_bp), threshold(task[4], ckpt_bp)
-local soft, soft_usd = ckpt, ckpt_usd
-if soft_bp ~= LIMIT_NONE then soft, soft_usd = threshold(task[1], soft_bp), threshold(task[4], soft_bp) end
-
-local windows = {}
-for i = 1, nwin do
-  local at = WIN + 3 * (i - 1)
-  windows[i] = window_counter(KEYS[3 + i], ARGV[at + 1], ARGV[at + 2])
-end
-
-local first = WIN + 3 * nwin + 1
-local ncand = tonumber(ARGV[first])
-local stopped_by_checkpoint = false
-for c = 1, ncand do
-  local at = first + 4 * (c - 1)
-  local tokens, usd, bound = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), ARGV[at + 3]
-  local windows_fit = true
-  for i = 1, nwin do
-    if not fits(windows[i], tokens, usd, windows[i][1], windows[i][4]) then windows_fit = false; break end
+local function check(resv_key, task_key, f)
+  -- The same step checked again gets the same reservation while it is held or after it was reported. A released or
+  -- lapsed one holds nothing any more, so the step may reserve again.
+  local existing = redis.call('HMGET', resv_key, 'state', 'amount', 'amount_usd', 'lease', 'gen')
+  if existing[1] == 'reserved' or existing[1] == 'reported' then
+    local _, _, soft_bp, ckpt_bp, task = read_task(task_key)
+    return reply({ 2, 0, num(existing[2]), num(existing[3]), num(existing[4]), '' }, soft_bp, ckpt_bp, task)
   end
-  local task_fits
-  if bound == '0' then task_fits = fits(task, tokens, usd, soft, soft_usd)
-  else task_fits = fits(task, tokens, usd, ckpt, ckpt_usd) end
-  if windows_fit and task_fits then
-    local scopes, untils = { task_key }, { '0' }
-    redis.call('HINCRBY', task_key, 'reserved', tokens)
-    redis.call('HINCRBY', task_key, 'reserved_usd', usd)
-    redis.call('HINCRBY', task_key, 'active', 1)
+
+  -- The first check fixes the task's ceiling and thresholds. Usage reported before it stays counted, and a ceiling
+  -- an operator set before it stays in force.
+  if redis.call('HSETNX', task_key, 'init', 1) == 1 then
+    redis.call('HSETNX', task_key, 'limit', f[2])
+    redis.call('HSETNX', task_key, 'limit_usd', f[3])
+    redis.call('HSET', task_key, 'soft_bp', f[4], 'ckpt_bp', f[5], 'task_id', f[6], 'task_type', f[7])
+  end
+  redis.call('PEXPIRE', task_key, ARGV[4])
+
+  local closed, open_checkpoint, soft_bp, ckpt_bp, task = read_task(task_key)
+  if closed == '1' then return reply({ 4, -1, 0, 0, 0, '' }, soft_bp, ckpt_bp, task) end
+  if open_checkpoint then return reply({ 3, -1, 0, 0, 0, open_checkpoint }, soft_bp, ckpt_bp, task) end
+
+  local ckpt, ckpt_usd = threshold(task[1], ckpt_bp), threshold(task[4], ckpt_bp)
+  local soft, soft_usd = ckpt, ckpt_usd
+  if soft_bp ~= LIMIT_NONE then soft, soft_usd = threshold(task[1], soft_bp), threshold(task[4], soft_bp) end
+
+  local stopped_by_checkpoint = false
+  for c = 0, (#f - 9) / 4 - 1 do
+    local at = 10 + 4 * c
+    local tokens, usd, bound = tonumber(f[at]), tonumber(f[at + 1]), f[at + 2]
+    local windows_fit = true
     for i = 1, nwin do
-      local key, alive_until = KEYS[3 + i], ARGV[WIN + 3 * (i - 1) + 3]
-      redis.call('HINCRBY', key, 'reserved', tokens)
-      redis.call('HINCRBY', key, 'reserved_usd', usd)
-      redis.call('PEXPIRE', key, math.max(1, tonumber(alive_until) - now))
-      scopes[#scopes + 1], untils[#untils + 1] = key, alive_until
+      if not fits(windows[i], tokens, usd, windows[i][1], windows[i][4]) then windows_fit = false; break end
     end
-    -- A step reserved again (after a release or a lapse) starts a new generation: its keyless report counts anew.
-    local generation = num(redis.call('HGET', resv_key, 'gen')) + 1
-    redis.call('DEL', resv_key)
-    redis.call('HSET', resv_key, 'state', 'reserved', 'gen', generation, 'amount', tokens, 'amount_usd', usd,
-      'lease', lease_until, 'scopes', table.concat(scopes, ' '), 'untils', table.concat(untils, ' '),
-      'step_id', ARGV[12], 'admitted', ARGV[at + 4])
-    redis.call('PEXPIRE', resv_key, math.max(1, lease_until - now) + tonumber(ARGV[3]))
-    redis.call('ZADD', leases, lease_until, string.match(resv_key, '([^:]+)$'))
-    return reply({ 1, c - 1, tokens, usd, lease_until, '' })
+    local task_fits
+    if bound == '0' then task_fits = fits(task, tokens, usd, soft, soft_usd)
+    else task_fits = fits(task, tokens, usd, ckpt, ckpt_usd) end
+    if windows_fit and task_fits then
+      local lease_until = tonumber(f[1])
+      redis.call('HINCRBY', task_key, 'reserved', tokens)
+      if usd ~= 0 then redis.call('HINCRBY', task_key, 'reserved_usd', usd) end
+      redis.call('HINCRBY', task_key, 'active', 1)
+      task[3], task[6] = task[3] + tokens, task[6] + usd
+      for i = 1, nwin do
+        windows[i][3], windows[i][6] = windows[i][3] + tokens, windows[i][6] + usd
+        win_added[i], win_added_usd[i], win_touched[i] = win_added[i] + tokens, win_added_usd[i] + usd, true
+      end
+      -- A step reserved again (after a release or a lapse) starts a new generation: its keyless report counts anew.
+      if existing[1] then redis.call('DEL', resv_key) end
+      local scopes, untils = task_key, '0'
+      if nwin > 0 then scopes, untils = scopes .. ' ' .. scope_list, untils .. ' ' .. until_list end
+      redis.call('HSET', resv_key, 'state', 'reserved', 'gen', num(existing[5]) + 1, 'amount', tokens,
+        'amount_usd', usd, 'lease', f[1], 'scopes', scopes, 'untils', untils, 'step_id', f[8], 'admitted', f[at + 3])
+      redis.call('PEXPIRE', resv_key, math.max(1, lease_until - now) + tonumber(ARGV[2]))
+      redis.call('ZADD', leases, lease_until, string.match(resv_key, '([^:]+)$'))
+      return reply({ 1, c, tokens, usd, lease_until, '' }, soft_bp, ckpt_bp, task)
+    end
+    -- The windows have room but the task's checkpoint line (not the soft one) is in the way.
+    if windows_fit and ckpt_bp ~= LIMIT_NONE and not fits(task, tokens, usd, ckpt, ckpt_usd) then
+      stopped_by_checkpoint = true
+    end
   end
-  -- The windows have room but the task's checkpoint line (not the soft one) is in the way.
-  if windows_fit and ckpt_bp ~= LIMIT_NONE and not fits(task, tokens, usd, ckpt, ckpt_usd) then
-    stopped_by_checkpoint = true
+
+  if stopped_by_checkpoint then
+    local n = redis.call('HINCRBY', task_key, 'checkpoints', 1)
+    local id = f[9] .. n
+    redis.call('HSET', task_key, 'checkpoint', id, 'checkpoint_at', now)
+    return reply({ 3, -1, 0, 0, 0, id }, soft_bp, ckpt_bp, task)
   end
+  return reply({ 0, -1, 0, 0, 0, '' }, soft_bp, ckpt_bp, task)
 end
 
-if stopped_by_checkpoint then
-  local n = redis.call('HINCRBY', task_key, 'checkpoints', 1)
-  local id = ARGV[13] .. n
-  redis.call('HSET', task_key, 'checkpoint', id, 'checkpoint_at', now)
-  return reply({ 3, -1, 0, 0, 0, id })
+local out = {}
+for n = 0, #ARGV - first_check do
+  out[n + 1] = check(KEYS[2 + nwin + 2 * n], KEYS[3 + nwin + 2 * n], fields(ARGV[first_check + n]))
 end
-return reply({ 0, -1, 0, 0, 0, '' })
+
+for i = 1, nwin do
+  if win_touched[i] then
+    redis.call('HINCRBY', win_keys[i], 'reserved', win_added[i])
+    if win_added_usd[i] ~= 0 then redis.call('HINCRBY', win_keys[i], 'reserved_usd', win_added_usd[i]) end
+    redis.call('PEXPIRE', win_keys[i], math.max(1, tonumber(win_until[i]) - now))
+  end
+end
+return out
