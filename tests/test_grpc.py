@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from budgetwarden._embedded import free_port
 from budgetwarden_api.v1 import budget_pb2 as pb
-from budgetwarden_client import BudgetClient
+from budgetwarden_client import BudgetClient, CheckRefusedError
 
 from support import RunningSidecar
 
@@ -42,9 +42,19 @@ def strict(start_sidecar: Callable[..., RunningSidecar], tmp_path: Any) -> Runni
     return start_sidecar(policy_file=path)
 
 
-@pytest.fixture
-def client(strict: RunningSidecar) -> Iterator[BudgetClient]:
-    with BudgetClient(strict.addr) as c:
+class StreamingClient(BudgetClient):
+    """Sends every check as a one-check CheckStream message, so that each test of Check also holds for the stream."""
+
+    def check(self, **fields: Any) -> pb.CheckResponse:
+        (answer,) = self.check_many([fields])
+        if isinstance(answer, CheckRefusedError):
+            raise answer
+        return answer
+
+
+@pytest.fixture(params=["unary", "stream"])
+def client(strict: RunningSidecar, request: pytest.FixtureRequest) -> Iterator[BudgetClient]:
+    with (BudgetClient if request.param == "unary" else StreamingClient)(strict.addr) as c:
         yield c
 
 
@@ -368,6 +378,7 @@ def black_hole() -> Iterator[BlackHole]:
     hole.close()
 
 
+@pytest.mark.parametrize("client_class", [BudgetClient, StreamingClient])
 @pytest.mark.parametrize(
     ("mode", "decision", "reason", "granted"),
     [("closed", pb.DECISION_DENY, pb.REASON_FAIL_CLOSED, 0), ("open", pb.DECISION_ALLOW, pb.REASON_FAIL_OPEN, 100)],
@@ -379,9 +390,10 @@ def test_hung_redis_gets_the_fail_mode_within_the_deadline(
     decision: int,
     reason: int,
     granted: int,
+    client_class: type[BudgetClient],
 ) -> None:
     running = start_sidecar(redis_url=f"redis://127.0.0.1:{black_hole.port}/0", fail_mode=mode, check_deadline_ms=50)
-    with BudgetClient(running.addr, timeout=10) as c:
+    with client_class(running.addr, timeout=10) as c:
         answer = check(c)  # answered (not DEADLINE_EXCEEDED) although Redis never replies
     assert answer.from_fail_mode
     assert (answer.decision, answer.reason, answer.granted_tokens) == (decision, reason, granted)
@@ -398,9 +410,10 @@ def test_check_honours_a_client_deadline_shorter_than_the_servers(
     assert answer.reason == pb.REASON_FAIL_CLOSED
 
 
-def test_unreachable_redis(start_sidecar: Callable[..., RunningSidecar]) -> None:
+@pytest.mark.parametrize("client_class", [BudgetClient, StreamingClient])
+def test_unreachable_redis(start_sidecar: Callable[..., RunningSidecar], client_class: type[BudgetClient]) -> None:
     running = start_sidecar(redis_url=f"redis://127.0.0.1:{free_port()}/0", fail_mode="open")
-    with BudgetClient(running.addr) as c:
+    with client_class(running.addr) as c:
         answer = check(c)
         assert (answer.from_fail_mode, answer.reason) == (True, pb.REASON_FAIL_OPEN)
         # The fail-open answer names the reservation the step will be reported under.

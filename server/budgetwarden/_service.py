@@ -15,8 +15,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from budgetwarden._keys import reservation_id
-from budgetwarden._limiter import CheckResult, Limiter, StoreUnavailableError
-from budgetwarden._model import Counter, ReportStatus, Scope, ScopeKind, Thresholds, threshold_of
+from budgetwarden._limiter import CheckResult, Limiter, Prompt, StoreUnavailableError
+from budgetwarden._model import CheckInput, Counter, ReportStatus, Scope, ScopeKind, Thresholds, threshold_of
 from budgetwarden._validation import (
     InvalidRequestError,
     budget_target,
@@ -29,6 +29,8 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 log = logging.getLogger("budgetwarden.service")
 
 SERVICE_NAME = "budgetwarden.v1.BudgetService"
+# Checks per CheckStream message: enough to amortise a round trip, small enough to bound one script call.
+MAX_STREAM_CHECKS = 1000
 M = TypeVar("M", bound=Message)
 
 
@@ -86,14 +88,18 @@ def unary_handler(
 
 
 def scope_state(scope: Scope, counter: Counter, thresholds: Thresholds | None = None) -> pb.ScopeState:
-    state = pb.ScopeState(
-        name=scope.name,
-        kind=int(scope.kind),  # type: ignore[arg-type]
-        used_tokens=counter.used,
-        reserved_tokens=counter.reserved,
-        used_usd_micros=counter.used_usd,
-        reserved_usd_micros=counter.reserved_usd,
-    )
+    state = pb.ScopeState()
+    fill_scope_state(state, scope, counter, thresholds)
+    return state
+
+
+def fill_scope_state(state: pb.ScopeState, scope: Scope, counter: Counter, thresholds: Thresholds | None) -> None:
+    state.name = scope.name
+    state.kind = int(scope.kind)  # type: ignore[assignment]
+    state.used_tokens = counter.used
+    state.reserved_tokens = counter.reserved
+    state.used_usd_micros = counter.used_usd
+    state.reserved_usd_micros = counter.reserved_usd
     if scope.span is not None:
         state.window = int(scope.span.window)  # type: ignore[assignment]
         state.window_start.FromMilliseconds(scope.span.start_ms)
@@ -109,28 +115,33 @@ def scope_state(scope: Scope, counter: Counter, thresholds: Thresholds | None = 
             state.soft_limit_tokens = threshold_of(counter.limit, thresholds.soft_bp)  # type: ignore[assignment]
         if thresholds.checkpoint_bp is not None:
             state.checkpoint_limit_tokens = threshold_of(counter.limit, thresholds.checkpoint_bp)  # type: ignore[assignment]
-    return state
 
 
 def check_response(result: CheckResult) -> pb.CheckResponse:
+    response = pb.CheckResponse()
+    fill_check_response(response, result)
+    return response
+
+
+def fill_check_response(response: pb.CheckResponse, result: CheckResult) -> None:
+    """Fills a CheckResponse in place (a stream builds it inside its result message, without a copy)."""
     verdict = result.verdict
-    response = pb.CheckResponse(
-        decision=int(verdict.decision),  # type: ignore[arg-type]
-        reservation_id=result.reservation_id,
-        granted_tokens=verdict.granted,
-        reason=int(verdict.reason),  # type: ignore[arg-type]
-        message=verdict.message,
-        binding_scope=verdict.binding_scope,
-        scopes=[scope_state(scope, counter, result.thresholds) for scope, counter in result.scopes],
-        from_fail_mode=result.from_fail_mode,
-        replayed=result.replayed,
-        requested_tokens=result.requested.tokens,
-        policy_version=result.policy_version,
-        granted_cost_usd_micros=verdict.granted_usd,
-        requested_cost_usd_micros=result.requested.usd,
-        model_assumed=result.model_assumed,
-        checkpoint_id=verdict.checkpoint_id,
-    )
+    response.decision = int(verdict.decision)  # type: ignore[assignment]
+    response.reservation_id = result.reservation_id
+    response.granted_tokens = verdict.granted
+    response.reason = int(verdict.reason)  # type: ignore[assignment]
+    response.message = verdict.message
+    response.binding_scope = verdict.binding_scope
+    for scope, counter in result.scopes:
+        fill_scope_state(response.scopes.add(), scope, counter, result.thresholds)
+    response.from_fail_mode = result.from_fail_mode
+    response.replayed = result.replayed
+    response.requested_tokens = result.requested.tokens
+    response.policy_version = result.policy_version
+    response.granted_cost_usd_micros = verdict.granted_usd
+    response.requested_cost_usd_micros = result.requested.usd
+    response.model_assumed = result.model_assumed
+    response.checkpoint_id = verdict.checkpoint_id
     if verdict.binding_unit is not None:
         response.binding_unit = int(verdict.binding_unit)  # type: ignore[assignment]
     if result.lease_expires_ms is not None:
@@ -150,7 +161,6 @@ def check_response(result: CheckResult) -> pb.CheckResponse:
         response.token_count.input_tokens = count.tokens
         response.token_count.encoding = count.encoding
         response.token_count.approximate = not count.exact
-    return response
 
 
 class BudgetServicer:
@@ -168,16 +178,19 @@ class BudgetServicer:
         self.default_task_type = default_task_type
 
     async def _bind_tenant(self, message: Any, field: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        refusal = self._tenant_refusal(message, field)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+
+    def _tenant_refusal(self, message: Any, field: str) -> str | None:
         """A sidecar bound to a tenant answers only for that tenant: an empty tenant_id means it, another is refused."""
         if self.bound_tenant is None:
-            return
+            return None
         if not message.tenant_id:
             message.tenant_id = self.bound_tenant
         elif message.tenant_id != self.bound_tenant:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{field}: this sidecar serves tenant {self.bound_tenant!r} only",
-            )
+            return f"{field}: this sidecar serves tenant {self.bound_tenant!r} only"
+        return None
 
     async def check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.CheckResponse:
         await self._bind_tenant(request, "tenant_id", context)
@@ -188,6 +201,48 @@ class BudgetServicer:
         remaining = context.time_remaining()
         result = await self.limiter.check(checked, None if remaining is None else remaining * 0.9, prompt)
         return check_response(result)
+
+    async def check_stream(
+        self, requests: AsyncIterator[pb.CheckStreamRequest | _Malformed], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.CheckStreamResponse]:
+        """Messages are answered one after another, in order; the checks of a message go to the store together (one
+        script call per tenant), each decided as a unary Check would decide it."""
+        received = 0
+        async for request in requests:
+            if isinstance(request, _Malformed):
+                await _invalid(context, f"message {received}: not a valid CheckStreamRequest ({request.error})")
+            if len(request.checks) > MAX_STREAM_CHECKS:
+                await _invalid(
+                    context,
+                    f"message {received}: checks: holds {len(request.checks)}, at most {MAX_STREAM_CHECKS} are allowed",
+                )
+            yield await self._check_batch(request)
+            received += 1
+
+    async def _check_batch(self, request: pb.CheckStreamRequest) -> pb.CheckStreamResponse:
+        response = pb.CheckStreamResponse(sequence=request.sequence)
+        valid: list[tuple[pb.CheckStreamResult, CheckInput, Prompt | None]] = []
+        for i, check in enumerate(request.checks):
+            result = response.results.add()
+            refusal = self._tenant_refusal(check, f"checks[{i}].tenant_id")
+            if refusal is not None:
+                result.error.code = grpc.StatusCode.PERMISSION_DENIED.value[0]
+                result.error.message = refusal
+                continue
+            if self.default_task_type and not check.task_type:
+                check.task_type = self.default_task_type
+            try:
+                checked, prompt = check_input(check, max_lease_seconds=self.max_lease_seconds)
+            except InvalidRequestError as exc:
+                result.error.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                result.error.message = f"checks[{i}].{exc}"
+                continue
+            valid.append((result, checked, prompt))
+        if valid:
+            answers = await self.limiter.check_many([v[1] for v in valid], None, [v[2] for v in valid])
+            for (result, _, _), answer in zip(valid, answers, strict=True):
+                fill_check_response(result.response, answer)
+        return response
 
     async def report_stream(
         self, requests: AsyncIterator[pb.ReportStreamRequest | _Malformed], context: grpc.aio.ServicerContext[Any, Any]
@@ -274,6 +329,11 @@ class BudgetServicer:
             SERVICE_NAME,
             {
                 "Check": unary_handler(self.check, pb.CheckRequest, pb.CheckResponse),
+                "CheckStream": grpc.stream_stream_rpc_method_handler(
+                    self.check_stream,
+                    request_deserializer=_lenient(pb.CheckStreamRequest),
+                    response_serializer=pb.CheckStreamResponse.SerializeToString,
+                ),
                 "Report": unary_handler(self.report, pb.ReportRequest, pb.ReportResponse),
                 "ReportStream": grpc.stream_unary_rpc_method_handler(
                     self.report_stream,

@@ -12,6 +12,7 @@ from budgetwarden_client._client import (
     AdminClient,
     AsyncBudgetClient,
     BudgetClient,
+    CheckRefusedError,
     default_addr,
 )
 from budgetwarden_client._reporter import BackgroundReporter, ReporterStats
@@ -23,6 +24,7 @@ __all__ = [
     "AsyncBudgetClient",
     "BackgroundReporter",
     "BudgetClient",
+    "CheckRefusedError",
     "ReporterStats",
     "admin_pb",
     "default_addr",

@@ -28,6 +28,46 @@ def _check_request(**fields: Any) -> pb.CheckRequest:
     return request
 
 
+CheckSpec = pb.CheckRequest | Mapping[str, Any]
+
+
+class CheckRefusedError(grpc.RpcError):
+    """One check of a CheckStream message that the sidecar refused, with the status a unary Check would have had."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+_STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def _stream_request(checks: Iterable[CheckSpec], sequence: int = 0) -> pb.CheckStreamRequest:
+    request = pb.CheckStreamRequest(sequence=sequence)
+    for check in checks:
+        request.checks.append(check if isinstance(check, pb.CheckRequest) else _check_request(**check))
+    return request
+
+
+def _answers(response: pb.CheckStreamResponse) -> list[pb.CheckResponse | CheckRefusedError]:
+    """Each check's answer, or the refusal a unary Check would have raised."""
+    out: list[pb.CheckResponse | CheckRefusedError] = []
+    for result in response.results:
+        if result.HasField("error"):
+            code = _STATUS_BY_NUMBER.get(result.error.code, grpc.StatusCode.UNKNOWN)
+            out.append(CheckRefusedError(code, result.error.message))
+        else:
+            out.append(result.response)
+    return out
+
+
 class BudgetClient:
     """A blocking client. Every method takes the request fields as keyword arguments and returns the response."""
 
@@ -39,6 +79,12 @@ class BudgetClient:
 
     def check(self, **fields: Any) -> pb.CheckResponse:
         return self._stub.Check(_check_request(**fields), timeout=self.timeout)
+
+    def check_many(self, checks: Iterable[CheckSpec]) -> list[pb.CheckResponse | CheckRefusedError]:
+        """Many checks in one CheckStream message (at most 1000), decided in order; a refused check is returned as a
+        CheckRefusedError in its place, the others go on."""
+        (response,) = self._stub.CheckStream(iter([_stream_request(checks)]), timeout=self.timeout)
+        return _answers(response)
 
     def report(self, records: Iterable[pb.UsageRecord]) -> pb.ReportResponse:
         return self._stub.Report(pb.ReportRequest(records=list(records)), timeout=self.timeout)
@@ -70,6 +116,15 @@ class AsyncBudgetClient:
 
     async def check(self, **fields: Any) -> pb.CheckResponse:
         return await self._stub.Check(_check_request(**fields), timeout=self.timeout)
+
+    async def check_many(self, checks: Iterable[CheckSpec]) -> list[pb.CheckResponse | CheckRefusedError]:
+        """Many checks in one CheckStream message (at most 1000); see ``BudgetClient.check_many``."""
+        call = self._stub.CheckStream(timeout=self.timeout)
+        await call.write(_stream_request(checks))
+        await call.done_writing()
+        response = await call.read()
+        assert isinstance(response, pb.CheckStreamResponse), "the sidecar ended the stream without an answer"
+        return _answers(response)
 
     async def report(self, records: Iterable[pb.UsageRecord]) -> pb.ReportResponse:
         return await self._stub.Report(pb.ReportRequest(records=list(records)), timeout=self.timeout)

@@ -701,6 +701,117 @@ class CheckResponse(_message.Message):
 Global___CheckResponse: _TypeAlias = CheckResponse  # noqa: Y015
 
 @_typing.final
+class CheckStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Chosen by the caller and echoed on the response."""
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckRequest]:
+        """At most 1000."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        checks: _abc.Iterable[Global___CheckRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckStreamRequest: _TypeAlias = CheckStreamRequest  # noqa: Y015
+
+@_typing.final
+class CheckStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The sequence of the request this answers."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckStreamResult]:
+        """One per check, in the order of the request."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        results: _abc.Iterable[Global___CheckStreamResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckStreamResponse: _TypeAlias = CheckStreamResponse  # noqa: Y015
+
+@_typing.final
+class CheckStreamResult(_message.Message):
+    """CheckStreamResult is the answer to one check of a CheckStream message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___CheckResponse:
+        """The answer, exactly as Check would have given it."""
+
+    @_builtins.property
+    def error(self) -> Global___CheckError:
+        """The check was refused, as Check would have refused it."""
+
+    def __init__(
+        self,
+        *,
+        response: Global___CheckResponse | None = ...,
+        error: Global___CheckError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___CheckStreamResult: _TypeAlias = CheckStreamResult  # noqa: Y015
+
+@_typing.final
+class CheckError(_message.Message):
+    """CheckError is a refused check."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code Check would have answered: 3 (INVALID_ARGUMENT, the message names the field) or 7
+    (PERMISSION_DENIED, a tenant this sidecar does not serve).
+    """
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckError: _TypeAlias = CheckError  # noqa: Y015
+
+@_typing.final
 class UsageRecord(_message.Message):
     """UsageRecord is what one step really spent."""
 

@@ -40,6 +40,11 @@ class BudgetServiceStub:
                 request_serializer=budgetwarden_dot_v1_dot_budget__pb2.CheckRequest.SerializeToString,
                 response_deserializer=budgetwarden_dot_v1_dot_budget__pb2.CheckResponse.FromString,
                 _registered_method=True)
+        self.CheckStream = channel.stream_stream(
+                '/budgetwarden.v1.BudgetService/CheckStream',
+                request_serializer=budgetwarden_dot_v1_dot_budget__pb2.CheckStreamRequest.SerializeToString,
+                response_deserializer=budgetwarden_dot_v1_dot_budget__pb2.CheckStreamResponse.FromString,
+                _registered_method=True)
         self.Report = channel.unary_unary(
                 '/budgetwarden.v1.BudgetService/Report',
                 request_serializer=budgetwarden_dot_v1_dot_budget__pb2.ReportRequest.SerializeToString,
@@ -69,6 +74,17 @@ class BudgetServiceServicer:
     def Check(self, request, context):
         """Check decides whether a step may run and, if it may, reserves its tokens on every applicable scope at once.
         Checking the same (tenant, task, step) again returns the same reservation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckStream(self, request_iterator, context):
+        """CheckStream carries many checks over one stream, for callers that check at a high rate (a gateway, or many agents
+        behind one sidecar). Each message holds up to 1000 checks; each is decided exactly as Check decides it (same
+        rules, same idempotency per step), the checks of one message in their order, and the response to a message holds
+        their answers in the same order. Responses come in the order of the messages. A check that Check would refuse
+        gets an error result of its own; the stream and the other checks go on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,6 +126,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.Check,
                     request_deserializer=budgetwarden_dot_v1_dot_budget__pb2.CheckRequest.FromString,
                     response_serializer=budgetwarden_dot_v1_dot_budget__pb2.CheckResponse.SerializeToString,
+            ),
+            'CheckStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.CheckStream,
+                    request_deserializer=budgetwarden_dot_v1_dot_budget__pb2.CheckStreamRequest.FromString,
+                    response_serializer=budgetwarden_dot_v1_dot_budget__pb2.CheckStreamResponse.SerializeToString,
             ),
             'Report': grpc.unary_unary_rpc_method_handler(
                     servicer.Report,
@@ -160,6 +181,33 @@ class BudgetService:
             '/budgetwarden.v1.BudgetService/Check',
             budgetwarden_dot_v1_dot_budget__pb2.CheckRequest.SerializeToString,
             budgetwarden_dot_v1_dot_budget__pb2.CheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/budgetwarden.v1.BudgetService/CheckStream',
+            budgetwarden_dot_v1_dot_budget__pb2.CheckStreamRequest.SerializeToString,
+            budgetwarden_dot_v1_dot_budget__pb2.CheckStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

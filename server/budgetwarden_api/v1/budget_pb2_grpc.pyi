@@ -42,6 +42,13 @@ class BudgetServiceStub:
     """Check decides whether a step may run and, if it may, reserves its tokens on every applicable scope at once.
     Checking the same (tenant, task, step) again returns the same reservation.
     """
+    CheckStream: _grpc.StreamStreamMultiCallable[_budget_pb2.CheckStreamRequest, _budget_pb2.CheckStreamResponse]
+    """CheckStream carries many checks over one stream, for callers that check at a high rate (a gateway, or many agents
+    behind one sidecar). Each message holds up to 1000 checks; each is decided exactly as Check decides it (same
+    rules, same idempotency per step), the checks of one message in their order, and the response to a message holds
+    their answers in the same order. Responses come in the order of the messages. A check that Check would refuse
+    gets an error result of its own; the stream and the other checks go on.
+    """
     Report: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ReportRequest, _budget_pb2.ReportResponse]
     """Report replaces reservations by real usage (a refund or an extra charge). Records are idempotent."""
     ReportStream: _grpc.StreamUnaryMultiCallable[_budget_pb2.ReportStreamRequest, _budget_pb2.ReportStreamResponse]
@@ -61,6 +68,13 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     Check: _aio.UnaryUnaryMultiCallable[_budget_pb2.CheckRequest, _budget_pb2.CheckResponse]  # type: ignore[assignment]
     """Check decides whether a step may run and, if it may, reserves its tokens on every applicable scope at once.
     Checking the same (tenant, task, step) again returns the same reservation.
+    """
+    CheckStream: _aio.StreamStreamMultiCallable[_budget_pb2.CheckStreamRequest, _budget_pb2.CheckStreamResponse]  # type: ignore[assignment]
+    """CheckStream carries many checks over one stream, for callers that check at a high rate (a gateway, or many agents
+    behind one sidecar). Each message holds up to 1000 checks; each is decided exactly as Check decides it (same
+    rules, same idempotency per step), the checks of one message in their order, and the response to a message holds
+    their answers in the same order. Responses come in the order of the messages. A check that Check would refuse
+    gets an error result of its own; the stream and the other checks go on.
     """
     Report: _aio.UnaryUnaryMultiCallable[_budget_pb2.ReportRequest, _budget_pb2.ReportResponse]  # type: ignore[assignment]
     """Report replaces reservations by real usage (a refund or an extra charge). Records are idempotent."""
@@ -84,6 +98,19 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_budget_pb2.CheckResponse, _abc.Awaitable[_budget_pb2.CheckResponse]]:
         """Check decides whether a step may run and, if it may, reserves its tokens on every applicable scope at once.
         Checking the same (tenant, task, step) again returns the same reservation.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_budget_pb2.CheckStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_budget_pb2.CheckStreamResponse], _abc.AsyncIterator[_budget_pb2.CheckStreamResponse]]:
+        """CheckStream carries many checks over one stream, for callers that check at a high rate (a gateway, or many agents
+        behind one sidecar). Each message holds up to 1000 checks; each is decided exactly as Check decides it (same
+        rules, same idempotency per step), the checks of one message in their order, and the response to a message holds
+        their answers in the same order. Responses come in the order of the messages. A check that Check would refuse
+        gets an error result of its own; the stream and the other checks go on.
         """
 
     @_abc_1.abstractmethod
