@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 import redis
+from google.protobuf.internal.encoder import _VarintBytes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hdrh.histogram import HdrHistogram
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(HERE))
 from _common import machine, publish  # noqa: E402
 
 CHECK = "/budgetwarden.v1.BudgetService/Check"
+CHECK_STREAM = "/budgetwarden.v1.BudgetService/CheckStream"
 POLICY = """
 default_tenant: {windows: {day: {tokens: 1000000000000}, month: {tokens: 1000000000000}}}
 tenants:
@@ -86,7 +88,27 @@ async def _load(job: dict[str, Any]) -> tuple[bytes, int, int]:
             done += 1
 
         deadline = time.perf_counter() + job["seconds"]
-        if job["mode"] == "closed":
+        if job["mode"] == "stream":
+            open_stream = channel.stream_stream(CHECK_STREAM)
+            batch = job["batch"]
+
+            async def stream_loop() -> None:
+                """One stream, one message in flight: a batch of checks, then its answer, then the next."""
+                nonlocal errors, done
+                call = open_stream(timeout=job["seconds"] + 30)
+                while time.perf_counter() < deadline:
+                    message = b"".join(_stream_field(next_request()) for _ in range(batch))
+                    sent = time.perf_counter()
+                    await call.write(message)
+                    answer = pb.CheckStreamResponse.FromString(await call.read())
+                    histogram.record_value(max(1, int((time.perf_counter() - sent) * 1e6)))
+                    refused = sum(1 for result in answer.results if result.HasField("error"))
+                    errors += refused + batch - len(answer.results)
+                    done += len(answer.results) - refused
+                await call.done_writing()
+
+            await asyncio.gather(*(stream_loop() for _ in range(job["concurrency"])))
+        elif job["mode"] == "closed":
 
             async def loop() -> None:
                 while time.perf_counter() < deadline:
@@ -113,6 +135,11 @@ async def _load(job: dict[str, Any]) -> tuple[bytes, int, int]:
     return histogram.encode(), done, errors
 
 
+def _stream_field(check: bytes) -> bytes:
+    """A serialized CheckRequest as one element of CheckStreamRequest.checks (field 2, length-delimited)."""
+    return b"\x12" + _VarintBytes(len(check)) + check
+
+
 def _worker(job: dict[str, Any]) -> tuple[bytes, int, int]:
     return asyncio.run(_load(job))
 
@@ -132,11 +159,11 @@ class Result:
 
 def run_load(
     name: str, server: str, addr: str, *, mode: str, seconds: float, processes: int, concurrency: int = 16,
-    rate: float = 0.0, tasks: int = 1, tenant: str = "bench",
+    rate: float = 0.0, tasks: int = 1, tenant: str = "bench", batch: int = 1,
 ) -> Result:  # fmt: skip
     jobs = [
         {"addr": addr, "mode": mode, "seconds": seconds, "concurrency": concurrency, "rate": rate / processes,
-         "tasks": tasks, "tenant": tenant, "worker": f"{server}-{name}-{w}"}
+         "tasks": tasks, "tenant": tenant, "batch": batch, "worker": f"{server}-{name}-{w}"}
         for w in range(processes)
     ]  # fmt: skip
     ctx = multiprocessing.get_context("spawn")
@@ -245,6 +272,10 @@ def main() -> int:
             results.append(run_load("closed loop, near the limit (one tenant, mostly denied)", "budgetwarden",
                                     addrs["budgetwarden"], mode="closed", seconds=seconds, processes=args.processes,
                                     tenant="tight", tasks=50))  # fmt: skip
+            for batch, tasks in ((10, 1), (100, 1), (100, 1000)):
+                name = f"CheckStream, {batch} checks per message, {tasks:,} task{'s' if tasks > 1 else ''}"
+                results.append(run_load(name, "budgetwarden", addrs["budgetwarden"], mode="stream", seconds=seconds,
+                                        processes=args.processes, concurrency=2, batch=batch, tasks=tasks))  # fmt: skip
             for server in ("floor", "budgetwarden"):
                 results.append(run_load("open loop, 1,000 checks/s", server, addrs[server], mode="open",
                                         seconds=seconds, processes=args.processes, rate=1000))  # fmt: skip

@@ -24,6 +24,7 @@ def test_harness_smoke_run() -> None:
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "scenario" not in line]
     servers = {row.split("|")[2].strip() for row in rows if not row.startswith("|---")}
     assert {"floor", "naive", "budgetwarden"} <= servers
+    assert any("CheckStream, 100 checks per message" in row for row in rows)
     errors = [int(row.split("|")[-2]) for row in rows if not row.startswith("|---")]
     assert errors
     assert sum(errors) == 0  # every check answered

@@ -131,12 +131,17 @@ def _failing_unit(
 class Planner:
     """Builds check plans; keeps a cache of the current calendar windows (a plain memo: still pure in effect)."""
 
-    __slots__ = ("_spans",)
+    __slots__ = ("_scopes", "_spans")
 
     def __init__(self) -> None:
         self._spans = SpanCache()
+        # Per tenant policy: its window scopes and the time range they hold for (all spans current).
+        self._scopes: dict[int, tuple[TenantPolicy, int, int, tuple[Scope, ...]]] = {}
 
     def window_scopes(self, tenant: TenantPolicy, now_ms: int) -> tuple[Scope, ...]:
+        cached = self._scopes.get(id(tenant))
+        if cached is not None and cached[0] is tenant and cached[1] <= now_ms < cached[2]:
+            return cached[3]
         scopes = [
             Scope(
                 WINDOW_SCOPE_NAMES[window],
@@ -148,6 +153,12 @@ class Planner:
             for window, limit in tenant.window_limits()
         ]
         scopes.reverse()
+        spans = [scope.span for scope in scopes if scope.span is not None]
+        valid_from = max((span.start_ms for span in spans), default=now_ms)
+        valid_until = min((span.end_ms for span in spans), default=now_ms + 1)
+        if len(self._scopes) > 4096:  # policies were reloaded many times: start again
+            self._scopes.clear()
+        self._scopes[id(tenant)] = (tenant, valid_from, valid_until, tuple(scopes))
         return tuple(scopes)
 
     def plan_check(self, policy: Policy, request: CheckInput, now_ms: int) -> CheckPlan:
