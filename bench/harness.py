@@ -285,12 +285,14 @@ def main() -> int:
             keys = client.dbsize()
             memory = client.info("memory")["used_memory"]
             tasks_known = sum(1 for _ in client.scan_iter(match="bw1:*:task:*", count=10_000))
+            records = sum(1 for _ in client.scan_iter(match="bw1:*:resv:*", count=10_000))
             client.close()
             if tasks_known:
                 notes.append(
-                    f"Redis after the run: {keys:,} keys, {memory / 2**20:.0f} MiB used, {tasks_known:,} tasks: about "
-                    f"{memory / tasks_known:.0f} bytes per task including its reservation records (bounded: records "
-                    "expire after lease + retention, tasks after the task retention)"
+                    f"Redis after the run: {keys:,} keys ({tasks_known:,} tasks, {records:,} reservation records), "
+                    f"{memory / 2**20:.0f} MiB used: about {memory / records:.0f} bytes per reservation record with "
+                    "its share of the rest (records expire after lease + retention, tasks after the task retention; "
+                    "bench/scale.py measures the memory per active task)"
                 )
         finally:
             for process in processes.values():

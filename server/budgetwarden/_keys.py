@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from urllib.parse import quote
 
@@ -18,6 +19,12 @@ def digest(*parts: str) -> str:
         h.update(len(data).to_bytes(4, "big"))
         h.update(data)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=65_536)
+def task_digest(task_id: str) -> str:
+    """A task's digest, remembered: the same tasks are checked step after step."""
+    return digest(task_id)
 
 
 def reservation_id(task_id: str, step_id: str) -> str:
@@ -41,7 +48,7 @@ class TenantKeys:
         self.usage = self.prefix + "usage"
 
     def task(self, task_id: str) -> str:
-        return f"{self.prefix}task:{digest(task_id)}"
+        return f"{self.prefix}task:{task_digest(task_id)}"
 
     def reservation(self, reservation_id: str) -> str:
         return self.resv_prefix + reservation_id

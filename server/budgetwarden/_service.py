@@ -7,6 +7,7 @@ rather than the INTERNAL that grpc would answer for a failing deserializer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
@@ -94,27 +95,35 @@ def scope_state(scope: Scope, counter: Counter, thresholds: Thresholds | None = 
 
 
 def fill_scope_state(state: pb.ScopeState, scope: Scope, counter: Counter, thresholds: Thresholds | None) -> None:
-    state.name = scope.name
-    state.kind = int(scope.kind)  # type: ignore[assignment]
+    state.CopyFrom(_scope_template(scope))
     state.used_tokens = counter.used
     state.reserved_tokens = counter.reserved
     state.used_usd_micros = counter.used_usd
     state.reserved_usd_micros = counter.reserved_usd
+    limit = counter.limit
+    if limit is not None:
+        state.limit_tokens = limit
+        state.remaining_tokens = max(0, limit - counter.used - counter.reserved)
+    if counter.limit_usd is not None:
+        state.limit_usd_micros = counter.limit_usd
+        state.remaining_usd_micros = max(0, counter.limit_usd - counter.used_usd - counter.reserved_usd)
+    if thresholds is not None and limit is not None and scope.kind is ScopeKind.TASK:
+        if thresholds.soft_bp is not None:
+            state.soft_limit_tokens = threshold_of(limit, thresholds.soft_bp)  # type: ignore[assignment]
+        if thresholds.checkpoint_bp is not None:
+            state.checkpoint_limit_tokens = threshold_of(limit, thresholds.checkpoint_bp)  # type: ignore[assignment]
+
+
+@functools.lru_cache(maxsize=1024)
+def _scope_template(scope: Scope) -> pb.ScopeState:
+    """What a scope's state holds whatever its counter: name, kind and window times. Built once per scope (a window's
+    scope lives as long as the window) and copied, which is cheaper than setting timestamps field by field."""
+    state = pb.ScopeState(name=scope.name, kind=int(scope.kind))  # type: ignore[arg-type]
     if scope.span is not None:
         state.window = int(scope.span.window)  # type: ignore[assignment]
         state.window_start.FromMilliseconds(scope.span.start_ms)
         state.resets_at.FromMilliseconds(scope.span.end_ms)
-    if counter.remaining is not None:
-        state.limit_tokens = counter.limit  # type: ignore[assignment]
-        state.remaining_tokens = counter.remaining
-    if counter.remaining_usd is not None:
-        state.limit_usd_micros = counter.limit_usd  # type: ignore[assignment]
-        state.remaining_usd_micros = counter.remaining_usd
-    if thresholds is not None and scope.kind is ScopeKind.TASK and counter.limit is not None:
-        if thresholds.soft_bp is not None:
-            state.soft_limit_tokens = threshold_of(counter.limit, thresholds.soft_bp)  # type: ignore[assignment]
-        if thresholds.checkpoint_bp is not None:
-            state.checkpoint_limit_tokens = threshold_of(counter.limit, thresholds.checkpoint_bp)  # type: ignore[assignment]
+    return state
 
 
 def check_response(result: CheckResult) -> pb.CheckResponse:

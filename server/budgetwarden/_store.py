@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ def checkpoint_id(tenant_id: str, task_id: str, number: int) -> str:
     return f"{checkpoint_prefix(tenant_id, task_id)}{number}"
 
 
+@functools.lru_cache(maxsize=65_536)
 def checkpoint_prefix(tenant_id: str, task_id: str) -> str:
     return f"ck1.{_b64(tenant_id)}.{_b64(task_id)}."
 
@@ -147,8 +149,11 @@ class StepCheck:
     lease_ms: int
 
 
+_STORE_STATUS = {int(status): status for status in StoreStatus}
+
+
 def _reservation(reply: Sequence[Any], rid: str) -> Reservation:
-    status = StoreStatus(int(reply[0]))
+    status = _STORE_STATUS[int(reply[0])]
     fitted = int(reply[1])
     reserved = status is StoreStatus.RESERVED or status is StoreStatus.REPLAYED
     return Reservation(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from budgetwarden._keys import is_reservation_id
@@ -16,6 +17,9 @@ MAX_LABEL_BYTES = 256
 MAX_TOOL_CALLS = 100_000
 MAX_RECORDS = 1000
 FUTURE_SKEW_MS = 5 * 60_000
+
+
+_CONTROL = re.compile("[\x00-\x1f]")
 
 
 class InvalidRequestError(ValueError):
@@ -33,7 +37,7 @@ def ident(value: str, field: str, *, required: bool = True, max_bytes: int = MAX
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise InvalidRequestError(field, f"is {size} bytes long, at most {max_bytes} are allowed")
-    if any(ch < " " for ch in value):
+    if _CONTROL.search(value):
         raise InvalidRequestError(field, "contains control characters")
     return value
 
