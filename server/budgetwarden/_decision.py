@@ -54,7 +54,7 @@ class Bound(enum.IntEnum):
     CHECKPOINT = 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Shape:
     """A step as it would run: which model, how much context and output, how many tool calls."""
 
@@ -68,7 +68,7 @@ class Shape:
         return self.input_tokens + self.output_tokens
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Candidate:
     amount: Amount
     bound: Bound
@@ -76,7 +76,7 @@ class Candidate:
     rung: str | None  # None: the request as asked
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckPlan:
     """What to ask the store for one check.
 
@@ -97,7 +97,7 @@ class CheckPlan:
     early: Verdict | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StoreOutcome:
     """What the store reported for a plan: ``counters`` belong to ``plan.counted``, in order, after any grant;
     ``thresholds`` are the task's as stored (fixed by its first check)."""
@@ -131,12 +131,28 @@ def _failing_unit(
 class Planner:
     """Builds check plans; keeps a cache of the current calendar windows (a plain memo: still pure in effect)."""
 
-    __slots__ = ("_scopes", "_spans")
+    __slots__ = ("_scopes", "_spans", "_task_types")
 
     def __init__(self) -> None:
         self._spans = SpanCache()
+        self._task_types: dict[int, tuple[TaskTypePolicy, tuple[Scope, Scope | None, Thresholds]]] = {}
         # Per tenant policy: its window scopes and the time range they hold for (all spans current).
         self._scopes: dict[int, tuple[TenantPolicy, int, int, tuple[Scope, ...]]] = {}
+
+    def _task_type_scopes(self, rules: TaskTypePolicy) -> tuple[Scope, Scope | None, Thresholds]:
+        """A task type's task scope (without an explicit ceiling), per-step cap and thresholds, made once per policy."""
+        cached = self._task_types.get(id(rules))
+        if cached is not None and cached[0] is rules:
+            return cached[1]
+        task = Scope(TASK_SCOPE, ScopeKind.TASK, rules.per_task.tokens, None, rules.per_task.usd_micros)
+        step = None
+        if rules.per_step.is_set:
+            step = Scope(STEP_SCOPE, ScopeKind.STEP, rules.per_step.tokens, None, rules.per_step.usd_micros)
+        made = (task, step, Thresholds(rules.soft_bp, rules.checkpoint_bp))
+        if len(self._task_types) > 4096:  # policies were reloaded many times: start again
+            self._task_types.clear()
+        self._task_types[id(rules)] = (rules, made)
+        return made
 
     def window_scopes(self, tenant: TenantPolicy, now_ms: int) -> tuple[Scope, ...]:
         cached = self._scopes.get(id(tenant))
@@ -176,18 +192,10 @@ class Planner:
             verdict = Verdict(Decision.DENY, Reason.UNKNOWN_TASK_TYPE, 0, message)
             return CheckPlan(requested, request.task_type, Thresholds(), None, (), None, (), shape, assumed, verdict)
         task_type, rules = resolved
-        task = Scope(
-            TASK_SCOPE,
-            ScopeKind.TASK,
-            _task_limit(rules.per_task.tokens, request.task_ceiling),
-            None,
-            rules.per_task.usd_micros,
-        )
+        task, step, thresholds = self._task_type_scopes(rules)
+        if request.task_ceiling is not None:
+            task = replace(task, limit=_task_limit(rules.per_task.tokens, request.task_ceiling))
         counted = (task, *self.window_scopes(tenant, now_ms))
-        step = None
-        if rules.per_step.is_set:
-            step = Scope(STEP_SCOPE, ScopeKind.STEP, rules.per_step.tokens, None, rules.per_step.usd_micros)
-        thresholds = Thresholds(rules.soft_bp, rules.checkpoint_bp)
         candidates = _candidates(policy, rules, shape, requested, step)
         return CheckPlan(
             requested, task_type, thresholds, rules.lease_seconds, counted, step, candidates, shape, assumed
@@ -216,13 +224,20 @@ def apply_rung(policy: Policy, rung: Rung, shape: Shape) -> Shape:
     )
 
 
+def _within_cap(step: Scope, amount: Amount) -> bool:
+    """The fit rule against a cap on one request (an empty counter): ``fits(Counter(step limits), amount)``."""
+    if step.limit is not None and amount.tokens > step.limit:
+        return False
+    return step.limit_usd is None or amount.usd <= step.limit_usd
+
+
 def _candidates(
     policy: Policy, rules: TaskTypePolicy, asked: Shape, requested: Amount, step: Scope | None
 ) -> tuple[Candidate, ...]:
     out: list[Candidate] = []
 
     def add(shape: Shape, amount: Amount, bound: Bound, rung: str | None) -> None:
-        if step is not None and not fits(Counter(step.limit, 0, 0, step.limit_usd), amount):
+        if step is not None and not _within_cap(step, amount):
             return  # above the per-step cap
         if out and out[-1].amount == amount and out[-1].bound == bound and out[-1].shape == shape:
             return

@@ -78,7 +78,7 @@ class Prompt:
         return sum(len(m.content) + len(m.role) + len(m.name) for m in self.messages)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckResult:
     verdict: Verdict
     requested: Amount

@@ -84,6 +84,10 @@ class ReleaseStatus(enum.IntEnum):
     NOT_FOUND = 5
 
 
+# The value objects a check makes (about twenty per check) are plain slotted dataclasses, not frozen ones: a frozen
+# __init__ goes through object.__setattr__ per field and costs about 4x (1.5 vs. 0.4 µs for six fields, measured with
+# timeit). Nothing mutates them; treat them as immutable. Scope and WindowSpan stay frozen (they are cache keys), and
+# Thresholds (a shared default).
 @dataclass(frozen=True, slots=True)
 class WindowSpan:
     """One calendar window: [start_ms, end_ms) in epoch milliseconds, and a label unique per window."""
@@ -108,7 +112,7 @@ class Scope:
     limit_usd: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Counter:
     """A scope's figures as the store read them, after any reservation this call made. Cost is in micro-USD."""
 
@@ -132,7 +136,7 @@ class Counter:
         return max(0, self.limit_usd - self.used_usd - self.reserved_usd)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Amount:
     """What a step asks for or is granted: tokens and cost in micro-USD."""
 
@@ -160,7 +164,7 @@ def threshold_of(limit: int | None, bp: int | None) -> int | None:
     return limit * bp // 10_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Advice:
     """How to make a step cheaper (DEGRADE): None / 0 fields mean "no change"."""
 
@@ -171,7 +175,7 @@ class Advice:
     max_tool_calls: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckInput:
     """A validated Check request (the input tokens already counted when the request carried a prompt)."""
 
@@ -192,7 +196,7 @@ class CheckInput:
         return self.input_tokens + self.output_tokens
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
     """The decision for one check, before it is put on the wire."""
 

@@ -117,7 +117,7 @@ class Retention:
     usage_max_age_ms: int = 7 * 86_400_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reservation:
     """What a check did in the store."""
 
@@ -135,7 +135,7 @@ class Reservation:
         return self.status is StoreStatus.REPLAYED
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepCheck:
     """One step to check: its task's scope and thresholds (used if this is the task's first check), the candidates
     (tokens, micro-USD, bound, label) in order of preference, and how long its lease is."""

@@ -55,14 +55,15 @@ local function fields(text)
 end
 
 local TASK_FIELDS = { 'closed', 'checkpoint', 'soft_bp', 'ckpt_bp', 'limit', 'used', 'reserved', 'limit_usd',
-  'used_usd', 'reserved_usd' }
+  'used_usd', 'reserved_usd', 'init' }
 
--- The task's state: closed, open checkpoint, thresholds and its counter (limits -1 when none).
+-- The task's state: closed, open checkpoint, thresholds, its counter (limits -1 when none), and whether a check has
+-- initialised it.
 local function read_task(task_key)
   local f = redis.call('HMGET', task_key, unpack(TASK_FIELDS))
   local counter = { tonumber(f[5] or LIMIT_NONE), num(f[6]), num(f[7]), tonumber(f[8] or LIMIT_NONE), num(f[9]),
     num(f[10]) }
-  return f[1], f[2], tonumber(f[3] or LIMIT_NONE), tonumber(f[4] or LIMIT_NONE), counter
+  return f[1], f[2], tonumber(f[3] or LIMIT_NONE), tonumber(f[4] or LIMIT_NONE), counter, f[11]
 end
 
 local function reply(head, soft_bp, ckpt_bp, task)
@@ -81,16 +82,17 @@ local function check(resv_key, task_key, f)
     return reply({ 2, 0, num(existing[2]), num(existing[3]), num(existing[4]), '' }, soft_bp, ckpt_bp, task)
   end
 
-  -- The first check fixes the task's ceiling and thresholds. Usage reported before it stays counted, and a ceiling
-  -- an operator set before it stays in force.
-  if redis.call('HSETNX', task_key, 'init', 1) == 1 then
+  local closed, open_checkpoint, soft_bp, ckpt_bp, task, initialised = read_task(task_key)
+  if not initialised then
+    -- The first check fixes the task's ceiling and thresholds. Usage reported before it stays counted, and a
+    -- ceiling an operator set before it stays in force.
+    redis.call('HSET', task_key, 'init', 1)
     redis.call('HSETNX', task_key, 'limit', f[2])
     redis.call('HSETNX', task_key, 'limit_usd', f[3])
     redis.call('HSET', task_key, 'soft_bp', f[4], 'ckpt_bp', f[5], 'task_id', f[6], 'task_type', f[7])
+    closed, open_checkpoint, soft_bp, ckpt_bp, task = read_task(task_key)
   end
   redis.call('PEXPIRE', task_key, ARGV[4])
-
-  local closed, open_checkpoint, soft_bp, ckpt_bp, task = read_task(task_key)
   if closed == '1' then return reply({ 4, -1, 0, 0, 0, '' }, soft_bp, ckpt_bp, task) end
   if open_checkpoint then return reply({ 3, -1, 0, 0, 0, open_checkpoint }, soft_bp, ckpt_bp, task) end
 
