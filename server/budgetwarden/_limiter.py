@@ -276,37 +276,36 @@ class Limiter:
         scopes = tuple(zip(plan.counted, reservation.counters, strict=True))
         if plan.step is not None:
             scopes = ((plan.step, Counter(plan.step.limit, 0, 0, plan.step.limit_usd)), *scopes)
-        common = {
-            "policy_version": version,
-            "token_count": token_count,
-            "model_assumed": plan.model_assumed,
-            "task_type": plan.task_type,
-            "thresholds": reservation.thresholds,
-        }
         if reservation.replayed:
             granted = reservation.granted
             verdict = Verdict(
                 Decision.ALLOW, Reason.WITHIN_BUDGET, granted.tokens, "step was checked before", granted_usd=granted.usd
             )
-            return CheckResult(
-                verdict,
-                plan.requested,
-                reservation.reservation_id,
-                reservation.lease_expires_ms,
-                scopes,
-                True,
-                **common,  # type: ignore[arg-type]
+            lease: int | None = reservation.lease_expires_ms
+        else:
+            outcome = StoreOutcome(
+                reservation.status,
+                reservation.fitted,
+                reservation.counters,
+                reservation.thresholds,
+                reservation.checkpoint_id,
             )
-        outcome = StoreOutcome(
-            reservation.status,
-            reservation.fitted,
-            reservation.counters,
+            verdict = decide(plan, outcome, now)
+            lease = reservation.lease_expires_ms if reservation.status is StoreStatus.RESERVED else None
+        return CheckResult(
+            verdict,
+            plan.requested,
+            reservation.reservation_id,
+            lease,
+            scopes,
+            reservation.replayed,
+            False,
+            version,
             reservation.thresholds,
-            reservation.checkpoint_id,
+            token_count,
+            plan.model_assumed,
+            plan.task_type,
         )
-        verdict = decide(plan, outcome, now)
-        lease = reservation.lease_expires_ms if reservation.status is StoreStatus.RESERVED else None
-        return CheckResult(verdict, plan.requested, reservation.reservation_id, lease, scopes, **common)  # type: ignore[arg-type]
 
     def _fail_mode_answer(self, request: CheckInput, plan: CheckPlan, exc: BaseException, version: str) -> CheckResult:
         log.warning(

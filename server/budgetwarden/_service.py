@@ -96,10 +96,14 @@ def scope_state(scope: Scope, counter: Counter, thresholds: Thresholds | None = 
 
 def fill_scope_state(state: pb.ScopeState, scope: Scope, counter: Counter, thresholds: Thresholds | None) -> None:
     state.CopyFrom(_scope_template(scope))
-    state.used_tokens = counter.used
-    state.reserved_tokens = counter.reserved
-    state.used_usd_micros = counter.used_usd
-    state.reserved_usd_micros = counter.reserved_usd
+    if counter.used:
+        state.used_tokens = counter.used
+    if counter.reserved:
+        state.reserved_tokens = counter.reserved
+    if counter.used_usd:
+        state.used_usd_micros = counter.used_usd
+    if counter.reserved_usd:
+        state.reserved_usd_micros = counter.reserved_usd
     limit = counter.limit
     if limit is not None:
         state.limit_tokens = limit
@@ -135,22 +139,32 @@ def check_response(result: CheckResult) -> pb.CheckResponse:
 def fill_check_response(response: pb.CheckResponse, result: CheckResult) -> None:
     """Fills a CheckResponse in place (a stream builds it inside its result message, without a copy)."""
     verdict = result.verdict
-    response.decision = int(verdict.decision)  # type: ignore[assignment]
-    response.reservation_id = result.reservation_id
+    response.decision = verdict.decision.value  # type: ignore[assignment]
+    response.reason = verdict.reason.value  # type: ignore[assignment]
     response.granted_tokens = verdict.granted
-    response.reason = int(verdict.reason)  # type: ignore[assignment]
     response.message = verdict.message
-    response.binding_scope = verdict.binding_scope
-    for scope, counter in result.scopes:
-        fill_scope_state(response.scopes.add(), scope, counter, result.thresholds)
-    response.from_fail_mode = result.from_fail_mode
-    response.replayed = result.replayed
     response.requested_tokens = result.requested.tokens
     response.policy_version = result.policy_version
-    response.granted_cost_usd_micros = verdict.granted_usd
-    response.requested_cost_usd_micros = result.requested.usd
-    response.model_assumed = result.model_assumed
-    response.checkpoint_id = verdict.checkpoint_id
+    # Fields at their default are left alone (proto3 sends nothing for them either way); setting one costs time.
+    if result.reservation_id:
+        response.reservation_id = result.reservation_id
+    if verdict.binding_scope:
+        response.binding_scope = verdict.binding_scope
+    thresholds = result.thresholds
+    for scope, counter in result.scopes:
+        fill_scope_state(response.scopes.add(), scope, counter, thresholds)
+    if result.from_fail_mode:
+        response.from_fail_mode = True
+    if result.replayed:
+        response.replayed = True
+    if verdict.granted_usd:
+        response.granted_cost_usd_micros = verdict.granted_usd
+    if result.requested.usd:
+        response.requested_cost_usd_micros = result.requested.usd
+    if result.model_assumed:
+        response.model_assumed = True
+    if verdict.checkpoint_id:
+        response.checkpoint_id = verdict.checkpoint_id
     if verdict.binding_unit is not None:
         response.binding_unit = int(verdict.binding_unit)  # type: ignore[assignment]
     if result.lease_expires_ms is not None:

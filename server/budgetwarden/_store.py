@@ -62,14 +62,19 @@ def _field(text: str) -> str:
 
 
 def _counters(flat: Sequence[Any]) -> tuple[Counter, ...]:
-    """Counters from a flat reply of (limit, used, reserved, limit_usd, used_usd, reserved_usd) per scope."""
-    out = []
-    for i in range(0, len(flat), 6):
-        limit, used, reserved, limit_usd, used_usd, reserved_usd = flat[i : i + 6]
-        out.append(
-            Counter(_optional(limit), int(used), int(reserved), _optional(limit_usd), int(used_usd), int(reserved_usd))
+    """Counters from a flat reply of (limit, used, reserved, limit_usd, used_usd, reserved_usd) per scope. The script
+    returns integers, which the client hands over as ints."""
+    return tuple(
+        Counter(
+            None if flat[i] == _NONE else int(flat[i]),
+            int(flat[i + 1]),
+            int(flat[i + 2]),
+            None if flat[i + 3] == _NONE else int(flat[i + 3]),
+            int(flat[i + 4]),
+            int(flat[i + 5]),
         )
-    return tuple(out)
+        for i in range(0, len(flat), 6)
+    )
 
 
 def _thresholds(soft_bp: Any, checkpoint_bp: Any) -> Thresholds:

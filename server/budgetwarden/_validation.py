@@ -51,6 +51,8 @@ def _count(value: int, field: str, bound: int = MAX_TOKENS_PER_FIELD) -> int:
 
 
 def _labels(labels: Mapping[str, str], field: str) -> dict[str, str]:
+    if not labels:
+        return {}
     items = dict(labels)
     if len(items) > MAX_LABELS:
         raise InvalidRequestError(field, f"has {len(items)} entries, at most {MAX_LABELS} are allowed")
