@@ -20,7 +20,6 @@ import contextlib
 import itertools
 import multiprocessing
 import os
-import random
 import sys
 import tempfile
 import time
@@ -55,21 +54,6 @@ ASSUMED_BYTES_PER_TASK = 8192  # until the first N has been measured
 def task_id(i: int) -> str:
     """harness.py names the tasks of its load `task-<i>`, i in [0, N)."""
     return f"task-{i}"
-
-
-class UniformTasks:
-    """Passed to harness.run_load as its task count: harness picks `task-{counter % tasks}` (round robin from 0, which
-    over a 10 s run reaches only the first few thousand of a million tasks); this makes `counter % tasks` a uniformly
-    random task in [0, N) instead. Pickled to the load processes (spawn) by reference to this module."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __rmod__(self, counter: int) -> int:
-        return random.randrange(self.n)
-
-    def __gt__(self, other: int) -> bool:
-        return self.n > other
 
 
 def reserve_kwargs(
@@ -284,7 +268,7 @@ def measure(addr: str, client: redis.Redis, n: int, seconds: float, processes: i
     time per EVALSHA and the 1-minute load average at the end (the machine is shared)."""
     tenant = f"scale-{n}"
     print(f"measuring {n:,} tasks ...", file=sys.stderr, flush=True)
-    tasks: Any = UniformTasks(n)
+    tasks = n  # harness picks each check's task uniformly at random among them
     run_load("warm-up", "budgetwarden", addr, mode="closed", seconds=min(1.0, seconds), processes=1, tasks=tasks,
              tenant=tenant)  # fmt: skip
     client.config_resetstat()

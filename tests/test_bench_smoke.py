@@ -21,11 +21,18 @@ def test_harness_smoke_run() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "scenario" not in line]
-    servers = {row.split("|")[2].strip() for row in rows if not row.startswith("|---")}
-    assert {"floor", "naive", "budgetwarden"} <= servers
-    assert any("CheckStream, 100 checks per message" in row for row in rows)
-    errors = [int(row.split("|")[-2]) for row in rows if not row.startswith("|---")]
-    assert errors
-    assert sum(errors) == 0  # every check answered
+    lines = done.stdout.splitlines()
+    header = [
+        cell.strip() for cell in next(line for line in lines if line.startswith("| scenario")).strip("|").split("|")
+    ]
+    rows = [
+        dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True))
+        for line in lines
+        if line.startswith("| ") and not line.startswith(("| scenario", "|---"))
+    ]
+    assert {"floor", "naive", "budgetwarden"} <= {row["server"] for row in rows}
+    assert any("CheckStream, 100 checks per message" in row["scenario"] for row in rows)
+    assert rows
+    assert all(row["errors"] == "0" for row in rows)  # every check answered
+    assert all(float(row["server CPU µs/check"]) > 0 for row in rows)
     assert "SERVING" in done.stdout
