@@ -21,9 +21,9 @@ def digest(*parts: str) -> str:
     return h.hexdigest()
 
 
-@functools.lru_cache(maxsize=65_536)
+@functools.lru_cache(maxsize=8192)
 def task_digest(task_id: str) -> str:
-    """A task's digest, remembered: the same tasks are checked step after step."""
+    """A task's digest, remembered (8,192 tasks, about 1 MB): the same tasks are checked step after step."""
     return digest(task_id)
 
 

@@ -86,7 +86,7 @@ def checkpoint_id(tenant_id: str, task_id: str, number: int) -> str:
     return f"{checkpoint_prefix(tenant_id, task_id)}{number}"
 
 
-@functools.lru_cache(maxsize=65_536)
+@functools.lru_cache(maxsize=8192)
 def checkpoint_prefix(tenant_id: str, task_id: str) -> str:
     return f"ck1.{_b64(tenant_id)}.{_b64(task_id)}."
 
