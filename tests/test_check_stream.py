@@ -4,6 +4,7 @@ checks."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -115,6 +116,33 @@ async def test_many_messages_on_one_stream_are_answered_in_order(strict: Running
         responses = [response async for response in call]
     assert [r.sequence for r in responses] == [1000 + n for n in range(20)]
     assert all([x.response.granted_tokens for x in r.results] == [10, 20] for r in responses)
+
+
+async def test_a_kept_open_stream_answers_overlapping_calls_each_with_its_own_checks(strict: RunningSidecar) -> None:
+    async with AsyncBudgetClient(strict.addr) as client, client.check_stream() as stream:
+
+        async def batch(n: int) -> list[int]:
+            answers = await stream.check_many(
+                [check(f"s{n}-{i}", n * 3 + i, task_id=f"t{n}") for i in range(3)]  # tokens name the check
+            )
+            return [a.granted_tokens for a in answers if isinstance(a, pb.CheckResponse)]
+
+        results = await asyncio.gather(*(batch(n) for n in range(1, 21)))  # 1,950 tokens: the windows have room
+        assert results == [[n * 3 + i for i in range(3)] for n in range(1, 21)]
+        (refused,) = await stream.check_many([check("bad", -1)])
+        assert isinstance(refused, CheckRefusedError)
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_kept_open_stream_fails_every_call_once_the_sidecar_ends_it(strict: RunningSidecar) -> None:
+    async with AsyncBudgetClient(strict.addr) as client:
+        stream = client.check_stream()
+        with pytest.raises(grpc.RpcError) as caught:
+            await stream.check_many([check(f"s{i}", 1) for i in range(1001)])  # too many: the sidecar ends the stream
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError):
+            await stream.check_many([check("after", 1)])
+        await stream.aclose()
 
 
 def test_more_than_1000_checks_in_a_message_is_invalid_argument(client: BudgetClient, sync_redis: redis.Redis) -> None:

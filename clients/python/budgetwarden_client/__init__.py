@@ -12,10 +12,10 @@ from budgetwarden_client._client import (
     AdminClient,
     AsyncBudgetClient,
     BudgetClient,
-    CheckRefusedError,
     default_addr,
 )
 from budgetwarden_client._reporter import BackgroundReporter, ReporterStats
+from budgetwarden_client._stream import CheckRefusedError, CheckStream
 
 __all__ = [
     "DEFAULT_ADDR",
@@ -25,6 +25,7 @@ __all__ = [
     "BackgroundReporter",
     "BudgetClient",
     "CheckRefusedError",
+    "CheckStream",
     "ReporterStats",
     "admin_pb",
     "default_addr",

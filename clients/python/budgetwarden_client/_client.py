@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
@@ -11,6 +11,14 @@ from budgetwarden_api.v1 import admin_pb2 as admin_pb
 from budgetwarden_api.v1 import admin_pb2_grpc as admin_grpc
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
+from budgetwarden_client._stream import (
+    CheckRefusedError,
+    CheckSpec,
+    CheckStream,
+    answers,
+    check_request,
+    stream_request,
+)
 
 DEFAULT_ADDR = "127.0.0.1:50151"
 DEFAULT_ADMIN_ADDR = "127.0.0.1:50152"
@@ -19,53 +27,6 @@ DEFAULT_ADMIN_ADDR = "127.0.0.1:50152"
 def default_addr() -> str:
     """Where the sidecar is: ``BUDGETWARDEN_ADDR`` (set by the Kubernetes injector) or the default loopback port."""
     return os.environ.get("BUDGETWARDEN_ADDR", DEFAULT_ADDR)
-
-
-def _check_request(**fields: Any) -> pb.CheckRequest:
-    labels: Mapping[str, str] = fields.pop("labels", None) or {}
-    request = pb.CheckRequest(**fields)
-    request.labels.update(labels)
-    return request
-
-
-CheckSpec = pb.CheckRequest | Mapping[str, Any]
-
-
-class CheckRefusedError(grpc.RpcError):
-    """One check of a CheckStream message that the sidecar refused, with the status a unary Check would have had."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-_STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
-
-
-def _stream_request(checks: Iterable[CheckSpec], sequence: int = 0) -> pb.CheckStreamRequest:
-    request = pb.CheckStreamRequest(sequence=sequence)
-    for check in checks:
-        request.checks.append(check if isinstance(check, pb.CheckRequest) else _check_request(**check))
-    return request
-
-
-def _answers(response: pb.CheckStreamResponse) -> list[pb.CheckResponse | CheckRefusedError]:
-    """Each check's answer, or the refusal a unary Check would have raised."""
-    out: list[pb.CheckResponse | CheckRefusedError] = []
-    for result in response.results:
-        if result.HasField("error"):
-            code = _STATUS_BY_NUMBER.get(result.error.code, grpc.StatusCode.UNKNOWN)
-            out.append(CheckRefusedError(code, result.error.message))
-        else:
-            out.append(result.response)
-    return out
 
 
 class BudgetClient:
@@ -78,13 +39,13 @@ class BudgetClient:
         self._stub = pb_grpc.BudgetServiceStub(self._channel)
 
     def check(self, **fields: Any) -> pb.CheckResponse:
-        return self._stub.Check(_check_request(**fields), timeout=self.timeout)
+        return self._stub.Check(check_request(**fields), timeout=self.timeout)
 
     def check_many(self, checks: Iterable[CheckSpec]) -> list[pb.CheckResponse | CheckRefusedError]:
         """Many checks in one CheckStream message (at most 1000), decided in order; a refused check is returned as a
         CheckRefusedError in its place, the others go on."""
-        (response,) = self._stub.CheckStream(iter([_stream_request(checks)]), timeout=self.timeout)
-        return _answers(response)
+        (response,) = self._stub.CheckStream(iter([stream_request(checks)]), timeout=self.timeout)
+        return answers(response)
 
     def report(self, records: Iterable[pb.UsageRecord]) -> pb.ReportResponse:
         return self._stub.Report(pb.ReportRequest(records=list(records)), timeout=self.timeout)
@@ -115,16 +76,21 @@ class AsyncBudgetClient:
         self._stub = pb_grpc.BudgetServiceStub(self._channel)
 
     async def check(self, **fields: Any) -> pb.CheckResponse:
-        return await self._stub.Check(_check_request(**fields), timeout=self.timeout)
+        return await self._stub.Check(check_request(**fields), timeout=self.timeout)
 
     async def check_many(self, checks: Iterable[CheckSpec]) -> list[pb.CheckResponse | CheckRefusedError]:
         """Many checks in one CheckStream message (at most 1000); see ``BudgetClient.check_many``."""
         call = self._stub.CheckStream(timeout=self.timeout)
-        await call.write(_stream_request(checks))
+        await call.write(stream_request(checks))
         await call.done_writing()
         response = await call.read()
         assert isinstance(response, pb.CheckStreamResponse), "the sidecar ended the stream without an answer"
-        return _answers(response)
+        return answers(response)
+
+    def check_stream(self) -> CheckStream:
+        """A CheckStream kept open, for checking at a high rate: ``async with client.check_stream() as stream:``
+        then ``await stream.check_many([...])`` as often as needed, also concurrently."""
+        return CheckStream(self._stub)
 
     async def report(self, records: Iterable[pb.UsageRecord]) -> pb.ReportResponse:
         return await self._stub.Report(pb.ReportRequest(records=list(records)), timeout=self.timeout)
