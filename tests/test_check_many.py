@@ -13,7 +13,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from redis.asyncio import Redis
 
-from budgetwarden._limiter import CheckResult, Limiter
+from budgetwarden._limiter import SCRIPT_BATCH, CheckResult, Limiter
 from budgetwarden._model import CheckInput, Decision
 from budgetwarden._policy import parse_policy
 from budgetwarden._store import BudgetStore
@@ -109,3 +109,15 @@ async def test_the_order_inside_a_batch_is_the_order_of_decisions(async_redis: R
     assert other.verdict.decision is Decision.ALLOW  # another tenant: its own windows and its own task
     task = {scope.name: counter for scope, counter in third.scopes}["task"]
     assert task.reserved == 3000  # a and c; b reserved nothing
+
+
+async def test_a_batch_larger_than_one_script_call_decides_as_single_checks_do(async_redis: Redis) -> None:
+    """Checks beyond SCRIPT_BATCH go in several script calls, in order; the budget runs out across a call boundary."""
+    requests = [CheckInput("acme", f"t{i % 3}", f"s{i}", "plain", "small", 37 + i % 5, 0, 0) for i in range(250)]
+    assert len(requests) > 2 * SCRIPT_BATCH
+    one_by_one = await run(async_redis, requests, [])
+    batched = await run(async_redis, requests, [len(requests)])
+    assert batched == one_by_one
+    decisions = [result["verdict"]["decision"] for result in batched]
+    assert Decision.ALLOW in decisions[SCRIPT_BATCH:]
+    assert Decision.DENY in decisions  # the task ceilings (3,000) and the minute window (6,000) ran out
