@@ -73,6 +73,8 @@ local function reply(head, soft_bp, ckpt_bp, task)
   return head
 end
 
+local retained = {}
+
 local function check(resv_key, task_key, f)
   -- The same step checked again gets the same reservation while it is held or after it was reported. A released or
   -- lapsed one holds nothing any more, so the step may reserve again.
@@ -92,7 +94,10 @@ local function check(resv_key, task_key, f)
     redis.call('HSET', task_key, 'soft_bp', f[4], 'ckpt_bp', f[5], 'task_id', f[6], 'task_type', f[7])
     closed, open_checkpoint, soft_bp, ckpt_bp, task = read_task(task_key)
   end
-  redis.call('PEXPIRE', task_key, ARGV[4])
+  if not retained[task_key] then  -- once per task and batch: the same retention from the same now
+    redis.call('PEXPIRE', task_key, ARGV[4])
+    retained[task_key] = true
+  end
   if closed == '1' then return reply({ 4, -1, 0, 0, 0, '' }, soft_bp, ckpt_bp, task) end
   if open_checkpoint then return reply({ 3, -1, 0, 0, 0, open_checkpoint }, soft_bp, ckpt_bp, task) end
 
