@@ -13,7 +13,7 @@ from redis.asyncio import Redis as AsyncRedis
 from budgetwarden._config import Settings
 from budgetwarden._embedded import EmbeddedRedis, free_port
 
-from support import RunningSidecar
+from support import BlackHole, RunningSidecar
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +72,10 @@ def start_sidecar(redis_url: str) -> Iterator[Callable[..., RunningSidecar]]:
 def sidecar(start_sidecar: Callable[..., RunningSidecar]) -> RunningSidecar:
     """A sidecar with the built-in default policy."""
     return start_sidecar()
+
+
+@pytest.fixture
+def black_hole() -> Iterator[BlackHole]:
+    hole = BlackHole()
+    yield hole
+    hole.close()

@@ -6,6 +6,7 @@ import asyncio
 import multiprocessing
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -113,3 +114,29 @@ def run_processes(
                 proc.join(5)
     assert not failures, "\n".join(failures)
     return [collected[index] for index in range(len(procs))]
+
+
+class BlackHole:
+    """A TCP server that accepts connections and never answers: a Redis that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()

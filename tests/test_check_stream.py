@@ -17,7 +17,7 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import AsyncBudgetClient, BudgetClient, CheckRefusedError
 
-from support import RunningSidecar
+from support import BlackHole, RunningSidecar
 
 CHECK_STREAM = "/budgetwarden.v1.BudgetService/CheckStream"
 
@@ -132,6 +132,34 @@ async def test_a_kept_open_stream_answers_overlapping_calls_each_with_its_own_ch
         (refused,) = await stream.check_many([check("bad", -1)])
         assert isinstance(refused, CheckRefusedError)
         assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_cancelled_call_leaves_the_stream_and_the_other_calls_alone(strict: RunningSidecar) -> None:
+    async with AsyncBudgetClient(strict.addr) as client, client.check_stream() as stream:
+        abandoned = asyncio.create_task(stream.check_many([check(f"c{i}", 1, task_id="tc") for i in range(300)]))
+        await asyncio.sleep(0)  # sent (or about to be), then given up on
+        abandoned.cancel()
+        others = await asyncio.gather(*(stream.check_many([check(f"o{n}", n + 1, task_id=f"to{n}")]) for n in range(5)))
+        assert [[a.granted_tokens for a in batch if isinstance(a, pb.CheckResponse)] for batch in others] == [
+            [n + 1] for n in range(5)
+        ]
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+
+
+async def test_closing_the_channel_fails_the_waiting_calls(
+    start_sidecar: Callable[..., RunningSidecar], black_hole: BlackHole
+) -> None:
+    running = start_sidecar(redis_url=f"redis://127.0.0.1:{black_hole.port}/0", check_deadline_ms=60_000)
+    client = AsyncBudgetClient(running.addr, timeout=30)
+    stream = client.check_stream()
+    waiting = asyncio.create_task(stream.check_many([check("s1", 1)]))  # Redis never answers: it waits
+    await asyncio.sleep(0.5)
+    await client.close()
+    with pytest.raises(grpc.RpcError):
+        await asyncio.wait_for(waiting, 10)  # fails at once instead of hanging
+    with pytest.raises(grpc.RpcError):
+        await stream.check_many([check("s2", 1)])
 
 
 async def test_a_kept_open_stream_fails_every_call_once_the_sidecar_ends_it(strict: RunningSidecar) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,7 +15,7 @@ from budgetwarden._embedded import free_port
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient, CheckRefusedError
 
-from support import RunningSidecar
+from support import BlackHole, RunningSidecar
 
 STRICT_POLICY = """
 unknown_tenants: reject
@@ -345,39 +343,6 @@ def test_health_and_reflection(sidecar: RunningSidecar) -> None:
 # --- the fail mode ----------------------------------------------------------------------------------------------
 
 
-class BlackHole:
-    """A TCP server that accepts connections and never answers: a Redis that hangs."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
-
-
-@pytest.fixture
-def black_hole() -> Iterator[BlackHole]:
-    hole = BlackHole()
-    yield hole
-    hole.close()
-
-
 @pytest.mark.parametrize("client_class", [BudgetClient, StreamingClient])
 @pytest.mark.parametrize(
     ("mode", "decision", "reason", "granted"),
@@ -400,11 +365,12 @@ def test_hung_redis_gets_the_fail_mode_within_the_deadline(
     assert not answer.scopes
 
 
+@pytest.mark.parametrize("client_class", [BudgetClient, StreamingClient])
 def test_check_honours_a_client_deadline_shorter_than_the_servers(
-    start_sidecar: Callable[..., RunningSidecar], black_hole: BlackHole
+    start_sidecar: Callable[..., RunningSidecar], black_hole: BlackHole, client_class: type[BudgetClient]
 ) -> None:
     running = start_sidecar(redis_url=f"redis://127.0.0.1:{black_hole.port}/0", check_deadline_ms=60_000)
-    with BudgetClient(running.addr, timeout=1.0) as c:
+    with client_class(running.addr, timeout=1.0) as c:
         answer = check(c)
     assert answer.from_fail_mode
     assert answer.reason == pb.REASON_FAIL_CLOSED

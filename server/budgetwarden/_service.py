@@ -17,7 +17,16 @@ from google.protobuf.message import DecodeError, Message
 
 from budgetwarden._keys import reservation_id
 from budgetwarden._limiter import CheckResult, Limiter, Prompt, StoreUnavailableError
-from budgetwarden._model import CheckInput, Counter, ReportStatus, Scope, ScopeKind, Thresholds, threshold_of
+from budgetwarden._model import (
+    CheckInput,
+    Counter,
+    ReportStatus,
+    Scope,
+    ScopeKind,
+    Thresholds,
+    WindowSpan,
+    threshold_of,
+)
 from budgetwarden._validation import (
     InvalidRequestError,
     budget_target,
@@ -95,7 +104,7 @@ def scope_state(scope: Scope, counter: Counter, thresholds: Thresholds | None = 
 
 
 def fill_scope_state(state: pb.ScopeState, scope: Scope, counter: Counter, thresholds: Thresholds | None) -> None:
-    state.CopyFrom(_scope_template(scope))
+    state.CopyFrom(_scope_template(scope.name, scope.kind, scope.span))
     if counter.used:
         state.used_tokens = counter.used
     if counter.reserved:
@@ -119,14 +128,14 @@ def fill_scope_state(state: pb.ScopeState, scope: Scope, counter: Counter, thres
 
 
 @functools.lru_cache(maxsize=1024)
-def _scope_template(scope: Scope) -> pb.ScopeState:
+def _scope_template(name: str, kind: ScopeKind, span: WindowSpan | None) -> pb.ScopeState:
     """What a scope's state holds whatever its counter: name, kind and window times. Built once per scope (a window's
     scope lives as long as the window) and copied, which is cheaper than setting timestamps field by field."""
-    state = pb.ScopeState(name=scope.name, kind=int(scope.kind))  # type: ignore[arg-type]
-    if scope.span is not None:
-        state.window = int(scope.span.window)  # type: ignore[assignment]
-        state.window_start.FromMilliseconds(scope.span.start_ms)
-        state.resets_at.FromMilliseconds(scope.span.end_ms)
+    state = pb.ScopeState(name=name, kind=int(kind))  # type: ignore[arg-type]
+    if span is not None:
+        state.window = int(span.window)  # type: ignore[assignment]
+        state.window_start.FromMilliseconds(span.start_ms)
+        state.resets_at.FromMilliseconds(span.end_ms)
     return state
 
 
@@ -239,10 +248,13 @@ class BudgetServicer:
                     context,
                     f"message {received}: checks: holds {len(request.checks)}, at most {MAX_STREAM_CHECKS} are allowed",
                 )
-            yield await self._check_batch(request)
+            remaining = context.time_remaining()  # the stream's deadline, if the caller set one
+            yield await self._check_batch(request, None if remaining is None else remaining * 0.9)
             received += 1
 
-    async def _check_batch(self, request: pb.CheckStreamRequest) -> pb.CheckStreamResponse:
+    async def _check_batch(
+        self, request: pb.CheckStreamRequest, deadline_s: float | None = None
+    ) -> pb.CheckStreamResponse:
         response = pb.CheckStreamResponse(sequence=request.sequence)
         valid: list[tuple[pb.CheckStreamResult, CheckInput, Prompt | None]] = []
         for i, check in enumerate(request.checks):
@@ -262,7 +274,7 @@ class BudgetServicer:
                 continue
             valid.append((result, checked, prompt))
         if valid:
-            answers = await self.limiter.check_many([v[1] for v in valid], None, [v[2] for v in valid])
+            answers = await self.limiter.check_many([v[1] for v in valid], deadline_s, [v[2] for v in valid])
             for (result, _, _), answer in zip(valid, answers, strict=True):
                 fill_check_response(result.response, answer)
         return response

@@ -89,8 +89,9 @@ class AsyncBudgetClient:
 
     def check_stream(self) -> CheckStream:
         """A CheckStream kept open, for checking at a high rate: ``async with client.check_stream() as stream:``
-        then ``await stream.check_many([...])`` as often as needed, also concurrently."""
-        return CheckStream(self._stub)
+        then ``await stream.check_many([...])`` as often as needed, also concurrently (each call times out after the
+        client's timeout)."""
+        return CheckStream(self._stub, timeout=self.timeout)
 
     async def report(self, records: Iterable[pb.UsageRecord]) -> pb.ReportResponse:
         return await self._stub.Report(pb.ReportRequest(records=list(records)), timeout=self.timeout)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
@@ -63,52 +62,72 @@ def answers(response: pb.CheckStreamResponse) -> list[pb.CheckResponse | CheckRe
 
 
 class CheckStream:
-    """One CheckStream kept open. ``check_many`` sends one message and waits for its answer; calls may overlap (the
-    sidecar answers messages in order, so answers are matched to calls by order). If the stream fails, every waiting
-    call and every later one raises the stream's error."""
+    """One CheckStream kept open. ``check_many`` sends one message and waits for its answer, matched by sequence.
+    Calls may overlap, and a caller that stops waiting (cancelled, or past the session's ``timeout``) leaves the
+    stream and the other calls alone. If the stream fails, every waiting call and every later one raises its error."""
 
-    def __init__(self, stub: pb_grpc.BudgetServiceAsyncStub) -> None:
+    def __init__(self, stub: pb_grpc.BudgetServiceAsyncStub, *, timeout: float | None = None) -> None:
+        self.timeout = timeout
         self._call = stub.CheckStream()
-        self._waiting: deque[asyncio.Future[pb.CheckStreamResponse]] = deque()
+        self._waiting: dict[int, asyncio.Future[pb.CheckStreamResponse]] = {}
         self._sequence = itertools.count(1)
-        self._write_lock = asyncio.Lock()
+        # One writer task sends everything: a cancelled caller never cancels a write half-way (that would end the call).
+        self._outbox: asyncio.Queue[pb.CheckStreamRequest | None] = asyncio.Queue()
         self._failure: BaseException | None = None
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write())
+        self._reader = loop.create_task(self._read())
 
     async def check_many(self, checks: Iterable[CheckSpec]) -> list[pb.CheckResponse | CheckRefusedError]:
+        """At most 1000 checks; raises TimeoutError after the session's timeout (None: wait as long as it takes)."""
         if self._failure is not None:
             raise self._failure
+        sequence = next(self._sequence)
         answer: asyncio.Future[pb.CheckStreamResponse] = asyncio.get_running_loop().create_future()
-        request = stream_request(checks, next(self._sequence))
-        async with self._write_lock:  # one write at a time, and the waiting order is the sending order
-            self._waiting.append(answer)
-            await self._call.write(request)
-        return answers(await answer)
-
-    async def _read(self) -> None:
+        self._waiting[sequence] = answer
+        self._outbox.put_nowait(stream_request(checks, sequence))
         try:
-            async for response in self._call:
-                waiting = self._waiting.popleft()
-                if not waiting.done():  # its caller may have stopped waiting (cancelled)
-                    waiting.set_result(response)
-            self._fail(grpc.RpcError("the sidecar ended the stream"))
-        except grpc.RpcError as exc:
+            async with asyncio.timeout(self.timeout):
+                return answers(await answer)
+        finally:
+            self._waiting.pop(sequence, None)
+
+    async def _write(self) -> None:
+        try:
+            while (request := await self._outbox.get()) is not None:
+                await self._call.write(request)
+            await self._call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError) as exc:  # the call ended: the reader reports why
             self._fail(exc)
 
+    async def _read(self) -> None:
+        failure: BaseException = grpc.RpcError("the sidecar ended the stream")
+        try:
+            async for response in self._call:
+                waiting = self._waiting.pop(response.sequence, None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(response)
+        except grpc.RpcError as exc:
+            failure = exc
+        except asyncio.CancelledError:
+            failure = grpc.RpcError("the stream was cancelled (its channel closed)")
+            raise
+        finally:
+            self._fail(failure)
+
     def _fail(self, exc: BaseException) -> None:
-        self._failure = exc
-        while self._waiting:
-            waiting = self._waiting.popleft()
+        if self._failure is None:
+            self._failure = exc
+        for waiting in self._waiting.values():
             if not waiting.done():
-                waiting.set_exception(exc)
+                waiting.set_exception(self._failure)
+        self._waiting.clear()
 
     async def aclose(self) -> None:
         """Ends the stream after the answers to what was sent."""
-        if self._failure is None:
-            async with self._write_lock:
-                await self._call.done_writing()
-        await self._reader
-        self._failure = self._failure or grpc.RpcError("the stream is closed")
+        self._outbox.put_nowait(None)
+        await asyncio.gather(self._writer, self._reader, return_exceptions=True)
+        self._fail(grpc.RpcError("the stream is closed"))
 
     async def __aenter__(self) -> CheckStream:
         return self
