@@ -334,6 +334,32 @@ def test_purge_is_bounded_per_call(lua: Scripts) -> None:
     assert lua.held(TASK) == (0, 0)
 
 
+def test_a_batch_sweeps_as_much_as_its_checks_would_one_by_one(lua: Scripts) -> None:
+    for i in range(300):
+        lua.check(f"s{i}", [1], lease_ms=1_000, windows=[])
+    probes = [(f"p{i}", check_arg(f"p{i}", [], NOW + 61_000)) for i in range(2)]
+    lua.check_many(probes, now=NOW + 1_000, windows=[])
+    assert lua.client.zcard(LEASES) == 0  # two checks: up to 2 x 256 expired leases swept
+    assert lua.held(TASK) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("argument", "error"),
+    [
+        ("1\x1f2", "check argument 1 is malformed"),
+        (
+            f"{NOW}\x1f1000\x1f-1\x1f-1\x1f-1\x1ft1\x1fgeneral\x1fs9\x1fck\x1fmany\x1f0\x1f0\x1fALLOW",
+            "malformed candidate",
+        ),
+    ],
+)
+def test_a_malformed_check_in_a_batch_writes_nothing(lua: Scripts, argument: str, error: str) -> None:
+    good = check_arg("s1", [100], NOW + 60_000)
+    with pytest.raises(redis.ResponseError, match=error):
+        lua.check_many([("s1", good), ("s9", argument)], windows=DEFAULT_WINDOWS)
+    assert lua.client.dbsize() == 0  # the good check before it reserved nothing either
+
+
 # --- cost, thresholds, checkpoints, administration ----------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,9 +57,12 @@ def _text(value: Any) -> str:
 _SEPARATOR = "\x1f"
 
 
+_CONTROL = re.compile("[\x00-\x1f]")
+
+
 def _field(text: str) -> str:
-    """Policy-made text (a rung name) in a check's argument: control characters would break the field list."""
-    return text if text.isprintable() else "".join(ch if ch.isprintable() else "?" for ch in text)
+    """Policy-made text (a task type or rung name) in a check's argument: a control character would split it."""
+    return _CONTROL.sub("?", text)
 
 
 def _counters(flat: Sequence[Any]) -> tuple[Counter, ...]:
@@ -270,7 +274,7 @@ class BudgetStore:
                 str(_limit_arg(thresholds.soft_bp)),
                 str(_limit_arg(thresholds.checkpoint_bp)),
                 step.task_id,
-                step.task_type,
+                _field(step.task_type),
                 step.step_id,
                 checkpoint_prefix(tenant_id, step.task_id),
             ]

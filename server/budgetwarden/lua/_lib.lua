@@ -61,9 +61,10 @@ local function end_hold(resv_key, record, new_state, leases, now)
   return record.amount
 end
 
--- Expired leases stop holding budget: no background job, every script sweeps a bounded batch first.
-local function purge_expired(leases, resv_prefix, now)
-  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, PURGE_BATCH)
+-- Expired leases stop holding budget: no background job, every script sweeps a bounded batch first (PURGE_BATCH, or
+-- `limit` when given: a batch of checks sweeps as much as its checks would have one by one).
+local function purge_expired(leases, resv_prefix, now, limit)
+  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, limit or PURGE_BATCH)
   for _, id in ipairs(expired) do
     local resv_key = resv_prefix .. id
     local record = load_record(resv_key)

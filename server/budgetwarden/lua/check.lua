@@ -21,25 +21,12 @@
 --     used_usd, reserved_usd }
 -- status: 0 nothing reserved, 1 reserved now, 2 replay of an earlier reservation of this step,
 --         3 the task is at a checkpoint, 4 the task is closed.
+-- A malformed argument or a wrong number of keys is an error reply, before anything is written.
 
 local leases = KEYS[1]
 local now = tonumber(ARGV[1])
 local nwin = tonumber(ARGV[5])
 local first_check = 6 + 3 * nwin
-
-purge_expired(leases, ARGV[3], now)
-
--- The windows are read once per batch and kept here; what the batch reserves on them is written once, at the end.
-local windows, win_keys, win_until, win_touched = {}, {}, {}, {}
-local win_added, win_added_usd = {}, {}
-for i = 1, nwin do
-  local at = 6 + 3 * (i - 1)
-  win_keys[i], win_until[i] = KEYS[1 + i], ARGV[at + 2]
-  windows[i] = window_counter(win_keys[i], ARGV[at], ARGV[at + 1])
-  win_touched[i], win_added[i], win_added_usd[i] = false, 0, 0
-end
-local scope_list = table.concat(win_keys, ' ')
-local until_list = table.concat(win_until, ' ')
 
 local function fields(text)
   local out, from = {}, 1
@@ -53,6 +40,39 @@ local function fields(text)
     from = at + 1
   end
 end
+
+-- Every check's argument is parsed and checked before anything is written: a script is not rolled back, so a bad
+-- argument half-way would leave the checks before it reserved on the task but not on the windows.
+local checks = {}
+for n = first_check, #ARGV do
+  local f = fields(ARGV[n])
+  if #f < 9 or (#f - 9) % 4 ~= 0 or not tonumber(f[1]) then
+    return redis.error_reply('check argument ' .. (n - first_check) .. ' is malformed')
+  end
+  for at = 10, #f, 4 do
+    if not (tonumber(f[at]) and tonumber(f[at + 1])) then
+      return redis.error_reply('check argument ' .. (n - first_check) .. ' has a malformed candidate')
+    end
+  end
+  checks[#checks + 1] = f
+end
+if #KEYS ~= 1 + nwin + 2 * #checks then
+  return redis.error_reply('expected ' .. (1 + nwin + 2 * #checks) .. ' keys, got ' .. #KEYS)
+end
+
+purge_expired(leases, ARGV[3], now, PURGE_BATCH * math.max(1, #checks))
+
+-- The windows are read once per batch and kept here; what the batch reserves on them is written once, at the end.
+local windows, win_keys, win_until, win_touched = {}, {}, {}, {}
+local win_added, win_added_usd = {}, {}
+for i = 1, nwin do
+  local at = 6 + 3 * (i - 1)
+  win_keys[i], win_until[i] = KEYS[1 + i], ARGV[at + 2]
+  windows[i] = window_counter(win_keys[i], ARGV[at], ARGV[at + 1])
+  win_touched[i], win_added[i], win_added_usd[i] = false, 0, 0
+end
+local scope_list = table.concat(win_keys, ' ')
+local until_list = table.concat(win_until, ' ')
 
 local TASK_FIELDS = { 'closed', 'checkpoint', 'soft_bp', 'ckpt_bp', 'limit', 'used', 'reserved', 'limit_usd',
   'used_usd', 'reserved_usd', 'init' }
@@ -152,8 +172,8 @@ local function check(resv_key, task_key, f)
 end
 
 local out = {}
-for n = 0, #ARGV - first_check do
-  out[n + 1] = check(KEYS[2 + nwin + 2 * n], KEYS[3 + nwin + 2 * n], fields(ARGV[first_check + n]))
+for n = 1, #checks do
+  out[n] = check(KEYS[nwin + 2 * n], KEYS[nwin + 2 * n + 1], checks[n])
 end
 
 for i = 1, nwin do
