@@ -1,10 +1,15 @@
-"""What the benchmarks share: the machine description, percentiles, and how results are printed and appended."""
+"""What the benchmarks share: the machine description, percentiles, how results are printed and appended, and
+waiting for a server to serve."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def machine() -> str:
@@ -33,3 +38,20 @@ def publish(lines: list[str], write: Path | None) -> None:
     if write is not None:
         with write.open("a") as out:
             out.write("\n" + report)
+
+
+def wait_serving(addr: str, timeout: float = 30.0) -> float:
+    """Waits until the server at ``addr`` reports SERVING on gRPC health; returns how long that took."""
+    started = time.perf_counter()
+    with grpc.insecure_channel(addr) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.perf_counter() - started
+            except grpc.RpcError:
+                pass
+            if time.perf_counter() - started > timeout:
+                raise TimeoutError(f"{addr} did not serve within {timeout}s")
+            time.sleep(0.01)

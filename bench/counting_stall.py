@@ -19,9 +19,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import grpc
 import tiktoken
-from _common import machine, percentile, publish
+from _common import machine, percentile, publish, wait_serving
 
 from budgetwarden._embedded import free_port
 from budgetwarden_client import BudgetClient
@@ -101,16 +100,7 @@ def main() -> int:
              "--policy-file", str(policy), "--log-level", "WARNING"],
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with BudgetClient(addr, timeout=1) as client:
-                        client.check(tenant_id="bench", task_id="warm", step_id="0", estimated_input_tokens=1)
-                    break
-                except grpc.RpcError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+            wait_serving(addr)
             small_checks(addr, 1.0, args.threads)  # warm up
             alone = small_checks(addr, args.seconds, args.threads)
             stop = threading.Event()

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from concurrent import futures
 from datetime import UTC, datetime
@@ -28,10 +27,9 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as otlp
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as otlp_grpc
 
 from budgetwarden._embedded import EmbeddedRedis, free_port
-from budgetwarden_client import BudgetClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, percentile, publish
+from _common import machine, percentile, publish, wait_serving
 from counting_stall import small_checks
 
 
@@ -59,16 +57,8 @@ def serve(url: str, env: dict[str, str], extra: list[str]) -> tuple[subprocess.P
         "WARNING",
     ]
     process = subprocess.Popen([*args, *extra], env=env)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with BudgetClient(addr, timeout=1) as client:
-                client.check(tenant_id="bench", task_id="warm", step_id=str(time.time_ns()), estimated_input_tokens=1)
-            return process, addr
-        except grpc.RpcError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    wait_serving(addr)
+    return process, addr
 
 
 def main() -> int:

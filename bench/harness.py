@@ -30,7 +30,6 @@ from typing import Any
 import grpc
 import redis
 from google.protobuf.internal.encoder import _VarintBytes
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hdrh.histogram import HdrHistogram
 
 from budgetwarden._embedded import EmbeddedRedis, free_port
@@ -38,7 +37,7 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine, publish  # noqa: E402
+from _common import machine, publish, wait_serving  # noqa: E402
 
 CHECK = "/budgetwarden.v1.BudgetService/Check"
 CHECK_STREAM = "/budgetwarden.v1.BudgetService/CheckStream"
@@ -197,22 +196,6 @@ def run_load(
 
 
 # --- servers ------------------------------------------------------------------------------------------------------
-
-
-def wait_serving(addr: str, timeout: float = 30.0) -> float:
-    started = time.perf_counter()
-    with grpc.insecure_channel(addr) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return time.perf_counter() - started
-            except grpc.RpcError:
-                pass
-            if time.perf_counter() - started > timeout:
-                raise TimeoutError(f"{addr} did not serve within {timeout}s")
-            time.sleep(0.01)
 
 
 def wait_port(addr: str, timeout: float = 30.0) -> None:

@@ -35,7 +35,7 @@ from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, publish
+from _common import machine, publish, wait_serving
 
 POLICY = "default_tenant: {windows: {day: {tokens: 1000000000000}}}\ndefault_task_type: t\ntask_types: {t: {}}\n"
 BATCH = 500
@@ -85,16 +85,7 @@ def main() -> int:
              "--policy-file", str(policy), "--log-level", "WARNING", "--usage-stream-max-len", "10000000"],
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with BudgetClient(addr, timeout=1) as client:
-                        client.report(records("warm", 10))
-                    break
-                except grpc.RpcError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+            wait_serving(addr)
 
             async def direct() -> float:
                 client = Redis.from_url(url)

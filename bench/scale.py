@@ -40,8 +40,8 @@ from budgetwarden._store import BudgetStore
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine, publish  # noqa: E402
-from harness import POLICY, Result, rss_mb, run_load, start, wait_serving  # noqa: E402
+from _common import machine, publish, wait_serving  # noqa: E402
+from harness import POLICY, Result, rss_mb, run_load, start  # noqa: E402
 
 # The request shape of harness.py's load (800 input + 200 output tokens, default model and task type).
 INPUT_TOKENS, OUTPUT_TOKENS = 800, 200
