@@ -5,9 +5,9 @@
 
 Needs `redis-benchmark` on PATH (Debian: `apt-get install redis-tools`); without it the baseline is skipped, and the
 script says so and exits 0. One Valkey with bench's usual settings (append-only file, everysec). The check script is
-loaded with SCRIPT LOAD, and one realistic EVALSHA command line is recorded from a real `BudgetStore.reserve` call
-(planned from the harness policy by the sidecar's own Planner) through a spy around the store's script object, so the
-keys and arguments are exactly what the store sends, whatever their layout. In that command line the step id and the
+loaded with SCRIPT LOAD, and one realistic EVALSHA command line is recorded from a real check through the sidecar's
+own Limiter (with the harness policy) by a spy around the store's script object, so the keys and arguments are
+exactly what the store sends, whatever their layout. In that command line the step id and the
 reservation id are replaced by redis-benchmark's `__rand_int__`, so that every call is a new step of one task (a
 replay only when two random ids collide; the key space is large enough to make that rare). The naive one-counter
 script of bench/baselines.py runs the same way, for comparison.
@@ -23,47 +23,41 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from budgetwarden._decision import Planner
 from budgetwarden._embedded import EmbeddedRedis, free_port
-from budgetwarden._model import StoreStatus
-from budgetwarden._policy import parse_policy
-from budgetwarden._store import BudgetStore, load_lua
+from budgetwarden._store import load_lua
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import machine, publish  # noqa: E402
 from baselines import NAIVE_LUA  # noqa: E402
-from harness import POLICY  # noqa: E402
-from scale import ScriptSpy, reserve_kwargs  # noqa: E402
+from scale import ScriptSpy, limiter, preload_check  # noqa: E402
 
 RAND = "__rand_int__"
 STEP = "bench-step-0"
-LEASE_MS = 600_000  # the sidecar's default lease
+LEASE_S = 600  # the sidecar's default lease
 CONNECTIONS = 50
 
 
 async def record_check(url: str, tenant: str, task: str) -> tuple[str, list[str]]:
-    """Run one real check through BudgetStore.reserve and return the SHA and the EVALSHA arguments it sent."""
+    """Run one real check through the sidecar's Limiter and return the SHA and the EVALSHA arguments it sent."""
     client = AsyncRedis.from_url(url)
     try:
-        store = BudgetStore(client)
-        spy = ScriptSpy(store._check)
-        store._check = spy  # type: ignore[assignment]
-        kwargs = reserve_kwargs(Planner(), parse_policy(POLICY, "bench").policy, tenant, task, STEP,
-                                time.time_ns() // 10**6, LEASE_MS)  # fmt: skip
-        reservation = await store.reserve(**kwargs)
+        checks = limiter(client)
+        spy = ScriptSpy(checks.store._check)
+        checks.store._check = spy  # type: ignore[assignment]
+        request = replace(preload_check(tenant, 0, STEP), task_id=task, lease_seconds=LEASE_S)
+        reservation = await checks.check(request)
     finally:
         await client.aclose()
-    if reservation.status is not StoreStatus.RESERVED:
-        raise RuntimeError(f"the recorded check was {reservation.status.name}, not RESERVED")
+    if reservation.lease_expires_ms is None or reservation.replayed:
+        raise RuntimeError(f"the recorded check was not reserved: {reservation.verdict}")
     rid = reservation.reservation_id
     argv = [str(len(spy.keys)), *spy.keys, *spy.args]
     if not any(rid in a for a in spy.keys) or not any(STEP in a for a in spy.args):

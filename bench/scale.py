@@ -5,8 +5,8 @@
 
 One Valkey (append-only file, everysec, as in harness.py) and one `budgetwarden serve` against it. For each N, in
 ascending order and in the same run, a tenant of its own (`scale-N`) gets N active tasks preloaded in-process through
-`BudgetStore.reserve` (planned by the sidecar's own `Planner` from the harness policy, so they are the tasks the
-sidecar then checks: task hash + one live reservation each, leases long enough to outlast the run). After the preload
+the sidecar's own `Limiter.check_many` with the harness policy (so they are the tasks the sidecar then checks: task
+hash + one live reservation each, leases long enough to outlast the run). After the preload
 an AOF rewrite is run and waited for, so no rewrite (a fork on 2 cores) overlaps the measurement. Then closed-loop
 Check load from harness.run_load, each check a new step of a task drawn uniformly at random from the N. Redis memory
 is read before and after each preload (INFO used_memory) and per key kind with MEMORY USAGE.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import multiprocessing
 import os
@@ -31,9 +30,9 @@ from typing import Any
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from budgetwarden._decision import Planner
 from budgetwarden._embedded import EmbeddedRedis, free_port
 from budgetwarden._keys import TenantKeys
+from budgetwarden._limiter import Limiter
 from budgetwarden._model import CheckInput
 from budgetwarden._policy import parse_policy
 from budgetwarden._store import BudgetStore
@@ -45,7 +44,7 @@ from harness import POLICY, Result, rss_mb, run_load, start  # noqa: E402
 
 # The request shape of harness.py's load (800 input + 200 output tokens, default model and task type).
 INPUT_TOKENS, OUTPUT_TOKENS = 800, 200
-PRELOAD_LEASE_MS = 4 * 3_600_000  # preloaded reservations stay live for the whole run
+PRELOAD_LEASE_S = 4 * 3_600  # preloaded reservations stay live for the whole run
 # Memory we allow Valkey to reach, as a share of MemAvailable at start (an AOF rewrite forks: copy-on-write headroom).
 MEMORY_SHARE = 0.4
 ASSUMED_BYTES_PER_TASK = 8192  # until the first N has been measured
@@ -56,52 +55,32 @@ def task_id(i: int) -> str:
     return f"task-{i}"
 
 
-def reserve_kwargs(
-    planner: Planner, policy: Any, tenant: str, task: str, step: str, now_ms: int, lease_ms: int
-) -> dict[str, Any]:
-    """The keyword arguments of BudgetStore.reserve for one check, planned as the sidecar's limiter plans it."""
-    request = CheckInput(
-        tenant_id=tenant, task_id=task, step_id=step, task_type="", model="",
-        input_tokens=INPUT_TOKENS, output_tokens=OUTPUT_TOKENS, tool_calls=0,
+def preload_check(tenant: str, i: int, step: str = "preload") -> CheckInput:
+    """The check that makes task i of `tenant` active: the load's request shape, with a lease that outlasts the run."""
+    return CheckInput(
+        tenant_id=tenant, task_id=task_id(i), step_id=step, task_type="", model="",
+        input_tokens=INPUT_TOKENS, output_tokens=OUTPUT_TOKENS, tool_calls=0, lease_seconds=PRELOAD_LEASE_S,
     )  # fmt: skip
-    plan = planner.plan_check(policy, request, now_ms)
-    assert plan.early is None, plan.early
-    return {
-        "tenant_id": tenant,
-        "task_id": task,
-        "step_id": step,
-        "task_type": plan.task_type,
-        "task": plan.counted[0],
-        "thresholds": plan.thresholds,
-        "windows": plan.counted[1:],
-        "candidates": [
-            (c.amount.tokens, c.amount.usd, int(c.bound), f"DEGRADE:{c.rung}" if c.rung else "ALLOW")
-            for c in plan.candidates
-        ],
-        "now_ms": now_ms,
-        "lease_ms": lease_ms,
-    }
 
 
-class CapturedError(Exception):
-    """Raised by a ScriptSpy that only records: the call was recorded and not sent."""
+def limiter(client: AsyncRedis) -> Limiter:
+    """A limiter like the sidecar's, with a deadline long enough for preloading (no fail-mode answers)."""
+    loaded = parse_policy(POLICY, "bench")
+    return Limiter(BudgetStore(client), lambda: loaded, check_deadline_s=60)
 
 
 class ScriptSpy:
     """Stands in for a store's script object (``store._check = ScriptSpy(store._check)``): records the keys and
-    arguments of the last call, then runs the real script with them (or, with ``send=False``, raises CapturedError)."""
+    arguments of the last call, then runs the real script with them."""
 
-    def __init__(self, script: Any, *, send: bool = True) -> None:
+    def __init__(self, script: Any) -> None:
         self.script = script
-        self.send = send
         self.keys: list[str] = []
         self.args: list[str] = []
 
     def __call__(self, keys: Any = None, args: Any = None, client: Any = None) -> Any:
         self.keys = [_text(k) for k in keys or ()]
         self.args = [_text(a) for a in args or ()]
-        if not self.send:
-            raise CapturedError
         return self.script(keys=keys, args=args, client=client)
 
 
@@ -111,38 +90,24 @@ def _text(value: Any) -> str:
 
 # --- preload (worker processes) ------------------------------------------------------------------------------------
 
-PRELOAD_BATCH = 500  # script calls per pipeline
-PRELOAD_IN_FLIGHT = 4  # pipelines in flight per process
+PRELOAD_BATCH = 1000  # checks per Limiter.check_many call (it sends them in script calls of 100)
+PRELOAD_IN_FLIGHT = 4  # calls in flight per process
 
 
 async def _preload(job: dict[str, Any]) -> int:
-    """Each task's check is built by BudgetStore.reserve itself (its script call recorded by a spy, not sent), then
-    the recorded calls go to Redis through the store's own script object, a pipeline of PRELOAD_BATCH at a time:
-    one round trip per batch instead of one per task, and no knowledge of the script's argument layout here."""
+    """Each task's first step is checked through the sidecar's own Limiter, many at a time."""
     client = AsyncRedis.from_url(job["url"])
-    policy = parse_policy(POLICY, "bench").policy
-    planner = Planner()
+    checks = limiter(client)
     starts = iter(range(job["first"], job["stop"], PRELOAD_BATCH))
     done = 0
 
     async def batches() -> None:
         nonlocal done
-        store = BudgetStore(client)
-        script, spy = store._check, ScriptSpy(store._check, send=False)
-        store._check = spy  # type: ignore[assignment]
         for lo in starts:  # shared by the coroutines: each batch is taken once
-            calls = []
-            for i in range(lo, min(lo + PRELOAD_BATCH, job["stop"])):
-                now = time.time_ns() // 10**6
-                with contextlib.suppress(CapturedError):
-                    await store.reserve(**reserve_kwargs(planner, policy, job["tenant"], task_id(i), "preload", now,
-                                                         PRELOAD_LEASE_MS))  # fmt: skip
-                calls.append((spy.keys, spy.args))
-            pipe = client.pipeline(transaction=False)
-            for keys, args in calls:
-                await script(keys=keys, args=args, client=pipe)
-            await pipe.execute()  # raises on any error reply
-            done += len(calls)
+            hi = min(lo + PRELOAD_BATCH, job["stop"])
+            results = await checks.check_many([preload_check(job["tenant"], i) for i in range(lo, hi)])
+            assert all(r.lease_expires_ms is not None for r in results), "a preload check was not reserved"
+            done += len(results)
 
     try:
         await asyncio.gather(*(batches() for _ in range(PRELOAD_IN_FLIGHT)))
@@ -207,14 +172,12 @@ def key_sizes(client: redis.Redis, url: str, tenant: str) -> KeySizes:
 
     async def spy_keys() -> list[str]:
         async_client = AsyncRedis.from_url(url)
-        store = BudgetStore(async_client)
-        spy = ScriptSpy(store._check)
-        store._check = spy  # type: ignore[assignment]
-        kwargs = reserve_kwargs(Planner(), parse_policy(POLICY, "bench").policy, tenant, task_id(0), "preload",
-                                time.time_ns() // 10**6, PRELOAD_LEASE_MS)  # fmt: skip
-        reservation = await store.reserve(**kwargs)  # the preload's own step again: a replay, changes nothing
+        checks = limiter(async_client)
+        spy = ScriptSpy(checks.store._check)
+        checks.store._check = spy  # type: ignore[assignment]
+        result = await checks.check(preload_check(tenant, 0))  # the preload's own step again: a replay
         await async_client.aclose()
-        assert reservation.replayed, reservation.status
+        assert result.replayed, result.verdict
         return spy.keys
 
     keys = asyncio.run(spy_keys())
@@ -358,7 +321,7 @@ def main() -> int:
         f"Machine: {machine()}. Command: `{command}` ({processes} load-generator processes of grpc.aio clients, 16 in "
         "flight each, closed loop; each check a new step of a task drawn uniformly from the N active ones; Valkey "
         f"{persistence}; sidecar, Valkey and load on the same cores; metrics off). Active task: a task hash and one "
-        "live reservation, preloaded in-process through `BudgetStore.reserve` (pipelined), in a tenant of its own.",
+        "live reservation, preloaded in-process through `Limiter.check_many`, in a tenant of its own.",
         "",
         "| active tasks | preload s (tasks/s) | Redis bytes per active task | checks/s | p50 ms | p90 ms | p99 ms "
         "| p99.9 ms | max ms | Redis µs per check | load avg | errors |",

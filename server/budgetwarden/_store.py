@@ -229,24 +229,6 @@ class BudgetStore:
     def _script(self, name: str) -> AsyncScript:
         return self.redis.register_script(load_lua(name))
 
-    async def reserve(
-        self,
-        *,
-        tenant_id: str,
-        task_id: str,
-        step_id: str,
-        task_type: str,
-        task: Scope,
-        thresholds: Thresholds,
-        windows: Sequence[Scope],
-        candidates: Sequence[tuple[int, int, int, str]],
-        now_ms: int,
-        lease_ms: int,
-    ) -> Reservation:
-        """Reserve the first of ``candidates`` (tokens, micro-USD, bound, label) that fits; see lua/check.lua."""
-        step = StepCheck(task_id, step_id, task_type, task, thresholds, candidates, lease_ms)
-        return (await self.reserve_many(tenant_id, windows, [step], now_ms))[0]
-
     async def reserve_many(
         self, tenant_id: str, windows: Sequence[Scope], steps: Sequence[StepCheck], now_ms: int
     ) -> list[Reservation]:
