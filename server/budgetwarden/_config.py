@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field
@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
 
+    # What a config file set (load_settings sets it on a subclass): below flags and environment variables.
+    config_file_values: ClassVar[dict[str, Any]] = {}
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -103,7 +106,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings
+        return init_settings, env_settings, InitSettingsSource(settings_cls, cls.config_file_values)
 
 
 class ConfigFileError(ValueError):
@@ -136,17 +139,6 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     from_file = _read_config_file(config_file)
 
     class _FromFile(Settings):
-        model_config = SettingsConfigDict(yaml_file=None)
-
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return init_settings, env_settings, InitSettingsSource(settings_cls, from_file)
+        config_file_values = from_file
 
     return Settings.model_validate(_FromFile(**overrides).model_dump())
