@@ -158,8 +158,8 @@ class Limiter:
         deadline_s: float | None = None,
         prompts: Sequence[Prompt | None] | None = None,
     ) -> list[CheckResult]:
-        """Decide many checks, in order, with one store call per tenant; each is decided exactly as ``check`` would
-        decide it after the ones before it."""
+        """Decide many checks, in order, in store calls of up to SCRIPT_BATCH checks of one tenant; each is decided
+        exactly as ``check`` would decide it after the ones before it."""
         started = time.perf_counter()
         results = await self._check_many(requests, deadline_s, prompts or [None] * len(requests))
         if self.telemetry.enabled:
@@ -214,7 +214,7 @@ class Limiter:
             plans[i] = plan
             by_tenant.setdefault(request.tenant_id, []).append(i)
         timeout = self.check_deadline_s if deadline_s is None else min(self.check_deadline_s, deadline_s)
-        groups = [(tenant, indexes) for tenant, indexes in by_tenant.items()]
+        groups = list(by_tenant.items())
         if len(groups) == 1:
             answers = [await self._reserve_group(groups[0][0], groups[0][1], requests, plans, now, timeout)]
         else:

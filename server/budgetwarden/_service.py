@@ -44,6 +44,10 @@ MAX_STREAM_CHECKS = 1000
 M = TypeVar("M", bound=Message)
 
 
+class TenantRefusedError(Exception):
+    """A request for a tenant that this (tenant-bound) sidecar does not serve; the transport's PERMISSION_DENIED."""
+
+
 class _Malformed:
     __slots__ = ("error",)
 
@@ -71,11 +75,13 @@ async def answering(
     context: grpc.aio.ServicerContext[Any, Any], *, prefix: str = "", retry_hint: str = ""
 ) -> AsyncIterator[None]:
     """Maps what the layers below raise to status codes: bad input to INVALID_ARGUMENT (the message names the field),
-    an unavailable store to UNAVAILABLE."""
+    another tenant to PERMISSION_DENIED, an unavailable store to UNAVAILABLE."""
     try:
         yield
     except InvalidRequestError as exc:
         await _invalid(context, f"{prefix}{exc}")
+    except TenantRefusedError as exc:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
     except StoreUnavailableError as exc:
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {exc}{retry_hint}")
 
@@ -224,12 +230,19 @@ class BudgetServicer:
             return f"{field}: this sidecar serves tenant {self.bound_tenant!r} only"
         return None
 
-    async def check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.CheckResponse:
-        await self._bind_tenant(request, "tenant_id", context)
+    def _check_input(self, request: pb.CheckRequest) -> tuple[CheckInput, Prompt | None]:
+        """A check as the limiter takes it: the bound tenant and the default task type applied, then validated.
+        Raises TenantRefusedError or InvalidRequestError, whose messages start with the field."""
+        refusal = self._tenant_refusal(request, "tenant_id")
+        if refusal is not None:
+            raise TenantRefusedError(refusal)
         if self.default_task_type and not request.task_type:
             request.task_type = self.default_task_type
+        return check_input(request, max_lease_seconds=self.max_lease_seconds)
+
+    async def check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.CheckResponse:
         async with answering(context):
-            checked, prompt = check_input(request, max_lease_seconds=self.max_lease_seconds)
+            checked, prompt = self._check_input(request)
         remaining = context.time_remaining()
         result = await self.limiter.check(checked, None if remaining is None else remaining * 0.9, prompt)
         return check_response(result)
@@ -259,17 +272,12 @@ class BudgetServicer:
         valid: list[tuple[pb.CheckStreamResult, CheckInput, Prompt | None]] = []
         for i, check in enumerate(request.checks):
             result = response.results.add()
-            refusal = self._tenant_refusal(check, f"checks[{i}].tenant_id")
-            if refusal is not None:
-                result.error.code = grpc.StatusCode.PERMISSION_DENIED.value[0]
-                result.error.message = refusal
-                continue
-            if self.default_task_type and not check.task_type:
-                check.task_type = self.default_task_type
             try:
-                checked, prompt = check_input(check, max_lease_seconds=self.max_lease_seconds)
-            except InvalidRequestError as exc:
-                result.error.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                checked, prompt = self._check_input(check)
+            except (TenantRefusedError, InvalidRequestError) as exc:
+                refused = isinstance(exc, TenantRefusedError)  # the codes unary Check answers for each
+                code = grpc.StatusCode.PERMISSION_DENIED if refused else grpc.StatusCode.INVALID_ARGUMENT
+                result.error.code = code.value[0]
                 result.error.message = f"checks[{i}].{exc}"
                 continue
             valid.append((result, checked, prompt))
