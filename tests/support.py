@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -48,6 +49,17 @@ class RunningSidecar:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+def clear_of_minute_edge(margin_s: float) -> None:
+    """Sleep into the next minute if fewer than ``margin_s`` seconds of this one are left.
+
+    For tests whose calls must all land in one minute window on the wall clock (a sidecar in another process or
+    thread, whose clock a test cannot pin): a window that rolls over half-way would move the counters under them.
+    """
+    left = 60.0 - time.time() % 60.0
+    if left < margin_s:
+        time.sleep(left + 0.05)
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

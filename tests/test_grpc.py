@@ -15,7 +15,7 @@ from budgetwarden._embedded import free_port
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient, CheckRefusedError
 
-from support import BlackHole, RunningSidecar
+from support import BlackHole, RunningSidecar, clear_of_minute_edge
 
 STRICT_POLICY = """
 unknown_tenants: reject
@@ -105,6 +105,7 @@ def test_deny_reserves_nothing_and_names_the_scope(client: BudgetClient) -> None
 
 
 def test_window_denial_says_when_to_retry(client: BudgetClient) -> None:
+    clear_of_minute_edge(5.0)  # the eleven checks must fill one minute window
     for i in range(5):  # five tasks of 1000 fill the 5000-token minute window
         assert check(client, "s", 600, task_id=f"w{i}").decision == pb.DECISION_ALLOW
         assert check(client, "s2", 400, task_id=f"w{i}").decision == pb.DECISION_ALLOW
