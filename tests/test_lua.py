@@ -53,6 +53,18 @@ def check_arg(
     return "\x1f".join(str(f) for f in fields)
 
 
+def report_arg(
+    step: str, tokens: int, *, usd: int = 0, key: str = "", fallback: bool = True, windows: str = "1"
+) -> tuple[list[str], str]:
+    """The keys and the one argument of a usage record (see lua/report.lua): without ``fallback`` it names no task
+    and no window."""
+    keys = [P + "resv:" + step, P + "idem:" + (key or "resv:" + step), TASK if fallback else P + "resv:" + step]
+    event = json.dumps({"step_id": step, "tokens": tokens})
+    fields: list[Any] = [tokens, usd, 1 if fallback else 0, 0 if key else 1, "t1", "general", key and f"event-{key}"]
+    fields += [windows if fallback else "", event]
+    return keys, "\x1f".join(str(f) for f in fields)
+
+
 class Scripts:
     """Calls each script with its documented keys and arguments. ``check``/``report``/``budget`` return the token
     figures in a compact list; ``last`` keeps the whole reply."""
@@ -103,17 +115,23 @@ class Scripts:
         self, step: str, tokens: int, *, usd: int = 0, key: str = "", now: int = NOW, fallback: bool = True
     ) -> list[int]:
         """Returns [status, charged, refunded, overage, task known, task limit, used, reserved]."""
-        keys = [P + "resv:" + step, LEASES, P + "idem:" + (key or "resv:" + step), USAGE]
-        untils: list[int] = []
-        if fallback:
-            keys += [TASK, DAY]
-            untils = [0, NOW + 24 * HOUR_MS]
-        args = [now, 86_400_000, tokens, usd, P + "resv:", 1 if fallback else 0, 7 * 86_400_000, "t1", "general"]
-        event = json.dumps({"step_id": step, "tokens": tokens})
-        args += [0 if key else 1, event, key and f"event-{key}", 1000, 0, *untils]
-        self.last = list(self._report(keys=keys, args=args))
+        self.last = self.report_many([report_arg(step, tokens, usd=usd, key=key, fallback=fallback)], now=now)[0]
         reply = [int(v) for v in self.last[:12]]  # then the task type
         return [reply[0], reply[1], reply[3], reply[4], reply[5], *reply[6:9]]
+
+    def report_many(
+        self, records: list[tuple[list[str], str]], *, now: int = NOW, windows: list[tuple[str, int]] | None = None
+    ) -> list[list[Any]]:
+        """One script call for many (keys, argument) records; ``windows`` are (key, alive-until), the day window
+        unless given. Returns the whole reply of each."""
+        windows = [(DAY, NOW + 24 * HOUR_MS)] if windows is None else windows
+        keys = [LEASES, USAGE, *(key for key, _ in windows)]
+        args: list[Any] = [now, 86_400_000, P + "resv:", 7 * 86_400_000, 1000, 0, len(windows)]
+        args += [until for _, until in windows]
+        for record_keys, arg in records:
+            keys += record_keys
+            args.append(arg)
+        return [list(reply) for reply in self._report(keys=keys, args=args)]
 
     def release(self, step: str, *, now: int = NOW) -> list[int]:
         return [int(v) for v in self._release(keys=[P + "resv:" + step, LEASES], args=[now, P + "resv:"])]
@@ -476,3 +494,65 @@ def test_the_stream_is_capped(lua: Scripts) -> None:
         lua.report(f"s{i}", 1, key=f"k{i}")
     assert lua.client.xlen(USAGE) < 3000  # MAXLEN ~ 1000 trims in whole nodes, so roughly, never unbounded
     assert lua.client.xlen(USAGE) >= 1000
+
+
+# --- batches of usage records ---------------------------------------------------------------------------------------
+
+
+def test_a_batch_of_records_applies_each_in_order_as_if_alone(lua: Scripts) -> None:
+    lua.check("s1", [300])
+    replies = lua.report_many(
+        [
+            report_arg("s1", 250, key="k1"),
+            report_arg("s1", 250, key="k1"),  # the same record again, later in the same batch: a duplicate
+            report_arg("ghost", 40),  # no reservation: charged to the task and the record's window (the day)
+            report_arg("ghost2", 7, windows="2"),  # another window of the batch: the minute
+            report_arg("ghost3", 5, fallback=False),  # no task, no window: only an event
+        ],
+        windows=[(DAY, NOW + 24 * HOUR_MS), (MINUTE, NOW + 60_000)],
+    )
+    assert [int(reply[0]) for reply in replies] == [1, 2, 3, 3, 3]
+    assert [int(reply[3]) for reply in replies] == [50, 0, 0, 0, 0]  # refunded
+    assert [int(reply[5]) for reply in replies] == [1, 0, 1, 1, 0]  # task known
+    # Each reply shows the task as it stood right after its record: 250, then + 40, then + 7.
+    assert [int(reply[7]) for reply in replies] == [250, 0, 290, 297, 0]
+    assert lua.held(TASK) == (297, 0)
+    assert lua.held(DAY) == (250 + 40, 0)
+    assert lua.held(MINUTE) == (250 + 7, 0)
+    assert 0 < lua.client.pttl(MINUTE) <= 60_000
+    assert [(e["id"], e["status"]) for e in events(lua)] == [
+        ("event-k1", "applied"),
+        ("ghost-0", "unreserved"),
+        ("ghost2-0", "unreserved"),
+        ("ghost3-0", "unreserved"),
+    ]
+
+
+def test_keyless_reports_of_one_reservation_in_one_batch_count_once(lua: Scripts) -> None:
+    lua.check("s1", [300])
+    replies = lua.report_many([report_arg("s1", 100), report_arg("s1", 100)])
+    assert [int(reply[0]) for reply in replies] == [1, 2]
+    assert lua.held(TASK) == (100, 0)
+
+
+@pytest.mark.parametrize(
+    ("argument", "error"),
+    [
+        ("1\x1f2\x1f1", "report argument 1 is malformed"),
+        ("many\x1f0\x1f1\x1f1\x1ft1\x1fgeneral\x1f\x1f1\x1f{}", "report argument 1 is malformed"),
+        ("5\x1f0\x1f1\x1f1\x1ft1\x1fgeneral\x1f\x1f2\x1f{}", "report argument 1 names an unknown window"),
+    ],
+)
+def test_a_malformed_record_in_a_batch_writes_nothing(lua: Scripts, argument: str, error: str) -> None:
+    lua.check("s1", [300])
+    before = {key: lua.client.dump(key) for key in lua.client.keys("*")}
+    with pytest.raises(redis.ResponseError, match=error):
+        lua.report_many([report_arg("s1", 250, key="k1"), (report_arg("s9", 1)[0], argument)])
+    assert {key: lua.client.dump(key) for key in lua.client.keys("*")} == before  # not even the good record before it
+
+
+def test_a_report_batch_with_the_wrong_number_of_keys_writes_nothing(lua: Scripts) -> None:
+    keys, argument = report_arg("s1", 250, key="k1")
+    with pytest.raises(redis.ResponseError, match="expected 6 keys, got 5"):
+        lua.report_many([(keys[:2], argument)])
+    assert lua.client.dbsize() == 0

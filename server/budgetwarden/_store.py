@@ -53,8 +53,11 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-# Separates the fields of one check's argument: ids are validated to hold no control characters.
+# Separates the fields of one check's or usage record's argument: ids are validated to hold no control characters.
 _SEPARATOR = "\x1f"
+
+# Usage records per report.lua call: a call holds Redis for its whole length.
+REPORT_BATCH = 100
 
 
 _CONTROL = re.compile("[\x00-\x1f]")
@@ -269,56 +272,86 @@ class BudgetStore:
         return [_reservation(reply, rid) for reply, rid in zip(replies, ids, strict=True)]
 
     async def report(self, entries: Sequence[UsageEntry], now_ms: int) -> list[Applied]:
-        """Apply usage records, many per round trip; each record is atomic on its own (lua/report.lua)."""
-        if not entries:
-            return []
+        """Apply usage records in script calls of up to REPORT_BATCH records of one tenant, all in one round trip on a
+        single node; each record is atomic on its own and applied as if it ran alone after the ones before it
+        (lua/report.lua)."""
+        by_tenant: dict[str, list[int]] = {}
+        for i, entry in enumerate(entries):
+            by_tenant.setdefault(entry.record.tenant_id, []).append(i)
         calls: list[tuple[list[str], list[Any]]] = []
-        ids: list[str] = []
+        placed: list[list[int]] = []
+        for tenant_id, indexes in by_tenant.items():
+            for start in range(0, len(indexes), REPORT_BATCH):
+                chunk = indexes[start : start + REPORT_BATCH]
+                calls.append(self._report_call(tenant_id, [entries[i] for i in chunk], now_ms))
+                placed.append(chunk)
+        started = time.perf_counter()
+        replies = await self._run_all(self._report, calls) if calls else []
+        self.telemetry.redis_call("report", time.perf_counter() - started)
+        applied: list[Applied | None] = [None] * len(entries)
+        for chunk, chunk_replies in zip(placed, replies, strict=True):
+            for i, reply in zip(chunk, chunk_replies, strict=True):
+                record = entries[i].record
+                rid = record.reservation_id or reservation_id(record.task_id, record.step_id)
+                status, charged, charged_usd, refunded, overage, known = (int(v) for v in reply[:6])
+                task = _counters(reply[6:12])[0] if known else None
+                applied[i] = Applied(
+                    ReportStatus(status), rid, charged, charged_usd, refunded, overage, task, _text(reply[12])
+                )
+        return applied  # type: ignore[return-value]
+
+    def _report_call(self, tenant_id: str, entries: Sequence[UsageEntry], now_ms: int) -> tuple[list[str], list[Any]]:
+        """Keys and arguments of one report.lua call for records of one tenant."""
+        keys = TenantKeys(tenant_id)
+        retention = self.retention
+        window_position: dict[str, int] = {}
+        window_keys: list[str] = []
+        window_untils: list[int] = []
+        record_keys: list[str] = []
+        record_args: list[str] = []
         for entry in entries:
             record = entry.record
-            keys = TenantKeys(record.tenant_id)
             rid = record.reservation_id or reservation_id(record.task_id, record.step_id)
-            ids.append(rid)
+            resv_key = keys.reservation(rid)
             # Without a key, report.lua completes the marker with the reservation's generation.
             marker = keys.idempotency(record.idempotency_key) if record.idempotency_key else keys.keyless_marker(rid)
-            script_keys = [keys.reservation(rid), keys.leases, marker, keys.usage]
-            untils: list[int] = []
-            if record.task_id:
-                script_keys.append(keys.task(record.task_id))
-                untils.append(0)
+            record_keys += (resv_key, marker, keys.task(record.task_id) if record.task_id else resv_key)
+            positions = []
             for scope in entry.windows:
                 assert scope.span is not None
-                script_keys.append(keys.window(scope.span))
-                untils.append(scope.span.end_ms + self.retention.window_grace_ms)
-            args: list[Any] = [
-                now_ms,
-                self.retention.idempotency_ms,
-                record.tokens,
-                entry.cost_usd,
-                keys.resv_prefix,
-                1 if record.task_id else 0,
-                self.retention.task_ms,
-                record.task_id,
-                record.task_type,
-                0 if record.idempotency_key else 1,
-                event_payload(record, rid, entry.cost_usd, entry.at_ms),
-                event_id(record.tenant_id, record.idempotency_key),
-                self.retention.usage_max_len,
-                max(0, now_ms - self.retention.usage_max_age_ms),
-                *untils,
-            ]
-            calls.append((script_keys, args))
-        started = time.perf_counter()
-        replies = await self._run_all(self._report, calls)
-        self.telemetry.redis_call("report", time.perf_counter() - started)
-        applied = []
-        for rid, reply in zip(ids, replies, strict=True):
-            status, charged, charged_usd, refunded, overage, known = (int(v) for v in reply[:6])
-            task = _counters(reply[6:12])[0] if known else None
-            applied.append(
-                Applied(ReportStatus(status), rid, charged, charged_usd, refunded, overage, task, _text(reply[12]))
+                key = keys.window(scope.span)
+                if key not in window_position:
+                    window_keys.append(key)
+                    window_untils.append(scope.span.end_ms + retention.window_grace_ms)
+                    window_position[key] = len(window_keys)
+                positions.append(str(window_position[key]))
+            record_args.append(
+                _SEPARATOR.join(
+                    (
+                        str(record.tokens),
+                        str(entry.cost_usd),
+                        "1" if record.task_id else "0",
+                        "0" if record.idempotency_key else "1",
+                        record.task_id,
+                        _field(record.task_type),
+                        event_id(record.tenant_id, record.idempotency_key),
+                        " ".join(positions),
+                        event_payload(record, rid, entry.cost_usd, entry.at_ms),
+                    )
+                )
             )
-        return applied
+        args: list[Any] = [
+            now_ms,
+            retention.idempotency_ms,
+            keys.resv_prefix,
+            retention.task_ms,
+            retention.usage_max_len,
+            max(0, now_ms - retention.usage_max_age_ms),
+            len(window_keys),
+            *window_untils,
+            *record_args,
+        ]
+        return [keys.leases, keys.usage, *window_keys, *record_keys], args
 
     async def _run_all(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run many script calls: one pipeline on a single node; concurrently on a cluster, where redis-py does not

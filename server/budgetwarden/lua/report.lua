@@ -1,91 +1,152 @@
--- Report: replace a reservation by the real usage of its step, exactly once per idempotency key.
+-- Report: for each usage record of a batch of one tenant, in order, replace a reservation by the real usage of its
+-- step, exactly once per idempotency key. Each record is applied exactly as if it ran alone after the records before
+-- it in the batch; a unary report of one record is a batch of one.
 --
--- KEYS[1] reservation record   KEYS[2] tenant leases
--- KEYS[3] idempotency marker; for a record without a key, the marker's base, completed here with the reservation's
---         generation so that each reservation of a step takes one keyless report
--- KEYS[4] the tenant's usage event stream
--- KEYS[5..] where to charge usage that has no reservation: the task (if known) then the tenant's current windows
--- ARGV[1] now (ms)   ARGV[2] idempotency window (ms)   ARGV[3] tokens used   ARGV[4] cost (micro-USD)
--- ARGV[5] reservation key prefix   ARGV[6] 1 if KEYS[5] is the task   ARGV[7] task retention (ms)
--- ARGV[8] task id   ARGV[9] task type   ARGV[10] 1 if the record has no idempotency key
--- ARGV[11] the usage event (JSON, from the caller)   ARGV[12] event id ('' without a key: derived here)
--- ARGV[13] stream length cap   ARGV[14] oldest stream entry to keep (ms)
--- then per fallback key: alive-until (ms; 0 for the task)
+-- KEYS[1] tenant leases   KEYS[2] the tenant's usage event stream
+-- KEYS[3 .. 2+nwin] the tenant windows the batch's records fall in (each record names its own, by position)
+-- then per record: KEYS reservation record, idempotency marker (for a record without a key, the marker's base,
+--   completed here with the reservation's generation so that each reservation of a step takes one keyless report),
+--   the task (the reservation record again when the record names no task: a placeholder in the tenant's hash slot)
+-- ARGV[1] now (ms)   ARGV[2] idempotency window (ms)   ARGV[3] reservation key prefix   ARGV[4] task retention (ms)
+-- ARGV[5] stream length cap   ARGV[6] oldest stream entry to keep (ms)   ARGV[7] number of windows (nwin)
+-- then per window: alive-until (ms)
+-- then per record one argument, its fields joined by \31 (the unit separator: ids never hold control characters,
+-- and JSON escapes them):
+--   tokens used, cost (micro-USD), 1 if the record names a task, 1 if it has no idempotency key, task id, task type,
+--   event id ('' without a key: derived here), the record's windows (their 1-based positions among the batch's
+--   windows, space-separated), the usage event (JSON, from the caller)
 --
+-- Usage without a (live) reservation is charged to the task (if known) and to the record's windows.
 -- Every applied record (not a duplicate) is appended to the stream in this same script, so counters and billing
 -- events never disagree.
 --
--- Returns { status, charged tokens, charged micro-USD, refunded tokens, overage tokens, task known (0/1),
---           then the task's limit, used, reserved, limit_usd, used_usd, reserved_usd, then the task type }
+-- Returns one reply per record, in order:
+--   { status, charged tokens, charged micro-USD, refunded tokens, overage tokens, task known (0/1),
+--     then the task's limit, used, reserved, limit_usd, used_usd, reserved_usd, then the task type }
 -- status: 1 applied to its reservation, 2 duplicate, 3 charged without a (live) reservation.
+-- A malformed argument or a wrong number of keys is an error reply, before anything is written.
 
-local resv_key, leases, marker, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local now, tokens, usd = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local UNTILS, FIRST_FALLBACK = 14, 5
+local leases, stream = KEYS[1], KEYS[2]
+local now = tonumber(ARGV[1])
+local nwin = tonumber(ARGV[7])
+local first_record = 8 + nwin
+local FIELDS = 9
 
-local generation = num(redis.call('HGET', resv_key, 'gen'))
-if ARGV[10] == '1' then marker = marker .. ':' .. generation end
-if not redis.call('SET', marker, '1', 'NX', 'PX', ARGV[2]) then
-  return { 2, 0, 0, 0, 0, 0, LIMIT_NONE, 0, 0, LIMIT_NONE, 0, 0, ARGV[9] }
+local function fields(text)
+  local out, from = {}, 1
+  while true do
+    local at = string.find(text, '\31', from, true)
+    if not at then
+      out[#out + 1] = string.sub(text, from)
+      return out
+    end
+    out[#out + 1] = string.sub(text, from, at - 1)
+    from = at + 1
+  end
 end
 
-purge_expired(leases, ARGV[5], now)
-
-local status, refunded, overage = 3, 0, 0
-local task_key = nil
-local admitted = 'NONE'
-local record = load_record(resv_key)
-if record then
-  admitted = redis.call('HGET', resv_key, 'admitted') or 'NONE'
-  task_key = words(record.scopes)[1]
-  if record.state == 'reserved' and record.lease <= now then
-    end_hold(resv_key, record, 'expired', leases, now)
-    record.state = 'expired'
+-- Every record's argument is parsed and checked before anything is written: a script is not rolled back.
+local records = {}
+for n = first_record, #ARGV do
+  local f = fields(ARGV[n])
+  if #f ~= FIELDS or not (tonumber(f[1]) and tonumber(f[2])) then
+    return redis.error_reply('report argument ' .. (n - first_record) .. ' is malformed')
   end
-  if record.state == 'reserved' then
-    end_hold(resv_key, record, 'reported', leases, now)
-    status = 1
-    if tokens < record.amount then refunded = record.amount - tokens else overage = tokens - record.amount end
+  local positions = {}
+  for word in string.gmatch(f[8], '%S+') do
+    local i = tonumber(word)
+    if not i or i < 1 or i > nwin or i % 1 ~= 0 then
+      return redis.error_reply('report argument ' .. (n - first_record) .. ' names an unknown window')
+    end
+    positions[#positions + 1] = i
+  end
+  records[#records + 1] = { tokens = tonumber(f[1]), usd = tonumber(f[2]), has_task = f[3] == '1',
+    keyless = f[4] == '1', task_id = f[5], task_type = f[6], event_id = f[7], windows = positions, event = f[9] }
+end
+if #KEYS ~= 2 + nwin + 3 * #records then
+  return redis.error_reply('expected ' .. (2 + nwin + 3 * #records) .. ' keys, got ' .. #KEYS)
+end
+
+purge_expired(leases, ARGV[3], now, PURGE_BATCH * math.max(1, #records))
+
+local STATUSES = { 'applied', 'duplicate', 'unreserved' }
+local NO_TASK = { LIMIT_NONE, 0, 0, LIMIT_NONE, 0, 0 }
+
+local function report(resv_key, marker, task_key, r)
+  local tokens, usd = r.tokens, r.usd
+  local generation = num(redis.call('HGET', resv_key, 'gen'))
+  if r.keyless then marker = marker .. ':' .. generation end
+  if not redis.call('SET', marker, '1', 'NX', 'PX', ARGV[2]) then
+    local out = { 2, 0, 0, 0, 0, 0 }
+    append_counter(out, NO_TASK)
+    out[#out + 1] = r.task_type
+    return out
+  end
+
+  local status, refunded, overage = 3, 0, 0
+  local admitted = 'NONE'
+  local record = load_record(resv_key)
+  if record then
+    admitted = redis.call('HGET', resv_key, 'admitted') or 'NONE'
+    task_key = words(record.scopes)[1]
+    if record.state == 'reserved' and record.lease <= now then
+      end_hold(resv_key, record, 'expired', leases, now)
+      record.state = 'expired'
+    end
+    if record.state == 'reserved' then
+      end_hold(resv_key, record, 'reported', leases, now)
+      status = 1
+      if tokens < record.amount then refunded = record.amount - tokens else overage = tokens - record.amount end
+    else
+      -- The step ran after all (late, or after a release): checking it again replays instead of reserving anew.
+      redis.call('HSET', resv_key, 'state', 'reported')
+    end
+    -- Real spend is never dropped: charged to the scopes the step was admitted on, reserved or not.
+    add_to_scopes(record, 'used', tokens, usd, now)
   else
-    -- The step ran after all (late, or after a release): checking it again replays instead of reserving anew.
-    redis.call('HSET', resv_key, 'state', 'reported')
-  end
-  -- Real spend is never dropped: charged to the scopes the step was admitted on, reserved or not.
-  add_to_scopes(record, 'used', tokens, usd, now)
-else
-  if ARGV[6] == '1' then
-    task_key = KEYS[FIRST_FALLBACK]
-    if redis.call('EXISTS', task_key) == 0 then
-      redis.call('HSET', task_key, 'task_id', ARGV[8], 'task_type', ARGV[9])
+    if r.has_task then
+      if redis.call('EXISTS', task_key) == 0 then
+        redis.call('HSET', task_key, 'task_id', r.task_id, 'task_type', r.task_type)
+      end
+      redis.call('PEXPIRE', task_key, ARGV[4])
+      redis.call('HINCRBY', task_key, 'used', tokens)
+      redis.call('HINCRBY', task_key, 'used_usd', usd)
+    else
+      task_key = nil
     end
-    redis.call('PEXPIRE', task_key, ARGV[7])
-  end
-  for i = FIRST_FALLBACK, #KEYS do
-    local alive_until = tonumber(ARGV[UNTILS + i - FIRST_FALLBACK + 1])
-    if scope_alive(KEYS[i], alive_until, now) then
-      redis.call('HINCRBY', KEYS[i], 'used', tokens)
-      redis.call('HINCRBY', KEYS[i], 'used_usd', usd)
-      -- A window key first touched by a report must expire too.
-      if alive_until > 0 then redis.call('PEXPIRE', KEYS[i], alive_until - now) end
+    for _, i in ipairs(r.windows) do
+      local key, alive_until = KEYS[2 + i], tonumber(ARGV[7 + i])
+      if scope_alive(key, alive_until, now) then
+        redis.call('HINCRBY', key, 'used', tokens)
+        redis.call('HINCRBY', key, 'used_usd', usd)
+        -- A window key first touched by a report must expire too.
+        redis.call('PEXPIRE', key, alive_until - now)
+      end
     end
   end
+
+  local task_type = r.task_type
+  if task_key then task_type = redis.call('HGET', task_key, 'task_type') or task_type end
+  local event_id = r.event_id
+  if event_id == '' then event_id = string.match(resv_key, '([^:]+)$') .. '-' .. generation end
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[5], '*', 'id', event_id, 'status', STATUSES[status],
+    'admitted', admitted, 'task_type', task_type, 'event', r.event)
+
+  local out = { status, tokens, usd, refunded, overage, 0 }
+  if task_key and redis.call('EXISTS', task_key) == 1 then
+    out[6] = 1
+    append_counter(out, task_counter(task_key))
+  else
+    append_counter(out, NO_TASK)
+  end
+  out[#out + 1] = task_type
+  return out
 end
 
-local task_type = ARGV[9]
-if task_key then task_type = redis.call('HGET', task_key, 'task_type') or task_type end
-local event_id = ARGV[12]
-if event_id == '' then event_id = string.match(resv_key, '([^:]+)$') .. '-' .. generation end
-local statuses = { 'applied', 'duplicate', 'unreserved' }
-redis.call('XADD', stream, 'MAXLEN', '~', ARGV[13], '*', 'id', event_id, 'status', statuses[status],
-  'admitted', admitted, 'task_type', task_type, 'event', ARGV[11])
-redis.call('XTRIM', stream, 'MINID', '~', ARGV[14])
-
-local out = { status, tokens, usd, refunded, overage, 0 }
-if task_key and redis.call('EXISTS', task_key) == 1 then
-  out[6] = 1
-  append_counter(out, task_counter(task_key))
-else
-  append_counter(out, { LIMIT_NONE, 0, 0, LIMIT_NONE, 0, 0 })
+local out = {}
+for n = 1, #records do
+  local at = 2 + nwin + 3 * (n - 1)
+  out[n] = report(KEYS[at + 1], KEYS[at + 2], KEYS[at + 3], records[n])
 end
-out[#out + 1] = task_type
+redis.call('XTRIM', stream, 'MINID', '~', ARGV[6])
 return out
