@@ -55,11 +55,12 @@ proto-check: $(DEV_STAMP)
 pytest: $(DEV_STAMP)
 	$(BIN)/pytest
 
-## bench: the check benchmarks against their baselines (unary, CheckStream, 1k vs 1M tasks, Redis alone), appended to docs/benchmarks.md
+## bench: checks against their baselines (unary, CheckStream, 1k vs 1M tasks, Redis alone) and report throughput, appended to docs/benchmarks.md
 bench: $(DEV_STAMP)
 	$(BIN)/python bench/harness.py --write docs/benchmarks.md
 	$(BIN)/python bench/scale.py --write docs/benchmarks.md
 	$(BIN)/python bench/redis_baseline.py --write docs/benchmarks.md
+	$(BIN)/python bench/reports.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,5 +1,5 @@
-"""What the benchmarks share: the machine description, percentiles, how results are printed and appended, and
-waiting for a server to serve."""
+"""What the benchmarks share: the machine description, percentiles, a process's CPU time, how results are printed
+and appended, and waiting for a server to serve."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ def machine() -> str:
     return (
         f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
     )
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -37,7 +37,7 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine, publish, wait_serving  # noqa: E402
+from _common import cpu_seconds, machine, publish, wait_serving  # noqa: E402
 
 CHECK = "/budgetwarden.v1.BudgetService/Check"
 CHECK_STREAM = "/budgetwarden.v1.BudgetService/CheckStream"
@@ -201,15 +201,6 @@ def run_load(
 def wait_port(addr: str, timeout: float = 30.0) -> None:
     with grpc.insecure_channel(addr) as channel:
         grpc.channel_ready_future(channel).result(timeout)
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def with_cpu(server_pid: int, redis_pid: int, load: Callable[[], Result]) -> Result:

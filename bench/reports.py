@@ -1,10 +1,14 @@
 """Report throughput: the unary batch path and the client-streaming path, against the store itself in the same run.
 
 Starts a Valkey (append-only file, fsync every second, as the embedded default runs it) and a `budgetwarden serve`
-subprocess on it, then applies usage records three ways:
-  store  - BudgetStore.report in-process (one pipeline per batch): the floor under the sidecar;
-  unary  - Report RPCs of 500 records from several client threads;
-  stream - ReportStream RPCs, each carrying several 500-record messages.
+subprocess on it, then applies usage records four ways:
+  store            - Limiter.report in-process (report.lua calls of up to 100 records, one pipeline per batch), on
+                     records with no reservation behind them: the floor under the sidecar;
+  store, reserved  - the same, on steps that were checked first (untimed): each record replaces its reservation;
+  unary            - Report RPCs of 500 records from several client threads;
+  stream           - ReportStream RPCs, each carrying several 500-record messages.
+Each row also gives the CPU time per record of the process applying the records (the bench itself in-process, the
+sidecar over gRPC) and of Valkey.
 
     .venv/bin/python bench/reports.py [--records 100000] [--write docs/benchmarks.md]
 """
@@ -13,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +33,7 @@ from redis.asyncio import Redis
 
 from budgetwarden._embedded import EmbeddedRedis, free_port
 from budgetwarden._limiter import Limiter
-from budgetwarden._model import Outcome, UsageInput
+from budgetwarden._model import CheckInput, Outcome, ReportStatus, UsageInput
 from budgetwarden._policy import parse_policy
 from budgetwarden._store import BudgetStore
 from budgetwarden_api.v1 import budget_pb2 as pb
@@ -35,7 +41,7 @@ from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, publish, wait_serving
+from _common import cpu_seconds, machine, publish, wait_serving
 
 POLICY = "default_tenant: {windows: {day: {tokens: 1000000000000}}}\ndefault_task_type: t\ntask_types: {t: {}}\n"
 BATCH = 500
@@ -67,16 +73,38 @@ def run_threads(target, count: int, threads: int) -> float:  # type: ignore[no-u
     return per * threads / (time.perf_counter() - started)
 
 
+class Row:
+    def __init__(self, path: str, rate: float, applier_us: float, valkey_us: float) -> None:
+        self.path, self.rate, self.applier_us, self.valkey_us = path, rate, applier_us, valkey_us
+
+
+def measured(path: str, count: int, applier_pid: int, valkey_pid: int, run: Callable[[], float]) -> Row:
+    """Runs one path; ``run`` applies ``count`` records and returns its records/s."""
+    applier, valkey = cpu_seconds(applier_pid), cpu_seconds(valkey_pid)
+    rate = run()
+    return Row(
+        path,
+        rate,
+        (cpu_seconds(applier_pid) - applier) / count * 1e6,
+        (cpu_seconds(valkey_pid) - valkey) / count * 1e6,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
+    count = args.records // (BATCH * args.threads) * BATCH * args.threads
+    if count == 0:
+        parser.error(f"--records must be at least {BATCH * args.threads}")
 
     with tempfile.TemporaryDirectory() as tmp:
         valkey = EmbeddedRedis(Path(tmp) / "valkey", port=free_port(), persistent=True)
         url = valkey.start()
+        valkey_pid = valkey.pid
+        assert valkey_pid is not None
         policy = Path(tmp) / "policy.yaml"
         policy.write_text(POLICY)
         addr = f"127.0.0.1:{free_port()}"
@@ -87,62 +115,92 @@ def main() -> int:
         try:
             wait_serving(addr)
 
-            async def direct() -> float:
-                client = Redis.from_url(url)
-                loaded = parse_policy(POLICY, "bench")
-                limiter = Limiter(BudgetStore(client), lambda: loaded)
-                batches = []
-                for b in range(args.records // BATCH):
-                    batch = [
-                        UsageInput("bench", "", f"d-task-{i % 100}", f"{b}-{i}", "", "m", 100, 20, 0, 0,
-                                   Outcome.COMPLETED, f"d-{b}-{i}", None)
-                        for i in range(BATCH)
-                    ]  # fmt: skip
-                    batches.append(batch)
-                started = time.perf_counter()
-                for batch in batches:
-                    await limiter.report(batch)
-                elapsed = time.perf_counter() - started
-                await client.aclose()
-                return len(batches) * BATCH / elapsed
+            def direct(prefix: str, reserve: bool) -> float:
+                expected = ReportStatus.APPLIED if reserve else ReportStatus.UNRESERVED
 
-            store_rate = asyncio.run(direct())
+                async def apply() -> float:
+                    client = Redis.from_url(url)
+                    loaded = parse_policy(POLICY, "bench")
+                    limiter = Limiter(BudgetStore(client), lambda: loaded, check_deadline_s=60.0)
+                    batches = []
+                    for b in range(count // BATCH):
+                        batch = [
+                            UsageInput("bench", "", f"{prefix}-task-{i % 100}", f"{b}-{i}", "", "m", 100, 20, 0, 0,
+                                       Outcome.COMPLETED, f"{prefix}-{b}-{i}", None)
+                            for i in range(BATCH)
+                        ]  # fmt: skip
+                        batches.append(batch)
+                        if reserve:
+                            await limiter.check_many(
+                                [CheckInput("bench", r.task_id, r.step_id, "", "m", 150, 0, 0) for r in batch]
+                            )
+                    started = time.perf_counter()
+                    for batch in batches:
+                        applied = await limiter.report(batch)
+                        assert all(item.status is expected for item in applied)
+                    elapsed = time.perf_counter() - started
+                    await client.aclose()
+                    return len(batches) * BATCH / elapsed
 
-            def unary(thread: int, count: int) -> None:
-                work = records(f"u{thread}", count)
+                return asyncio.run(apply())
+
+            def unary(thread: int, per_thread: int) -> None:
+                work = records(f"u{thread}", per_thread)
                 with BudgetClient(addr, timeout=60) as client:
-                    for i in range(0, count, BATCH):
+                    for i in range(0, per_thread, BATCH):
                         client.report(work[i : i + BATCH])
 
-            unary_rate = run_threads(unary, args.records, args.threads)
-
-            def stream(thread: int, count: int) -> None:
-                work = records(f"s{thread}", count)
-                messages = [pb.ReportStreamRequest(records=work[i : i + BATCH]) for i in range(0, count, BATCH)]
+            def stream(thread: int, per_thread: int) -> None:
+                work = records(f"s{thread}", per_thread)
+                messages = [pb.ReportStreamRequest(records=work[i : i + BATCH]) for i in range(0, per_thread, BATCH)]
                 with grpc.insecure_channel(addr) as channel:
                     stub = pb_grpc.BudgetServiceStub(channel)
                     for i in range(0, len(messages), 20):
                         answer = stub.ReportStream(iter(messages[i : i + 20]), timeout=120)
                         assert answer.records == sum(len(m.records) for m in messages[i : i + 20])
 
-            stream_rate = run_threads(stream, args.records, args.threads)
+            me, sidecar = os.getpid(), server.pid
+            rows = [
+                measured("store in-process", count, me, valkey_pid, lambda: direct("d", reserve=False)),
+                # The checks before it are part of this row's CPU; only its rate is of the reports alone.
+                measured("store in-process, after checks", count, me, valkey_pid, lambda: direct("r", reserve=True)),
+                measured(
+                    f"unary Report, {BATCH} records per call",
+                    count,
+                    sidecar,
+                    valkey_pid,
+                    lambda: run_threads(unary, count, args.threads),
+                ),
+                measured(
+                    f"ReportStream, 20 messages of {BATCH} per stream",
+                    count,
+                    sidecar,
+                    valkey_pid,
+                    lambda: run_threads(stream, count, args.threads),
+                ),
+            ]
         finally:
             server.terminate()
             server.wait(30)
             valkey.stop()
 
+    floor = rows[0].rate
     lines = [
         f"### Report throughput ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
         f"Machine: {machine()}. Command: `.venv/bin/python bench/reports.py --records {args.records}` "
-        f"({args.records:,} records per path, batches of {BATCH}, {args.threads} client threads; Valkey with AOF "
+        f"({count:,} records per path, batches of {BATCH}, {args.threads} client threads; Valkey with AOF "
         "everysec, the sidecar and the clients on the same machine).",
         "",
-        "| path | records/s | vs. the store in-process |",
-        "|---|---|---|",
-        f"| store in-process (floor: one pipeline of Lua calls per batch) | {store_rate:,.0f} | 1.00 |",
-        f"| unary Report, 500 records per call | {unary_rate:,.0f} | {unary_rate / store_rate:.2f} |",
-        f"| ReportStream, 20 messages of 500 per stream | {stream_rate:,.0f} | {stream_rate / store_rate:.2f} |",
+        "| path | records/s | vs. the store in-process | applier CPU µs/record | Valkey CPU µs/record |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {row.path} | {row.rate:,.0f} | {row.rate / floor:.2f} | {row.applier_us:,.0f} | {row.valkey_us:,.0f} |"
+            for row in rows
+        ),
+        "",
+        "The applier is the bench process for the in-process rows and the sidecar for the gRPC rows; the row after "
+        "checks counts the CPU of its (untimed) checks too.",
         "",
     ]
     publish(lines, args.write)

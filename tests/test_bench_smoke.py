@@ -36,3 +36,27 @@ def test_harness_smoke_run() -> None:
     assert all(row["errors"] == "0" for row in rows)  # every check answered
     assert all(float(row["server CPU µs/check"]) > 0 for row in rows)
     assert "SERVING" in done.stdout
+
+
+@pytest.mark.slow
+def test_report_benchmark_smoke_run() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "reports.py"), "--records", "2000", "--threads", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| ")]
+    by_path = {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[1:]}
+    assert list(by_path) == [
+        "store in-process",
+        "store in-process, after checks",
+        "unary Report, 500 records per call",
+        "ReportStream, 20 messages of 500 per stream",
+    ]
+    for rate, _, applier_us, valkey_us in by_path.values():
+        assert float(rate.replace(",", "")) > 0
+        assert float(applier_us.replace(",", "")) > 0
+        assert float(valkey_us.replace(",", "")) > 0
