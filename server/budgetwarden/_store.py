@@ -275,6 +275,10 @@ class BudgetStore:
         """Apply usage records in script calls of up to REPORT_BATCH records of one tenant, all in one round trip on a
         single node; each record is atomic on its own and applied as if it ran alone after the ones before it
         (lua/report.lua)."""
+        if not entries:
+            return []
+        rids = [entry.record.reservation_id or reservation_id(entry.record.task_id, entry.record.step_id)
+                for entry in entries]  # fmt: skip
         by_tenant: dict[str, list[int]] = {}
         for i, entry in enumerate(entries):
             by_tenant.setdefault(entry.record.tenant_id, []).append(i)
@@ -283,25 +287,25 @@ class BudgetStore:
         for tenant_id, indexes in by_tenant.items():
             for start in range(0, len(indexes), REPORT_BATCH):
                 chunk = indexes[start : start + REPORT_BATCH]
-                calls.append(self._report_call(tenant_id, [entries[i] for i in chunk], now_ms))
+                calls.append(self._report_call(tenant_id, [(entries[i], rids[i]) for i in chunk], now_ms))
                 placed.append(chunk)
         started = time.perf_counter()
-        replies = await self._run_all(self._report, calls) if calls else []
+        replies = await self._run_all(self._report, calls)
         self.telemetry.redis_call("report", time.perf_counter() - started)
         applied: list[Applied | None] = [None] * len(entries)
         for chunk, chunk_replies in zip(placed, replies, strict=True):
             for i, reply in zip(chunk, chunk_replies, strict=True):
-                record = entries[i].record
-                rid = record.reservation_id or reservation_id(record.task_id, record.step_id)
                 status, charged, charged_usd, refunded, overage, known = (int(v) for v in reply[:6])
                 task = _counters(reply[6:12])[0] if known else None
                 applied[i] = Applied(
-                    ReportStatus(status), rid, charged, charged_usd, refunded, overage, task, _text(reply[12])
+                    ReportStatus(status), rids[i], charged, charged_usd, refunded, overage, task, _text(reply[12])
                 )
         return applied  # type: ignore[return-value]
 
-    def _report_call(self, tenant_id: str, entries: Sequence[UsageEntry], now_ms: int) -> tuple[list[str], list[Any]]:
-        """Keys and arguments of one report.lua call for records of one tenant."""
+    def _report_call(
+        self, tenant_id: str, entries: Sequence[tuple[UsageEntry, str]], now_ms: int
+    ) -> tuple[list[str], list[Any]]:
+        """Keys and arguments of one report.lua call for records of one tenant, each with its reservation id."""
         keys = TenantKeys(tenant_id)
         retention = self.retention
         window_position: dict[str, int] = {}
@@ -309,9 +313,8 @@ class BudgetStore:
         window_untils: list[int] = []
         record_keys: list[str] = []
         record_args: list[str] = []
-        for entry in entries:
+        for entry, rid in entries:
             record = entry.record
-            rid = record.reservation_id or reservation_id(record.task_id, record.step_id)
             resv_key = keys.reservation(rid)
             # Without a key, report.lua completes the marker with the reservation's generation.
             marker = keys.idempotency(record.idempotency_key) if record.idempotency_key else keys.keyless_marker(rid)
