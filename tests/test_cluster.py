@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from budgetwarden._embedded import server_binary
+from budgetwarden._store import REPORT_BATCH
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
 
@@ -113,3 +114,36 @@ def test_tenants_spread_over_nodes_and_scripts_run_unchanged(
         assert len(nodes_with_keys) > 1  # the tenants really are on different nodes
     finally:
         cluster.close()
+
+
+def test_report_batches_of_a_tenant_apply_in_order(
+    start_sidecar: Callable[..., RunningSidecar], cluster_url: str
+) -> None:
+    """More records of one tenant than one script call takes: the calls run one after another, so the first record
+    with a key is the one applied and its retries later in the same report are duplicates."""
+    running = start_sidecar(redis_url=cluster_url, redis_cluster=True)
+    size = 2 * REPORT_BATCH + 10
+    keys = [f"k{i}" for i in range(size)]
+    for retry in (REPORT_BATCH + 50, 2 * REPORT_BATCH + 5):
+        keys[retry] = keys[0]
+    records = [
+        pb.UsageRecord(tenant_id="ordered", task_id="t", step_id=f"s{i}", input_tokens=1 + i, idempotency_key=key)
+        for i, key in enumerate(keys)
+    ]
+    cluster = redis.RedisCluster.from_url(cluster_url)
+    try:
+        # Without the scripts cached, each call's first EVALSHA fails and is sent again: calls that overlapped would
+        # land out of order.
+        cluster.script_flush()  # on every primary
+    finally:
+        cluster.close()
+    with BudgetClient(running.addr) as client:
+        results = client.report(records).results
+        budget = client.get_budget(tenant_id="ordered", task_id="t")
+
+    statuses = [result.status for result in results]
+    assert statuses[0] == pb.REPORT_STATUS_UNRESERVED
+    assert statuses[REPORT_BATCH + 50] == statuses[2 * REPORT_BATCH + 5] == pb.REPORT_STATUS_DUPLICATE
+    applied = [record for record, status in zip(records, statuses, strict=True) if status != pb.REPORT_STATUS_DUPLICATE]
+    task = next(scope for scope in budget.scopes if scope.name == "task")
+    assert task.used_tokens == sum(record.input_tokens for record in applied)

@@ -120,7 +120,7 @@ class Scripts:
         return [reply[0], reply[1], reply[3], reply[4], reply[5], *reply[6:9]]
 
     def report_many(
-        self, records: list[tuple[list[str], str]], *, now: int = NOW, windows: list[tuple[str, int]] | None = None
+        self, records: list[tuple[list[str], str]], *, now: int = NOW, windows: list[tuple[str, float]] | None = None
     ) -> list[list[Any]]:
         """One script call for many (keys, argument) records; ``windows`` are (key, alive-until), the day window
         unless given. Returns the whole reply of each."""
@@ -365,6 +365,11 @@ def test_a_batch_sweeps_as_much_as_its_checks_would_one_by_one(lua: Scripts) -> 
     ("argument", "error"),
     [
         ("1\x1f2", "check argument 1 is malformed"),
+        (f"{NOW}.5\x1f1000\x1f-1\x1f-1\x1f-1\x1ft1\x1fgeneral\x1fs9\x1fck", "check argument 1 is malformed"),
+        (
+            f"{NOW}\x1f1000\x1f-1\x1f-1\x1f-1\x1ft1\x1fgeneral\x1fs9\x1fck\x1f-5\x1f0\x1f0\x1fALLOW",
+            "malformed candidate",
+        ),
         (
             f"{NOW}\x1f1000\x1f-1\x1f-1\x1f-1\x1ft1\x1fgeneral\x1fs9\x1fck\x1fmany\x1f0\x1f0\x1fALLOW",
             "malformed candidate",
@@ -540,6 +545,9 @@ def test_keyless_reports_of_one_reservation_in_one_batch_count_once(lua: Scripts
     [
         ("1\x1f2\x1f1", "report argument 1 is malformed"),
         ("many\x1f0\x1f1\x1f1\x1ft1\x1fgeneral\x1f\x1f1\x1f{}", "report argument 1 is malformed"),
+        ("1.5\x1f0\x1f1\x1f1\x1ft1\x1fgeneral\x1f\x1f1\x1f{}", "report argument 1 is malformed"),
+        ("-1\x1f0\x1f1\x1f1\x1ft1\x1fgeneral\x1f\x1f1\x1f{}", "report argument 1 is malformed"),
+        ("5\x1fnan\x1f1\x1f1\x1ft1\x1fgeneral\x1f\x1f1\x1f{}", "report argument 1 is malformed"),
         ("5\x1f0\x1f1\x1f1\x1ft1\x1fgeneral\x1f\x1f2\x1f{}", "report argument 1 names an unknown window"),
     ],
 )
@@ -549,6 +557,31 @@ def test_a_malformed_record_in_a_batch_writes_nothing(lua: Scripts, argument: st
     with pytest.raises(redis.ResponseError, match=error):
         lua.report_many([report_arg("s1", 250, key="k1"), (report_arg("s9", 1)[0], argument)])
     assert {key: lua.client.dump(key) for key in lua.client.keys("*")} == before  # not even the good record before it
+
+
+@pytest.mark.parametrize(
+    ("windows", "now", "error"),
+    [
+        ([(DAY, 0)], NOW, "report window 1 has a malformed alive-until"),
+        ([(DAY, NOW + 1.5)], NOW, "report window 1 has a malformed alive-until"),
+        ([(DAY, NOW + HOUR_MS)], -5, r"report argument ARGV\[1\] is malformed"),
+    ],
+)
+def test_a_report_batch_with_malformed_times_writes_nothing(
+    lua: Scripts, windows: list[tuple[str, float]], now: int, error: str
+) -> None:
+    with pytest.raises(redis.ResponseError, match=error):
+        lua.report_many([report_arg("s1", 250, key="k1")], windows=windows, now=now)
+    assert lua.client.dbsize() == 0
+
+
+def test_one_call_sweeps_at_most_four_steps_worth_of_expired_leases(lua: Scripts) -> None:
+    for i in range(1100):
+        lua.check(f"s{i}", [0], lease_ms=1_000, windows=[])
+    lua.report_many([report_arg(f"p{i}", 1, fallback=False) for i in range(10)], now=NOW + 1_000)
+    assert lua.client.zcard(LEASES) == 1100 - 4 * 256  # ten records, but one call holds the server for four sweeps
+    lua.check_many([(f"q{i}", check_arg(f"q{i}", [], NOW + 61_000)) for i in range(10)], now=NOW + 1_000, windows=[])
+    assert lua.client.zcard(LEASES) == 0
 
 
 def test_a_report_batch_with_the_wrong_number_of_keys_writes_nothing(lua: Scripts) -> None:

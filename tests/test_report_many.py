@@ -1,8 +1,9 @@
 """Batched reports (one report.lua call per tenant and up to REPORT_BATCH records) apply exactly what the same records
 apply one at a time. Hypothesis draws checks that reserve first, then usage records over a few tenants, tasks and
 steps: with and without idempotency keys (repeats included, so duplicates happen), with and without a reservation
-behind them, some timestamped into an earlier window, and cuts them into batches at random. Both runs start from an
-empty store at the same fixed clock; they must agree on every answer, every counter and every usage event."""
+behind them (named by id or not), some timestamped into earlier windows (some of them gone), reported before or after
+the leases lapse, and cuts them into batches at random. Both runs start from an empty store on the same fixed clocks;
+they must agree on every answer, every counter and every usage event."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from redis.asyncio import Redis
 
+from budgetwarden._keys import reservation_id
 from budgetwarden._limiter import Limiter
 from budgetwarden._model import CheckInput, Outcome, ReportStatus, UsageInput
 from budgetwarden._policy import parse_policy
@@ -21,6 +23,7 @@ from budgetwarden._store import REPORT_BATCH, BudgetStore
 
 NOW = 1_796_000_000_000
 HOUR_MS = 3_600_000
+LEASE_MS = 600_000
 POLICY = parse_policy(
     """
 tenants:
@@ -61,7 +64,7 @@ checks = st.builds(
 records = st.builds(
     UsageInput,
     tenant_id=st.sampled_from(TENANTS),
-    reservation_id=st.just(""),
+    reservation_id=st.sampled_from(["", "", reservation_id("t1", "s1"), "f" * 32]),
     task_id=st.sampled_from(TASKS),
     step_id=st.sampled_from(STEPS),
     task_type=st.sampled_from(["", "plain"]),
@@ -72,8 +75,9 @@ records = st.builds(
     tool_calls=st.integers(0, 3),
     outcome=st.just(Outcome.COMPLETED),
     idempotency_key=st.sampled_from(["", "", "k1", "k2", "k3"]),
-    # Some records happened an hour ago: they fall in other minute and hour windows than the rest of their batch.
-    timestamp_ms=st.sampled_from([None, None, NOW - HOUR_MS]),
+    # Some records happened earlier: in other minute, hour and day windows than the rest of their batch, some of
+    # which are past their grace and no longer charged.
+    timestamp_ms=st.sampled_from([None, None, NOW - HOUR_MS, NOW - 2 * HOUR_MS, NOW - 24 * HOUR_MS]),
 )
 
 
@@ -93,10 +97,14 @@ async def state(redis: Redis) -> dict[str, Any]:
     return out
 
 
-async def run(redis: Redis, reserve: list[CheckInput], usage: list[UsageInput], cuts: list[int]) -> Any:
+async def run(
+    redis: Redis, reserve: list[CheckInput], usage: list[UsageInput], cuts: list[int], report_at: int = NOW
+) -> Any:
     await redis.flushall()
-    limiter = Limiter(BudgetStore(redis), lambda: POLICY, clock=lambda: NOW)
+    clock = [NOW]
+    limiter = Limiter(BudgetStore(redis), lambda: POLICY, clock=lambda: clock[0], default_lease_s=LEASE_MS // 1000)
     await limiter.check_many(reserve)
+    clock[0] = report_at
     bounds = [0, *sorted(set(cuts)), len(usage)] if cuts else list(range(len(usage) + 1))
     applied = []
     for start, end in itertools.pairwise(bounds):
@@ -114,8 +122,9 @@ async def test_batches_apply_what_single_records_apply(
     async_redis: Redis, reserve: list[CheckInput], usage: list[UsageInput], data: st.DataObject
 ) -> None:
     cuts = data.draw(st.lists(st.integers(0, len(usage)), max_size=4), label="batch cuts")
-    one_by_one = await run(async_redis, reserve, usage, [])
-    batched = await run(async_redis, reserve, usage, cuts or [len(usage)])
+    report_at = data.draw(st.sampled_from([NOW, NOW + LEASE_MS + 1]), label="reported at")
+    one_by_one = await run(async_redis, reserve, usage, [], report_at)
+    batched = await run(async_redis, reserve, usage, cuts or [len(usage)], report_at)
     assert batched == one_by_one
 
 

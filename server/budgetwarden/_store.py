@@ -282,15 +282,18 @@ class BudgetStore:
         by_tenant: dict[str, list[int]] = {}
         for i, entry in enumerate(entries):
             by_tenant.setdefault(entry.record.tenant_id, []).append(i)
-        calls: list[tuple[list[str], list[Any]]] = []
+        # One group of calls per tenant, in order: a retry later in the same report stays the duplicate.
+        groups: list[list[tuple[list[str], list[Any]]]] = []
         placed: list[list[int]] = []
         for tenant_id, indexes in by_tenant.items():
+            calls = []
             for start in range(0, len(indexes), REPORT_BATCH):
                 chunk = indexes[start : start + REPORT_BATCH]
                 calls.append(self._report_call(tenant_id, [(entries[i], rids[i]) for i in chunk], now_ms))
                 placed.append(chunk)
+            groups.append(calls)
         started = time.perf_counter()
-        replies = await self._run_all(self._report, calls)
+        replies = [reply for group in await self._run_in_order(self._report, groups) for reply in group]
         self.telemetry.redis_call("report", time.perf_counter() - started)
         applied: list[Applied | None] = [None] * len(entries)
         for chunk, chunk_replies in zip(placed, replies, strict=True):
@@ -356,15 +359,24 @@ class BudgetStore:
         ]
         return [keys.leases, keys.usage, *window_keys, *record_keys], args
 
-    async def _run_all(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Run many script calls: one pipeline on a single node; concurrently on a cluster, where redis-py does not
-        pipeline EVALSHA (each call still goes straight to the node owning its tenant's slot)."""
+    async def _run_in_order(
+        self, script: AsyncScript, groups: Sequence[Sequence[tuple[list[str], list[Any]]]]
+    ) -> list[list[Any]]:
+        """Run groups of script calls, each group's calls in order: all in one pipeline on a single node (a pipeline
+        keeps its order); on a cluster, where redis-py does not pipeline EVALSHA, the groups concurrently and each
+        group's calls one after another (each call goes straight to the node owning its tenant's slot)."""
         if isinstance(self.redis, RedisCluster):
-            return list(await asyncio.gather(*(script(keys=keys, args=args) for keys, args in calls)))
+
+            async def in_order(calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+                return [await script(keys=keys, args=args) for keys, args in calls]
+
+            return list(await asyncio.gather(*(in_order(calls) for calls in groups)))
         pipe = self.redis.pipeline(transaction=False)
-        for keys, args in calls:
-            await script(keys=keys, args=args, client=cast(Redis, pipe))
-        return list(await pipe.execute())
+        for calls in groups:
+            for keys, args in calls:
+                await script(keys=keys, args=args, client=cast(Redis, pipe))
+        replies = iter(await pipe.execute())
+        return [[next(replies) for _ in calls] for calls in groups]
 
     async def release(self, tenant_id: str, rid: str, now_ms: int) -> tuple[ReleaseStatus, int]:
         keys = TenantKeys(tenant_id)

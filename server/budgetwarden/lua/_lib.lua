@@ -62,7 +62,7 @@ local function end_hold(resv_key, record, new_state, leases, now)
 end
 
 -- Expired leases stop holding budget: no background job, every script sweeps a bounded batch first (PURGE_BATCH, or
--- `limit` when given: a batch of checks sweeps as much as its checks would have one by one).
+-- `limit` when given).
 local function purge_expired(leases, resv_prefix, now, limit)
   local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, limit or PURGE_BATCH)
   for _, id in ipairs(expired) do
@@ -74,6 +74,18 @@ local function purge_expired(leases, resv_prefix, now, limit)
       redis.call('ZREM', leases, id)
     end
   end
+end
+
+-- The sweep of a batch of n steps: as much as n calls of one step would sweep, up to 4 of them, so that one call never
+-- holds the server long after a mass expiry (the rest goes with the next calls).
+local function batch_sweep(n)
+  return PURGE_BATCH * math.min(math.max(1, n), 4)
+end
+
+-- Is an argument a whole number from 0 to 2^53 (what the caller sends for times and amounts)?
+local function whole(text)
+  local value = tonumber(text)
+  return value ~= nil and value >= 0 and value <= 9007199254740992 and value % 1 == 0
 end
 
 -- A task's counter: { limit, used, reserved, limit_usd, used_usd, reserved_usd } (limits -1 when none).

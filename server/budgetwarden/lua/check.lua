@@ -46,11 +46,11 @@ end
 local checks = {}
 for n = first_check, #ARGV do
   local f = fields(ARGV[n])
-  if #f < 9 or (#f - 9) % 4 ~= 0 or not tonumber(f[1]) then
+  if #f < 9 or (#f - 9) % 4 ~= 0 or not whole(f[1]) then
     return redis.error_reply('check argument ' .. (n - first_check) .. ' is malformed')
   end
   for at = 10, #f, 4 do
-    if not (tonumber(f[at]) and tonumber(f[at + 1])) then
+    if not (whole(f[at]) and whole(f[at + 1])) then
       return redis.error_reply('check argument ' .. (n - first_check) .. ' has a malformed candidate')
     end
   end
@@ -60,7 +60,7 @@ if #KEYS ~= 1 + nwin + 2 * #checks then
   return redis.error_reply('expected ' .. (1 + nwin + 2 * #checks) .. ' keys, got ' .. #KEYS)
 end
 
-purge_expired(leases, ARGV[3], now, PURGE_BATCH * math.max(1, #checks))
+purge_expired(leases, ARGV[3], now, batch_sweep(#checks))
 
 -- The windows are read once per batch and kept here; what the batch reserves on them is written once, at the end.
 local windows, win_keys, win_until, win_touched = {}, {}, {}, {}

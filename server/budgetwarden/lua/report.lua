@@ -10,6 +10,7 @@
 -- ARGV[1] now (ms)   ARGV[2] idempotency window (ms)   ARGV[3] reservation key prefix   ARGV[4] task retention (ms)
 -- ARGV[5] stream length cap   ARGV[6] oldest stream entry to keep (ms)   ARGV[7] number of windows (nwin)
 -- then per window: alive-until (ms)
+-- Times, amounts and counts are whole numbers from 0 to 2^53.
 -- then per record one argument, its fields joined by \31 (the unit separator: ids never hold control characters,
 -- and JSON escapes them):
 --   tokens used, cost (micro-USD), 1 if the record names a task, 1 if it has no idempotency key, task id, task type,
@@ -27,10 +28,18 @@
 -- A malformed argument or a wrong number of keys is an error reply, before anything is written.
 
 local leases, stream = KEYS[1], KEYS[2]
+for i = 1, 7 do
+  if i ~= 3 and not whole(ARGV[i]) then return redis.error_reply('report argument ARGV[' .. i .. '] is malformed') end
+end
 local now = tonumber(ARGV[1])
 local nwin = tonumber(ARGV[7])
 local first_record = 8 + nwin
 local FIELDS = 9
+for i = 1, nwin do
+  if not whole(ARGV[7 + i]) or tonumber(ARGV[7 + i]) == 0 then
+    return redis.error_reply('report window ' .. i .. ' has a malformed alive-until')
+  end
+end
 
 local function fields(text)
   local out, from = {}, 1
@@ -49,13 +58,13 @@ end
 local records = {}
 for n = first_record, #ARGV do
   local f = fields(ARGV[n])
-  if #f ~= FIELDS or not (tonumber(f[1]) and tonumber(f[2])) then
+  if #f ~= FIELDS or not (whole(f[1]) and whole(f[2])) then
     return redis.error_reply('report argument ' .. (n - first_record) .. ' is malformed')
   end
   local positions = {}
   for word in string.gmatch(f[8], '%S+') do
     local i = tonumber(word)
-    if not i or i < 1 or i > nwin or i % 1 ~= 0 then
+    if not whole(word) or i < 1 or i > nwin then
       return redis.error_reply('report argument ' .. (n - first_record) .. ' names an unknown window')
     end
     positions[#positions + 1] = i
@@ -67,7 +76,7 @@ if #KEYS ~= 2 + nwin + 3 * #records then
   return redis.error_reply('expected ' .. (2 + nwin + 3 * #records) .. ' keys, got ' .. #KEYS)
 end
 
-purge_expired(leases, ARGV[3], now, PURGE_BATCH * math.max(1, #records))
+purge_expired(leases, ARGV[3], now, batch_sweep(#records))
 
 local STATUSES = { 'applied', 'duplicate', 'unreserved' }
 local NO_TASK = { LIMIT_NONE, 0, 0, LIMIT_NONE, 0, 0 }
