@@ -27,6 +27,21 @@ local function words(text)
   return out
 end
 
+-- The fields of one packed argument (a check's or a usage record's), which the caller joins with \31, the unit
+-- separator: ids never hold control characters, and JSON escapes them.
+local function fields(text)
+  local out, from = {}, 1
+  while true do
+    local at = string.find(text, '\31', from, true)
+    if not at then
+      out[#out + 1] = string.sub(text, from)
+      return out
+    end
+    out[#out + 1] = string.sub(text, from, at - 1)
+    from = at + 1
+  end
+end
+
 -- Is a scope key still the right place to count in? Window keys die with their window; the task key with its TTL.
 local function scope_alive(key, until_ms, now)
   if until_ms == 0 then return redis.call('EXISTS', key) == 1 end

@@ -28,19 +28,6 @@ local now = tonumber(ARGV[1])
 local nwin = tonumber(ARGV[5])
 local first_check = 6 + 3 * nwin
 
-local function fields(text)
-  local out, from = {}, 1
-  while true do
-    local at = string.find(text, '\31', from, true)
-    if not at then
-      out[#out + 1] = string.sub(text, from)
-      return out
-    end
-    out[#out + 1] = string.sub(text, from, at - 1)
-    from = at + 1
-  end
-end
-
 -- Every check's argument is parsed and checked before anything is written: a script is not rolled back, so a bad
 -- argument half-way would leave the checks before it reserved on the task but not on the windows.
 local checks = {}

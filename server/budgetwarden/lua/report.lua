@@ -41,19 +41,6 @@ for i = 1, nwin do
   end
 end
 
-local function fields(text)
-  local out, from = {}, 1
-  while true do
-    local at = string.find(text, '\31', from, true)
-    if not at then
-      out[#out + 1] = string.sub(text, from)
-      return out
-    end
-    out[#out + 1] = string.sub(text, from, at - 1)
-    from = at + 1
-  end
-end
-
 -- Every record's argument is parsed and checked before anything is written: a script is not rolled back.
 local records = {}
 for n = first_record, #ARGV do
