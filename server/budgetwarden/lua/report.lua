@@ -10,12 +10,12 @@
 -- ARGV[1] now (ms)   ARGV[2] idempotency window (ms)   ARGV[3] reservation key prefix   ARGV[4] task retention (ms)
 -- ARGV[5] stream length cap   ARGV[6] oldest stream entry to keep (ms)   ARGV[7] number of windows (nwin)
 -- then per window: alive-until (ms)
--- Times, amounts and counts are whole numbers from 0 to 2^53.
 -- then per record one argument, its fields joined by \31 (the unit separator: ids never hold control characters,
 -- and JSON escapes them):
 --   tokens used, cost (micro-USD), 1 if the record names a task, 1 if it has no idempotency key, task id, task type,
 --   event id ('' without a key: derived here), the record's windows (their 1-based positions among the batch's
 --   windows, space-separated), the usage event (JSON, from the caller)
+-- Times, amounts and counts are whole numbers from 0 to 2^53.
 --
 -- Usage without a (live) reservation is charged to the task (if known) and to the record's windows.
 -- Every applied record (not a duplicate) is appended to the stream in this same script, so counters and billing
