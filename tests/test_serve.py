@@ -22,8 +22,11 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from budgetwarden._config import Settings
 from budgetwarden._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
+
+from support import RunningSidecar
 
 pytestmark = pytest.mark.slow
 
@@ -565,3 +568,20 @@ def test_listen_address_in_use_is_one_line_and_stops_the_embedded_server(serve: 
     assert f"127.0.0.1:{port}" in errors[0]
     started = served.log(EMBEDDED_STARTED)
     assert_embedded_gone(served, int(started["pid"]), str(started["url"]))
+
+
+def test_a_second_sidecar_on_a_port_a_sidecar_serves_is_refused(
+    start_sidecar: Callable[..., RunningSidecar], redis_url: str
+) -> None:
+    """gRPC would share a port between processes (SO_REUSEPORT) and split the calls between two sidecars, which may
+    have different policies or stores; the sidecar turns that off, so the second one fails to start instead."""
+    first = start_sidecar()
+    second = RunningSidecar(Settings(listen=first.addr, redis_url=redis_url, log_format="text"))
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on {first.addr}"):
+            second.start()
+    finally:
+        second.stop()
+    with BudgetClient(first.addr) as client:  # the first one still serves
+        answer = client.check(tenant_id="default", task_id="t", step_id="s", estimated_input_tokens=1)
+        assert answer.decision == pb.DECISION_ALLOW

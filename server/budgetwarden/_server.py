@@ -31,6 +31,10 @@ from budgetwarden._telemetry import Telemetry, telemetry_from_env
 
 log = logging.getLogger("budgetwarden.server")
 
+# gRPC shares a port between processes by default (SO_REUSEPORT): a second sidecar on a taken port would quietly take
+# half the calls, perhaps with another policy or store. Off, it fails to start with "address in use" instead.
+_SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
 
 def redis_client(url: str, *, cluster: bool) -> AnyRedis:
     """One retry on a dropped connection: after Redis restarts, every pooled connection is dead once. Every script the
@@ -144,7 +148,7 @@ class Sidecar:
             bound_tenant=settings.tenant or None,
             default_task_type=settings.default_task_type or None,
         )
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=_SERVER_OPTIONS)
         server.add_generic_rpc_handlers([servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -153,13 +157,13 @@ class Sidecar:
         self.server = server
         if settings.health_listen:
             # Kubelet probes reach the pod IP, not loopback: health gets its own listener, the budget API stays local.
-            health_only = grpc.aio.server()
+            health_only = grpc.aio.server(options=_SERVER_OPTIONS)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, health_only)
             self._bind(health_only, settings.health_listen)
             await health_only.start()
             self.health_server = health_only
         if settings.admin_listen:
-            admin = grpc.aio.server()
+            admin = grpc.aio.server(options=_SERVER_OPTIONS)
             admin.add_generic_rpc_handlers([AdminServicer(limiter).handler()])
             reflection.enable_server_reflection([ADMIN_SERVICE_NAME, reflection.SERVICE_NAME], admin)
             self.admin_port = self._bind(admin, settings.admin_listen)
