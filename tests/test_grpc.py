@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from budgetwarden._embedded import free_port
 from budgetwarden_api.v1 import budget_pb2 as pb
+from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient, CheckRefusedError
 
 from support import BlackHole, RunningSidecar, clear_of_minute_edge
@@ -440,6 +441,14 @@ def test_a_sidecar_bound_to_a_tenant_serves_only_that_tenant(start_sidecar: Call
             assert "serves tenant 'acme' only" in caught.value.details()
         (result,) = client.report([pb.UsageRecord(task_id="t1", step_id="s1", input_tokens=8)]).results
         assert result.status == pb.REPORT_STATUS_APPLIED
+    messages = [
+        pb.ReportStreamRequest(records=[pb.UsageRecord(task_id="t1", step_id="s9", input_tokens=1)]),
+        pb.ReportStreamRequest(records=[pb.UsageRecord(tenant_id="globex", task_id="t", step_id="s")]),
+    ]
+    with grpc.insecure_channel(running.addr) as channel, pytest.raises(grpc.RpcError) as caught:
+        pb_grpc.BudgetServiceStub(channel).ReportStream(iter(messages), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert caught.value.details() == "message 1: records[0].tenant_id: this sidecar serves tenant 'acme' only"
 
 
 def test_the_sidecars_default_task_type(start_sidecar: Callable[..., RunningSidecar], tmp_path: Any) -> None:
