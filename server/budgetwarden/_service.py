@@ -215,27 +215,20 @@ class BudgetServicer:
         self.bound_tenant = bound_tenant
         self.default_task_type = default_task_type
 
-    async def _bind_tenant(self, message: Any, field: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        refusal = self._tenant_refusal(message, field)
-        if refusal is not None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
-
-    def _tenant_refusal(self, message: Any, field: str) -> str | None:
-        """A sidecar bound to a tenant answers only for that tenant: an empty tenant_id means it, another is refused."""
+    def _bind_tenant(self, message: Any, field: str) -> None:
+        """A sidecar bound to a tenant answers only for that tenant: an empty tenant_id means it, another is refused
+        (TenantRefusedError, whose message starts with the field)."""
         if self.bound_tenant is None:
-            return None
+            return
         if not message.tenant_id:
             message.tenant_id = self.bound_tenant
         elif message.tenant_id != self.bound_tenant:
-            return f"{field}: this sidecar serves tenant {self.bound_tenant!r} only"
-        return None
+            raise TenantRefusedError(f"{field}: this sidecar serves tenant {self.bound_tenant!r} only")
 
     def _check_input(self, request: pb.CheckRequest) -> tuple[CheckInput, Prompt | None]:
         """A check as the limiter takes it: the bound tenant and the default task type applied, then validated.
         Raises TenantRefusedError or InvalidRequestError, whose messages start with the field."""
-        refusal = self._tenant_refusal(request, "tenant_id")
-        if refusal is not None:
-            raise TenantRefusedError(refusal)
+        self._bind_tenant(request, "tenant_id")
         if self.default_task_type and not request.task_type:
             request.task_type = self.default_task_type
         return check_input(request, max_lease_seconds=self.max_lease_seconds)
@@ -296,9 +289,9 @@ class BudgetServicer:
         async for request in requests:
             if isinstance(request, _Malformed):
                 await _invalid(context, f"request: not a valid ReportStreamRequest ({request.error})")
-            for i, record in enumerate(request.records):
-                await self._bind_tenant(record, f"message {received}: records[{i}].tenant_id", context)
             async with answering(context, prefix=f"message {received}: "):
+                for i, record in enumerate(request.records):
+                    self._bind_tenant(record, f"message {received}: records[{i}].tenant_id")
                 records = usage_inputs(request, self.limiter.clock())
             async with answering(context, retry_hint="; send the stream again (records are idempotent)"):
                 applied = await self.limiter.report(records)
@@ -313,9 +306,9 @@ class BudgetServicer:
         )
 
     async def report(self, request: pb.ReportRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReportResponse:
-        for i, record in enumerate(request.records):
-            await self._bind_tenant(record, f"records[{i}].tenant_id", context)
         async with answering(context):
+            for i, record in enumerate(request.records):
+                self._bind_tenant(record, f"records[{i}].tenant_id")
             records = usage_inputs(request, self.limiter.clock())
         async with answering(
             context, retry_hint="; some records may be applied, send them again (they are idempotent)"
@@ -339,8 +332,8 @@ class BudgetServicer:
     async def release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReleaseResponse:
-        await self._bind_tenant(request, "tenant_id", context)
         async with answering(context):
+            self._bind_tenant(request, "tenant_id")
             tenant_id, rid, task_id, step_id = release_target(request)
         rid = rid or reservation_id(task_id, step_id)
         async with answering(context):
@@ -350,8 +343,8 @@ class BudgetServicer:
     async def get_budget(
         self, request: pb.GetBudgetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetBudgetResponse:
-        await self._bind_tenant(request, "tenant_id", context)
         async with answering(context):
+            self._bind_tenant(request, "tenant_id")
             tenant_id, task_id, task_type = budget_target(request)
             view = await self.limiter.budget(tenant_id, task_id, task_type)
         state = view.state
