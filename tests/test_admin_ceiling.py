@@ -287,10 +287,13 @@ def test_the_redis_clients_retry_after_a_dropped_connection_adds_once(
     port = urlsplit(redis_url).port
     assert port is not None
     proxy = DroppingProxy(port)
+    running = start(start_sidecar, tmp_path, redis_url=f"redis://127.0.0.1:{proxy.port}")
+    assert running.settings.admin_listen
     try:
-        running = start(start_sidecar, tmp_path, redis_url=f"redis://127.0.0.1:{proxy.port}")
-        assert running.settings.admin_listen
-        with BudgetClient(running.addr, timeout=30) as client, AdminClient(running.settings.admin_listen) as admin:
+        with (
+            BudgetClient(running.addr, timeout=30) as client,
+            AdminClient(running.settings.admin_listen, timeout=30) as admin,
+        ):
             check(client, "t", "s1", 10)
             ceiling(admin, "t", SET, ceiling_tokens=1000)  # also loads the admin script, so the next call runs it
             proxy.arm(b"ceiling", b"\r\nadd\r\n")
@@ -300,6 +303,7 @@ def test_the_redis_clients_retry_after_a_dropped_connection_adds_once(
             assert raised.task.limit_tokens == 1500
             assert not raised.replayed  # for the caller, the change was made by this call
     finally:
+        running.stop()  # before its Redis goes away
         proxy.close()
 
 
