@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import redis
 
+from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD
 from budgetwarden._store import load_lua
 
 NOW = 1_796_000_000_000  # a fixed "now" (2026-11): times are arguments, never the server's clock
@@ -143,7 +144,8 @@ class Scripts:
         return [int(reply[0]), reply[1], int(reply[2]), *tokens_only(reply[8:])]
 
     def admin(self, *args: Any, now: int = NOW) -> list[int]:
-        return [int(v) for v in self._admin(keys=[TASK], args=[args[0], now, 7 * 86_400_000, *args[1:]])]
+        extra = [MAX_LIMIT_TOKENS, MAX_LIMIT_USD, ""]  # the highest ceilings, no request id (a deny ignores them)
+        return [int(v) for v in self._admin(keys=[TASK], args=[args[0], now, 7 * 86_400_000, *args[1:], *extra])]
 
     def held(self, key: str, usd: bool = False) -> tuple[int, int]:
         fields = ("used_usd", "reserved_usd") if usd else ("used", "reserved")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
 
 from budgetwarden._decision import TASK_SCOPE
 from budgetwarden._limiter import Limiter, UnknownCheckpointError
-from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, Amount, Counter, Scope, ScopeKind
+from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, Amount, Counter, Scope, ScopeKind, Unit
 from budgetwarden._service import _invalid, answering, scope_state, unary_handler
+from budgetwarden._store import CeilingRefusedError, RequestIdReusedError
 from budgetwarden._validation import InvalidRequestError, ident
 from budgetwarden_api.v1 import admin_pb2 as admin
 from budgetwarden_api.v1 import budget_pb2 as pb
@@ -24,6 +28,26 @@ def _amount(value: int, field: str, bound: int) -> int:
     return value
 
 
+# The request field that carries each ceiling's amount, to name it in a refusal.
+_APPROVE_FIELDS = {Unit.TOKENS: "add_tokens", Unit.USD: "add_usd_micros"}
+_CEILING_FIELDS = {Unit.TOKENS: "ceiling_tokens", Unit.USD: "ceiling_usd_micros"}
+
+
+@contextlib.asynccontextmanager
+async def _ceiling_refusals(context: Context, fields: Mapping[Unit, str]) -> AsyncIterator[None]:
+    """A change the task's state refuses (nothing was written) is FAILED_PRECONDITION, naming the field: retrying the
+    same request cannot succeed. A request id reused for another change is ALREADY_EXISTS."""
+    try:
+        yield
+    except CeilingRefusedError as exc:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{fields[exc.unit]}: {exc}")
+    except RequestIdReusedError:
+        await context.abort(
+            grpc.StatusCode.ALREADY_EXISTS,
+            "request_id: was used for another change to this task's ceiling; nothing was changed",
+        )
+
+
 def _task_state(counter: Counter) -> pb.ScopeState:
     return scope_state(Scope(TASK_SCOPE, ScopeKind.TASK, counter.limit, None, counter.limit_usd), counter)
 
@@ -34,7 +58,7 @@ class AdminServicer:
 
     async def _decide(self, checkpoint: str, context: Context, *, approve: bool, add: Amount) -> tuple[int, Counter]:
         try:
-            async with answering(context):
+            async with _ceiling_refusals(context, _APPROVE_FIELDS), answering(context):
                 return await self.limiter.decide_checkpoint(checkpoint, approve=approve, add=add)
         except UnknownCheckpointError:
             await _invalid(context, "checkpoint_id: is not a checkpoint id issued by budgetwarden (ck1.…)")
@@ -70,9 +94,17 @@ class AdminServicer:
                 usd = _amount(request.ceiling_usd_micros, "ceiling_usd_micros", MAX_LIMIT_USD)
             if tokens is None and usd is None:
                 raise InvalidRequestError("ceiling_tokens", "or ceiling_usd_micros is required")
+            # Without the caller's id, one of ours still makes the Redis client's retry after a dropped connection
+            # (redis_client in _server.py) safe: a resent script call does not add twice.
+            callers_id = ident(request.request_id, "request_id", required=False)
             add = request.mode == admin.CEILING_MODE_ADD
-            counter = await self.limiter.set_ceiling(tenant_id, task_id, add=add, tokens=tokens, usd=usd)
-        return admin.SetTaskCeilingResponse(task=_task_state(counter))
+        async with _ceiling_refusals(context, _CEILING_FIELDS), answering(context):
+            change = await self.limiter.set_ceiling(
+                tenant_id, task_id, add=add, tokens=tokens, usd=usd, request_id=callers_id or f"bw-{uuid.uuid4().hex}"
+            )
+        # Our own id seen again is this call's own resend: for the caller, the change was made now.
+        replayed = change.replayed and bool(callers_id)
+        return admin.SetTaskCeilingResponse(task=_task_state(change.task), replayed=replayed)
 
     async def reset_task(self, request: admin.ResetTaskRequest, context: Context) -> admin.ResetTaskResponse:
         async with answering(context):

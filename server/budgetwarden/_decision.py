@@ -345,41 +345,52 @@ def _granted(plan: CheckPlan, outcome: StoreOutcome, candidate: Candidate) -> Ve
         if candidate.bound is Bound.CHECKPOINT:
             message += " (the task is past its soft threshold, and no degrade rung makes this step cheaper)"
         return Verdict(Decision.ALLOW, Reason.WITHIN_BUDGET, amount.tokens, message, granted_usd=amount.usd)
-    binding, unit = _first_failing(plan, outcome, plan.requested, hard_only=True)
+    # Why the request was not granted as asked is a question about the counters as they were before this grant.
+    before = _before_grant(outcome.counters, amount)
+    binding, unit, line = _first_misfit_as_asked(plan, before, outcome.thresholds)
     step = plan.step
     if step is not None:
         step_unit = _failing_unit(Counter(step.limit, 0, 0, step.limit_usd), plan.requested)
         if step_unit is not None:
-            binding, unit = STEP_SCOPE, step_unit
+            binding, unit, line = STEP_SCOPE, step_unit, "limit"
     if binding:
         limit_kind = "cost" if unit is Unit.USD else "token"
-        reason, why = Reason.DEGRADED_TO_FIT, f"the request does not fit the {binding} {limit_kind} limit as asked"
+        reason, why = Reason.DEGRADED_TO_FIT, f"the request does not fit the {binding} {limit_kind} {line} as asked"
     else:
         reason, why = Reason.SOFT_THRESHOLD, "the task is past its soft threshold"
-        binding, unit = TASK_SCOPE, _soft_unit(plan, outcome)
+        binding, unit = TASK_SCOPE, _soft_unit(plan, before[0], outcome.thresholds)
     message = f"degraded by rung {candidate.rung!r}: {why}; granted {amount.tokens} of {plan.requested.tokens} tokens"
     advice = advice_for(plan.shape, candidate)
     return Verdict(Decision.DEGRADE, reason, amount.tokens, message, binding, None, unit, amount.usd, advice)
 
 
-def _soft_unit(plan: CheckPlan, outcome: StoreOutcome) -> Unit:
-    counter = outcome.counters[0]
-    limits = _task_bounds(counter, outcome.thresholds, Bound.SOFT)
-    return _failing_unit(counter, plan.requested, *limits) or Unit.TOKENS
+def _before_grant(counters: tuple[Counter, ...], granted: Amount) -> tuple[Counter, ...]:
+    """The counters as they were before the store reserved ``granted`` (it adds the grant to every counted scope)."""
+    return tuple(
+        replace(counter, reserved=counter.reserved - granted.tokens, reserved_usd=counter.reserved_usd - granted.usd)
+        for counter in counters
+    )
 
 
-def _first_failing(
-    plan: CheckPlan, outcome: StoreOutcome, amount: Amount, *, hard_only: bool
-) -> tuple[str, Unit | None]:
-    """The first scope (binding order) that ``amount`` does not fit, and in which unit."""
-    for scope, counter in zip(plan.counted, outcome.counters, strict=True):
-        if scope.kind is ScopeKind.TASK and not hard_only:
-            unit = _failing_unit(counter, amount, *_task_bounds(counter, outcome.thresholds, Bound.CHECKPOINT))
-        else:
-            unit = _failing_unit(counter, amount)
+def _soft_unit(plan: CheckPlan, task: Counter, thresholds: Thresholds) -> Unit:
+    return _failing_unit(task, plan.requested, *_task_bounds(task, thresholds, Bound.SOFT)) or Unit.TOKENS
+
+
+def _first_misfit_as_asked(
+    plan: CheckPlan, counters: tuple[Counter, ...], thresholds: Thresholds
+) -> tuple[str, Unit | None, str]:
+    """The first scope (binding order) that the request as asked does not fit, in which unit, and which line of it.
+
+    A scope's own limit counts here, not the task's soft threshold (past that, the reason is SOFT_THRESHOLD). A task
+    without a soft threshold holds the request as asked to its checkpoint line, so there that line counts."""
+    for scope, counter in zip(plan.counted, counters, strict=True):
+        limits, line = (counter.limit, counter.limit_usd), "limit"
+        if scope.kind is ScopeKind.TASK and thresholds.soft_bp is None and thresholds.checkpoint_bp is not None:
+            limits, line = _task_bounds(counter, thresholds, Bound.CHECKPOINT), "checkpoint line"
+        unit = _failing_unit(counter, plan.requested, *limits)
         if unit is not None:
-            return scope.name, unit
-    return "", None
+            return scope.name, unit, line
+    return "", None, ""
 
 
 def _denied(plan: CheckPlan, outcome: StoreOutcome, now_ms: int) -> Verdict:

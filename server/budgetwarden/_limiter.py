@@ -34,6 +34,7 @@ from budgetwarden._store import (
     Applied,
     BudgetState,
     BudgetStore,
+    CeilingChange,
     Reservation,
     StepCheck,
     UsageEntry,
@@ -399,11 +400,11 @@ class Limiter:
             )
 
     async def set_ceiling(
-        self, tenant_id: str, task_id: str, *, add: bool, tokens: int | None, usd: int | None
-    ) -> Counter:
+        self, tenant_id: str, task_id: str, *, add: bool, tokens: int | None, usd: int | None, request_id: str = ""
+    ) -> CeilingChange:
         with _unavailable():
             return await self.store.set_ceiling(
-                tenant_id, task_id, add=add, tokens=tokens, usd=usd, now_ms=self.clock()
+                tenant_id, task_id, add=add, tokens=tokens, usd=usd, now_ms=self.clock(), request_id=request_id
             )
 
     async def reset_task(self, tenant_id: str, task_id: str) -> bool:

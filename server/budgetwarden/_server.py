@@ -38,8 +38,8 @@ _SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 def redis_client(url: str, *, cluster: bool) -> AnyRedis:
     """One retry on a dropped connection: after Redis restarts, every pooled connection is dead once. Every script the
-    sidecar runs is idempotent (reservations, report markers, release states, decided checkpoints), so a retry after a
-    drop is safe — except adding to a ceiling through the admin API, which could then apply twice."""
+    sidecar runs is idempotent (reservations, report markers, release states, decided checkpoints, ceiling changes by
+    their request id), so a retry after a drop is safe."""
     if cluster:
         return RedisCluster.from_url(url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
     return Redis.from_url(url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])

@@ -18,6 +18,8 @@ from redis.commands.core import AsyncScript
 
 from budgetwarden._keys import TenantKeys, reservation_id
 from budgetwarden._model import (
+    MAX_LIMIT_TOKENS,
+    MAX_LIMIT_USD,
     Amount,
     Counter,
     ReleaseStatus,
@@ -25,6 +27,7 @@ from budgetwarden._model import (
     Scope,
     StoreStatus,
     Thresholds,
+    Unit,
     UsageInput,
 )
 from budgetwarden._telemetry import Telemetry
@@ -406,20 +409,87 @@ class BudgetStore:
     async def decide_checkpoint(
         self, tenant_id: str, task_id: str, checkpoint: str, *, approve: bool, add: Amount, now_ms: int
     ) -> tuple[int, Counter]:
+        """Approve (adding ``add`` to the task's ceilings) or deny a checkpoint. Raises CeilingRefusedError, with
+        nothing written, when the addition would take a ceiling past the highest allowed."""
         keys = TenantKeys(tenant_id)
         action = "approve" if approve else "deny"
         args: list[str | int] = [action, now_ms, self.retention.task_ms, checkpoint, add.tokens, add.usd]
+        args += [MAX_LIMIT_TOKENS, MAX_LIMIT_USD]
         reply = await self._admin(keys=[keys.task(task_id)], args=args)
-        return int(reply[0]), _counters(reply[1:7])[0]
+        outcome, counter = int(reply[0]), _counters(reply[1:7])[0]
+        _refuse_ceiling(outcome, reply[7:], counter, add)
+        return outcome, counter
 
     async def set_ceiling(
-        self, tenant_id: str, task_id: str, *, add: bool, tokens: int | None, usd: int | None, now_ms: int
-    ) -> Counter:
+        self,
+        tenant_id: str,
+        task_id: str,
+        *,
+        add: bool,
+        tokens: int | None,
+        usd: int | None,
+        now_ms: int,
+        request_id: str = "",
+    ) -> CeilingChange:
+        """Set or add to a task's ceilings, atomically; an add needs a ceiling to add to (the task's first check fixes
+        it) and never passes the highest allowed. With ``request_id``, a change is applied once however often it is
+        sent. Raises CeilingRefusedError or RequestIdReusedError, with nothing written."""
         keys = TenantKeys(tenant_id)
         args: list[str | int] = ["ceiling", now_ms, self.retention.task_ms, "add" if add else "set"]
-        args += ["" if tokens is None else tokens, "" if usd is None else usd]
+        args += ["" if tokens is None else tokens, "" if usd is None else usd, MAX_LIMIT_TOKENS, MAX_LIMIT_USD]
+        args.append(request_id)
         reply = await self._admin(keys=[keys.task(task_id)], args=args)
-        return _counters(reply[1:7])[0]
+        outcome, counter = int(reply[0]), _counters(reply[1:7])[0]
+        if outcome == _REQUEST_REUSED:
+            raise RequestIdReusedError(request_id)
+        _refuse_ceiling(outcome, reply[7:], counter, Amount(tokens or 0, usd or 0))
+        return CeilingChange(counter, replayed=outcome == _CEILING_REPLAYED)
 
     async def reset_task(self, tenant_id: str, task_id: str) -> bool:
         return bool(await self.redis.delete(TenantKeys(tenant_id).task(task_id)))
+
+
+# lua/admin.lua's outcomes beyond the checkpoint ones (1 to 6, CheckpointOutcome in admin.proto).
+_CEILING_REPLAYED, _REQUEST_REUSED, _NO_CEILING_YET, _ABOVE_HIGHEST = 8, 9, 10, 11
+_CEILING_UNITS = {"limit": Unit.TOKENS, "limit_usd": Unit.USD}
+
+
+class CeilingRefusedError(Exception):
+    """A change to a task's ceiling that the task's state does not allow; nothing was written. ``unit`` names the
+    ceiling (tokens or micro-USD) that refused it."""
+
+    def __init__(self, unit: Unit, reason: str) -> None:
+        super().__init__(reason)
+        self.unit = unit
+
+
+class RequestIdReusedError(Exception):
+    """A request id already used for another change to the task's ceiling; nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class CeilingChange:
+    task: Counter
+    replayed: bool  # the request id was seen before: the change was made then, not again
+
+
+def _refuse_ceiling(outcome: int, field: Sequence[Any], counter: Counter, amount: Amount) -> None:
+    """Raises CeilingRefusedError for lua/admin.lua's refusals of an amount; ``field`` is the rest of its reply."""
+    if outcome not in (_NO_CEILING_YET, _ABOVE_HIGHEST):
+        return
+    unit = _CEILING_UNITS[_text(field[0])]
+    name = "token" if unit is Unit.TOKENS else "cost (micro-USD)"
+    if outcome == _NO_CEILING_YET:
+        raise CeilingRefusedError(
+            unit,
+            f"the task has no {name} ceiling to add to yet: its first check fixes it (from its task type); "
+            "set one with CEILING_MODE_SET, or add after the first check",
+        )
+    current = counter.limit if unit is Unit.TOKENS else counter.limit_usd
+    added = amount.tokens if unit is Unit.TOKENS else amount.usd
+    highest = MAX_LIMIT_TOKENS if unit is Unit.TOKENS else MAX_LIMIT_USD
+    raise CeilingRefusedError(
+        unit,
+        f"the task's {name} ceiling of {current} plus {added} would pass the highest allowed ({highest}); "
+        "nothing was changed",
+    )

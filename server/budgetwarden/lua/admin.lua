@@ -2,41 +2,74 @@
 --
 -- KEYS[1] task
 -- ARGV[1] action: 'approve', 'deny' or 'ceiling'   ARGV[2] now (ms)   ARGV[3] task retention (ms)
--- approve: ARGV[4] checkpoint id, ARGV[5] tokens to add, ARGV[6] micro-USD to add
+-- approve: ARGV[4] checkpoint id, ARGV[5] tokens to add, ARGV[6] micro-USD to add,
+--          ARGV[7] highest token ceiling, ARGV[8] highest micro-USD ceiling
 -- deny:    ARGV[4] checkpoint id
--- ceiling: ARGV[4] 'set' or 'add', ARGV[5] tokens (or '' to leave), ARGV[6] micro-USD (or '' to leave)
+-- ceiling: ARGV[4] 'set' or 'add', ARGV[5] tokens (or '' to leave), ARGV[6] micro-USD (or '' to leave),
+--          ARGV[7] highest token ceiling, ARGV[8] highest micro-USD ceiling, ARGV[9] request id ('': none)
 --
--- Returns { outcome, then the task's limit, used, reserved, limit_usd, used_usd, reserved_usd }
+-- Returns { outcome, then the task's limit, used, reserved, limit_usd, used_usd, reserved_usd, then, for a refusal of
+-- an amount (10, 11), the ceiling field it is about: 'limit' or 'limit_usd' }
 -- outcome: 1 approved, 2 already approved, 3 denied, 4 already denied, 5 no such checkpoint, 6 decided the other
--- way, 7 ceiling set.
+-- way, 7 ceiling set, 8 ceiling request seen before (nothing applied again), 9 the request id was used for another
+-- change, 10 no ceiling to add to yet (the task's first check fixes it), 11 the sum would pass the highest ceiling.
+-- Refusals (9 to 11) write nothing.
 
 local task_key = KEYS[1]
 local action = ARGV[1]
+local CEILINGS = { 'limit', 'limit_usd' }
 
-local function done(outcome)
+local function done(outcome, field)
   local out = { outcome }
   append_counter(out, task_counter(task_key))
+  if field then out[#out + 1] = field end
   return out
 end
 
-local function add_limit(field, amount)
+-- Why `amount` cannot be added to a ceiling, or nil when it can: 10 when the task has no ceiling yet (its first
+-- check fixes it, from the task type), 11 when the sum would pass `highest`. No ceiling (LIMIT_NONE) stays none.
+local function cannot_add(field, amount, highest)
   local current = redis.call('HGET', task_key, field)
-  if current and tonumber(current) ~= LIMIT_NONE and amount ~= 0 then redis.call('HINCRBY', task_key, field, amount) end
+  if not current then return 10 end
+  current = tonumber(current)
+  if current ~= LIMIT_NONE and amount > 0 and current + amount > highest then return 11 end
+  return nil
+end
+
+-- Adds to a ceiling checked by cannot_add; the amount goes to HINCRBY as the caller's text, never a Lua number.
+local function add_to(field, amount)
+  local current = redis.call('HGET', task_key, field)
+  if current and tonumber(current) ~= LIMIT_NONE and tonumber(amount) ~= 0 then
+    redis.call('HINCRBY', task_key, field, amount)
+  end
 end
 
 if action == 'ceiling' then
-  local mode = ARGV[4]
-  for i, field in ipairs({ 'limit', 'limit_usd' }) do
-    local value = ARGV[4 + i]
-    if value ~= '' then
-      if mode == 'set' then
-        redis.call('HSET', task_key, field, value)
-      else
-        -- Adding to a ceiling that does not exist (yet, or at all) changes nothing.
-        add_limit(field, tonumber(value))
+  local mode, request = ARGV[4], ARGV[9]
+  -- A request id makes the call idempotent: a retry (also the Redis client's own, after a dropped connection) of a
+  -- change already made is answered without applying it again.
+  local marker, change = 'ceiling:' .. request, mode .. ' ' .. ARGV[5] .. ' ' .. ARGV[6]
+  if request ~= '' then
+    local seen = redis.call('HGET', task_key, marker)
+    if seen == change then return done(8) end
+    if seen then return done(9) end
+  end
+  -- Every field is checked before any is written: a refusal leaves the task as it was.
+  if mode == 'add' then
+    for i, field in ipairs(CEILINGS) do
+      if ARGV[4 + i] ~= '' then
+        local refused = cannot_add(field, tonumber(ARGV[4 + i]), tonumber(ARGV[6 + i]))
+        if refused then return done(refused, field) end
       end
     end
   end
+  for i, field in ipairs(CEILINGS) do
+    local value = ARGV[4 + i]
+    if value ~= '' then
+      if mode == 'set' then redis.call('HSET', task_key, field, value) else add_to(field, value) end
+    end
+  end
+  if request ~= '' then redis.call('HSET', task_key, marker, change) end
   -- A task given a ceiling before its first check keeps it: the first check only fills in what is missing.
   redis.call('PEXPIRE', task_key, ARGV[3])
   return done(7)
@@ -49,8 +82,10 @@ if action == 'approve' then
   if decided == 'approved' then return done(2) end
   if decided == 'denied' then return done(6) end
   if open ~= id then return done(5) end
-  add_limit('limit', tonumber(ARGV[5]))
-  add_limit('limit_usd', tonumber(ARGV[6]))
+  for i, field in ipairs(CEILINGS) do
+    if cannot_add(field, tonumber(ARGV[4 + i]), tonumber(ARGV[6 + i])) == 11 then return done(11, field) end
+  end
+  for i, field in ipairs(CEILINGS) do add_to(field, ARGV[4 + i]) end
   redis.call('HDEL', task_key, 'checkpoint', 'checkpoint_at')
   redis.call('HSET', task_key, 'decided:' .. id, 'approved')
   redis.call('PEXPIRE', task_key, ARGV[3])

@@ -175,6 +175,7 @@ class SetTaskCeilingRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     CEILING_TOKENS_FIELD_NUMBER: _builtins.int
     CEILING_USD_MICROS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Required."""
     task_id: _builtins.str
@@ -184,6 +185,10 @@ class SetTaskCeilingRequest(_message.Message):
     """Unset: leave the token ceiling as it is."""
     ceiling_usd_micros: _builtins.int
     """Unset: leave the cost ceiling as it is."""
+    request_id: _builtins.str
+    """Optional: makes the call idempotent. The same request_id with the same change is applied once (a repeat answers
+    replayed); with another change it is refused (ALREADY_EXISTS). Kept while the task is.
+    """
     def __init__(
         self,
         *,
@@ -192,10 +197,11 @@ class SetTaskCeilingRequest(_message.Message):
         mode: Global___CeilingMode.ValueType = ...,
         ceiling_tokens: _builtins.int | None = ...,
         ceiling_usd_micros: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_ceiling_tokens", b"_ceiling_tokens", "_ceiling_usd_micros", b"_ceiling_usd_micros", "ceiling_tokens", b"ceiling_tokens", "ceiling_usd_micros", b"ceiling_usd_micros"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ceiling_tokens", b"_ceiling_tokens", "_ceiling_usd_micros", b"_ceiling_usd_micros", "ceiling_tokens", b"ceiling_tokens", "ceiling_usd_micros", b"ceiling_usd_micros", "mode", b"mode", "task_id", b"task_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ceiling_tokens", b"_ceiling_tokens", "_ceiling_usd_micros", b"_ceiling_usd_micros", "ceiling_tokens", b"ceiling_tokens", "ceiling_usd_micros", b"ceiling_usd_micros", "mode", b"mode", "request_id", b"request_id", "task_id", b"task_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ceiling_tokens: _TypeAlias = _typing.Literal["ceiling_tokens"]  # noqa: Y015
     _WhichOneofArgType__ceiling_tokens: _TypeAlias = _typing.Literal["_ceiling_tokens", b"_ceiling_tokens"]  # noqa: Y015
@@ -213,16 +219,22 @@ class SetTaskCeilingResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """The request_id was seen before: the change was made then and is not made again."""
     @_builtins.property
-    def task(self) -> _budget_pb2.ScopeState: ...
+    def task(self) -> _budget_pb2.ScopeState:
+        """The task's scope after the change."""
+
     def __init__(
         self,
         *,
         task: _budget_pb2.ScopeState | None = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

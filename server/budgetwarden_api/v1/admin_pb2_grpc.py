@@ -67,7 +67,8 @@ class BudgetAdminServiceServicer:
     """
 
     def ApproveCheckpoint(self, request, context):
-        """ApproveCheckpoint raises the task's ceiling and lets it go on. Idempotent.
+        """ApproveCheckpoint raises the task's ceiling and lets it go on. Idempotent. An amount that would take a ceiling
+        past 10^15 is FAILED_PRECONDITION, and the checkpoint stays open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -81,7 +82,9 @@ class BudgetAdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetTaskCeiling(self, request, context):
-        """SetTaskCeiling sets or raises a task's ceiling (also before its first check).
+        """SetTaskCeiling sets or raises a task's ceiling. SET works also before the task's first check (which keeps it);
+        ADD needs a ceiling to add to (FAILED_PRECONDITION before the first check or a SET) and never takes a ceiling
+        past 10^15 (FAILED_PRECONDITION, nothing changed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

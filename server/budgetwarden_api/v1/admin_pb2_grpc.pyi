@@ -36,11 +36,16 @@ class BudgetAdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> BudgetAdminServiceAsyncStub: ...
     ApproveCheckpoint: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ApproveCheckpointRequest, _admin_pb2.ApproveCheckpointResponse]
-    """ApproveCheckpoint raises the task's ceiling and lets it go on. Idempotent."""
+    """ApproveCheckpoint raises the task's ceiling and lets it go on. Idempotent. An amount that would take a ceiling
+    past 10^15 is FAILED_PRECONDITION, and the checkpoint stays open.
+    """
     DenyCheckpoint: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DenyCheckpointRequest, _admin_pb2.DenyCheckpointResponse]
     """DenyCheckpoint closes the task: every further check is denied. Idempotent."""
     SetTaskCeiling: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetTaskCeilingRequest, _admin_pb2.SetTaskCeilingResponse]
-    """SetTaskCeiling sets or raises a task's ceiling (also before its first check)."""
+    """SetTaskCeiling sets or raises a task's ceiling. SET works also before the task's first check (which keeps it);
+    ADD needs a ceiling to add to (FAILED_PRECONDITION before the first check or a SET) and never takes a ceiling
+    past 10^15 (FAILED_PRECONDITION, nothing changed).
+    """
     ResetTask: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResetTaskRequest, _admin_pb2.ResetTaskResponse]
     """ResetTask forgets a task's counters, ceiling and checkpoints."""
     GetTenantWindows: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetTenantWindowsRequest, _admin_pb2.GetTenantWindowsResponse]
@@ -52,11 +57,16 @@ class BudgetAdminServiceAsyncStub(BudgetAdminServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ApproveCheckpoint: _aio.UnaryUnaryMultiCallable[_admin_pb2.ApproveCheckpointRequest, _admin_pb2.ApproveCheckpointResponse]  # type: ignore[assignment]
-    """ApproveCheckpoint raises the task's ceiling and lets it go on. Idempotent."""
+    """ApproveCheckpoint raises the task's ceiling and lets it go on. Idempotent. An amount that would take a ceiling
+    past 10^15 is FAILED_PRECONDITION, and the checkpoint stays open.
+    """
     DenyCheckpoint: _aio.UnaryUnaryMultiCallable[_admin_pb2.DenyCheckpointRequest, _admin_pb2.DenyCheckpointResponse]  # type: ignore[assignment]
     """DenyCheckpoint closes the task: every further check is denied. Idempotent."""
     SetTaskCeiling: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetTaskCeilingRequest, _admin_pb2.SetTaskCeilingResponse]  # type: ignore[assignment]
-    """SetTaskCeiling sets or raises a task's ceiling (also before its first check)."""
+    """SetTaskCeiling sets or raises a task's ceiling. SET works also before the task's first check (which keeps it);
+    ADD needs a ceiling to add to (FAILED_PRECONDITION before the first check or a SET) and never takes a ceiling
+    past 10^15 (FAILED_PRECONDITION, nothing changed).
+    """
     ResetTask: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResetTaskRequest, _admin_pb2.ResetTaskResponse]  # type: ignore[assignment]
     """ResetTask forgets a task's counters, ceiling and checkpoints."""
     GetTenantWindows: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetTenantWindowsRequest, _admin_pb2.GetTenantWindowsResponse]  # type: ignore[assignment]
@@ -71,7 +81,9 @@ class BudgetAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ApproveCheckpointRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ApproveCheckpointResponse, _abc.Awaitable[_admin_pb2.ApproveCheckpointResponse]]:
-        """ApproveCheckpoint raises the task's ceiling and lets it go on. Idempotent."""
+        """ApproveCheckpoint raises the task's ceiling and lets it go on. Idempotent. An amount that would take a ceiling
+        past 10^15 is FAILED_PRECONDITION, and the checkpoint stays open.
+        """
 
     @_abc_1.abstractmethod
     def DenyCheckpoint(
@@ -87,7 +99,10 @@ class BudgetAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetTaskCeilingRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SetTaskCeilingResponse, _abc.Awaitable[_admin_pb2.SetTaskCeilingResponse]]:
-        """SetTaskCeiling sets or raises a task's ceiling (also before its first check)."""
+        """SetTaskCeiling sets or raises a task's ceiling. SET works also before the task's first check (which keeps it);
+        ADD needs a ceiling to add to (FAILED_PRECONDITION before the first check or a SET) and never takes a ceiling
+        past 10^15 (FAILED_PRECONDITION, nothing changed).
+        """
 
     @_abc_1.abstractmethod
     def ResetTask(
