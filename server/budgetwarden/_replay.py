@@ -47,11 +47,13 @@ REPLAY_NOTE = "step was checked before: "
 
 
 def _text(value: str) -> str:
-    return _CONTROL.sub("?", value)
+    """Policy-made text in a field (a control character would split it); checks cost a few microseconds, so the
+    common case (nothing to replace) is one test."""
+    return value if value.isprintable() else _CONTROL.sub("?", value)
 
 
-def _number(value: int | None) -> str:
-    return str(_NONE if value is None else value)
+def _number(value: int | None) -> int:
+    return _NONE if value is None else value
 
 
 def _optional(text: str) -> int | None:
@@ -62,24 +64,30 @@ def _optional(text: str) -> int | None:
 def fingerprint(request: CheckInput, shape: Shape) -> str:
     """What decides a check's answer besides the policy and the counters: the model, the input (as counted), output and
     tool calls, the task type and an explicit task ceiling. The lease is not part of it (a replay keeps its lease)."""
-    fields = (shape.model, request.task_type, shape.input_tokens, shape.output_tokens, shape.tool_calls)
-    text = "\x1f".join(str(field) for field in (*fields, _number(request.task_ceiling)))
+    text = (
+        f"{shape.model}\x1f{request.task_type}\x1f{shape.input_tokens}\x1f{shape.output_tokens}\x1f"
+        f"{shape.tool_calls}\x1f{_number(request.task_ceiling)}"
+    )
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def common_part(plan: CheckPlan) -> str:
     """The stored answer's part common to every candidate: the request's cost, the step cap, the windows' kinds."""
     step = plan.step
-    windows = "".join(str(int(scope.span.window)) for scope in plan.counted[1:] if scope.span is not None)
-    limits = (None, None) if step is None else (step.limit, step.limit_usd)
-    return SEPARATOR.join((str(plan.requested.usd), _number(limits[0]), _number(limits[1]), windows))
+    windows = "".join([str(scope.span.window.value) for scope in plan.counted[1:] if scope.span is not None])
+    if step is None:
+        return f"{plan.requested.usd}\x1e-1\x1e-1\x1e{windows}"
+    return f"{plan.requested.usd}\x1e{_number(step.limit)}\x1e{_number(step.limit_usd)}\x1e{windows}"
 
 
 def candidate_part(candidate: Candidate) -> str:
     """The stored answer's part of one candidate: its bound, rung and shape (its amount is what the record holds)."""
     shape = candidate.shape
-    fields = (str(int(candidate.bound)), _text(candidate.rung or ""), _text(shape.model))
-    return SEPARATOR.join((*fields, str(shape.input_tokens), str(shape.output_tokens), str(shape.tool_calls)))
+    rung = "" if candidate.rung is None else _text(candidate.rung)
+    return (
+        f"{candidate.bound.value}\x1e{rung}\x1e{_text(shape.model)}\x1e{shape.input_tokens}\x1e"
+        f"{shape.output_tokens}\x1e{shape.tool_calls}"
+    )
 
 
 def replayed_answer(plan: CheckPlan, reservation: Reservation, now_ms: int) -> tuple[Verdict, Amount]:
