@@ -13,7 +13,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from redis.asyncio import Redis
 
-from budgetwarden._limiter import SCRIPT_BATCH, CheckResult, Limiter
+from budgetwarden._limiter import SCRIPT_BATCH, CheckResult, Limiter, StepConflictError
 from budgetwarden._model import CheckInput, Decision
 from budgetwarden._policy import parse_policy
 from budgetwarden._store import BudgetStore
@@ -65,7 +65,10 @@ checks = st.builds(
 )
 
 
-def comparable(result: CheckResult) -> dict[str, Any]:
+def comparable(result: CheckResult | StepConflictError) -> dict[str, Any]:
+    """A result as data; a step checked again with another request is refused (the same way in both runs)."""
+    if isinstance(result, StepConflictError):
+        return {"refused": str(result)}
     return asdict(result)
 
 
@@ -73,7 +76,7 @@ async def run(redis: Redis, requests: list[CheckInput], cuts: list[int]) -> list
     await redis.flushall()
     limiter = Limiter(BudgetStore(redis), lambda: POLICY, clock=lambda: NOW)
     if not cuts:
-        return [comparable(await limiter.check(request)) for request in requests]
+        return [comparable((await limiter.check_many([request]))[0]) for request in requests]
     out = []
     bounds = [0, *sorted(set(cuts)), len(requests)]
     for start, end in itertools.pairwise(bounds):
@@ -100,12 +103,14 @@ async def test_the_order_inside_a_batch_is_the_order_of_decisions(async_redis: R
     def step(step_id: str, tokens: int, tenant: str = "acme") -> CheckInput:
         return CheckInput(tenant, "t1", step_id, "plain", "small", tokens, 0, 0)
 
-    first, second, again, third, other = await limiter.check_many(
-        [step("a", 2000), step("b", 2000), step("a", 2000), step("c", 1000), step("a", 2500, "globex")]
+    results = await limiter.check_many(
+        [step("a", 2000), step("b", 2000), step("a", 2000), step("c", 1000), step("a", 2500, "globex"), step("a", 9)]
     )
+    first, second, again, third, other = (r for r in results[:5] if isinstance(r, CheckResult))
     # plain: 3000 tokens per task, no degrade ladder
     assert [r.verdict.decision for r in (first, second, third)] == [Decision.ALLOW, Decision.DENY, Decision.ALLOW]
     assert (again.replayed, again.reservation_id) == (True, first.reservation_id)
+    assert isinstance(results[5], StepConflictError)  # the same step with another request
     assert other.verdict.decision is Decision.ALLOW  # another tenant: its own windows and its own task
     task = {scope.name: counter for scope, counter in third.scopes}["task"]
     assert task.reserved == 3000  # a and c; b reserved nothing

@@ -233,7 +233,8 @@ async def _churn_stream(client: AsyncRedis, text: str, rng: random.Random, ops: 
         step_id = f"shared-{op // 3 + rng.randrange(CHURN_STEPS)}"
         kind = rng.choices(["check", "release", "report"], weights=[5, 2, 3])[0]
         if kind == "check":
-            request = check_input("task-1", step_id, rng.randint(1, MAX_STEP))
+            # A step is always checked with the same request (another one would be refused while the step holds).
+            request = check_input("task-1", step_id, 1 + int(step_id.split("-")[1]) * 37 % MAX_STEP)
             result = await limiter.check(replace(request, lease_seconds=2))
             rows.append(
                 {

@@ -134,7 +134,7 @@ def test_unknown_tenant_rejected_by_policy(client: BudgetClient) -> None:
 
 def test_same_step_again_is_the_same_reservation(client: BudgetClient) -> None:
     first = check(client, tokens=300)
-    again = check(client, tokens=500)
+    again = check(client, tokens=300)  # the same request (another one is refused: test_replay.py)
     assert again.replayed
     assert not first.replayed
     assert (again.reservation_id, again.granted_tokens) == (first.reservation_id, 300)

@@ -22,7 +22,7 @@ HOUR_MS = 3_600_000
 
 
 Window = tuple[str, int, int] | tuple[str, int, int, int]  # key, token limit, [micro-USD limit,] alive-until
-Candidate = int | tuple[int, int, int]  # tokens, or (tokens, micro-USD, bound)
+Candidate = int | tuple[int, int, int] | tuple[int, int, int, str]  # tokens, or (tokens, micro-USD, bound[, label])
 
 
 def tokens_only(flat: list[Any]) -> list[int]:
@@ -44,13 +44,15 @@ def check_arg(
     task_limit_usd: int = -1,
     soft_bp: int = -1,
     checkpoint_bp: int = -1,
+    fingerprint: str = "fp",
 ) -> str:
-    """The one argument of a check: its fields joined by the unit separator (see lua/check.lua)."""
+    """The one argument of a check: its fields joined by the unit separator (see lua/check.lua). The answer's parts
+    are "common" and "answer<i>" for the i-th candidate; a candidate's label is ALLOW unless given."""
     fields: list[Any] = [lease_until, task_limit, task_limit_usd, soft_bp, checkpoint_bp, "t1", "general", step]
-    fields.append("ck1.x.y.")
-    for candidate in candidates:
-        fields += [candidate, 0, 0] if isinstance(candidate, int) else list(candidate)
-        fields.append("ALLOW")
+    fields += ["ck1.x.y.", fingerprint, "common"]
+    for i, candidate in enumerate(candidates):
+        given = (candidate, 0, 0) if isinstance(candidate, int) else candidate
+        fields += [*given[:3], given[3] if len(given) > 3 else "ALLOW", f"answer{i}"]
     return "\x1f".join(str(f) for f in fields)
 
 
@@ -91,10 +93,13 @@ class Scripts:
         soft_bp: int = -1,
         checkpoint_bp: int = -1,
         windows: list[Window] | None = None,
+        fingerprint: str = "fp",
     ) -> list[int]:
         """Returns [status, fitted, granted tokens, lease, then limit, used, reserved per scope]."""
         windows = DEFAULT_WINDOWS if windows is None else windows
-        step_arg = check_arg(step, candidates, now + lease_ms, task_limit, task_limit_usd, soft_bp, checkpoint_bp)
+        step_arg = check_arg(
+            step, candidates, now + lease_ms, task_limit, task_limit_usd, soft_bp, checkpoint_bp, fingerprint
+        )
         self.last = self.check_many([(step, step_arg)], now=now, windows=windows)[0]
         reply = self.last
         return [int(reply[0]), int(reply[1]), int(reply[2]), int(reply[4]), *tokens_only(reply[8:])]
@@ -354,6 +359,54 @@ def test_purge_is_bounded_per_call(lua: Scripts) -> None:
     assert lua.held(TASK) == (0, 0)
 
 
+def test_a_replay_answers_what_the_reservation_kept(lua: Scripts) -> None:
+    """The record keeps the fingerprint and the answer (common part, the reserved candidate's part); a degraded grant
+    (a label other than ALLOW) also keeps the figures of its reply. A replay hands the answer back in the detail slot
+    with the figures as they are now."""
+    first = lua.check("s1", [(2000, 0, 0, "ALLOW"), (400, 7, 1, "DEGRADE:short")], windows=[])
+    assert first[:4] == [1, 1, 400, NOW + 60_000]
+    tail = " ".join(str(int(v)) for v in lua.last[6:])
+    assert tail == "-1 -1 1000 0 400 -1 0 7"
+    stored = lua.client.hmget(P + "resv:s1", "fp", "answer", "admitted")
+    assert stored == [b"fp", f"common\x1eanswer1\x1e{tail}".encode(), b"DEGRADE:short"]
+    lua.check("s2", [100], windows=[])
+    again = lua.check("s1", [(2000, 0, 0, "ALLOW"), (400, 7, 1, "DEGRADE:short")], now=NOW + 5_000, windows=[])
+    assert again[:4] == [2, -1, 400, NOW + 60_000]
+    assert lua.last[3] == 7
+    assert lua.last[5] == f"common\x1eanswer1\x1e{tail}".encode()
+    assert again[4:] == [1000, 0, 500]  # the figures now
+    lua.check("s3", [100], windows=[])
+    assert lua.client.hget(P + "resv:s3", "answer") == b"common\x1eanswer0"  # an ALLOW keeps no figures
+
+
+def test_a_recheck_with_another_fingerprint_writes_nothing(lua: Scripts) -> None:
+    lua.check("s1", [300])
+    before = {key: lua.client.hgetall(key) for key in (TASK, DAY, MINUTE, P + "resv:s1")}
+    reply = lua.check("s1", [600], now=NOW + 1_000, fingerprint="other")
+    assert reply[:4] == [5, -1, 0, 0]
+    assert lua.last[5] == b""
+    assert reply[4:] == [1000, 0, 300, 5000, 0, 300, 800, 0, 300]
+    assert {key: lua.client.hgetall(key) for key in before} == before
+    lua.report("s1", 250)
+    assert lua.check("s1", [300], fingerprint="other")[0] == 5  # a reported step too
+    assert lua.release("s1")[0] == 3
+
+
+def test_a_record_from_before_fingerprints_replays(lua: Scripts) -> None:
+    lua.check("s1", [300])
+    lua.client.hdel(P + "resv:s1", "fp", "answer")
+    again = lua.check("s1", [600], fingerprint="other")
+    assert again[:4] == [2, -1, 300, NOW + 60_000]
+    assert lua.last[5] == b""
+
+
+def test_a_released_step_reserves_anew_with_another_request(lua: Scripts) -> None:
+    lua.check("s1", [300])
+    assert lua.release("s1", now=NOW + 1)[0] == 1
+    assert lua.check("s1", [500], now=NOW + 2, fingerprint="other")[:3] == [1, 0, 500]
+    assert lua.client.hget(P + "resv:s1", "fp") == b"other"
+
+
 def test_a_batch_sweeps_as_much_as_its_checks_would_one_by_one(lua: Scripts) -> None:
     for i in range(300):
         lua.check(f"s{i}", [1], lease_ms=1_000, windows=[])
@@ -367,13 +420,17 @@ def test_a_batch_sweeps_as_much_as_its_checks_would_one_by_one(lua: Scripts) -> 
     ("argument", "error"),
     [
         ("1\x1f2", "check argument 1 is malformed"),
-        (f"{NOW}.5\x1f1000\x1f-1\x1f-1\x1f-1\x1ft1\x1fgeneral\x1fs9\x1fck", "check argument 1 is malformed"),
+        (f"{NOW}.5\x1f1000\x1f-1\x1f-1\x1f-1\x1ft1\x1fgeneral\x1fs9\x1fck\x1ffp\x1f", "check argument 1 is malformed"),
         (
-            f"{NOW}\x1f1000\x1f-1\x1f-1\x1f-1\x1ft1\x1fgeneral\x1fs9\x1fck\x1f-5\x1f0\x1f0\x1fALLOW",
+            f"{NOW}\x1f1000\x1f-1\x1f-1\x1f-1\x1ft1\x1fgeneral\x1fs9\x1fck\x1ffp\x1f\x1f5",
+            "check argument 1 is malformed",
+        ),
+        (
+            f"{NOW}\x1f1000\x1f-1\x1f-1\x1f-1\x1ft1\x1fgeneral\x1fs9\x1fck\x1ffp\x1f\x1f-5\x1f0\x1f0\x1fALLOW\x1f",
             "malformed candidate",
         ),
         (
-            f"{NOW}\x1f1000\x1f-1\x1f-1\x1f-1\x1ft1\x1fgeneral\x1fs9\x1fck\x1fmany\x1f0\x1f0\x1fALLOW",
+            f"{NOW}\x1f1000\x1f-1\x1f-1\x1f-1\x1ft1\x1fgeneral\x1fs9\x1fck\x1ffp\x1f\x1fmany\x1f0\x1f0\x1fALLOW\x1f",
             "malformed candidate",
         ),
     ],

@@ -71,9 +71,9 @@ def test_check_script_chooses_what_the_rules_choose(
     args: list[int | str] = [NOW, 60_000, P + "resv:", 600_000, 2]
     for c in (day, minute):
         args += [none if c[0] is None else c[0], none if c[3] is None else c[3], NOW + 60_000]
-    step: list[int | str] = [NOW + 60_000, none, none, none, none, "t", "general", "s", "ck1.p."]
+    step: list[int | str] = [NOW + 60_000, none, none, none, none, "t", "general", "s", "ck1.p.", "fp", ""]
     for tokens, usd, bound in candidates:
-        step += [tokens, usd, int(bound), "ALLOW"]
+        step += [tokens, usd, int(bound), "ALLOW", ""]
     args.append("\x1f".join(str(field) for field in step))
     (reply,) = sync_redis.register_script(load_lua("check"))(
         keys=[P + "leases", DAY, MINUTE, P + "resv:s", TASK], args=args

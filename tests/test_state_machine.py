@@ -1,7 +1,8 @@
 """Random sequences of check / report / release / clock moves, against a plain in-memory model of the budget rules.
 
 The model below is written from the rules, not from the code: a task ceiling fixed on the task's first check, a per-step
-cap, a tenant day window (UTC), leases that lapse when the clock passes them, idempotent re-checks, reports that replace
+cap, a tenant day window (UTC), leases that lapse when the clock passes them, idempotent re-checks (the same request
+answers what it answered; another request for a step holding a reservation is refused), reports that replace
 a reservation by the real figure, duplicate reports applied once, and reports without a live reservation charged anyway.
 After every step the model's counters are compared with what the store holds (``Limiter.budget``), and every answer
 with the model's.
@@ -22,7 +23,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, 
 from redis.asyncio import Redis as AsyncRedis
 
 from budgetwarden._keys import reservation_id
-from budgetwarden._limiter import Limiter
+from budgetwarden._limiter import Limiter, StepConflictError
 from budgetwarden._model import (
     CheckInput,
     Counter,
@@ -104,6 +105,7 @@ class Held:
     window: str  # the day the step was admitted on
     window_alive_until_ms: int  # after this the window's counter is gone: nothing is added to it any more
     generation: int = 1  # how many times the step was reserved: a keyless report counts once per generation
+    request: tuple[int, int | None] = (0, None)  # what it was checked with (amount, ceiling): a re-check must match
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,9 @@ class Expected:
     lease_ms: int | None = None
     replayed: bool = False
     retry_after_ms: int | None = None
+
+
+REFUSED = "refused: the step holds a reservation made for another request"
 
 
 @dataclass
@@ -143,11 +148,15 @@ class Model:
             if held.state == "reserved" and held.lease_ms <= now:
                 self.end_hold(held, "expired", now)
 
-    def check(self, task_id: str, step_id: str, amount: int, ceiling: int | None, lease_s: int, now: int) -> Expected:
+    def check(
+        self, task_id: str, step_id: str, amount: int, ceiling: int | None, lease_s: int, now: int
+    ) -> Expected | str:
         self.lapse(now)
         rid = reservation_id(task_id, step_id)
         held = self.steps.get((task_id, step_id))
         if held is not None and held.state in ("reserved", "reported"):
+            if held.request != (amount, ceiling):
+                return REFUSED
             return Expected(Decision.ALLOW, Reason.WITHIN_BUDGET, held.amount, "", rid, held.lease_ms, True)
         task = self.tasks.setdefault(task_id, TaskState())
         if task.limit is None:
@@ -165,7 +174,9 @@ class Model:
             )
         lease = now + lease_s * 1000
         generation = 1 if held is None else held.generation + 1
-        self.steps[(task_id, step_id)] = Held(task_id, "reserved", amount, lease, label, day_end + GRACE_MS, generation)
+        self.steps[(task_id, step_id)] = Held(
+            task_id, "reserved", amount, lease, label, day_end + GRACE_MS, generation, (amount, ceiling)
+        )
         task.reserved += amount
         task.active += 1
         window.reserved += amount
@@ -279,8 +290,14 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
                 lease_seconds=lease_s,
                 task_ceiling=ceiling,
             )
-            result = self.loop.run_until_complete(self.limiter.check(request))
             want = self.model.check(task_id, step_id, amount, ceiling, lease_s or LEASE_S, self.now)
+            try:
+                result = self.loop.run_until_complete(self.limiter.check(request))
+            except StepConflictError:
+                event("check: refused (another request)")
+                assert want == REFUSED
+                return step
+            assert isinstance(want, Expected), want
             verdict = result.verdict
             got = Expected(
                 verdict.decision,

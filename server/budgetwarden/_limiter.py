@@ -30,6 +30,7 @@ from budgetwarden._model import (
     Verdict,
 )
 from budgetwarden._policy import LoadedPolicy
+from budgetwarden._replay import candidate_part, common_part, fingerprint, replayed_answer
 from budgetwarden._store import (
     Applied,
     BudgetState,
@@ -112,6 +113,18 @@ class UnknownCheckpointError(ValueError):
     """Not a checkpoint id this service issues."""
 
 
+class StepConflictError(Exception):
+    """The step holds a reservation made for a different request; the transport's FAILED_PRECONDITION. Its message
+    starts with the field (step_id)."""
+
+    def __init__(self, task_id: str, step_id: str) -> None:
+        super().__init__(
+            f"step_id: step {step_id!r} of task {task_id!r} was already checked with a different request (model, "
+            "tokens, tool calls, task type or task ceiling) and holds what that check was granted; use a new "
+            "step_id, or Release it first"
+        )
+
+
 class Limiter:
     def __init__(
         self,
@@ -151,22 +164,27 @@ class Limiter:
     async def check(
         self, request: CheckInput, deadline_s: float | None = None, prompt: Prompt | None = None
     ) -> CheckResult:
-        return (await self.check_many([request], deadline_s, [prompt]))[0]
+        """Decide one check; raises StepConflictError for a step checked before with a different request."""
+        result = (await self.check_many([request], deadline_s, [prompt]))[0]
+        if isinstance(result, StepConflictError):
+            raise result
+        return result
 
     async def check_many(
         self,
         requests: Sequence[CheckInput],
         deadline_s: float | None = None,
         prompts: Sequence[Prompt | None] | None = None,
-    ) -> list[CheckResult]:
+    ) -> list[CheckResult | StepConflictError]:
         """Decide many checks, in order, in store calls of up to SCRIPT_BATCH checks of one tenant; each is decided
-        exactly as ``check`` would decide it after the ones before it."""
+        exactly as ``check`` would decide it after the ones before it (a refusal is in the list, not raised)."""
         started = time.perf_counter()
         results = await self._check_many(requests, deadline_s, prompts or [None] * len(requests))
         if self.telemetry.enabled:
             seconds = time.perf_counter() - started
             for request, result in zip(requests, results, strict=True):
-                self._record(request, result, seconds)
+                if not isinstance(result, StepConflictError):  # a refusal is no decision
+                    self._record(request, result, seconds)
         return results
 
     def _record(self, request: CheckInput, result: CheckResult, seconds: float) -> None:
@@ -185,14 +203,14 @@ class Limiter:
 
     async def _check_many(
         self, requests: Sequence[CheckInput], deadline_s: float | None, prompts: Sequence[Prompt | None]
-    ) -> list[CheckResult]:
+    ) -> list[CheckResult | StepConflictError]:
         counted: list[TokenCount | None] = []
         for i, prompt in enumerate(prompts):
             count = None if prompt is None else await self.count(requests[i].model, prompt)
             counted.append(count)
         loaded = self.policy()
         now = self.clock()
-        results: list[CheckResult | None] = [None] * len(requests)
+        results: list[CheckResult | StepConflictError | None] = [None] * len(requests)
         plans: list[CheckPlan | None] = [None] * len(requests)
         by_tenant: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
@@ -230,6 +248,8 @@ class Limiter:
                 assert planned is not None
                 if isinstance(reservation, BaseException):
                     results[i] = self._fail_mode_answer(requests[i], planned, reservation, loaded.version)
+                elif reservation.status is StoreStatus.CONFLICT:
+                    results[i] = StepConflictError(requests[i].task_id, requests[i].step_id)
                 else:
                     results[i] = self._finish(planned, reservation, now, loaded.version, counted[i])
         return results  # type: ignore[return-value]
@@ -253,7 +273,13 @@ class Limiter:
             windows = plan.counted[1:]
             lease_s = request.lease_seconds or plan.lease_seconds or self.default_lease_s
             candidates = [
-                (c.amount.tokens, c.amount.usd, int(c.bound), f"DEGRADE:{c.rung}" if c.rung else "ALLOW")
+                (
+                    c.amount.tokens,
+                    c.amount.usd,
+                    int(c.bound),
+                    f"DEGRADE:{c.rung}" if c.rung else "ALLOW",
+                    candidate_part(c),
+                )
                 for c in plan.candidates
             ]
             steps.append(
@@ -265,6 +291,8 @@ class Limiter:
                     plan.thresholds,
                     candidates,
                     lease_s * 1000,
+                    fingerprint(request, plan.shape),
+                    common_part(plan),
                 )
             )
         answers: list[Reservation | BaseException] = []
@@ -285,11 +313,10 @@ class Limiter:
         scopes = tuple(zip(plan.counted, reservation.counters, strict=True))
         if plan.step is not None:
             scopes = ((plan.step, Counter(plan.step.limit, 0, 0, plan.step.limit_usd)), *scopes)
+        requested = plan.requested
         if reservation.replayed:
-            granted = reservation.granted
-            verdict = Verdict(
-                Decision.ALLOW, Reason.WITHIN_BUDGET, granted.tokens, "step was checked before", granted_usd=granted.usd
-            )
+            # The first check's answer, from what its reservation kept; the scopes show the figures as they are now.
+            verdict, requested = replayed_answer(plan, reservation, now)
             lease: int | None = reservation.lease_expires_ms
         else:
             outcome = StoreOutcome(
@@ -303,7 +330,7 @@ class Limiter:
             lease = reservation.lease_expires_ms if reservation.status is StoreStatus.RESERVED else None
         return CheckResult(
             verdict,
-            plan.requested,
+            requested,
             reservation.reservation_id,
             lease,
             scopes,
@@ -412,4 +439,12 @@ class Limiter:
             return await self.store.reset_task(tenant_id, task_id)
 
 
-__all__ = ["BudgetView", "CheckResult", "Limiter", "Prompt", "StoreUnavailableError", "UnknownCheckpointError"]
+__all__ = [
+    "BudgetView",
+    "CheckResult",
+    "Limiter",
+    "Prompt",
+    "StepConflictError",
+    "StoreUnavailableError",
+    "UnknownCheckpointError",
+]

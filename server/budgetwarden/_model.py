@@ -44,6 +44,7 @@ class StoreStatus(enum.IntEnum):
     REPLAYED = 2
     CHECKPOINT = 3
     CLOSED = 4
+    CONFLICT = 5  # the step holds a reservation made for a different request: nothing done
 
 
 class Unit(enum.IntEnum):

@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from budgetwarden._keys import reservation_id
-from budgetwarden._limiter import CheckResult, Limiter, Prompt, StoreUnavailableError
+from budgetwarden._limiter import CheckResult, Limiter, Prompt, StepConflictError, StoreUnavailableError
 from budgetwarden._model import (
     CheckInput,
     Counter,
@@ -75,13 +75,16 @@ async def answering(
     context: grpc.aio.ServicerContext[Any, Any], *, prefix: str = "", retry_hint: str = ""
 ) -> AsyncIterator[None]:
     """Maps what the layers below raise to status codes: bad input to INVALID_ARGUMENT (the message names the field),
-    another tenant to PERMISSION_DENIED, an unavailable store to UNAVAILABLE."""
+    another tenant to PERMISSION_DENIED, a step checked before with another request to FAILED_PRECONDITION, an
+    unavailable store to UNAVAILABLE."""
     try:
         yield
     except InvalidRequestError as exc:
         await _invalid(context, f"{prefix}{exc}")
     except TenantRefusedError as exc:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+    except StepConflictError as exc:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     except StoreUnavailableError as exc:
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {exc}{retry_hint}")
 
@@ -201,6 +204,12 @@ def fill_check_response(response: pb.CheckResponse, result: CheckResult) -> None
         response.token_count.approximate = not count.exact
 
 
+def _refuse(result: pb.CheckStreamResult, code: grpc.StatusCode, message: str) -> None:
+    """A check of a CheckStream message refused with the code unary Check would answer."""
+    result.error.code = code.value[0]
+    result.error.message = message
+
+
 class BudgetServicer:
     def __init__(
         self,
@@ -237,7 +246,8 @@ class BudgetServicer:
         async with answering(context):
             checked, prompt = self._check_input(request)
         remaining = context.time_remaining()
-        result = await self.limiter.check(checked, None if remaining is None else remaining * 0.9, prompt)
+        async with answering(context):
+            result = await self.limiter.check(checked, None if remaining is None else remaining * 0.9, prompt)
         return check_response(result)
 
     async def check_stream(
@@ -262,7 +272,7 @@ class BudgetServicer:
         self, request: pb.CheckStreamRequest, deadline_s: float | None = None
     ) -> pb.CheckStreamResponse:
         response = pb.CheckStreamResponse(sequence=request.sequence)
-        valid: list[tuple[pb.CheckStreamResult, CheckInput, Prompt | None]] = []
+        valid: list[tuple[int, pb.CheckStreamResult, CheckInput, Prompt | None]] = []
         for i, check in enumerate(request.checks):
             result = response.results.add()
             try:
@@ -270,14 +280,16 @@ class BudgetServicer:
             except (TenantRefusedError, InvalidRequestError) as exc:
                 refused = isinstance(exc, TenantRefusedError)  # the codes unary Check answers for each
                 code = grpc.StatusCode.PERMISSION_DENIED if refused else grpc.StatusCode.INVALID_ARGUMENT
-                result.error.code = code.value[0]
-                result.error.message = f"checks[{i}].{exc}"
+                _refuse(result, code, f"checks[{i}].{exc}")
                 continue
-            valid.append((result, checked, prompt))
+            valid.append((i, result, checked, prompt))
         if valid:
-            answers = await self.limiter.check_many([v[1] for v in valid], deadline_s, [v[2] for v in valid])
-            for (result, _, _), answer in zip(valid, answers, strict=True):
-                fill_check_response(result.response, answer)
+            answers = await self.limiter.check_many([v[2] for v in valid], deadline_s, [v[3] for v in valid])
+            for (i, result, _, _), answer in zip(valid, answers, strict=True):
+                if isinstance(answer, StepConflictError):
+                    _refuse(result, grpc.StatusCode.FAILED_PRECONDITION, f"checks[{i}].{answer}")
+                else:
+                    fill_check_response(result.response, answer)
         return response
 
     async def report_stream(

@@ -134,7 +134,8 @@ class Retention:
 
 @dataclass(slots=True)
 class Reservation:
-    """What a check did in the store."""
+    """What a check did in the store. A replay carries the answer stored with the reservation (``answer``, made by
+    _replay; empty for a record from before answers were stored) and the figures as they are now."""
 
     status: StoreStatus
     fitted: int | None
@@ -144,6 +145,7 @@ class Reservation:
     checkpoint_id: str
     thresholds: Thresholds
     counters: tuple[Counter, ...]
+    answer: str = ""
 
     @property
     def replayed(self) -> bool:
@@ -153,15 +155,18 @@ class Reservation:
 @dataclass(slots=True)
 class StepCheck:
     """One step to check: its task's scope and thresholds (used if this is the task's first check), the candidates
-    (tokens, micro-USD, bound, label) in order of preference, and how long its lease is."""
+    (tokens, micro-USD, bound, label, answer part) in order of preference, and how long its lease is; the request's
+    fingerprint and the answer's part common to every candidate, which a reservation keeps (see _replay)."""
 
     task_id: str
     step_id: str
     task_type: str
     task: Scope
     thresholds: Thresholds
-    candidates: Sequence[tuple[int, int, int, str]]
+    candidates: Sequence[tuple[int, int, int, str, str]]
     lease_ms: int
+    fingerprint: str
+    answer: str
 
 
 _STORE_STATUS = {int(status): status for status in StoreStatus}
@@ -170,16 +175,18 @@ _STORE_STATUS = {int(status): status for status in StoreStatus}
 def _reservation(reply: Sequence[Any], rid: str) -> Reservation:
     status = _STORE_STATUS[int(reply[0])]
     fitted = int(reply[1])
-    reserved = status is StoreStatus.RESERVED or status is StoreStatus.REPLAYED
+    replayed = status is StoreStatus.REPLAYED
+    detail = _text(reply[5])  # the stored answer of a replay, else the checkpoint id (or nothing)
     return Reservation(
         status=status,
         fitted=None if fitted < 0 else fitted,
         granted=Amount(int(reply[2]), int(reply[3])),
         lease_expires_ms=int(reply[4]),
-        reservation_id=rid if reserved else "",
-        checkpoint_id=_text(reply[5]),
+        reservation_id=rid if replayed or status is StoreStatus.RESERVED else "",
+        checkpoint_id="" if replayed else detail,
         thresholds=_thresholds(reply[6], reply[7]),
         counters=_counters(reply[8:]),
+        answer=detail if replayed else "",
     )
 
 
@@ -265,9 +272,11 @@ class BudgetStore:
                 _field(step.task_type),
                 step.step_id,
                 checkpoint_prefix(tenant_id, step.task_id),
+                step.fingerprint,
+                step.answer,
             ]
-            for tokens, usd, bound, label in step.candidates:
-                parts += (str(tokens), str(usd), str(bound), _field(label))
+            for tokens, usd, bound, label, answer in step.candidates:
+                parts += (str(tokens), str(usd), str(bound), _field(label), answer)
             args.append(_SEPARATOR.join(parts))
         started = time.perf_counter()
         replies = await self._check(keys=script_keys, args=args)

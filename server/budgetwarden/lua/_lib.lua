@@ -6,6 +6,8 @@
 --                                                                               (expires after task retention)
 --   <p>win:<w>:<l>   hash  used, reserved, used_usd, reserved_usd                (expires after its window + grace)
 --   <p>resv:<id>     hash  state, gen, amount, amount_usd, lease, scopes, untils (expires after lease + retention)
+--                         step_id, admitted (ALLOW or DEGRADE:rung), fp (the request's fingerprint) and answer (what
+--                         the check answered: a re-check with the same fingerprint replays it; see check.lua)
 --   <p>leases        zset  reservation id -> lease expiry (ms); expired members are purged lazily by every script
 -- A reservation names the scope keys it holds on ("scopes") and until when each scope key is alive ("untils";
 -- 0 means the task key, which is alive as long as it exists). Scope keys read from a reservation are in the same hash

@@ -12,15 +12,29 @@
 --   lease expiry (ms), ceiling of a new task in tokens (-1: none), in micro-USD (-1: none),
 --   soft threshold of a new task (basis points, -1: none), checkpoint threshold (likewise),
 --   task id, task type, step id, checkpoint id prefix,
---   then per candidate: tokens, micro-USD, bound (0: soft threshold, 1: checkpoint), and the decision it stands for
---   (recorded on the reservation for the usage event, e.g. ALLOW or DEGRADE:rung)
+--   fingerprint of the request (what decides the answer; a re-check must match it to replay),
+--   the answer's part common to every candidate (opaque here, made and read by the sidecar),
+--   then per candidate: tokens, micro-USD, bound (0: soft threshold, 1: checkpoint), the decision it stands for
+--   (recorded on the reservation for the usage event, e.g. ALLOW or DEGRADE:rung), and the answer's part of this
+--   candidate (opaque here)
+--
+-- A reservation record keeps, besides what it holds, what the check answered, so that checking the step again
+-- answers the same without the policy (which may have changed since): 'fp' the fingerprint, and 'answer' = the
+-- common part, \30, the candidate's part, and for a candidate other than ALLOW (a degraded grant, which is explained
+-- from the counters) \30 and the tail of the reply it got (soft bp, checkpoint bp, the scopes' figures), in decimal,
+-- space-separated.
 --
 -- Returns one reply per check, in order:
---   { status, fitted (0-based, -1: none), granted tokens, granted micro-USD, lease expiry, checkpoint id,
+--   { status, fitted (0-based, -1: none), granted tokens, granted micro-USD, lease expiry, detail,
 --     task soft bp, task checkpoint bp, then per scope (task, then windows): limit, used, reserved, limit_usd,
 --     used_usd, reserved_usd }
--- status: 0 nothing reserved, 1 reserved now, 2 replay of an earlier reservation of this step,
---         3 the task is at a checkpoint, 4 the task is closed.
+-- detail: the checkpoint id (status 3), the stored answer (status 2; '' for a record from before answers were
+-- stored), else ''. The figures are the current ones, also for a replay.
+-- status: 0 nothing reserved, 1 reserved now, 2 replay of an earlier reservation of this step (same fingerprint),
+--         3 the task is at a checkpoint, 4 the task is closed, 5 the step holds a reservation made for a different
+--         request (nothing written; a record without a fingerprint replays).
+-- Only a reservation is replayed: a check that reserved nothing (deny, checkpoint) leaves no record, and one whose
+-- reservation was released or lapsed reserves anew.
 -- A malformed argument or a wrong number of keys is an error reply, before anything is written.
 
 local leases = KEYS[1]
@@ -33,10 +47,10 @@ local first_check = 6 + 3 * nwin
 local checks = {}
 for n = first_check, #ARGV do
   local f = fields(ARGV[n])
-  if #f < 9 or (#f - 9) % 4 ~= 0 or not whole(f[1]) then
+  if #f < 11 or (#f - 11) % 5 ~= 0 or not whole(f[1]) then
     return redis.error_reply('check argument ' .. (n - first_check) .. ' is malformed')
   end
-  for at = 10, #f, 4 do
+  for at = 12, #f, 5 do
     if not (whole(f[at]) and whole(f[at + 1])) then
       return redis.error_reply('check argument ' .. (n - first_check) .. ' has a malformed candidate')
     end
@@ -80,15 +94,25 @@ local function reply(head, soft_bp, ckpt_bp, task)
   return head
 end
 
+-- The reply's tail (thresholds and figures) in decimal, space-separated: kept with a degraded grant's answer.
+local function figures_text(head)
+  local out = {}
+  for i = 7, #head do out[#out + 1] = string.format('%d', head[i]) end
+  return table.concat(out, ' ')
+end
+
 local retained = {}
 
 local function check(resv_key, task_key, f)
-  -- The same step checked again gets the same reservation while it is held or after it was reported. A released or
-  -- lapsed one holds nothing any more, so the step may reserve again.
-  local existing = redis.call('HMGET', resv_key, 'state', 'amount', 'amount_usd', 'lease', 'gen')
+  -- The same step checked again with the same request gets the same reservation and answer while it is held or
+  -- after it was reported; with another request, nothing. A released or lapsed one holds nothing any more, so the
+  -- step may reserve again.
+  local existing = redis.call('HMGET', resv_key, 'state', 'amount', 'amount_usd', 'lease', 'gen', 'fp', 'answer')
   if existing[1] == 'reserved' or existing[1] == 'reported' then
     local _, _, soft_bp, ckpt_bp, task = read_task(task_key)
-    return reply({ 2, 0, num(existing[2]), num(existing[3]), num(existing[4]), '' }, soft_bp, ckpt_bp, task)
+    if existing[6] and existing[6] ~= f[10] then return reply({ 5, -1, 0, 0, 0, '' }, soft_bp, ckpt_bp, task) end
+    local head = { 2, -1, num(existing[2]), num(existing[3]), num(existing[4]), existing[7] or '' }
+    return reply(head, soft_bp, ckpt_bp, task)
   end
 
   local closed, open_checkpoint, soft_bp, ckpt_bp, task, initialised = read_task(task_key)
@@ -113,8 +137,8 @@ local function check(resv_key, task_key, f)
   if soft_bp ~= LIMIT_NONE then soft, soft_usd = threshold(task[1], soft_bp), threshold(task[4], soft_bp) end
 
   local stopped_by_checkpoint = false
-  for c = 0, (#f - 9) / 4 - 1 do
-    local at = 10 + 4 * c
+  for c = 0, (#f - 11) / 5 - 1 do
+    local at = 12 + 5 * c
     local tokens, usd, bound = tonumber(f[at]), tonumber(f[at + 1]), f[at + 2]
     local windows_fit = true
     for i = 1, nwin do
@@ -137,11 +161,15 @@ local function check(resv_key, task_key, f)
       if existing[1] then redis.call('DEL', resv_key) end
       local scopes, untils = task_key, '0'
       if nwin > 0 then scopes, untils = scopes .. ' ' .. scope_list, untils .. ' ' .. until_list end
+      local out = reply({ 1, c, tokens, usd, lease_until, '' }, soft_bp, ckpt_bp, task)
+      local answer = f[11] .. '\30' .. f[at + 4]
+      if f[at + 3] ~= 'ALLOW' then answer = answer .. '\30' .. figures_text(out) end
       redis.call('HSET', resv_key, 'state', 'reserved', 'gen', num(existing[5]) + 1, 'amount', tokens,
-        'amount_usd', usd, 'lease', f[1], 'scopes', scopes, 'untils', untils, 'step_id', f[8], 'admitted', f[at + 3])
+        'amount_usd', usd, 'lease', f[1], 'scopes', scopes, 'untils', untils, 'step_id', f[8], 'admitted', f[at + 3],
+        'fp', f[10], 'answer', answer)
       redis.call('PEXPIRE', resv_key, math.max(1, lease_until - now) + tonumber(ARGV[2]))
       redis.call('ZADD', leases, lease_until, string.match(resv_key, '([^:]+)$'))
-      return reply({ 1, c, tokens, usd, lease_until, '' }, soft_bp, ckpt_bp, task)
+      return out
     end
     -- The windows have room but the task's checkpoint line (not the soft one) is in the way.
     if windows_fit and ckpt_bp ~= LIMIT_NONE and not fits(task, tokens, usd, ckpt, ckpt_usd) then

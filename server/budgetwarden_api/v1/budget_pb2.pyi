@@ -535,7 +535,9 @@ class CheckRequest(_message.Message):
     task_id: _builtins.str
     """One agent run, chosen by the caller. Required."""
     step_id: _builtins.str
-    """One model or tool call inside the task. Required; checking it again is idempotent."""
+    """One model or tool call inside the task. Required; checking it again with the same request answers what the first
+    check answered (replayed); with another request while it holds a reservation, FAILED_PRECONDITION.
+    """
     task_type: _builtins.str
     """The kind of task; selects the policy. Empty: the policy's default task type."""
     model: _builtins.str
@@ -633,7 +635,9 @@ class CheckResponse(_message.Message):
     from_fail_mode: _builtins.bool
     """True when the budget store could not answer in time and the answer comes from the server's fail mode."""
     replayed: _builtins.bool
-    """True when this (task, step) had been checked before and this is the stored answer."""
+    """True when this (task, step) had been checked before with the same request and this is the stored answer (only
+    scopes show the counters as they are now).
+    """
     requested_tokens: _builtins.int
     """What was asked for: estimated_input_tokens + max_output_tokens."""
     binding_unit: Global___Unit.ValueType
@@ -793,8 +797,9 @@ class CheckError(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     code: _builtins.int
-    """The gRPC status code Check would have answered: 3 (INVALID_ARGUMENT, the message names the field) or 7
-    (PERMISSION_DENIED, a tenant this sidecar does not serve).
+    """The gRPC status code Check would have answered: 3 (INVALID_ARGUMENT, the message names the field), 7
+    (PERMISSION_DENIED, a tenant this sidecar does not serve) or 9 (FAILED_PRECONDITION, a step checked before with
+    another request).
     """
     message: _builtins.str
     def __init__(
