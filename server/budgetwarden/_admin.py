@@ -37,7 +37,8 @@ class AdminServicer:
             async with answering(context):
                 return await self.limiter.decide_checkpoint(checkpoint, approve=approve, add=add)
         except UnknownCheckpointError:
-            await _invalid(context, "checkpoint_id: is not a checkpoint id issued by budgetwarden (ck1.…)")
+            problem = "is not a checkpoint id issued by budgetwarden (ck1.…)"
+            await _invalid(context, InvalidRequestError("checkpoint_id", problem))
 
     async def approve(
         self, request: admin.ApproveCheckpointRequest, context: Context

@@ -25,10 +25,12 @@ _REFUSED_CATEGORIES = {"Cc": "a control", "Cf": "a format", "Zl": "a line separa
 
 
 class InvalidRequestError(ValueError):
+    """Bad input: ``field`` is its path in the request ("records[2].task_id"; empty for the request as a whole)."""
+
     def __init__(self, field: str, problem: str) -> None:
         self.field = field
         self.problem = problem
-        super().__init__(f"{field}: {problem}")
+        super().__init__(f"{field}: {problem}" if field else problem)
 
 
 def _refused_character(value: str) -> str | None:
