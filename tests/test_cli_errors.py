@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+from budgetwarden import _cli, _validation
 from budgetwarden._cli import main
 from budgetwarden._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
@@ -104,6 +105,10 @@ def test_numbers_that_are_not_finite_or_too_large_are_one_line(
 
     assert code == EXIT_USAGE, line
     assert f"argument {flag}: must be a number " in line
+
+
+def test_the_cli_bounds_are_the_sidecars() -> None:
+    assert _cli.MAX_TOOL_CALLS == _validation.MAX_TOOL_CALLS
 
 
 def test_the_largest_values_in_range_still_reach_the_sidecar(

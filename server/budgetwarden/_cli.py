@@ -42,8 +42,6 @@ from budgetwarden._model import (
     threshold_of,
 )
 from budgetwarden._policy import PolicyError, default_policy, load_policy
-from budgetwarden._service import ERROR_DOMAIN, STORE_UNAVAILABLE
-from budgetwarden._validation import MAX_TOOL_CALLS
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import DEFAULT_ADMIN_ADDR, AdminClient, BudgetClient, admin_pb, default_addr
 
@@ -62,6 +60,7 @@ TENANT_ENV = "BUDGETWARDEN_TENANT"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_LEASE_SECONDS = 2**32 - 1  # the wire's bound (uint32); the sidecar refuses more than its --max-lease-seconds
 MAX_TIMEOUT_SECONDS = 86_400.0
+MAX_TOOL_CALLS = 100_000  # _validation.MAX_TOOL_CALLS: importing that module would load redis into every command
 
 
 def _integer(low: int, high: int) -> Callable[[str], int]:
@@ -649,6 +648,8 @@ _CLIENT_COMMANDS = {"check": _cmd_check, "report": _cmd_report, "release": _cmd_
 def _store_unavailable(exc: grpc.RpcError) -> bool:
     """Whether the sidecar itself answered UNAVAILABLE because its budget store is down (ErrorInfo STORE_UNAVAILABLE),
     as against a sidecar that could not be reached."""
+    from budgetwarden._service import ERROR_DOMAIN, STORE_UNAVAILABLE  # here: the transport loads redis
+
     try:
         status = rpc_status.from_call(exc)  # type: ignore[arg-type]
     except (AttributeError, ValueError):
