@@ -15,7 +15,7 @@ from budgetwarden._cli import main
 from budgetwarden._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar, cli, one_error_line
+from support import BlackHole, RunningSidecar, cli, one_error_line
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 HUGE = "99999999999999999999"  # beyond int64: the protobuf encoder raised ValueError for it, a traceback
@@ -310,3 +310,15 @@ def test_a_sidecar_whose_store_is_down_is_not_called_unreachable(
     if command[0] == "report":
         assert "the records may have been applied in part or in whole" in line
         assert "some records may be applied" not in line
+
+
+def test_a_sidecar_that_does_not_answer_in_time_is_named_with_the_timeout(
+    black_hole: BlackHole, capsys: pytest.CaptureFixture[str]
+) -> None:
+    addr = f"127.0.0.1:{black_hole.port}"  # accepts the connection, never answers
+
+    code, _, line = run(["budget", "--addr", addr, "--tenant", "acme", "--timeout", "2"], capsys)
+
+    assert code == EXIT_ERROR
+    assert line.startswith(f"budgetwarden budget: error: no answer from {addr} within 2 s: "), line
+    assert line.endswith("try again, or give a longer --timeout")
