@@ -16,10 +16,17 @@ import pytest
 from budgetwarden._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
-from support import clear_of_minute_edge, cli, one_error_line
+import support
+from support import clear_of_minute_edge, one_error_line
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
 RESERVATION_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``budgetwarden`` as a subprocess, for the tenant ``default`` unless a test says otherwise (client commands take
+    the tenant from --tenant or BUDGETWARDEN_TENANT, never silently)."""
+    return support.cli(*args, env={"BUDGETWARDEN_TENANT": "default", **(env or {})})
 
 
 def table_row(stdout: str, scope: str) -> list[str]:
@@ -443,6 +450,11 @@ def test_policy_validate_a_missing_file(tmp_path: Path) -> None:
         (["policy"], "the following arguments are required: policy_command"),
         (["policy", "validate"], "the following arguments are required: file"),
         (["report", "--task", "t1", "--step", "s1", "--outcome", "exploded"], "argument --outcome: invalid choice"),
+        (["check", "--task", "t1", "--step", "s1", "--tokens", "-5"], "argument --tokens: must be from 0 to"),
+        (["check", "--task", "t1", "--step", "s1", "--output-tokens", "-1"], "argument --output-tokens: must be"),
+        (["check", "--task", "t1", "--step", "s1", "--lease", "0"], "argument --lease: must be from 1 to"),
+        (["check", "--task", "t1", "--step", "s1", "--ceiling", "0"], "argument --ceiling: must be from 1 to"),
+        (["report", "--task", "t1", "--step", "s1", "--input-tokens", "-1"], "argument --input-tokens: must be"),
     ],
     ids=[
         "missing-task",
@@ -452,6 +464,11 @@ def test_policy_validate_a_missing_file(tmp_path: Path) -> None:
         "no-policy-command",
         "no-policy-file",
         "bad-outcome",
+        "negative-tokens",
+        "negative-output",
+        "zero-lease",
+        "zero-ceiling",
+        "negative-report",
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(args: list[str], expected: str) -> None:
@@ -468,7 +485,7 @@ def test_bad_arguments_are_one_line_and_exit_2(args: list[str], expected: str) -
     "command",
     [
         ["check", "--task", "t1", "--step", "s1", "--tokens", "5"],
-        ["report", "--task", "t1", "--step", "s1"],
+        ["report", "--task", "t1", "--step", "s1", "--input-tokens", "5"],
         ["release", "--task", "t1", "--step", "s1"],
         ["budget", "--task", "t1"],
     ],
@@ -488,26 +505,28 @@ def test_unreachable_server_is_one_line_and_exit_1(command: list[str]) -> None:
 @pytest.mark.parametrize(
     ("args", "field"),
     [
-        (["check", "--task", "t1", "--step", "s1", "--tokens", "-5"], "estimated_input_tokens"),
+        (
+            ["check", "--task", "t1", "--step", "s1", "--tokens", "6" + "0" * 8, "--input-tokens", "6" + "0" * 8],
+            "estimated_input_tokens",
+        ),
         (["check", "--task", "", "--step", "s1", "--tokens", "5"], "task_id"),
         (["check", "--task", "t1", "--step", "", "--tokens", "5"], "step_id"),
         (["check", "--tenant", "", "--task", "t1", "--step", "s1"], "tenant_id"),
-        (["check", "--task", "t1", "--step", "s1", "--output-tokens", "-1"], "max_output_tokens"),
-        (["check", "--task", "t1", "--step", "s1", "--lease", "0"], "lease_seconds"),
-        (["check", "--task", "t1", "--step", "s1", "--ceiling", "0"], "task_ceiling_tokens"),
-        (["report", "--task", "t1", "--step", "s1", "--input-tokens", "-1"], "records[0].input_tokens"),
+        (["check", "--task", "t1", "--step", "s1", "--lease", "86401"], "lease_seconds"),
+        (
+            ["report", "--task", "t1", "--step", "s1", "--input-tokens", "5", "--cached-input-tokens", "6"],
+            "records[0].cached_input_tokens",
+        ),
         (["release", "--reservation", "XYZ"], "reservation_id"),
         (["budget", "--tenant", ""], "tenant_id"),
     ],
     ids=[
-        "negative-tokens",
+        "tokens-over-the-field-bound",
         "empty-task",
         "empty-step",
         "empty-tenant",
-        "negative-output",
-        "zero-lease",
-        "zero-ceiling",
-        "negative-report",
+        "lease-over-the-sidecar-maximum",
+        "cached-over-input",
         "bad-reservation",
         "budget-empty-tenant",
     ],

@@ -15,7 +15,10 @@ EXAMPLE = str(ROOT / "examples" / "policy.yaml")
 
 
 def explain(*args: str) -> str:
-    result = cli("policy", "explain", "--policy-file", EXAMPLE, "--task-type", "research", "--model", "gpt-4o", *args)
+    result = cli(
+        "policy", "explain", "--tenant", "default", "--policy-file", EXAMPLE, "--task-type", "research",
+        "--model", "gpt-4o", *args,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -30,20 +33,23 @@ def test_explain_allow_degrade_checkpoint_and_the_step_cap() -> None:
     shrunk = explain("--tokens", "200000")  # above the per-step cap as asked; smaller-context brings it under
     assert "decision: DEGRADE (DEGRADED_TO_FIT)" in shrunk
     assert "max context 16000" in shrunk
-    capped = cli("policy", "explain", "--policy-file", EXAMPLE, "--task-type", "general", "--tokens", "40000")
+    capped = cli(
+        "policy", "explain", "--tenant", "default", "--policy-file", EXAMPLE, "--task-type", "general",
+        "--tokens", "40000",
+    )  # fmt: skip
     assert "none: the step is above the per-step cap" in capped.stdout
     assert "decision: DENY (STEP_CAP_EXCEEDED)" in capped.stdout
 
 
 def test_explain_with_the_default_policy_and_bad_input() -> None:
-    result = cli("policy", "explain", "--tokens", "10")
+    result = cli("policy", "explain", "--tokens", "10", env={"BUDGETWARDEN_TENANT": "default"})
     assert result.returncode == 0
     assert "<built-in default policy>" in result.stdout
     assert "decision: ALLOW" in result.stdout
-    negative = cli("policy", "explain", "--tokens", "-1")
-    assert negative.returncode == 1
-    assert "--tokens must not be negative" in one_error_line(negative)
-    missing = cli("policy", "explain")
+    negative = cli("policy", "explain", "--tenant", "default", "--tokens", "-1")
+    assert negative.returncode == 2
+    assert "argument --tokens: must be from 0 to 1000000000 (got -1)" in one_error_line(negative)
+    missing = cli("policy", "explain", "--tenant", "default")
     assert missing.returncode == 2
     assert "--tokens" in one_error_line(missing)
 

@@ -220,7 +220,7 @@ BAD_CHECKS: list[tuple[dict[str, Any], str]] = [
     ({"step_id": ""}, "step_id: is required"),
     ({"task_id": "x" * 257}, "task_id: is 257 bytes long"),
     ({"step_id": "é" * 129}, "step_id: is 258 bytes long"),
-    ({"tenant_id": "a\nb"}, "tenant_id: contains control characters"),
+    ({"tenant_id": "a\nb"}, "tenant_id: contains a control character (U+000A at position 1)"),
     ({"estimated_input_tokens": -1}, "estimated_input_tokens: must not be negative"),
     ({"max_output_tokens": -5}, "max_output_tokens: must not be negative"),
     ({"estimated_input_tokens": 10**9 + 1}, "estimated_input_tokens: must be at most"),

@@ -61,7 +61,8 @@ class AdminServicer:
             async with _ceiling_refusals(context, _APPROVE_FIELDS), answering(context):
                 return await self.limiter.decide_checkpoint(checkpoint, approve=approve, add=add)
         except UnknownCheckpointError:
-            await _invalid(context, "checkpoint_id: is not a checkpoint id issued by budgetwarden (ck1.…)")
+            problem = "is not a checkpoint id issued by budgetwarden (ck1.…)"
+            await _invalid(context, InvalidRequestError("checkpoint_id", problem))
 
     async def approve(
         self, request: admin.ApproveCheckpointRequest, context: Context

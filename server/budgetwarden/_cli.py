@@ -11,34 +11,90 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import sys
 import time
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from google.rpc.error_details_pb2 import ErrorInfo
+from grpc_status import rpc_status
 from pydantic import ValidationError
 
 from budgetwarden import __version__
 from budgetwarden._config import ConfigFileError, Settings, load_settings
 from budgetwarden._decision import Planner, decide, simulate
 from budgetwarden._inject import add_arguments as add_inject_arguments
-from budgetwarden._model import CheckInput, Counter, Thresholds, threshold_of
+from budgetwarden._model import (
+    MAX_LIMIT_TOKENS,
+    MAX_LIMIT_USD,
+    MAX_TOKENS_PER_FIELD,
+    CheckInput,
+    Counter,
+    Thresholds,
+    threshold_of,
+)
 from budgetwarden._policy import PolicyError, default_policy, load_policy
 from budgetwarden_api.v1 import budget_pb2 as pb
-from budgetwarden_client import AdminClient, BudgetClient, admin_pb, default_addr
+from budgetwarden_client import DEFAULT_ADMIN_ADDR, AdminClient, BudgetClient, admin_pb, default_addr
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
 
 
 class CliError(Exception):
     pass
+
+
+class UsageError(CliError):
+    """Arguments that cannot make a request (exit 2, like argparse's own errors)."""
+
+
+TENANT_ENV = "BUDGETWARDEN_TENANT"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+MAX_LEASE_SECONDS = 2**32 - 1  # the wire's bound (uint32); the sidecar refuses more than its --max-lease-seconds
+MAX_TIMEOUT_SECONDS = 86_400.0
+MAX_TOOL_CALLS = 100_000  # _validation.MAX_TOOL_CALLS: importing that module would load redis into every command
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``. Out of range (or too large for the wire), argparse prints
+    one line naming the flag instead of a traceback from the protobuf encoder."""
+
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError is argparse's "invalid int value"
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high} (got {text})")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _number(low: float, high: float, *, above_low: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number from ``low`` (or above it) to ``high``."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value > high or value < low or (above_low and value == low):
+            bound = f"above {low:g} and at most {high:g}" if above_low else f"from {low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"must be a number {bound} (got {text})")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+TOKENS = _integer(0, MAX_TOKENS_PER_FIELD)
+TOOL_CALLS = _integer(0, MAX_TOOL_CALLS)
+LIMIT_TOKENS = _integer(0, MAX_LIMIT_TOKENS)
+LIMIT_USD = _number(0.0, MAX_LIMIT_USD / 1_000_000)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,11 +115,27 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
 
 
+def _timeout_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=_number(0.0, MAX_TIMEOUT_SECONDS, above_low=True),
+        default=5.0,
+        help="seconds to wait for the answer (default 5)",
+    )
+
+
+def _tenant_flag(parser: argparse.ArgumentParser, help_text: str = "tenant id") -> None:
+    """--tenant, else BUDGETWARDEN_TENANT, else an error: a tenant picked silently would charge someone else."""
+    parser.add_argument(
+        "--tenant", default=os.environ.get(TENANT_ENV) or None, help=f"{help_text} [env {TENANT_ENV}; required]"
+    )
+
+
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--addr", default=None, help="sidecar address [env BUDGETWARDEN_ADDR; default 127.0.0.1:50151]")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
+    _timeout_flag(parser)
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
-    parser.add_argument("--tenant", default="default", help="tenant id (default: 'default')")
+    _tenant_flag(parser)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,14 +151,16 @@ def _parser() -> argparse.ArgumentParser:
     _client_flags(check)
     check.add_argument("--task", required=True, help="task id")
     check.add_argument("--step", required=True, help="step id")
-    check.add_argument("--tokens", type=int, default=None, help="tokens asked for in all (counted as input)")
-    check.add_argument("--input-tokens", type=int, default=0, help="estimated input tokens")
-    check.add_argument("--output-tokens", type=int, default=0, help="max output tokens")
-    check.add_argument("--tool-calls", type=int, default=0, help="planned tool calls")
+    check.add_argument("--tokens", type=TOKENS, default=None, help="tokens asked for in all (counted as input)")
+    check.add_argument("--input-tokens", type=TOKENS, default=0, help="estimated input tokens")
+    check.add_argument("--output-tokens", type=TOKENS, default=0, help="max output tokens")
+    check.add_argument("--tool-calls", type=TOOL_CALLS, default=0, help="planned tool calls")
     check.add_argument("--task-type", default="", help="task type (default: the policy's)")
     check.add_argument("--model", default="", help="model the step will call")
-    check.add_argument("--lease", type=int, default=None, help="lease in seconds")
-    check.add_argument("--ceiling", type=int, default=None, help="explicit task ceiling (first check only)")
+    check.add_argument("--lease", type=_integer(1, MAX_LEASE_SECONDS), default=None, help="lease in seconds")
+    check.add_argument(
+        "--ceiling", type=_integer(1, MAX_LIMIT_TOKENS), default=None, help="explicit task ceiling (first check only)"
+    )
     check.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="attribution label")
 
     report = commands.add_parser("report", help="report what a step really spent")
@@ -94,10 +168,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--reservation", default="", help="reservation id (or --task and --step)")
     report.add_argument("--task", default="", help="task id")
     report.add_argument("--step", default="", help="step id")
-    report.add_argument("--input-tokens", type=int, default=0)
-    report.add_argument("--output-tokens", type=int, default=0)
-    report.add_argument("--cached-input-tokens", type=int, default=0)
-    report.add_argument("--tool-calls", type=int, default=0)
+    # No defaults: a report must say what the step spent (a report of nothing would take the step's one report).
+    report.add_argument("--input-tokens", type=TOKENS, default=None, help="input tokens, cached ones included")
+    report.add_argument("--output-tokens", type=TOKENS, default=None, help="output tokens")
+    report.add_argument("--cached-input-tokens", type=TOKENS, default=None, help="input tokens served from a cache")
+    report.add_argument("--tool-calls", type=TOOL_CALLS, default=None, help="tool calls made")
     report.add_argument("--model", default="")
     report.add_argument("--task-type", default="")
     report.add_argument("--outcome", choices=["completed", "failed", "cancelled"], default="completed")
@@ -116,8 +191,8 @@ def _parser() -> argparse.ArgumentParser:
 
     approve = commands.add_parser("approve", help="approve a checkpoint: raise the task's ceiling and let it go on")
     approve.add_argument("checkpoint", help="checkpoint id (from check or budget)")
-    approve.add_argument("--add", type=int, default=0, help="tokens to add to the task's ceiling")
-    approve.add_argument("--add-usd", type=float, default=0.0, help="USD to add to the task's cost ceiling")
+    approve.add_argument("--add", type=LIMIT_TOKENS, default=0, help="tokens to add to the task's ceiling")
+    approve.add_argument("--add-usd", type=LIMIT_USD, default=0.0, help="USD to add to the task's cost ceiling")
     _admin_flags(approve)
 
     deny = commands.add_parser("deny", help="deny a checkpoint: close the task")
@@ -133,7 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, default=None, help="file to write (default: standard output)")
     _redis_flags(export)
     summary = usage_commands.add_parser("summary", help="totals of tokens and cost, grouped")
-    summary.add_argument("--tenant", required=True, help="tenant id")
+    _tenant_flag(summary)
     summary.add_argument("--by", default="task_type", help="task_type, model, task_id, outcome or label:KEY")
     summary.add_argument("--since", default="0", help="ISO 8601 time, epoch milliseconds, or an age (default: all)")
     summary.add_argument("--until", default=None)
@@ -147,15 +222,17 @@ def _parser() -> argparse.ArgumentParser:
         "explain", help="show the decision the rules would take for a step, and why (Redis is not touched)"
     )
     explain.add_argument("--policy-file", type=Path, default=None, help="policy file (default: the built-in one)")
-    explain.add_argument("--tenant", default="default", help="tenant id")
+    _tenant_flag(explain, "tenant whose windows apply")
     explain.add_argument("--task-type", default="", help="task type (default: the policy's)")
     explain.add_argument("--model", default="", help="model the step would call")
-    explain.add_argument("--tokens", type=int, required=True, help="tokens asked for (counted as input)")
-    explain.add_argument("--output-tokens", type=int, default=0, help="max output tokens, on top of --tokens")
-    explain.add_argument("--tool-calls", type=int, default=0, help="planned tool calls")
-    explain.add_argument("--used", type=int, default=0, help="tokens the task has used (and holds) already")
-    explain.add_argument("--used-usd", type=float, default=0.0, help="USD the task has used already")
-    explain.add_argument("--window-used", type=int, default=0, help="tokens used in each tenant window already")
+    explain.add_argument("--tokens", type=TOKENS, required=True, help="tokens asked for (counted as input)")
+    explain.add_argument("--output-tokens", type=TOKENS, default=0, help="max output tokens, on top of --tokens")
+    explain.add_argument("--tool-calls", type=TOOL_CALLS, default=0, help="planned tool calls")
+    explain.add_argument("--used", type=LIMIT_TOKENS, default=0, help="tokens the task has used (and holds) already")
+    explain.add_argument("--used-usd", type=LIMIT_USD, default=0.0, help="USD the task has used already")
+    explain.add_argument(
+        "--window-used", type=LIMIT_TOKENS, default=0, help="tokens used in each tenant window already"
+    )
 
     inject = commands.add_parser(
         "inject-webhook",
@@ -185,9 +262,12 @@ def _redis_flags(parser: argparse.ArgumentParser) -> None:
 
 def _admin_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--admin-addr", default=None, help="admin listener [env BUDGETWARDEN_ADMIN_ADDR; default 127.0.0.1:50152]"
+        "--admin-addr",
+        default=None,
+        help="the sidecar's admin listener, which it serves only with --admin-listen "
+        "[env BUDGETWARDEN_ADMIN_ADDR; default 127.0.0.1:50152]",
     )
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
+    _timeout_flag(parser)
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
 
 
@@ -271,9 +351,18 @@ def _cmd_check(args: argparse.Namespace, client: BudgetClient) -> int:
     return EXIT_OK if answer.decision in (pb.DECISION_ALLOW, pb.DECISION_DEGRADE) else EXIT_DENIED
 
 
+_USAGE_FLAGS = ("input_tokens", "output_tokens", "cached_input_tokens", "tool_calls")
+
+
 def _cmd_report(args: argparse.Namespace, client: BudgetClient) -> int:
     if not args.reservation and not (args.task and args.step):
         raise CliError("give --reservation, or --task and --step")
+    if args.outcome == "completed" and all(getattr(args, name) is None for name in _USAGE_FLAGS):
+        raise UsageError(
+            "give what the step spent: --input-tokens, --output-tokens, --cached-input-tokens or --tool-calls "
+            "(a step that did not complete: --outcome failed or cancelled; to hand back a reservation unused: "
+            "budgetwarden release)"
+        )
     record = pb.UsageRecord(
         tenant_id=args.tenant,
         reservation_id=args.reservation,
@@ -281,10 +370,10 @@ def _cmd_report(args: argparse.Namespace, client: BudgetClient) -> int:
         step_id=args.step,
         model=args.model,
         task_type=args.task_type,
-        input_tokens=args.input_tokens,
-        output_tokens=args.output_tokens,
-        cached_input_tokens=args.cached_input_tokens,
-        tool_calls=args.tool_calls,
+        input_tokens=args.input_tokens or 0,
+        output_tokens=args.output_tokens or 0,
+        cached_input_tokens=args.cached_input_tokens or 0,
+        tool_calls=args.tool_calls or 0,
         outcome=pb.Outcome.Value(f"OUTCOME_{args.outcome.upper()}"),
         idempotency_key=args.idempotency_key,
     )
@@ -350,9 +439,6 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
     request = CheckInput(
         args.tenant, "explain", "explain", args.task_type, args.model, args.tokens, args.output_tokens, args.tool_calls
     )
-    for name, value in (("--tokens", args.tokens), ("--output-tokens", args.output_tokens), ("--used", args.used)):
-        if value < 0:
-            raise CliError(f"{name} must not be negative")
     plan = Planner().plan_check(loaded.policy, request, now)
     lines = [f"policy {loaded.source} (version {loaded.version})"]
     if plan.early is None:
@@ -427,9 +513,17 @@ def _usage_client(args: argparse.Namespace) -> Any:
     import redis
 
     url = args.redis_url or f"unix://{(args.data_dir / 'redis.sock').resolve()}"
-    if args.redis_cluster:
-        return redis.RedisCluster.from_url(url)
-    return redis.Redis.from_url(url)
+    flag = "--redis-url (or BUDGETWARDEN_REDIS_URL)"
+    if not url.startswith(REDIS_SCHEMES):
+        scheme = url.partition("://")[0] if "://" in url else url  # not the whole URL: it may hold a password
+        accepted = ", ".join(REDIS_SCHEMES[:2] if args.redis_cluster else REDIS_SCHEMES)
+        raise UsageError(f"{flag}: {scheme!r} is not a Redis URL; expected one starting with {accepted}")
+    try:
+        if args.redis_cluster:
+            return redis.RedisCluster.from_url(url)
+        return redis.Redis.from_url(url)
+    except (ValueError, redis.RedisError) as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
@@ -493,11 +587,13 @@ def _print_summary(args: argparse.Namespace, events: Any) -> int:
     return EXIT_OK
 
 
+def _admin_addr(args: argparse.Namespace) -> str:
+    return str(args.admin_addr or os.environ.get("BUDGETWARDEN_ADMIN_ADDR", DEFAULT_ADMIN_ADDR))
+
+
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    with AdminClient(args.admin_addr, timeout=args.timeout) as client:
+    with AdminClient(_admin_addr(args), timeout=args.timeout) as client:
         if args.command == "approve":
-            if args.add < 0 or args.add_usd < 0:
-                raise CliError("--add and --add-usd must not be negative")
             answer: Any = client.approve(
                 args.checkpoint, add_tokens=args.add, add_usd_micros=round(args.add_usd * 1_000_000)
             )
@@ -549,10 +645,69 @@ def _cmd_inject_webhook(args: argparse.Namespace) -> int:
 _CLIENT_COMMANDS = {"check": _cmd_check, "report": _cmd_report, "release": _cmd_release, "budget": _cmd_budget}
 
 
+def _store_unavailable(exc: grpc.RpcError) -> bool:
+    """Whether the sidecar itself answered UNAVAILABLE because its budget store is down (ErrorInfo STORE_UNAVAILABLE),
+    as against a sidecar that could not be reached."""
+    from budgetwarden._service import ERROR_DOMAIN, STORE_UNAVAILABLE  # here: the transport loads redis
+
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except (AttributeError, ValueError):
+        return False
+    for detail in status.details if status is not None else ():
+        info = ErrorInfo()
+        if detail.Unpack(info) and (info.domain, info.reason) == (ERROR_DOMAIN, STORE_UNAVAILABLE):
+            return True
+    return False
+
+
+def _rpc_error_line(args: argparse.Namespace, exc: grpc.RpcError) -> str:
+    """One line that says what failed, where, and the way out."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    admin = args.command in ("approve", "deny")
+    where = _admin_addr(args) if admin else (args.addr or default_addr())
+    if code == grpc.StatusCode.UNAVAILABLE and _store_unavailable(exc):
+        return (
+            f"the sidecar at {where} answered, but its budget store (Redis) is unavailable: {details}; "
+            "check the Redis the sidecar uses (its --redis-url, or its embedded server) and try again"
+        )
+    if code == grpc.StatusCode.UNAVAILABLE and admin:
+        return (
+            f"cannot reach the admin listener at {where}: {details}; a sidecar serves the admin API only when started "
+            "with --admin-listen (BUDGETWARDEN_ADMIN_LISTEN); point --admin-addr (BUDGETWARDEN_ADMIN_ADDR) at it"
+        )
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return (
+            f"cannot reach the sidecar at {where}: {details}; is `budgetwarden serve` running there? "
+            "Point --addr (BUDGETWARDEN_ADDR) at it"
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer from {where} within {args.timeout:g} s: {details}; try again, or give a longer --timeout"
+    name = code.name if code is not None else "ERROR"
+    return f"{name}: {details}"
+
+
+_TENANT_COMMANDS = {"check", "report", "release", "budget"}
+
+
+def _missing_tenant(args: argparse.Namespace) -> bool:
+    takes_tenant = (
+        args.command in _TENANT_COMMANDS
+        or (args.command == "policy" and args.policy_command == "explain")
+        or (args.command == "usage" and args.usage_command == "summary")
+    )
+    return takes_tenant and args.tenant is None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    prog = f"budgetwarden {args.command}"
+    subcommand = getattr(args, "policy_command", None) or getattr(args, "usage_command", None)
+    prog = " ".join(filter(None, ("budgetwarden", args.command, subcommand)))  # as argparse names it
+    if _missing_tenant(args):
+        print(f"{prog}: error: give --tenant, or set {TENANT_ENV}: the tenant whose budget this is", file=sys.stderr)
+        return EXIT_USAGE
     try:
         if args.command == "serve":
             return _cmd_serve(args)
@@ -567,14 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with BudgetClient(args.addr or default_addr(), timeout=args.timeout) as client:
             return _CLIENT_COMMANDS[args.command](args, client)
     except grpc.RpcError as exc:
-        code = exc.code() if hasattr(exc, "code") else None
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        if code == grpc.StatusCode.UNAVAILABLE:
-            where = getattr(args, "addr", None) or getattr(args, "admin_addr", None) or default_addr()
-            print(f"{prog}: error: cannot reach the sidecar at {where}: {details}", file=sys.stderr)
-        else:
-            name = code.name if code is not None else "ERROR"
-            print(f"{prog}: error: {name}: {details}", file=sys.stderr)
+        print(f"{prog}: error: {_rpc_error_line(args, exc)}", file=sys.stderr)
         return EXIT_ERROR
     except PolicyError as exc:
         for problem in exc.problems:
@@ -584,6 +732,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         print(f"{prog}: error: setting {where}: {first['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (CliError, ConfigFileError, OSError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

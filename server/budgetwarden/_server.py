@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 import redis
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -34,6 +36,45 @@ log = logging.getLogger("budgetwarden.server")
 # gRPC shares a port between processes by default (SO_REUSEPORT): a second sidecar on a taken port would quietly take
 # half the calls, perhaps with another policy or store. Off, it fails to start with "address in use" instead.
 _SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+@functools.cache
+def _describe_reflection_v1() -> None:
+    """Adds grpc/reflection/v1/reflection.proto to the default descriptor pool, made from v1alpha's: the two differ in
+    their package only (same messages, same field numbers), so reflection can describe itself under both names."""
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    old, new = f".{file.package}.", ".grpc.reflection.v1."
+    file.name, file.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    file.ClearField("options")
+    for message in file.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):
+                field.type_name = field.type_name.replace(old, new)
+    for method in file.service[0].method:
+        method.input_type = method.input_type.replace(old, new)
+        method.output_type = method.output_type.replace(old, new)
+    descriptor_pool.Default().AddSerializedFile(file.SerializeToString())
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:
+    """Server reflection as grpc.reflection.v1 and v1alpha. grpcio-reflection implements v1alpha only (grpc/grpc#38576);
+    v1 is the same protocol under another package, so one servicer answers both names with v1alpha's message classes,
+    which encode the same bytes."""
+    _describe_reflection_v1()
+    names = [*service_names, reflection.SERVICE_NAME, REFLECTION_V1]
+    reflection.enable_server_reflection(names, server)
+    servicer = reflection.aio.ReflectionServicer(names)
+    info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    v1 = grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": info})
+    server.add_generic_rpc_handlers([v1])
 
 
 def redis_client(url: str, *, cluster: bool) -> AnyRedis:
@@ -151,7 +192,7 @@ class Sidecar:
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         server.add_generic_rpc_handlers([servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        enable_reflection(server, [SERVICE_NAME, health.SERVICE_NAME])
         self.port = self._bind(server, settings.listen)
         await server.start()
         self.server = server
@@ -165,7 +206,7 @@ class Sidecar:
         if settings.admin_listen:
             admin = grpc.aio.server(options=_SERVER_OPTIONS)
             admin.add_generic_rpc_handlers([AdminServicer(limiter).handler()])
-            reflection.enable_server_reflection([ADMIN_SERVICE_NAME, reflection.SERVICE_NAME], admin)
+            enable_reflection(admin, [ADMIN_SERVICE_NAME])
             self.admin_port = self._bind(admin, settings.admin_listen)
             await admin.start()
             self.admin_server = admin

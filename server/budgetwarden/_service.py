@@ -13,7 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
+from google.rpc.error_details_pb2 import BadRequest, ErrorInfo
+from google.rpc.status_pb2 import Status
+from grpc_status import rpc_status
 
 from budgetwarden._keys import reservation_id
 from budgetwarden._limiter import CheckResult, Limiter, Prompt, StepConflictError, StoreUnavailableError
@@ -65,28 +69,62 @@ def _lenient(message_type: type[M]) -> Callable[[bytes], M | _Malformed]:
     return parse
 
 
-async def _invalid(context: grpc.aio.ServicerContext[Any, Any], message: str) -> NoReturn:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+# google.rpc.ErrorInfo of an UNAVAILABLE that the sidecar answered itself (its store failed), so a client can tell it
+# from a sidecar it could not reach.
+ERROR_DOMAIN = "budgetwarden.io"
+STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+
+
+async def _abort_with_details(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str, detail: Message
+) -> NoReturn:
+    """Abort with ``message`` and a google.rpc.Status carrying ``detail`` in grpc-status-details-bin (what grpcio-status
+    reads with rpc_status.from_call, and other languages' rich error models)."""
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    status = rpc_status.to_status(Status(code=code.value[0], message=message, details=[packed]))
+    await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("abort returned")  # pragma: no cover
+
+
+async def _invalid(
+    context: grpc.aio.ServicerContext[Any, Any], error: InvalidRequestError, prefix: str = ""
+) -> NoReturn:
+    """INVALID_ARGUMENT whose message names the field, with a google.rpc.BadRequest holding the field's path and the
+    problem for programs. ``prefix`` places the message ("message 3: " in a stream); an empty field is the whole
+    message (bytes that do not parse)."""
+    violation = BadRequest.FieldViolation(field=error.field, description=error.problem)
+    await _abort_with_details(
+        context,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"{prefix}{error}",
+        BadRequest(field_violations=[violation]),
+    )
 
 
 @contextlib.asynccontextmanager
 async def answering(
     context: grpc.aio.ServicerContext[Any, Any], *, prefix: str = "", retry_hint: str = ""
 ) -> AsyncIterator[None]:
-    """Maps what the layers below raise to status codes: bad input to INVALID_ARGUMENT (the message names the field),
-    another tenant to PERMISSION_DENIED, a step checked before with another request to FAILED_PRECONDITION, an
-    unavailable store to UNAVAILABLE."""
+    """Maps what the layers below raise to status codes: bad input to INVALID_ARGUMENT (the message names the field,
+    a BadRequest detail carries it), another tenant to PERMISSION_DENIED, a step checked before with another request
+    to FAILED_PRECONDITION, an unavailable store to UNAVAILABLE (with an ErrorInfo detail: the sidecar answered, its
+    store did not)."""
     try:
         yield
     except InvalidRequestError as exc:
-        await _invalid(context, f"{prefix}{exc}")
+        await _invalid(context, exc, prefix)
     except TenantRefusedError as exc:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
     except StepConflictError as exc:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     except StoreUnavailableError as exc:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {exc}{retry_hint}")
+        await _abort_with_details(
+            context,
+            grpc.StatusCode.UNAVAILABLE,
+            f"budget store unavailable: {exc}{retry_hint}",
+            ErrorInfo(reason=STORE_UNAVAILABLE, domain=ERROR_DOMAIN),
+        )
 
 
 def unary_handler(
@@ -98,7 +136,8 @@ def unary_handler(
 
     async def call(request: Message | _Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
         if isinstance(request, _Malformed):
-            await _invalid(context, f"request: not a valid {request_type.__name__} ({request.error})")
+            problem = f"not a valid {request_type.__name__} ({request.error})"
+            await _invalid(context, InvalidRequestError("", problem), "request: ")
         return await method(request, context)
 
     return grpc.unary_unary_rpc_method_handler(
@@ -258,12 +297,11 @@ class BudgetServicer:
         received = 0
         async for request in requests:
             if isinstance(request, _Malformed):
-                await _invalid(context, f"message {received}: not a valid CheckStreamRequest ({request.error})")
+                problem = f"not a valid CheckStreamRequest ({request.error})"
+                await _invalid(context, InvalidRequestError("", problem), f"message {received}: ")
             if len(request.checks) > MAX_STREAM_CHECKS:
-                await _invalid(
-                    context,
-                    f"message {received}: checks: holds {len(request.checks)}, at most {MAX_STREAM_CHECKS} are allowed",
-                )
+                problem = f"holds {len(request.checks)}, at most {MAX_STREAM_CHECKS} are allowed"
+                await _invalid(context, InvalidRequestError("checks", problem), f"message {received}: ")
             remaining = context.time_remaining()  # the stream's deadline, if the caller set one
             yield await self._check_batch(request, None if remaining is None else remaining * 0.9)
             received += 1
@@ -300,7 +338,8 @@ class BudgetServicer:
         received = 0
         async for request in requests:
             if isinstance(request, _Malformed):
-                await _invalid(context, f"request: not a valid ReportStreamRequest ({request.error})")
+                problem = f"not a valid ReportStreamRequest ({request.error})"
+                await _invalid(context, InvalidRequestError("", problem), f"message {received}: ")
             async with answering(context, prefix=f"message {received}: "):
                 for i, record in enumerate(request.records):
                     self._bind_tenant(record, f"message {received}: records[{i}].tenant_id")
@@ -323,7 +362,11 @@ class BudgetServicer:
                 self._bind_tenant(record, f"records[{i}].tenant_id")
             records = usage_inputs(request, self.limiter.clock())
         async with answering(
-            context, retry_hint="; some records may be applied, send them again (they are idempotent)"
+            context,
+            # Records go to the store in script calls of up to 100 records of one tenant, each applied whole or not at
+            # all, and a call may have been applied with its answer lost: a retry of the same records is safe.
+            retry_hint="; the records may have been applied in part or in whole (each store call applies up to 100 "
+            "records of one tenant, all or none): send the same records again unchanged, applied ones answer DUPLICATE",
         ):
             applied = await self.limiter.report(records)
         results = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from collections.abc import Mapping
 
 from budgetwarden._keys import is_reservation_id
@@ -19,13 +19,35 @@ MAX_RECORDS = 1000
 FUTURE_SKEW_MS = 5 * 60_000
 
 
-_CONTROL = re.compile("[\x00-\x1f]")
+# Control (Cc), format (Cf: bidi overrides such as U+202E, zero-width characters), line and paragraph separators (Zl,
+# Zp): in an id or a label they break log lines and let one name pass for another on a dashboard.
+_REFUSED_CATEGORIES = {"Cc": "a control", "Cf": "a format", "Zl": "a line separator", "Zp": "a paragraph separator"}
 
 
 class InvalidRequestError(ValueError):
+    """Bad input: ``field`` is its path in the request ("records[2].task_id"; empty for the request as a whole)."""
+
     def __init__(self, field: str, problem: str) -> None:
         self.field = field
-        super().__init__(f"{field}: {problem}")
+        self.problem = problem
+        super().__init__(f"{field}: {problem}" if field else problem)
+
+
+def _refused_character(value: str) -> str | None:
+    """What is wrong with ``value``'s first control, format or separator character, or None if it has none.
+
+    Every such character is non-printable for str.isprintable (categories C* and Z* but the ASCII space), which runs in
+    C: printable text, nearly every id, is done there. Only the rest is looked at character by character."""
+    if value.isprintable():
+        return None
+    for position, char in enumerate(value):
+        what = None if char.isprintable() else _REFUSED_CATEGORIES.get(unicodedata.category(char))
+        if what is not None:
+            return (
+                f"contains {what} character (U+{ord(char):04X} at position {position}); control, format, line "
+                "separator and paragraph separator characters (Unicode Cc, Cf, Zl, Zp) are not allowed"
+            )
+    return None
 
 
 def ident(value: str, field: str, *, required: bool = True, max_bytes: int = MAX_ID_BYTES) -> str:
@@ -37,8 +59,9 @@ def ident(value: str, field: str, *, required: bool = True, max_bytes: int = MAX
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise InvalidRequestError(field, f"is {size} bytes long, at most {max_bytes} are allowed")
-    if _CONTROL.search(value):
-        raise InvalidRequestError(field, "contains control characters")
+    refused = _refused_character(value)
+    if refused is not None:
+        raise InvalidRequestError(field, refused)
     return value
 
 
@@ -62,6 +85,9 @@ def _labels(labels: Mapping[str, str], field: str) -> dict[str, str]:
         for part, what in ((key, "key"), (value, "value")):
             if len(part.encode()) > MAX_LABEL_BYTES:
                 raise InvalidRequestError(f"{field}[{key[:32]!r}]", f"{what} is longer than {MAX_LABEL_BYTES} bytes")
+            refused = _refused_character(part)
+            if refused is not None:
+                raise InvalidRequestError(f"{field}[{key[:32]!r}]", f"{what} {refused}")
     return items
 
 
@@ -164,6 +190,7 @@ def _usage(record: pb.UsageRecord, at: str, now_ms: int) -> UsageInput:
     idempotency_key = record.idempotency_key
     if len(idempotency_key.encode()) > MAX_ID_BYTES:
         raise InvalidRequestError(f"{at}.idempotency_key", f"is longer than {MAX_ID_BYTES} bytes")
+    ident(idempotency_key, f"{at}.idempotency_key", required=False)  # its characters
     return UsageInput(
         tenant_id=ident(record.tenant_id, f"{at}.tenant_id"),
         reservation_id=reservation,
