@@ -275,10 +275,13 @@ class Sidecar:
         """Readiness follows the store: a cheap PING every interval. A dead embedded server is started again."""
         while True:
             await asyncio.sleep(self.settings.store_ping_interval_seconds)
-            if self.embedded is not None and self.embedded.exit_code is not None:
-                await self._set_ready(False)
-                await self._restart_embedded(self.embedded)
-            await self._set_ready(await self._store_answers())
+            try:
+                if self.embedded is not None and self.embedded.exit_code is not None:
+                    await self._set_ready(False)
+                    await self._restart_embedded(self.embedded)
+                await self._set_ready(await self._store_answers())
+            except Exception:  # never let one bad round end the watch: nothing would restart the server after it
+                log.exception("store watch failed; trying again")
 
     async def _store_answers(self) -> bool:
         client = self._ping_redis
