@@ -48,6 +48,8 @@ READINESS = ("", SERVICE_NAME)
 # A crashed embedded server is started again after these waits, doubling up to the last (seconds).
 RESTART_FIRST_DELAY_S = 0.1
 RESTART_MAX_DELAY_S = 5.0
+# How long a restarted server may take to load its append-only file and answer (it answers LOADING meanwhile).
+RESTART_READY_TIMEOUT_S = 120.0
 
 
 def redis_client(url: str, *, cluster: bool, wait_aof: bool = False) -> AnyRedis:
@@ -318,7 +320,7 @@ class Sidecar:
             )
             try:
                 embedded.spawn()
-                await asyncio.to_thread(embedded.wait_ready)
+                await asyncio.to_thread(embedded.wait_ready, RESTART_READY_TIMEOUT_S)
             except OSError as exc:  # EmbeddedError, or the binary cannot be run
                 log.error("embedded server restart failed", extra={"error": str(exc), "retry_in_s": delay})
                 await asyncio.sleep(delay)
