@@ -465,8 +465,9 @@ def test_deployment_pod_gets_a_native_sidecar_that_validates(webhook: tuple[Webh
     assert arg_after(sidecar, "--fail-mode") == "closed"
     assert arg_after(sidecar, "--log-level") == "INFO"
     assert "--redis-url" not in sidecar["args"], "the URL (it may hold a password) travels only in env"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert sidecar[probe]["grpc"] == {"port": 50160}
+    assert sidecar["readinessProbe"]["grpc"] == {"port": 50160}  # "": not ready while Redis does not answer
+    for probe in ("startupProbe", "livenessProbe"):  # never restarted for a Redis outage
+        assert sidecar[probe]["grpc"] == {"port": 50160, "service": "liveness"}
     assert sidecar["startupProbe"]["periodSeconds"] == 1
     env = env_of(sidecar)
     assert env["BUDGETWARDEN_TENANT"] == "acme"

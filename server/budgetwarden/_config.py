@@ -6,13 +6,16 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
 
 
 class Settings(BaseSettings):
@@ -38,6 +41,19 @@ class Settings(BaseSettings):
     )
     redis_cluster: bool = Field(False, description="treat redis_url as a Redis Cluster seed node")
     data_dir: Path = Field(Path(".budgetwarden"), description="where the embedded server keeps its data")
+    # --- the store's health and durability -------------------------------------------------------------------------
+    durability: Literal["none", "aof-local"] | None = Field(
+        None,
+        description="when an acknowledged write is on disk: aof-local (fsynced to the append-only file before the "
+        "answer: the embedded server runs appendfsync always; an external Redis is asked WAITAOF 1 0) or none (as the "
+        "Redis is configured); unset: aof-local with the embedded server, none with --redis-url",
+    )
+    store_ping_interval_seconds: Annotated[float, Field(gt=0, le=60)] = Field(
+        1.0, description="how often Redis is pinged for readiness (and the embedded server's process checked)"
+    )
+    store_ping_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = Field(
+        500, description="how long a readiness ping waits for Redis before readiness turns NOT_SERVING"
+    )
     policy_file: Path | None = Field(None, description="policy YAML file; unset: the built-in default policy")
     policy_reload_seconds: Annotated[float, Field(ge=0)] = Field(
         2.0, description="how often the policy file is checked for changes (0: only on SIGHUP)"
@@ -93,6 +109,21 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["json", "text"] = Field("json", description="json (one object per line) or text")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_scheme(cls, url: str | None) -> str | None:
+        """Refused at start in one line, rather than a traceback from the Redis client on the first call."""
+        if url is None:
+            return None
+        scheme, sep, _ = url.partition("://")
+        if sep and scheme.lower() in REDIS_URL_SCHEMES:
+            return url
+        # Only the scheme is quoted: the rest of a URL may hold a password.
+        got = f"{scheme}://" if sep else "no scheme"
+        raise PydanticCustomError(
+            "redis_url_scheme", "must be a redis://, rediss:// or unix:// URL (got {got})", {"got": got}
+        )
 
     # What a config file set (load_settings sets it on a subclass): below flags and environment variables.
     config_file_values: ClassVar[dict[str, Any]] = {}

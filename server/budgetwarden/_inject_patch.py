@@ -148,9 +148,12 @@ def sidecar_container(config: InjectConfig, settings: PodSettings) -> dict[str, 
     if limits:
         resources["limits"] = limits
 
-    def probe(period: int, failures: int) -> dict[str, Any]:
+    def probe(period: int, failures: int, service: str | None = None) -> dict[str, Any]:
+        grpc: dict[str, Any] = {"port": config.sidecar_health_port}
+        if service is not None:
+            grpc["service"] = service
         return {
-            "grpc": {"port": config.sidecar_health_port},
+            "grpc": grpc,
             "periodSeconds": period,
             "timeoutSeconds": 1,
             "failureThreshold": failures,
@@ -165,9 +168,11 @@ def sidecar_container(config: InjectConfig, settings: PodSettings) -> dict[str, 
         "env": env,
         "resources": resources,
         # Up to a minute to become ready; with a native sidecar the app containers start only once this passes.
-        "startupProbe": probe(1, 60),
+        # Startup and liveness ask for "liveness" (the process serves), never for Redis: a store outage must not get
+        # the sidecar restarted. Readiness ("") is NOT_SERVING while Redis does not answer.
+        "startupProbe": probe(1, 60, "liveness"),
         "readinessProbe": probe(5, 3),
-        "livenessProbe": probe(10, 3),
+        "livenessProbe": probe(10, 3, "liveness"),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": config.sidecar_user,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import itertools
 import logging
 import signal
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import redis
@@ -14,10 +17,13 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budgetwarden._admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from budgetwarden._admin import AdminServicer
@@ -37,6 +43,15 @@ log = logging.getLogger("budgetwarden.server")
 # half the calls, perhaps with another policy or store. Off, it fails to start with "address in use" instead.
 _SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
+# Health names. Liveness is SERVING while the process serves, so the kubelet never restarts a sidecar for a store
+# outage it cannot fix; readiness ("" and the budget service) is SERVING only while the store answers.
+LIVENESS = "liveness"
+READINESS = ("", SERVICE_NAME)
+# A crashed embedded server is started again after these waits, doubling up to the last (seconds).
+RESTART_FIRST_DELAY_S = 0.1
+RESTART_MAX_DELAY_S = 5.0
+# How long a restarted server may take to load its append-only file and answer (it answers LOADING meanwhile).
+RESTART_READY_TIMEOUT_S = 120.0
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
@@ -77,13 +92,70 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> 
     server.add_generic_rpc_handlers([v1])
 
 
-def redis_client(url: str, *, cluster: bool) -> AnyRedis:
+def redis_client(url: str, *, cluster: bool, wait_aof: bool = False) -> AnyRedis:
     """One retry on a dropped connection: after Redis restarts, every pooled connection is dead once. Every script the
     sidecar runs is idempotent (reservations, report markers, release states, decided checkpoints, ceiling changes by
-    their request id), so a retry after a drop is safe."""
+    their request id), so a retry after a drop is safe. ``wait_aof``: every script call waits until Redis has fsynced
+    it to its append-only file (single node only)."""
     if cluster:
         return RedisCluster.from_url(url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
-    return Redis.from_url(url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+    kind = WaitAofRedis if wait_aof else Redis
+    return kind.from_url(url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+
+
+# How long WAITAOF waits for the local fsync before the call fails (UNAVAILABLE; reports are idempotent, retry them).
+WAITAOF_TIMEOUT_MS = 1000
+_SCRIPT_COMMANDS = frozenset({"EVALSHA", "EVAL"})
+
+
+class WaitAofPipeline(Pipeline):
+    """A pipeline whose script calls are answered only once Redis has fsynced them: a WAITAOF 1 0 ends it, on the
+    same connection (WAITAOF waits for the writes of its own connection)."""
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        if not any(str(args[0]).upper() in _SCRIPT_COMMANDS for args, _ in self.command_stack):
+            return await super().execute(raise_on_error)
+        self.pipeline_execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)  # type: ignore[no-untyped-call]
+        *replies, (fsynced, _replicas) = await super().execute(raise_on_error)
+        if int(fsynced) < 1:
+            raise RedisTimeoutError(f"Redis did not fsync the write to its append-only file in {WAITAOF_TIMEOUT_MS} ms")
+        return replies
+
+
+class WaitAofRedis(Redis):
+    """``--durability aof-local`` on an external Redis: each script call is sent with a WAITAOF in one pipeline."""
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> WaitAofPipeline:
+        return WaitAofPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if str(args[0]).upper() not in _SCRIPT_COMMANDS:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        async with self.pipeline(transaction=False) as pipe:
+            pipe.execute_command(*args, **options)
+            (reply,) = await pipe.execute()
+        return reply
+
+
+async def check_wait_aof(client: AnyRedis) -> None:
+    """Refuse to start when the Redis cannot confirm fsyncs (WAITAOF is Redis/Valkey 7.2+, with appendonly on). An
+    unreachable Redis is no reason to refuse: the sidecar starts and answers with its fail mode until Redis answers."""
+    try:
+        await client.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
+    except ResponseError as exc:
+        raise OSError(
+            f"--durability aof-local: this Redis cannot confirm fsyncs ({exc}); turn on appendonly there "
+            "(Redis or Valkey 7.2 or later) or use --durability none"
+        ) from None
+    except (RedisError, OSError):
+        pass
+
+
+def ping_client(url: str, *, cluster: bool, timeout_s: float) -> AnyRedis:
+    """A client of its own for readiness pings: short timeouts, no retry, never queued behind budget calls."""
+    if cluster:
+        return RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
 
 class Sidecar:
@@ -104,6 +176,9 @@ class Sidecar:
         self._policy_stamp = self._stamp()
         self.telemetry = Telemetry(None)
         self._gauge_redis: redis.Redis | redis.RedisCluster | None = None
+        self._store_watch: asyncio.Task[None] | None = None
+        self._ping_redis: AnyRedis | None = None
+        self._ready: bool | None = None
 
     def current_policy(self) -> LoadedPolicy:
         return self.policy
@@ -149,12 +224,22 @@ class Sidecar:
         settings = self.settings
         url = settings.redis_url
         if url is None:
-            self.embedded = EmbeddedRedis(settings.data_dir)
+            appendfsync = "everysec" if settings.durability == "none" else "always"
+            embedded = EmbeddedRedis(settings.data_dir, appendfsync=appendfsync)
             # Started from this thread, not a worker: the child's die-with-parent signal is tied to the thread that
             # spawned it, and this one lives as long as the sidecar.
-            url = self.embedded.start()
-            log.info("embedded Redis-compatible server started", extra={"url": url, "pid": self.embedded.pid})
-        self.redis = redis_client(url, cluster=settings.redis_cluster)
+            url = embedded.start()
+            self.embedded = embedded
+            log.info(
+                "embedded Redis-compatible server started",
+                extra={"url": url, "pid": embedded.pid, "appendfsync": appendfsync},
+            )
+        wait_aof = self.embedded is None and settings.durability == "aof-local"
+        if wait_aof and settings.redis_cluster:
+            raise OSError("--durability aof-local is not supported with --redis-cluster: use --durability none")
+        self.redis = redis_client(url, cluster=settings.redis_cluster, wait_aof=wait_aof)
+        if wait_aof:
+            await check_wait_aof(self.redis)
         self.telemetry = telemetry_from_env(
             metrics_port=settings.metrics_port,
             metrics_host=settings.metrics_host,
@@ -212,8 +297,12 @@ class Sidecar:
             self.admin_server = admin
         if settings.policy_file is not None and settings.policy_reload_seconds > 0:
             self._watch = asyncio.create_task(self._watch_policy(settings.policy_reload_seconds))
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        self._ping_redis = ping_client(
+            url, cluster=settings.redis_cluster, timeout_s=settings.store_ping_timeout_ms / 1000
+        )
+        await self._set_ready(await self._store_answers())
+        self._store_watch = asyncio.create_task(self._watch_store())
         log.info(
             "serving",
             extra={
@@ -223,6 +312,62 @@ class Sidecar:
                 "policy_version": self.policy.version,
             },
         )
+
+    async def _watch_store(self) -> None:
+        """Readiness follows the store: a cheap PING every interval. A dead embedded server is started again."""
+        while True:
+            await asyncio.sleep(self.settings.store_ping_interval_seconds)
+            try:
+                if self.embedded is not None and self.embedded.exit_code is not None:
+                    await self._set_ready(False)
+                    await self._restart_embedded(self.embedded)
+                await self._set_ready(await self._store_answers())
+            except Exception:  # never let one bad round end the watch: nothing would restart the server after it
+                log.exception("store watch failed; trying again")
+
+    async def _store_answers(self) -> bool:
+        client = self._ping_redis
+        if client is None:
+            return False
+        try:
+            # The client's socket timeouts bound the PING; this bounds a cluster client's node discovery too.
+            async with asyncio.timeout(2 * self.settings.store_ping_timeout_ms / 1000):
+                return bool(await client.ping())
+        except (redis.RedisError, OSError, TimeoutError):
+            return False
+
+    async def _set_ready(self, ready: bool) -> None:
+        if ready == self._ready:
+            return
+        if ready:
+            log.info("the store answers: ready (health SERVING)")
+        else:
+            log.warning("the store does not answer: not ready (health NOT_SERVING); checks get the fail mode")
+        self._ready = ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in READINESS:
+            await self.health.set(name, status)
+
+    async def _restart_embedded(self, embedded: EmbeddedRedis) -> None:
+        """Start the crashed server again from its append-only file (same data dir, same socket or port), with
+        backoff, until it answers. Spawned from this thread, the loop's, which lives as long as the sidecar: the
+        child's die-with-parent signal is tied to the thread that spawns it."""
+        delay = RESTART_FIRST_DELAY_S
+        for attempt in itertools.count(1):
+            log.error(
+                "embedded server exited; restarting it from its append-only file",
+                extra={"exit_code": embedded.exit_code, "pid": embedded.pid, "attempt": attempt},
+            )
+            try:
+                embedded.spawn()
+                await asyncio.to_thread(embedded.wait_ready, RESTART_READY_TIMEOUT_S)
+            except OSError as exc:  # EmbeddedError, or the binary cannot be run
+                log.error("embedded server restart failed", extra={"error": str(exc), "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RESTART_MAX_DELAY_S)
+                continue
+            log.info("embedded server restarted", extra={"pid": embedded.pid, "attempt": attempt})
+            return
 
     def _read_gauges(self, tenants: Sequence[str]) -> Iterator[tuple[str, int, dict[str, int]]]:
         """Live reservations and tokens left per window, for the observable gauges (runs on the reader thread)."""
@@ -257,9 +402,15 @@ class Sidecar:
 
     async def stop(self) -> None:
         """Stop accepting calls, let in-flight ones finish within the grace period, then release Redis."""
+        started = self.embedded is not None or self.server is not None
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
+        if self._store_watch is not None:
+            self._store_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._store_watch
+            self._store_watch = None
         if self.admin_server is not None:
             await self.admin_server.stop(self.settings.shutdown_grace_seconds)
             self.admin_server = None
@@ -274,6 +425,9 @@ class Sidecar:
         if self.redis is not None:
             await self.redis.aclose()
             self.redis = None
+        if self._ping_redis is not None:
+            await self._ping_redis.aclose()
+            self._ping_redis = None
         await asyncio.to_thread(self.telemetry.shutdown)
         if self._gauge_redis is not None:
             self._gauge_redis.close()
@@ -281,7 +435,8 @@ class Sidecar:
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
             self.embedded = None
-        log.info("stopped")
+        if started:  # a start that failed before it ran anything says so in one line, not two
+            log.info("stopped")
 
 
 async def serve(settings: Settings, on_ready: Callable[[Sidecar], None] | None = None) -> None:
