@@ -9,7 +9,7 @@ import grpc
 from budgetwarden._decision import TASK_SCOPE
 from budgetwarden._limiter import Limiter, UnknownCheckpointError
 from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, Amount, Counter, Scope, ScopeKind
-from budgetwarden._service import _invalid, answering, scope_state, unary_handler
+from budgetwarden._service import _invalid, answering, caller_time, scope_state, unary_handler
 from budgetwarden._validation import InvalidRequestError, ident
 from budgetwarden_api.v1 import admin_pb2 as admin
 from budgetwarden_api.v1 import budget_pb2 as pb
@@ -29,13 +29,16 @@ def _task_state(counter: Counter) -> pb.ScopeState:
 
 
 class AdminServicer:
-    def __init__(self, limiter: Limiter) -> None:
+    def __init__(self, limiter: Limiter, *, deadline_margin_s: float = 0.02) -> None:
         self.limiter = limiter
+        self.deadline_margin_s = deadline_margin_s
 
     async def _decide(self, checkpoint: str, context: Context, *, approve: bool, add: Amount) -> tuple[int, Counter]:
         try:
             async with answering(context):
-                return await self.limiter.decide_checkpoint(checkpoint, approve=approve, add=add)
+                return await self.limiter.decide_checkpoint(
+                    checkpoint, approve=approve, add=add, deadline_s=caller_time(context, self.deadline_margin_s)
+                )
         except UnknownCheckpointError:
             await _invalid(context, "checkpoint_id: is not a checkpoint id issued by budgetwarden (ck1.…)")
 
@@ -71,20 +74,24 @@ class AdminServicer:
             if tokens is None and usd is None:
                 raise InvalidRequestError("ceiling_tokens", "or ceiling_usd_micros is required")
             add = request.mode == admin.CEILING_MODE_ADD
-            counter = await self.limiter.set_ceiling(tenant_id, task_id, add=add, tokens=tokens, usd=usd)
+            deadline = caller_time(context, self.deadline_margin_s)
+            counter = await self.limiter.set_ceiling(
+                tenant_id, task_id, add=add, tokens=tokens, usd=usd, deadline_s=deadline
+            )
         return admin.SetTaskCeilingResponse(task=_task_state(counter))
 
     async def reset_task(self, request: admin.ResetTaskRequest, context: Context) -> admin.ResetTaskResponse:
         async with answering(context):
             tenant_id, task_id = ident(request.tenant_id, "tenant_id"), ident(request.task_id, "task_id")
-            existed = await self.limiter.reset_task(tenant_id, task_id)
+            existed = await self.limiter.reset_task(tenant_id, task_id, caller_time(context, self.deadline_margin_s))
         return admin.ResetTaskResponse(existed=existed)
 
     async def tenant_windows(
         self, request: admin.GetTenantWindowsRequest, context: Context
     ) -> admin.GetTenantWindowsResponse:
         async with answering(context):
-            view = await self.limiter.budget(ident(request.tenant_id, "tenant_id"), "", "")
+            tenant_id = ident(request.tenant_id, "tenant_id")
+            view = await self.limiter.budget(tenant_id, "", "", caller_time(context, self.deadline_margin_s))
         return admin.GetTenantWindowsResponse(scopes=[scope_state(s, c) for s, c in view.scopes])
 
     def handler(self) -> grpc.GenericRpcHandler:

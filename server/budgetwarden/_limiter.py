@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisClusterException, RedisError
@@ -61,6 +61,20 @@ def _unavailable() -> Iterator[None]:
         yield
     except StoreErrors as exc:
         raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
+
+
+@contextlib.asynccontextmanager
+async def _store_call(limit_s: float) -> AsyncIterator[None]:
+    """A store call that gets ``limit_s`` seconds: one that does not answer in time, or at all, is
+    StoreUnavailableError, so a stalled Redis never holds a caller past its deadline."""
+    with _unavailable():
+        try:
+            async with asyncio.timeout(limit_s) as timer:
+                yield
+        except TimeoutError:
+            if not timer.expired():
+                raise  # the store's own timeout (redis-py's socket_timeout), mapped by _unavailable
+            raise StoreUnavailableError(f"no answer within {limit_s * 1000:.0f} ms") from None
 
 
 def wall_clock_ms() -> int:
@@ -119,6 +133,7 @@ class Limiter:
         *,
         fail_mode: str = "closed",
         check_deadline_s: float = 0.25,
+        store_deadline_s: float = 1.0,
         default_lease_s: int = 600,
         clock: Clock = wall_clock_ms,
         counter: TokenCounter | None = None,
@@ -128,6 +143,7 @@ class Limiter:
         self.policy = policy
         self.fail_mode = fail_mode
         self.check_deadline_s = check_deadline_s
+        self.store_deadline_s = store_deadline_s
         self.default_lease_s = default_lease_s
         self.clock = clock
         self.planner = Planner()
@@ -337,7 +353,12 @@ class Limiter:
         )
         return CheckResult(verdict, requested, "", None, (), from_fail_mode=True, policy_version=version)
 
-    async def report(self, records: Sequence[UsageInput]) -> list[Applied]:
+    def _store_limit(self, deadline_s: float | None) -> float:
+        """How long a call other than a check may wait for the store: the store deadline, or less if the caller has
+        less (``deadline_s``: what is left of the caller's deadline, its margin already kept back)."""
+        return self.store_deadline_s if deadline_s is None else min(self.store_deadline_s, deadline_s)
+
+    async def report(self, records: Sequence[UsageInput], deadline_s: float | None = None) -> list[Applied]:
         now = self.clock()
         policy = self.policy().policy
         entries = []
@@ -347,7 +368,7 @@ class Limiter:
             model, _ = policy.model(record.model)
             cost = actual_micros(model, record.input_tokens, record.cached_input_tokens, record.output_tokens)
             entries.append(UsageEntry(record, cost, self.planner.window_scopes(tenant, at), at))
-        with _unavailable():
+        async with _store_call(self._store_limit(deadline_s)):
             applied = await self.store.report(entries, now)
         if self.telemetry.enabled:
             self.telemetry.reported(
@@ -367,17 +388,17 @@ class Limiter:
             )
         return applied
 
-    async def release(self, tenant_id: str, rid: str) -> tuple[int, int]:
-        with _unavailable():
+    async def release(self, tenant_id: str, rid: str, deadline_s: float | None = None) -> tuple[int, int]:
+        async with _store_call(self._store_limit(deadline_s)):
             status, amount = await self.store.release(tenant_id, rid, self.clock())
         return status, amount
 
-    async def budget(self, tenant_id: str, task_id: str, task_type: str) -> BudgetView:
+    async def budget(self, tenant_id: str, task_id: str, task_type: str, deadline_s: float | None = None) -> BudgetView:
         now = self.clock()
         policy = self.policy().policy
         tenant = policy.tenant(tenant_id) or policy.default_tenant
         windows = self.planner.window_scopes(tenant, now)
-        with _unavailable():
+        async with _store_call(self._store_limit(deadline_s)):
             state = await self.store.budget(tenant_id, task_id, windows, now)
         task_counter = state.counters[0]
         scopes: tuple[tuple[Scope, Counter], ...] = tuple(zip(windows, state.counters[1:], strict=True))
@@ -388,26 +409,35 @@ class Limiter:
 
     # --- administration ---------------------------------------------------------------------------------------
 
-    async def decide_checkpoint(self, checkpoint: str, *, approve: bool, add: Amount) -> tuple[int, Counter]:
+    async def decide_checkpoint(
+        self, checkpoint: str, *, approve: bool, add: Amount, deadline_s: float | None = None
+    ) -> tuple[int, Counter]:
         owner = parse_checkpoint_id(checkpoint)
         if owner is None:
             raise UnknownCheckpointError(checkpoint)
         tenant_id, task_id = owner
-        with _unavailable():
+        async with _store_call(self._store_limit(deadline_s)):
             return await self.store.decide_checkpoint(
                 tenant_id, task_id, checkpoint, approve=approve, add=add, now_ms=self.clock()
             )
 
     async def set_ceiling(
-        self, tenant_id: str, task_id: str, *, add: bool, tokens: int | None, usd: int | None
+        self,
+        tenant_id: str,
+        task_id: str,
+        *,
+        add: bool,
+        tokens: int | None,
+        usd: int | None,
+        deadline_s: float | None = None,
     ) -> Counter:
-        with _unavailable():
+        async with _store_call(self._store_limit(deadline_s)):
             return await self.store.set_ceiling(
                 tenant_id, task_id, add=add, tokens=tokens, usd=usd, now_ms=self.clock()
             )
 
-    async def reset_task(self, tenant_id: str, task_id: str) -> bool:
-        with _unavailable():
+    async def reset_task(self, tenant_id: str, task_id: str, deadline_s: float | None = None) -> bool:
+        async with _store_call(self._store_limit(deadline_s)):
             return await self.store.reset_task(tenant_id, task_id)
 
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import redis
@@ -36,13 +37,28 @@ log = logging.getLogger("budgetwarden.server")
 _SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 
-def redis_client(url: str, *, cluster: bool) -> AnyRedis:
+def redis_client(url: str, *, cluster: bool, socket_timeout: float | None = None) -> AnyRedis:
     """One retry on a dropped connection: after Redis restarts, every pooled connection is dead once. Every script the
     sidecar runs is idempotent (reservations, report markers, release states, decided checkpoints), so a retry after a
-    drop is safe — except adding to a ceiling through the admin API, which could then apply twice."""
+    drop is safe — except adding to a ceiling through the admin API, which could then apply twice.
+
+    The limiter gives every store call its own deadline (and a call it gives up on closes its connection);
+    ``socket_timeout`` is the backstop under that: no connect or read waits longer, so no stalled connection is
+    waited on, or reused, forever."""
+    options: dict[str, Any] = {
+        "retry": Retry(NoBackoff(), 1),
+        "retry_on_error": [RedisConnectionError],
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+    }
     if cluster:
-        return RedisCluster.from_url(url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
-    return Redis.from_url(url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+        return RedisCluster.from_url(url, **options)
+    return Redis.from_url(url, **options)
+
+
+def _socket_timeout(settings: Settings) -> float:
+    """Twice the longest store deadline: the limiter's deadlines decide first, this only catches what they miss."""
+    return 2 * max(settings.check_deadline_ms, settings.store_deadline_ms) / 1000
 
 
 class Sidecar:
@@ -113,7 +129,7 @@ class Sidecar:
             # spawned it, and this one lives as long as the sidecar.
             url = self.embedded.start()
             log.info("embedded Redis-compatible server started", extra={"url": url, "pid": self.embedded.pid})
-        self.redis = redis_client(url, cluster=settings.redis_cluster)
+        self.redis = redis_client(url, cluster=settings.redis_cluster, socket_timeout=_socket_timeout(settings))
         self.telemetry = telemetry_from_env(
             metrics_port=settings.metrics_port,
             metrics_host=settings.metrics_host,
@@ -139,6 +155,7 @@ class Sidecar:
             self.current_policy,
             fail_mode=settings.fail_mode,
             check_deadline_s=settings.check_deadline_ms / 1000,
+            store_deadline_s=settings.store_deadline_ms / 1000,
             default_lease_s=settings.default_lease_seconds,
             telemetry=self.telemetry,
         )
@@ -147,6 +164,7 @@ class Sidecar:
             max_lease_seconds=settings.max_lease_seconds,
             bound_tenant=settings.tenant or None,
             default_task_type=settings.default_task_type or None,
+            deadline_margin_s=settings.deadline_margin_ms / 1000,
         )
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         server.add_generic_rpc_handlers([servicer.handler()])
@@ -164,7 +182,9 @@ class Sidecar:
             self.health_server = health_only
         if settings.admin_listen:
             admin = grpc.aio.server(options=_SERVER_OPTIONS)
-            admin.add_generic_rpc_handlers([AdminServicer(limiter).handler()])
+            admin.add_generic_rpc_handlers(
+                [AdminServicer(limiter, deadline_margin_s=settings.deadline_margin_ms / 1000).handler()]
+            )
             reflection.enable_server_reflection([ADMIN_SERVICE_NAME, reflection.SERVICE_NAME], admin)
             self.admin_port = self._bind(admin, settings.admin_listen)
             await admin.start()

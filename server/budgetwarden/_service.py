@@ -42,6 +42,10 @@ SERVICE_NAME = "budgetwarden.v1.BudgetService"
 # Checks per CheckStream message: enough to amortise a round trip, small enough to bound one script call.
 MAX_STREAM_CHECKS = 1000
 M = TypeVar("M", bound=Message)
+# Kept back from a caller's deadline so an answer (a fail-mode answer too) reaches it in time: the configured margin
+# (``--deadline-margin-ms``), or this share of the time left when that is more. The fixed part covers a busy event
+# loop and the trip back, which do not shrink with the deadline (measured in docs/benchmarks.md).
+MARGIN_SHARE = 0.1
 
 
 class TenantRefusedError(Exception):
@@ -63,6 +67,19 @@ def _lenient(message_type: type[M]) -> Callable[[bytes], M | _Malformed]:
             return _Malformed(str(exc) or "cannot parse")
 
     return parse
+
+
+def time_for_store(remaining_s: float | None, margin_s: float) -> float | None:
+    """What the limiter may spend waiting for the store, out of ``remaining_s`` left of the caller's deadline (None:
+    the caller set none): the remaining time minus the margin, never below zero (then the store is not waited for)."""
+    if remaining_s is None:
+        return None
+    return max(0.0, remaining_s - max(margin_s, remaining_s * MARGIN_SHARE))
+
+
+def caller_time(context: grpc.aio.ServicerContext[Any, Any], margin_s: float) -> float | None:
+    """``time_for_store`` for this call's deadline."""
+    return time_for_store(context.time_remaining(), margin_s)
 
 
 async def _invalid(context: grpc.aio.ServicerContext[Any, Any], message: str) -> NoReturn:
@@ -209,8 +226,10 @@ class BudgetServicer:
         max_lease_seconds: int,
         bound_tenant: str | None = None,
         default_task_type: str | None = None,
+        deadline_margin_s: float = 0.02,
     ) -> None:
         self.limiter = limiter
+        self.deadline_margin_s = deadline_margin_s
         self.max_lease_seconds = max_lease_seconds
         self.bound_tenant = bound_tenant
         self.default_task_type = default_task_type
@@ -236,8 +255,7 @@ class BudgetServicer:
     async def check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.CheckResponse:
         async with answering(context):
             checked, prompt = self._check_input(request)
-        remaining = context.time_remaining()
-        result = await self.limiter.check(checked, None if remaining is None else remaining * 0.9, prompt)
+        result = await self.limiter.check(checked, caller_time(context, self.deadline_margin_s), prompt)
         return check_response(result)
 
     async def check_stream(
@@ -254,8 +272,8 @@ class BudgetServicer:
                     context,
                     f"message {received}: checks: holds {len(request.checks)}, at most {MAX_STREAM_CHECKS} are allowed",
                 )
-            remaining = context.time_remaining()  # the stream's deadline, if the caller set one
-            yield await self._check_batch(request, None if remaining is None else remaining * 0.9)
+            # The stream's deadline, if the caller set one.
+            yield await self._check_batch(request, caller_time(context, self.deadline_margin_s))
             received += 1
 
     async def _check_batch(
@@ -294,7 +312,7 @@ class BudgetServicer:
                     self._bind_tenant(record, f"message {received}: records[{i}].tenant_id")
                 records = usage_inputs(request, self.limiter.clock())
             async with answering(context, retry_hint="; send the stream again (records are idempotent)"):
-                applied = await self.limiter.report(records)
+                applied = await self.limiter.report(records, caller_time(context, self.deadline_margin_s))
             for item in applied:
                 totals[item.status] += 1
             received += 1
@@ -313,7 +331,7 @@ class BudgetServicer:
         async with answering(
             context, retry_hint="; some records may be applied, send them again (they are idempotent)"
         ):
-            applied = await self.limiter.report(records)
+            applied = await self.limiter.report(records, caller_time(context, self.deadline_margin_s))
         results = []
         for item in applied:
             result = pb.ReportResult(
@@ -337,7 +355,7 @@ class BudgetServicer:
             tenant_id, rid, task_id, step_id = release_target(request)
         rid = rid or reservation_id(task_id, step_id)
         async with answering(context):
-            status, amount = await self.limiter.release(tenant_id, rid)
+            status, amount = await self.limiter.release(tenant_id, rid, caller_time(context, self.deadline_margin_s))
         return pb.ReleaseResponse(status=status, reservation_id=rid, released_tokens=amount)  # type: ignore[arg-type]
 
     async def get_budget(
@@ -346,7 +364,8 @@ class BudgetServicer:
         async with answering(context):
             self._bind_tenant(request, "tenant_id")
             tenant_id, task_id, task_type = budget_target(request)
-            view = await self.limiter.budget(tenant_id, task_id, task_type)
+            deadline = caller_time(context, self.deadline_margin_s)
+            view = await self.limiter.budget(tenant_id, task_id, task_type, deadline)
         state = view.state
         response = pb.GetBudgetResponse(
             scopes=[scope_state(scope, counter, state.thresholds) for scope, counter in view.scopes],
