@@ -31,6 +31,7 @@ from budgetwarden._validation import (
     InvalidRequestError,
     budget_target,
     check_input,
+    message_prompt_chars,
     release_target,
     usage_inputs,
 )
@@ -272,6 +273,8 @@ class BudgetServicer:
                     context,
                     f"message {received}: checks: holds {len(request.checks)}, at most {MAX_STREAM_CHECKS} are allowed",
                 )
+            async with answering(context, prefix=f"message {received}: "):
+                message_prompt_chars(request.checks)
             # The stream's deadline, if the caller set one.
             yield await self._check_batch(request, caller_time(context, self.deadline_margin_s))
             received += 1
