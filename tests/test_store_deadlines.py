@@ -140,7 +140,9 @@ def test_a_stopped_valkey_gets_unavailable_and_is_used_again_once_it_resumes(
         (0.05, 0.02, 0.03),  # short deadlines keep the fixed margin
         (0.1, 0.02, 0.08),
         (10.0, 0.02, 9.0),  # long ones keep their share, which is more
-        (0.015, 0.02, 0.0),  # less left than the margin: the store is not waited for, the fail mode answers at once
+        (0.03, 0.02, 0.015),  # the margin is at most half: with Redis healthy, the store still gets to decide
+        (0.0, 0.02, 0.0),
+        (-0.01, 0.02, 0.0),  # a deadline already past: the fail mode answers at once
         (0.05, 0.0, 0.045),  # a margin of 0: the share alone (the rule before the fixed margin)
     ],
 )

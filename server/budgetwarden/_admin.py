@@ -29,7 +29,7 @@ def _task_state(counter: Counter) -> pb.ScopeState:
 
 
 class AdminServicer:
-    def __init__(self, limiter: Limiter, *, deadline_margin_s: float = 0.02) -> None:
+    def __init__(self, limiter: Limiter, *, deadline_margin_s: float = 0.04) -> None:
         self.limiter = limiter
         self.deadline_margin_s = deadline_margin_s
 

@@ -58,9 +58,9 @@ class Settings(BaseSettings):
         "UNAVAILABLE",
     )
     deadline_margin_ms: Annotated[int, Field(ge=0, le=10_000)] = Field(
-        20,
-        description="kept back from a caller's deadline (at least; 10% of it when that is more) so the answer leaves "
-        "in time",
+        40,
+        description="kept back from a caller's deadline so the answer reaches it in time: this or 10% of it, whichever "
+        "is more, but at most half",
     )
     default_lease_seconds: Annotated[int, Field(ge=1)] = Field(
         600, description="lease of a reservation when neither the request nor the task type sets one"
