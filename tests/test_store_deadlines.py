@@ -17,6 +17,7 @@ from budgetwarden._embedded import EmbeddedRedis, free_port
 from budgetwarden._service import MARGIN_SHARE, time_for_store
 from budgetwarden._store import checkpoint_id
 from budgetwarden_api.v1 import budget_pb2 as pb
+from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import AdminClient, BudgetClient
 
 from support import BlackHole, RunningSidecar
@@ -27,8 +28,12 @@ CLIENT_TIMEOUT_S = 30.0
 
 def _store_calls(client: BudgetClient) -> dict[str, Callable[[], Any]]:
     record = pb.UsageRecord(tenant_id="acme", task_id="t1", step_id="s1", input_tokens=10, output_tokens=5)
+    stub = pb_grpc.BudgetServiceStub(client._channel)
     return {
         "Report": lambda: client.report([record]),
+        "ReportStream": lambda: stub.ReportStream(
+            iter([pb.ReportStreamRequest(records=[record])]), timeout=client.timeout
+        ),
         "Release": lambda: client.release(tenant_id="acme", task_id="t1", step_id="s1"),
         "GetBudget": lambda: client.get_budget(tenant_id="acme", task_id="t1"),
     }
