@@ -58,7 +58,8 @@ def policy_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def running(start_sidecar: Callable[..., RunningSidecar], policy_file: Path) -> RunningSidecar:
-    return start_sidecar(policy_file=policy_file, admin_listen=f"127.0.0.1:{free_port()}")
+    # A generous check deadline: prompts are counted within it (on a busy machine a long one would be estimated).
+    return start_sidecar(policy_file=policy_file, admin_listen=f"127.0.0.1:{free_port()}", check_deadline_ms=60_000)
 
 
 @pytest.fixture

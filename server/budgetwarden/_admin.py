@@ -12,7 +12,7 @@ import grpc
 from budgetwarden._decision import TASK_SCOPE
 from budgetwarden._limiter import Limiter, UnknownCheckpointError
 from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, Amount, Counter, Scope, ScopeKind, Unit
-from budgetwarden._service import _invalid, answering, scope_state, unary_handler
+from budgetwarden._service import _invalid, answering, caller_time, scope_state, unary_handler
 from budgetwarden._store import CeilingRefusedError, RequestIdReusedError
 from budgetwarden._validation import InvalidRequestError, ident
 from budgetwarden_api.v1 import admin_pb2 as admin
@@ -53,13 +53,16 @@ def _task_state(counter: Counter) -> pb.ScopeState:
 
 
 class AdminServicer:
-    def __init__(self, limiter: Limiter) -> None:
+    def __init__(self, limiter: Limiter, *, deadline_margin_s: float = 0.04) -> None:
         self.limiter = limiter
+        self.deadline_margin_s = deadline_margin_s
 
     async def _decide(self, checkpoint: str, context: Context, *, approve: bool, add: Amount) -> tuple[int, Counter]:
         try:
             async with _ceiling_refusals(context, _APPROVE_FIELDS), answering(context):
-                return await self.limiter.decide_checkpoint(checkpoint, approve=approve, add=add)
+                return await self.limiter.decide_checkpoint(
+                    checkpoint, approve=approve, add=add, deadline_s=caller_time(context, self.deadline_margin_s)
+                )
         except UnknownCheckpointError:
             problem = "is not a checkpoint id issued by budgetwarden (ck1.…)"
             await _invalid(context, InvalidRequestError("checkpoint_id", problem))
@@ -101,7 +104,13 @@ class AdminServicer:
             add = request.mode == admin.CEILING_MODE_ADD
         async with _ceiling_refusals(context, _CEILING_FIELDS), answering(context):
             change = await self.limiter.set_ceiling(
-                tenant_id, task_id, add=add, tokens=tokens, usd=usd, request_id=callers_id or f"bw-{uuid.uuid4().hex}"
+                tenant_id,
+                task_id,
+                add=add,
+                tokens=tokens,
+                usd=usd,
+                request_id=callers_id or f"bw-{uuid.uuid4().hex}",
+                deadline_s=caller_time(context, self.deadline_margin_s),
             )
         # Our own id seen again is this call's own resend: for the caller, the change was made now.
         replayed = change.replayed and bool(callers_id)
@@ -110,14 +119,15 @@ class AdminServicer:
     async def reset_task(self, request: admin.ResetTaskRequest, context: Context) -> admin.ResetTaskResponse:
         async with answering(context):
             tenant_id, task_id = ident(request.tenant_id, "tenant_id"), ident(request.task_id, "task_id")
-            existed = await self.limiter.reset_task(tenant_id, task_id)
+            existed = await self.limiter.reset_task(tenant_id, task_id, caller_time(context, self.deadline_margin_s))
         return admin.ResetTaskResponse(existed=existed)
 
     async def tenant_windows(
         self, request: admin.GetTenantWindowsRequest, context: Context
     ) -> admin.GetTenantWindowsResponse:
         async with answering(context):
-            view = await self.limiter.budget(ident(request.tenant_id, "tenant_id"), "", "")
+            tenant_id = ident(request.tenant_id, "tenant_id")
+            view = await self.limiter.budget(tenant_id, "", "", caller_time(context, self.deadline_margin_s))
         return admin.GetTenantWindowsResponse(scopes=[scope_state(s, c) for s, c in view.scopes])
 
     def handler(self) -> grpc.GenericRpcHandler:

@@ -64,8 +64,19 @@ class Settings(BaseSettings):
     fail_mode: Literal["open", "closed"] = Field(
         "closed", description="answer when Redis does not answer in time: open (allow) or closed (deny)"
     )
+    # Deadlines: how long each call may wait for the store, and what is kept back from the caller's own deadline.
     check_deadline_ms: Annotated[int, Field(ge=1, le=60_000)] = Field(
         250, description="how long a check waits for Redis before the fail mode answers"
+    )
+    store_deadline_ms: Annotated[int, Field(ge=1, le=60_000)] = Field(
+        1000,
+        description="how long a report, release, budget read or admin call waits for Redis before it answers "
+        "UNAVAILABLE",
+    )
+    deadline_margin_ms: Annotated[int, Field(ge=0, le=10_000)] = Field(
+        40,
+        description="kept back from a caller's deadline so the answer reaches it in time: this or 10% of it, whichever "
+        "is more, but at most half",
     )
     default_lease_seconds: Annotated[int, Field(ge=1)] = Field(
         600, description="lease of a reservation when neither the request nor the task type sets one"

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisClusterException, RedisError
@@ -42,7 +43,14 @@ from budgetwarden._store import (
     parse_checkpoint_id,
 )
 from budgetwarden._telemetry import ReportedUsage, Telemetry
-from budgetwarden._tokens import ChatMessage, TokenCount, TokenCounter
+from budgetwarden._tokens import (
+    ChatMessage,
+    CountingPool,
+    TokenCount,
+    TokenCounter,
+    estimate_chat,
+    estimate_text,
+)
 
 log = logging.getLogger("budgetwarden.limiter")
 
@@ -52,8 +60,14 @@ StoreErrors = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 # Checks per script call at most: a call holds Redis for its whole length (about 5 ms for 100 checks here), and each
 # call gets the check deadline.
 SCRIPT_BATCH = 100
-# Prompts longer than this (in characters) are counted on a worker thread so other checks keep flowing.
-INLINE_COUNT_CHARS = 16_384
+# Prompt characters (all of a message's prompts together) counted on the event loop; more go to the counting pool so
+# other checks keep flowing. 2,048 characters took tiktoken 0.2 ms (English prose) to 0.7 ms (random punctuation,
+# unspaced CJK) here; 4,096 took up to 1.7 ms (docs/benchmarks.md).
+INLINE_COUNT_CHARS = 2048
+# The share of a check's deadline its prompts may take to count; the store gets the rest. Past it, prompts not counted
+# yet are estimated from their length (marked approximate): the check still reserves, within every ceiling, and the
+# report corrects the figure. (The fail mode instead would deny, or allow unbounded, a check Redis could decide.)
+COUNT_SHARE = 0.5
 
 
 @contextlib.contextmanager
@@ -63,6 +77,26 @@ def _unavailable() -> Iterator[None]:
         yield
     except StoreErrors as exc:
         raise StoreUnavailableError(str(exc) or type(exc).__name__) from exc
+
+
+@contextlib.asynccontextmanager
+async def _store_call(limit_s: float) -> AsyncIterator[None]:
+    """A store call that gets ``limit_s`` seconds: one that does not answer in time, or at all, is
+    StoreUnavailableError, so a stalled Redis never holds a caller past its deadline."""
+    with _unavailable():
+        try:
+            async with asyncio.timeout(limit_s) as timer:
+                yield
+        except TimeoutError:
+            if not timer.expired():
+                raise  # the store's own timeout (redis-py's socket_timeout), mapped by _unavailable
+            raise StoreUnavailableError(f"no answer within {limit_s * 1000:.0f} ms") from None
+
+
+def _estimate(encoding: str, prompt: Prompt) -> TokenCount:
+    if prompt.text is not None:
+        return TokenCount(estimate_text(prompt.text), encoding, exact=False)
+    return TokenCount(estimate_chat(list(prompt.messages)), encoding, exact=False)
 
 
 def wall_clock_ms() -> int:
@@ -133,33 +167,108 @@ class Limiter:
         *,
         fail_mode: str = "closed",
         check_deadline_s: float = 0.25,
+        store_deadline_s: float = 1.0,
         default_lease_s: int = 600,
         clock: Clock = wall_clock_ms,
         counter: TokenCounter | None = None,
+        counting_pool: CountingPool | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
         self.fail_mode = fail_mode
         self.check_deadline_s = check_deadline_s
+        self.store_deadline_s = store_deadline_s
         self.default_lease_s = default_lease_s
         self.clock = clock
         self.planner = Planner()
         self.counter = counter or TokenCounter()
+        self.counting_pool = counting_pool or CountingPool()
         self.telemetry = telemetry or Telemetry(None)
 
-    async def count(self, model: str, prompt: Prompt) -> TokenCount:
-        """Count a prompt with the model's encoding; long prompts on a worker thread."""
-        encoding = self.policy().policy.model(model)[0].encoding
+    async def count(self, model: str, prompt: Prompt, limit_s: float | None = None) -> TokenCount:
+        """Count a prompt with the model's encoding (see ``count_all``)."""
+        limit = self.check_deadline_s if limit_s is None else limit_s
+        (counted,) = await self.count_all([model], [prompt], limit, None)
+        assert counted is not None
+        return counted
 
-        def run() -> TokenCount:
-            if prompt.text is not None:
-                return self.counter.count_text(prompt.text, encoding)
-            return self.counter.count_chat(list(prompt.messages), encoding)
+    async def count_all(
+        self,
+        models: Sequence[str],
+        prompts: Sequence[Prompt | None],
+        limit_s: float,
+        load_limit_s: float | None,
+    ) -> list[TokenCount | None]:
+        """Count each prompt with its model's encoding, never holding the event loop for more than about a
+        millisecond: a few prompt characters on the loop, more on the counting pool, waited for at most ``limit_s``.
+        A prompt not counted by then, or refused by a full pool, is estimated from its length (approximate).
 
-        if prompt.size > INLINE_COUNT_CHARS:
-            return await asyncio.to_thread(run)
-        return run()
+        An encoding is loaded once per process, on a worker, which took 0.3 to 1.3 s here: that wait is not counted
+        against ``limit_s`` (the first prompts would all be estimates), only against ``load_limit_s`` (the caller's
+        deadline, if any)."""
+        policy = self.policy().policy
+        jobs = [
+            (i, policy.model(models[i])[0].encoding, prompt) for i, prompt in enumerate(prompts) if prompt is not None
+        ]
+        counted: list[TokenCount | None] = [None] * len(prompts)
+        if not jobs:
+            return counted
+        if not await self._load_encodings({encoding for _, encoding, _ in jobs}, load_limit_s):
+            for i, encoding, prompt in jobs:
+                counted[i] = _estimate(encoding, prompt)
+            return counted
+        chars = sum(prompt.size for _, _, prompt in jobs)
+        if chars <= INLINE_COUNT_CHARS:
+            for i, encoding, prompt in jobs:
+                counted[i] = self._count_one(encoding, prompt)
+            return counted
+        given_up = threading.Event()
+
+        def work() -> None:  # on a worker: each count lands in `counted` as it is done
+            for i, encoding, prompt in jobs:
+                if given_up.is_set():
+                    return
+                counted[i] = self._count_one(encoding, prompt)
+
+        future = self.counting_pool.submit(work, chars)
+        if future is not None:
+            try:
+                async with asyncio.timeout(limit_s):
+                    await asyncio.wrap_future(future)  # cancelled on time-out: dropped if it has not started
+            except TimeoutError:
+                given_up.set()  # a running worker stops after the prompt it is counting
+        answers = list(counted)  # what the worker finishes from now on is not used
+        estimated = [i for i, _, _ in jobs if answers[i] is None]
+        if estimated:
+            log.warning(
+                "prompts estimated, not counted: %s",
+                "the counting pool is full" if future is None else f"not counted within {limit_s * 1000:.0f} ms",
+                extra={"prompts": len(estimated), "chars": chars},
+            )
+        for i, encoding, prompt in jobs:
+            if answers[i] is None:
+                answers[i] = _estimate(encoding, prompt)
+        return answers
+
+    async def _load_encodings(self, names: set[str], limit_s: float | None) -> bool:
+        """Whether every encoding in ``names`` is loaded (loading the missing ones on a worker, within ``limit_s``)."""
+        missing = [name for name in names if not self.counter.loaded(name)]
+        if not missing:
+            return True
+        try:
+            async with asyncio.timeout(limit_s):
+                for name in missing:
+                    await asyncio.to_thread(self.counter.encoding, name)
+        except TimeoutError:
+            log.warning("prompts estimated, not counted: encodings still loading", extra={"encodings": missing})
+            return False
+        return True
+
+    def _count_one(self, encoding: str, prompt: Prompt) -> TokenCount:
+        if prompt.text is not None:
+            return self.counter.count_text(prompt.text, encoding)
+        return self.counter.count_chat(list(prompt.messages), encoding)
 
     async def check(
         self, request: CheckInput, deadline_s: float | None = None, prompt: Prompt | None = None
@@ -204,10 +313,16 @@ class Limiter:
     async def _check_many(
         self, requests: Sequence[CheckInput], deadline_s: float | None, prompts: Sequence[Prompt | None]
     ) -> list[CheckResult | StepConflictError]:
-        counted: list[TokenCount | None] = []
-        for i, prompt in enumerate(prompts):
-            count = None if prompt is None else await self.count(requests[i].model, prompt)
-            counted.append(count)
+        timeout = self.check_deadline_s if deadline_s is None else min(self.check_deadline_s, deadline_s)
+        if any(prompt is not None for prompt in prompts):
+            # One deadline for the whole check: what counting takes, the store does not get.
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            models = [request.model for request in requests]
+            counted = await self.count_all(models, prompts, timeout * COUNT_SHARE, deadline_s)
+            timeout = max(0.0, timeout - (loop.time() - started))
+        else:
+            counted = [None] * len(requests)
         loaded = self.policy()
         now = self.clock()
         results: list[CheckResult | StepConflictError | None] = [None] * len(requests)
@@ -232,7 +347,6 @@ class Limiter:
                 continue
             plans[i] = plan
             by_tenant.setdefault(request.tenant_id, []).append(i)
-        timeout = self.check_deadline_s if deadline_s is None else min(self.check_deadline_s, deadline_s)
         groups = list(by_tenant.items())
         if len(groups) == 1:
             answers = [await self._reserve_group(groups[0][0], groups[0][1], requests, plans, now, timeout)]
@@ -365,7 +479,12 @@ class Limiter:
         )
         return CheckResult(verdict, requested, "", None, (), from_fail_mode=True, policy_version=version)
 
-    async def report(self, records: Sequence[UsageInput]) -> list[Applied]:
+    def _store_limit(self, deadline_s: float | None) -> float:
+        """How long a call other than a check may wait for the store: the store deadline, or less if the caller has
+        less (``deadline_s``: what is left of the caller's deadline, its margin already kept back)."""
+        return self.store_deadline_s if deadline_s is None else min(self.store_deadline_s, deadline_s)
+
+    async def report(self, records: Sequence[UsageInput], deadline_s: float | None = None) -> list[Applied]:
         now = self.clock()
         policy = self.policy().policy
         entries = []
@@ -375,7 +494,7 @@ class Limiter:
             model, _ = policy.model(record.model)
             cost = actual_micros(model, record.input_tokens, record.cached_input_tokens, record.output_tokens)
             entries.append(UsageEntry(record, cost, self.planner.window_scopes(tenant, at), at))
-        with _unavailable():
+        async with _store_call(self._store_limit(deadline_s)):
             applied = await self.store.report(entries, now)
         if self.telemetry.enabled:
             self.telemetry.reported(
@@ -395,17 +514,17 @@ class Limiter:
             )
         return applied
 
-    async def release(self, tenant_id: str, rid: str) -> tuple[int, int]:
-        with _unavailable():
+    async def release(self, tenant_id: str, rid: str, deadline_s: float | None = None) -> tuple[int, int]:
+        async with _store_call(self._store_limit(deadline_s)):
             status, amount = await self.store.release(tenant_id, rid, self.clock())
         return status, amount
 
-    async def budget(self, tenant_id: str, task_id: str, task_type: str) -> BudgetView:
+    async def budget(self, tenant_id: str, task_id: str, task_type: str, deadline_s: float | None = None) -> BudgetView:
         now = self.clock()
         policy = self.policy().policy
         tenant = policy.tenant(tenant_id) or policy.default_tenant
         windows = self.planner.window_scopes(tenant, now)
-        with _unavailable():
+        async with _store_call(self._store_limit(deadline_s)):
             state = await self.store.budget(tenant_id, task_id, windows, now)
         task_counter = state.counters[0]
         scopes: tuple[tuple[Scope, Counter], ...] = tuple(zip(windows, state.counters[1:], strict=True))
@@ -416,26 +535,36 @@ class Limiter:
 
     # --- administration ---------------------------------------------------------------------------------------
 
-    async def decide_checkpoint(self, checkpoint: str, *, approve: bool, add: Amount) -> tuple[int, Counter]:
+    async def decide_checkpoint(
+        self, checkpoint: str, *, approve: bool, add: Amount, deadline_s: float | None = None
+    ) -> tuple[int, Counter]:
         owner = parse_checkpoint_id(checkpoint)
         if owner is None:
             raise UnknownCheckpointError(checkpoint)
         tenant_id, task_id = owner
-        with _unavailable():
+        async with _store_call(self._store_limit(deadline_s)):
             return await self.store.decide_checkpoint(
                 tenant_id, task_id, checkpoint, approve=approve, add=add, now_ms=self.clock()
             )
 
     async def set_ceiling(
-        self, tenant_id: str, task_id: str, *, add: bool, tokens: int | None, usd: int | None, request_id: str = ""
+        self,
+        tenant_id: str,
+        task_id: str,
+        *,
+        add: bool,
+        tokens: int | None,
+        usd: int | None,
+        request_id: str = "",
+        deadline_s: float | None = None,
     ) -> CeilingChange:
-        with _unavailable():
+        async with _store_call(self._store_limit(deadline_s)):
             return await self.store.set_ceiling(
                 tenant_id, task_id, add=add, tokens=tokens, usd=usd, now_ms=self.clock(), request_id=request_id
             )
 
-    async def reset_task(self, tenant_id: str, task_id: str) -> bool:
-        with _unavailable():
+    async def reset_task(self, tenant_id: str, task_id: str, deadline_s: float | None = None) -> bool:
+        async with _store_call(self._store_limit(deadline_s)):
             return await self.store.reset_task(tenant_id, task_id)
 
 

@@ -92,15 +92,30 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> 
     server.add_generic_rpc_handlers([v1])
 
 
-def redis_client(url: str, *, cluster: bool, wait_aof: bool = False) -> AnyRedis:
+def redis_client(url: str, *, cluster: bool, wait_aof: bool = False, socket_timeout: float | None = None) -> AnyRedis:
     """One retry on a dropped connection: after Redis restarts, every pooled connection is dead once. Every script the
     sidecar runs is idempotent (reservations, report markers, release states, decided checkpoints, ceiling changes by
     their request id), so a retry after a drop is safe. ``wait_aof``: every script call waits until Redis has fsynced
-    it to its append-only file (single node only)."""
+    it to its append-only file (single node only).
+
+    The limiter gives every store call its own deadline (and a call it gives up on closes its connection);
+    ``socket_timeout`` is the backstop under that: no connect or read waits longer, so no stalled connection is
+    waited on, or reused, forever."""
+    options: dict[str, Any] = {
+        "retry": Retry(NoBackoff(), 1),
+        "retry_on_error": [RedisConnectionError],
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+    }
     if cluster:
-        return RedisCluster.from_url(url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+        return RedisCluster.from_url(url, **options)
     kind = WaitAofRedis if wait_aof else Redis
-    return kind.from_url(url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+    return kind.from_url(url, **options)
+
+
+def _socket_timeout(settings: Settings) -> float:
+    """Twice the longest store deadline: the limiter's deadlines decide first, this only catches what they miss."""
+    return 2 * max(settings.check_deadline_ms, settings.store_deadline_ms) / 1000
 
 
 # How long WAITAOF waits for the local fsync before the call fails (UNAVAILABLE; reports are idempotent, retry them).
@@ -237,7 +252,9 @@ class Sidecar:
         wait_aof = self.embedded is None and settings.durability == "aof-local"
         if wait_aof and settings.redis_cluster:
             raise OSError("--durability aof-local is not supported with --redis-cluster: use --durability none")
-        self.redis = redis_client(url, cluster=settings.redis_cluster, wait_aof=wait_aof)
+        self.redis = redis_client(
+            url, cluster=settings.redis_cluster, wait_aof=wait_aof, socket_timeout=_socket_timeout(settings)
+        )
         if wait_aof:
             await check_wait_aof(self.redis)
         self.telemetry = telemetry_from_env(
@@ -265,6 +282,7 @@ class Sidecar:
             self.current_policy,
             fail_mode=settings.fail_mode,
             check_deadline_s=settings.check_deadline_ms / 1000,
+            store_deadline_s=settings.store_deadline_ms / 1000,
             default_lease_s=settings.default_lease_seconds,
             telemetry=self.telemetry,
         )
@@ -273,6 +291,7 @@ class Sidecar:
             max_lease_seconds=settings.max_lease_seconds,
             bound_tenant=settings.tenant or None,
             default_task_type=settings.default_task_type or None,
+            deadline_margin_s=settings.deadline_margin_ms / 1000,
         )
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         server.add_generic_rpc_handlers([servicer.handler()])
@@ -290,7 +309,9 @@ class Sidecar:
             self.health_server = health_only
         if settings.admin_listen:
             admin = grpc.aio.server(options=_SERVER_OPTIONS)
-            admin.add_generic_rpc_handlers([AdminServicer(limiter).handler()])
+            admin.add_generic_rpc_handlers(
+                [AdminServicer(limiter, deadline_margin_s=settings.deadline_margin_ms / 1000).handler()]
+            )
             enable_reflection(admin, [ADMIN_SERVICE_NAME])
             self.admin_port = self._bind(admin, settings.admin_listen)
             await admin.start()

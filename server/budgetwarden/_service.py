@@ -35,6 +35,7 @@ from budgetwarden._validation import (
     InvalidRequestError,
     budget_target,
     check_input,
+    message_prompt_chars,
     release_target,
     usage_inputs,
 )
@@ -46,6 +47,11 @@ SERVICE_NAME = "budgetwarden.v1.BudgetService"
 # Checks per CheckStream message: enough to amortise a round trip, small enough to bound one script call.
 MAX_STREAM_CHECKS = 1000
 M = TypeVar("M", bound=Message)
+# Kept back from a caller's deadline so an answer (a fail-mode answer too) reaches it in time: the configured margin
+# (``--deadline-margin-ms``), or this share of the time left when that is more. The fixed part covers a busy event
+# loop and the trip back, which do not shrink with the deadline (measured in docs/benchmarks.md). Never more than
+# half the time left, though: with Redis healthy, a short deadline still leaves the store time to decide.
+MARGIN_SHARE = 0.1
 
 
 class TenantRefusedError(Exception):
@@ -67,6 +73,20 @@ def _lenient(message_type: type[M]) -> Callable[[bytes], M | _Malformed]:
             return _Malformed(str(exc) or "cannot parse")
 
     return parse
+
+
+def time_for_store(remaining_s: float | None, margin_s: float) -> float | None:
+    """What the limiter may spend waiting for the store, out of ``remaining_s`` left of the caller's deadline (None:
+    the caller set none): the remaining time less the margin, which is at most half of it."""
+    if remaining_s is None:
+        return None
+    remaining_s = max(0.0, remaining_s)
+    return remaining_s - min(max(margin_s, remaining_s * MARGIN_SHARE), remaining_s / 2)
+
+
+def caller_time(context: grpc.aio.ServicerContext[Any, Any], margin_s: float) -> float | None:
+    """``time_for_store`` for this call's deadline."""
+    return time_for_store(context.time_remaining(), margin_s)
 
 
 # google.rpc.ErrorInfo of an UNAVAILABLE that the sidecar answered itself (its store failed), so a client can tell it
@@ -257,8 +277,10 @@ class BudgetServicer:
         max_lease_seconds: int,
         bound_tenant: str | None = None,
         default_task_type: str | None = None,
+        deadline_margin_s: float = 0.04,
     ) -> None:
         self.limiter = limiter
+        self.deadline_margin_s = deadline_margin_s
         self.max_lease_seconds = max_lease_seconds
         self.bound_tenant = bound_tenant
         self.default_task_type = default_task_type
@@ -284,9 +306,8 @@ class BudgetServicer:
     async def check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.CheckResponse:
         async with answering(context):
             checked, prompt = self._check_input(request)
-        remaining = context.time_remaining()
         async with answering(context):
-            result = await self.limiter.check(checked, None if remaining is None else remaining * 0.9, prompt)
+            result = await self.limiter.check(checked, caller_time(context, self.deadline_margin_s), prompt)
         return check_response(result)
 
     async def check_stream(
@@ -302,8 +323,10 @@ class BudgetServicer:
             if len(request.checks) > MAX_STREAM_CHECKS:
                 problem = f"holds {len(request.checks)}, at most {MAX_STREAM_CHECKS} are allowed"
                 await _invalid(context, InvalidRequestError("checks", problem), f"message {received}: ")
-            remaining = context.time_remaining()  # the stream's deadline, if the caller set one
-            yield await self._check_batch(request, None if remaining is None else remaining * 0.9)
+            async with answering(context, prefix=f"message {received}: "):
+                message_prompt_chars(request.checks)
+            # The stream's deadline, if the caller set one.
+            yield await self._check_batch(request, caller_time(context, self.deadline_margin_s))
             received += 1
 
     async def _check_batch(
@@ -345,7 +368,7 @@ class BudgetServicer:
                     self._bind_tenant(record, f"message {received}: records[{i}].tenant_id")
                 records = usage_inputs(request, self.limiter.clock())
             async with answering(context, retry_hint="; send the stream again (records are idempotent)"):
-                applied = await self.limiter.report(records)
+                applied = await self.limiter.report(records, caller_time(context, self.deadline_margin_s))
             for item in applied:
                 totals[item.status] += 1
             received += 1
@@ -368,7 +391,7 @@ class BudgetServicer:
             retry_hint="; the records may have been applied in part or in whole (each store call applies up to 100 "
             "records of one tenant, all or none): send the same records again unchanged, applied ones answer DUPLICATE",
         ):
-            applied = await self.limiter.report(records)
+            applied = await self.limiter.report(records, caller_time(context, self.deadline_margin_s))
         results = []
         for item in applied:
             result = pb.ReportResult(
@@ -392,7 +415,7 @@ class BudgetServicer:
             tenant_id, rid, task_id, step_id = release_target(request)
         rid = rid or reservation_id(task_id, step_id)
         async with answering(context):
-            status, amount = await self.limiter.release(tenant_id, rid)
+            status, amount = await self.limiter.release(tenant_id, rid, caller_time(context, self.deadline_margin_s))
         return pb.ReleaseResponse(status=status, reservation_id=rid, released_tokens=amount)  # type: ignore[arg-type]
 
     async def get_budget(
@@ -401,7 +424,8 @@ class BudgetServicer:
         async with answering(context):
             self._bind_tenant(request, "tenant_id")
             tenant_id, task_id, task_type = budget_target(request)
-            view = await self.limiter.budget(tenant_id, task_id, task_type)
+            deadline = caller_time(context, self.deadline_margin_s)
+            view = await self.limiter.budget(tenant_id, task_id, task_type, deadline)
         state = view.state
         response = pb.GetBudgetResponse(
             scopes=[scope_state(scope, counter, state.thresholds) for scope, counter in view.scopes],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from budgetwarden._keys import is_reservation_id
 from budgetwarden._limiter import Prompt
@@ -125,6 +125,30 @@ def _prompt(request: pb.CheckRequest) -> Prompt | None:
             out.append(ChatMessage(role, message.content, name))
         return Prompt(messages=tuple(out))
     return None
+
+
+# Prompt text one CheckStream message may carry in all: as much as one check may, so a message is never more counting
+# than the largest single prompt. (gRPC's default 4 MiB message limit binds first for ASCII; this holds whatever the
+# transport lets through.)
+MAX_MESSAGE_PROMPT_CHARS = MAX_PROMPT_CHARS
+
+
+def message_prompt_chars(checks: Sequence[pb.CheckRequest]) -> int:
+    """The prompt characters of a CheckStream message's checks together; more than MAX_MESSAGE_PROMPT_CHARS is
+    InvalidRequestError (on ``checks``)."""
+    total = 0
+    for check in checks:
+        which = check.WhichOneof("input")
+        if which == "prompt_text":
+            total += len(check.prompt_text)
+        elif which == "prompt_messages":
+            total += sum(len(message.content) for message in check.prompt_messages.messages)
+    if total > MAX_MESSAGE_PROMPT_CHARS:
+        raise InvalidRequestError(
+            "checks",
+            f"carry {total} characters of prompts, at most {MAX_MESSAGE_PROMPT_CHARS} are allowed in a message",
+        )
+    return total
 
 
 def check_input(request: pb.CheckRequest, *, max_lease_seconds: int) -> tuple[CheckInput, Prompt | None]:

@@ -437,7 +437,9 @@ class TokenCount(_message.Message):
     encoding: _builtins.str
     """The tiktoken encoding used."""
     approximate: _builtins.bool
-    """True when the model's own encoding was not available offline and a fallback counted instead."""
+    """True when the model's own encoding was not available offline and a fallback counted instead, or when the prompt
+    was not counted within the check deadline (or the sidecar's counting was full) and its length gave an estimate.
+    """
     def __init__(
         self,
         *,
