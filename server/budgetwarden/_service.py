@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -24,9 +24,11 @@ from budgetwarden._model import (
     Scope,
     ScopeKind,
     Thresholds,
+    UsageInput,
     WindowSpan,
     threshold_of,
 )
+from budgetwarden._store import Applied, IdempotencyConflictError
 from budgetwarden._validation import (
     InvalidRequestError,
     budget_target,
@@ -101,6 +103,36 @@ def unary_handler(
     return grpc.unary_unary_rpc_method_handler(
         call, request_deserializer=_lenient(request_type), response_serializer=response_type.SerializeToString
     )
+
+
+async def _report_or_refuse(
+    limiter: Limiter, records: Sequence[UsageInput], context: grpc.aio.ServicerContext[Any, Any], prefix: str = ""
+) -> list[Applied]:
+    """Apply usage records; a record reusing the idempotency marker of a different record is ALREADY_EXISTS, naming
+    it (nothing of its script call was applied)."""
+    try:
+        return await limiter.report(records)
+    except IdempotencyConflictError as exc:
+        at = f"{prefix}records[{exc.index}]"
+        if exc.keyless:
+            message = (
+                f"{at}: its step was already reported with different usage (a report without idempotency_key counts "
+                "once per step); give each distinct report of a step its own idempotency_key"
+            )
+        else:
+            message = (
+                f"{at}.idempotency_key: already used for a different usage record (give each distinct record its own "
+                "key; resend a record unchanged only to retry it)"
+            )
+        if exc.partial:
+            message += (
+                "; this request spanned several store calls (over 100 records, or several tenants): records of the "
+                "other calls may be applied, so send them again without this one (they are idempotent)"
+            )
+        else:
+            message += "; nothing of this request was applied"
+        await context.abort(grpc.StatusCode.ALREADY_EXISTS, message)
+        raise AssertionError("abort returned") from None  # pragma: no cover
 
 
 def scope_state(scope: Scope, counter: Counter, thresholds: Thresholds | None = None) -> pb.ScopeState:
@@ -294,7 +326,7 @@ class BudgetServicer:
                     self._bind_tenant(record, f"message {received}: records[{i}].tenant_id")
                 records = usage_inputs(request, self.limiter.clock())
             async with answering(context, retry_hint="; send the stream again (records are idempotent)"):
-                applied = await self.limiter.report(records)
+                applied = await _report_or_refuse(self.limiter, records, context, f"message {received}: ")
             for item in applied:
                 totals[item.status] += 1
             received += 1
@@ -313,7 +345,7 @@ class BudgetServicer:
         async with answering(
             context, retry_hint="; some records may be applied, send them again (they are idempotent)"
         ):
-            applied = await self.limiter.report(records)
+            applied = await _report_or_refuse(self.limiter, records, context)
         results = []
         for item in applied:
             result = pb.ReportResult(
@@ -323,6 +355,8 @@ class BudgetServicer:
                 charged_cost_usd_micros=item.charged_usd,
                 refunded_tokens=item.refunded,
                 overage_tokens=item.overage,
+                model=item.model,
+                model_assumed=item.model_assumed,
             )
             if item.task is not None and item.task.remaining is not None:
                 result.task_remaining_tokens = item.task.remaining

@@ -13,7 +13,8 @@
 --   soft threshold of a new task (basis points, -1: none), checkpoint threshold (likewise),
 --   task id, task type, step id, checkpoint id prefix,
 --   then per candidate: tokens, micro-USD, bound (0: soft threshold, 1: checkpoint), and the decision it stands for
---   (recorded on the reservation for the usage event, e.g. ALLOW or DEGRADE:rung)
+--   (recorded on the reservation for the usage event, e.g. ALLOW or DEGRADE:rung), preceded by the prices and name of
+--   the model the candidate runs on (see candidate_label)
 --
 -- Returns one reply per check, in order:
 --   { status, fitted (0-based, -1: none), granted tokens, granted micro-USD, lease expiry, checkpoint id,
@@ -137,8 +138,10 @@ local function check(resv_key, task_key, f)
       if existing[1] then redis.call('DEL', resv_key) end
       local scopes, untils = task_key, '0'
       if nwin > 0 then scopes, untils = scopes .. ' ' .. scope_list, untils .. ' ' .. until_list end
+      local admitted, model, p_in, p_cached, p_out = candidate_label(f[at + 3])
       redis.call('HSET', resv_key, 'state', 'reserved', 'gen', num(existing[5]) + 1, 'amount', tokens,
-        'amount_usd', usd, 'lease', f[1], 'scopes', scopes, 'untils', untils, 'step_id', f[8], 'admitted', f[at + 3])
+        'amount_usd', usd, 'lease', f[1], 'scopes', scopes, 'untils', untils, 'step_id', f[8], 'admitted', admitted,
+        'model', model, 'price_in', p_in, 'price_cached', p_cached, 'price_out', p_out)
       redis.call('PEXPIRE', resv_key, math.max(1, lease_until - now) + tonumber(ARGV[2]))
       redis.call('ZADD', leases, lease_until, string.match(resv_key, '([^:]+)$'))
       return reply({ 1, c, tokens, usd, lease_until, '' }, soft_bp, ckpt_bp, task)
