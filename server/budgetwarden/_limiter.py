@@ -348,12 +348,14 @@ class Limiter:
         now = self.clock()
         policy = self.policy().policy
         entries = []
-        for record in (_with_fail_open_grant(record) for record in records):
+        for sent in records:
+            record = _with_fail_open_grant(sent)
             at = now if record.timestamp_ms is None else min(now, record.timestamp_ms)
             tenant = policy.tenant(record.tenant_id) or policy.default_tenant
             model, _ = policy.model(record.model)
             cost = actual_micros(model, record.input_tokens, record.cached_input_tokens, record.output_tokens)
-            entries.append(UsageEntry(record, cost, self.planner.window_scopes(tenant, at), at))
+            windows = self.planner.window_scopes(tenant, at)
+            entries.append(UsageEntry(record, cost, windows, at, None if record is sent else sent))
         with _unavailable():
             stored = await self.store.report(entries, now)
         applied = []

@@ -191,6 +191,9 @@ class UsageEntry:
     cost_usd: int
     windows: Sequence[Scope]
     at_ms: int
+    # The record as the caller sent it, when the limiter completed it (a fail-open id resolved to its task and step):
+    # its fingerprint is of what was sent, so that a keyless report of the same step is the same record.
+    as_sent: UsageInput | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +234,8 @@ _CONFLICT = re.compile(r"BWCONFLICT (\d+)")
 
 
 def record_fingerprint(record: UsageInput, rid: str) -> str:
-    """What makes two records "the same record" for an idempotency key: where they charge and what they report."""
+    """What makes two records "the same record" for an idempotency key: where they charge and what they report. Not
+    the timestamp: a client that resends a record may stamp it again."""
     labels = "\x1e".join(f"{k}\x1d{v}" for k, v in sorted(record.labels.items()))
     return digest(
         record.tenant_id,
@@ -243,7 +247,6 @@ def record_fingerprint(record: UsageInput, rid: str) -> str:
         str(record.output_tokens),
         str(record.tool_calls),
         str(int(record.outcome)),
-        "" if record.timestamp_ms is None else str(record.timestamp_ms),
         labels,
     )
 
@@ -405,7 +408,7 @@ class BudgetStore:
                         event_id(record.tenant_id, record.idempotency_key),
                         " ".join(positions),
                         event_payload(record, rid, entry.cost_usd, entry.at_ms),
-                        record_fingerprint(record, rid),
+                        record_fingerprint(entry.as_sent or record, rid),
                         "1" if record.model else "0",
                         str(record.input_tokens - record.cached_input_tokens),
                         str(record.cached_input_tokens),
