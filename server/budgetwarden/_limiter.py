@@ -134,6 +134,7 @@ class Limiter:
         self.planner = Planner()
         self.counter = counter or TokenCounter()
         self.telemetry = telemetry or Telemetry(None)
+        self._labels = _PricedLabels(None)
 
     async def count(self, model: str, prompt: Prompt) -> TokenCount:
         """Count a prompt with the model's encoding; long prompts on a worker thread."""
@@ -248,6 +249,7 @@ class Limiter:
         steps = []
         windows: tuple[Scope, ...] = ()
         policy = self.policy().policy
+        labels = self._labels_for(policy)
         for i in indexes:
             request, plan = requests[i], plans[i]
             assert plan is not None
@@ -256,9 +258,7 @@ class Limiter:
             lease_s = max(
                 request.lease_seconds or plan.lease_seconds or self.default_lease_s, policy.min_lease(plan.task_type)
             )
-            candidates = [
-                (c.amount.tokens, c.amount.usd, int(c.bound), _priced_label(policy, c)) for c in plan.candidates
-            ]
+            candidates = [(c.amount.tokens, c.amount.usd, int(c.bound), labels.get(c)) for c in plan.candidates]
             steps.append(
                 StepCheck(
                     request.task_id,
@@ -281,6 +281,11 @@ class Limiter:
             except StoreErrors as exc:
                 return answers + [exc] * (len(steps) - start)
         return answers
+
+    def _labels_for(self, policy: Policy) -> _PricedLabels:
+        if self._labels.policy is not policy:
+            self._labels = _PricedLabels(policy)
+        return self._labels
 
     def _finish(
         self, plan: CheckPlan, reservation: Reservation, now: int, version: str, token_count: TokenCount | None
@@ -425,12 +430,31 @@ class Limiter:
             return await self.store.reset_task(tenant_id, task_id)
 
 
-def _priced_label(policy: Policy, candidate: Candidate) -> str:
-    """A candidate's label for the store: the prices and name of the model it runs on, then its decision, so that the
-    reservation can price a report that names no model (lua/_lib.lua, candidate_label)."""
-    name = candidate.shape.model
+class _PricedLabels:
+    """Candidates' labels for the store: the prices and name of the model a candidate runs on, then its decision, so
+    that the reservation can price a report that names no model (lua/_lib.lua, candidate_label). Remembered per policy
+    (a label costs about as much as the rest of a check to build): the same few models and rungs come back."""
+
+    __slots__ = ("_known", "policy")
+
+    def __init__(self, policy: Policy | None) -> None:
+        self.policy = policy
+        self._known: dict[tuple[str, str | None], str] = {}
+
+    def get(self, candidate: Candidate) -> str:
+        key = (candidate.shape.model, candidate.rung)
+        label = self._known.get(key)
+        if label is None:
+            assert self.policy is not None
+            if len(self._known) >= 4096:  # model names come from callers: bounded
+                self._known.clear()
+            label = self._known[key] = _priced_label(self.policy, *key)
+        return label
+
+
+def _priced_label(policy: Policy, name: str, rung: str | None) -> str:
     model, _ = policy.model(name)
-    decision = f"DEGRADE:{candidate.rung}" if candidate.rung else "ALLOW"
+    decision = f"DEGRADE:{rung}" if rung else "ALLOW"
     prices = (model.input_micros_per_mtok, model.cached_input_micros_per_mtok, model.output_micros_per_mtok)
     return f"{prices[0]} {prices[1]} {prices[2]} {quote(name, safe='')} {decision}"
 

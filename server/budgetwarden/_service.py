@@ -129,6 +129,8 @@ async def _report_or_refuse(
                 "; this request spanned several store calls (over 100 records, or several tenants): records of the "
                 "other calls may be applied, so send them again without this one (they are idempotent)"
             )
+        elif prefix:
+            message += "; nothing of this message was applied (the messages before it were)"
         else:
             message += "; nothing of this request was applied"
         await context.abort(grpc.StatusCode.ALREADY_EXISTS, message)
