@@ -65,6 +65,7 @@ task_types:
     per_task: {{tokens: {task}}}
     per_step: {{tokens: {step}}}
     lease_seconds: 600
+min_lease_seconds: 1  # the lapsing-lease races ask for 2 s leases
 """
 
 

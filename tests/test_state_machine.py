@@ -61,6 +61,7 @@ task_types:
     per_task: {{tokens: {TASK_LIMIT}}}
     per_step: {{tokens: {STEP_CAP}}}
     lease_seconds: {LEASE_S}
+min_lease_seconds: 1  # callers' short leases as asked: the machine explores lapses
 """
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -236,7 +237,7 @@ _CONFLICT = re.compile(r"BWCONFLICT (\d+)")
 def record_fingerprint(record: UsageInput, rid: str) -> str:
     """What makes two records "the same record" for an idempotency key: where they charge and what they report. Not
     the timestamp: a client that resends a record may stamp it again."""
-    labels = "\x1e".join(f"{k}\x1d{v}" for k, v in sorted(record.labels.items()))
+    labels = json.dumps(sorted(record.labels.items()))
     return digest(
         record.tenant_id,
         rid,
