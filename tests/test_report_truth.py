@@ -405,6 +405,8 @@ def test_grpc_empty_report_is_invalid_argument_and_the_true_report_then_applies(
     assert "Release" in refused.value.details()
     [result] = stub.Report(pb.ReportRequest(records=[record("r1", 800)]), timeout=10).results
     assert (result.status, result.refunded_tokens) == (pb.REPORT_STATUS_APPLIED, 200)
+    # Neither the record nor its check named a model: priced at default_model, and the result says so.
+    assert (result.model, result.model_assumed) == ("", True)
 
 
 # --- 6. a short lease cannot walk past the ceiling -----------------------------------------------------------------
