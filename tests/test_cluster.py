@@ -123,13 +123,12 @@ def test_report_batches_of_a_tenant_apply_in_order(
     with a key is the one applied and its retries later in the same report are duplicates."""
     running = start_sidecar(redis_url=cluster_url, redis_cluster=True)
     size = 2 * REPORT_BATCH + 10
-    keys = [f"k{i}" for i in range(size)]
-    for retry in (REPORT_BATCH + 50, 2 * REPORT_BATCH + 5):
-        keys[retry] = keys[0]
     records = [
-        pb.UsageRecord(tenant_id="ordered", task_id="t", step_id=f"s{i}", input_tokens=1 + i, idempotency_key=key)
-        for i, key in enumerate(keys)
+        pb.UsageRecord(tenant_id="ordered", task_id="t", step_id=f"s{i}", input_tokens=1 + i, idempotency_key=f"k{i}")
+        for i in range(size)
     ]
+    for retry in (REPORT_BATCH + 50, 2 * REPORT_BATCH + 5):
+        records[retry] = records[0]  # the first record sent again (another record under its key is ALREADY_EXISTS)
     cluster = redis.RedisCluster.from_url(cluster_url)
     try:
         # Without the scripts cached, each call's first EVALSHA fails and is sent again: calls that overlapped would

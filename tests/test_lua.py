@@ -65,6 +65,8 @@ def report_arg(
     event = json.dumps({"step_id": step, "tokens": tokens})
     fields: list[Any] = [tokens, usd, 1 if fallback else 0, 0 if key else 1, "t1", "general", key and f"event-{key}"]
     fields += [windows if fallback else "", event]
+    # The record's fingerprint, that it names a model (so the cost given is used), its uncached, cached, output tokens.
+    fields += [f"{tokens}/{usd}", 1, tokens, 0, 0]
     return keys, "\x1f".join(str(f) for f in fields)
 
 
@@ -607,7 +609,10 @@ def test_keyless_reports_of_one_reservation_in_one_batch_count_once(lua: Scripts
         ("1.5\x1f0\x1f1\x1f1\x1ft1\x1fgeneral\x1f\x1f1\x1f{}", "report argument 1 is malformed"),
         ("-1\x1f0\x1f1\x1f1\x1ft1\x1fgeneral\x1f\x1f1\x1f{}", "report argument 1 is malformed"),
         ("5\x1fnan\x1f1\x1f1\x1ft1\x1fgeneral\x1f\x1f1\x1f{}", "report argument 1 is malformed"),
-        ("5\x1f0\x1f1\x1f1\x1ft1\x1fgeneral\x1f\x1f2\x1f{}", "report argument 1 names an unknown window"),
+        (
+            "5\x1f0\x1f1\x1f1\x1ft1\x1fgeneral\x1f\x1f2\x1f{}\x1ffp\x1f1\x1f5\x1f0\x1f0",
+            "report argument 1 names an unknown window",
+        ),
     ],
 )
 def test_a_malformed_record_in_a_batch_writes_nothing(lua: Scripts, argument: str, error: str) -> None:

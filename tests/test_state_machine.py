@@ -35,7 +35,7 @@ from budgetwarden._model import (
     UsageInput,
 )
 from budgetwarden._policy import parse_policy
-from budgetwarden._store import BudgetStore, Retention
+from budgetwarden._store import BudgetStore, IdempotencyConflictError, Retention
 
 TENANT = "acme"
 TASKS = ("t1", "t2", "t3")
@@ -62,6 +62,7 @@ task_types:
     per_task: {{tokens: {TASK_LIMIT}}}
     per_step: {{tokens: {STEP_CAP}}}
     lease_seconds: {LEASE_S}
+min_lease_seconds: 1  # callers' short leases as asked: the machine explores lapses
 """
 
 
@@ -128,7 +129,8 @@ class Model:
     tasks: dict[str, TaskState] = field(default_factory=dict)
     windows: dict[str, WindowState] = field(default_factory=dict)
     steps: dict[tuple[str, str], Held] = field(default_factory=dict)
-    idempotency: set[str] = field(default_factory=set)
+    # marker -> the tokens of the record that used it (its fingerprint here: the records differ only in tokens)
+    idempotency: dict[str, int] = field(default_factory=dict)
 
     def window(self, label: str) -> WindowState:
         return self.windows.setdefault(label, WindowState())
@@ -208,8 +210,10 @@ class Model:
         generation = 0 if known is None else known.generation
         marker = key or f"reservation:{reservation_id(task_id, step_id)}:{generation}"
         if marker in self.idempotency:
+            if self.idempotency[marker] != tokens:  # another record under a used key: refused, nothing changes
+                raise IdempotencyConflictError(0, not key, partial=False)
             return ReportStatus.DUPLICATE, 0, 0, 0, None
-        self.idempotency.add(marker)
+        self.idempotency[marker] = tokens
         self.lapse(now)
         held = self.steps.get((task_id, step_id))
         status, refunded, overage = ReportStatus.UNRESERVED, 0, 0
@@ -360,7 +364,13 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
                 idempotency_key=idempotency_key,
                 timestamp_ms=None if back_ms is None else at,
             )
-            (applied,) = self.loop.run_until_complete(self.limiter.report([record]))
+            try:
+                (applied,) = self.loop.run_until_complete(self.limiter.report([record]))
+            except IdempotencyConflictError:
+                with pytest.raises(IdempotencyConflictError):
+                    self.model.report(task_id, step_id, tokens, idempotency_key, with_task, at, self.now)
+                event("report: refused")
+                return
             status, charged, refunded, overage, task = self.model.report(
                 task_id, step_id, tokens, idempotency_key, with_task, at, self.now
             )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
+import string
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from budgetwarden._model import WindowSpan
@@ -33,7 +36,71 @@ def reservation_id(task_id: str, step_id: str) -> str:
 
 
 def is_reservation_id(value: str) -> bool:
+    """A reservation id this service issues: a stored reservation's, or a fail-open one."""
+    return _is_stored_id(value) or parse_fail_open_id(value) is not None
+
+
+def _is_stored_id(value: str) -> bool:
     return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+FAIL_OPEN_PREFIX = "fo1."
+
+
+@dataclass(frozen=True, slots=True)
+class FailOpenGrant:
+    """What a fail-open answer granted, carried in its reservation id: nothing was stored behind it, so the report of
+    the step needs the id to say where it belongs."""
+
+    task_id: str
+    step_id: str
+    model: str
+    task_type: str
+
+    @property
+    def reservation_id(self) -> str:
+        """The step's stored reservation id: where a check of the step reserves once the store is back."""
+        return reservation_id(self.task_id, self.step_id)
+
+
+def fail_open_id(task_id: str, step_id: str, model: str, task_type: str) -> str:
+    """Self-describing and url-safe: fo1.<task>.<step>.<model>.<task type>, each url-safe base64 without padding."""
+    return FAIL_OPEN_PREFIX + ".".join(_b64(part) for part in (task_id, step_id, model, task_type))
+
+
+def parse_fail_open_id(value: str) -> FailOpenGrant | None:
+    """The grant a fail-open reservation id stands for, or None when it is not one."""
+    if not value.startswith(FAIL_OPEN_PREFIX):
+        return None
+    parts = value[len(FAIL_OPEN_PREFIX) :].split(".")
+    if len(parts) != 4:
+        return None
+    try:
+        task_id, step_id, model, task_type = (_unb64(part) for part in parts)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not (task_id and step_id):
+        return None
+    return FailOpenGrant(task_id, step_id, model, task_type)
+
+
+def stored_reservation_id(value: str) -> str:
+    """The id of the stored reservation an id names: a fail-open id names its step's (never spliced into a key)."""
+    grant = parse_fail_open_id(value)
+    return value if grant is None else grant.reservation_id
+
+
+_B64_ALPHABET = frozenset(string.ascii_letters + string.digits + "-_")
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _unb64(text: str) -> str:
+    if not all(c in _B64_ALPHABET for c in text):
+        raise ValueError("not url-safe base64")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
 
 
 class TenantKeys:
@@ -51,6 +118,8 @@ class TenantKeys:
         return f"{self.prefix}task:{task_digest(task_id)}"
 
     def reservation(self, reservation_id: str) -> str:
+        if reservation_id.startswith(FAIL_OPEN_PREFIX):
+            reservation_id = stored_reservation_id(reservation_id)
         return self.resv_prefix + reservation_id
 
     def window(self, span: WindowSpan) -> str:

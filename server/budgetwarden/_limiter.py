@@ -10,12 +10,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from urllib.parse import quote
 
 from redis.exceptions import RedisClusterException, RedisError
 
 from budgetwarden._cost import actual_micros
-from budgetwarden._decision import TASK_SCOPE, CheckPlan, Planner, StoreOutcome, decide
-from budgetwarden._keys import reservation_id
+from budgetwarden._decision import TASK_SCOPE, Candidate, CheckPlan, Planner, StoreOutcome, decide
+from budgetwarden._keys import fail_open_id, parse_fail_open_id
 from budgetwarden._model import (
     NO_THRESHOLDS,
     Amount,
@@ -30,7 +31,7 @@ from budgetwarden._model import (
     UsageInput,
     Verdict,
 )
-from budgetwarden._policy import LoadedPolicy
+from budgetwarden._policy import LoadedPolicy, Policy
 from budgetwarden._replay import candidate_part, common_part, fingerprint, replayed_answer
 from budgetwarden._store import (
     Applied,
@@ -185,6 +186,7 @@ class Limiter:
         self.counter = counter or TokenCounter()
         self.counting_pool = counting_pool or CountingPool()
         self.telemetry = telemetry or Telemetry(None)
+        self._labels = _PricedLabels(None)
 
     async def count(self, model: str, prompt: Prompt, limit_s: float | None = None) -> TokenCount:
         """Count a prompt with the model's encoding (see ``count_all``)."""
@@ -381,20 +383,18 @@ class Limiter:
         the check deadline. When a call fails, its checks and the ones after it get the fail mode at once."""
         steps = []
         windows: tuple[Scope, ...] = ()
+        policy = self.policy().policy
+        labels = self._labels_for(policy)
         for i in indexes:
             request, plan = requests[i], plans[i]
             assert plan is not None
             windows = plan.counted[1:]
-            lease_s = request.lease_seconds or plan.lease_seconds or self.default_lease_s
+            # Never shorter than the policy's minimum: a lapsed lease frees its budget before the usage is known.
+            lease_s = max(
+                request.lease_seconds or plan.lease_seconds or self.default_lease_s, policy.min_lease(plan.task_type)
+            )
             candidates = [
-                (
-                    c.amount.tokens,
-                    c.amount.usd,
-                    int(c.bound),
-                    f"DEGRADE:{c.rung}" if c.rung else "ALLOW",
-                    candidate_part(c),
-                )
-                for c in plan.candidates
+                (c.amount.tokens, c.amount.usd, int(c.bound), labels.get(c), candidate_part(c)) for c in plan.candidates
             ]
             steps.append(
                 StepCheck(
@@ -420,6 +420,11 @@ class Limiter:
             except StoreErrors as exc:
                 return answers + [exc] * (len(steps) - start)
         return answers
+
+    def _labels_for(self, policy: Policy) -> _PricedLabels:
+        if self._labels.policy is not policy:
+            self._labels = _PricedLabels(policy)
+        return self._labels
 
     def _finish(
         self, plan: CheckPlan, reservation: Reservation, now: int, version: str, token_count: TokenCount | None
@@ -472,7 +477,8 @@ class Limiter:
                 "budget store unavailable: allowed by fail mode 'open'; usage will be reconciled when reported",
                 granted_usd=requested.usd,
             )
-            rid = reservation_id(request.task_id, request.step_id)
+            # Nothing is stored behind it: the id itself tells the report which task, step and model it was for.
+            rid = fail_open_id(request.task_id, request.step_id, request.model, plan.task_type)
             return CheckResult(verdict, requested, rid, None, (), from_fail_mode=True, policy_version=version)
         verdict = Verdict(
             Decision.DENY, Reason.FAIL_CLOSED, 0, "budget store unavailable: denied by fail mode 'closed'"
@@ -485,30 +491,39 @@ class Limiter:
         return self.store_deadline_s if deadline_s is None else min(self.store_deadline_s, deadline_s)
 
     async def report(self, records: Sequence[UsageInput], deadline_s: float | None = None) -> list[Applied]:
+        """Apply usage records. A record naming no model is priced by the store at the model its reservation was
+        checked for; only one with neither is priced at the policy's default model (``model_assumed``)."""
         now = self.clock()
         policy = self.policy().policy
         entries = []
-        for record in records:
+        for sent in records:
+            record = _with_fail_open_grant(sent)
             at = now if record.timestamp_ms is None else min(now, record.timestamp_ms)
             tenant = policy.tenant(record.tenant_id) or policy.default_tenant
             model, _ = policy.model(record.model)
             cost = actual_micros(model, record.input_tokens, record.cached_input_tokens, record.output_tokens)
-            entries.append(UsageEntry(record, cost, self.planner.window_scopes(tenant, at), at))
+            windows = self.planner.window_scopes(tenant, at)
+            entries.append(UsageEntry(record, cost, windows, at, None if record is sent else sent))
         async with _store_call(self._store_limit(deadline_s)):
-            applied = await self.store.report(entries, now)
+            stored = await self.store.report(entries, now)
+        applied = []
+        for entry, item in zip(entries, stored, strict=True):
+            name = entry.record.model if item.reservation_model is None else item.reservation_model
+            applied.append(replace(item, model=name, model_assumed=policy.model(name)[1]))
         if self.telemetry.enabled:
             self.telemetry.reported(
                 ReportedUsage(
                     tenant_id=entry.record.tenant_id,
                     task_type=item.task_type,
-                    model=entry.record.model,
-                    provider=policy.model(entry.record.model)[0].provider,
+                    model=item.model,
+                    provider=policy.model(item.model)[0].provider,
                     status=item.status.name.lower(),
                     input_tokens=entry.record.input_tokens,
                     cached_input_tokens=entry.record.cached_input_tokens,
                     output_tokens=entry.record.output_tokens,
                     cost_usd_micros=item.charged_usd,
                     refunded_tokens=item.refunded,
+                    late=item.late,
                 )
                 for entry, item in zip(entries, applied, strict=True)
             )
@@ -566,6 +581,51 @@ class Limiter:
     async def reset_task(self, tenant_id: str, task_id: str, deadline_s: float | None = None) -> bool:
         async with _store_call(self._store_limit(deadline_s)):
             return await self.store.reset_task(tenant_id, task_id)
+
+
+class _PricedLabels:
+    """Candidates' labels for the store: the prices and name of the model a candidate runs on, then its decision, so
+    that the reservation can price a report that names no model (lua/_lib.lua, candidate_label). Remembered per policy
+    (a label costs about as much as the rest of a check to build): the same few models and rungs come back."""
+
+    __slots__ = ("_known", "policy")
+
+    def __init__(self, policy: Policy | None) -> None:
+        self.policy = policy
+        self._known: dict[tuple[str, str | None], str] = {}
+
+    def get(self, candidate: Candidate) -> str:
+        key = (candidate.shape.model, candidate.rung)
+        label = self._known.get(key)
+        if label is None:
+            assert self.policy is not None
+            if len(self._known) >= 4096:  # model names come from callers: bounded
+                self._known.clear()
+            label = self._known[key] = _priced_label(self.policy, *key)
+        return label
+
+
+def _priced_label(policy: Policy, name: str, rung: str | None) -> str:
+    model, _ = policy.model(name)
+    decision = f"DEGRADE:{rung}" if rung else "ALLOW"
+    prices = (model.input_micros_per_mtok, model.cached_input_micros_per_mtok, model.output_micros_per_mtok)
+    return f"{prices[0]} {prices[1]} {prices[2]} {quote(name, safe='')} {decision}"
+
+
+def _with_fail_open_grant(record: UsageInput) -> UsageInput:
+    """A record naming a fail-open reservation id goes to the task and step it was granted for, like a keyless
+    report of that step, and takes the model and task type the check asked for when it names none."""
+    grant = parse_fail_open_id(record.reservation_id)
+    if grant is None:
+        return record
+    return replace(
+        record,
+        reservation_id="",
+        task_id=grant.task_id,
+        step_id=grant.step_id,
+        model=record.model or grant.model,
+        task_type=record.task_type or grant.task_type,
+    )
 
 
 __all__ = [

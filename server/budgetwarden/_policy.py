@@ -131,10 +131,18 @@ class TenantPolicy(_Strict):
         return sorted(limits, key=lambda item: item[0])
 
 
+LeaseSeconds = Annotated[int, Field(ge=1, le=7 * 86400)]
+# The shortest lease a step gets unless the policy says otherwise. A lapsed lease frees its budget before its usage is
+# known, so with ceiling C a task is granted at most C per minimum lease while its reports run late.
+DEFAULT_MIN_LEASE_SECONDS = 60
+
+
 class TaskTypePolicy(_Strict):
     per_task: Limit = Field(default_factory=Limit)
     per_step: Limit = Field(default_factory=Limit)
-    lease_seconds: Annotated[int, Field(ge=1, le=7 * 86400)] | None = None
+    lease_seconds: LeaseSeconds | None = None
+    # Caller leases shorter than this are lengthened to it. Unset: the policy's min_lease_seconds.
+    min_lease_seconds: LeaseSeconds | None = None
     # Fraction of the task ceiling above which steps are degraded (with the ladder) instead of allowed as asked.
     soft_threshold: Fraction | None = None
     # Fraction of the task ceiling at which the task must stop at a checkpoint and wait for an approval.
@@ -170,6 +178,8 @@ class Policy(_Strict):
     default_model: ModelPolicy = BUILTIN_DEFAULT_MODEL
     task_types: dict[str, TaskTypePolicy] = Field(default_factory=dict)
     default_task_type: str | None = None
+    # The minimum lease of every task type that sets none of its own.
+    min_lease_seconds: LeaseSeconds = DEFAULT_MIN_LEASE_SECONDS
 
     @field_validator("models")
     @classmethod
@@ -211,6 +221,13 @@ class Policy(_Strict):
         """The model's prices and encoding, and whether they were assumed (the model is not in the table)."""
         found = self.models.get(name)
         return (self.default_model, True) if found is None else (found, False)
+
+    def min_lease(self, task_type: str) -> int:
+        """The shortest lease, in seconds, a step of this (resolved) task type is given."""
+        rules = self.task_types.get(task_type)
+        if rules is not None and rules.min_lease_seconds is not None:
+            return rules.min_lease_seconds
+        return self.min_lease_seconds
 
     def task_type(self, name: str) -> tuple[str, TaskTypePolicy] | None:
         """Resolve a requested task type (empty: the default) to its name and policy."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -28,9 +28,11 @@ from budgetwarden._model import (
     Scope,
     ScopeKind,
     Thresholds,
+    UsageInput,
     WindowSpan,
     threshold_of,
 )
+from budgetwarden._store import Applied, IdempotencyConflictError
 from budgetwarden._validation import (
     InvalidRequestError,
     budget_target,
@@ -163,6 +165,42 @@ def unary_handler(
     return grpc.unary_unary_rpc_method_handler(
         call, request_deserializer=_lenient(request_type), response_serializer=response_type.SerializeToString
     )
+
+
+async def _report_or_refuse(
+    limiter: Limiter,
+    records: Sequence[UsageInput],
+    context: grpc.aio.ServicerContext[Any, Any],
+    prefix: str = "",
+    deadline_s: float | None = None,
+) -> list[Applied]:
+    """Apply usage records; a record reusing the idempotency marker of a different record is ALREADY_EXISTS, naming
+    it (nothing of its script call was applied)."""
+    try:
+        return await limiter.report(records, deadline_s)
+    except IdempotencyConflictError as exc:
+        at = f"{prefix}records[{exc.index}]"
+        if exc.keyless:
+            message = (
+                f"{at}: its step was already reported with different usage (a report without idempotency_key counts "
+                "once per step); give each distinct report of a step its own idempotency_key"
+            )
+        else:
+            message = (
+                f"{at}.idempotency_key: already used for a different usage record (give each distinct record its own "
+                "key; resend a record unchanged only to retry it)"
+            )
+        if exc.partial:
+            message += (
+                "; this request spanned several store calls (over 100 records, or several tenants): records of the "
+                "other calls may be applied, so send them again without this one (they are idempotent)"
+            )
+        elif prefix:
+            message += "; nothing of this message was applied (the messages before it were)"
+        else:
+            message += "; nothing of this request was applied"
+        await context.abort(grpc.StatusCode.ALREADY_EXISTS, message)
+        raise AssertionError("abort returned") from None  # pragma: no cover
 
 
 def scope_state(scope: Scope, counter: Counter, thresholds: Thresholds | None = None) -> pb.ScopeState:
@@ -368,7 +406,8 @@ class BudgetServicer:
                     self._bind_tenant(record, f"message {received}: records[{i}].tenant_id")
                 records = usage_inputs(request, self.limiter.clock())
             async with answering(context, retry_hint="; send the stream again (records are idempotent)"):
-                applied = await self.limiter.report(records, caller_time(context, self.deadline_margin_s))
+                deadline = caller_time(context, self.deadline_margin_s)
+                applied = await _report_or_refuse(self.limiter, records, context, f"message {received}: ", deadline)
             for item in applied:
                 totals[item.status] += 1
             received += 1
@@ -391,7 +430,8 @@ class BudgetServicer:
             retry_hint="; the records may have been applied in part or in whole (each store call applies up to 100 "
             "records of one tenant, all or none): send the same records again unchanged, applied ones answer DUPLICATE",
         ):
-            applied = await self.limiter.report(records, caller_time(context, self.deadline_margin_s))
+            deadline = caller_time(context, self.deadline_margin_s)
+            applied = await _report_or_refuse(self.limiter, records, context, deadline_s=deadline)
         results = []
         for item in applied:
             result = pb.ReportResult(
@@ -401,6 +441,8 @@ class BudgetServicer:
                 charged_cost_usd_micros=item.charged_usd,
                 refunded_tokens=item.refunded,
                 overage_tokens=item.overage,
+                model=item.model,
+                model_assumed=item.model_assumed,
             )
             if item.task is not None and item.task.remaining is not None:
                 result.task_remaining_tokens = item.task.remaining

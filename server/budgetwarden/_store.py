@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import json
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
+from urllib.parse import unquote
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
-from budgetwarden._keys import TenantKeys, reservation_id
+from budgetwarden._keys import TenantKeys, digest, reservation_id
 from budgetwarden._model import (
     MAX_LIMIT_TOKENS,
     MAX_LIMIT_USD,
@@ -192,12 +195,16 @@ def _reservation(reply: Sequence[Any], rid: str) -> Reservation:
 
 @dataclass(frozen=True, slots=True)
 class UsageEntry:
-    """A usage record ready for the store: its cost, and where to charge it if it has no reservation."""
+    """A usage record ready for the store: its cost (for a record naming no model: at the default model, used only
+    when its reservation recorded no prices), and where to charge it if it has no reservation."""
 
     record: UsageInput
     cost_usd: int
     windows: Sequence[Scope]
     at_ms: int
+    # The record as the caller sent it, when the limiter completed it (a fail-open id resolved to its task and step):
+    # its fingerprint is of what was sent, so that a keyless report of the same step is the same record.
+    as_sent: UsageInput | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +219,47 @@ class Applied:
     overage: int
     task: Counter | None
     task_type: str = ""
+    # The reservation's lease had lapsed before the record came: its budget was free for other steps meanwhile.
+    late: bool = False
+    # The model the record was priced at when it named none and its reservation recorded one (else None).
+    reservation_model: str | None = None
+    # Filled by the limiter: the model the record was priced at, and whether its prices were the policy's default.
+    model: str = ""
+    model_assumed: bool = False
+
+
+class IdempotencyConflictError(Exception):
+    """A record reused the idempotency marker of a different record (its key, or for a keyless record its step's
+    derived one). Nothing of the script call holding it was applied; ``partial`` says the request spanned other calls,
+    which were applied independently."""
+
+    def __init__(self, index: int, keyless: bool, partial: bool) -> None:
+        self.index = index
+        self.keyless = keyless
+        self.partial = partial
+        what = "its step was already reported" if keyless else "its idempotency key was already used"
+        super().__init__(f"record {index}: {what} with a different record")
+
+
+_CONFLICT = re.compile(r"BWCONFLICT (\d+)")
+
+
+def record_fingerprint(record: UsageInput, rid: str) -> str:
+    """What makes two records "the same record" for an idempotency key: where they charge and what they report. Not
+    the timestamp: a client that resends a record may stamp it again."""
+    labels = json.dumps(sorted(record.labels.items()))
+    return digest(
+        record.tenant_id,
+        rid,
+        record.task_type,
+        record.model,
+        str(record.input_tokens),
+        str(record.cached_input_tokens),
+        str(record.output_tokens),
+        str(record.tool_calls),
+        str(int(record.outcome)),
+        labels,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,13 +355,31 @@ class BudgetStore:
         started = time.perf_counter()
         replies = [reply for group in await self._run_in_order(self._report, groups) for reply in group]
         self.telemetry.redis_call("report", time.perf_counter() - started)
+        for chunk, chunk_replies in zip(placed, replies, strict=True):
+            if isinstance(chunk_replies, Exception):
+                conflict = _CONFLICT.search(str(chunk_replies))
+                if conflict is None:
+                    raise chunk_replies
+                index = chunk[int(conflict.group(1))]
+                keyless = not entries[index].record.idempotency_key
+                raise IdempotencyConflictError(index, keyless, partial=len(placed) > 1)
         applied: list[Applied | None] = [None] * len(entries)
         for chunk, chunk_replies in zip(placed, replies, strict=True):
             for i, reply in zip(chunk, chunk_replies, strict=True):
                 status, charged, charged_usd, refunded, overage, known = (int(v) for v in reply[:6])
                 task = _counters(reply[6:12])[0] if known else None
+                late, priced = int(reply[13]), int(reply[14])
                 applied[i] = Applied(
-                    ReportStatus(status), rids[i], charged, charged_usd, refunded, overage, task, _text(reply[12])
+                    ReportStatus(status),
+                    rids[i],
+                    charged,
+                    charged_usd,
+                    refunded,
+                    overage,
+                    task,
+                    _text(reply[12]),
+                    late=bool(late),
+                    reservation_model=unquote(_text(reply[15])) if priced else None,
                 )
         return applied  # type: ignore[return-value]
 
@@ -355,6 +421,11 @@ class BudgetStore:
                         event_id(record.tenant_id, record.idempotency_key),
                         " ".join(positions),
                         event_payload(record, rid, entry.cost_usd, entry.at_ms),
+                        record_fingerprint(entry.as_sent or record, rid),
+                        "1" if record.model else "0",
+                        str(record.input_tokens - record.cached_input_tokens),
+                        str(record.cached_input_tokens),
+                        str(record.output_tokens),
                     )
                 )
             )
@@ -376,18 +447,25 @@ class BudgetStore:
     ) -> list[list[Any]]:
         """Run groups of script calls, each group's calls in order: all in one pipeline on a single node (a pipeline
         keeps its order); on a cluster, where redis-py does not pipeline EVALSHA, the groups concurrently and each
-        group's calls one after another (each call goes straight to the node owning its tenant's slot)."""
+        group's calls one after another (each call goes straight to the node owning its tenant's slot). A call the
+        script refused (an error reply) gives its ResponseError as its reply; the other calls still run."""
         if isinstance(self.redis, RedisCluster):
 
+            async def one(keys: list[str], args: list[Any]) -> Any:
+                try:
+                    return await script(keys=keys, args=args)
+                except ResponseError as exc:
+                    return exc
+
             async def in_order(calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
-                return [await script(keys=keys, args=args) for keys, args in calls]
+                return [await one(keys, args) for keys, args in calls]
 
             return list(await asyncio.gather(*(in_order(calls) for calls in groups)))
         pipe = self.redis.pipeline(transaction=False)
         for calls in groups:
             for keys, args in calls:
                 await script(keys=keys, args=args, client=cast(Redis, pipe))
-        replies = iter(await pipe.execute())
+        replies = iter(await pipe.execute(raise_on_error=False))
         return [[next(replies) for _ in calls] for calls in groups]
 
     async def release(self, tenant_id: str, rid: str, now_ms: int) -> tuple[ReleaseStatus, int]:

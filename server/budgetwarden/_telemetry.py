@@ -92,6 +92,8 @@ class ReportedUsage:
     output_tokens: int
     cost_usd_micros: int
     refunded_tokens: int
+    # Reported after its reservation's lease lapsed (the budget it held was free for other steps meanwhile).
+    late: bool = False
 
 
 GaugeSource = Callable[[Sequence[str]], Iterable[tuple[str, int, dict[str, int]]]]
@@ -132,6 +134,12 @@ class Telemetry:
         self.consumed = _Sum(meter, "budgetwarden.tokens.consumed", "{token}", "Tokens reported as used")
         self.refunded = _Sum(
             meter, "budgetwarden.tokens.refunded", "{token}", "Reserved tokens handed back because a step used less"
+        )
+        self.late = _Sum(
+            meter,
+            "budgetwarden.usage.late_tokens",
+            "{token}",
+            "Tokens reported after their reservation's lease lapsed (its budget was free for other steps meanwhile)",
         )
         self.cost = _Sum(meter, "budgetwarden.cost.consumed", "USD", "Cost of reported usage")
         self.reports = _Sum(meter, "budgetwarden.reports", "{record}", "Usage records by outcome")
@@ -226,6 +234,8 @@ class Telemetry:
             self.cost.add(r.cost_usd_micros / 1_000_000, usage)
             if r.refunded_tokens:
                 self.refunded.add(r.refunded_tokens, usage)
+            if r.late:
+                self.late.add(r.input_tokens + r.output_tokens, usage)
             genai = (
                 ("gen_ai.operation.name", "chat"),
                 ("gen_ai.provider.name", r.provider or "unknown"),

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote
 
 import redis
 
@@ -99,6 +100,10 @@ def read_events(
                     "admitted_by": values["admitted"],
                     "task_type": values["task_type"],
                 }
+                # A record naming no model was priced in the script at its reservation's model.
+                if "cost_usd_micros" in values:
+                    data["model"] = unquote(values["model"])
+                    data["cost_usd_micros"] = int(values["cost_usd_micros"])
                 yield UsageEvent(values["id"], _text(stream_id), data)
             if len(entries) < batch:
                 break

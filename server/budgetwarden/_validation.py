@@ -93,7 +93,10 @@ def _labels(labels: Mapping[str, str], field: str) -> dict[str, str]:
 
 def _reservation(value: str, field: str) -> str:
     if value and not is_reservation_id(value):
-        raise InvalidRequestError(field, "is not a reservation id issued by budgetwarden (32 lowercase hex characters)")
+        raise InvalidRequestError(
+            field,
+            "is not a reservation id issued by budgetwarden (32 lowercase hex characters, or fo1.… after a fail-open)",
+        )
     return value
 
 
@@ -211,6 +214,17 @@ def _usage(record: pb.UsageRecord, at: str, now_ms: int) -> UsageInput:
         timestamp_ms = ts.seconds * 1000 + ts.nanos // 1_000_000
         if timestamp_ms > now_ms + FUTURE_SKEW_MS:
             raise InvalidRequestError(f"{at}.timestamp", "is more than 5 minutes in the future")
+    output_tokens = _count(record.output_tokens, f"{at}.output_tokens")
+    outcome = Outcome(record.outcome or Outcome.COMPLETED)
+    tool_calls = _count(record.tool_calls, f"{at}.tool_calls", MAX_TOOL_CALLS)
+    # A completed step that used nothing is almost always a report missing its figures; applying it would refund the
+    # reservation and make the true report a duplicate. A step that did not run is released (or reported as such).
+    if input_tokens == 0 and output_tokens == 0 and tool_calls == 0 and outcome is Outcome.COMPLETED:
+        raise InvalidRequestError(
+            f"{at}.input_tokens",
+            "a record of a completed step must report usage (input_tokens, output_tokens or tool_calls above 0); "
+            "for a step that did not run, call Release, or report it with outcome FAILED or CANCELLED",
+        )
     idempotency_key = record.idempotency_key
     if len(idempotency_key.encode()) > MAX_ID_BYTES:
         raise InvalidRequestError(f"{at}.idempotency_key", f"is longer than {MAX_ID_BYTES} bytes")
@@ -223,10 +237,10 @@ def _usage(record: pb.UsageRecord, at: str, now_ms: int) -> UsageInput:
         task_type=ident(record.task_type, f"{at}.task_type", required=False),
         model=ident(record.model, f"{at}.model", required=False),
         input_tokens=input_tokens,
-        output_tokens=_count(record.output_tokens, f"{at}.output_tokens"),
+        output_tokens=output_tokens,
         cached_input_tokens=cached,
-        tool_calls=_count(record.tool_calls, f"{at}.tool_calls", MAX_TOOL_CALLS),
-        outcome=Outcome(record.outcome or Outcome.COMPLETED),
+        tool_calls=tool_calls,
+        outcome=outcome,
         idempotency_key=idempotency_key,
         timestamp_ms=timestamp_ms,
         labels=_labels(record.labels, f"{at}.labels"),

@@ -68,7 +68,9 @@ _TRANSIENT = frozenset(
         grpc.StatusCode.CANCELLED,  # not by us: a call we cancel ends the worker before its status is read
     }
 )
-_BAD_INPUT = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
+# Refusals no retry can change: invalid records, and (ALREADY_EXISTS) a record whose idempotency key another record
+# used. The server applies nothing of a refused call, so the batch is split until the refused record is alone.
+_BAD_INPUT = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.ALREADY_EXISTS})
 # How gRPC's transport words the INTERNAL errors it makes up itself (a reset stream, a broken HTTP/2 connection), as
 # opposed to an INTERNAL the server's code answered.
 _TRANSPORT_MARKERS = ("rst_stream", "stream removed", "goaway", "http2", "http/2", "transport", "socket", "connection")

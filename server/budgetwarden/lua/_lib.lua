@@ -6,8 +6,11 @@
 --                                                                               (expires after task retention)
 --   <p>win:<w>:<l>   hash  used, reserved, used_usd, reserved_usd                (expires after its window + grace)
 --   <p>resv:<id>     hash  state, gen, amount, amount_usd, lease, scopes, untils (expires after lease + retention)
---                         step_id, admitted (ALLOW or DEGRADE:rung), fp (the request's fingerprint) and answer (what
---                         the check answered: a re-check with the same fingerprint replays it; see check.lua)
+--                         step_id, admitted (ALLOW or DEGRADE:rung), model, price_in, price_cached, price_out (the
+--                         model the step was granted and its prices per million tokens, for a report naming none),
+--                         fp (the request's fingerprint) and answer (what the check answered: a re-check with the
+--                         same fingerprint replays it; see check.lua)
+--   <p>idem:<h>      string  the fingerprint of the record that used an idempotency key (expires after its window)
 --   <p>leases        zset  reservation id -> lease expiry (ms); expired members are purged lazily by every script
 -- A reservation names the scope keys it holds on ("scopes") and until when each scope key is alive ("untils";
 -- 0 means the task key, which is alive as long as it exists). Scope keys read from a reservation are in the same hash
@@ -136,4 +139,34 @@ local function fits(c, tokens, usd, limit, limit_usd)
   if limit ~= LIMIT_NONE and c[2] + c[3] + tokens > limit then return false end
   if limit_usd ~= LIMIT_NONE and c[5] + c[6] + usd > limit_usd then return false end
   return true
+end
+
+-- A candidate's label as the sidecar sends it: '<input> <cached input> <output> <model> <decision>', the prices of the
+-- model the candidate runs on (micro-USD per million tokens), the model's name (URL-quoted: no spaces), then the
+-- decision it stands for (ALLOW or DEGRADE:rung). The reservation keeps them so that a report naming no model is
+-- priced at the model the step was checked for. A bare decision (no prices) is taken as is.
+local function candidate_label(text)
+  local p_in, p_cached, p_out, model, decision = string.match(text, '^(%d+) (%d+) (%d+) (%S*) (.*)$')
+  if not p_in then return text, '', '', '', '' end
+  return decision, model, p_in, p_cached, p_out
+end
+
+-- ceil((uncached * p_in + cached * p_cached + output * p_out) / 10^6), exactly as _cost.actual_micros computes it.
+-- Amounts reach 10^9 and prices 10^12, so a product can pass 2^53 (where doubles stop being exact): each price is split
+-- at 10^6 and every partial product stays below 10^15, as threshold() does.
+local MTOK = 1000000
+local function cost_micros(amounts, prices)
+  local quotient, rest = 0, 0
+  for i = 1, #amounts do
+    local amount, price = amounts[i], prices[i]
+    local price_low = price % MTOK
+    local low = amount * price_low
+    local low_rest = low % MTOK
+    quotient = quotient + amount * ((price - price_low) / MTOK) + (low - low_rest) / MTOK
+    rest = rest + low_rest
+  end
+  local rest_rest = rest % MTOK
+  quotient = quotient + (rest - rest_rest) / MTOK
+  if rest_rest > 0 then quotient = quotient + 1 end
+  return quotient
 end

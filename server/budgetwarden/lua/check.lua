@@ -14,9 +14,10 @@
 --   task id, task type, step id, checkpoint id prefix,
 --   fingerprint of the request (what decides the answer; a re-check must match it to replay),
 --   the answer's part common to every candidate (opaque here, made and read by the sidecar),
---   then per candidate: tokens, micro-USD, bound (0: soft threshold, 1: checkpoint), the decision it stands for
---   (recorded on the reservation for the usage event, e.g. ALLOW or DEGRADE:rung), and the answer's part of this
---   candidate (opaque here)
+--   then per candidate: tokens, micro-USD, bound (0: soft threshold, 1: checkpoint), its label: the prices and name
+--   of the model the candidate runs on and the decision it stands for (recorded on the reservation for the usage
+--   event and for pricing a report that names no model, e.g. ALLOW or DEGRADE:rung; see candidate_label), and the
+--   answer's part of this candidate (opaque here)
 --
 -- A reservation record keeps, besides what it holds, what the check answered, so that checking the step again
 -- answers the same without the policy (which may have changed since): 'fp' the fingerprint, and 'answer' = the
@@ -162,11 +163,12 @@ local function check(resv_key, task_key, f)
       local scopes, untils = task_key, '0'
       if nwin > 0 then scopes, untils = scopes .. ' ' .. scope_list, untils .. ' ' .. until_list end
       local out = reply({ 1, c, tokens, usd, lease_until, '' }, soft_bp, ckpt_bp, task)
+      local admitted, model, p_in, p_cached, p_out = candidate_label(f[at + 3])
       local answer = f[11] .. '\30' .. f[at + 4]
-      if f[at + 3] ~= 'ALLOW' then answer = answer .. '\30' .. figures_text(out) end
+      if admitted ~= 'ALLOW' then answer = answer .. '\30' .. figures_text(out) end
       redis.call('HSET', resv_key, 'state', 'reserved', 'gen', num(existing[5]) + 1, 'amount', tokens,
-        'amount_usd', usd, 'lease', f[1], 'scopes', scopes, 'untils', untils, 'step_id', f[8], 'admitted', f[at + 3],
-        'fp', f[10], 'answer', answer)
+        'amount_usd', usd, 'lease', f[1], 'scopes', scopes, 'untils', untils, 'step_id', f[8], 'admitted', admitted,
+        'model', model, 'price_in', p_in, 'price_cached', p_cached, 'price_out', p_out, 'fp', f[10], 'answer', answer)
       redis.call('PEXPIRE', resv_key, math.max(1, lease_until - now) + tonumber(ARGV[2]))
       redis.call('ZADD', leases, lease_until, string.match(resv_key, '([^:]+)$'))
       return out

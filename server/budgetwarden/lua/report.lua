@@ -14,8 +14,16 @@
 -- and JSON escapes them):
 --   tokens used, cost (micro-USD), 1 if the record names a task, 1 if it has no idempotency key, task id, task type,
 --   event id ('' without a key: derived here), the record's windows (their 1-based positions among the batch's
---   windows, space-separated), the usage event (JSON, from the caller)
+--   windows, space-separated), the usage event (JSON, from the caller), the record's fingerprint, 1 if the record
+--   names a model, then its uncached input, cached input and output tokens
 -- Times, amounts and counts are whole numbers from 0 to 2^53.
+--
+-- A record naming no model is priced here at the prices its reservation recorded (the model the step was checked
+-- for); without a reservation that recorded prices, at the cost from the caller (the policy's default model).
+--
+-- An idempotency marker holds the fingerprint of the record that used it: the same key with the same record is a
+-- duplicate; with another record it is a conflict. Every record of the call is checked for a conflict before anything
+-- is written, and a conflict is the error reply 'BWCONFLICT <0-based record index>': nothing of the call is applied.
 --
 -- Usage without a (live) reservation is charged to the task (if known) and to the record's windows.
 -- Every applied record (not a duplicate) is appended to the stream in this same script, so counters and billing
@@ -23,7 +31,9 @@
 --
 -- Returns one reply per record, in order:
 --   { status, charged tokens, charged micro-USD, refunded tokens, overage tokens, task known (0/1),
---     then the task's limit, used, reserved, limit_usd, used_usd, reserved_usd, then the task type }
+--     then the task's limit, used, reserved, limit_usd, used_usd, reserved_usd, then the task type,
+--     late (1: the record's reservation had lapsed before it was reported), priced from the reservation (0/1),
+--     and the model it was priced at (URL-quoted, as the reservation recorded it; '' when not priced here) }
 -- status: 1 applied to its reservation, 2 duplicate, 3 charged without a (live) reservation.
 -- A malformed argument or a wrong number of keys is an error reply, before anything is written.
 
@@ -34,7 +44,7 @@ end
 local now = tonumber(ARGV[1])
 local nwin = tonumber(ARGV[7])
 local first_record = 8 + nwin
-local FIELDS = 9
+local FIELDS = 14
 for i = 1, nwin do
   if not whole(ARGV[7 + i]) or tonumber(ARGV[7 + i]) == 0 then
     return redis.error_reply('report window ' .. i .. ' has a malformed alive-until')
@@ -45,7 +55,7 @@ end
 local records = {}
 for n = first_record, #ARGV do
   local f = fields(ARGV[n])
-  if #f ~= FIELDS or not (whole(f[1]) and whole(f[2])) then
+  if #f ~= FIELDS or not (whole(f[1]) and whole(f[2]) and whole(f[12]) and whole(f[13]) and whole(f[14])) then
     return redis.error_reply('report argument ' .. (n - first_record) .. ' is malformed')
   end
   local positions = {}
@@ -57,10 +67,29 @@ for n = first_record, #ARGV do
     positions[#positions + 1] = i
   end
   records[#records + 1] = { tokens = tonumber(f[1]), usd = tonumber(f[2]), has_task = f[3] == '1',
-    keyless = f[4] == '1', task_id = f[5], task_type = f[6], event_id = f[7], windows = positions, event = f[9] }
+    keyless = f[4] == '1', task_id = f[5], task_type = f[6], event_id = f[7], windows = positions, event = f[9],
+    fingerprint = f[10], has_model = f[11] == '1',
+    amounts = { tonumber(f[12]), tonumber(f[13]), tonumber(f[14]) } }
 end
 if #KEYS ~= 2 + nwin + 3 * #records then
   return redis.error_reply('expected ' .. (2 + nwin + 3 * #records) .. ' keys, got ' .. #KEYS)
+end
+
+-- The idempotency marker of each record (a keyless one's is completed with its reservation's generation, which only a
+-- check changes), and a conflict check of all of them before anything is written: a refused call applies nothing.
+-- A marker written before fingerprints were stored holds '1' and matches any record.
+local claimed = {}
+for n = 1, #records do
+  local at = 2 + nwin + 3 * (n - 1)
+  local r = records[n]
+  r.marker = KEYS[at + 2]
+  if r.keyless then r.marker = r.marker .. ':' .. num(redis.call('HGET', KEYS[at + 1], 'gen')) end
+  local holder = claimed[r.marker]
+  if holder == nil then
+    holder = redis.call('GET', r.marker) or r.fingerprint
+    claimed[r.marker] = holder
+  end
+  if holder ~= '1' and holder ~= r.fingerprint then return redis.error_reply('BWCONFLICT ' .. (n - 1)) end
 end
 
 purge_expired(leases, ARGV[3], now, batch_sweep(#records))
@@ -68,27 +97,43 @@ purge_expired(leases, ARGV[3], now, batch_sweep(#records))
 local STATUSES = { 'applied', 'duplicate', 'unreserved' }
 local NO_TASK = { LIMIT_NONE, 0, 0, LIMIT_NONE, 0, 0 }
 
-local function report(resv_key, marker, task_key, r)
+-- The cost of a record naming no model, at the prices its reservation recorded; nil when it recorded none.
+local function reservation_price(resv_key, r)
+  local f = redis.call('HMGET', resv_key, 'model', 'price_in', 'price_cached', 'price_out')
+  if not (f[2] and whole(f[2]) and whole(f[3]) and whole(f[4])) then return nil end
+  return cost_micros(r.amounts, { tonumber(f[2]), tonumber(f[3]), tonumber(f[4]) }), f[1] or ''
+end
+
+local function report(resv_key, task_key, r)
   local tokens, usd = r.tokens, r.usd
   local generation = num(redis.call('HGET', resv_key, 'gen'))
-  if r.keyless then marker = marker .. ':' .. generation end
-  if not redis.call('SET', marker, '1', 'NX', 'PX', ARGV[2]) then
+  if not redis.call('SET', r.marker, r.fingerprint, 'NX', 'PX', ARGV[2]) then
     local out = { 2, 0, 0, 0, 0, 0 }
     append_counter(out, NO_TASK)
     out[#out + 1] = r.task_type
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = ''
     return out
   end
 
-  local status, refunded, overage = 3, 0, 0
+  local status, refunded, overage, late = 3, 0, 0, 0
+  local priced, model = 0, ''
   local admitted = 'NONE'
   local record = load_record(resv_key)
   if record then
+    if not r.has_model then
+      local cost, recorded = reservation_price(resv_key, r)
+      if cost then usd, priced, model = cost, 1, recorded end
+    end
     admitted = redis.call('HGET', resv_key, 'admitted') or 'NONE'
     task_key = words(record.scopes)[1]
     if record.state == 'reserved' and record.lease <= now then
       end_hold(resv_key, record, 'expired', leases, now)
       record.state = 'expired'
     end
+    -- Usage of a reservation whose lease lapsed first: the budget it held was free for other steps meanwhile.
+    if record.state == 'expired' then late = 1 end
     if record.state == 'reserved' then
       end_hold(resv_key, record, 'reported', leases, now)
       status = 1
@@ -125,8 +170,13 @@ local function report(resv_key, marker, task_key, r)
   if task_key then task_type = redis.call('HGET', task_key, 'task_type') or task_type end
   local event_id = r.event_id
   if event_id == '' then event_id = string.match(resv_key, '([^:]+)$') .. '-' .. generation end
-  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[5], '*', 'id', event_id, 'status', STATUSES[status],
-    'admitted', admitted, 'task_type', task_type, 'event', r.event)
+  local entry = { 'id', event_id, 'status', STATUSES[status], 'admitted', admitted, 'task_type', task_type,
+    'event', r.event }
+  -- Priced here: the event's model and cost (from the caller) give way to these.
+  if priced == 1 then
+    for _, v in ipairs({ 'model', model, 'cost_usd_micros', usd }) do entry[#entry + 1] = v end
+  end
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[5], '*', unpack(entry))
 
   local out = { status, tokens, usd, refunded, overage, 0 }
   if task_key and redis.call('EXISTS', task_key) == 1 then
@@ -136,13 +186,16 @@ local function report(resv_key, marker, task_key, r)
     append_counter(out, NO_TASK)
   end
   out[#out + 1] = task_type
+  out[#out + 1] = late
+  out[#out + 1] = priced
+  out[#out + 1] = model
   return out
 end
 
 local out = {}
 for n = 1, #records do
   local at = 2 + nwin + 3 * (n - 1)
-  out[n] = report(KEYS[at + 1], KEYS[at + 2], KEYS[at + 3], records[n])
+  out[n] = report(KEYS[at + 1], KEYS[at + 3], records[n])
 end
 redis.call('XTRIM', stream, 'MINID', '~', ARGV[6])
 return out

@@ -865,6 +865,7 @@ class UsageRecord(_message.Message):
     task_id: _builtins.str
     step_id: _builtins.str
     model: _builtins.str
+    """Empty: the model the reservation was checked for (or the policy's default_model without one)."""
     input_tokens: _builtins.int
     """All input tokens, cached ones included."""
     output_tokens: _builtins.int
@@ -873,7 +874,9 @@ class UsageRecord(_message.Message):
     tool_calls: _builtins.int
     outcome: Global___Outcome.ValueType
     idempotency_key: _builtins.str
-    """Makes a retried record count once. Empty: derived from the reservation (one report per step)."""
+    """Makes a retried record count once: the same key with the same record is DUPLICATE; with a different record,
+    ALREADY_EXISTS (nothing of it applied). Empty: derived from the reservation (one report per step).
+    """
     task_type: _builtins.str
     """The task type, for usage that arrives without a reservation. Empty: the policy's default."""
     @_builtins.property
@@ -945,6 +948,8 @@ class ReportResult(_message.Message):
     OVERAGE_TOKENS_FIELD_NUMBER: _builtins.int
     TASK_REMAINING_TOKENS_FIELD_NUMBER: _builtins.int
     CHARGED_COST_USD_MICROS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_ASSUMED_FIELD_NUMBER: _builtins.int
     status: Global___ReportStatus.ValueType
     reservation_id: _builtins.str
     charged_tokens: _builtins.int
@@ -957,6 +962,12 @@ class ReportResult(_message.Message):
     """The task's remaining tokens after this record; unset when unknown or unlimited."""
     charged_cost_usd_micros: _builtins.int
     """Cost charged by this record, in micro-USD (input, cached input and output priced separately)."""
+    model: _builtins.str
+    """The model the record was priced at: its own, or (when it names none) the model its reservation was checked for."""
+    model_assumed: _builtins.bool
+    """The record was priced at the policy's default_model: it named no model the policy knows, and neither did its
+    reservation (or it has none).
+    """
     def __init__(
         self,
         *,
@@ -967,10 +978,12 @@ class ReportResult(_message.Message):
         overage_tokens: _builtins.int = ...,
         task_remaining_tokens: _builtins.int | None = ...,
         charged_cost_usd_micros: _builtins.int = ...,
+        model: _builtins.str = ...,
+        model_assumed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_task_remaining_tokens", b"_task_remaining_tokens", "task_remaining_tokens", b"task_remaining_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_task_remaining_tokens", b"_task_remaining_tokens", "charged_cost_usd_micros", b"charged_cost_usd_micros", "charged_tokens", b"charged_tokens", "overage_tokens", b"overage_tokens", "refunded_tokens", b"refunded_tokens", "reservation_id", b"reservation_id", "status", b"status", "task_remaining_tokens", b"task_remaining_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_task_remaining_tokens", b"_task_remaining_tokens", "charged_cost_usd_micros", b"charged_cost_usd_micros", "charged_tokens", b"charged_tokens", "model", b"model", "model_assumed", b"model_assumed", "overage_tokens", b"overage_tokens", "refunded_tokens", b"refunded_tokens", "reservation_id", b"reservation_id", "status", b"status", "task_remaining_tokens", b"task_remaining_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__task_remaining_tokens: _TypeAlias = _typing.Literal["task_remaining_tokens"]  # noqa: Y015
     _WhichOneofArgType__task_remaining_tokens: _TypeAlias = _typing.Literal["_task_remaining_tokens", b"_task_remaining_tokens"]  # noqa: Y015
