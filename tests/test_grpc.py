@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from budgetwarden._embedded import free_port
+from budgetwarden._keys import parse_fail_open_id
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient, CheckRefusedError
@@ -384,8 +385,10 @@ def test_unreachable_redis(start_sidecar: Callable[..., RunningSidecar], client_
     with client_class(running.addr) as c:
         answer = check(c)
         assert (answer.from_fail_mode, answer.reason) == (True, pb.REASON_FAIL_OPEN)
-        # The fail-open answer names the reservation the step will be reported under.
-        assert len(answer.reservation_id) == 32
+        # The fail-open answer's reservation id carries the task and step it was granted for (nothing was stored).
+        grant = parse_fail_open_id(answer.reservation_id)
+        assert grant is not None
+        assert (grant.task_id, grant.step_id) == ("t1", "s1")
         for call in (
             lambda: c.report([usage()]),
             lambda: c.get_budget(tenant_id="acme"),
