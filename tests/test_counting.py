@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from budgetwarden import _limiter
 from budgetwarden._limiter import INLINE_COUNT_CHARS, Limiter, Prompt
+from budgetwarden._model import CheckInput
 from budgetwarden._policy import parse_policy
 from budgetwarden._store import BudgetStore
 from budgetwarden._tokens import ChatMessage, CountingPool, TokenCount, TokenCounter, estimate_chat, estimate_text
@@ -189,3 +190,40 @@ def test_a_message_may_carry_as_much_prompt_text_as_one_check() -> None:
         f"checks: carry {MAX_MESSAGE_PROMPT_CHARS + 1} characters of prompts, at most {MAX_MESSAGE_PROMPT_CHARS} "
         "are allowed in a message"
     )
+
+
+async def test_loading_an_encoding_leaves_the_store_its_whole_check_deadline(async_redis: Redis) -> None:
+    """The first prompt of a process loads its encoding (up to a second or so). That wait is bounded by the caller's
+    deadline, not taken out of the check deadline: before, the store was left no time and the first prompted checks
+    after a start got the fail mode (seen with the installed image). The load is held past the check deadline here, and
+    the time the store is then given is recorded."""
+    deadline_s = 0.4
+    load_gate = threading.Event()
+
+    class SlowLoading(TokenCounter):
+        def encoding(self, name: str) -> tuple[tiktoken.Encoding, bool]:
+            assert load_gate.wait(WAIT_S), "the test never let the encoding load"
+            return super().encoding(name)
+
+    given: list[float] = []
+
+    class Recording(Limiter):
+        async def _reserve_group(self, *args: object) -> object:  # type: ignore[override]
+            given.append(float(args[-1]))  # type: ignore[arg-type]
+            return await super()._reserve_group(*args)  # type: ignore[arg-type]
+
+    limiter = Recording(
+        BudgetStore(async_redis), lambda: POOL_POLICY, check_deadline_s=deadline_s, counter=SlowLoading()
+    )
+    request = CheckInput("acme", "t", "s", "", "counted", 0, 0, 0)
+    checking = asyncio.create_task(limiter.check(request, None, Prompt(text="hello there")))
+    # Hold the load for longer than the whole check deadline, by the loop's own clock.
+    await asyncio.sleep(deadline_s + 0.1)
+    load_gate.set()
+    result = await asyncio.wait_for(checking, WAIT_S)
+    assert result.token_count is not None
+    assert result.token_count.exact
+    assert not result.from_fail_mode
+    # Counting a few characters on the loop takes well under half the deadline, even on a busy machine.
+    assert given
+    assert given[0] > deadline_s / 2

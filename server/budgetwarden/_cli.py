@@ -107,7 +107,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = "BUDGETWARDEN_" + name.upper()
-        help_text = f"{info.description} [env {env}; default {info.default}]"
+        # argparse formats help with %: a literal one in a description must be doubled.
+        help_text = f"{info.description} [env {env}; default {info.default}]".replace("%", "%%")
         if info.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue

@@ -317,10 +317,19 @@ class Limiter:
     ) -> list[CheckResult | StepConflictError]:
         timeout = self.check_deadline_s if deadline_s is None else min(self.check_deadline_s, deadline_s)
         if any(prompt is not None for prompt in prompts):
-            # One deadline for the whole check: what counting takes, the store does not get.
+            # One deadline for the whole check: what counting takes, the store does not get. Loading an encoding (once
+            # per process, up to a second or so) is waited for first and bounded only by the caller's deadline: counted
+            # against the check deadline, it would leave the store no time and give the first prompts the fail mode.
+            models = [request.model for request in requests]
+            policy = self.policy().policy
+            encodings = {
+                policy.model(model)[0].encoding
+                for model, prompt in zip(models, prompts, strict=True)
+                if prompt is not None
+            }
+            await self._load_encodings(encodings, deadline_s)
             loop = asyncio.get_running_loop()
             started = loop.time()
-            models = [request.model for request in requests]
             counted = await self.count_all(models, prompts, timeout * COUNT_SHARE, deadline_s)
             timeout = max(0.0, timeout - (loop.time() - started))
         else:
