@@ -900,6 +900,38 @@ def test_http_level_mistakes_and_broken_connections(webhook: tuple[WebhookServer
     _good_review_still_injects(client)
 
 
+CHUNK = b"400\r\n" + b"x" * 1024 + b"\r\n"  # 1 KiB, chunked
+
+
+@pytest.mark.parametrize(
+    ("head", "piece", "status"),
+    [
+        (b"POST /mutate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", CHUNK, 411),
+        (b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Length: 67108864\r\n\r\n", b"x" * 1024, 413),
+        (b"POST /validate HTTP/1.1\r\nHost: x\r\nContent-Length: 65536\r\n\r\n", b"x" * 1024, 404),
+    ],
+)
+def test_a_client_may_finish_sending_a_body_the_answer_refused(
+    webhook: tuple[WebhookServer, Client], head: bytes, piece: bytes, status: int
+) -> None:
+    """The server answers before it reads the body, then reads and drops what the client still sends before it
+    closes: a close with unread data would reset the connection, failing the client's write of its body or destroying
+    the answer before the client read it. Here the whole answer comes first, then 64 KiB of body: no reset, whatever
+    the timing."""
+    server, client = webhook
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw,
+        client.context.wrap_socket(raw, server_hostname=client.server_name) as tls,
+    ):
+        tls.sendall(head)
+        answer = http.client.HTTPResponse(tls)
+        answer.begin()
+        assert (answer.status, answer.getheader("Connection")) == (status, "close")
+        answer.read()
+        for _ in range(64):
+            tls.sendall(piece)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Certificates.
 
