@@ -12,6 +12,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from budgetwarden._config import Settings
 from budgetwarden._embedded import EmbeddedRedis, free_port
+from budgetwarden._limiter import Clock
 
 from support import BlackHole, RunningSidecar
 
@@ -51,15 +52,26 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+# A check waits this long for Redis before the fail mode answers, unless a test sets its own: a busy machine may take
+# longer than the production default (250 ms), and a fail-mode answer the test did not ask for would fail it.
+TEST_CHECK_DEADLINE_MS = 30_000
+
+
 @pytest.fixture
 def start_sidecar(redis_url: str) -> Iterator[Callable[..., RunningSidecar]]:
-    """Start sidecars against the test's Redis; keyword arguments override settings."""
+    """Start sidecars against the test's Redis; keyword arguments override settings. Each sidecar runs on its own
+    ``SettableClock`` (``running.clock``) unless ``clock=`` gives another (``wall_clock_ms`` for the real time)."""
     started: list[RunningSidecar] = []
 
-    def start(**overrides: Any) -> RunningSidecar:
-        values: dict[str, Any] = {"listen": f"127.0.0.1:{free_port()}", "redis_url": redis_url, "log_format": "text"}
+    def start(*, clock: Clock | None = None, **overrides: Any) -> RunningSidecar:
+        values: dict[str, Any] = {
+            "listen": f"127.0.0.1:{free_port()}",
+            "redis_url": redis_url,
+            "log_format": "text",
+            "check_deadline_ms": TEST_CHECK_DEADLINE_MS,
+        }
         values.update(overrides)
-        running = RunningSidecar(Settings(**values)).start()
+        running = RunningSidecar(Settings(**values), clock).start()
         started.append(running)
         return running
 

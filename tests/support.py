@@ -15,24 +15,47 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from budgetwarden._config import Settings
+from budgetwarden._limiter import Clock
 from budgetwarden._server import Sidecar
 
 T = TypeVar("T")
 
+MINUTE_MS = 60_000
+
+
+class SettableClock:
+    """A clock that stands still until a test moves it (epoch milliseconds), for a sidecar or a limiter.
+
+    By default it stands in the middle of the minute before the wall clock's: a minute window cannot roll over under
+    a test, and it is never ahead of the wall clock, so a usage record stamped with the real time (as the CLI stamps
+    them) is counted at this clock's time, and is never "in the future"."""
+
+    def __init__(self, now_ms: int | None = None) -> None:
+        if now_ms is None:
+            now_ms = (time.time_ns() // 1_000_000 // MINUTE_MS - 1) * MINUTE_MS + MINUTE_MS // 2
+        self.now_ms = now_ms
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+    def advance(self, seconds: float) -> None:
+        self.now_ms += round(seconds * 1000)
+
 
 class RunningSidecar:
-    """A sidecar serving on a free loopback port from its own thread and event loop."""
+    """A sidecar serving on a free loopback port from its own thread and event loop, on the given clock."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
         self.addr = settings.listen
+        self.clock: Clock = clock if clock is not None else SettableClock()
         self.sidecar: Sidecar | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     def start(self) -> RunningSidecar:
         self._thread.start()
-        self.sidecar = Sidecar(self.settings)
+        self.sidecar = Sidecar(self.settings, clock=self.clock)
         asyncio.run_coroutine_threadsafe(self.sidecar.start(), self._loop).result(30)
         return self
 
@@ -49,17 +72,6 @@ class RunningSidecar:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
-
-
-def clear_of_minute_edge(margin_s: float) -> None:
-    """Sleep into the next minute if fewer than ``margin_s`` seconds of this one are left.
-
-    For tests whose calls must all land in one minute window on the wall clock (a sidecar in another process or
-    thread, whose clock a test cannot pin): a window that rolls over half-way would move the counters under them.
-    """
-    left = 60.0 - time.time() % 60.0
-    if left < margin_s:
-        time.sleep(left + 0.05)
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient, CheckRefusedError
 
-from support import BlackHole, RunningSidecar, clear_of_minute_edge
+from support import BlackHole, RunningSidecar, SettableClock
 
 STRICT_POLICY = """
 unknown_tenants: reject
@@ -58,10 +58,22 @@ def client(strict: RunningSidecar, request: pytest.FixtureRequest) -> Iterator[B
         yield c
 
 
-def check(client: BudgetClient, step: str = "s1", tokens: int = 100, **fields: Any) -> pb.CheckResponse:
+def check(
+    client: BudgetClient,
+    step: str = "s1",
+    tokens: int = 100,
+    *,
+    expect: int = pb.DECISION_ALLOW,
+    fail_mode: bool = False,
+    **fields: Any,
+) -> pb.CheckResponse:
+    """Checks a step (of task t1 of acme unless ``fields`` say otherwise) and asserts the decision the test expects,
+    and that the store decided it (not the fail mode) unless ``fail_mode``."""
     values: dict[str, Any] = {"tenant_id": "acme", "task_id": "t1", "step_id": step, "estimated_input_tokens": tokens}
     values.update(fields)
-    return client.check(**values)
+    answer = client.check(**values)
+    assert (pb.Decision.Name(answer.decision), answer.from_fail_mode) == (pb.Decision.Name(expect), fail_mode), answer
+    return answer
 
 
 def usage(step: str = "s1", tokens: int = 100, **fields: Any) -> pb.UsageRecord:
@@ -95,42 +107,40 @@ def test_allow_reserves_and_describes_every_scope(client: BudgetClient) -> None:
 
 def test_deny_reserves_nothing_and_names_the_scope(client: BudgetClient) -> None:
     check(client, "s1", 600)
-    answer = check(client, "s2", 401)
-    assert answer.decision == pb.DECISION_DENY
+    answer = check(client, "s2", 401, expect=pb.DECISION_DENY)
     assert answer.reason == pb.REASON_TASK_BUDGET_EXHAUSTED
     assert answer.binding_scope == "task"
     assert answer.granted_tokens == 0
     assert answer.reservation_id == ""
     assert not answer.HasField("retry_after")
     assert scopes(answer)["task"].reserved_tokens == 600
-    assert check(client, "s3", 400).decision == pb.DECISION_ALLOW  # exactly at the ceiling
+    check(client, "s3", 400)  # allowed: exactly at the ceiling
 
 
-def test_window_denial_says_when_to_retry(client: BudgetClient) -> None:
-    clear_of_minute_edge(5.0)  # the eleven checks must fill one minute window
+def test_window_denial_says_when_to_retry(strict: RunningSidecar, client: BudgetClient) -> None:
+    clock = strict.clock
+    assert isinstance(clock, SettableClock)
+    clock.now_ms = clock.now_ms // 60_000 * 60_000 + 45_000  # 15 s before its minute ends; the clock stands still
     for i in range(5):  # five tasks of 1000 fill the 5000-token minute window
-        assert check(client, "s", 600, task_id=f"w{i}").decision == pb.DECISION_ALLOW
-        assert check(client, "s2", 400, task_id=f"w{i}").decision == pb.DECISION_ALLOW
-    answer = check(client, "s", 1, task_id="w6")
-    assert answer.decision == pb.DECISION_DENY
+        check(client, "s", 600, task_id=f"w{i}")
+        check(client, "s2", 400, task_id=f"w{i}")
+    answer = check(client, "s", 1, task_id="w6", expect=pb.DECISION_DENY)
     assert answer.reason == pb.REASON_TENANT_WINDOW_EXHAUSTED
     assert answer.binding_scope == "tenant.minute"
-    assert 0 < answer.retry_after.ToMilliseconds() <= 60_000
+    assert answer.retry_after.ToMilliseconds() == 15_000  # when the minute window rolls over
+    clock.advance(15)
+    check(client, "s", 1, task_id="w6")  # a new minute window
 
 
 def test_step_cap(client: BudgetClient) -> None:
-    answer = check(client, tokens=601)
-    assert (answer.decision, answer.reason, answer.binding_scope) == (
-        pb.DECISION_DENY,
-        pb.REASON_STEP_CAP_EXCEEDED,
-        "step",
-    )
+    answer = check(client, tokens=601, expect=pb.DECISION_DENY)
+    assert (answer.reason, answer.binding_scope) == (pb.REASON_STEP_CAP_EXCEEDED, "step")
     assert scopes(answer)["task"].reserved_tokens == 0
 
 
 def test_unknown_tenant_rejected_by_policy(client: BudgetClient) -> None:
-    answer = check(client, tenant_id="stranger")
-    assert (answer.decision, answer.reason) == (pb.DECISION_DENY, pb.REASON_UNKNOWN_TENANT)
+    answer = check(client, tenant_id="stranger", expect=pb.DECISION_DENY)
+    assert answer.reason == pb.REASON_UNKNOWN_TENANT
 
 
 def test_same_step_again_is_the_same_reservation(client: BudgetClient) -> None:
@@ -144,9 +154,8 @@ def test_same_step_again_is_the_same_reservation(client: BudgetClient) -> None:
 
 
 def test_explicit_ceiling_only_on_first_check(client: BudgetClient) -> None:
-    assert check(client, "s1", 100, task_ceiling_tokens=250).decision == pb.DECISION_ALLOW
-    answer = check(client, "s2", 200, task_ceiling_tokens=900)
-    assert answer.decision == pb.DECISION_DENY
+    check(client, "s1", 100, task_ceiling_tokens=250)
+    answer = check(client, "s2", 200, task_ceiling_tokens=900, expect=pb.DECISION_DENY)
     assert scopes(answer)["task"].limit_tokens == 250
     capped = check(client, "s1", 1, task_id="t2", task_ceiling_tokens=10**9)
     assert scopes(capped)["task"].limit_tokens == 1000  # never above the policy
@@ -196,7 +205,7 @@ def test_release(client: BudgetClient) -> None:
     assert again.status == pb.RELEASE_STATUS_ALREADY_RELEASED
     assert client.release(tenant_id="acme", task_id="t1", step_id="nope").status == pb.RELEASE_STATUS_NOT_FOUND
     assert scopes(client.get_budget(tenant_id="acme", task_id="t1"))["task"].reserved_tokens == 0
-    assert check(client, tokens=400).replayed is False  # a released step may be checked afresh
+    assert not check(client, tokens=400).replayed  # a released step may be checked afresh
 
 
 def test_get_budget(client: BudgetClient) -> None:
@@ -362,9 +371,8 @@ def test_hung_redis_gets_the_fail_mode_within_the_deadline(
 ) -> None:
     running = start_sidecar(redis_url=f"redis://127.0.0.1:{black_hole.port}/0", fail_mode=mode, check_deadline_ms=50)
     with client_class(running.addr, timeout=10) as c:
-        answer = check(c)  # answered (not DEADLINE_EXCEEDED) although Redis never replies
-    assert answer.from_fail_mode
-    assert (answer.decision, answer.reason, answer.granted_tokens) == (decision, reason, granted)
+        answer = check(c, expect=decision, fail_mode=True)  # answered (not DEADLINE_EXCEEDED): Redis never replies
+    assert (answer.reason, answer.granted_tokens) == (reason, granted)
     assert not answer.scopes
 
 
@@ -373,9 +381,8 @@ def test_check_honours_a_client_deadline_shorter_than_the_servers(
     start_sidecar: Callable[..., RunningSidecar], black_hole: BlackHole, client_class: type[BudgetClient]
 ) -> None:
     running = start_sidecar(redis_url=f"redis://127.0.0.1:{black_hole.port}/0", check_deadline_ms=60_000)
-    with client_class(running.addr, timeout=1.0) as c:
-        answer = check(c)
-    assert answer.from_fail_mode
+    with client_class(running.addr, timeout=5.0) as c:  # the sidecar answers at 90% of it: 0.5 s to spare
+        answer = check(c, expect=pb.DECISION_DENY, fail_mode=True)
     assert answer.reason == pb.REASON_FAIL_CLOSED
 
 
@@ -383,8 +390,8 @@ def test_check_honours_a_client_deadline_shorter_than_the_servers(
 def test_unreachable_redis(start_sidecar: Callable[..., RunningSidecar], client_class: type[BudgetClient]) -> None:
     running = start_sidecar(redis_url=f"redis://127.0.0.1:{free_port()}/0", fail_mode="open")
     with client_class(running.addr) as c:
-        answer = check(c)
-        assert (answer.from_fail_mode, answer.reason) == (True, pb.REASON_FAIL_OPEN)
+        answer = check(c, fail_mode=True)
+        assert answer.reason == pb.REASON_FAIL_OPEN
         # The fail-open answer's reservation id carries the task and step it was granted for (nothing was stored).
         grant = parse_fail_open_id(answer.reservation_id)
         assert grant is not None
@@ -404,7 +411,7 @@ def test_fail_open_usage_is_reconciled_when_reported(
 ) -> None:
     down = start_sidecar(redis_url=f"redis://127.0.0.1:{black_hole.port}/0", fail_mode="open", check_deadline_ms=50)
     with BudgetClient(down.addr) as c:
-        admitted = check(c, tokens=100)
+        admitted = check(c, tokens=100, fail_mode=True)
     up = start_sidecar(redis_url=redis_url)
     with BudgetClient(up.addr) as c:
         (result,) = c.report([usage(reservation_id=admitted.reservation_id, input_tokens=90)]).results
@@ -422,7 +429,7 @@ def test_health_on_its_own_listener(start_sidecar: Callable[..., RunningSidecar]
             channel.unary_unary("/budgetwarden.v1.BudgetService/Check")(b"", timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with BudgetClient(running.addr) as client:
-        assert check(client).decision == pb.DECISION_ALLOW
+        check(client)
 
 
 def test_a_sidecar_bound_to_a_tenant_serves_only_that_tenant(start_sidecar: Callable[..., RunningSidecar]) -> None:
@@ -459,5 +466,6 @@ def test_the_sidecars_default_task_type(start_sidecar: Callable[..., RunningSide
     policy.write_text(STRICT_POLICY + "  tiny:\n    per_task: {tokens: 50}\n")
     running = start_sidecar(policy_file=policy, default_task_type="tiny")
     with BudgetClient(running.addr) as client:
-        assert check(client, "s1", 100).reason == pb.REASON_TASK_BUDGET_EXHAUSTED  # tiny, not the policy's general
-        assert check(client, "s2", 100, task_id="t2", task_type="general").decision == pb.DECISION_ALLOW
+        answer = check(client, "s1", 100, expect=pb.DECISION_DENY)
+        assert answer.reason == pb.REASON_TASK_BUDGET_EXHAUSTED  # tiny, not the policy's general
+        check(client, "s2", 100, task_id="t2", task_type="general")

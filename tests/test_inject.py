@@ -41,7 +41,7 @@ from kubernetes_validate.utils import latest_version
 from budgetwarden import _inject
 from budgetwarden._embedded import free_port
 from budgetwarden._inject import InjectConfig, WebhookServer
-from budgetwarden_client import BudgetClient
+from budgetwarden_client import BudgetClient, pb
 
 from support import cli, one_error_line
 
@@ -901,6 +901,38 @@ def test_http_level_mistakes_and_broken_connections(webhook: tuple[WebhookServer
     _good_review_still_injects(client)
 
 
+CHUNK = b"400\r\n" + b"x" * 1024 + b"\r\n"  # 1 KiB, chunked
+
+
+@pytest.mark.parametrize(
+    ("head", "piece", "status"),
+    [
+        (b"POST /mutate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", CHUNK, 411),
+        (b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Length: 67108864\r\n\r\n", b"x" * 1024, 413),
+        (b"POST /validate HTTP/1.1\r\nHost: x\r\nContent-Length: 65536\r\n\r\n", b"x" * 1024, 404),
+    ],
+)
+def test_a_client_may_finish_sending_a_body_the_answer_refused(
+    webhook: tuple[WebhookServer, Client], head: bytes, piece: bytes, status: int
+) -> None:
+    """The server answers before it reads the body, then reads and drops what the client still sends before it
+    closes: a close with unread data would reset the connection, failing the client's write of its body or destroying
+    the answer before the client read it. Here the whole answer comes first, then 64 KiB of body: no reset, whatever
+    the timing."""
+    server, client = webhook
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw,
+        client.context.wrap_socket(raw, server_hostname=client.server_name) as tls,
+    ):
+        tls.sendall(head)
+        answer = http.client.HTTPResponse(tls)
+        answer.begin()
+        assert (answer.status, answer.getheader("Connection")) == (status, "close")
+        answer.read()
+        for _ in range(64):
+            tls.sendall(piece)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Certificates.
 
@@ -1199,6 +1231,7 @@ def test_the_injected_container_starts_a_sidecar_whose_health_port_answers(redis
     for entry in sidecar["env"]:
         ref = entry.get("valueFrom", {}).get("fieldRef")
         environ[entry["name"]] = downward[ref["fieldPath"]] if ref else entry["value"]
+    environ["BUDGETWARDEN_CHECK_DEADLINE_MS"] = "30000"  # a busy machine may miss 250 ms: no fail-mode answer here
     assert sidecar["command"] == ["budgetwarden"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "budgetwarden", *args],
@@ -1229,7 +1262,7 @@ def test_the_injected_container_starts_a_sidecar_whose_health_port_answers(redis
         assert addr == f"127.0.0.1:{budget_port}"
         with BudgetClient(addr, timeout=10) as client:
             answer = client.check(tenant_id="acme", task_id="t-1", step_id="s-1", estimated_input_tokens=100)
-            assert answer.granted_tokens == 100
+            assert (answer.decision, answer.from_fail_mode, answer.granted_tokens) == (pb.DECISION_ALLOW, False, 100)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)

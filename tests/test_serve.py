@@ -146,12 +146,15 @@ def serve(tmp_path: Path) -> Iterator[ServeFactory]:
     def start(*args: str | Path, env: dict[str, str] | None = None, addr: str | None = None) -> Served:
         stderr_path = tmp_path / f"serve-{len(started)}.stderr"
         stderr_file = stderr_path.open("wb")
+        environ = dict(env if env is not None else clean_env())
+        # A busy machine may miss the 250 ms default: a fail-mode answer would fail a test that did not ask for one.
+        environ.setdefault("BUDGETWARDEN_CHECK_DEADLINE_MS", "30000")
         proc = subprocess.Popen(
             [sys.executable, "-m", "budgetwarden", "serve", *map(str, args)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr_file,
-            env=env if env is not None else clean_env(),
+            env=environ,
             cwd=tmp_path,
         )
         served = Served(proc, stderr_path, addr, stderr_file)

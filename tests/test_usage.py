@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -55,12 +54,12 @@ def record(step: str, tokens: int, **fields: Any) -> pb.UsageRecord:
     return pb.UsageRecord(**values)
 
 
-def test_reports_write_one_event_each(client: BudgetClient, sync_redis: redis.Redis) -> None:
+def test_reports_write_one_event_each(running: RunningSidecar, client: BudgetClient, sync_redis: redis.Redis) -> None:
     client.check(tenant_id="acme", task_id="t1", step_id="s1", model="big", estimated_input_tokens=3000)
     degraded = client.check(tenant_id="acme", task_id="t1", step_id="s2", model="big", estimated_input_tokens=3000)
     assert degraded.decision == pb.DECISION_DEGRADE
     first = record("s1", 2000, cached_input_tokens=500, output_tokens=100, idempotency_key="k1", labels={"team": "a"})
-    at = int(time.time() * 1000) - 60_000
+    at = running.clock() - 60_000  # a minute before the sidecar's now
     first.timestamp.FromMilliseconds(at)
     client.report([first, first])  # the second is a duplicate: no second event
     client.report([record("s2", 2500, model="small")])  # keyless

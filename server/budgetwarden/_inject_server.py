@@ -10,6 +10,7 @@ import socketserver
 import ssl
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
@@ -26,6 +27,9 @@ MAX_BODY_BYTES = 8 * 1024 * 1024  # the API server sends at most ~3 MiB objects
 HANDSHAKE_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 120.0  # longer than the API server's idle-connection timeout (90 s), so it always closes first
 MAX_CONNECTIONS = 256
+# After an answer that left the request body unread: how long, and how much, to read and drop before closing.
+LINGER_S = 5.0
+LINGER_MAX_BYTES = 1024 * 1024
 
 ROUTES = {"/mutate": False, "/mutate-all": True}
 
@@ -137,6 +141,23 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str) -> None:
         self.close_connection = True  # the body (if any) was not read: the connection cannot be reused
         self._reply(status, (message + "\n").encode())
+        self._drain_unread_body()
+
+    def _drain_unread_body(self) -> None:
+        """Read and drop what the client still sends until it closes (bounded in time and bytes), then close.
+
+        Closing with unread data resets the connection: the client's write of its body fails, or the reset destroys
+        the answer before the client reads it. Hence the lingering close HTTP servers do (RFC 9112, section 9.6)."""
+        self.wfile.flush()
+        deadline = time.monotonic() + LINGER_S
+        left = LINGER_MAX_BYTES
+        with contextlib.suppress(OSError):  # a timeout, a reset or a TLS error ends the wait like an end of stream
+            while left > 0 and (wait := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(wait)
+                chunk = self.rfile.read1(min(left, 64 * 1024))
+                if not chunk:
+                    return
+                left -= len(chunk)
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path

@@ -31,7 +31,7 @@ from budgetwarden._config import Settings
 from budgetwarden._decision import Planner
 from budgetwarden._embedded import EmbeddedRedis
 from budgetwarden._keys import TenantKeys
-from budgetwarden._limiter import Limiter, wall_clock_ms
+from budgetwarden._limiter import Clock, Limiter, wall_clock_ms
 from budgetwarden._policy import LoadedPolicy, PolicyError, default_policy, load_policy
 from budgetwarden._service import SERVICE_NAME, BudgetServicer
 from budgetwarden._store import AnyRedis, BudgetStore, Retention
@@ -176,8 +176,9 @@ def ping_client(url: str, *, cluster: bool, timeout_s: float) -> AnyRedis:
 class Sidecar:
     """One running sidecar. ``start`` returns once the port serves; ``stop`` drains in-flight calls first."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, clock: Clock = wall_clock_ms) -> None:
         self.settings = settings
+        self.clock = clock  # epoch milliseconds: windows, leases, gauges (tests pin it)
         self.policy = load_policy(settings.policy_file) if settings.policy_file else default_policy()
         self.embedded: EmbeddedRedis | None = None
         self.redis: AnyRedis | None = None
@@ -284,6 +285,7 @@ class Sidecar:
             check_deadline_s=settings.check_deadline_ms / 1000,
             store_deadline_s=settings.store_deadline_ms / 1000,
             default_lease_s=settings.default_lease_seconds,
+            clock=self.clock,
             telemetry=self.telemetry,
         )
         servicer = BudgetServicer(
@@ -395,7 +397,7 @@ class Sidecar:
         client = self._gauge_redis
         if client is None:
             return
-        now = wall_clock_ms()
+        now = self.clock()
         policy = self.policy.policy
         planner = Planner()
         for tenant_id in tenants:
