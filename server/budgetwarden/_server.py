@@ -192,6 +192,7 @@ class Sidecar:
         self._policy_stamp = self._stamp()
         self.telemetry = Telemetry(None)
         self._gauge_redis: redis.Redis | redis.RedisCluster | None = None
+        self.limiter: Limiter | None = None
         self._store_watch: asyncio.Task[None] | None = None
         self._ping_redis: AnyRedis | None = None
         self._ready: bool | None = None
@@ -266,7 +267,10 @@ class Sidecar:
             max_task_types=settings.metric_max_task_types,
         )
         if self.telemetry.enabled:
-            sync = redis.RedisCluster.from_url(url) if settings.redis_cluster else redis.Redis.from_url(url)
+            # The gauge reader thread must not hang on a stalled Redis either.
+            timeout = _socket_timeout(settings)
+            kind = redis.RedisCluster if settings.redis_cluster else redis.Redis
+            sync = kind.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
             self._gauge_redis = sync
             self.telemetry.set_gauge_source(self._read_gauges)
         retention = Retention(
@@ -278,7 +282,7 @@ class Sidecar:
             usage_max_len=settings.usage_stream_max_len,
             usage_max_age_ms=settings.usage_stream_max_age_seconds * 1000,
         )
-        limiter = Limiter(
+        self.limiter = limiter = Limiter(
             BudgetStore(self.redis, retention, self.telemetry),
             self.current_policy,
             fail_mode=settings.fail_mode,
@@ -445,6 +449,10 @@ class Sidecar:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(self.settings.shutdown_grace_seconds)
             self.server = None
+        if self.limiter is not None:
+            # A huge prompt still being counted is not waited for: nobody is left to answer.
+            self.limiter.counting_pool.shutdown()
+            self.limiter = None
         if self.redis is not None:
             await self.redis.aclose()
             self.redis = None
