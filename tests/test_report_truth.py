@@ -267,6 +267,12 @@ def test_a_fail_open_id_is_accepted_by_validation_and_refused_when_forged() -> N
         record.reservation_id = forged
         with pytest.raises(InvalidRequestError, match=r"records\[0\]\.reservation_id"):
             usage_inputs(pb.ReportRequest(records=[record]), NOW)
+    # What the id carries is held to the rules of the fields it stands for: no field separator smuggled to the script.
+    for carried in (fail_open_id("t\x1f1", "s1", "m", "x"), fail_open_id("t1", "s\u202e1", "m", "x"),
+                    fail_open_id("t1", "s1", "m" * 300, "x")):  # fmt: skip
+        record.reservation_id = carried
+        with pytest.raises(InvalidRequestError, match=r"records\[0\]\.reservation_id: is a fail-open id whose"):
+            usage_inputs(pb.ReportRequest(records=[record]), NOW)
 
 
 # --- 4. a reused idempotency key never hides real usage ------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Mapping, Sequence
 
-from budgetwarden._keys import is_reservation_id
+from budgetwarden._keys import is_reservation_id, parse_fail_open_id
 from budgetwarden._limiter import Prompt
 from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_TOKENS_PER_FIELD, CheckInput, Outcome, UsageInput
 from budgetwarden._tokens import ChatMessage
@@ -97,6 +97,15 @@ def _reservation(value: str, field: str) -> str:
             field,
             "is not a reservation id issued by budgetwarden (32 lowercase hex characters, or fo1.… after a fail-open)",
         )
+    grant = parse_fail_open_id(value)
+    if grant is not None:
+        # What a fail-open id carries becomes the record's task, step, model and task type: held to the same rules.
+        parts = (grant.task_id, grant.step_id, grant.model, grant.task_type)
+        for part, name in zip(parts, ("task id", "step id", "model", "task type"), strict=True):
+            try:
+                ident(part, field, required=False)
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(field, f"is a fail-open id whose {name} {exc.problem}") from None
     return value
 
 
