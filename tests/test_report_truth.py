@@ -15,7 +15,7 @@ import grpc
 import hypothesis.strategies as st
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from redis.asyncio import Redis
@@ -203,8 +203,9 @@ async def test_a_reservation_checked_without_a_model_prices_its_report_at_the_de
 
 
 LUA_COST = resources.files("budgetwarden.lua").joinpath("_lib.lua").read_text() + (
-    "\nreturn tostring(cost_micros({tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])},"
-    " {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}))"
+    # Returned as a number (an integer reply, exact below 2^53): tostring would print only 14 significant digits.
+    "\nreturn cost_micros({tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])},"
+    " {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])})"
 )
 TOKENS = st.integers(0, 1_000_000_000)
 PRICES = st.integers(0, 1_000_000_000_000) | st.integers(0, 2_000_000)  # micro-USD per million tokens
@@ -212,6 +213,7 @@ PRICES = st.integers(0, 1_000_000_000_000) | st.integers(0, 2_000_000)  # micro-
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(uncached=TOKENS, cached=TOKENS, output=TOKENS, p_in=PRICES, p_cached=PRICES, p_out=PRICES)
+@example(uncached=0, cached=0, output=544_300_407, p_in=0, p_cached=0, p_out=183_722_074_638)  # a cost past 10^14
 def test_lua_pricing_equals_python_pricing(
     sync_redis: redis.Redis, uncached: int, cached: int, output: int, p_in: int, p_cached: int, p_out: int
 ) -> None:
