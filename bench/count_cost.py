@@ -17,7 +17,7 @@ from pathlib import Path
 import tiktoken
 from _common import machine, publish
 
-from budgetwarden._limiter import INLINE_COUNT_CHARS
+from budgetwarden.limiter import INLINE_COUNT_CHARS
 
 SIZES = (1024, 2048, 4096, 8192, 16_384)
 PROSE = "The agent reads the repository, plans, and calls tools. "

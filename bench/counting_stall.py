@@ -23,7 +23,7 @@ from pathlib import Path
 import tiktoken
 from _common import machine, percentile, publish, wait_serving
 
-from budgetwarden._embedded import free_port
+from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 from _common import machine, percentile, publish, wait_serving
 
-from budgetwarden._embedded import EmbeddedRedis, free_port
+from budgetwarden.store._embedded import EmbeddedRedis, free_port
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from budgetwarden._embedded import EmbeddedRedis, free_port
+from budgetwarden.store._embedded import EmbeddedRedis, free_port
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
 

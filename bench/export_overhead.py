@@ -26,7 +26,7 @@ import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as otlp
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as otlp_grpc
 
-from budgetwarden._embedded import EmbeddedRedis, free_port
+from budgetwarden.store._embedded import EmbeddedRedis, free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, percentile, publish, wait_serving

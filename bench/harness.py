@@ -32,7 +32,7 @@ import redis
 from google.protobuf.internal.encoder import _VarintBytes
 from hdrh.histogram import HdrHistogram
 
-from budgetwarden._embedded import EmbeddedRedis, free_port
+from budgetwarden.store._embedded import EmbeddedRedis, free_port
 from budgetwarden_api.v1 import budget_pb2 as pb
 
 HERE = Path(__file__).resolve().parent

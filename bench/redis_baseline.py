@@ -30,8 +30,8 @@ from pathlib import Path
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from budgetwarden._embedded import EmbeddedRedis, free_port
-from budgetwarden._store import load_lua
+from budgetwarden.store._embedded import EmbeddedRedis, free_port
+from budgetwarden.store._store import load_lua
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -31,11 +31,11 @@ from pathlib import Path
 import grpc
 from redis.asyncio import Redis
 
-from budgetwarden._embedded import EmbeddedRedis, free_port
-from budgetwarden._limiter import Limiter
-from budgetwarden._model import CheckInput, Outcome, ReportStatus, UsageInput
-from budgetwarden._policy import parse_policy
-from budgetwarden._store import BudgetStore
+from budgetwarden.domain._model import CheckInput, Outcome, ReportStatus, UsageInput
+from budgetwarden.domain._policy import parse_policy
+from budgetwarden.limiter import Limiter
+from budgetwarden.store._embedded import EmbeddedRedis, free_port
+from budgetwarden.store._store import BudgetStore
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient

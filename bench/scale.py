@@ -30,12 +30,12 @@ from typing import Any
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from budgetwarden._embedded import EmbeddedRedis, free_port
-from budgetwarden._keys import TenantKeys
-from budgetwarden._limiter import Limiter
-from budgetwarden._model import CheckInput
-from budgetwarden._policy import parse_policy
-from budgetwarden._store import BudgetStore
+from budgetwarden.domain._model import CheckInput
+from budgetwarden.domain._policy import parse_policy
+from budgetwarden.limiter import Limiter
+from budgetwarden.store._embedded import EmbeddedRedis, free_port
+from budgetwarden.store._keys import TenantKeys
+from budgetwarden.store._store import BudgetStore
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -10,9 +10,9 @@ import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from budgetwarden._config import Settings
-from budgetwarden._embedded import EmbeddedRedis, free_port
-from budgetwarden._limiter import Clock
+from budgetwarden.app._config import Settings
+from budgetwarden.limiter import Clock
+from budgetwarden.store._embedded import EmbeddedRedis, free_port
 
 from support import BlackHole, RunningSidecar
 

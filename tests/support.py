@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from budgetwarden._config import Settings
-from budgetwarden._limiter import Clock
-from budgetwarden._server import Sidecar
+from budgetwarden.app._config import Settings
+from budgetwarden.app._sidecar import Sidecar
+from budgetwarden.limiter import Clock
 
 T = TypeVar("T")
 

@@ -13,10 +13,10 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from redis.asyncio import Redis
 
-from budgetwarden._limiter import SCRIPT_BATCH, CheckResult, Limiter, StepConflictError
-from budgetwarden._model import CheckInput, Decision
-from budgetwarden._policy import parse_policy
-from budgetwarden._store import BudgetStore
+from budgetwarden.domain._model import CheckInput, Decision
+from budgetwarden.domain._policy import parse_policy
+from budgetwarden.limiter import SCRIPT_BATCH, CheckResult, Limiter, StepConflictError
+from budgetwarden.store._store import BudgetStore
 
 NOW = 1_796_000_000_000
 POLICY = parse_policy(

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from budgetwarden._embedded import free_port
+from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
 import support

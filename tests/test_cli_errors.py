@@ -11,8 +11,8 @@ from collections.abc import Callable
 import pytest
 
 from budgetwarden import _cli, _validation
-from budgetwarden._cli import main
-from budgetwarden._embedded import free_port
+from budgetwarden.cli import main
+from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
 from support import BlackHole, RunningSidecar, cli, one_error_line

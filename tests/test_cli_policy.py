@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from budgetwarden._embedded import free_port
+from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
 from support import RunningSidecar, cli, one_error_line

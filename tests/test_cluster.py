@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from budgetwarden._embedded import server_binary
-from budgetwarden._store import REPORT_BATCH
+from budgetwarden.store._embedded import server_binary
+from budgetwarden.store._store import REPORT_BATCH
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
 

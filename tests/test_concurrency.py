@@ -25,11 +25,20 @@ import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from budgetwarden._keys import TenantKeys, reservation_id
-from budgetwarden._limiter import BudgetView, Limiter
-from budgetwarden._model import CheckInput, Counter, Decision, Outcome, Reason, ReleaseStatus, ReportStatus, UsageInput
-from budgetwarden._policy import parse_policy
-from budgetwarden._store import BudgetStore, IdempotencyConflictError
+from budgetwarden.domain._model import (
+    CheckInput,
+    Counter,
+    Decision,
+    Outcome,
+    Reason,
+    ReleaseStatus,
+    ReportStatus,
+    UsageInput,
+)
+from budgetwarden.domain._policy import parse_policy
+from budgetwarden.limiter import BudgetView, Limiter
+from budgetwarden.store._keys import TenantKeys, reservation_id
+from budgetwarden.store._store import BudgetStore, IdempotencyConflictError
 from budgetwarden_client import BudgetClient, pb
 
 from support import run_processes

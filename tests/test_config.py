@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from budgetwarden._config import Settings, load_settings
+from budgetwarden.app._config import Settings, load_settings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

@@ -15,12 +15,19 @@ import tiktoken
 from redis.asyncio import Redis
 
 from budgetwarden import _limiter
-from budgetwarden._limiter import INLINE_COUNT_CHARS, Limiter, Prompt
-from budgetwarden._model import CheckInput
-from budgetwarden._policy import parse_policy
-from budgetwarden._store import BudgetStore
-from budgetwarden._tokens import ChatMessage, CountingPool, TokenCount, TokenCounter, estimate_chat, estimate_text
-from budgetwarden._validation import MAX_MESSAGE_PROMPT_CHARS, InvalidRequestError, message_prompt_chars
+from budgetwarden.domain._model import CheckInput
+from budgetwarden.domain._policy import parse_policy
+from budgetwarden.domain._tokens import (
+    ChatMessage,
+    CountingPool,
+    TokenCount,
+    TokenCounter,
+    estimate_chat,
+    estimate_text,
+)
+from budgetwarden.limiter import INLINE_COUNT_CHARS, Limiter, Prompt
+from budgetwarden.store._store import BudgetStore
+from budgetwarden.transport._validation import MAX_MESSAGE_PROMPT_CHARS, InvalidRequestError, message_prompt_chars
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import AsyncBudgetClient, BudgetClient
 

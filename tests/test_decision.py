@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from budgetwarden._decision import (
+from budgetwarden.domain._decision import (
     Bound,
     CheckPlan,
     Planner,
@@ -16,7 +16,7 @@ from budgetwarden._decision import (
     fits,
     simulate,
 )
-from budgetwarden._model import (
+from budgetwarden.domain._model import (
     Amount,
     CheckInput,
     Counter,
@@ -28,7 +28,7 @@ from budgetwarden._model import (
     Unit,
     Verdict,
 )
-from budgetwarden._policy import Policy, parse_policy
+from budgetwarden.domain._policy import Policy, parse_policy
 
 NOW = int(datetime(2026, 11, 27, 8, 30, tzinfo=ZoneInfo("UTC")).timestamp() * 1000)
 POLICY = parse_policy(

@@ -22,8 +22,8 @@ import grpc
 import pytest
 import redis
 
-from budgetwarden._config import Settings
-from budgetwarden._embedded import EmbeddedRedis, free_port
+from budgetwarden.app._config import Settings
+from budgetwarden.store._embedded import EmbeddedRedis, free_port
 from budgetwarden_client import BudgetClient, pb
 
 from support import RunningSidecar

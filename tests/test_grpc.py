@@ -11,8 +11,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from budgetwarden._embedded import free_port
-from budgetwarden._keys import parse_fail_open_id
+from budgetwarden.store._embedded import free_port
+from budgetwarden.store._keys import parse_fail_open_id
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient, CheckRefusedError

@@ -29,7 +29,7 @@ import tiktoken
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from budgetwarden._embedded import free_port
+from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,13 +339,18 @@ def test_builder_installs_wheels_only_and_marks_its_network_step() -> None:
 
 def test_dockerignore_keeps_what_the_build_copies_and_drops_local_state() -> None:
     patterns = ignore_patterns()
-    for kept in ("pyproject.toml", "README.md", "server/budgetwarden/_cli.py", "server/budgetwarden/lua/check.lua"):
+    for kept in (
+        "pyproject.toml",
+        "README.md",
+        "server/budgetwarden/cli.py",
+        "server/budgetwarden/store/lua/check.lua",
+    ):
         assert not ignored(kept, patterns), kept
     for dropped in (
         ".venv/bin/python",
         ".git/HEAD",
         "tests/test_image.py",
-        "server/budgetwarden/__pycache__/_cli.cpython-311.pyc",
+        "server/budgetwarden/__pycache__/cli.cpython-311.pyc",
         "server/budgetwarden.egg-info/PKG-INFO",
         ".budgetwarden/appendonly.aof",
         "k8s/kustomization.yaml",

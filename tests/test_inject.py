@@ -39,8 +39,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes_validate.utils import latest_version
 
 from budgetwarden import _inject
-from budgetwarden._embedded import free_port
-from budgetwarden._inject import InjectConfig, WebhookServer
+from budgetwarden.inject import InjectConfig, WebhookServer
+from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
 from support import cli, one_error_line

@@ -15,8 +15,8 @@ import grpc
 import pytest
 import redis
 
-from budgetwarden._embedded import free_port
-from budgetwarden._validation import InvalidRequestError, ident
+from budgetwarden.store._embedded import free_port
+from budgetwarden.transport._validation import InvalidRequestError, ident
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import AdminClient, BudgetClient, CheckRefusedError, admin_pb
 

@@ -43,7 +43,7 @@ import pytest
 import yaml
 from support_kustomize import RenderError, UnsupportedError, render, resource_id
 
-from budgetwarden._embedded import free_port
+from budgetwarden.store._embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"

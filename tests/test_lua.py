@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import redis
 
-from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD
-from budgetwarden._store import load_lua
+from budgetwarden.domain._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD
+from budgetwarden.store._store import load_lua
 
 NOW = 1_796_000_000_000  # a fixed "now" (2026-11): times are arguments, never the server's clock
 P = "bw1:{acme}:"

@@ -7,9 +7,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from budgetwarden._decision import Bound, Candidate, CheckPlan, Shape, simulate
-from budgetwarden._model import Amount, Counter, Scope, ScopeKind, StoreStatus, Thresholds
-from budgetwarden._store import load_lua
+from budgetwarden.domain._decision import Bound, Candidate, CheckPlan, Shape, simulate
+from budgetwarden.domain._model import Amount, Counter, Scope, ScopeKind, StoreStatus, Thresholds
+from budgetwarden.store._store import load_lua
 
 NOW = 1_796_000_000_000
 P = "bw1:{prop}:"

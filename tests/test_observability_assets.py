@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from budgetwarden._embedded import free_port
+from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
 from support import RunningSidecar

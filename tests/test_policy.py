@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from budgetwarden._model import Window
-from budgetwarden._policy import PolicyError, default_policy, load_policy, parse_policy
+from budgetwarden.domain._model import Window
+from budgetwarden.domain._policy import PolicyError, default_policy, load_policy, parse_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 

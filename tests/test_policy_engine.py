@@ -17,7 +17,7 @@ import grpc
 import pytest
 import tiktoken
 
-from budgetwarden._embedded import free_port
+from budgetwarden.store._embedded import free_port
 from budgetwarden_api.v1 import admin_pb2 as admin_pb
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import AdminClient, BudgetClient
@@ -253,7 +253,7 @@ def test_counting_works_with_networking_disabled(tmp_path: Path) -> None:
         socket.socket.connect = refuse
         socket.create_connection = refuse
         socket.getaddrinfo = refuse
-        from budgetwarden._tokens import TokenCounter
+        from budgetwarden.domain._tokens import TokenCounter
         counter = TokenCounter()
         exact = counter.count_text("hello offline world", "cl100k_base")
         approximate = counter.count_text("hello offline world", "o200k_base")

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budgetwarden._decision import CheckPlan, Planner, decide, simulate
-from budgetwarden._model import CheckInput, Counter, Decision, Reason, Thresholds, Unit, Verdict, threshold_of
-from budgetwarden._policy import parse_policy
+from budgetwarden.domain._decision import CheckPlan, Planner, decide, simulate
+from budgetwarden.domain._model import CheckInput, Counter, Decision, Reason, Thresholds, Unit, Verdict, threshold_of
+from budgetwarden.domain._policy import parse_policy
 
 NOW = int(datetime(2026, 11, 27, 8, 30, tzinfo=ZoneInfo("UTC")).timestamp() * 1000)
 POLICY = parse_policy(

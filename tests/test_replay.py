@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from redis.asyncio import Redis
 
-from budgetwarden._limiter import CheckResult, Limiter, StepConflictError
-from budgetwarden._model import CheckInput, Decision, Outcome, Reason, UsageInput
-from budgetwarden._policy import LoadedPolicy, parse_policy
-from budgetwarden._replay import REPLAY_NOTE
-from budgetwarden._store import BudgetStore
+from budgetwarden.domain._model import CheckInput, Decision, Outcome, Reason, UsageInput
+from budgetwarden.domain._policy import LoadedPolicy, parse_policy
+from budgetwarden.limiter import CheckResult, Limiter, StepConflictError
+from budgetwarden.store._replay import REPLAY_NOTE
+from budgetwarden.store._store import BudgetStore
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient, CheckRefusedError
 

@@ -32,9 +32,9 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from budgetwarden._embedded import EmbeddedError, EmbeddedRedis, free_port
-from budgetwarden._keys import TenantKeys
-from budgetwarden._usage import UsageEvent, event_id, read_events
+from budgetwarden.store._embedded import EmbeddedError, EmbeddedRedis, free_port
+from budgetwarden.store._keys import TenantKeys
+from budgetwarden.store._usage import UsageEvent, event_id, read_events
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient, pb
 

@@ -15,11 +15,11 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from redis.asyncio import Redis
 
-from budgetwarden._keys import reservation_id
-from budgetwarden._limiter import Limiter
-from budgetwarden._model import CheckInput, Outcome, ReportStatus, UsageInput
-from budgetwarden._policy import parse_policy
-from budgetwarden._store import REPORT_BATCH, BudgetStore
+from budgetwarden.domain._model import CheckInput, Outcome, ReportStatus, UsageInput
+from budgetwarden.domain._policy import parse_policy
+from budgetwarden.limiter import Limiter
+from budgetwarden.store._keys import reservation_id
+from budgetwarden.store._store import REPORT_BATCH, BudgetStore
 
 NOW = 1_796_000_000_000
 HOUR_MS = 3_600_000

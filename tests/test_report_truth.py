@@ -20,16 +20,16 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from redis.asyncio import Redis
 
-from budgetwarden._cost import actual_micros
-from budgetwarden._embedded import free_port
-from budgetwarden._keys import fail_open_id, parse_fail_open_id, reservation_id
-from budgetwarden._limiter import Limiter
-from budgetwarden._model import CheckInput, Decision, Outcome, Reason, ReportStatus, UsageInput
-from budgetwarden._policy import ModelPolicy, PolicyError, parse_policy
-from budgetwarden._store import REPORT_BATCH, BudgetStore, IdempotencyConflictError
-from budgetwarden._telemetry import Telemetry
-from budgetwarden._usage import read_events
-from budgetwarden._validation import InvalidRequestError, usage_inputs
+from budgetwarden.domain._cost import actual_micros
+from budgetwarden.domain._model import CheckInput, Decision, Outcome, Reason, ReportStatus, UsageInput
+from budgetwarden.domain._policy import ModelPolicy, PolicyError, parse_policy
+from budgetwarden.limiter import Limiter
+from budgetwarden.store._embedded import free_port
+from budgetwarden.store._keys import fail_open_id, parse_fail_open_id, reservation_id
+from budgetwarden.store._store import REPORT_BATCH, BudgetStore, IdempotencyConflictError
+from budgetwarden.store._usage import read_events
+from budgetwarden.telemetry._metrics import Telemetry
+from budgetwarden.transport._validation import InvalidRequestError, usage_inputs
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BackgroundReporter
@@ -202,7 +202,7 @@ async def test_a_reservation_checked_without_a_model_prices_its_report_at_the_de
         ReportStatus.APPLIED, "", True, 15_000)  # fmt: skip
 
 
-LUA_COST = resources.files("budgetwarden.lua").joinpath("_lib.lua").read_text() + (
+LUA_COST = resources.files("budgetwarden.store.lua").joinpath("_lib.lua").read_text() + (
     # Returned as a number (an integer reply, exact below 2^53): tostring would print only 14 significant digits.
     "\nreturn cost_micros({tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])},"
     " {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])})"

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from budgetwarden._config import Settings
-from budgetwarden._embedded import free_port
+from budgetwarden.app._config import Settings
+from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BackgroundReporter, BudgetClient, pb
 
 from support import RunningSidecar

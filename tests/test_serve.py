@@ -22,8 +22,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from budgetwarden._config import Settings
-from budgetwarden._embedded import free_port
+from budgetwarden.app._config import Settings
+from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
 from support import RunningSidecar

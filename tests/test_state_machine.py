@@ -22,9 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from redis.asyncio import Redis as AsyncRedis
 
-from budgetwarden._keys import reservation_id
-from budgetwarden._limiter import Limiter, StepConflictError
-from budgetwarden._model import (
+from budgetwarden.domain._model import (
     CheckInput,
     Counter,
     Decision,
@@ -34,8 +32,10 @@ from budgetwarden._model import (
     ReportStatus,
     UsageInput,
 )
-from budgetwarden._policy import parse_policy
-from budgetwarden._store import BudgetStore, IdempotencyConflictError, Retention
+from budgetwarden.domain._policy import parse_policy
+from budgetwarden.limiter import Limiter, StepConflictError
+from budgetwarden.store._keys import reservation_id
+from budgetwarden.store._store import BudgetStore, IdempotencyConflictError, Retention
 
 TENANT = "acme"
 TASKS = ("t1", "t2", "t3")

@@ -20,8 +20,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from budgetwarden._config import Settings
-from budgetwarden._embedded import EmbeddedError, EmbeddedRedis, free_port
+from budgetwarden.app._config import Settings
+from budgetwarden.store._embedded import EmbeddedError, EmbeddedRedis, free_port
 from budgetwarden_client import BudgetClient, pb
 
 from support import BlackHole, RunningSidecar, cli, one_error_line

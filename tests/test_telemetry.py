@@ -19,8 +19,8 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as otlp
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as otlp_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from budgetwarden._embedded import free_port
-from budgetwarden._telemetry import SECONDS_BUCKETS, TOKEN_BUCKETS
+from budgetwarden.store._embedded import free_port
+from budgetwarden.telemetry._metrics import SECONDS_BUCKETS, TOKEN_BUCKETS
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
 

@@ -13,7 +13,7 @@ import grpc
 import pytest
 import redis
 
-from budgetwarden._usage import EVENT_TYPE, event_id, read_events
+from budgetwarden.store._usage import EVENT_TYPE, event_id, read_events
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient

@@ -3,8 +3,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from budgetwarden._model import Window
-from budgetwarden._windows import SpanCache, span_at
+from budgetwarden.domain._model import Window
+from budgetwarden.domain._windows import SpanCache, span_at
 
 UTC = ZoneInfo("UTC")
 

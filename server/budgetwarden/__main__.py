@@ -1,5 +1,5 @@
 import sys
 
-from budgetwarden._cli import main
+from budgetwarden.cli import main
 
 sys.exit(main())

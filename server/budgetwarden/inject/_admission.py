@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from budgetwarden._inject_config import InjectConfig
-from budgetwarden._inject_exceptions import AnnotationError
-from budgetwarden._inject_patch import _addr_ops, injection_patch, pod_settings
-from budgetwarden._inject_values import (
+from ._config import InjectConfig
+from ._exceptions import AnnotationError
+from ._patch import _addr_ops, injection_patch, pod_settings
+from ._values import (
     ADDR_ENV,
     INJECT,
     KNOWN_ANNOTATIONS,

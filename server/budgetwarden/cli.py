@@ -29,19 +29,23 @@ from grpc_status import rpc_status
 from pydantic import ValidationError
 
 from budgetwarden import __version__
-from budgetwarden._config import ConfigFileError, Settings, load_settings
-from budgetwarden._decision import Planner, decide, simulate
-from budgetwarden._inject import add_arguments as add_inject_arguments
-from budgetwarden._model import (
+from budgetwarden.app import ConfigFileError, Settings, load_settings
+from budgetwarden.domain import (
     MAX_LIMIT_TOKENS,
     MAX_LIMIT_USD,
     MAX_TOKENS_PER_FIELD,
     CheckInput,
     Counter,
+    Planner,
+    PolicyError,
     Thresholds,
+    decide,
+    default_policy,
+    load_policy,
+    simulate,
     threshold_of,
 )
-from budgetwarden._policy import PolicyError, default_policy, load_policy
+from budgetwarden.inject import add_arguments as add_inject_arguments
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import DEFAULT_ADMIN_ADDR, AdminClient, BudgetClient, admin_pb, default_addr
 
@@ -530,7 +534,7 @@ def _usage_client(args: argparse.Namespace) -> Any:
 def _cmd_usage(args: argparse.Namespace) -> int:
     import redis
 
-    from budgetwarden._usage import read_events
+    from budgetwarden.store import read_events
 
     since = _time_ms(args.since, "--since")
     until = None if args.until is None else _time_ms(args.until, "--until")
@@ -610,8 +614,7 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from budgetwarden import _logging
-    from budgetwarden._server import serve
+    from budgetwarden.app import configure_logging, serve
 
     flags = {name: getattr(args, name) for name in Settings.model_fields}
     config = args.config
@@ -619,26 +622,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         env_config = os.environ.get("BUDGETWARDEN_CONFIG")
         config = Path(env_config) if env_config else None
     settings = load_settings(config, **flags)
-    _logging.configure(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
     return EXIT_OK
 
 
 def _cmd_inject_webhook(args: argparse.Namespace) -> int:
-    from budgetwarden import _inject, _logging
+    from budgetwarden import inject
+    from budgetwarden.app import configure_logging
 
     try:
         if args.print_ca_bundle:
-            print(_inject.ca_bundle(args))
+            print(inject.ca_bundle(args))
             return EXIT_OK
-        config = _inject.config_from_args(args)
-        _logging.configure(config.log_level, config.log_format)
-        _inject.run(config)
-    except _inject.InjectConfigError as exc:
+        config = inject.config_from_args(args)
+        configure_logging(config.log_level, config.log_format)
+        inject.run(config)
+    except inject.InjectConfigError as exc:
         print(f"budgetwarden inject-webhook: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except _inject.InjectError as exc:
+    except inject.InjectError as exc:
         raise CliError(str(exc)) from None
     return EXIT_OK
 
@@ -649,7 +653,7 @@ _CLIENT_COMMANDS = {"check": _cmd_check, "report": _cmd_report, "release": _cmd_
 def _store_unavailable(exc: grpc.RpcError) -> bool:
     """Whether the sidecar itself answered UNAVAILABLE because its budget store is down (ErrorInfo STORE_UNAVAILABLE),
     as against a sidecar that could not be reached."""
-    from budgetwarden._service import ERROR_DOMAIN, STORE_UNAVAILABLE  # here: the transport loads redis
+    from budgetwarden.transport import ERROR_DOMAIN, STORE_UNAVAILABLE  # here: the transport loads redis
 
     try:
         status = rpc_status.from_call(exc)  # type: ignore[arg-type]

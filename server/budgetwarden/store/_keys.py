@@ -9,7 +9,7 @@ import string
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from budgetwarden._model import WindowSpan
+from budgetwarden.domain import WindowSpan
 
 KEY_VERSION = "bw1"
 

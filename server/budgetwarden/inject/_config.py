@@ -11,8 +11,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from budgetwarden._inject_exceptions import InjectConfigError
-from budgetwarden._inject_values import (
+from ._exceptions import InjectConfigError
+from ._values import (
     _CONFIGMAP_KEY,
     _DNS_LABEL,
     _DNS_SUBDOMAIN,

@@ -15,8 +15,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-from budgetwarden._cost import estimate_micros
-from budgetwarden._model import (
+from ._cost import estimate_micros
+from ._model import (
     NO_THRESHOLDS,
     Advice,
     Amount,
@@ -33,8 +33,8 @@ from budgetwarden._model import (
     Window,
     threshold_of,
 )
-from budgetwarden._policy import Policy, Rung, TaskTypePolicy, TenantPolicy
-from budgetwarden._windows import SpanCache
+from ._policy import Policy, Rung, TaskTypePolicy, TenantPolicy
+from ._windows import SpanCache
 
 TASK_SCOPE = "task"
 STEP_SCOPE = "step"

@@ -25,17 +25,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from budgetwarden._admin import SERVICE_NAME as ADMIN_SERVICE_NAME
-from budgetwarden._admin import AdminServicer
-from budgetwarden._config import Settings
-from budgetwarden._decision import Planner
-from budgetwarden._embedded import EmbeddedRedis
-from budgetwarden._keys import TenantKeys
-from budgetwarden._limiter import Clock, Limiter, wall_clock_ms
-from budgetwarden._policy import LoadedPolicy, PolicyError, default_policy, load_policy
-from budgetwarden._service import SERVICE_NAME, BudgetServicer
-from budgetwarden._store import AnyRedis, BudgetStore, Retention
-from budgetwarden._telemetry import Telemetry, telemetry_from_env
+from budgetwarden.domain import LoadedPolicy, Planner, PolicyError, default_policy, load_policy
+from budgetwarden.limiter import Clock, Limiter, wall_clock_ms
+from budgetwarden.store import AnyRedis, BudgetStore, EmbeddedRedis, Retention, TenantKeys
+from budgetwarden.telemetry import Telemetry, telemetry_from_env
+from budgetwarden.transport import ADMIN_SERVICE_NAME, BUDGET_SERVICE_NAME, AdminServicer, BudgetServicer
+
+from ._config import Settings
 
 log = logging.getLogger("budgetwarden.server")
 
@@ -46,7 +42,7 @@ _SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 # Health names. Liveness is SERVING while the process serves, so the kubelet never restarts a sidecar for a store
 # outage it cannot fix; readiness ("" and the budget service) is SERVING only while the store answers.
 LIVENESS = "liveness"
-READINESS = ("", SERVICE_NAME)
+READINESS = ("", BUDGET_SERVICE_NAME)
 # A crashed embedded server is started again after these waits, doubling up to the last (seconds).
 RESTART_FIRST_DELAY_S = 0.1
 RESTART_MAX_DELAY_S = 5.0
@@ -302,7 +298,7 @@ class Sidecar:
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         server.add_generic_rpc_handlers([servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        enable_reflection(server, [SERVICE_NAME, health.SERVICE_NAME])
+        enable_reflection(server, [BUDGET_SERVICE_NAME, health.SERVICE_NAME])
         self.port = self._bind(server, settings.listen)
         await server.start()
         self.server = server

@@ -15,8 +15,9 @@ from urllib.parse import unquote
 
 import redis
 
-from budgetwarden._keys import TenantKeys, digest
-from budgetwarden._model import UsageInput
+from budgetwarden.domain import UsageInput
+
+from ._keys import TenantKeys, digest
 
 EVENT_TYPE = "io.budgetwarden.usage.v1"
 SPEC_VERSION = "1.0"

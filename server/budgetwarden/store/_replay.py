@@ -13,30 +13,29 @@ import hashlib
 import re
 from dataclasses import replace
 
-from budgetwarden._decision import (
+from budgetwarden.domain import (
     STEP_SCOPE,
     TASK_SCOPE,
     WINDOW_SCOPE_NAMES,
+    Amount,
     Bound,
     Candidate,
-    CheckPlan,
-    Shape,
-    StoreOutcome,
-    decide,
-)
-from budgetwarden._model import (
-    Amount,
     CheckInput,
+    CheckPlan,
     Counter,
     Decision,
     Reason,
     Scope,
     ScopeKind,
+    Shape,
+    StoreOutcome,
     StoreStatus,
     Verdict,
     Window,
+    decide,
 )
-from budgetwarden._store import Reservation, _counters, _thresholds
+
+from ._store import Reservation, _counters, _thresholds
 
 # Joins the fields of the stored answer (lua/check.lua joins its parts with it too); the check argument's fields are
 # joined by \x1f, so neither may appear inside a field.

@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from budgetwarden._inject_config import InjectConfig
-from budgetwarden._inject_exceptions import AnnotationError
-from budgetwarden._inject_values import (
+from ._config import InjectConfig
+from ._exceptions import AnnotationError
+from ._values import (
     _FAIL_MODES,
     _LOG_LEVELS,
     ADDR_ENV,

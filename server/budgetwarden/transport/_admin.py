@@ -9,16 +9,16 @@ from typing import Any
 
 import grpc
 
-from budgetwarden._decision import TASK_SCOPE
-from budgetwarden._limiter import Limiter, UnknownCheckpointError
-from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, Amount, Counter, Scope, ScopeKind, Unit
-from budgetwarden._service import _invalid, answering, caller_time, scope_state, unary_handler
-from budgetwarden._store import CeilingRefusedError, RequestIdReusedError
-from budgetwarden._validation import InvalidRequestError, ident
+from budgetwarden.domain import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, TASK_SCOPE, Amount, Counter, Scope, ScopeKind, Unit
+from budgetwarden.limiter import Limiter, UnknownCheckpointError
+from budgetwarden.store import CeilingRefusedError, RequestIdReusedError
 from budgetwarden_api.v1 import admin_pb2 as admin
 from budgetwarden_api.v1 import budget_pb2 as pb
 
-SERVICE_NAME = "budgetwarden.v1.BudgetAdminService"
+from ._service import _invalid, answering, caller_time, scope_state, unary_handler
+from ._validation import InvalidRequestError, ident
+
+ADMIN_SERVICE_NAME = "budgetwarden.v1.BudgetAdminService"
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -132,7 +132,7 @@ class AdminServicer:
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
+            ADMIN_SERVICE_NAME,
             {
                 "ApproveCheckpoint": unary_handler(
                     self.approve, admin.ApproveCheckpointRequest, admin.ApproveCheckpointResponse

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from budgetwarden._inject_config import InjectConfig, _bool, _env_name
-from budgetwarden._inject_exceptions import InjectConfigError, InjectError
+from ._config import InjectConfig, _bool, _env_name
+from ._exceptions import InjectConfigError, InjectError
 
 log = logging.getLogger("budgetwarden.inject")
 

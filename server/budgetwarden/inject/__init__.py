@@ -37,12 +37,12 @@ The code lives in private modules, each importing only those above it:
 This module is their public surface, for the CLI and the tests.
 """
 
-from budgetwarden._inject_admission import BadReviewError, Injector, Outcome, parse_review
-from budgetwarden._inject_config import InjectConfig, add_arguments, config_from_args, parse_listen
-from budgetwarden._inject_exceptions import AnnotationError, InjectConfigError, InjectError
-from budgetwarden._inject_patch import PodSettings, injection_patch, pod_settings, pointer, sidecar_container
-from budgetwarden._inject_server import WebhookServer, run
-from budgetwarden._inject_tls import (
+from ._admission import BadReviewError, Injector, Outcome, parse_review
+from ._config import InjectConfig, add_arguments, config_from_args, parse_listen
+from ._exceptions import AnnotationError, InjectConfigError, InjectError
+from ._patch import PodSettings, injection_patch, pod_settings, pointer, sidecar_container
+from ._server import WebhookServer, run
+from ._tls import (
     CertificateSource,
     FileCertificate,
     SelfSignedCertificate,
@@ -53,7 +53,7 @@ from budgetwarden._inject_tls import (
     issue_serving_certificate,
     load_or_create_ca,
 )
-from budgetwarden._inject_values import _quantity as _quantity  # the tests check resources with it
+from ._values import _quantity as _quantity  # the tests check resources with it
 
 __all__ = [
     "AnnotationError",

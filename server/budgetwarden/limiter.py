@@ -14,26 +14,36 @@ from urllib.parse import quote
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from budgetwarden._cost import actual_micros
-from budgetwarden._decision import TASK_SCOPE, Candidate, CheckPlan, Planner, StoreOutcome, decide
-from budgetwarden._keys import fail_open_id, parse_fail_open_id
-from budgetwarden._model import (
+from budgetwarden.domain import (
     NO_THRESHOLDS,
+    TASK_SCOPE,
     Amount,
+    Candidate,
+    ChatMessage,
     CheckInput,
+    CheckPlan,
     Counter,
+    CountingPool,
     Decision,
+    LoadedPolicy,
+    Planner,
+    Policy,
     Reason,
     Scope,
     ScopeKind,
+    StoreOutcome,
     StoreStatus,
     Thresholds,
+    TokenCount,
+    TokenCounter,
     UsageInput,
     Verdict,
+    actual_micros,
+    decide,
+    estimate_chat,
+    estimate_text,
 )
-from budgetwarden._policy import LoadedPolicy, Policy
-from budgetwarden._replay import candidate_part, common_part, fingerprint, replayed_answer
-from budgetwarden._store import (
+from budgetwarden.store import (
     Applied,
     BudgetState,
     BudgetStore,
@@ -41,17 +51,15 @@ from budgetwarden._store import (
     Reservation,
     StepCheck,
     UsageEntry,
+    candidate_part,
+    common_part,
+    fail_open_id,
+    fingerprint,
     parse_checkpoint_id,
+    parse_fail_open_id,
+    replayed_answer,
 )
-from budgetwarden._telemetry import ReportedUsage, Telemetry
-from budgetwarden._tokens import (
-    ChatMessage,
-    CountingPool,
-    TokenCount,
-    TokenCounter,
-    estimate_chat,
-    estimate_text,
-)
+from budgetwarden.telemetry import ReportedUsage, Telemetry
 
 log = logging.getLogger("budgetwarden.limiter")
 

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, MAX_TOKENS_PER_FIELD, Window
+from ._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, MAX_TOKENS_PER_FIELD, Window
 
 TokenLimit = Annotated[int, Field(ge=0, le=MAX_LIMIT_TOKENS)]
 UsdLimit = Annotated[float, Field(ge=0, le=MAX_LIMIT_USD / 1_000_000, allow_inf_nan=False)]
@@ -270,7 +270,7 @@ def load_policy(path: Path) -> LoadedPolicy:
 
 def default_policy() -> LoadedPolicy:
     """The policy used when none is configured (``server/budgetwarden/default_policy.yaml``)."""
-    text = resources.files("budgetwarden").joinpath("default_policy.yaml").read_text(encoding="utf-8")
+    text = resources.files("budgetwarden.domain").joinpath("default_policy.yaml").read_text(encoding="utf-8")
     return parse_policy(text, "<built-in default policy>")
 
 

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from budgetwarden._model import Window, WindowSpan
+from ._model import Window, WindowSpan
 
 _UTC = ZoneInfo("UTC")
 

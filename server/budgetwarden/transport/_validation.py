@@ -5,10 +5,9 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Mapping, Sequence
 
-from budgetwarden._keys import is_reservation_id, parse_fail_open_id
-from budgetwarden._limiter import Prompt
-from budgetwarden._model import MAX_LIMIT_TOKENS, MAX_TOKENS_PER_FIELD, CheckInput, Outcome, UsageInput
-from budgetwarden._tokens import ChatMessage
+from budgetwarden.domain import MAX_LIMIT_TOKENS, MAX_TOKENS_PER_FIELD, ChatMessage, CheckInput, Outcome, UsageInput
+from budgetwarden.limiter import Prompt
+from budgetwarden.store import is_reservation_id, parse_fail_open_id
 from budgetwarden_api.v1 import budget_pb2 as pb
 
 MAX_ID_BYTES = 256

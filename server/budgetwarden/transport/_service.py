@@ -19,9 +19,7 @@ from google.rpc.error_details_pb2 import BadRequest, ErrorInfo
 from google.rpc.status_pb2 import Status
 from grpc_status import rpc_status
 
-from budgetwarden._keys import reservation_id
-from budgetwarden._limiter import CheckResult, Limiter, Prompt, StepConflictError, StoreUnavailableError
-from budgetwarden._model import (
+from budgetwarden.domain import (
     CheckInput,
     Counter,
     ReportStatus,
@@ -32,8 +30,11 @@ from budgetwarden._model import (
     WindowSpan,
     threshold_of,
 )
-from budgetwarden._store import Applied, IdempotencyConflictError
-from budgetwarden._validation import (
+from budgetwarden.limiter import CheckResult, Limiter, Prompt, StepConflictError, StoreUnavailableError
+from budgetwarden.store import Applied, IdempotencyConflictError, reservation_id
+from budgetwarden_api.v1 import budget_pb2 as pb
+
+from ._validation import (
     InvalidRequestError,
     budget_target,
     check_input,
@@ -41,11 +42,10 @@ from budgetwarden._validation import (
     release_target,
     usage_inputs,
 )
-from budgetwarden_api.v1 import budget_pb2 as pb
 
 log = logging.getLogger("budgetwarden.service")
 
-SERVICE_NAME = "budgetwarden.v1.BudgetService"
+BUDGET_SERVICE_NAME = "budgetwarden.v1.BudgetService"
 # Checks per CheckStream message: enough to amortise a round trip, small enough to bound one script call.
 MAX_STREAM_CHECKS = 1000
 M = TypeVar("M", bound=Message)
@@ -483,7 +483,7 @@ class BudgetServicer:
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
+            BUDGET_SERVICE_NAME,
             {
                 "Check": unary_handler(self.check, pb.CheckRequest, pb.CheckResponse),
                 "CheckStream": grpc.stream_stream_rpc_method_handler(

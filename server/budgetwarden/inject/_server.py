@@ -16,10 +16,10 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
-from budgetwarden._inject_admission import Injector
-from budgetwarden._inject_config import InjectConfig, parse_listen
-from budgetwarden._inject_exceptions import InjectError
-from budgetwarden._inject_tls import CertificateSource, SelfSignedCertificate, certificate_source
+from ._admission import Injector
+from ._config import InjectConfig, parse_listen
+from ._exceptions import InjectError
+from ._tls import CertificateSource, SelfSignedCertificate, certificate_source
 
 log = logging.getLogger("budgetwarden.inject")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from budgetwarden._policy import ModelPolicy
+from ._policy import ModelPolicy
 
 _MTOK = 1_000_000
 

@@ -19,8 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
-from budgetwarden._keys import TenantKeys, digest, reservation_id
-from budgetwarden._model import (
+from budgetwarden.domain import (
     MAX_LIMIT_TOKENS,
     MAX_LIMIT_USD,
     Amount,
@@ -33,8 +32,10 @@ from budgetwarden._model import (
     Unit,
     UsageInput,
 )
-from budgetwarden._telemetry import Telemetry
-from budgetwarden._usage import event_id, event_payload
+from budgetwarden.telemetry import Telemetry
+
+from ._keys import TenantKeys, digest, reservation_id
+from ._usage import event_id, event_payload
 
 AnyRedis = Redis | RedisCluster
 _NONE = -1
@@ -42,7 +43,7 @@ _NONE = -1
 
 def load_lua(name: str) -> str:
     """A script's source: the shared helpers followed by the script itself."""
-    lua = resources.files("budgetwarden.lua")
+    lua = resources.files("budgetwarden.store.lua")
     return lua.joinpath("_lib.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
 
 

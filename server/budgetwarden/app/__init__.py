@@ -1,0 +1,32 @@
+"""The application: the ``Sidecar`` composition root, its settings and logging.
+
+Settings and logging import nothing heavy, so the CLI's client commands load them without grpc servers, Redis or
+OpenTelemetry; ``Sidecar`` and ``serve`` load the whole stack on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._config import ConfigFileError, Settings, load_settings
+from ._logging import configure as configure_logging
+
+if TYPE_CHECKING:
+    from ._sidecar import Sidecar, serve
+
+__all__ = [
+    "ConfigFileError",
+    "Settings",
+    "Sidecar",
+    "configure_logging",
+    "load_settings",
+    "serve",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Sidecar", "serve"):
+        from . import _sidecar
+
+        return getattr(_sidecar, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

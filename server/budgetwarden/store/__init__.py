@@ -1,0 +1,49 @@
+"""All that knows Redis: key names and ids, the budget store (one Lua script per mutation), the usage stream, replay
+of stored answers, and the embedded Valkey server. Imports the domain and telemetry only."""
+
+from ._embedded import EmbeddedRedis
+from ._keys import TenantKeys, fail_open_id, is_reservation_id, parse_fail_open_id, reservation_id
+from ._replay import candidate_part, common_part, fingerprint, replayed_answer
+from ._store import (
+    AnyRedis,
+    Applied,
+    BudgetState,
+    BudgetStore,
+    CeilingChange,
+    CeilingRefusedError,
+    IdempotencyConflictError,
+    RequestIdReusedError,
+    Reservation,
+    Retention,
+    StepCheck,
+    UsageEntry,
+    parse_checkpoint_id,
+)
+from ._usage import read_events
+
+__all__ = [
+    "AnyRedis",
+    "Applied",
+    "BudgetState",
+    "BudgetStore",
+    "CeilingChange",
+    "CeilingRefusedError",
+    "EmbeddedRedis",
+    "IdempotencyConflictError",
+    "RequestIdReusedError",
+    "Reservation",
+    "Retention",
+    "StepCheck",
+    "TenantKeys",
+    "UsageEntry",
+    "candidate_part",
+    "common_part",
+    "fail_open_id",
+    "fingerprint",
+    "is_reservation_id",
+    "parse_checkpoint_id",
+    "parse_fail_open_id",
+    "read_events",
+    "replayed_answer",
+    "reservation_id",
+]

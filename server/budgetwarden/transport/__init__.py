@@ -1,0 +1,14 @@
+"""The gRPC transport: servicers that validate requests, call the limiter, map its errors to status codes and encode
+its answers. Imports the limiter, the store's ids and the domain."""
+
+from ._admin import ADMIN_SERVICE_NAME, AdminServicer
+from ._service import BUDGET_SERVICE_NAME, ERROR_DOMAIN, STORE_UNAVAILABLE, BudgetServicer
+
+__all__ = [
+    "ADMIN_SERVICE_NAME",
+    "BUDGET_SERVICE_NAME",
+    "ERROR_DOMAIN",
+    "STORE_UNAVAILABLE",
+    "AdminServicer",
+    "BudgetServicer",
+]
