@@ -1,10 +1,11 @@
 """What the benchmarks share: the machine description, percentiles, a process's CPU time, how results are printed
-and appended, and waiting for a server to serve."""
+and recorded, and waiting for a server to serve."""
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -40,13 +41,60 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+# Where a new result goes in docs/benchmarks.md, and where the result it supersedes goes in the archive beside it.
+LATEST_MARKER = "<!-- latest runs: bench/_common.py inserts each new result below this line"
+ARCHIVE_MARKER = "<!-- archived runs: bench/_common.py moves superseded results below this line"
+_RUN_DATE = re.compile(r"\s*\(\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\)\s*$")
+
+
 def publish(lines: list[str], write: Path | None) -> None:
-    """Print the result and, if asked, append it to a Markdown file (docs/benchmarks.md)."""
+    """Print the result and, if asked, write it into a Markdown file (docs/benchmarks.md): see ``record``."""
     report = "\n".join(lines)
     print(report)
     if write is not None:
-        with write.open("a") as out:
-            out.write("\n" + report)
+        record(report, write)
+
+
+def record(report: str, path: Path) -> None:
+    """Put a result (a ``### title (date)`` section) at the top of the latest runs of ``path``, just below the line
+    holding LATEST_MARKER, and move the earlier result of the same title (superseded) to the top of the runs of the
+    archive beside it (``benchmarks-archive.md``). A file without the marker gets the result at its end."""
+    text = path.read_text() if path.exists() else ""
+    marker_at = text.find(LATEST_MARKER)
+    if marker_at < 0:
+        path.write_text(text + "\n" + report + "\n")
+        return
+    runs_at = text.index("\n", marker_at) + 1
+    end = re.search(r"(?m)^## ", text[runs_at:])
+    runs_end = runs_at + end.start() if end else len(text)
+    sections = _sections(text[runs_at:runs_end])
+    title = _title(report)
+    superseded = [section for section in sections if _title(section) == title]
+    kept = [section for section in sections if _title(section) != title]
+    if superseded:
+        _archive(superseded, path.with_name(f"{path.stem}-archive.md"))
+    runs = "\n\n".join([report.strip(), *kept])
+    rest = text[runs_end:].lstrip("\n")
+    path.write_text(text[:runs_at] + "\n" + runs + ("\n\n" + rest if rest else "\n"))
+
+
+def _sections(runs: str) -> list[str]:
+    """The ``### `` sections of a part of the file, each with the text under it."""
+    return [part.strip() for part in re.split(r"(?m)^(?=### )", runs) if part.strip()]
+
+
+def _title(section: str) -> str:
+    """A result's heading without its date: what an earlier run of the same benchmark is headed too."""
+    return _RUN_DATE.sub("", section.splitlines()[0])
+
+
+def _archive(sections: list[str], path: Path) -> None:
+    text = path.read_text() if path.exists() else f"# Benchmarks archive\n\n{ARCHIVE_MARKER} -->\n"
+    if ARCHIVE_MARKER not in text:
+        text = f"{text.rstrip()}\n\n{ARCHIVE_MARKER} -->\n"
+    runs_at = text.index("\n", text.index(ARCHIVE_MARKER)) + 1
+    runs = "\n\n".join([*sections, text[runs_at:].strip()]).rstrip()
+    path.write_text(text[:runs_at] + "\n" + runs + "\n")
 
 
 def wait_serving(addr: str, timeout: float = 30.0) -> float:

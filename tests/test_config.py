@@ -5,7 +5,7 @@ from pydantic import ValidationError
 
 from budgetwarden.app._config import Settings, load_settings
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+CONFIGURATION_DOC = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
 
 
 def test_defaults() -> None:
@@ -41,6 +41,6 @@ def test_unknown_key_in_the_file_is_rejected(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", list(Settings.model_fields))
-def test_readme_documents_every_setting(name: str) -> None:
-    assert f"`--{name.replace('_', '-')}`" in README
-    assert f"`BUDGETWARDEN_{name.upper()}`" in README
+def test_configuration_doc_documents_every_setting(name: str) -> None:
+    assert f"`--{name.replace('_', '-')}`" in CONFIGURATION_DOC
+    assert f"`BUDGETWARDEN_{name.upper()}`" in CONFIGURATION_DOC

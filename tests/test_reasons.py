@@ -1,4 +1,4 @@
-"""Which reason a degrade gives (the README's table), table-driven on the pure rules: no Redis here.
+"""Which reason a degrade gives (the table in docs/concepts.md), table-driven on the pure rules: no Redis here.
 
 SOFT_THRESHOLD: the request as asked would fit every scope but passes the task's soft threshold.
 DEGRADED_TO_FIT: the request as asked does not fit a scope's limit (or the per-step cap, or, for a task type without
@@ -122,7 +122,7 @@ def test_checkpoint_only_names_the_checkpoint_line() -> None:
 
 
 def _as_asked_misfit(p: CheckPlan, before: tuple[Counter, ...], thresholds: Thresholds) -> bool:
-    """Does the request as asked miss a line that is not the soft threshold? (The README's table, restated.)"""
+    """Does the request as asked miss a line that is not the soft threshold? (docs/concepts.md's table, restated.)"""
     asked = p.requested
     step = p.step
     if step is not None and (

@@ -1,6 +1,6 @@
 """Issue 11, items 1, 2, 4, 5, 6: a report is priced at the model its step ran on, fail-open usage reaches its task,
 a reused idempotency key never hides real usage, an empty report is refused, and a short lease cannot walk a task
-past its ceiling (late usage is counted, and the overspend it allows is bounded as the README states)."""
+past its ceiling (late usage is counted, and the overspend it allows is bounded as docs/concepts.md states)."""
 
 from __future__ import annotations
 
@@ -441,8 +441,8 @@ async def test_late_usage_is_counted_and_the_overspend_stays_within_the_stated_b
     async_redis: Redis, clock: Clock, metrics: InMemoryMetricReader, min_lease_s: int
 ) -> None:
     """An agent that asks for the whole ceiling every 5 s with a 1 s lease and reports nothing until the end: the
-    grants over T seconds stay within C * (floor(T / L) + 1) (README, "Leases"), the late reports are all counted,
-    and each is marked late (budgetwarden.usage.late_tokens)."""
+    grants over T seconds stay within C * (floor(T / L) + 1) (docs/concepts.md, "Short leases ..."), the late reports
+    are all counted, and each is marked late (budgetwarden.usage.late_tokens)."""
     policy = parse_policy(POLICY_TEXT + f"min_lease_seconds: {min_lease_s}\n", "test")
     telemetry = Telemetry(MeterProvider(metric_readers=[metrics]))
     limiter = Limiter(BudgetStore(async_redis), lambda: policy, clock=clock, telemetry=telemetry)
