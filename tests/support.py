@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import multiprocessing
 import os
 import queue
@@ -13,9 +15,11 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
+from unittest import mock
 
 from budgetwarden.app._config import Settings
 from budgetwarden.app._sidecar import Sidecar
+from budgetwarden.cli import main
 from budgetwarden.limiter import Clock
 
 T = TypeVar("T")
@@ -88,6 +92,25 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
     assert "Traceback" not in result.stderr, result.stderr
     return result
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``budgetwarden`` in this process: ``main(argv)`` with stdout and stderr captured, in the same clean environment
+    ``cli`` gives a subprocess. What it returns reads like ``cli``'s (exit code, stdout, stderr); an exception that
+    escapes ``main`` (which a process would print as a traceback) fails the test where it happens."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("BUDGETWARDEN_")}
+    environ.update(env or {})
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (
+        mock.patch.dict(os.environ, environ, clear=True),
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's way out (usage errors, --help)
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    return subprocess.CompletedProcess(["budgetwarden", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:

@@ -1,7 +1,7 @@
 """The CLI's errors: one line that names the flag or the thing that failed, tells the truth, and gives the way out.
 
-Calls ``main(argv)`` in process (stderr captured) against real sidecars; a subprocess only where the point is that a
-real process prints no traceback.
+Calls ``main(argv)`` in process (stderr captured) against real sidecars; that a real process prints no traceback is
+tests/system/test_cli_process.py's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from budgetwarden.store._embedded import free_port
 from budgetwarden.transport import _validation
 from budgetwarden_client import BudgetClient, pb
 
-from support import BlackHole, RunningSidecar, cli, one_error_line
+from support import BlackHole, RunningSidecar
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 HUGE = "99999999999999999999"  # beyond int64: the protobuf encoder raised ValueError for it, a traceback
@@ -144,18 +144,6 @@ def test_usage_summary_with_a_malformed_redis_url_is_one_line(capsys: pytest.Cap
 
     assert code == EXIT_USAGE
     assert line.startswith("budgetwarden usage summary: error: --redis-url (or BUDGETWARDEN_REDIS_URL): "), line
-
-
-def test_a_real_process_prints_one_line_and_no_traceback() -> None:
-    for args in (
-        ["check", "--tenant", "acme", "--task", "t1", "--step", "s1", "--tokens", HUGE],
-        ["usage", "export", "--since", "1h", "--redis-url", "http://foo"],
-        ["approve", "ck1.x", "--add-usd", "nan"],
-    ):
-        result = cli(*args)  # asserts that stderr holds no traceback
-        assert result.returncode == EXIT_USAGE, result.stderr
-        assert one_error_line(result).startswith("budgetwarden "), result.stderr
-        assert ": error: " in result.stderr
 
 
 # --- item 18: the tenant comes from --tenant or BUDGETWARDEN_TENANT, never silently from a default ----------------

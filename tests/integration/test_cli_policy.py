@@ -10,7 +10,7 @@ from budgetwarden_client import BudgetClient, pb
 
 from support import RunningSidecar, cli, one_error_line
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = str(ROOT / "examples" / "policy.yaml")
 
 

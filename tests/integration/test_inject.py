@@ -1224,7 +1224,7 @@ def test_the_injected_container_starts_a_sidecar_whose_health_port_answers(redis
         server.stop()
     sidecar = sidecar_of(result)
     policy = tmp_path / "policy.yaml"
-    policy.write_text((Path(inject.__file__).parent / "default_policy.yaml").read_text())
+    policy.write_text((Path(inject.__file__).parents[1] / "domain" / "default_policy.yaml").read_text())
     args = [str(policy) if arg == "/etc/budgetwarden/policy/policy.yaml" else arg for arg in sidecar["args"]]
     downward = {"metadata.name": "research-agent-7d9f8c6b5d-x2x9q", "metadata.namespace": "agents"}
     downward |= {"metadata.uid": "9f0e6a3c-1b2d-4e5f-8a9b-0c1d2e3f4a5b", "spec.nodeName": "node-1"}

@@ -16,7 +16,7 @@ from budgetwarden_client import BudgetClient, pb
 
 from support import RunningSidecar
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_collector_config_receives_otlp_and_serves_prometheus() -> None:

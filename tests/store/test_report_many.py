@@ -114,7 +114,7 @@ async def run(
 
 def one_record_per_marker(usage: list[UsageInput]) -> list[UsageInput]:
     """As a client sends them: a record repeated under its idempotency key (or, keyless, its step's) is the same record
-    each time; a different record under a used key is refused (tests/test_report_truth.py)."""
+    each time; a different record under a used key is refused (tests/store/test_report_truth.py)."""
     first: dict[tuple[str, str, str], UsageInput] = {}
     out = []
     for record in usage:

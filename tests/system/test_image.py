@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 SERVICE = "budgetwarden.v1.BudgetService"
 # The builder's absolute paths; the replay moves them under a temporary root.

@@ -5,7 +5,7 @@ from pydantic import ValidationError
 
 from budgetwarden.app._config import Settings, load_settings
 
-CONFIGURATION_DOC = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+CONFIGURATION_DOC = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
 
 
 def test_defaults() -> None:

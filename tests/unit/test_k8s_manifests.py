@@ -45,7 +45,7 @@ from support_kustomize import RenderError, UnsupportedError, render, resource_id
 
 from budgetwarden.store._embedded import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 K8S_VERSION = kubernetes_validate.latest_version()
 IMAGE = "ghcr.io/budgetwarden/budgetwarden:0.1.0"

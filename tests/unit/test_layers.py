@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SERVER = Path(__file__).resolve().parent.parent / "server"
+SERVER = Path(__file__).resolve().parents[2] / "server"
 PACKAGE = SERVER / "budgetwarden"
 
 

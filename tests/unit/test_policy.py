@@ -5,7 +5,7 @@ import pytest
 from budgetwarden.domain._model import Window
 from budgetwarden.domain._policy import PolicyError, default_policy, load_policy, parse_policy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def problems(text: str) -> list[str]:
