@@ -18,7 +18,8 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient
 
-from support import RunningSidecar, cli
+from support import RunningSidecar
+from support import run_cli as cli
 
 POLICY = """
 default_tenant: {windows: {day: {tokens: 1000000}}}
