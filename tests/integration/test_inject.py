@@ -44,7 +44,8 @@ from budgetwarden.inject._values import _quantity
 from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
-from support import cli, one_error_line
+from support import one_error_line
+from support import run_cli as cli
 
 SERVICE_DNS = "budgetwarden-injector.budgetwarden.svc"
 K8S_LATEST = latest_version()
