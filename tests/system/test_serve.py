@@ -453,61 +453,6 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def test_invalid_fail_mode_flag_is_an_argument_error(tmp_path: Path) -> None:
-    result = run_serve("--fail-mode", "maybe", "--listen", f"127.0.0.1:{free_port()}", cwd=tmp_path)
-
-    assert result.returncode == 2
-    line = one_line(result)
-    assert line.startswith("budgetwarden serve: error: argument --fail-mode: invalid choice: 'maybe'"), line
-
-
-@pytest.mark.parametrize(
-    ("args", "env", "setting"),
-    [
-        ([], {"BUDGETWARDEN_CHECK_DEADLINE_MS": "0"}, "check_deadline_ms"),
-        ([], {"BUDGETWARDEN_FAIL_MODE": "sometimes"}, "fail_mode"),
-        (["--check-deadline-ms", "soon"], {}, "check_deadline_ms"),
-        (["--shutdown-grace-seconds", "-1"], {}, "shutdown_grace_seconds"),
-    ],
-    ids=["env-deadline-zero", "env-fail-mode", "flag-deadline-not-int", "flag-negative-grace"],
-)
-def test_invalid_setting_is_one_line_without_traceback(
-    tmp_path: Path, args: list[str], env: dict[str, str], setting: str
-) -> None:
-    result = run_serve("--listen", f"127.0.0.1:{free_port()}", *args, env=clean_env(**env), cwd=tmp_path)
-
-    assert result.returncode != 0
-    line = one_line(result)
-    assert line.startswith(f"budgetwarden serve: error: setting {setting}: "), line
-
-
-@pytest.mark.parametrize(
-    ("text", "setting"),
-    [("fail_mode: maybe\n", "fail_mode"), ("no_such_setting: 1\n", "no_such_setting")],
-    ids=["bad-value", "unknown-key"],
-)
-def test_invalid_config_file_setting_is_one_line(tmp_path: Path, text: str, setting: str) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(text)
-
-    result = run_serve("--config", config, "--listen", f"127.0.0.1:{free_port()}", cwd=tmp_path)
-
-    assert result.returncode != 0
-    line = one_line(result)
-    assert line.startswith(f"budgetwarden serve: error: setting {setting}: "), line
-
-
-def test_config_file_that_is_not_yaml_is_one_line(tmp_path: Path) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text("listen: [127.0.0.1\n")
-
-    result = run_serve("--config", config, cwd=tmp_path)
-
-    assert result.returncode != 0
-    line = one_line(result)
-    assert str(config) in line, line
-
-
 def test_missing_config_file_is_an_error(serve: ServeFactory, tmp_path: Path) -> None:
     # A --config that names no file must not silently start with the defaults (e.g. embedded Redis in production).
     missing = tmp_path / "no-such-config.yaml"

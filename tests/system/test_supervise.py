@@ -229,19 +229,6 @@ def test_a_stopped_embedded_server_makes_the_sidecar_not_ready_until_it_runs_aga
 # --- item 11 and 15: one line at start ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", ["http://x", "localhost:6379", "HTTPS://user:secret@host/0"])
-def test_a_redis_url_that_is_not_redis_is_one_line(url: str, tmp_path: Path) -> None:
-    for result in (
-        cli("serve", "--redis-url", url, "--data-dir", str(tmp_path / "d")),
-        cli("serve", "--data-dir", str(tmp_path / "d"), env={"BUDGETWARDEN_REDIS_URL": url}),
-    ):
-        line = one_error_line(result)
-        assert result.returncode == 2, result.stderr
-        assert line.startswith("budgetwarden serve: error: setting redis_url: must be a redis://, rediss:// or unix://")
-        assert "secret" not in line
-    assert not (tmp_path / "d").exists()
-
-
 def test_a_second_serve_on_the_same_data_dir_is_one_line(
     embedded_sidecar: Callable[..., RunningSidecar], tmp_path: Path
 ) -> None:
