@@ -55,6 +55,9 @@ def data_dir(tmp_path: Path) -> Path:
 # A check waits this long for Redis before the fail mode answers, unless a test sets its own: a busy machine may take
 # longer than the production default (250 ms), and a fail-mode answer the test did not ask for would fail it.
 TEST_CHECK_DEADLINE_MS = 30_000
+# Likewise every other store call (reports, releases, reads; production default 1 s): a batch of hundreds of records
+# on a loaded machine may take longer, and an UNAVAILABLE the test did not ask for would fail it.
+TEST_STORE_DEADLINE_MS = 30_000
 
 
 @pytest.fixture
@@ -69,6 +72,7 @@ def start_sidecar(redis_url: str) -> Iterator[Callable[..., RunningSidecar]]:
             "redis_url": redis_url,
             "log_format": "text",
             "check_deadline_ms": TEST_CHECK_DEADLINE_MS,
+            "store_deadline_ms": TEST_STORE_DEADLINE_MS,
         }
         values.update(overrides)
         running = RunningSidecar(Settings(**values), clock).start()
