@@ -1,15 +1,14 @@
 """Checking a step again: the same request answers what the first check answered (decision, reason, advice, grant,
 binding, reservation and lease), whatever the policy says by then; another request for a step that holds a reservation
 is refused (FAILED_PRECONDITION naming the step) and changes nothing. Against the real Valkey through the Limiter with
-an injected clock, and over a real socket for Check and CheckStream."""
+an injected clock (over a real socket: tests/integration/test_replay_grpc.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import grpc
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -20,10 +19,6 @@ from budgetwarden.domain._policy import LoadedPolicy, parse_policy
 from budgetwarden.limiter import CheckResult, Limiter, StepConflictError
 from budgetwarden.store._replay import REPLAY_NOTE
 from budgetwarden.store._store import BudgetStore
-from budgetwarden_api.v1 import budget_pb2 as pb
-from budgetwarden_client import BudgetClient, CheckRefusedError
-
-from support import RunningSidecar
 
 NOW = 1_796_000_000_000
 LADDER_POLICY = """
@@ -304,69 +299,3 @@ async def test_a_lapsed_step_reserves_anew(async_redis: Redis) -> None:
     again = await limiter.check(request("s1", 700))
     assert (again.replayed, again.verdict.granted) == (False, 700)
     assert again.lease_expires_ms != first.lease_expires_ms
-
-
-# --- over a real socket --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def client(start_sidecar: Callable[..., RunningSidecar], tmp_path: Any) -> Iterator[BudgetClient]:
-    path = tmp_path / "policy.yaml"
-    path.write_text(LADDER_POLICY)
-    sidecar = start_sidecar(policy_file=path, check_deadline_ms=5000)
-    with BudgetClient(sidecar.addr, timeout=30.0) as c:
-        yield c
-
-
-def check(step: str, tokens: int, output: int = 0, **fields: Any) -> dict[str, Any]:
-    values = {"tenant_id": "acme", "task_id": "t1", "step_id": step, "model": "big", "estimated_input_tokens": tokens}
-    return values | {"max_output_tokens": output} | fields
-
-
-def answer(response: pb.CheckResponse) -> pb.CheckResponse:
-    """The answer without what may differ in a replay: the figures now, the message, the replay flag."""
-    kept = pb.CheckResponse()
-    kept.CopyFrom(response)
-    for name in ("scopes", "message", "replayed"):
-        kept.ClearField(name)
-    return kept
-
-
-def test_check_replays_its_degrade_over_grpc(client: BudgetClient) -> None:
-    first = client.check(**check("s1", 2000, 1000))
-    assert (first.decision, first.reason) == (pb.DECISION_DEGRADE, pb.REASON_DEGRADED_TO_FIT)
-    assert (first.advice.rung, first.advice.model, first.advice.max_output_tokens) == ("cheaper", "small", 300)
-    again = client.check(**check("s1", 2000, 1000))
-    assert again.replayed
-    assert answer(again) == answer(first)
-    assert again.message == "step was checked before: " + first.message
-
-
-def test_check_refuses_another_request_for_the_step_over_grpc(client: BudgetClient) -> None:
-    first = client.check(**check("s1", 500))
-    with pytest.raises(grpc.RpcError) as refused:
-        client.check(**check("s1", 90_000))
-    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    details = refused.value.details() or ""
-    assert details.startswith("step_id: step 's1' of task 't1' was already checked with a different request")
-    assert details.endswith("use a new step_id, or Release it first")
-    task = {s.name: s for s in client.get_budget(tenant_id="acme", task_id="t1").scopes}["task"]
-    assert task.reserved_tokens == 500  # nothing more was granted
-    assert answer(client.check(**check("s1", 500))) == answer(first)
-
-
-def test_check_stream_replays_and_refuses_per_check(client: BudgetClient) -> None:
-    (first,) = client.check_many([check("s1", 2000, 1000)])
-    assert isinstance(first, pb.CheckResponse)
-    assert first.decision == pb.DECISION_DEGRADE
-    replayed, refused, fresh = client.check_many([check("s1", 2000, 1000), check("s1", 2000), check("s2", 100)])
-    assert isinstance(replayed, pb.CheckResponse)
-    assert replayed.replayed
-    assert answer(replayed) == answer(first)
-    assert isinstance(refused, CheckRefusedError)
-    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert refused.details().startswith("checks[1].step_id: step 's1' of task 't1' was already checked with a ")
-    assert isinstance(fresh, pb.CheckResponse)
-    assert (fresh.decision, fresh.granted_tokens) == (pb.DECISION_ALLOW, 100)
-    task = {s.name: s for s in fresh.scopes}["task"]
-    assert task.reserved_tokens == first.granted_tokens + 100
