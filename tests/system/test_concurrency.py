@@ -10,14 +10,12 @@ tests/store/test_concurrent_scripts.py's (Redis runs each script whole, whicheve
 from __future__ import annotations
 
 import random
-import threading
-import traceback
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from concurrency_workers import grpc_worker
 from support_concurrency import (
     MAX_STEP,
     TENANT,
@@ -34,81 +32,8 @@ from budgetwarden_client import BudgetClient, pb
 from support import run_processes
 
 PROCESSES = 4
-BARRIER_TIMEOUT_S = 60.0
 
 pytestmark = pytest.mark.slow
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Worker processes (module level, so that the spawn start method can import them).
-
-
-def _grpc_call(client: BudgetClient, kind: str, job: tuple[Any, ...]) -> Row:
-    if kind == "check":
-        task_id, step_id, tokens = job
-        answer = client.check(
-            tenant_id=TENANT, task_id=task_id, step_id=step_id, estimated_input_tokens=tokens, max_output_tokens=0
-        )
-        return {
-            "task": task_id,
-            "step": step_id,
-            "tokens": tokens,
-            "decision": answer.decision,
-            "reason": answer.reason,
-            "binding": answer.binding_scope,
-            "granted": answer.granted_tokens,
-            "rid": answer.reservation_id,
-            "replayed": answer.replayed,
-            "fail_mode": answer.from_fail_mode,
-        }
-    task_id, step_id, tokens, key = job
-    record = pb.UsageRecord(
-        tenant_id=TENANT, task_id=task_id, step_id=step_id, input_tokens=tokens, idempotency_key=key
-    )
-    (result,) = client.report([record]).results
-    return {
-        "task": task_id,
-        "step": step_id,
-        "tokens": tokens,
-        "status": result.status,
-        "rid": result.reservation_id,
-        "charged": result.charged_tokens,
-        "refunded": result.refunded_tokens,
-        "overage": result.overage_tokens,
-    }
-
-
-def grpc_worker(
-    index: int, results: Any, barrier: Any, addr: str, kind: str, per_thread: Sequence[Sequence[tuple[Any, ...]]]
-) -> None:
-    try:
-        rows: list[Row] = []
-        errors: list[str] = []
-        lock = threading.Lock()
-
-        def run(jobs: Sequence[tuple[Any, ...]]) -> None:
-            try:
-                with BudgetClient(addr, timeout=60.0) as client:
-                    client.get_budget(tenant_id=TENANT)  # connect before the start line
-                    barrier.wait(BARRIER_TIMEOUT_S)
-                    mine = [_grpc_call(client, kind, job) for job in jobs]
-                with lock:
-                    rows.extend(mine)
-            except BaseException:
-                barrier.abort()
-                with lock:
-                    errors.append(traceback.format_exc())
-
-        threads = [threading.Thread(target=run, args=(jobs,)) for jobs in per_thread]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise RuntimeError("\n".join(errors))
-        results.put((index, None, rows))
-    except BaseException:
-        results.put((index, traceback.format_exc(), None))
 
 
 def grpc_budget(addr: str, task_id: str) -> tuple[dict[str, pb.ScopeState], pb.GetBudgetResponse]:
