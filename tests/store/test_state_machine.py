@@ -33,7 +33,7 @@ from budgetwarden.domain._model import (
     UsageInput,
 )
 from budgetwarden.domain._policy import parse_policy
-from budgetwarden.limiter import Limiter, StepConflictError
+from budgetwarden.limiter import BudgetView, Limiter, StepConflictError
 from budgetwarden.store._keys import reservation_id
 from budgetwarden.store._store import BudgetStore, IdempotencyConflictError, Retention
 
@@ -391,12 +391,17 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
                 event("advance: the day window rolls over")
             self.now += ms
 
+        async def read_every_task(self) -> list[BudgetView]:
+            return list(await asyncio.gather(*(self.limiter.budget(TENANT, task_id, "") for task_id in TASKS)))
+
         @invariant()
         def counters_match(self) -> None:
             self.model.lapse(self.now)
             window = self.model.windows.get(utc_day(self.now)[0], WindowState())
-            for task_id in TASKS:
-                view = self.loop.run_until_complete(self.limiter.budget(TENANT, task_id, ""))
+            # All tasks read at once: each read runs whole and first sweeps every lapsed lease of the tenant, so in
+            # whatever order Redis runs them, each sees the same state a read one after another would.
+            views = self.loop.run_until_complete(self.read_every_task())
+            for task_id, view in zip(TASKS, views, strict=True):
                 task = self.model.tasks.get(task_id)
                 scopes = [(scope.name, counter) for scope, counter in view.scopes]
                 want_task = Counter(None, 0, 0) if task is None else Counter(task.limit, task.used, task.reserved)
