@@ -21,10 +21,17 @@ from budgetwarden.app._config import Settings
 from budgetwarden.app._sidecar import Sidecar
 from budgetwarden.cli import main
 from budgetwarden.limiter import Clock
+from budgetwarden.store._embedded import free_port
 
 T = TypeVar("T")
 
 MINUTE_MS = 60_000
+# A check waits this long for Redis before the fail mode answers, unless a test sets its own: a busy machine may take
+# longer than the production default (250 ms), and a fail-mode answer the test did not ask for would fail it.
+TEST_CHECK_DEADLINE_MS = 30_000
+# Likewise every other store call (reports, releases, reads; production default 1 s): a batch of hundreds of records
+# on a loaded machine may take longer, and an UNAVAILABLE the test did not ask for would fail it.
+TEST_STORE_DEADLINE_MS = 30_000
 
 
 class SettableClock:
@@ -44,6 +51,19 @@ class SettableClock:
 
     def advance(self, seconds: float) -> None:
         self.now_ms += round(seconds * 1000)
+
+
+def sidecar_settings(redis_url: str, /, **overrides: Any) -> Settings:
+    """A test sidecar's settings: a free loopback port, the given Redis, text logs, the generous deadlines above."""
+    values: dict[str, Any] = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "redis_url": redis_url,
+        "log_format": "text",
+        "check_deadline_ms": TEST_CHECK_DEADLINE_MS,
+        "store_deadline_ms": TEST_STORE_DEADLINE_MS,
+    }
+    values.update(overrides)
+    return Settings(**values)
 
 
 class RunningSidecar:
