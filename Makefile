@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.run-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test venv dev lint format typecheck buf-lint proto proto-check pytest bench clean
+.PHONY: run test test-fast venv dev lint format typecheck buf-lint proto proto-check pytest bench clean
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "budgetwarden needs Python 3.11 or newer (python3.11, python3.12, ... on PATH)"; exit 1; }
@@ -31,8 +31,12 @@ dev: $(DEV_STAMP)
 run: $(RUN_STAMP)
 	$(BIN)/budgetwarden serve --log-format text
 
-## test: lint, types, buf lint, generated-code freshness, then the whole test suite
+## test: lint, types, buf lint, generated-code freshness, then every test tier (unit, store, integration, system)
 test: lint typecheck buf-lint proto-check pytest
+
+## test-fast: the inner loop: the unit and store tiers only (no sidecar, no subprocess)
+test-fast: $(DEV_STAMP)
+	$(BIN)/pytest tests/unit tests/store
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

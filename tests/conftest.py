@@ -10,11 +10,10 @@ import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from budgetwarden.app._config import Settings
 from budgetwarden.limiter import Clock
 from budgetwarden.store._embedded import EmbeddedRedis, free_port
 
-from support import BlackHole, RunningSidecar
+from support import BlackHole, RunningSidecar, sidecar_settings
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +51,6 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-# A check waits this long for Redis before the fail mode answers, unless a test sets its own: a busy machine may take
-# longer than the production default (250 ms), and a fail-mode answer the test did not ask for would fail it.
-TEST_CHECK_DEADLINE_MS = 30_000
-# Reports, releases and budget reads wait this long for Redis: on a busy machine a slow script must not be UNAVAILABLE.
-TEST_STORE_DEADLINE_MS = 30_000
-
-
 @pytest.fixture
 def start_sidecar(redis_url: str) -> Iterator[Callable[..., RunningSidecar]]:
     """Start sidecars against the test's Redis; keyword arguments override settings. Each sidecar runs on its own
@@ -66,14 +58,7 @@ def start_sidecar(redis_url: str) -> Iterator[Callable[..., RunningSidecar]]:
     started: list[RunningSidecar] = []
 
     def start(*, clock: Clock | None = None, **overrides: Any) -> RunningSidecar:
-        values: dict[str, Any] = {
-            "listen": f"127.0.0.1:{free_port()}",
-            "redis_url": redis_url,
-            "log_format": "text",
-            "check_deadline_ms": TEST_CHECK_DEADLINE_MS,
-        }
-        values.update(overrides)
-        running = RunningSidecar(Settings(**values), clock).start()
+        running = RunningSidecar(sidecar_settings(redis_url, **overrides), clock).start()
         started.append(running)
         return running
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import multiprocessing
 import os
 import queue
@@ -13,14 +15,23 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
+from unittest import mock
 
 from budgetwarden.app._config import Settings
 from budgetwarden.app._sidecar import Sidecar
+from budgetwarden.cli import main
 from budgetwarden.limiter import Clock
+from budgetwarden.store._embedded import free_port
 
 T = TypeVar("T")
 
 MINUTE_MS = 60_000
+# A check waits this long for Redis before the fail mode answers, unless a test sets its own: a busy machine may take
+# longer than the production default (250 ms), and a fail-mode answer the test did not ask for would fail it.
+TEST_CHECK_DEADLINE_MS = 30_000
+# Likewise every other store call (reports, releases, reads; production default 1 s): a batch of hundreds of records
+# on a loaded machine may take longer, and an UNAVAILABLE the test did not ask for would fail it.
+TEST_STORE_DEADLINE_MS = 30_000
 
 
 class SettableClock:
@@ -40,6 +51,19 @@ class SettableClock:
 
     def advance(self, seconds: float) -> None:
         self.now_ms += round(seconds * 1000)
+
+
+def sidecar_settings(redis_url: str, /, **overrides: Any) -> Settings:
+    """A test sidecar's settings: a free loopback port, the given Redis, text logs, the generous deadlines above."""
+    values: dict[str, Any] = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "redis_url": redis_url,
+        "log_format": "text",
+        "check_deadline_ms": TEST_CHECK_DEADLINE_MS,
+        "store_deadline_ms": TEST_STORE_DEADLINE_MS,
+    }
+    values.update(overrides)
+    return Settings(**values)
 
 
 class RunningSidecar:
@@ -88,6 +112,25 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
     assert "Traceback" not in result.stderr, result.stderr
     return result
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``budgetwarden`` in this process: ``main(argv)`` with stdout and stderr captured, in the same clean environment
+    ``cli`` gives a subprocess. What it returns reads like ``cli``'s (exit code, stdout, stderr); an exception that
+    escapes ``main`` (which a process would print as a traceback) fails the test where it happens."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("BUDGETWARDEN_")}
+    environ.update(env or {})
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (
+        mock.patch.dict(os.environ, environ, clear=True),
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's way out (usage errors, --help)
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    return subprocess.CompletedProcess(["budgetwarden", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:

@@ -1,0 +1,576 @@
+"""The Kubernetes manifests under k8s/: schemas, the rendered kustomizations, and every cross-reference between them.
+
+- Every manifest file and every kustomization's rendered output (``support_kustomize``, a renderer for exactly the
+  kustomize features used) validates strictly against the Kubernetes JSON schemas of the newest release that
+  ``kubernetes-validate`` ships; cert-manager's Issuer and Certificate, which are CRDs, against small hand-written
+  schemas of the fields used (and nothing else may lack a schema).
+- What a schema cannot see: Services select pods and ports that exist, the webhook reaches the injector, the
+  certificate is the Secret mounted, the NetworkPolicy selects what it means to, every pod meets Pod Security
+  "restricted", every ``budgetwarden`` command line uses real subcommands and flags.
+- The injector itself, started with the manifests' own arguments, is tests/system/test_k8s_injector.py's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import jsonpatch
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from support_k8s import (
+    CONFIG_FILES,
+    CONFIG_MAP,
+    IMAGE,
+    INJECTOR,
+    INJECTOR_ID,
+    INSTALLS,
+    K8S,
+    KUSTOMIZATIONS,
+    REDIS_IDS,
+    ROOT,
+    SIDECAR_LABEL,
+    Resource,
+    budgetwarden_command_lines,
+    changed,
+    check_command_line,
+    comment_text,
+    container_port,
+    documents,
+    find,
+    flag_values,
+    ids,
+    injector_container,
+    manifest_files,
+    namespace_labels,
+    pods,
+    rendered,
+    restricted_problems,
+    selects,
+    service_url_target,
+    validate,
+    write,
+    yaml_files,
+)
+from support_kustomize import RenderError, UnsupportedError, render, resource_id
+
+from support import run_cli
+
+# --- schemas: every file, every rendered kustomization -------------------------------------------------------------
+
+
+def test_every_yaml_file_is_a_kustomization_a_manifest_or_a_known_config_file() -> None:
+    names = yaml_files()
+    assert set(names) >= CONFIG_FILES
+    assert {str(Path(k) / "kustomization.yaml") if k else "kustomization.yaml" for k in KUSTOMIZATIONS} == {
+        name for name in names if Path(name).name == "kustomization.yaml"
+    }
+    for name in manifest_files():
+        docs = documents(name)
+        assert docs, name
+        for doc in docs:
+            assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{name}: not a Kubernetes object"
+
+
+@pytest.mark.parametrize("name", manifest_files())
+def test_manifest_file_validates(name: str) -> None:
+    for doc in documents(name):
+        validate(doc)
+
+
+@pytest.mark.parametrize("kustomization", sorted(KUSTOMIZATIONS))
+def test_rendered_kustomization_validates(kustomization: str) -> None:
+    resources = rendered(kustomization)
+    assert resources
+    for resource in resources:
+        validate(resource)
+        # Everything has its namespace, except the policy part (no namespace on purpose: it is reused per namespace).
+        if resource["kind"] not in ("Namespace", "MutatingWebhookConfiguration") and kustomization != "policy":
+            assert resource["metadata"].get("namespace"), resource_id(resource)
+
+
+def test_validation_rejects_what_the_api_server_would() -> None:
+    base = rendered("")
+    broken: list[Resource] = []
+    deployment = copy.deepcopy(find(base, "Deployment", INJECTOR))
+    deployment["spec"]["replica"] = 2  # a typo
+    broken.append(deployment)
+    service = copy.deepcopy(find(base, "Service", INJECTOR))
+    service["spec"]["ports"][0]["port"] = "443"  # a string
+    broken.append(service)
+    webhook = copy.deepcopy(find(base, "MutatingWebhookConfiguration", INJECTOR))
+    del webhook["webhooks"][0]["admissionReviewVersions"]  # required
+    broken.append(webhook)
+    certificate = copy.deepcopy(find(base, "Certificate", "budgetwarden-webhook"))
+    del certificate["spec"]["secretName"]
+    broken.append(certificate)
+    certificate = copy.deepcopy(find(base, "Certificate", "budgetwarden-webhook"))
+    certificate["spec"]["dnsName"] = ["x"]  # a typo
+    broken.append(certificate)
+    issuer = copy.deepcopy(find(base, "Issuer", "budgetwarden-selfsigned"))
+    issuer["spec"]["ca"] = {"secretName": "x"}  # two kinds of issuer
+    broken.append(issuer)
+    for resource in broken:
+        with pytest.raises(jsonschema.ValidationError):
+            validate(resource)
+    # A kind with no schema (core or hand-written) is an error, not a pass.
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        validate({"apiVersion": "cert-manager.io/v1", "kind": "ClusterIssuer", "metadata": {"name": "x"}})
+
+
+# --- the renderer and the overlays ---------------------------------------------------------------------------------
+
+
+def test_base_renders_everything_in_the_budgetwarden_namespace() -> None:
+    base = rendered("")
+    kinds = {(r["kind"], r["metadata"]["name"]) for r in base}
+    assert kinds == {
+        ("Namespace", "budgetwarden"),
+        ("Service", "budgetwarden-redis"),
+        ("StatefulSet", "budgetwarden-redis"),
+        ("NetworkPolicy", "budgetwarden-redis"),
+        ("ConfigMap", "budgetwarden-policy"),
+        ("ServiceAccount", INJECTOR),
+        ("Deployment", INJECTOR),
+        ("Service", INJECTOR),
+        ("PodDisruptionBudget", INJECTOR),
+        ("MutatingWebhookConfiguration", INJECTOR),
+        ("Issuer", "budgetwarden-selfsigned"),
+        ("Certificate", "budgetwarden-webhook"),
+        ("Deployment", "budgetwarden-otel-collector"),
+        ("Service", "budgetwarden-otel-collector"),
+        ("ConfigMap", "budgetwarden-otel-collector-config"),
+    }
+    assert {r["metadata"].get("namespace") for r in base if r["kind"] not in ("Namespace",)} - {None} == {
+        "budgetwarden"
+    }
+    collector_config = find(base, "ConfigMap", "budgetwarden-otel-collector-config")
+    assert collector_config["data"] == {"otel-collector-config.yaml": (K8S / "otel-collector-config.yaml").read_text()}
+
+
+def test_external_redis_overlay_drops_redis_and_reads_the_url_from_a_secret() -> None:
+    base, overlay = rendered(""), rendered("overlays/external-redis")
+    assert ids(base) - ids(overlay) == REDIS_IDS
+    assert ids(overlay) <= ids(base)
+    assert changed(base, overlay) == {INJECTOR_ID}
+    args = injector_container(overlay)["args"]
+    assert not flag_values(args, "--redis-url")
+    (secret_ref,) = flag_values(args, "--redis-url-secret")
+    name, key = secret_ref.split(":")
+    # The example Secret and the documented command create exactly that name and key.
+    (example,) = documents("overlays/external-redis/redis-secret.example.yaml")
+    assert (example["metadata"]["name"], list(example["stringData"])) == (name, [key])
+    assert urlsplit(example["stringData"][key]).scheme == "rediss"
+    created = re.search(
+        r"create secret generic (\S+) \\\s*\n\s*--from-literal=([\w-]+)=",
+        comment_text("overlays/external-redis/kustomization.yaml"),
+    )
+    assert created is not None
+    assert created.groups() == (name, key)
+
+
+def test_redis_cluster_overlay_is_external_redis_plus_the_cluster_flag() -> None:
+    external, cluster = rendered("overlays/external-redis"), rendered("overlays/redis-cluster")
+    assert ids(external) == ids(cluster)
+    assert changed(external, cluster) == {INJECTOR_ID}
+    assert injector_container(cluster)["args"] == [*injector_container(external)["args"], "--redis-cluster"]
+
+
+def test_legacy_sidecar_overlay_only_adds_its_flag() -> None:
+    base, legacy = rendered(""), rendered("overlays/legacy-sidecar")
+    assert ids(base) == ids(legacy)
+    assert changed(base, legacy) == {INJECTOR_ID}
+    assert injector_container(legacy)["args"] == [*injector_container(base)["args"], "--legacy-sidecar"]
+
+
+def test_self_signed_overlay_drops_cert_manager() -> None:
+    base, overlay = rendered(""), rendered("overlays/self-signed")
+    assert ids(base) - ids(overlay) == {
+        ("cert-manager.io", "Issuer", "budgetwarden", "budgetwarden-selfsigned"),
+        ("cert-manager.io", "Certificate", "budgetwarden", "budgetwarden-webhook"),
+    }
+    assert not any(r["apiVersion"].startswith("cert-manager.io/") for r in overlay)
+    webhook = find(overlay, "MutatingWebhookConfiguration", INJECTOR)
+    assert not any(key.startswith("cert-manager.io/") for key in webhook["metadata"].get("annotations", {}))
+    container = injector_container(overlay)
+    args = container["args"]
+    assert "--self-signed" in args
+    assert not flag_values(args, "--tls-cert-file")
+    assert not flag_values(args, "--tls-key-file")
+    (ca_dir,) = flag_values(args, "--self-signed-dir")
+    pod = find(overlay, "Deployment", INJECTOR)["spec"]["template"]["spec"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == ca_dir]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "budgetwarden-webhook-ca"
+    assert "budgetwarden-webhook-tls" not in json.dumps(overlay)
+
+
+def test_renderer_applies_what_it_supports(tmp_path: Path) -> None:
+    write(tmp_path / "base" / "cm.yaml", CONFIG_MAP.format(name="one") + "---\n" + CONFIG_MAP.format(name="two"))
+    write(tmp_path / "base" / "ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: space\n")
+    write(tmp_path / "base" / "file.txt", "content\n")
+    write(
+        tmp_path / "base" / "kustomization.yaml",
+        "namespace: space\nresources: [cm.yaml, ns.yaml]\ngeneratorOptions: {disableNameSuffixHash: true}\n"
+        "configMapGenerator:\n- name: generated\n  files: [key=file.txt]\n",
+    )
+    write(
+        tmp_path / "overlay" / "kustomization.yaml",
+        "resources: [../base]\npatches:\n"
+        "- patch: |-\n    $patch: delete\n    apiVersion: v1\n    kind: ConfigMap\n    metadata: {name: one}\n"
+        "- target: {kind: ConfigMap, name: two}\n  patch: |-\n    - {op: test, path: /data/a, value: b}\n"
+        "    - {op: replace, path: /data/a, value: c}\n",
+    )
+    out = render(tmp_path / "overlay")
+    assert {(r["kind"], r["metadata"]["name"], r["metadata"].get("namespace")) for r in out} == {
+        ("ConfigMap", "two", "space"),
+        ("ConfigMap", "generated", "space"),
+        ("Namespace", "space", None),
+    }
+    assert find(out, "ConfigMap", "two")["data"] == {"a": "c"}
+    assert find(out, "ConfigMap", "generated")["data"] == {"key": "content\n"}
+
+
+@pytest.mark.parametrize(
+    ("kustomization", "error"),
+    [
+        ("resources: [cm.yaml]\nimages: [{name: x, newTag: y}]\n", UnsupportedError),
+        ("configMapGenerator:\n- name: g\n  files: [cm.yaml]\n", UnsupportedError),  # hash suffix
+        (
+            "resources: [cm.yaml]\npatches:\n- patch: |-\n    apiVersion: v1\n    kind: ConfigMap\n"
+            "    metadata: {name: one}\n    data: {a: z}\n",
+            UnsupportedError,  # a strategic merge other than $patch: delete
+        ),
+        ("resources: [cm.yaml]\npatches:\n- target: {name: o.*}\n  patch: '[]'\n", UnsupportedError),
+        ("resources: [../outside.yaml]\n", RenderError),  # kustomize's load restrictor
+        ("resources: [missing.yaml]\n", RenderError),
+        ("resources: [cm.yaml, cm.yaml]\n", RenderError),  # the same id twice
+        ("resources: [cm.yaml]\npatches:\n- target: {name: nothing}\n  patch: '[]'\n", RenderError),
+        (
+            "resources: [cm.yaml]\npatches:\n- patch: |-\n    $patch: delete\n    apiVersion: v1\n"
+            "    kind: ConfigMap\n    metadata: {name: other}\n",
+            RenderError,
+        ),
+        ("namespace: other\nresources: [ns.yaml]\n", UnsupportedError),  # kustomize would rename the Namespace
+        (
+            "resources: [cm.yaml]\npatches:\n- target: {kind: ConfigMap}\n  patch: '[{op: test, path: /data/a, "
+            "value: z}]'\n",
+            jsonpatch.JsonPatchTestFailed,
+        ),
+    ],
+)
+def test_renderer_refuses_what_kustomize_would_or_what_it_lacks(
+    tmp_path: Path, kustomization: str, error: type[Exception]
+) -> None:
+    write(tmp_path / "outside.yaml", CONFIG_MAP.format(name="outside"))
+    write(tmp_path / "k" / "cm.yaml", CONFIG_MAP.format(name="one"))
+    write(tmp_path / "k" / "ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: space\n")
+    write(tmp_path / "k" / "kustomization.yaml", kustomization)
+    with pytest.raises(error):
+        render(tmp_path / "k")
+
+
+# --- cross-references -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kustomization", [*INSTALLS, "examples/agent"])
+def test_services_select_pods_and_ports_that_exist(kustomization: str) -> None:
+    resources = rendered(kustomization)
+    for service in (r for r in resources if r["kind"] == "Service"):
+        namespace = service["metadata"]["namespace"]
+        selected = [
+            p
+            for p in pods(resources)
+            if p.namespace == namespace and selects({"matchLabels": service["spec"]["selector"]}, p.labels)
+        ]
+        assert selected, f"Service {service['metadata']['name']} selects no pod"
+        for port in service["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            for pod in selected:
+                container_ports = [cp for c in pod.containers() for cp in c.get("ports", [])]
+                if isinstance(target, str):
+                    assert target in {cp.get("name") for cp in container_ports}, (service["metadata"]["name"], target)
+                else:
+                    assert target in {cp["containerPort"] for cp in container_ports}, (
+                        service["metadata"]["name"],
+                        target,
+                    )
+    for statefulset in (r for r in resources if r["kind"] == "StatefulSet"):
+        governing = find(resources, "Service", statefulset["spec"]["serviceName"], statefulset["metadata"]["namespace"])
+        assert governing["spec"]["clusterIP"] == "None"  # headless
+    for workload in (r for r in resources if r["kind"] in ("Deployment", "StatefulSet")):
+        assert selects(workload["spec"]["selector"], workload["spec"]["template"]["metadata"]["labels"])
+
+
+@pytest.mark.parametrize("kustomization", INSTALLS)
+def test_webhook_reaches_the_injector(kustomization: str) -> None:
+    resources = rendered(kustomization)
+    webhook = find(resources, "MutatingWebhookConfiguration", INJECTOR)
+    deployment = find(resources, "Deployment", INJECTOR)
+    container = injector_container(resources)
+    (listen,) = flag_values(container["args"], "--listen")
+    listen_port = int(listen.rsplit(":", 1)[1])
+    assert [entry["clientConfig"]["service"]["path"] for entry in webhook["webhooks"]] == ["/mutate-all", "/mutate"]
+    for entry in webhook["webhooks"]:
+        ref = entry["clientConfig"]["service"]
+        service = find(resources, "Service", ref["name"], ref["namespace"])
+        assert service["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+        assert selects(
+            {"matchLabels": service["spec"]["selector"]}, deployment["spec"]["template"]["metadata"]["labels"]
+        )
+        (port,) = [p for p in service["spec"]["ports"] if p["port"] == ref.get("port", 443)]
+        assert container_port(deployment["spec"]["template"]["spec"], container, port["targetPort"]) == listen_port
+        assert entry["admissionReviewVersions"] == ["v1"]
+        assert entry["sideEffects"] == "None"
+        assert entry["timeoutSeconds"] == 5
+        assert entry["failurePolicy"] == "Ignore"
+        assert entry["reinvocationPolicy"] == "IfNeeded"
+        assert entry["matchPolicy"] == "Equivalent"
+        assert entry["rules"] == [
+            {
+                "operations": ["CREATE"],
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "resources": ["pods"],
+                "scope": "Namespaced",
+            }
+        ]
+        assert "caBundle" not in entry["clientConfig"]  # cert-manager injects it, or the self-signed steps patch it
+    # The note on making it Fail sits with the setting.
+    text = (K8S / "webhook.yaml").read_text()
+    assert "failurePolicy: Fail" in text or "`failurePolicy: Fail`" in text
+
+
+def test_webhook_selects_opted_in_namespaces_and_never_its_own_or_kube_system() -> None:
+    webhook = find(rendered(""), "MutatingWebhookConfiguration", INJECTOR)
+    agents = find(rendered("examples/agent"), "Namespace", "agents")
+    budgetwarden = find(rendered(""), "Namespace", "budgetwarden")
+
+    def paths(namespace: dict[str, str], pod_labels: dict[str, str]) -> list[str]:
+        return [
+            entry["clientConfig"]["service"]["path"]
+            for entry in webhook["webhooks"]
+            if selects(entry["namespaceSelector"], namespace) and selects(entry["objectSelector"], pod_labels)
+        ]
+
+    assert paths(namespace_labels(agents), {}) == ["/mutate-all"]  # opted in by label: every pod
+    assert paths(namespace_labels("default"), {}) == ["/mutate"]  # elsewhere: pods opting in by annotation
+    assert paths(namespace_labels(agents), {"budgetwarden.io/inject": "false"}) == []  # a pod opting out
+    disabled = {**namespace_labels("other"), "budgetwarden.io/inject": "disabled"}
+    assert paths(disabled, {}) == []
+    for never in (budgetwarden, "kube-system", "kube-public", "kube-node-lease"):
+        labels = namespace_labels(never)
+        assert paths(labels, {}) == []
+        assert paths({**labels, "budgetwarden.io/inject": "enabled"}, {}) == []  # even if labelled
+    # And the injector does not inject its own namespace either (its default, from POD_NAMESPACE).
+    container = injector_container(rendered(""))
+    (pod_namespace,) = [e for e in container["env"] if e["name"] == "POD_NAMESPACE"]
+    assert pod_namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_certificate_is_the_secret_the_injector_mounts_and_the_ca_the_webhook_trusts() -> None:
+    base = rendered("")
+    certificate = find(base, "Certificate", "budgetwarden-webhook")
+    spec = certificate["spec"]
+    issuer = find(base, "Issuer", spec["issuerRef"]["name"], certificate["metadata"]["namespace"])
+    assert spec["issuerRef"].get("kind", "Issuer") == issuer["kind"]
+    assert "selfSigned" in issuer["spec"]
+    webhook = find(base, "MutatingWebhookConfiguration", INJECTOR)
+    assert webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == (
+        f"{certificate['metadata']['namespace']}/{certificate['metadata']['name']}"
+    )
+    # Valid for every name the API server may use for the Service.
+    ref = webhook["webhooks"][0]["clientConfig"]["service"]
+    service = f"{ref['name']}.{ref['namespace']}"
+    assert {ref["name"], service, f"{service}.svc", f"{service}.svc.cluster.local"} <= set(spec["dnsNames"])
+    assert spec["commonName"] in spec["dnsNames"]
+    assert "server auth" in spec["usages"]
+    assert spec["privateKey"]["algorithm"] != "ECDSA" or spec["privateKey"]["size"] in (256, 384, 521)
+    # The injector mounts that Secret and reads cert-manager's tls.crt / tls.key from it.
+    deployment = find(base, "Deployment", INJECTOR)
+    pod = deployment["spec"]["template"]["spec"]
+    container = injector_container(base)
+    (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == spec["secretName"]]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    assert flag_values(container["args"], "--tls-cert-file") == [f"{mount['mountPath']}/tls.crt"]
+    assert flag_values(container["args"], "--tls-key-file") == [f"{mount['mountPath']}/tls.key"]
+
+
+def test_network_policy_lets_only_sidecars_and_the_injector_reach_redis() -> None:
+    base = rendered("")
+    policy = find(base, "NetworkPolicy", "budgetwarden-redis")
+    namespace = policy["metadata"]["namespace"]
+    redis = find(base, "StatefulSet", "budgetwarden-redis")
+    selected = [p for p in pods(base) if p.namespace == namespace and selects(policy["spec"]["podSelector"], p.labels)]
+    assert [p.owner for p in selected] == [redis]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    (redis_container,) = redis["spec"]["template"]["spec"]["containers"]
+    assert [p["port"] for p in rule["ports"]] == [container_port({}, redis_container, "redis")] == [6379]
+    sidecars, injector = rule["from"]
+    assert sidecars == {"namespaceSelector": {}, "podSelector": {"matchLabels": SIDECAR_LABEL}}
+    assert selects(
+        injector["podSelector"], find(base, "Deployment", INJECTOR)["spec"]["template"]["metadata"]["labels"]
+    )
+    assert "namespaceSelector" not in injector  # the injector's peer is in the policy's own namespace
+
+    def admitted(pod_namespace: str, labels: dict[str, str]) -> bool:
+        return any(
+            selects(peer["podSelector"], labels)
+            and (
+                selects(peer["namespaceSelector"], namespace_labels(pod_namespace))
+                if "namespaceSelector" in peer
+                else pod_namespace == namespace
+            )
+            for peer in rule["from"]
+        )
+
+    others = [p for p in pods(base) + pods(rendered("examples/agent")) if p.owner["metadata"]["name"] != INJECTOR]
+    for pod in others:  # Redis itself, the collector and the (not yet injected) agent are not let in
+        assert not admitted(pod.namespace, pod.labels), pod.owner["metadata"]["name"]
+    assert admitted("agents", {"app.kubernetes.io/name": "research-agent", **SIDECAR_LABEL})
+    assert admitted(namespace, find(base, "Deployment", INJECTOR)["spec"]["template"]["metadata"]["labels"])
+
+
+def test_injector_is_redundant_and_hardened() -> None:
+    base = rendered("")
+    deployment = find(base, "Deployment", INJECTOR)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["replicas"] == 2
+    budget = find(base, "PodDisruptionBudget", INJECTOR)
+    assert budget["spec"]["minAvailable"] == 1
+    assert selects(budget["spec"]["selector"], labels)
+    pod = deployment["spec"]["template"]["spec"]
+    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+    assert keys == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    assert all(selects(c["labelSelector"], labels) for c in pod["topologySpreadConstraints"])
+    container = injector_container(base)
+    assert container["image"] == IMAGE
+    (sidecar_image,) = flag_values(container["args"], "--sidecar-image")
+    assert sidecar_image == container["image"]
+    for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        http = container[probe]["httpGet"]
+        assert (http["scheme"], http["path"], http["port"]) == ("HTTPS", path, "https"), probe
+    assert container_port(pod, container, "https") == 8443
+    service = find(base, "Service", INJECTOR)
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(443, "https")]
+
+
+def test_least_privilege_no_rbac_and_no_api_tokens() -> None:
+    for kustomization in [*INSTALLS, "examples/agent"]:
+        resources = rendered(kustomization)
+        kinds = {r["kind"] for r in resources}
+        assert not kinds & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}, kustomization
+        for pod in pods(resources):
+            assert pod.spec["automountServiceAccountToken"] is False, pod.owner["metadata"]["name"]
+    base = rendered("")
+    account = find(base, "ServiceAccount", INJECTOR)
+    assert account["automountServiceAccountToken"] is False
+    assert find(base, "Deployment", INJECTOR)["spec"]["template"]["spec"]["serviceAccountName"] == INJECTOR
+
+
+@pytest.mark.parametrize("kustomization", [*INSTALLS, "examples/agent"])
+def test_every_pod_meets_pod_security_restricted(kustomization: str) -> None:
+    resources = rendered(kustomization)
+    for namespace in (r for r in resources if r["kind"] == "Namespace"):
+        assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for pod in pods(resources):
+        assert restricted_problems(pod.spec, pod.owner["metadata"]["name"]) == []
+
+
+def test_restricted_check_catches_violations() -> None:
+    spec = copy.deepcopy(find(rendered(""), "Deployment", INJECTOR)["spec"]["template"]["spec"])
+    spec["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+    del spec["securityContext"]["seccompProfile"]
+    spec["hostNetwork"] = True
+    assert len(restricted_problems(spec, "x")) == 3
+
+
+def test_redis_is_persistent_durable_and_never_evicts() -> None:
+    base = rendered("")
+    redis = find(base, "StatefulSet", "budgetwarden-redis")
+    spec = redis["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    args = container["args"]
+    pairs = dict(zip(args[1::2], args[2::2], strict=False))
+    assert pairs["--appendonly"] == "yes"
+    assert pairs["--appendfsync"] == "everysec"
+    assert pairs["--maxmemory-policy"] == "noeviction"
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert mount["mountPath"] == pairs["--dir"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert redis["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert probe in container
+    assert "PONG" in " ".join(container["readinessProbe"]["exec"]["command"])
+    assert pairs["--port"] == str(container_port(spec, container, "redis"))
+
+
+def test_injector_points_sidecars_at_redis_the_collector_and_the_policy() -> None:
+    base = rendered("")
+    args = injector_container(base)["args"]
+    (redis_url,) = flag_values(args, "--redis-url")
+    service, port = service_url_target(base, redis_url)
+    assert service["metadata"]["name"] == "budgetwarden-redis"
+    assert port == 6379
+    sidecar_env = dict(value.split("=", 1) for value in flag_values(args, "--sidecar-env"))
+    service, port = service_url_target(base, sidecar_env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert (service["metadata"]["name"], port) == ("budgetwarden-otel-collector", 4317)
+    assert sidecar_env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+    (policy,) = flag_values(args, "--policy-configmap")
+    for kustomization in ("", "examples/agent"):
+        config_map = find(rendered(kustomization), "ConfigMap", policy)
+        assert list(config_map["data"]) == ["policy.yaml"]  # the injector's default --policy-key
+
+
+@pytest.mark.parametrize("kustomization", [*INSTALLS, "examples/agent"])
+def test_mounted_config_maps_and_secrets_exist_or_are_documented(kustomization: str) -> None:
+    resources = rendered(kustomization)
+    external_secrets = {"budgetwarden-webhook-ca"}  # created by hand: overlays/self-signed/kustomization.yaml
+    for pod in pods(resources):
+        for volume in pod.spec.get("volumes", []):
+            if "configMap" in volume:
+                config_map = find(resources, "ConfigMap", volume["configMap"]["name"], pod.namespace)
+                for item in volume["configMap"].get("items", []):
+                    assert item["key"] in config_map["data"]
+            if "secret" in volume:
+                name = volume["secret"]["secretName"]
+                certificates = [r for r in resources if r["kind"] == "Certificate" and r["spec"]["secretName"] == name]
+                assert certificates or name in external_secrets, name
+
+
+def test_policy_is_the_example_policy_it_validates_and_has_the_example_agents_tenant() -> None:
+    text = (K8S / "policy" / "policy.yaml").read_text()
+    assert text == (ROOT / "examples" / "policy.yaml").read_text()
+    result = run_cli("policy", "validate", str(K8S / "policy" / "policy.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    policy = yaml.safe_load(text)
+    (agent,) = pods(rendered("examples/agent"))
+    assert agent.annotations["budgetwarden.io/inject"] == "true"
+    assert agent.annotations["budgetwarden.io/tenant"] in policy["tenants"]
+    assert agent.annotations["budgetwarden.io/task-type"] in policy["task_types"]
+
+
+def test_every_budgetwarden_command_line_uses_real_subcommands_and_flags() -> None:
+    lines = budgetwarden_command_lines()
+    seen = {words[0] for _, words in lines}
+    # The injector, the example agent's check and report, and the documented policy/CA commands are all covered.
+    assert {"inject-webhook", "check", "report", "policy"} <= seen
+    for where, words in lines:
+        check_command_line(words, where)
+
+
+def test_command_line_check_catches_unknown_flags_and_subcommands() -> None:
+    with pytest.raises(AssertionError, match="has no --no-such-flag"):
+        check_command_line(["serve", "--no-such-flag=1"], "test")
+    with pytest.raises(AssertionError, match="no subcommand"):
+        check_command_line(["inject"], "test")
