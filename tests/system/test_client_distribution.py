@@ -24,7 +24,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "python"
 CLIENT_PACKAGES = ("budgetwarden_client", "budgetwarden_api")
 # What the client and the generated code may import besides the standard library and themselves.
