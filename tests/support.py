@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 from unittest import mock
@@ -66,6 +67,19 @@ def sidecar_settings(redis_url: str, /, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+def wait_for_exit(proc: subprocess.Popen[Any], timeout: float, log: Callable[[], str]) -> int:
+    """The exit code of ``proc``; one that does not exit within ``timeout`` fails with its log and where each of its
+    threads is (py-spy, a dev dependency), so a hang says where it hangs."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        dump = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60)
+        stacks = dump.stdout + dump.stderr
+        message = f"pid {proc.pid} did not exit within {timeout}s\n--- stacks\n{stacks}--- log\n{log()}"
+        raise AssertionError(message) from None
+
+
 class RunningSidecar:
     """A sidecar serving on a free loopback port from its own thread and event loop, on the given clock."""
 
@@ -87,11 +101,25 @@ class RunningSidecar:
         """Run a coroutine on the sidecar's loop (to reach its internals)."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
 
+    def _stacks(self) -> str:
+        """Where each thread and each task of the sidecar's loop is, for a failure message."""
+        out = io.StringIO()
+        for ident, frame in sys._current_frames().items():
+            out.write(f"--- thread {ident}\n{''.join(traceback.format_stack(frame))}")
+        for task in asyncio.all_tasks(self._loop):
+            out.write(f"--- task {task.get_name()}\n")
+            task.print_stack(file=out)
+        return out.getvalue()
+
     def stop(self) -> None:
         if self._loop.is_closed():
             return
         if self.sidecar is not None:
-            asyncio.run_coroutine_threadsafe(self.sidecar.stop(), self._loop).result(30)
+            stopping = asyncio.run_coroutine_threadsafe(self.sidecar.stop(), self._loop)
+            try:
+                stopping.result(30)
+            except TimeoutError:
+                raise AssertionError(f"the sidecar did not stop within 30 s:\n{self._stacks()}") from None
             self.sidecar = None
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)

@@ -38,7 +38,7 @@ from budgetwarden.store._usage import UsageEvent, event_id, read_events
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar, run_processes
+from support import RunningSidecar, run_processes, wait_for_exit
 
 pytestmark = pytest.mark.slow
 
@@ -834,7 +834,7 @@ def test_sidecar_sigterm_during_a_burst_loses_no_acknowledged_report(
             thread.join(EXIT_TIMEOUT_S + 30)
         assert not any(thread.is_alive() for thread in threads), "a worker did not finish"
         assert not problems, problems[0]
-        code = proc.wait(EXIT_TIMEOUT_S)
+        code = wait_for_exit(proc, EXIT_TIMEOUT_S, lambda: stderr_path.read_text(errors="replace"))
     finally:
         if proc.poll() is None:
             proc.kill()

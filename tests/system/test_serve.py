@@ -26,7 +26,7 @@ from budgetwarden.app._config import Settings
 from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar
+from support import RunningSidecar, wait_for_exit
 
 pytestmark = pytest.mark.slow
 
@@ -129,10 +129,7 @@ class Served:
         return self.wait()
 
     def wait(self) -> int:
-        try:
-            return self.proc.wait(EXIT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"serve did not exit within {EXIT_TIMEOUT}s:\n{self.stderr()}") from None
+        return wait_for_exit(self.proc, EXIT_TIMEOUT, self.stderr)
 
 
 ServeFactory = Callable[..., Served]
