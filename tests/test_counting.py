@@ -14,7 +14,8 @@ import pytest
 import tiktoken
 from redis.asyncio import Redis
 
-from budgetwarden import _limiter
+from budgetwarden import limiter as _limiter
+from budgetwarden.domain import Prompt
 from budgetwarden.domain._model import CheckInput
 from budgetwarden.domain._policy import parse_policy
 from budgetwarden.domain._tokens import (
@@ -25,7 +26,7 @@ from budgetwarden.domain._tokens import (
     estimate_chat,
     estimate_text,
 )
-from budgetwarden.limiter import INLINE_COUNT_CHARS, Limiter, Prompt
+from budgetwarden.limiter import INLINE_COUNT_CHARS, Limiter
 from budgetwarden.store._store import BudgetStore
 from budgetwarden.transport._validation import MAX_MESSAGE_PROMPT_CHARS, InvalidRequestError, message_prompt_chars
 from budgetwarden_api.v1 import budget_pb2 as pb

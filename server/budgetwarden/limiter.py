@@ -19,7 +19,6 @@ from budgetwarden.domain import (
     TASK_SCOPE,
     Amount,
     Candidate,
-    ChatMessage,
     CheckInput,
     CheckPlan,
     Counter,
@@ -28,6 +27,7 @@ from budgetwarden.domain import (
     LoadedPolicy,
     Planner,
     Policy,
+    Prompt,
     Reason,
     Scope,
     ScopeKind,
@@ -40,8 +40,7 @@ from budgetwarden.domain import (
     Verdict,
     actual_micros,
     decide,
-    estimate_chat,
-    estimate_text,
+    estimate_prompt,
 )
 from budgetwarden.store import (
     Applied,
@@ -102,28 +101,8 @@ async def _store_call(limit_s: float) -> AsyncIterator[None]:
             raise StoreUnavailableError(f"no answer within {limit_s * 1000:.0f} ms") from None
 
 
-def _estimate(encoding: str, prompt: Prompt) -> TokenCount:
-    if prompt.text is not None:
-        return TokenCount(estimate_text(prompt.text), encoding, exact=False)
-    return TokenCount(estimate_chat(list(prompt.messages)), encoding, exact=False)
-
-
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class Prompt:
-    """A prompt for the sidecar to count: plain text, or chat messages."""
-
-    text: str | None = None
-    messages: tuple[ChatMessage, ...] = ()
-
-    @property
-    def size(self) -> int:
-        if self.text is not None:
-            return len(self.text)
-        return sum(len(m.content) + len(m.role) + len(m.name) for m in self.messages)
 
 
 @dataclass(slots=True)
@@ -226,12 +205,12 @@ class Limiter:
             return counted
         if not await self._load_encodings({encoding for _, encoding, _ in jobs}, load_limit_s):
             for i, encoding, prompt in jobs:
-                counted[i] = _estimate(encoding, prompt)
+                counted[i] = estimate_prompt(prompt, encoding)
             return counted
         chars = sum(prompt.size for _, _, prompt in jobs)
         if chars <= INLINE_COUNT_CHARS:
             for i, encoding, prompt in jobs:
-                counted[i] = self._count_one(encoding, prompt)
+                counted[i] = self.counter.count_prompt(prompt, encoding)
             return counted
         given_up = threading.Event()
 
@@ -239,7 +218,7 @@ class Limiter:
             for i, encoding, prompt in jobs:
                 if given_up.is_set():
                     return
-                counted[i] = self._count_one(encoding, prompt)
+                counted[i] = self.counter.count_prompt(prompt, encoding)
 
         future = self.counting_pool.submit(work, chars)
         if future is not None:
@@ -258,7 +237,7 @@ class Limiter:
             )
         for i, encoding, prompt in jobs:
             if answers[i] is None:
-                answers[i] = _estimate(encoding, prompt)
+                answers[i] = estimate_prompt(prompt, encoding)
         return answers
 
     async def _load_encodings(self, names: set[str], limit_s: float | None) -> bool:
@@ -274,11 +253,6 @@ class Limiter:
             log.warning("prompts estimated, not counted: encodings still loading", extra={"encodings": missing})
             return False
         return True
-
-    def _count_one(self, encoding: str, prompt: Prompt) -> TokenCount:
-        if prompt.text is not None:
-            return self.counter.count_text(prompt.text, encoding)
-        return self.counter.count_chat(list(prompt.messages), encoding)
 
     async def check(
         self, request: CheckInput, deadline_s: float | None = None, prompt: Prompt | None = None
@@ -649,7 +623,6 @@ __all__ = [
     "BudgetView",
     "CheckResult",
     "Limiter",
-    "Prompt",
     "StepConflictError",
     "StoreUnavailableError",
     "UnknownCheckpointError",

@@ -4,7 +4,7 @@ Everything here is pure (given a clock value and a policy it answers the same), 
 without Redis or gRPC. Nothing here imports another budgetwarden package.
 """
 
-from ._cost import actual_micros
+from ._cost import actual_micros, usd_text, usd_to_micros
 from ._decision import (
     STEP_SCOPE,
     TASK_SCOPE,
@@ -18,6 +18,7 @@ from ._decision import (
     decide,
     simulate,
 )
+from ._explain import Explanation, explain
 from ._model import (
     MAX_LIMIT_TOKENS,
     MAX_LIMIT_USD,
@@ -43,7 +44,16 @@ from ._model import (
     threshold_of,
 )
 from ._policy import LoadedPolicy, Policy, PolicyError, default_policy, load_policy
-from ._tokens import ChatMessage, CountingPool, TokenCount, TokenCounter, estimate_chat, estimate_text
+from ._tokens import (
+    ChatMessage,
+    CountingPool,
+    Prompt,
+    TokenCount,
+    TokenCounter,
+    estimate_chat,
+    estimate_prompt,
+    estimate_text,
+)
 
 __all__ = [
     "MAX_LIMIT_TOKENS",
@@ -62,11 +72,13 @@ __all__ = [
     "Counter",
     "CountingPool",
     "Decision",
+    "Explanation",
     "LoadedPolicy",
     "Outcome",
     "Planner",
     "Policy",
     "PolicyError",
+    "Prompt",
     "Reason",
     "ReleaseStatus",
     "ReportStatus",
@@ -87,8 +99,12 @@ __all__ = [
     "decide",
     "default_policy",
     "estimate_chat",
+    "estimate_prompt",
     "estimate_text",
+    "explain",
     "load_policy",
     "simulate",
     "threshold_of",
+    "usd_text",
+    "usd_to_micros",
 ]

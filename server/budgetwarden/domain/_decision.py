@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-from ._cost import estimate_micros
+from ._cost import estimate_micros, usd_text
 from ._model import (
     NO_THRESHOLDS,
     Advice,
@@ -310,7 +310,7 @@ def _task_bounds(counter: Counter, thresholds: Thresholds, bound: Bound) -> tupl
 def _unit_text(unit: Unit, counter: Counter, amount: Amount, limit: int | None) -> str:
     if unit is Unit.USD:
         held = counter.used_usd + counter.reserved_usd
-        return f"${held / 1e6:.6f} of ${(limit or 0) / 1e6:.6f} used or reserved, step costs ${amount.usd / 1e6:.6f}"
+        return f"${usd_text(held)} of ${usd_text(limit or 0)} used or reserved, step costs ${usd_text(amount.usd)}"
     held = counter.used + counter.reserved
     return f"{held} of {limit} tokens used or reserved, step asks for {amount.tokens}"
 
@@ -398,8 +398,8 @@ def _denied(plan: CheckPlan, outcome: StoreOutcome, now_ms: int) -> Verdict:
         step = plan.step
         assert step is not None
         unit = _failing_unit(Counter(step.limit, 0, 0, step.limit_usd), plan.requested) or Unit.TOKENS
-        cap = f"{step.limit} tokens" if unit is Unit.TOKENS else f"${(step.limit_usd or 0) / 1e6:.6f}"
-        asked = f"{plan.requested.tokens} tokens" if unit is Unit.TOKENS else f"${plan.requested.usd / 1e6:.6f}"
+        cap = f"{step.limit} tokens" if unit is Unit.TOKENS else f"${usd_text(step.limit_usd or 0)}"
+        asked = f"{plan.requested.tokens} tokens" if unit is Unit.TOKENS else f"${usd_text(plan.requested.usd)}"
         message = f"step asks for {asked}, above the per-step cap of {cap}, and no degrade rung brings it under"
         return Verdict(Decision.DENY, Reason.STEP_CAP_EXCEEDED, 0, message, STEP_SCOPE, binding_unit=unit)
     # Explain with the cheapest thing that was tried: if even that does not fit, nothing does.

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import functools
 import json
 import re
 import time
@@ -34,7 +32,7 @@ from budgetwarden.domain import (
 )
 from budgetwarden.telemetry import Telemetry
 
-from ._keys import TenantKeys, digest, reservation_id
+from ._keys import TenantKeys, checkpoint_prefix, digest, reservation_id
 from ._usage import event_id, event_payload
 
 AnyRedis = Redis | RedisCluster
@@ -93,35 +91,6 @@ def _counters(flat: Sequence[Any]) -> tuple[Counter, ...]:
 
 def _thresholds(soft_bp: Any, checkpoint_bp: Any) -> Thresholds:
     return Thresholds(_optional(soft_bp), _optional(checkpoint_bp))
-
-
-def checkpoint_id(tenant_id: str, task_id: str, number: int) -> str:
-    """Stable and self-describing, so that an approval needs nothing but the id: ck1.<tenant>.<task>.<n>."""
-    return f"{checkpoint_prefix(tenant_id, task_id)}{number}"
-
-
-@functools.lru_cache(maxsize=8192)
-def checkpoint_prefix(tenant_id: str, task_id: str) -> str:
-    return f"ck1.{_b64(tenant_id)}.{_b64(task_id)}."
-
-
-def parse_checkpoint_id(value: str) -> tuple[str, str] | None:
-    """The (tenant, task) a checkpoint id belongs to, or None when it is not one."""
-    parts = value.split(".")
-    if len(parts) != 4 or parts[0] != "ck1" or not parts[3].isdigit():
-        return None
-    try:
-        return _unb64(parts[1]), _unb64(parts[2])
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _b64(text: str) -> str:
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def _unb64(text: str) -> str:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from budgetwarden.domain import (
     CheckInput,
     Counter,
+    Prompt,
     ReportStatus,
     Scope,
     ScopeKind,
@@ -30,7 +31,7 @@ from budgetwarden.domain import (
     WindowSpan,
     threshold_of,
 )
-from budgetwarden.limiter import CheckResult, Limiter, Prompt, StepConflictError, StoreUnavailableError
+from budgetwarden.limiter import CheckResult, Limiter, StepConflictError, StoreUnavailableError
 from budgetwarden.store import Applied, IdempotencyConflictError, reservation_id
 from budgetwarden_api.v1 import budget_pb2 as pb
 
