@@ -41,6 +41,7 @@ from ._model import (
     Verdict,
     Window,
     WindowSpan,
+    remaining_of,
     threshold_of,
 )
 from ._policy import LoadedPolicy, Policy, PolicyError, default_policy, load_policy
@@ -103,6 +104,7 @@ __all__ = [
     "estimate_text",
     "explain",
     "load_policy",
+    "remaining_of",
     "simulate",
     "threshold_of",
     "usd_text",

@@ -126,15 +126,16 @@ class Counter:
 
     @property
     def remaining(self) -> int | None:
-        if self.limit is None:
-            return None
-        return max(0, self.limit - self.used - self.reserved)
+        return None if self.limit is None else remaining_of(self.limit, self.used, self.reserved)
 
     @property
     def remaining_usd(self) -> int | None:
-        if self.limit_usd is None:
-            return None
-        return max(0, self.limit_usd - self.used_usd - self.reserved_usd)
+        return None if self.limit_usd is None else remaining_of(self.limit_usd, self.used_usd, self.reserved_usd)
+
+
+def remaining_of(limit: int, used: int, reserved: int) -> int:
+    """What a limit has left once the used and the reserved are taken; never below zero (a report may pass it)."""
+    return max(0, limit - used - reserved)
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import redis
 
-from budgetwarden.domain import Counter, Scope
+from budgetwarden.domain import Scope, remaining_of
 
 from ._keys import TenantKeys
 
@@ -36,8 +36,7 @@ class GaugeReader:
             if scope.limit is None or scope.span is None:
                 continue
             used, reserved = self.client.hmget(keys.window(scope.span), "used", "reserved")
-            counter = Counter(limit=scope.limit, used=int(used or 0), reserved=int(reserved or 0))
-            remaining[scope.span.window.name.lower()] = counter.remaining or 0
+            remaining[scope.span.window.name.lower()] = remaining_of(scope.limit, int(used or 0), int(reserved or 0))
         return active, remaining
 
     def close(self) -> None:
