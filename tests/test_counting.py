@@ -223,7 +223,16 @@ async def test_loading_an_encoding_leaves_the_store_its_whole_check_deadline(asy
     limiter = Recording(
         BudgetStore(async_redis), lambda: POOL_POLICY, check_deadline_s=deadline_s, counter=SlowLoading()
     )
-    request = CheckInput("acme", "t", "s", "", "counted", 0, 0, 0)
+    request = CheckInput(
+        tenant_id="acme",
+        task_id="t",
+        step_id="s",
+        task_type="",
+        model="counted",
+        input_tokens=0,
+        output_tokens=0,
+        tool_calls=0,
+    )
     checking = asyncio.create_task(limiter.check(request, None, Prompt(text="hello there")))
     # Hold the load for longer than the whole check deadline, by the loop's own clock.
     await asyncio.sleep(deadline_s + 0.1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from budgetwarden.domain import Counter, remaining_of, usd_text, usd_to_micros
+from budgetwarden.domain import TASK_SCOPE, Counter, ScopeKind, remaining_of, task_scope, usd_text, usd_to_micros
 
 
 def test_dollars_and_micro_usd() -> None:
@@ -26,3 +26,14 @@ def test_what_is_left_never_goes_below_zero() -> None:
     counter = Counter(limit=1000, used=900, reserved=200, limit_usd=5_000_000, used_usd=1_000_000, reserved_usd=0)
     assert (counter.remaining, counter.remaining_usd) == (0, 4_000_000)
     assert Counter(limit=None, used=5, reserved=0).remaining is None
+
+
+def test_a_tasks_scope_carries_the_ceilings_of_its_counter() -> None:
+    scope = task_scope(Counter(limit=5000, used=10, reserved=0, limit_usd=2_000_000))
+    assert (scope.name, scope.kind, scope.limit, scope.limit_usd, scope.span) == (
+        TASK_SCOPE,
+        ScopeKind.TASK,
+        5000,
+        2_000_000,
+        None,
+    )

@@ -17,6 +17,7 @@ from ._decision import (
     StoreOutcome,
     decide,
     simulate,
+    task_scope,
 )
 from ._explain import Explanation, explain
 from ._model import (
@@ -106,6 +107,7 @@ __all__ = [
     "load_policy",
     "remaining_of",
     "simulate",
+    "task_scope",
     "threshold_of",
     "usd_text",
     "usd_to_micros",

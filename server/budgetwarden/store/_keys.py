@@ -47,7 +47,7 @@ def _is_stored_id(value: str) -> bool:
 FAIL_OPEN_PREFIX = "fo1."
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FailOpenGrant:
     """What a fail-open answer granted, carried in its reservation id: nothing was stored behind it, so the report of
     the step needs the id to say where it belongs."""
@@ -81,7 +81,7 @@ def parse_fail_open_id(value: str) -> FailOpenGrant | None:
         return None
     if not (task_id and step_id):
         return None
-    return FailOpenGrant(task_id, step_id, model, task_type)
+    return FailOpenGrant(task_id=task_id, step_id=step_id, model=model, task_type=task_type)
 
 
 def stored_reservation_id(value: str) -> str:

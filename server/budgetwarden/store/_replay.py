@@ -14,7 +14,6 @@ from dataclasses import replace
 
 from budgetwarden.domain import (
     STEP_SCOPE,
-    TASK_SCOPE,
     WINDOW_SCOPE_NAMES,
     Amount,
     Bound,
@@ -32,6 +31,7 @@ from budgetwarden.domain import (
     Verdict,
     Window,
     decide,
+    task_scope,
 )
 
 from ._codec import ANSWER_SEPARATOR, field_text, limit_arg, optional, read_counters, read_thresholds
@@ -77,7 +77,13 @@ def replayed_answer(plan: CheckPlan, reservation: Reservation, now_ms: int) -> t
     parts = reservation.answer.split(ANSWER_SEPARATOR)
     if len(parts) < 10:
         message = REPLAY_NOTE + f"allowed {granted.tokens} tokens"
-        verdict = Verdict(Decision.ALLOW, Reason.WITHIN_BUDGET, granted.tokens, message, granted_usd=granted.usd)
+        verdict = Verdict(
+            decision=Decision.ALLOW,
+            reason=Reason.WITHIN_BUDGET,
+            granted=granted.tokens,
+            message=message,
+            granted_usd=granted.usd,
+        )
         return verdict, plan.requested
     usd, step_limit, step_limit_usd, windows, bound, rung, model, input_tokens, output_tokens, tool_calls = parts[:10]
     if len(parts) > 10:  # a degraded grant: explained from the figures of its first answer
@@ -87,20 +93,45 @@ def replayed_answer(plan: CheckPlan, reservation: Reservation, now_ms: int) -> t
         thresholds = reservation.thresholds
         counters = reservation.counters
         if len(counters) != 1 + len(windows):  # the policy's windows changed since: the figures go unused anyway
-            counters = tuple(Counter(None, 0, 0) for _ in range(1 + len(windows)))
+            counters = tuple(Counter(limit=None, used=0, reserved=0) for _ in range(1 + len(windows)))
     requested = Amount(plan.requested.tokens, int(usd))
     first = counters[0]
     counted = (
-        Scope(TASK_SCOPE, ScopeKind.TASK, first.limit, None, first.limit_usd),
+        task_scope(first),
         *(
-            Scope(WINDOW_SCOPE_NAMES[Window(int(kind))], ScopeKind.TENANT_WINDOW, c.limit, None, c.limit_usd)
+            Scope(
+                name=WINDOW_SCOPE_NAMES[Window(int(kind))],
+                kind=ScopeKind.TENANT_WINDOW,
+                limit=c.limit,
+                span=None,
+                limit_usd=c.limit_usd,
+            )
             for kind, c in zip(windows, counters[1:], strict=True)
         ),
     )
     cap = (optional(step_limit), optional(step_limit_usd))
-    step = None if cap == (None, None) else Scope(STEP_SCOPE, ScopeKind.STEP, cap[0], None, cap[1])
-    shape = Shape(model, int(input_tokens), int(output_tokens), int(tool_calls))
+    step = (
+        None
+        if cap == (None, None)
+        else Scope(name=STEP_SCOPE, kind=ScopeKind.STEP, limit=cap[0], span=None, limit_usd=cap[1])
+    )
+    shape = Shape(
+        model=model, input_tokens=int(input_tokens), output_tokens=int(output_tokens), tool_calls=int(tool_calls)
+    )
     candidate = Candidate(granted, Bound(int(bound)), shape, rung or None)
-    first_plan = CheckPlan(requested, plan.task_type, thresholds, None, counted, step, (candidate,), plan.shape)
-    verdict = decide(first_plan, StoreOutcome(StoreStatus.RESERVED, 0, counters, thresholds), now_ms)
+    first_plan = CheckPlan(
+        requested=requested,
+        task_type=plan.task_type,
+        thresholds=thresholds,
+        lease_seconds=None,
+        counted=counted,
+        step=step,
+        candidates=(candidate,),
+        shape=plan.shape,
+    )
+    verdict = decide(
+        first_plan,
+        StoreOutcome(status=StoreStatus.RESERVED, fitted=0, counters=counters, thresholds=thresholds),
+        now_ms,
+    )
     return replace(verdict, message=REPLAY_NOTE + verdict.message), requested

@@ -49,7 +49,7 @@ def load_lua(name: str) -> str:
 REPORT_BATCH = 100
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Retention:
     """How long the store keeps things, in milliseconds."""
 
@@ -61,7 +61,7 @@ class Retention:
     usage_max_age_ms: int = 7 * 86_400_000
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Reservation:
     """What a check did in the store. A replay carries the answer stored with the reservation (``answer``, made by
     _replay; empty for a record from before answers were stored) and the figures as they are now."""
@@ -81,7 +81,7 @@ class Reservation:
         return self.status is StoreStatus.REPLAYED
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class StepCheck:
     """One step to check: its task's scope and thresholds (used if this is the task's first check), the candidates
     (tokens, micro-USD, bound, label, answer part) in order of preference, and how long its lease is; the request's
@@ -119,7 +119,7 @@ def _reservation(reply: Sequence[Any], rid: str) -> Reservation:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UsageEntry:
     """A usage record ready for the store: its cost (for a record naming no model: at the default model, used only
     when its reservation recorded no prices), and where to charge it if it has no reservation."""
@@ -133,7 +133,7 @@ class UsageEntry:
     as_sent: UsageInput | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Applied:
     """What a usage record did in the store."""
 
@@ -188,7 +188,7 @@ def record_fingerprint(record: UsageInput, rid: str) -> str:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetState:
     task_known: bool
     task_type: str
@@ -296,14 +296,14 @@ class BudgetStore:
                 task = read_counters(reply[6:12])[0] if known else None
                 late, priced = int(reply[13]), int(reply[14])
                 applied[i] = Applied(
-                    ReportStatus(status),
-                    rids[i],
-                    charged,
-                    charged_usd,
-                    refunded,
-                    overage,
-                    task,
-                    reply_text(reply[12]),
+                    status=ReportStatus(status),
+                    reservation_id=rids[i],
+                    charged=charged,
+                    charged_usd=charged_usd,
+                    refunded=refunded,
+                    overage=overage,
+                    task=task,
+                    task_type=reply_text(reply[12]),
                     late=bool(late),
                     reservation_model=unquote(reply_text(reply[15])) if priced else None,
                 )
