@@ -86,9 +86,9 @@ def test_check_script_chooses_what_the_rules_choose(
         thresholds=Thresholds(soft, checkpoint),
         lease_seconds=None,
         counted=(
-            Scope(name="task", kind=ScopeKind.TASK, limit=task[0], span=None, limit_usd=task[3]),
-            Scope(name="tenant.day", kind=ScopeKind.TENANT_WINDOW, limit=day[0], span=None, limit_usd=day[3]),
-            Scope(name="tenant.minute", kind=ScopeKind.TENANT_WINDOW, limit=minute[0], span=None, limit_usd=minute[3]),
+            Scope(name="task", kind=ScopeKind.TASK, limit=task[0], limit_usd=task[3]),
+            Scope(name="tenant.day", kind=ScopeKind.TENANT_WINDOW, limit=day[0], limit_usd=day[3]),
+            Scope(name="tenant.minute", kind=ScopeKind.TENANT_WINDOW, limit=minute[0], limit_usd=minute[3]),
         ),
         step=None,
         candidates=tuple(Candidate(Amount(t, u), b, shape, None) for t, u, b in candidates),

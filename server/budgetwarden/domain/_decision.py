@@ -48,7 +48,7 @@ WINDOW_SCOPE_NAMES = {
 
 def task_scope(counter: Counter) -> Scope:
     """The task's scope with the ceilings its counter holds (the task's first check fixed them)."""
-    return Scope(name=TASK_SCOPE, kind=ScopeKind.TASK, limit=counter.limit, span=None, limit_usd=counter.limit_usd)
+    return Scope(name=TASK_SCOPE, kind=ScopeKind.TASK, limit=counter.limit, limit_usd=counter.limit_usd)
 
 
 class Bound(enum.IntEnum):
@@ -153,7 +153,6 @@ class Planner:
             name=TASK_SCOPE,
             kind=ScopeKind.TASK,
             limit=rules.per_task.tokens,
-            span=None,
             limit_usd=rules.per_task.usd_micros,
         )
         step = None
@@ -162,7 +161,6 @@ class Planner:
                 name=STEP_SCOPE,
                 kind=ScopeKind.STEP,
                 limit=rules.per_step.tokens,
-                span=None,
                 limit_usd=rules.per_step.usd_micros,
             )
         made = (task, step, Thresholds(rules.soft_bp, rules.checkpoint_bp))
@@ -206,35 +204,11 @@ class Planner:
         tenant = policy.tenant(request.tenant_id)
         if tenant is None:
             message = f"tenant {request.tenant_id!r} is not in the policy and the policy rejects unknown tenants"
-            verdict = Verdict(decision=Decision.DENY, reason=Reason.UNKNOWN_TENANT, granted=0, message=message)
-            return CheckPlan(
-                requested=requested,
-                task_type=request.task_type,
-                thresholds=Thresholds(),
-                lease_seconds=None,
-                counted=(),
-                step=None,
-                candidates=(),
-                shape=shape,
-                model_assumed=assumed,
-                early=verdict,
-            )
+            return _refused(request, requested, shape, assumed, Reason.UNKNOWN_TENANT, message)
         resolved = policy.task_type(request.task_type)
         if resolved is None:
             message = f"task type {request.task_type!r} is not in the policy and the policy has no default task type"
-            verdict = Verdict(decision=Decision.DENY, reason=Reason.UNKNOWN_TASK_TYPE, granted=0, message=message)
-            return CheckPlan(
-                requested=requested,
-                task_type=request.task_type,
-                thresholds=Thresholds(),
-                lease_seconds=None,
-                counted=(),
-                step=None,
-                candidates=(),
-                shape=shape,
-                model_assumed=assumed,
-                early=verdict,
-            )
+            return _refused(request, requested, shape, assumed, Reason.UNKNOWN_TASK_TYPE, message)
         task_type, rules = resolved
         task, step, thresholds = self._task_type_scopes(rules)
         if request.task_ceiling is not None:
@@ -252,6 +226,24 @@ class Planner:
             shape=shape,
             model_assumed=assumed,
         )
+
+
+def _refused(
+    request: CheckInput, requested: Amount, shape: Shape, assumed: bool, reason: Reason, message: str
+) -> CheckPlan:
+    """A plan answered without the store (DENY): the policy does not know the tenant or the task type."""
+    return CheckPlan(
+        requested=requested,
+        task_type=request.task_type,
+        thresholds=NO_THRESHOLDS,
+        lease_seconds=None,
+        counted=(),
+        step=None,
+        candidates=(),
+        shape=shape,
+        model_assumed=assumed,
+        early=Verdict(decision=Decision.DENY, reason=reason, granted=0, message=message),
+    )
 
 
 def _task_limit(policy_limit: int | None, explicit: int | None) -> int | None:

@@ -103,18 +103,13 @@ def replayed_answer(plan: CheckPlan, reservation: Reservation, now_ms: int) -> t
                 name=WINDOW_SCOPE_NAMES[Window(int(kind))],
                 kind=ScopeKind.TENANT_WINDOW,
                 limit=c.limit,
-                span=None,
                 limit_usd=c.limit_usd,
             )
             for kind, c in zip(windows, counters[1:], strict=True)
         ),
     )
     cap = (optional(step_limit), optional(step_limit_usd))
-    step = (
-        None
-        if cap == (None, None)
-        else Scope(name=STEP_SCOPE, kind=ScopeKind.STEP, limit=cap[0], span=None, limit_usd=cap[1])
-    )
+    step = None if cap == (None, None) else Scope(name=STEP_SCOPE, kind=ScopeKind.STEP, limit=cap[0], limit_usd=cap[1])
     shape = Shape(
         model=model, input_tokens=int(input_tokens), output_tokens=int(output_tokens), tool_calls=int(tool_calls)
     )
