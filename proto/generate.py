@@ -1,8 +1,9 @@
 """Regenerate the Python code for the protobuf contract: ``python proto/generate.py [--check]``.
 
 protoc names generated modules after the proto package (``budgetwarden.v1``); we ship them as the separate package
-``budgetwarden_api`` so generated code never mixes with the hand-written ``budgetwarden`` package, and rewrite the
-imports accordingly. ``--check`` regenerates into a temporary directory and fails if the committed code differs.
+``budgetwarden_api`` (in the ``budgetwarden-client`` distribution, ``clients/python/``) so generated code never mixes
+with the hand-written packages, and rewrite the imports accordingly. ``--check`` regenerates into a temporary directory
+and fails if the committed code differs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-OUTPUT = ROOT / "server" / "budgetwarden_api"
+# Generated code ships in the client distribution (clients/python/pyproject.toml); the server depends on it.
+OUTPUT = ROOT / "clients" / "python" / "budgetwarden_api"
 HEADER = '"""Generated from proto/ by `python proto/generate.py`. Do not edit."""\n'
 _IMPORT = re.compile(r"^(from|import) budgetwarden\.v1\b", re.MULTILINE)
 

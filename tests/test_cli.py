@@ -369,7 +369,7 @@ def test_policy_validate_a_good_file(tmp_path: Path) -> None:
 
 
 def test_policy_validate_the_shipped_default_policy() -> None:
-    path = Path(__file__).parent.parent / "server" / "budgetwarden" / "default_policy.yaml"
+    path = Path(__file__).parent.parent / "server" / "budgetwarden" / "domain" / "default_policy.yaml"
 
     result = cli("policy", "validate", str(path))
 

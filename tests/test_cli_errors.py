@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import pytest
 
-from budgetwarden import _cli, _validation
+from budgetwarden.cli import MAX_TOOL_CALLS as CLI_MAX_TOOL_CALLS
 from budgetwarden.cli import main
 from budgetwarden.store._embedded import free_port
+from budgetwarden.transport import _validation
 from budgetwarden_client import BudgetClient, pb
 
 from support import BlackHole, RunningSidecar, cli, one_error_line
@@ -108,7 +109,7 @@ def test_numbers_that_are_not_finite_or_too_large_are_one_line(
 
 
 def test_the_cli_bounds_are_the_sidecars() -> None:
-    assert _cli.MAX_TOOL_CALLS == _validation.MAX_TOOL_CALLS
+    assert CLI_MAX_TOOL_CALLS == _validation.MAX_TOOL_CALLS
 
 
 def test_the_largest_values_in_range_still_reach_the_sidecar(

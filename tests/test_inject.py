@@ -38,8 +38,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes_validate.utils import latest_version
 
-from budgetwarden import _inject
+from budgetwarden import inject
 from budgetwarden.inject import InjectConfig, WebhookServer
+from budgetwarden.inject._values import _quantity
 from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
@@ -109,7 +110,7 @@ BASE = InjectConfig(sidecar_image=IMAGE, redis_url=REDIS, log_format="text").val
 def webhook() -> Iterator[tuple[WebhookServer, Client]]:
     server = start_server(replace(BASE, self_signed=True))
     certs = server.certificates
-    assert isinstance(certs, _inject.SelfSignedCertificate)
+    assert isinstance(certs, inject.SelfSignedCertificate)
     yield server, Client(server.port, certs.ca_cert_pem)
     server.stop()
 
@@ -134,7 +135,7 @@ LEGACY = replace(
 def legacy() -> Iterator[tuple[WebhookServer, Client]]:
     server = start_server(LEGACY.validate())
     certs = server.certificates
-    assert isinstance(certs, _inject.SelfSignedCertificate)
+    assert isinstance(certs, inject.SelfSignedCertificate)
     yield server, Client(server.port, certs.ca_cert_pem)
     server.stop()
 
@@ -400,7 +401,7 @@ def api_server_rules(pod: dict[str, Any]) -> None:
         for resource, request in resources.get("requests", {}).items():
             limit = resources.get("limits", {}).get(resource)
             if limit is not None:
-                low, high = _inject._quantity(request), _inject._quantity(limit)
+                low, high = _quantity(request), _quantity(limit)
                 assert low is not None
                 assert high is not None
                 assert low <= high, f"{container['name']}: {resource} request {request} above limit {limit}"
@@ -897,7 +898,7 @@ def test_http_level_mistakes_and_broken_connections(webhook: tuple[WebhookServer
     conn.close()
     # A client that does not trust the CA fails its handshake; the server does not care.
     with pytest.raises(ssl.SSLCertVerificationError):
-        Client(server.port, _inject.generate_ca()[0]).peer_certificate()
+        Client(server.port, inject.generate_ca()[0]).peer_certificate()
     _good_review_still_injects(client)
 
 
@@ -958,10 +959,10 @@ def _der(cert_pem: bytes) -> bytes:
 
 
 def test_certificate_files_are_reloaded_for_new_connections(tmp_path: Path) -> None:
-    ca_a, ca_a_key = _inject.generate_ca("old-ca")
-    ca_b, ca_b_key = _inject.generate_ca("new-ca")  # cert-manager may rotate the CA as well
-    cert_a, key_a = _inject.issue_serving_certificate(ca_a, ca_a_key, [SERVICE_DNS])
-    cert_b, key_b = _inject.issue_serving_certificate(ca_b, ca_b_key, [SERVICE_DNS])
+    ca_a, ca_a_key = inject.generate_ca("old-ca")
+    ca_b, ca_b_key = inject.generate_ca("new-ca")  # cert-manager may rotate the CA as well
+    cert_a, key_a = inject.issue_serving_certificate(ca_a, ca_a_key, [SERVICE_DNS])
+    cert_b, key_b = inject.issue_serving_certificate(ca_b, ca_b_key, [SERVICE_DNS])
     secret = tmp_path / "tls"
     secret.mkdir()
     _secret_volume(secret, cert_a, key_a, "2025_06_01_10_00_00.1")
@@ -987,7 +988,7 @@ def test_certificate_files_are_reloaded_for_new_connections(tmp_path: Path) -> N
         assert "patch" in admit(Client(server.port, ca_b), review(deployment_pod()))
 
         # A broken update (the key of another certificate) is not loaded: the working pair stays.
-        cert_c, _ = _inject.issue_serving_certificate(ca_b, ca_b_key, [SERVICE_DNS])
+        cert_c, _ = inject.issue_serving_certificate(ca_b, ca_b_key, [SERVICE_DNS])
         _secret_volume(secret, cert_c, key_a, "2025_06_03_10_00_00.3")
         server.certificates.poll()
         assert client.peer_certificate() == _der(cert_b)
@@ -1010,7 +1011,7 @@ def test_self_signed_certificate_names_the_service_and_is_a_server_cert(webhook:
     assert ExtendedKeyUsageOID.SERVER_AUTH in usage
     # The caBundle is the base64 of the CA's PEM.
     certs = server.certificates
-    assert isinstance(certs, _inject.SelfSignedCertificate)
+    assert isinstance(certs, inject.SelfSignedCertificate)
     assert base64.b64decode(certs.ca_bundle).startswith(b"-----BEGIN CERTIFICATE-----")
     # A name the certificate does not carry is refused by a verifying client.
     with pytest.raises(ssl.SSLCertVerificationError):
@@ -1018,8 +1019,8 @@ def test_self_signed_certificate_names_the_service_and_is_a_server_cert(webhook:
 
 
 def test_pointer_escapes_tilde_and_slash() -> None:
-    assert _inject.pointer("metadata", "annotations", "example.com/a~b") == "/metadata/annotations/example.com~1a~0b"
-    assert _inject.pointer("spec", "containers", 3, "env", "-") == "/spec/containers/3/env/-"
+    assert inject.pointer("metadata", "annotations", "example.com/a~b") == "/metadata/annotations/example.com~1a~0b"
+    assert inject.pointer("spec", "containers", 3, "env", "-") == "/spec/containers/3/env/-"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1064,8 +1065,8 @@ def test_cli_missing_certificate_is_one_line(tmp_path: Path) -> None:
 
 
 def test_cli_mismatched_pair_is_one_line(tmp_path: Path) -> None:
-    ca, ca_key = _inject.generate_ca()
-    cert, _ = _inject.issue_serving_certificate(ca, ca_key, [SERVICE_DNS])
+    ca, ca_key = inject.generate_ca()
+    cert, _ = inject.issue_serving_certificate(ca, ca_key, [SERVICE_DNS])
     (tmp_path / "tls.crt").write_bytes(cert)
     (tmp_path / "tls.key").write_bytes(ca_key)
     result = cli(
@@ -1189,7 +1190,7 @@ def test_cli_serves_from_environment_and_stops_on_sigterm(tmp_path: Path) -> Non
 def test_server_stops_cleanly_while_a_client_holds_a_connection() -> None:
     server = start_server(replace(BASE, self_signed=True))
     certs = server.certificates
-    assert isinstance(certs, _inject.SelfSignedCertificate)
+    assert isinstance(certs, inject.SelfSignedCertificate)
     client = Client(server.port, certs.ca_cert_pem)
     idle = client.connect()
     idle.request("GET", "/healthz")
@@ -1215,7 +1216,7 @@ def test_the_injected_container_starts_a_sidecar_whose_health_port_answers(redis
         replace(BASE, self_signed=True, redis_url=redis_url, sidecar_port=budget_port, sidecar_health_port=health_port)
     )
     certs = server.certificates
-    assert isinstance(certs, _inject.SelfSignedCertificate)
+    assert isinstance(certs, inject.SelfSignedCertificate)
     try:
         pod = deployment_pod({"budgetwarden.io/inject": "true", "budgetwarden.io/tenant": "acme"})
         result = patched(pod, admit(Client(server.port, certs.ca_cert_pem), review(pod)))
@@ -1223,7 +1224,7 @@ def test_the_injected_container_starts_a_sidecar_whose_health_port_answers(redis
         server.stop()
     sidecar = sidecar_of(result)
     policy = tmp_path / "policy.yaml"
-    policy.write_text((Path(_inject.__file__).parent / "default_policy.yaml").read_text())
+    policy.write_text((Path(inject.__file__).parent.parent / "domain" / "default_policy.yaml").read_text())
     args = [str(policy) if arg == "/etc/budgetwarden/policy/policy.yaml" else arg for arg in sidecar["args"]]
     downward = {"metadata.name": "research-agent-7d9f8c6b5d-x2x9q", "metadata.namespace": "agents"}
     downward |= {"metadata.uid": "9f0e6a3c-1b2d-4e5f-8a9b-0c1d2e3f4a5b", "spec.nodeName": "node-1"}

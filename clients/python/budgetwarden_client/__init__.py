@@ -14,7 +14,8 @@ from budgetwarden_client._client import (
     BudgetClient,
     default_addr,
 )
-from budgetwarden_client._reporter import BackgroundReporter, ReporterStats
+from budgetwarden_client._reporter import BackgroundReporter
+from budgetwarden_client._stats import ReporterStats
 from budgetwarden_client._stream import CheckRefusedError, CheckStream
 
 __all__ = [

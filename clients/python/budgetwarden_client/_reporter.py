@@ -10,54 +10,54 @@ nor counted twice.
   record never blocks the rest.
 - What cannot be delivered by the close deadline is written to an fsynced journal file (when one is configured) that
   the next reporter on the same path replays; otherwise it is counted as lost and logged, record by record.
+
+This module is the reporter itself: the queue, the worker and delivery. Its parts live beside it: ``_wire`` (records
+framed into requests, answers read into counts, the batch limits), ``_journal`` (the on-disk journal), ``_hooks``
+(the exit and signal hooks) and ``_stats`` (``ReporterStats``).
 """
 
 from __future__ import annotations
 
-import atexit
-import base64
-import binascii
-import json
 import logging
 import os
 import random
 import signal
-import sys
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, Literal
 
 import grpc
 from google.protobuf import text_format
-from google.protobuf.message import DecodeError
 
 from budgetwarden_api.v1 import budget_pb2 as pb
+from budgetwarden_client import _hooks
 from budgetwarden_client._client import default_addr
+from budgetwarden_client._journal import Journal, JournalClosedError
+from budgetwarden_client._stats import ReporterStats
+from budgetwarden_client._wire import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_RECORDS,
+    MAX_RECORD_BYTES,
+    Acks,
+    BadResponseError,
+    describe,
+    encode_records,
+    report_acks,
+    split,
+    stream_acks,
+)
 
 logger = logging.getLogger("budgetwarden_client.reporter")
 
 OnFull = Literal["block", "drop", "spill"]
 
-MAX_BATCH_RECORDS = 1000
-"""The server's limit of records per request (and per stream message)."""
-MAX_BATCH_BYTES = 1 << 20
-"""Bytes of records per request: far below gRPC's default 4 MiB receive limit, which would otherwise turn a batch of
-records with many labels into a RESOURCE_EXHAUSTED that no retry can fix."""
-MAX_RECORD_BYTES = 256 << 10
-"""A record larger than this can never be delivered (the server's field limits make real ones a few KiB at most); it
-is refused by ``report()`` instead of blocking the queue."""
-
 _STREAM_MESSAGES = 4  # with use_stream: up to this many batches, if already queued, share one ReportStream call
-_READ_CHUNK = 4 << 20
 _SERVICE = "/budgetwarden.v1.BudgetService/"
-# ReportRequest and ReportStreamRequest both hold ``repeated UsageRecord records = 1``: field 1, length-delimited.
-_RECORDS_TAG = b"\x0a"
 
 _TRANSIENT = frozenset(
     {
@@ -74,44 +74,6 @@ _BAD_INPUT = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF
 # How gRPC's transport words the INTERNAL errors it makes up itself (a reset stream, a broken HTTP/2 connection), as
 # opposed to an INTERNAL the server's code answered.
 _TRANSPORT_MARKERS = ("rst_stream", "stream removed", "goaway", "http2", "http/2", "transport", "socket", "connection")
-
-
-@dataclass
-class ReporterStats:
-    """Counters of a :class:`BackgroundReporter`, in records unless said otherwise. ``snapshot()`` copies them
-    consistently; the attributes of the live object may be read at any time."""
-
-    sent: int = 0
-    """Records put on the wire; a record sent again after a failure counts again."""
-    acknowledged: int = 0
-    """Records the server acknowledged: ``applied + duplicate + unreserved``."""
-    applied: int = 0
-    duplicate: int = 0
-    unreserved: int = 0
-    retried: int = 0
-    """RPC attempts that repeated a failed one (attempts, not records)."""
-    dropped: int = 0
-    """``report()`` returned False: the queue was full ("drop", or "block" past ``block_timeout``) or the reporter was
-    closed."""
-    rejected: int = 0
-    """Records the server refused as invalid (or too large to send): dropped and logged."""
-    spilled: int = 0
-    """Records written to the journal."""
-    replayed: int = 0
-    """Records read back from the journal and acknowledged."""
-    lost: int = 0
-    """Records given up with no journal to keep them (close deadline, ``max_retries``) or unreadable in the journal:
-    each is logged."""
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
-
-    def add(self, **counts: int) -> None:
-        with self._lock:
-            for name, count in counts.items():
-                setattr(self, name, getattr(self, name) + count)
-
-    def snapshot(self) -> ReporterStats:
-        with self._lock:
-            return ReporterStats(**{f.name: getattr(self, f.name) for f in fields(self) if f.init})
 
 
 class _StoppedError(Exception):
@@ -131,220 +93,6 @@ class _BadInputError(Exception):
     def __init__(self, details: str) -> None:
         super().__init__(details)
         self.details = details
-
-
-class _BadResponseError(Exception):
-    """The server answered, but not for the records sent: treated as a failure, so the records are sent again."""
-
-
-class _JournalClosedError(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class _Acks:
-    applied: int
-    duplicate: int
-    unreserved: int
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _encode_records(records: Iterable[bytes]) -> bytes:
-    """A serialized ReportRequest / ReportStreamRequest. Records are queued already serialized (that is also what the
-    journal holds), so a batch, and every resend of it, is a join rather than a parse and a re-serialization."""
-    return b"".join(_RECORDS_TAG + _varint(len(record)) + record for record in records)
-
-
-def _describe(data: bytes) -> str:
-    try:
-        return text_format.MessageToString(pb.UsageRecord.FromString(data), as_one_line=True)
-    except DecodeError:
-        return f"<undecodable record, {len(data)} bytes>"
-
-
-def _split(records: list[bytes], max_records: int) -> Iterator[list[bytes]]:
-    """Consecutive groups of at most ``max_records`` records and ``MAX_BATCH_BYTES`` bytes."""
-    group: list[bytes] = []
-    size = 0
-    for record in records:
-        if group and (len(group) >= max_records or size + len(record) > MAX_BATCH_BYTES):
-            yield group
-            group, size = [], 0
-        group.append(record)
-        size += len(record) + 8
-    if group:
-        yield group
-
-
-def _lock_exclusive(fd: int) -> None:
-    """Takes the journal's advisory lock, so two reporters never append to and truncate the same file."""
-    if sys.platform != "win32":
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Makes a file's creation, rename or removal durable (its directory entry lives in the directory)."""
-    if sys.platform == "win32":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _Journal:
-    """An append-only file of usage records, one JSON line each: ``{"record": "<base64 serialized UsageRecord>"}``.
-
-    Appends are written and fsynced before they return, so a spilled record survives a crash. The file is truncated only
-    after the server acknowledged every record in it; a crash in between replays records the server already has, which
-    their idempotency keys make harmless.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-        self._fd: int | None = self._open()
-        self._offset = 0  # everything before this offset is acknowledged
-        self.initial_records = self._repair_and_count()
-
-    def _open(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            created = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                _lock_exclusive(fd)
-            except OSError as exc:
-                os.close(fd)
-                raise RuntimeError(f"journal {self.path} is in use by another reporter") from exc
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                if created:
-                    _fsync_dir(self.path.parent)
-                return fd
-            os.close(fd)  # its previous owner removed or replaced it between our open and our lock: open it again
-
-    def _repair_and_count(self) -> int:
-        """Counts the complete lines and cuts a torn last line (a write a crash interrupted, so never acknowledged to
-        its caller), which the next append would otherwise run into."""
-        fd = self._require()
-        size = os.fstat(fd).st_size
-        count = end = position = 0
-        while position < size:
-            chunk = os.pread(fd, min(_READ_CHUNK, size - position), position)
-            if not chunk:
-                break
-            count += chunk.count(b"\n")
-            last = chunk.rfind(b"\n")
-            if last >= 0:
-                end = position + last + 1
-            position += len(chunk)
-        if end < size:
-            logger.warning("journal %s: cutting a torn last line of %d bytes", self.path, size - end)
-            os.ftruncate(fd, end)
-            os.fsync(fd)
-        return count
-
-    def _require(self) -> int:
-        if self._fd is None:
-            raise _JournalClosedError(str(self.path))
-        return self._fd
-
-    def append(self, records: list[bytes]) -> None:
-        data = b"".join(
-            json.dumps({"record": base64.b64encode(record).decode("ascii")}, separators=(",", ":")).encode() + b"\n"
-            for record in records
-        )
-        with self.lock:
-            fd = self._require()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-
-    def read(self, max_records: int) -> tuple[list[bytes], int, int]:
-        """The next records after the acknowledged offset: (records, the offset after them, unreadable lines)."""
-        with self.lock:
-            fd = self._require()
-            chunk = os.pread(fd, _READ_CHUNK, self._offset)
-        records: list[bytes] = []
-        bad = 0
-        position = 0
-        size = 0
-        while len(records) < max_records and size < MAX_BATCH_BYTES:
-            newline = chunk.find(b"\n", position)
-            if newline < 0:
-                break
-            line = chunk[position:newline]
-            position = newline + 1
-            try:
-                record = base64.b64decode(json.loads(line)["record"], validate=True)
-                pb.UsageRecord.FromString(record)
-            except (ValueError, KeyError, TypeError, binascii.Error, DecodeError):
-                bad += 1
-                logger.error("journal %s: skipping an unreadable line: %r", self.path, line[:200])
-                continue
-            records.append(record)
-            size += len(record)
-        if position == 0 and len(chunk) == _READ_CHUNK:  # a line longer than any record can be: skip its start
-            bad += 1
-            position = len(chunk)
-            logger.error("journal %s: skipping %d bytes without a line end", self.path, position)
-        return records, self._offset + position, bad
-
-    def ack(self, offset: int) -> None:
-        with self.lock:
-            fd = self._require()
-            self._offset = offset
-            if offset >= os.fstat(fd).st_size:
-                os.ftruncate(fd, 0)
-                os.fsync(fd)
-                self._offset = 0
-
-    def close(self) -> None:
-        """Removes the file when everything in it was acknowledged; otherwise drops the acknowledged head, so the next
-        reporter does not send it again."""
-        with self.lock:
-            if self._fd is None:
-                return
-            fd, self._fd = self._fd, None
-            try:
-                size = os.fstat(fd).st_size
-                if size == 0:
-                    self.path.unlink(missing_ok=True)
-                    _fsync_dir(self.path.parent)
-                elif self._offset > 0:
-                    rest = self.path.with_name(self.path.name + ".tmp")
-                    with open(rest, "wb") as out:
-                        position = self._offset
-                        while position < size:
-                            chunk = os.pread(fd, _READ_CHUNK, position)
-                            if not chunk:
-                                break
-                            out.write(chunk)
-                            position += len(chunk)
-                        out.flush()
-                        os.fsync(out.fileno())
-                    os.replace(rest, self.path)
-                    _fsync_dir(self.path.parent)
-            except OSError:
-                logger.exception("journal %s: could not tidy up on close (its records are kept)", self.path)
-            finally:
-                os.close(fd)
 
 
 class BackgroundReporter:
@@ -411,7 +159,7 @@ class BackgroundReporter:
         self.drain_timeout = drain_timeout
         self.stats = ReporterStats()
 
-        self._journal = _Journal(Path(journal_path)) if journal_path is not None else None
+        self._journal = Journal(Path(journal_path)) if journal_path is not None else None
         self.journal_path = self._journal.path if self._journal is not None else None
         # One lock guards the queue and the progress counters; it is never held across I/O.
         self._lock = threading.Lock()
@@ -454,7 +202,7 @@ class BackgroundReporter:
         self._stream = use_stream
         self._worker = threading.Thread(target=self._run, name="budgetwarden-reporter", daemon=True)
         self._worker.start()
-        atexit.register(self._at_exit)
+        _hooks.drain_at_exit(self._at_exit)
 
     # -- the caller's side --------------------------------------------------------------------------------------------
 
@@ -499,7 +247,7 @@ class BackgroundReporter:
             return True
         self.stats.add(dropped=1)
         if late:
-            logger.warning("budgetwarden reporter is closed: usage record dropped: %s", _describe(data))
+            logger.warning("budgetwarden reporter is closed: usage record dropped: %s", describe(data))
         return False
 
     def _wait_for_room(self) -> bool:
@@ -568,7 +316,7 @@ class BackgroundReporter:
                 self._wake.notify_all()
                 self._room.notify_all()
                 self._progress.notify_all()
-            atexit.unregister(self._at_exit)
+            _hooks.forget_at_exit(self._at_exit)
             if self._worker is not threading.current_thread():
                 # The worker gives up at the deadline on its own (cancelling a call in flight); the extra time is for
                 # writing its remainder to the journal.
@@ -588,45 +336,12 @@ class BackgroundReporter:
         """For short-lived agent processes: on each of ``signals``, drain (``close(drain_timeout)``), then do what the
         signal did before (the default: terminate; SIGINT: KeyboardInterrupt; or the handler installed before).
         Call it from the main thread."""
-        for signum in signals:
-            previous = signal.getsignal(signum)
-            signal.signal(signum, self._signal_handler(signum, previous))
+        _hooks.install_signal_handlers(signals, drain=self._at_exit, can_drain_inline=self._can_drain_inline)
 
-    def _signal_handler(self, signum: int, previous: Any) -> Callable[[int, FrameType | None], None]:
-        def redeliver(frame: FrameType | None) -> None:
-            restored = previous if previous is not None else signal.SIG_DFL
-            signal.signal(signum, restored)
-            if callable(restored):
-                restored(signum, frame)
-            elif restored != signal.SIG_IGN:
-                signal.raise_signal(signum)
-
-        def handler(received: int, frame: FrameType | None) -> None:
-            # A Python signal handler runs in the main thread between two bytecodes, possibly while that thread holds
-            # one of our locks (inside report()); draining inline would then wait forever for a worker that needs it.
-            # So drain inline only when the locks can be taken, else from a helper thread that re-delivers after.
-            if self._closed or self._locks_free():
-                self.close(self.drain_timeout)
-                redeliver(frame)
-                return
-
-            def later() -> None:
-                self.close(self.drain_timeout)
-                # Raised again once closed: the main thread runs this handler, which now re-delivers at once (only
-                # the main thread may restore a signal's handler).
-                signal.raise_signal(signum)
-
-            threading.Thread(target=later, name="budgetwarden-reporter-signal", daemon=True).start()
-
-        return handler
-
-    def _locks_free(self) -> bool:
+    def _can_drain_inline(self) -> bool:
+        """Whether a signal handler may close here: not when the interrupted thread holds one of our locks."""
         locks = [self._lock] + ([self._journal.lock] if self._journal is not None else [])
-        for lock in locks:
-            if not lock.acquire(timeout=1.0):  # the worker holds them only briefly; the interrupted thread forever
-                return False
-            lock.release()
-        return True
+        return self._closed or _hooks.locks_free(locks)
 
     def __enter__(self) -> BackgroundReporter:
         return self
@@ -755,7 +470,7 @@ class BackgroundReporter:
         assert self._journal is not None
         try:
             self._journal.append(records)
-        except (OSError, _JournalClosedError) as exc:
+        except (OSError, JournalClosedError) as exc:
             logger.error("budgetwarden reporter: could not write %d records to the journal: %s", len(records), exc)
             return False
         with self._lock:
@@ -771,7 +486,7 @@ class BackgroundReporter:
         self.stats.add(lost=len(records))
         logger.error("budgetwarden reporter: %d usage records lost (%s); each follows", len(records), reason)
         for record in records:
-            logger.error("budgetwarden reporter: lost usage record: %s", _describe(record))
+            logger.error("budgetwarden reporter: lost usage record: %s", describe(record))
 
     # -- delivery -----------------------------------------------------------------------------------------------------
 
@@ -791,7 +506,7 @@ class BackgroundReporter:
                     logger.error(
                         "budgetwarden refused a usage record, dropping it: %s; record: %s",
                         bad.details,
-                        _describe(chunk[0]),
+                        describe(chunk[0]),
                     )
                 else:
                     half = len(chunk) // 2
@@ -822,7 +537,7 @@ class BackgroundReporter:
                     attempt += 1
                     continue
                 self._failed(code, details)
-            except _BadResponseError as error:
+            except BadResponseError as error:
                 self._failed(grpc.StatusCode.UNKNOWN, str(error))
             else:
                 self._acknowledged(acks, len(chunk), replay=replay)
@@ -835,25 +550,14 @@ class BackgroundReporter:
             except _StoppedError:
                 raise _UnsentError(chunk, stopped=True) from None
 
-    def _send_unary(self, chunk: list[bytes]) -> _Acks:
-        future = self._report_call.future(_encode_records(chunk), timeout=self.timeout)
-        response: pb.ReportResponse = self._wait(future)
-        if len(response.results) != len(chunk):
-            raise _BadResponseError(f"Report answered {len(response.results)} results for {len(chunk)} records")
-        statuses = [result.status for result in response.results]
-        return _Acks(
-            applied=statuses.count(pb.REPORT_STATUS_APPLIED),
-            duplicate=statuses.count(pb.REPORT_STATUS_DUPLICATE),
-            unreserved=statuses.count(pb.REPORT_STATUS_UNRESERVED),
-        )
+    def _send_unary(self, chunk: list[bytes]) -> Acks:
+        future = self._report_call.future(encode_records(chunk), timeout=self.timeout)
+        return report_acks(self._wait(future), len(chunk))
 
-    def _send_stream(self, chunk: list[bytes]) -> _Acks:
-        messages = [_encode_records(group) for group in _split(chunk, self.batch_size)]
+    def _send_stream(self, chunk: list[bytes]) -> Acks:
+        messages = [encode_records(group) for group in split(chunk, self.batch_size)]
         future = self._stream_call.future(iter(messages), timeout=self.timeout)
-        response: pb.ReportStreamResponse = self._wait(future)
-        if response.records != len(chunk):
-            raise _BadResponseError(f"ReportStream acknowledged {response.records} records of {len(chunk)} sent")
-        return _Acks(applied=response.applied, duplicate=response.duplicate, unreserved=response.unreserved)
+        return stream_acks(self._wait(future), len(chunk))
 
     def _wait(self, future: Any) -> Any:
         """The call's result; cancels it and raises _StoppedError when the close deadline passes first."""
@@ -899,7 +603,7 @@ class BackgroundReporter:
         else:
             logger.debug("budgetwarden Report failed again (%s: %s)", code.name, details)
 
-    def _acknowledged(self, acks: _Acks, count: int, *, replay: bool) -> None:
+    def _acknowledged(self, acks: Acks, count: int, *, replay: bool) -> None:
         if self._failures:
             logger.info("budgetwarden Report delivered after %d failed attempts", self._failures)
             self._failures = 0

@@ -265,7 +265,7 @@ def load_policy(path: Path) -> LoadedPolicy:
 
 
 def default_policy() -> LoadedPolicy:
-    """The policy used when none is configured (``server/budgetwarden/default_policy.yaml``)."""
+    """The policy used when none is configured (``server/budgetwarden/domain/default_policy.yaml``)."""
     text = resources.files("budgetwarden.domain").joinpath("default_policy.yaml").read_text(encoding="utf-8")
     return parse_policy(text, "<built-in default policy>")
 
