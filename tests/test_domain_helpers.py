@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from budgetwarden.domain import TASK_SCOPE, Counter, ScopeKind, remaining_of, task_scope, usd_text, usd_to_micros
+from budgetwarden.domain import (
+    MAX_LIMIT_USD,
+    TASK_SCOPE,
+    Counter,
+    ScopeKind,
+    micros_to_usd,
+    remaining_of,
+    task_scope,
+    usd_text,
+    usd_to_micros,
+)
 
 
 def test_dollars_and_micro_usd() -> None:
@@ -12,6 +22,8 @@ def test_dollars_and_micro_usd() -> None:
         2,
         10_000_000,
     ]
+    assert micros_to_usd(1_500_000) == 1.5
+    assert usd_to_micros(micros_to_usd(MAX_LIMIT_USD)) == MAX_LIMIT_USD
     assert [usd_text(0), usd_text(1350), usd_text(10_000_000), usd_text(7)] == [
         "0.000000",
         "0.001350",

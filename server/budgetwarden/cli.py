@@ -38,6 +38,7 @@ from budgetwarden.domain import (
     default_policy,
     explain,
     load_policy,
+    micros_to_usd,
     usd_text,
     usd_to_micros,
 )
@@ -94,7 +95,7 @@ def _number(low: float, high: float, *, above_low: bool = False) -> Callable[[st
 TOKENS = _integer(0, MAX_TOKENS_PER_FIELD)
 TOOL_CALLS = _integer(0, MAX_TOOL_CALLS)
 LIMIT_TOKENS = _integer(0, MAX_LIMIT_TOKENS)
-LIMIT_USD = _number(0.0, MAX_LIMIT_USD / 1_000_000)
+LIMIT_USD = _number(0.0, micros_to_usd(MAX_LIMIT_USD))
 
 
 class _Parser(argparse.ArgumentParser):

@@ -4,7 +4,7 @@ Everything here is pure (given a clock value and a policy it answers the same), 
 without Redis or gRPC. Nothing here imports another budgetwarden package.
 """
 
-from ._cost import actual_micros, usd_text, usd_to_micros
+from ._cost import actual_micros, micros_to_usd, usd_text, usd_to_micros
 from ._decision import (
     STEP_SCOPE,
     TASK_SCOPE,
@@ -105,6 +105,7 @@ __all__ = [
     "estimate_text",
     "explain",
     "load_policy",
+    "micros_to_usd",
     "remaining_of",
     "simulate",
     "task_scope",

@@ -16,9 +16,13 @@ def usd_to_micros(usd: float) -> int:
     return round(usd * MICROS_PER_USD)
 
 
+def micros_to_usd(micros: int) -> float:
+    return micros / MICROS_PER_USD
+
+
 def usd_text(micros: int) -> str:
     """Micro-USD as dollars with all six decimals, as every message and table shows them: ``0.001500``."""
-    return f"{micros / MICROS_PER_USD:.6f}"
+    return f"{micros_to_usd(micros):.6f}"
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:

@@ -16,11 +16,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from ._cost import usd_to_micros
+from ._cost import micros_to_usd, usd_to_micros
 from ._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, MAX_TOKENS_PER_FIELD, Window
 
 TokenLimit = Annotated[int, Field(ge=0, le=MAX_LIMIT_TOKENS)]
-UsdLimit = Annotated[float, Field(ge=0, le=MAX_LIMIT_USD / 1_000_000, allow_inf_nan=False)]
+UsdLimit = Annotated[float, Field(ge=0, le=micros_to_usd(MAX_LIMIT_USD), allow_inf_nan=False)]
 UsdPrice = Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 TokenCap = Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_FIELD)]
