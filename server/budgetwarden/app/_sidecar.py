@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
+import io
 import itertools
 import logging
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -44,6 +44,8 @@ _SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 LIVENESS = "liveness"
 READINESS = ("", BUDGET_SERVICE_NAME)
 # A crashed embedded server is started again after these waits, doubling up to the last (seconds).
+# How long a step of the shutdown may take beyond the grace period before it is logged and left behind.
+STOP_STEP_LIMIT_S = 5.0
 RESTART_FIRST_DELAY_S = 0.1
 RESTART_MAX_DELAY_S = 5.0
 # How long a restarted server may take to load its append-only file and answer (it answers LOADING meanwhile).
@@ -414,36 +416,38 @@ class Sidecar:
         return port
 
     async def stop(self) -> None:
-        """Stop accepting calls, let in-flight ones finish within the grace period, then release Redis."""
+        """Stop accepting calls, let in-flight ones finish within the grace period, then release Redis. Every step is
+        bounded: one that overruns is logged with where it hangs and left behind, so SIGTERM always ends the process
+        (Kubernetes would kill it anyway, without stopping the embedded server or flushing the last metrics)."""
         started = self.embedded is not None or self.server is not None
+        grace = self.settings.shutdown_grace_seconds
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
         if self._store_watch is not None:
             self._store_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._store_watch
+            await _bounded_step("store watch", self._store_watch, STOP_STEP_LIMIT_S)
             self._store_watch = None
         if self.admin_server is not None:
-            await self.admin_server.stop(self.settings.shutdown_grace_seconds)
+            await _bounded_step("admin server", self.admin_server.stop(grace), grace + STOP_STEP_LIMIT_S)
             self.admin_server = None
         if self.health_server is not None:
             await self.health.enter_graceful_shutdown()
-            await self.health_server.stop(0)
+            await _bounded_step("health server", self.health_server.stop(0), STOP_STEP_LIMIT_S)
             self.health_server = None
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(self.settings.shutdown_grace_seconds)
+            await _bounded_step("budget server", self.server.stop(grace), grace + STOP_STEP_LIMIT_S)
             self.server = None
         if self.limiter is not None:
             # A huge prompt still being counted is not waited for: nobody is left to answer.
             self.limiter.counting_pool.shutdown()
             self.limiter = None
         if self.redis is not None:
-            await self.redis.aclose()
+            await _bounded_step("redis client", self.redis.aclose(), STOP_STEP_LIMIT_S)
             self.redis = None
         if self._ping_redis is not None:
-            await self._ping_redis.aclose()
+            await _bounded_step("redis ping client", self._ping_redis.aclose(), STOP_STEP_LIMIT_S)
             self._ping_redis = None
         await asyncio.to_thread(self.telemetry.shutdown)
         if self._gauges is not None:
@@ -454,6 +458,21 @@ class Sidecar:
             self.embedded = None
         if started:  # a start that failed before it ran anything says so in one line, not two
             log.info("stopped")
+
+
+async def _bounded_step(name: str, step: Awaitable[object], limit_s: float) -> None:
+    """Wait for one step of the shutdown for at most ``limit_s``; past that, log where it hangs and go on."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=limit_s)
+    if not done:
+        where = io.StringIO()
+        task.print_stack(file=where)
+        details = {"step": name, "limit_s": limit_s, "at": where.getvalue()}
+        log.error("shutdown step overran; going on without it", extra=details)
+        task.cancel()
+        return
+    if not task.cancelled() and task.exception() is not None:
+        log.error("shutdown step failed", extra={"step": name, "error": repr(task.exception())})
 
 
 async def serve(settings: Settings, on_ready: Callable[[Sidecar], None] | None = None) -> None:

@@ -1,0 +1,58 @@
+"""Stopping always ends: a step of the shutdown that hangs (a task that swallows its cancellation, a server whose calls
+never finish) is logged with where it hangs and left behind, instead of holding the process past SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from budgetwarden.app import _sidecar
+
+from support import RunningSidecar
+
+OVERRAN = "shutdown step overran; going on without it"
+
+
+async def swallows_every_cancellation() -> None:
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:  # as a buggy library might
+            continue
+
+
+def test_a_shutdown_step_that_hangs_is_logged_and_left_behind(
+    start_sidecar: Callable[..., RunningSidecar], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_sidecar, "STOP_STEP_LIMIT_S", 0.2)
+    running = start_sidecar()
+    sidecar = running.sidecar
+    assert sidecar is not None
+
+    async def plant_a_stubborn_store_watch() -> None:
+        assert sidecar._store_watch is not None, "the sidecar runs a store watch"
+        sidecar._store_watch.cancel()
+        sidecar._store_watch = asyncio.create_task(swallows_every_cancellation())
+
+    running.run(plant_a_stubborn_store_watch())
+    with caplog.at_level(logging.INFO, logger="budgetwarden.server"):
+        running.stop()  # before: waited for the store watch forever (the helper gives up after 30 s)
+
+    overran = [r for r in caplog.records if r.getMessage() == OVERRAN]
+    assert [r.__dict__["step"] for r in overran] == ["store watch"]
+    assert "swallows_every_cancellation" in overran[0].__dict__["at"]
+    assert "stopped" in [r.getMessage() for r in caplog.records], "the rest of the shutdown ran"
+
+
+def test_a_clean_shutdown_logs_no_overrun(
+    start_sidecar: Callable[..., RunningSidecar], caplog: pytest.LogCaptureFixture
+) -> None:
+    running = start_sidecar()
+    with caplog.at_level(logging.INFO, logger="budgetwarden.server"):
+        running.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert OVERRAN not in messages
+    assert "stopped" in messages
