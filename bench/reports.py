@@ -125,14 +125,39 @@ def main() -> int:
                     batches = []
                     for b in range(count // BATCH):
                         batch = [
-                            UsageInput("bench", "", f"{prefix}-task-{i % 100}", f"{b}-{i}", "", "m", 100, 20, 0, 0,
-                                       Outcome.COMPLETED, f"{prefix}-{b}-{i}", None)
+                            UsageInput(
+                                tenant_id="bench",
+                                reservation_id="",
+                                task_id=f"{prefix}-task-{i % 100}",
+                                step_id=f"{b}-{i}",
+                                task_type="",
+                                model="m",
+                                input_tokens=100,
+                                output_tokens=20,
+                                cached_input_tokens=0,
+                                tool_calls=0,
+                                outcome=Outcome.COMPLETED,
+                                idempotency_key=f"{prefix}-{b}-{i}",
+                                timestamp_ms=None,
+                            )
                             for i in range(BATCH)
-                        ]  # fmt: skip
+                        ]
                         batches.append(batch)
                         if reserve:
                             await limiter.check_many(
-                                [CheckInput("bench", r.task_id, r.step_id, "", "m", 150, 0, 0) for r in batch]
+                                [
+                                    CheckInput(
+                                        tenant_id="bench",
+                                        task_id=r.task_id,
+                                        step_id=r.step_id,
+                                        task_type="",
+                                        model="m",
+                                        input_tokens=150,
+                                        output_tokens=0,
+                                        tool_calls=0,
+                                    )
+                                    for r in batch
+                                ]
                             )
                     started = time.perf_counter()
                     for batch in batches:

@@ -33,6 +33,7 @@ from redis.asyncio import Redis as AsyncRedis
 from budgetwarden.domain._model import CheckInput
 from budgetwarden.domain._policy import parse_policy
 from budgetwarden.limiter import Limiter
+from budgetwarden.store._codec import reply_text
 from budgetwarden.store._embedded import EmbeddedRedis, free_port
 from budgetwarden.store._keys import TenantKeys
 from budgetwarden.store._store import BudgetStore
@@ -79,13 +80,9 @@ class ScriptSpy:
         self.args: list[str] = []
 
     def __call__(self, keys: Any = None, args: Any = None, client: Any = None) -> Any:
-        self.keys = [_text(k) for k in keys or ()]
-        self.args = [_text(a) for a in args or ()]
+        self.keys = [reply_text(k) for k in keys or ()]
+        self.args = [reply_text(a) for a in args or ()]
         return self.script(keys=keys, args=args, client=client)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # --- preload (worker processes) ------------------------------------------------------------------------------------

@@ -34,16 +34,13 @@ from budgetwarden.domain import (
     MAX_LIMIT_TOKENS,
     MAX_LIMIT_USD,
     MAX_TOKENS_PER_FIELD,
-    CheckInput,
-    Counter,
-    Planner,
     PolicyError,
-    Thresholds,
-    decide,
     default_policy,
+    explain,
     load_policy,
-    simulate,
-    threshold_of,
+    micros_to_usd,
+    usd_text,
+    usd_to_micros,
 )
 from budgetwarden.inject import add_arguments as add_inject_arguments
 from budgetwarden_api.v1 import budget_pb2 as pb
@@ -98,7 +95,7 @@ def _number(low: float, high: float, *, above_low: bool = False) -> Callable[[st
 TOKENS = _integer(0, MAX_TOKENS_PER_FIELD)
 TOOL_CALLS = _integer(0, MAX_TOOL_CALLS)
 LIMIT_TOKENS = _integer(0, MAX_LIMIT_TOKENS)
-LIMIT_USD = _number(0.0, MAX_LIMIT_USD / 1_000_000)
+LIMIT_USD = _number(0.0, micros_to_usd(MAX_LIMIT_USD))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -434,62 +431,21 @@ def _cmd_policy_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _usd(micros: int | None) -> str:
-    return "-" if micros is None else f"${micros / 1e6:.6f}"
-
-
 def _cmd_policy_explain(args: argparse.Namespace) -> int:
-    loaded = load_policy(args.policy_file) if args.policy_file else default_policy()
-    now = int(time.time() * 1000)
-    request = CheckInput(
-        args.tenant, "explain", "explain", args.task_type, args.model, args.tokens, args.output_tokens, args.tool_calls
+    explained = explain(
+        load_policy(args.policy_file) if args.policy_file else default_policy(),
+        tenant_id=args.tenant,
+        task_type=args.task_type,
+        model=args.model,
+        tokens=args.tokens,
+        output_tokens=args.output_tokens,
+        tool_calls=args.tool_calls,
+        used=args.used,
+        used_usd=usd_to_micros(args.used_usd),
+        window_used=args.window_used,
+        now_ms=int(time.time() * 1000),
     )
-    plan = Planner().plan_check(loaded.policy, request, now)
-    lines = [f"policy {loaded.source} (version {loaded.version})"]
-    if plan.early is None:
-        task = plan.counted[0]
-        rules = loaded.policy.task_type(args.task_type)
-        assert rules is not None
-        thresholds = Thresholds(rules[1].soft_bp, rules[1].checkpoint_bp)
-        used_usd = round(args.used_usd * 1_000_000)
-        counters = (
-            Counter(task.limit, args.used, 0, task.limit_usd, used_usd, 0),
-            *(Counter(s.limit, args.window_used, 0, s.limit_usd, 0, 0) for s in plan.counted[1:]),
-        )
-        outcome = simulate(plan, counters, thresholds)
-        verdict = decide(plan, outcome, now)
-        soft = threshold_of(task.limit, thresholds.soft_bp) if thresholds.soft_bp is not None else None
-        checkpoint = (
-            threshold_of(task.limit, thresholds.checkpoint_bp) if thresholds.checkpoint_bp is not None else None
-        )
-        lines.append(
-            f"task type {plan.task_type}: ceiling {task.limit if task.limit is not None else '-'} tokens / "
-            f"{_usd(task.limit_usd)}, soft threshold {soft if soft is not None else '-'}, "
-            f"checkpoint at {checkpoint if checkpoint is not None else '-'}; used {args.used} tokens / {_usd(used_usd)}"
-        )
-        _, assumed = loaded.policy.model(args.model)
-        lines.append(f"model {args.model or '(none)'}: {'assumed default prices' if assumed else 'from the table'}")
-        lines.append("candidates, tried in order:")
-        for i, candidate in enumerate(plan.candidates):
-            chosen = " <- granted" if outcome.fitted == i else ""
-            bound = "under the soft threshold" if candidate.bound == 0 else "under the checkpoint line"
-            lines.append(
-                f"  {i + 1}. {candidate.rung or 'as asked'}: {candidate.amount.tokens} tokens, "
-                f"{_usd(candidate.amount.usd)} on {candidate.shape.model or '(model)'}, must fit {bound}{chosen}"
-            )
-        if not plan.candidates:
-            lines.append("  none: the step is above the per-step cap and no rung brings it under")
-    else:
-        verdict = plan.early
-    lines.append(f"decision: {verdict.decision.name} ({verdict.reason.name}): {verdict.message}")
-    if verdict.advice is not None:
-        a = verdict.advice
-        lines.append(
-            f"advice: rung {a.rung}, model {a.model or 'unchanged'}, max context {a.max_context_tokens or '-'}, "
-            f"max output {a.max_output_tokens or '-'}, max tool calls "
-            f"{a.max_tool_calls if a.max_tool_calls is not None else '-'}"
-        )
-    print("\n".join(lines))
+    print(explained.text)
     return EXIT_OK
 
 
@@ -585,7 +541,7 @@ def _print_summary(args: argparse.Namespace, events: Any) -> int:
     rows = [(by, "events", "input", "cached", "output", "tokens", "cost usd")]
     for key in sorted(totals):
         n, inp, cached, out, cost = totals[key]
-        rows.append((key, str(n), str(inp), str(cached), str(out), str(inp + out), f"{cost / 1e6:.6f}"))
+        rows.append((key, str(n), str(inp), str(cached), str(out), str(inp + out), usd_text(cost)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)))
@@ -600,7 +556,7 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     with AdminClient(_admin_addr(args), timeout=args.timeout) as client:
         if args.command == "approve":
             answer: Any = client.approve(
-                args.checkpoint, add_tokens=args.add, add_usd_micros=round(args.add_usd * 1_000_000)
+                args.checkpoint, add_tokens=args.add, add_usd_micros=usd_to_micros(args.add_usd)
             )
         else:
             answer = client.deny(args.checkpoint)

@@ -16,10 +16,8 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from budgetwarden.domain import (
     NO_THRESHOLDS,
-    TASK_SCOPE,
     Amount,
     Candidate,
-    ChatMessage,
     CheckInput,
     CheckPlan,
     Counter,
@@ -28,9 +26,9 @@ from budgetwarden.domain import (
     LoadedPolicy,
     Planner,
     Policy,
+    Prompt,
     Reason,
     Scope,
-    ScopeKind,
     StoreOutcome,
     StoreStatus,
     Thresholds,
@@ -40,8 +38,8 @@ from budgetwarden.domain import (
     Verdict,
     actual_micros,
     decide,
-    estimate_chat,
-    estimate_text,
+    estimate_prompt,
+    task_scope,
 )
 from budgetwarden.store import (
     Applied,
@@ -102,31 +100,11 @@ async def _store_call(limit_s: float) -> AsyncIterator[None]:
             raise StoreUnavailableError(f"no answer within {limit_s * 1000:.0f} ms") from None
 
 
-def _estimate(encoding: str, prompt: Prompt) -> TokenCount:
-    if prompt.text is not None:
-        return TokenCount(estimate_text(prompt.text), encoding, exact=False)
-    return TokenCount(estimate_chat(list(prompt.messages)), encoding, exact=False)
-
-
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class Prompt:
-    """A prompt for the sidecar to count: plain text, or chat messages."""
-
-    text: str | None = None
-    messages: tuple[ChatMessage, ...] = ()
-
-    @property
-    def size(self) -> int:
-        if self.text is not None:
-            return len(self.text)
-        return sum(len(m.content) + len(m.role) + len(m.name) for m in self.messages)
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class CheckResult:
     verdict: Verdict
     requested: Amount
@@ -226,12 +204,12 @@ class Limiter:
             return counted
         if not await self._load_encodings({encoding for _, encoding, _ in jobs}, load_limit_s):
             for i, encoding, prompt in jobs:
-                counted[i] = _estimate(encoding, prompt)
+                counted[i] = estimate_prompt(prompt, encoding)
             return counted
         chars = sum(prompt.size for _, _, prompt in jobs)
         if chars <= INLINE_COUNT_CHARS:
             for i, encoding, prompt in jobs:
-                counted[i] = self._count_one(encoding, prompt)
+                counted[i] = self.counter.count_prompt(prompt, encoding)
             return counted
         given_up = threading.Event()
 
@@ -239,7 +217,7 @@ class Limiter:
             for i, encoding, prompt in jobs:
                 if given_up.is_set():
                     return
-                counted[i] = self._count_one(encoding, prompt)
+                counted[i] = self.counter.count_prompt(prompt, encoding)
 
         future = self.counting_pool.submit(work, chars)
         if future is not None:
@@ -258,7 +236,7 @@ class Limiter:
             )
         for i, encoding, prompt in jobs:
             if answers[i] is None:
-                answers[i] = _estimate(encoding, prompt)
+                answers[i] = estimate_prompt(prompt, encoding)
         return answers
 
     async def _load_encodings(self, names: set[str], limit_s: float | None) -> bool:
@@ -274,11 +252,6 @@ class Limiter:
             log.warning("prompts estimated, not counted: encodings still loading", extra={"encodings": missing})
             return False
         return True
-
-    def _count_one(self, encoding: str, prompt: Prompt) -> TokenCount:
-        if prompt.text is not None:
-            return self.counter.count_text(prompt.text, encoding)
-        return self.counter.count_chat(list(prompt.messages), encoding)
 
     async def check(
         self, request: CheckInput, deadline_s: float | None = None, prompt: Prompt | None = None
@@ -353,11 +326,11 @@ class Limiter:
             plan = self.planner.plan_check(loaded.policy, request, now)
             if plan.early is not None:
                 results[i] = CheckResult(
-                    plan.early,
-                    plan.requested,
-                    "",
-                    None,
-                    (),
+                    verdict=plan.early,
+                    requested=plan.requested,
+                    reservation_id="",
+                    lease_expires_ms=None,
+                    scopes=(),
                     policy_version=loaded.version,
                     token_count=counted[i],
                     model_assumed=plan.model_assumed,
@@ -415,15 +388,15 @@ class Limiter:
             ]
             steps.append(
                 StepCheck(
-                    request.task_id,
-                    request.step_id,
-                    plan.task_type,
-                    plan.counted[0],
-                    plan.thresholds,
-                    candidates,
-                    lease_s * 1000,
-                    fingerprint(request, plan.shape),
-                    common_part(plan),
+                    task_id=request.task_id,
+                    step_id=request.step_id,
+                    task_type=plan.task_type,
+                    task=plan.counted[0],
+                    thresholds=plan.thresholds,
+                    candidates=candidates,
+                    lease_ms=lease_s * 1000,
+                    fingerprint=fingerprint(request, plan.shape),
+                    answer=common_part(plan),
                 )
             )
         answers: list[Reservation | BaseException] = []
@@ -448,7 +421,10 @@ class Limiter:
     ) -> CheckResult:
         scopes = tuple(zip(plan.counted, reservation.counters, strict=True))
         if plan.step is not None:
-            scopes = ((plan.step, Counter(plan.step.limit, 0, 0, plan.step.limit_usd)), *scopes)
+            scopes = (
+                (plan.step, Counter(limit=plan.step.limit, used=0, reserved=0, limit_usd=plan.step.limit_usd)),
+                *scopes,
+            )
         requested = plan.requested
         if reservation.replayed:
             # The first check's answer, from what its reservation kept; the scopes show the figures as they are now.
@@ -456,27 +432,27 @@ class Limiter:
             lease: int | None = reservation.lease_expires_ms
         else:
             outcome = StoreOutcome(
-                reservation.status,
-                reservation.fitted,
-                reservation.counters,
-                reservation.thresholds,
-                reservation.checkpoint_id,
+                status=reservation.status,
+                fitted=reservation.fitted,
+                counters=reservation.counters,
+                thresholds=reservation.thresholds,
+                checkpoint_id=reservation.checkpoint_id,
             )
             verdict = decide(plan, outcome, now)
             lease = reservation.lease_expires_ms if reservation.status is StoreStatus.RESERVED else None
         return CheckResult(
-            verdict,
-            requested,
-            reservation.reservation_id,
-            lease,
-            scopes,
-            reservation.replayed,
-            False,
-            version,
-            reservation.thresholds,
-            token_count,
-            plan.model_assumed,
-            plan.task_type,
+            verdict=verdict,
+            requested=requested,
+            reservation_id=reservation.reservation_id,
+            lease_expires_ms=lease,
+            scopes=scopes,
+            replayed=reservation.replayed,
+            from_fail_mode=False,
+            policy_version=version,
+            thresholds=reservation.thresholds,
+            token_count=token_count,
+            model_assumed=plan.model_assumed,
+            task_type=plan.task_type,
         )
 
     def _fail_mode_answer(self, request: CheckInput, plan: CheckPlan, exc: BaseException, version: str) -> CheckResult:
@@ -488,19 +464,38 @@ class Limiter:
         requested = plan.requested
         if self.fail_mode == "open":
             verdict = Verdict(
-                Decision.ALLOW,
-                Reason.FAIL_OPEN,
-                requested.tokens,
-                "budget store unavailable: allowed by fail mode 'open'; usage will be reconciled when reported",
+                decision=Decision.ALLOW,
+                reason=Reason.FAIL_OPEN,
+                granted=requested.tokens,
+                message="budget store unavailable: allowed by fail mode 'open'; usage will be reconciled when reported",
                 granted_usd=requested.usd,
             )
             # Nothing is stored behind it: the id itself tells the report which task, step and model it was for.
             rid = fail_open_id(request.task_id, request.step_id, request.model, plan.task_type)
-            return CheckResult(verdict, requested, rid, None, (), from_fail_mode=True, policy_version=version)
+            return CheckResult(
+                verdict=verdict,
+                requested=requested,
+                reservation_id=rid,
+                lease_expires_ms=None,
+                scopes=(),
+                from_fail_mode=True,
+                policy_version=version,
+            )
         verdict = Verdict(
-            Decision.DENY, Reason.FAIL_CLOSED, 0, "budget store unavailable: denied by fail mode 'closed'"
+            decision=Decision.DENY,
+            reason=Reason.FAIL_CLOSED,
+            granted=0,
+            message="budget store unavailable: denied by fail mode 'closed'",
         )
-        return CheckResult(verdict, requested, "", None, (), from_fail_mode=True, policy_version=version)
+        return CheckResult(
+            verdict=verdict,
+            requested=requested,
+            reservation_id="",
+            lease_expires_ms=None,
+            scopes=(),
+            from_fail_mode=True,
+            policy_version=version,
+        )
 
     def _store_limit(self, deadline_s: float | None) -> float:
         """How long a call other than a check may wait for the store: the store deadline, or less if the caller has
@@ -520,7 +515,11 @@ class Limiter:
             model, _ = policy.model(record.model)
             cost = actual_micros(model, record.input_tokens, record.cached_input_tokens, record.output_tokens)
             windows = self.planner.window_scopes(tenant, at)
-            entries.append(UsageEntry(record, cost, windows, at, None if record is sent else sent))
+            entries.append(
+                UsageEntry(
+                    record=record, cost_usd=cost, windows=windows, at_ms=at, as_sent=None if record is sent else sent
+                )
+            )
         async with _store_call(self._store_limit(deadline_s)):
             stored = await self.store.report(entries, now)
         applied = []
@@ -561,8 +560,7 @@ class Limiter:
         task_counter = state.counters[0]
         scopes: tuple[tuple[Scope, Counter], ...] = tuple(zip(windows, state.counters[1:], strict=True))
         if task_id:
-            task = Scope(TASK_SCOPE, ScopeKind.TASK, task_counter.limit, None, task_counter.limit_usd)
-            scopes = ((task, task_counter), *scopes)
+            scopes = ((task_scope(task_counter), task_counter), *scopes)
         return BudgetView(scopes, state)
 
     # --- administration ---------------------------------------------------------------------------------------
@@ -649,7 +647,6 @@ __all__ = [
     "BudgetView",
     "CheckResult",
     "Limiter",
-    "Prompt",
     "StepConflictError",
     "StoreUnavailableError",
     "UnknownCheckpointError",

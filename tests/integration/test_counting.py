@@ -15,6 +15,7 @@ import tiktoken
 from redis.asyncio import Redis
 
 from budgetwarden import limiter as limiter_module
+from budgetwarden.domain import Prompt
 from budgetwarden.domain._model import CheckInput
 from budgetwarden.domain._policy import parse_policy
 from budgetwarden.domain._tokens import (
@@ -25,7 +26,7 @@ from budgetwarden.domain._tokens import (
     estimate_chat,
     estimate_text,
 )
-from budgetwarden.limiter import INLINE_COUNT_CHARS, Limiter, Prompt
+from budgetwarden.limiter import INLINE_COUNT_CHARS, Limiter
 from budgetwarden.store._store import BudgetStore
 from budgetwarden.transport._validation import MAX_MESSAGE_PROMPT_CHARS, InvalidRequestError, message_prompt_chars
 from budgetwarden_api.v1 import budget_pb2 as pb
@@ -222,7 +223,16 @@ async def test_loading_an_encoding_leaves_the_store_its_whole_check_deadline(asy
     limiter = Recording(
         BudgetStore(async_redis), lambda: POOL_POLICY, check_deadline_s=deadline_s, counter=SlowLoading()
     )
-    request = CheckInput("acme", "t", "s", "", "counted", 0, 0, 0)
+    request = CheckInput(
+        tenant_id="acme",
+        task_id="t",
+        step_id="s",
+        task_type="",
+        model="counted",
+        input_tokens=0,
+        output_tokens=0,
+        tool_calls=0,
+    )
     checking = asyncio.create_task(limiter.check(request, None, Prompt(text="hello there")))
     # Hold the load for longer than the whole check deadline, by the loop's own clock.
     await asyncio.sleep(deadline_s + 0.1)

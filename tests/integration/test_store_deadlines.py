@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 import pytest
 
+from budgetwarden.store import checkpoint_id
 from budgetwarden.store._embedded import EmbeddedRedis, free_port
-from budgetwarden.store._store import checkpoint_id
 from budgetwarden.transport._service import MARGIN_SHARE, time_for_store
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc

@@ -101,7 +101,16 @@ async def test_the_order_inside_a_batch_is_the_order_of_decisions(async_redis: R
     limiter = Limiter(BudgetStore(async_redis), lambda: POLICY, clock=lambda: NOW, check_deadline_s=30.0)
 
     def step(step_id: str, tokens: int, tenant: str = "acme") -> CheckInput:
-        return CheckInput(tenant, "t1", step_id, "plain", "small", tokens, 0, 0)
+        return CheckInput(
+            tenant_id=tenant,
+            task_id="t1",
+            step_id=step_id,
+            task_type="plain",
+            model="small",
+            input_tokens=tokens,
+            output_tokens=0,
+            tool_calls=0,
+        )
 
     results = await limiter.check_many(
         [step("a", 2000), step("b", 2000), step("a", 2000), step("c", 1000), step("a", 2500, "globex"), step("a", 9)]
@@ -118,7 +127,19 @@ async def test_the_order_inside_a_batch_is_the_order_of_decisions(async_redis: R
 
 async def test_a_batch_larger_than_one_script_call_decides_as_single_checks_do(async_redis: Redis) -> None:
     """Checks beyond SCRIPT_BATCH go in several script calls, in order; the budget runs out across a call boundary."""
-    requests = [CheckInput("acme", f"t{i % 3}", f"s{i}", "plain", "small", 37 + i % 5, 0, 0) for i in range(250)]
+    requests = [
+        CheckInput(
+            tenant_id="acme",
+            task_id=f"t{i % 3}",
+            step_id=f"s{i}",
+            task_type="plain",
+            model="small",
+            input_tokens=37 + i % 5,
+            output_tokens=0,
+            tool_calls=0,
+        )
+        for i in range(250)
+    ]
     assert len(requests) > 2 * SCRIPT_BATCH
     one_by_one = await run(async_redis, requests, [])
     batched = await run(async_redis, requests, [len(requests)])

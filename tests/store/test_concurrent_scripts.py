@@ -201,9 +201,9 @@ async def test_task_ceiling_holds_under_checks_from_many_clients(
     total = assert_ceiling_reached(rows, ceiling, Reason.TASK_BUDGET_EXHAUSTED, "task")
     counters, active, known = await read_budget(clients[0], text, FIXED_NOW_MS, "task-1")
     assert known
-    assert counters["task"] == Counter(ceiling, 0, total)
-    assert counters["tenant.day"] == Counter(day, 0, total)
-    assert counters["tenant.month"] == Counter(month, 0, total)
+    assert counters["task"] == Counter(limit=ceiling, used=0, reserved=total)
+    assert counters["tenant.day"] == Counter(limit=day, used=0, reserved=total)
+    assert counters["tenant.month"] == Counter(limit=month, used=0, reserved=total)
     assert active == sum(1 for row in rows if row["decision"] == Decision.ALLOW)
     assert_one_reservation_per_granted_step(rows, sync_redis)
 
@@ -226,8 +226,8 @@ async def test_tenant_window_binds_when_two_tasks_contend(clients: list[AsyncRed
     assert all(per_task[task] > 0 for task in tasks), "both tasks must have had a share of the window"
     for task in tasks:
         counters, active, _ = await read_budget(clients[0], text, FIXED_NOW_MS, task)
-        assert counters["task"] == Counter(task_ceiling, 0, per_task[task])
-        assert counters["tenant.day"] == Counter(day, 0, total)
+        assert counters["task"] == Counter(limit=task_ceiling, used=0, reserved=per_task[task])
+        assert counters["tenant.day"] == Counter(limit=day, used=0, reserved=total)
         assert active == sum(1 for row in rows if row["task"] == task and row["decision"] == Decision.ALLOW)
     assert_one_reservation_per_granted_step(rows, sync_redis)
 
@@ -252,8 +252,8 @@ async def test_same_step_checked_concurrently_reserves_once(clients: list[AsyncR
 
     expected = sum(jobs[0][2] for jobs in rounds)
     counters, active, _ = await read_budget(clients[0], text, FIXED_NOW_MS, "task-1")
-    assert counters["task"] == Counter(ceiling, 0, expected)
-    assert counters["tenant.day"] == Counter(ceiling, 0, expected)
+    assert counters["task"] == Counter(limit=ceiling, used=0, reserved=expected)
+    assert counters["tenant.day"] == Counter(limit=ceiling, used=0, reserved=expected)
     assert active == len(rounds)
     records, leased = reservation_records(sync_redis)
     assert records == leased == {reservation_id("task-1", jobs[0][1]) for jobs in rounds}
@@ -296,7 +296,7 @@ async def test_releases_reports_and_lapsing_leases_race_without_losing_a_token(
 
     later = FIXED_NOW_MS + 3_600_000  # every lease has lapsed, still the same day
     counters, active, _ = await read_budget(clients[0], text, later, "task-1")
-    assert counters["task"] == Counter(10_000_000, charged, 0)
-    assert counters["tenant.day"] == Counter(10_000_000, charged, 0)
+    assert counters["task"] == Counter(limit=10_000_000, used=charged, reserved=0)
+    assert counters["tenant.day"] == Counter(limit=10_000_000, used=charged, reserved=0)
     assert active == 0
     assert sync_redis.zcard(TenantKeys(TENANT).leases) == 0

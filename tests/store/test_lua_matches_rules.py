@@ -79,22 +79,25 @@ def test_check_script_chooses_what_the_rules_choose(
         keys=[P + "leases", DAY, MINUTE, P + "resv:s", TASK], args=args
     )
 
-    shape = Shape("m", 0, 0, 0)
+    shape = Shape(model="m", input_tokens=0, output_tokens=0, tool_calls=0)
     plan = CheckPlan(
         requested=Amount(0),
         task_type="general",
         thresholds=Thresholds(soft, checkpoint),
         lease_seconds=None,
         counted=(
-            Scope("task", ScopeKind.TASK, task[0], None, task[3]),
-            Scope("tenant.day", ScopeKind.TENANT_WINDOW, day[0], None, day[3]),
-            Scope("tenant.minute", ScopeKind.TENANT_WINDOW, minute[0], None, minute[3]),
+            Scope(name="task", kind=ScopeKind.TASK, limit=task[0], limit_usd=task[3]),
+            Scope(name="tenant.day", kind=ScopeKind.TENANT_WINDOW, limit=day[0], limit_usd=day[3]),
+            Scope(name="tenant.minute", kind=ScopeKind.TENANT_WINDOW, limit=minute[0], limit_usd=minute[3]),
         ),
         step=None,
         candidates=tuple(Candidate(Amount(t, u), b, shape, None) for t, u, b in candidates),
         shape=shape,
     )
-    before = tuple(Counter(*c) for c in (task, day, minute))
+    before = tuple(
+        Counter(limit=c[0], used=c[1], reserved=c[2], limit_usd=c[3], used_usd=c[4], reserved_usd=c[5])
+        for c in (task, day, minute)
+    )
     expected = simulate(plan, before, Thresholds(soft, checkpoint))
     status, fitted = StoreStatus(int(reply[0])), int(reply[1])
     assert status is expected.status

@@ -204,7 +204,21 @@ async def test_a_granted_step_checked_again_answers_what_it_answered(async_redis
         elif op == "report":
             if granted:
                 task_id, step_id = min(granted)
-                record = UsageInput("acme", "", task_id, step_id, "", "small", 10, 5, 0, 0, Outcome.COMPLETED, "", None)
+                record = UsageInput(
+                    tenant_id="acme",
+                    reservation_id="",
+                    task_id=task_id,
+                    step_id=step_id,
+                    task_type="",
+                    model="small",
+                    input_tokens=10,
+                    output_tokens=5,
+                    cached_input_tokens=0,
+                    tool_calls=0,
+                    outcome=Outcome.COMPLETED,
+                    idempotency_key="",
+                    timestamp_ms=None,
+                )
                 await limiter.report([record])  # a reported step still replays its answer
         elif isinstance(op, list):
             batch = [resolve(item) for item in op]

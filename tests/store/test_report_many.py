@@ -148,10 +148,23 @@ async def test_a_report_larger_than_one_script_call_answers_in_the_order_asked(a
     await async_redis.flushall()
     limiter = Limiter(BudgetStore(async_redis), lambda: POLICY, clock=lambda: NOW)
     usage = [
-        UsageInput(TENANTS[i % 3] if i % 4 == 0 else "acme", "", "t1", f"s{i}", "", "small", i, 0, 0, 0,
-                   Outcome.COMPLETED, f"k{i}", None)
+        UsageInput(
+            tenant_id=TENANTS[i % 3] if i % 4 == 0 else "acme",
+            reservation_id="",
+            task_id="t1",
+            step_id=f"s{i}",
+            task_type="",
+            model="small",
+            input_tokens=i,
+            output_tokens=0,
+            cached_input_tokens=0,
+            tool_calls=0,
+            outcome=Outcome.COMPLETED,
+            idempotency_key=f"k{i}",
+            timestamp_ms=None,
+        )
         for i in range(2 * REPORT_BATCH + 50)
-    ]  # fmt: skip
+    ]
     usage.append(usage[7])  # a retry at the end: a duplicate, answered in its place
 
     applied = await limiter.report(usage)

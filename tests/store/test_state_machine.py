@@ -238,7 +238,7 @@ class Model:
             label, day_end = utc_day(at)
             if day_end + GRACE_MS > now:
                 self.window(label).used += tokens
-        counter = None if task is None else Counter(task.limit, task.used, task.reserved)
+        counter = None if task is None else Counter(limit=task.limit, used=task.used, reserved=task.reserved)
         return status, tokens, refunded, overage, counter
 
 
@@ -321,9 +321,9 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             window = self.model.window(utc_day(self.now)[0])
             scopes = [(scope.name, counter) for scope, counter in result.scopes]
             assert scopes == [
-                ("step", Counter(STEP_CAP, 0, 0)),
-                ("task", Counter(task.limit, task.used, task.reserved)),
-                ("tenant.day", Counter(DAY_LIMIT, window.used, window.reserved)),
+                ("step", Counter(limit=STEP_CAP, used=0, reserved=0)),
+                ("task", Counter(limit=task.limit, used=task.used, reserved=task.reserved)),
+                ("tenant.day", Counter(limit=DAY_LIMIT, used=window.used, reserved=window.reserved)),
             ]
             return step
 
@@ -404,10 +404,14 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             for task_id, view in zip(TASKS, views, strict=True):
                 task = self.model.tasks.get(task_id)
                 scopes = [(scope.name, counter) for scope, counter in view.scopes]
-                want_task = Counter(None, 0, 0) if task is None else Counter(task.limit, task.used, task.reserved)
+                want_task = (
+                    Counter(limit=None, used=0, reserved=0)
+                    if task is None
+                    else Counter(limit=task.limit, used=task.used, reserved=task.reserved)
+                )
                 assert scopes == [
                     ("task", want_task),
-                    ("tenant.day", Counter(DAY_LIMIT, window.used, window.reserved)),
+                    ("tenant.day", Counter(limit=DAY_LIMIT, used=window.used, reserved=window.reserved)),
                 ], task_id
                 assert view.state.task_known == (task is not None), task_id
                 assert view.state.active_reservations == (0 if task is None else task.active), task_id

@@ -87,7 +87,17 @@ def request(
     model: str = "m",
     tools: int = 0,
 ) -> CheckInput:
-    return CheckInput(tenant, "task", "step", task_type, model, tokens, output, tools, task_ceiling=ceiling)
+    return CheckInput(
+        tenant_id=tenant,
+        task_id="task",
+        step_id="step",
+        task_type=task_type,
+        model=model,
+        input_tokens=tokens,
+        output_tokens=output,
+        tool_calls=tools,
+        task_ceiling=ceiling,
+    )
 
 
 def plan(req: CheckInput, policy: Policy = POLICY) -> CheckPlan:
@@ -100,7 +110,11 @@ def run(p: CheckPlan, counters: tuple[Counter, ...], thresholds: Thresholds | No
 
 
 def counters(task: tuple[int, int], day: tuple[int, int], minute: tuple[int, int]) -> tuple[Counter, ...]:
-    return (Counter(1000, *task), Counter(10000, *day), Counter(500, *minute))
+    return (
+        Counter(limit=1000, used=task[0], reserved=task[1]),
+        Counter(limit=10000, used=day[0], reserved=day[1]),
+        Counter(limit=500, used=minute[0], reserved=minute[1]),
+    )
 
 
 # --- planning --------------------------------------------------------------------------------------------------
@@ -139,7 +153,7 @@ def test_unknown_tenant_is_denied_without_the_store() -> None:
     p = plan(request(tenant="stranger"))
     assert p.early is not None
     assert (p.early.decision, p.early.reason) == (Decision.DENY, Reason.UNKNOWN_TENANT)
-    assert decide(p, StoreOutcome(StoreStatus.NOTHING, None, ()), NOW) == p.early
+    assert decide(p, StoreOutcome(status=StoreStatus.NOTHING, fitted=None, counters=()), NOW) == p.early
 
 
 def test_unknown_task_type_without_default_is_denied() -> None:
@@ -191,16 +205,20 @@ def test_unknown_model_is_priced_by_default_and_said_so() -> None:
     ],
 )
 def test_fit_rule(limit: int | None, used: int, reserved: int, amount: int, expected: bool) -> None:
-    assert fits(Counter(limit, used, reserved), amount) is expected
+    assert fits(Counter(limit=limit, used=used, reserved=reserved), amount) is expected
 
 
 @pytest.mark.parametrize(
     ("counter", "amount", "expected"),
     [
-        (Counter(None, 0, 0, 1000, 500, 0), Amount(10**9, 500), True),
-        (Counter(None, 0, 0, 1000, 500, 0), Amount(1, 501), False),
-        (Counter(100, 0, 0, None), Amount(100, 10**12), True),
-        (Counter(100, 0, 0, 1000, 0, 0), Amount(101, 1), False),
+        (
+            Counter(limit=None, used=0, reserved=0, limit_usd=1000, used_usd=500, reserved_usd=0),
+            Amount(10**9, 500),
+            True,
+        ),
+        (Counter(limit=None, used=0, reserved=0, limit_usd=1000, used_usd=500, reserved_usd=0), Amount(1, 501), False),
+        (Counter(limit=100, used=0, reserved=0, limit_usd=None), Amount(100, 10**12), True),
+        (Counter(limit=100, used=0, reserved=0, limit_usd=1000, used_usd=0, reserved_usd=0), Amount(101, 1), False),
     ],
 )
 def test_fit_rule_in_both_units(counter: Counter, amount: Amount, expected: bool) -> None:
@@ -252,7 +270,7 @@ def test_exactly_at_the_limit_is_allowed_and_one_more_is_not() -> None:
 def test_no_retry_after_when_the_step_could_never_fit_the_window() -> None:
     text = "tenants: {a: {windows: {minute: {tokens: 50}}}}\ndefault_task_type: t\ntask_types: {t: {}}\n"
     p = Planner().plan_check(parse_policy(text, "p").policy, request(60, tenant="a"), NOW)
-    verdict = run(p, (Counter(None, 0, 0), Counter(50, 0, 0)))
+    verdict = run(p, (Counter(limit=None, used=0, reserved=0), Counter(limit=50, used=0, reserved=0)))
     assert verdict.binding_scope == "tenant.minute"
     assert verdict.retry_after_ms is None
 
@@ -278,7 +296,10 @@ THRESHOLDS = Thresholds(5000, 9000)  # soft 50%, checkpoint 90% of the 10,000-to
 
 
 def ladder_counters(task_used: int = 0, task_usd: int = 0, day_used: int = 0, day_usd: int = 0) -> tuple[Counter, ...]:
-    return (Counter(10000, task_used, 0, 500_000, task_usd, 0), Counter(100000, day_used, 0, 1_000_000, day_usd, 0))
+    return (
+        Counter(limit=10000, used=task_used, reserved=0, limit_usd=500_000, used_usd=task_usd, reserved_usd=0),
+        Counter(limit=100000, used=day_used, reserved=0, limit_usd=1_000_000, used_usd=day_usd, reserved_usd=0),
+    )
 
 
 def big(tokens: int = 1000, output: int = 1000, tools: int = 3) -> CheckPlan:
@@ -328,7 +349,17 @@ def test_a_rung_that_fits_exactly() -> None:
 def test_no_rung_fits_opens_a_checkpoint() -> None:
     outcome = simulate(big(), ladder_counters(8301), THRESHOLDS)  # even 700 tokens pass 9000
     assert outcome.status is StoreStatus.CHECKPOINT
-    verdict = decide(big(), StoreOutcome(StoreStatus.CHECKPOINT, None, ladder_counters(8301), THRESHOLDS, "ck1.a"), NOW)
+    verdict = decide(
+        big(),
+        StoreOutcome(
+            status=StoreStatus.CHECKPOINT,
+            fitted=None,
+            counters=ladder_counters(8301),
+            thresholds=THRESHOLDS,
+            checkpoint_id="ck1.a",
+        ),
+        NOW,
+    )
     assert (verdict.decision, verdict.reason, verdict.checkpoint_id) == (
         Decision.CHECKPOINT,
         Reason.CHECKPOINT_REQUIRED,
@@ -404,5 +435,5 @@ def test_token_limit_binds_when_tighter() -> None:
 
 
 def test_store_states_closed_and_replayed() -> None:
-    closed = decide(big(), StoreOutcome(StoreStatus.CLOSED, None, ladder_counters()), NOW)
+    closed = decide(big(), StoreOutcome(status=StoreStatus.CLOSED, fitted=None, counters=ladder_counters()), NOW)
     assert (closed.decision, closed.reason) == (Decision.DENY, Reason.TASK_CLOSED)

@@ -48,7 +48,17 @@ CHECKPOINT_ONLY = Thresholds(None, 9000)
 
 def plan(tokens: int = 1000, output: int = 1000, *, ceiling: int | None = None) -> CheckPlan:
     """A step on the big model: 2000 tokens for $0.04 as asked by default; its cheaper rung costs $0.003."""
-    request = CheckInput("acme", "task", "step", "", "big", tokens, output, 3, task_ceiling=ceiling)
+    request = CheckInput(
+        tenant_id="acme",
+        task_id="task",
+        step_id="step",
+        task_type="",
+        model="big",
+        input_tokens=tokens,
+        output_tokens=output,
+        tool_calls=3,
+        task_ceiling=ceiling,
+    )
     return Planner().plan_check(POLICY, request, NOW)
 
 
@@ -59,8 +69,10 @@ def decided(
     then the decision. ``task`` and ``day`` are (used tokens, used micro-USD) before the check."""
     limit = p.counted[0]
     counters = (
-        Counter(limit.limit, task[0], 0, limit.limit_usd, task[1], 0),
-        Counter(100_000, day[0], 0, 1_000_000, day[1], 0),
+        Counter(
+            limit=limit.limit, used=task[0], reserved=0, limit_usd=limit.limit_usd, used_usd=task[1], reserved_usd=0
+        ),
+        Counter(limit=100_000, used=day[0], reserved=0, limit_usd=1_000_000, used_usd=day[1], reserved_usd=0),
     )
     return decide(p, simulate(p, counters, thresholds), NOW)
 
@@ -167,8 +179,15 @@ def test_a_degrade_says_soft_threshold_exactly_when_the_request_fits_as_asked(
     p = plan(tokens, output, ceiling=ceiling)
     limit = p.counted[0]
     before = (
-        Counter(limit.limit, task[0], task[1], limit.limit_usd, task[2], task[3]),
-        Counter(100_000, day[0], 0, 1_000_000, day[1], 0),
+        Counter(
+            limit=limit.limit,
+            used=task[0],
+            reserved=task[1],
+            limit_usd=limit.limit_usd,
+            used_usd=task[2],
+            reserved_usd=task[3],
+        ),
+        Counter(limit=100_000, used=day[0], reserved=0, limit_usd=1_000_000, used_usd=day[1], reserved_usd=0),
     )
     verdict = decide(p, simulate(p, before, thresholds), NOW)
     if verdict.decision is not Decision.DEGRADE:

@@ -27,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budgetwarden.domain import LoadedPolicy, Planner, PolicyError, default_policy, load_policy
 from budgetwarden.limiter import Clock, Limiter, wall_clock_ms
-from budgetwarden.store import AnyRedis, BudgetStore, EmbeddedRedis, Retention, TenantKeys
+from budgetwarden.store import AnyRedis, BudgetStore, EmbeddedRedis, GaugeReader, Retention
 from budgetwarden.telemetry import Telemetry, telemetry_from_env
 from budgetwarden.transport import ADMIN_SERVICE_NAME, BUDGET_SERVICE_NAME, AdminServicer, BudgetServicer
 
@@ -189,7 +189,7 @@ class Sidecar:
         self._watch: asyncio.Task[None] | None = None
         self._policy_stamp = self._stamp()
         self.telemetry = Telemetry(None)
-        self._gauge_redis: redis.Redis | redis.RedisCluster | None = None
+        self._gauges: GaugeReader | None = None
         self.limiter: Limiter | None = None
         self._store_watch: asyncio.Task[None] | None = None
         self._ping_redis: AnyRedis | None = None
@@ -265,11 +265,9 @@ class Sidecar:
             max_task_types=settings.metric_max_task_types,
         )
         if self.telemetry.enabled:
-            # The gauge reader thread must not hang on a stalled Redis either.
-            timeout = _socket_timeout(settings)
-            kind = redis.RedisCluster if settings.redis_cluster else redis.Redis
-            sync = kind.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-            self._gauge_redis = sync
+            self._gauges = GaugeReader.from_url(
+                url, cluster=settings.redis_cluster, timeout_s=_socket_timeout(settings)
+            )
             self.telemetry.set_gauge_source(self._read_gauges)
         retention = Retention(
             record_ms=settings.reservation_retention_seconds * 1000,
@@ -396,23 +394,15 @@ class Sidecar:
 
     def _read_gauges(self, tenants: Sequence[str]) -> Iterator[tuple[str, int, dict[str, int]]]:
         """Live reservations and tokens left per window, for the observable gauges (runs on the reader thread)."""
-        client = self._gauge_redis
-        if client is None:
+        reader = self._gauges
+        if reader is None:
             return
         now = self.clock()
         policy = self.policy.policy
         planner = Planner()
         for tenant_id in tenants:
-            keys = TenantKeys(tenant_id)
-            active = int(client.zcount(keys.leases, f"({now}", "+inf"))
-            remaining: dict[str, int] = {}
             tenant = policy.tenant(tenant_id) or policy.default_tenant
-            for scope in planner.window_scopes(tenant, now):
-                if scope.limit is None or scope.span is None:
-                    continue
-                used, reserved = client.hmget(keys.window(scope.span), "used", "reserved")
-                left = scope.limit - int(used or 0) - int(reserved or 0)
-                remaining[scope.span.window.name.lower()] = max(0, left)
+            active, remaining = reader.read(tenant_id, planner.window_scopes(tenant, now), now)
             yield tenant_id, active, remaining
 
     @staticmethod
@@ -460,9 +450,9 @@ class Sidecar:
             await _bounded_step("redis ping client", self._ping_redis.aclose(), STOP_STEP_LIMIT_S)
             self._ping_redis = None
         await asyncio.to_thread(self.telemetry.shutdown)
-        if self._gauge_redis is not None:
-            self._gauge_redis.close()
-            self._gauge_redis = None
+        if self._gauges is not None:
+            self._gauges.close()
+            self._gauges = None
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
             self.embedded = None

@@ -4,7 +4,7 @@ Everything here is pure (given a clock value and a policy it answers the same), 
 without Redis or gRPC. Nothing here imports another budgetwarden package.
 """
 
-from ._cost import actual_micros
+from ._cost import actual_micros, micros_to_usd, usd_text, usd_to_micros
 from ._decision import (
     STEP_SCOPE,
     TASK_SCOPE,
@@ -17,7 +17,9 @@ from ._decision import (
     StoreOutcome,
     decide,
     simulate,
+    task_scope,
 )
+from ._explain import Explanation, explain
 from ._model import (
     MAX_LIMIT_TOKENS,
     MAX_LIMIT_USD,
@@ -40,10 +42,20 @@ from ._model import (
     Verdict,
     Window,
     WindowSpan,
+    remaining_of,
     threshold_of,
 )
 from ._policy import LoadedPolicy, Policy, PolicyError, default_policy, load_policy
-from ._tokens import ChatMessage, CountingPool, TokenCount, TokenCounter, estimate_chat, estimate_text
+from ._tokens import (
+    ChatMessage,
+    CountingPool,
+    Prompt,
+    TokenCount,
+    TokenCounter,
+    estimate_chat,
+    estimate_prompt,
+    estimate_text,
+)
 
 __all__ = [
     "MAX_LIMIT_TOKENS",
@@ -62,11 +74,13 @@ __all__ = [
     "Counter",
     "CountingPool",
     "Decision",
+    "Explanation",
     "LoadedPolicy",
     "Outcome",
     "Planner",
     "Policy",
     "PolicyError",
+    "Prompt",
     "Reason",
     "ReleaseStatus",
     "ReportStatus",
@@ -87,8 +101,15 @@ __all__ = [
     "decide",
     "default_policy",
     "estimate_chat",
+    "estimate_prompt",
     "estimate_text",
+    "explain",
     "load_policy",
+    "micros_to_usd",
+    "remaining_of",
     "simulate",
+    "task_scope",
     "threshold_of",
+    "usd_text",
+    "usd_to_micros",
 ]

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
-from ._policy import ModelPolicy
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # _policy prices its limits with usd_to_micros
+    from ._policy import ModelPolicy
 
 _MTOK = 1_000_000
+MICROS_PER_USD = 1_000_000
+
+
+def usd_to_micros(usd: float) -> int:
+    """Dollars to integer micro-USD, rounded to the nearest micro-dollar (counters never hold floats)."""
+    return round(usd * MICROS_PER_USD)
+
+
+def micros_to_usd(micros: int) -> float:
+    return micros / MICROS_PER_USD
+
+
+def usd_text(micros: int) -> str:
+    """Micro-USD as dollars with all six decimals, as every message and table shows them: ``0.001500``."""
+    return f"{micros_to_usd(micros):.6f}"
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-from ._cost import estimate_micros
+from ._cost import estimate_micros, usd_text
 from ._model import (
     NO_THRESHOLDS,
     Advice,
@@ -46,6 +46,11 @@ WINDOW_SCOPE_NAMES = {
 }
 
 
+def task_scope(counter: Counter) -> Scope:
+    """The task's scope with the ceilings its counter holds (the task's first check fixed them)."""
+    return Scope(name=TASK_SCOPE, kind=ScopeKind.TASK, limit=counter.limit, limit_usd=counter.limit_usd)
+
+
 class Bound(enum.IntEnum):
     """Which task threshold bounds a candidate: the request as asked stays under the soft threshold; degraded ones
     (and the request once past the soft threshold) under the checkpoint threshold."""
@@ -54,7 +59,7 @@ class Bound(enum.IntEnum):
     CHECKPOINT = 1
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Shape:
     """A step as it would run: which model, how much context and output, how many tool calls."""
 
@@ -76,7 +81,7 @@ class Candidate:
     rung: str | None  # None: the request as asked
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class CheckPlan:
     """What to ask the store for one check.
 
@@ -97,7 +102,7 @@ class CheckPlan:
     early: Verdict | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class StoreOutcome:
     """What the store reported for a plan: ``counters`` belong to ``plan.counted``, in order, after any grant;
     ``thresholds`` are the task's as stored (fixed by its first check)."""
@@ -144,10 +149,20 @@ class Planner:
         cached = self._task_types.get(id(rules))
         if cached is not None and cached[0] is rules:
             return cached[1]
-        task = Scope(TASK_SCOPE, ScopeKind.TASK, rules.per_task.tokens, None, rules.per_task.usd_micros)
+        task = Scope(
+            name=TASK_SCOPE,
+            kind=ScopeKind.TASK,
+            limit=rules.per_task.tokens,
+            limit_usd=rules.per_task.usd_micros,
+        )
         step = None
         if rules.per_step.is_set:
-            step = Scope(STEP_SCOPE, ScopeKind.STEP, rules.per_step.tokens, None, rules.per_step.usd_micros)
+            step = Scope(
+                name=STEP_SCOPE,
+                kind=ScopeKind.STEP,
+                limit=rules.per_step.tokens,
+                limit_usd=rules.per_step.usd_micros,
+            )
         made = (task, step, Thresholds(rules.soft_bp, rules.checkpoint_bp))
         if len(self._task_types) > 4096:  # policies were reloaded many times: start again
             self._task_types.clear()
@@ -160,11 +175,11 @@ class Planner:
             return cached[3]
         scopes = [
             Scope(
-                WINDOW_SCOPE_NAMES[window],
-                ScopeKind.TENANT_WINDOW,
-                limit.tokens,
-                self._spans.get(window, tenant.time_zone, now_ms),
-                limit.usd_micros,
+                name=WINDOW_SCOPE_NAMES[window],
+                kind=ScopeKind.TENANT_WINDOW,
+                limit=limit.tokens,
+                span=self._spans.get(window, tenant.time_zone, now_ms),
+                limit_usd=limit.usd_micros,
             )
             for window, limit in tenant.window_limits()
         ]
@@ -178,19 +193,22 @@ class Planner:
         return tuple(scopes)
 
     def plan_check(self, policy: Policy, request: CheckInput, now_ms: int) -> CheckPlan:
-        shape = Shape(request.model, request.input_tokens, request.output_tokens, request.tool_calls)
+        shape = Shape(
+            model=request.model,
+            input_tokens=request.input_tokens,
+            output_tokens=request.output_tokens,
+            tool_calls=request.tool_calls,
+        )
         model, assumed = policy.model(request.model)
         requested = Amount(shape.tokens, estimate_micros(model, shape.input_tokens, shape.output_tokens))
         tenant = policy.tenant(request.tenant_id)
         if tenant is None:
             message = f"tenant {request.tenant_id!r} is not in the policy and the policy rejects unknown tenants"
-            verdict = Verdict(Decision.DENY, Reason.UNKNOWN_TENANT, 0, message)
-            return CheckPlan(requested, request.task_type, Thresholds(), None, (), None, (), shape, assumed, verdict)
+            return _refused(request, requested, shape, assumed, Reason.UNKNOWN_TENANT, message)
         resolved = policy.task_type(request.task_type)
         if resolved is None:
             message = f"task type {request.task_type!r} is not in the policy and the policy has no default task type"
-            verdict = Verdict(Decision.DENY, Reason.UNKNOWN_TASK_TYPE, 0, message)
-            return CheckPlan(requested, request.task_type, Thresholds(), None, (), None, (), shape, assumed, verdict)
+            return _refused(request, requested, shape, assumed, Reason.UNKNOWN_TASK_TYPE, message)
         task_type, rules = resolved
         task, step, thresholds = self._task_type_scopes(rules)
         if request.task_ceiling is not None:
@@ -198,8 +216,34 @@ class Planner:
         counted = (task, *self.window_scopes(tenant, now_ms))
         candidates = _candidates(policy, rules, shape, requested, step)
         return CheckPlan(
-            requested, task_type, thresholds, rules.lease_seconds, counted, step, candidates, shape, assumed
+            requested=requested,
+            task_type=task_type,
+            thresholds=thresholds,
+            lease_seconds=rules.lease_seconds,
+            counted=counted,
+            step=step,
+            candidates=candidates,
+            shape=shape,
+            model_assumed=assumed,
         )
+
+
+def _refused(
+    request: CheckInput, requested: Amount, shape: Shape, assumed: bool, reason: Reason, message: str
+) -> CheckPlan:
+    """A plan answered without the store (DENY): the policy does not know the tenant or the task type."""
+    return CheckPlan(
+        requested=requested,
+        task_type=request.task_type,
+        thresholds=NO_THRESHOLDS,
+        lease_seconds=None,
+        counted=(),
+        step=None,
+        candidates=(),
+        shape=shape,
+        model_assumed=assumed,
+        early=Verdict(decision=Decision.DENY, reason=reason, granted=0, message=message),
+    )
 
 
 def _task_limit(policy_limit: int | None, explicit: int | None) -> int | None:
@@ -217,10 +261,14 @@ def apply_rung(policy: Policy, rung: Rung, shape: Shape) -> Shape:
     elif rung.model is not None:
         model = rung.model
     return Shape(
-        model,
-        shape.input_tokens if rung.max_context_tokens is None else min(shape.input_tokens, rung.max_context_tokens),
-        shape.output_tokens if rung.max_output_tokens is None else min(shape.output_tokens, rung.max_output_tokens),
-        shape.tool_calls if rung.max_tool_calls is None else min(shape.tool_calls, rung.max_tool_calls),
+        model=model,
+        input_tokens=shape.input_tokens
+        if rung.max_context_tokens is None
+        else min(shape.input_tokens, rung.max_context_tokens),
+        output_tokens=shape.output_tokens
+        if rung.max_output_tokens is None
+        else min(shape.output_tokens, rung.max_output_tokens),
+        tool_calls=shape.tool_calls if rung.max_tool_calls is None else min(shape.tool_calls, rung.max_tool_calls),
     )
 
 
@@ -276,13 +324,19 @@ def simulate(plan: CheckPlan, counters: tuple[Counter, ...], thresholds: Thresho
                 )
                 for counter in counters
             )
-            return StoreOutcome(StoreStatus.RESERVED, index, granted, thresholds)
+            return StoreOutcome(status=StoreStatus.RESERVED, fitted=index, counters=granted, thresholds=thresholds)
     if thresholds.checkpoint_bp is not None:
         for candidate in plan.candidates:
             windows_fit = all(fits(counter, candidate.amount) for counter in windows)
             if windows_fit and not fits(task, candidate.amount, *_task_bounds(task, thresholds, Bound.CHECKPOINT)):
-                return StoreOutcome(StoreStatus.CHECKPOINT, None, counters, thresholds, "(a new checkpoint)")
-    return StoreOutcome(StoreStatus.NOTHING, None, counters, thresholds)
+                return StoreOutcome(
+                    status=StoreStatus.CHECKPOINT,
+                    fitted=None,
+                    counters=counters,
+                    thresholds=thresholds,
+                    checkpoint_id="(a new checkpoint)",
+                )
+    return StoreOutcome(status=StoreStatus.NOTHING, fitted=None, counters=counters, thresholds=thresholds)
 
 
 def advice_for(asked: Shape, candidate: Candidate) -> Advice:
@@ -310,7 +364,7 @@ def _task_bounds(counter: Counter, thresholds: Thresholds, bound: Bound) -> tupl
 def _unit_text(unit: Unit, counter: Counter, amount: Amount, limit: int | None) -> str:
     if unit is Unit.USD:
         held = counter.used_usd + counter.reserved_usd
-        return f"${held / 1e6:.6f} of ${(limit or 0) / 1e6:.6f} used or reserved, step costs ${amount.usd / 1e6:.6f}"
+        return f"${usd_text(held)} of ${usd_text(limit or 0)} used or reserved, step costs ${usd_text(amount.usd)}"
     held = counter.used + counter.reserved
     return f"{held} of {limit} tokens used or reserved, step asks for {amount.tokens}"
 
@@ -321,16 +375,20 @@ def decide(plan: CheckPlan, outcome: StoreOutcome, now_ms: int) -> Verdict:
         return plan.early
     if outcome.status is StoreStatus.CLOSED:
         return Verdict(
-            Decision.DENY, Reason.TASK_CLOSED, 0, "the task was closed: its checkpoint was denied", TASK_SCOPE
+            decision=Decision.DENY,
+            reason=Reason.TASK_CLOSED,
+            granted=0,
+            message="the task was closed: its checkpoint was denied",
+            binding_scope=TASK_SCOPE,
         )
     if outcome.status is StoreStatus.CHECKPOINT:
         return Verdict(
-            Decision.CHECKPOINT,
-            Reason.CHECKPOINT_REQUIRED,
-            0,
-            f"the task reached its checkpoint threshold; nothing more is granted until checkpoint "
+            decision=Decision.CHECKPOINT,
+            reason=Reason.CHECKPOINT_REQUIRED,
+            granted=0,
+            message=f"the task reached its checkpoint threshold; nothing more is granted until checkpoint "
             f"{outcome.checkpoint_id} is approved",
-            TASK_SCOPE,
+            binding_scope=TASK_SCOPE,
             checkpoint_id=outcome.checkpoint_id,
         )
     if outcome.fitted is not None:
@@ -344,13 +402,21 @@ def _granted(plan: CheckPlan, outcome: StoreOutcome, candidate: Candidate) -> Ve
         message = f"allowed {amount.tokens} tokens"
         if candidate.bound is Bound.CHECKPOINT:
             message += " (the task is past its soft threshold, and no degrade rung makes this step cheaper)"
-        return Verdict(Decision.ALLOW, Reason.WITHIN_BUDGET, amount.tokens, message, granted_usd=amount.usd)
+        return Verdict(
+            decision=Decision.ALLOW,
+            reason=Reason.WITHIN_BUDGET,
+            granted=amount.tokens,
+            message=message,
+            granted_usd=amount.usd,
+        )
     # Why the request was not granted as asked is a question about the counters as they were before this grant.
     before = _before_grant(outcome.counters, amount)
     binding, unit, line = _first_misfit_as_asked(plan, before, outcome.thresholds)
     step = plan.step
     if step is not None:
-        step_unit = _failing_unit(Counter(step.limit, 0, 0, step.limit_usd), plan.requested)
+        step_unit = _failing_unit(
+            Counter(limit=step.limit, used=0, reserved=0, limit_usd=step.limit_usd), plan.requested
+        )
         if step_unit is not None:
             binding, unit, line = STEP_SCOPE, step_unit, "limit"
     if binding:
@@ -361,7 +427,17 @@ def _granted(plan: CheckPlan, outcome: StoreOutcome, candidate: Candidate) -> Ve
         binding, unit = TASK_SCOPE, _soft_unit(plan, before[0], outcome.thresholds)
     message = f"degraded by rung {candidate.rung!r}: {why}; granted {amount.tokens} of {plan.requested.tokens} tokens"
     advice = advice_for(plan.shape, candidate)
-    return Verdict(Decision.DEGRADE, reason, amount.tokens, message, binding, None, unit, amount.usd, advice)
+    return Verdict(
+        decision=Decision.DEGRADE,
+        reason=reason,
+        granted=amount.tokens,
+        message=message,
+        binding_scope=binding,
+        retry_after_ms=None,
+        binding_unit=unit,
+        granted_usd=amount.usd,
+        advice=advice,
+    )
 
 
 def _before_grant(counters: tuple[Counter, ...], granted: Amount) -> tuple[Counter, ...]:
@@ -397,11 +473,21 @@ def _denied(plan: CheckPlan, outcome: StoreOutcome, now_ms: int) -> Verdict:
     if not plan.candidates:
         step = plan.step
         assert step is not None
-        unit = _failing_unit(Counter(step.limit, 0, 0, step.limit_usd), plan.requested) or Unit.TOKENS
-        cap = f"{step.limit} tokens" if unit is Unit.TOKENS else f"${(step.limit_usd or 0) / 1e6:.6f}"
-        asked = f"{plan.requested.tokens} tokens" if unit is Unit.TOKENS else f"${plan.requested.usd / 1e6:.6f}"
+        unit = (
+            _failing_unit(Counter(limit=step.limit, used=0, reserved=0, limit_usd=step.limit_usd), plan.requested)
+            or Unit.TOKENS
+        )
+        cap = f"{step.limit} tokens" if unit is Unit.TOKENS else f"${usd_text(step.limit_usd or 0)}"
+        asked = f"{plan.requested.tokens} tokens" if unit is Unit.TOKENS else f"${usd_text(plan.requested.usd)}"
         message = f"step asks for {asked}, above the per-step cap of {cap}, and no degrade rung brings it under"
-        return Verdict(Decision.DENY, Reason.STEP_CAP_EXCEEDED, 0, message, STEP_SCOPE, binding_unit=unit)
+        return Verdict(
+            decision=Decision.DENY,
+            reason=Reason.STEP_CAP_EXCEEDED,
+            granted=0,
+            message=message,
+            binding_scope=STEP_SCOPE,
+            binding_unit=unit,
+        )
     # Explain with the cheapest thing that was tried: if even that does not fit, nothing does.
     cheapest = plan.candidates[-1].amount
     for scope, counter in zip(plan.counted, outcome.counters, strict=True):
@@ -417,11 +503,11 @@ def _denied(plan: CheckPlan, outcome: StoreOutcome, now_ms: int) -> Verdict:
         detail = _unit_text(unit, counter, cheapest, limit)
         if scope.kind is ScopeKind.TASK:
             return Verdict(
-                Decision.DENY,
-                Reason.TASK_BUDGET_EXHAUSTED,
-                0,
-                f"task budget exhausted: {detail}",
-                scope.name,
+                decision=Decision.DENY,
+                reason=Reason.TASK_BUDGET_EXHAUSTED,
+                granted=0,
+                message=f"task budget exhausted: {detail}",
+                binding_scope=scope.name,
                 binding_unit=unit,
             )
         assert scope.span is not None
@@ -429,6 +515,20 @@ def _denied(plan: CheckPlan, outcome: StoreOutcome, now_ms: int) -> Verdict:
         # Waiting helps only if the step could fit an empty window at all.
         retry_after = scope.span.end_ms - now_ms if limit is not None and needed <= limit else None
         message = f"{scope.name} window {scope.span.label} exhausted: {detail}"
-        return Verdict(Decision.DENY, Reason.TENANT_WINDOW_EXHAUSTED, 0, message, scope.name, retry_after, unit)
+        return Verdict(
+            decision=Decision.DENY,
+            reason=Reason.TENANT_WINDOW_EXHAUSTED,
+            granted=0,
+            message=message,
+            binding_scope=scope.name,
+            retry_after_ms=retry_after,
+            binding_unit=unit,
+        )
     # Counters moved between the script's decision and this explanation cannot happen (they come from the same call).
-    return Verdict(Decision.DENY, Reason.TASK_BUDGET_EXHAUSTED, 0, "no candidate fits", TASK_SCOPE)
+    return Verdict(
+        decision=Decision.DENY,
+        reason=Reason.TASK_BUDGET_EXHAUSTED,
+        granted=0,
+        message="no candidate fits",
+        binding_scope=TASK_SCOPE,
+    )

@@ -89,7 +89,7 @@ class ReleaseStatus(enum.IntEnum):
 # __init__ goes through object.__setattr__ per field and costs about 4x (1.5 vs. 0.4 µs for six fields, measured with
 # timeit). Nothing mutates them; treat them as immutable. Scope and WindowSpan stay frozen (they are cache keys), and
 # Thresholds (a shared default).
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WindowSpan:
     """One calendar window: [start_ms, end_ms) in epoch milliseconds, and a label unique per window."""
 
@@ -99,7 +99,7 @@ class WindowSpan:
     end_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Scope:
     """A counter a step is charged to (the task or a tenant window), or the per-step cap.
 
@@ -113,7 +113,7 @@ class Scope:
     limit_usd: int | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Counter:
     """A scope's figures as the store read them, after any reservation this call made. Cost is in micro-USD."""
 
@@ -126,15 +126,16 @@ class Counter:
 
     @property
     def remaining(self) -> int | None:
-        if self.limit is None:
-            return None
-        return max(0, self.limit - self.used - self.reserved)
+        return None if self.limit is None else remaining_of(self.limit, self.used, self.reserved)
 
     @property
     def remaining_usd(self) -> int | None:
-        if self.limit_usd is None:
-            return None
-        return max(0, self.limit_usd - self.used_usd - self.reserved_usd)
+        return None if self.limit_usd is None else remaining_of(self.limit_usd, self.used_usd, self.reserved_usd)
+
+
+def remaining_of(limit: int, used: int, reserved: int) -> int:
+    """What a limit has left once the used and the reserved are taken; never below zero (a report may pass it)."""
+    return max(0, limit - used - reserved)
 
 
 @dataclass(slots=True)
@@ -165,7 +166,7 @@ def threshold_of(limit: int | None, bp: int | None) -> int | None:
     return limit * bp // 10_000
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Advice:
     """How to make a step cheaper (DEGRADE): None / 0 fields mean "no change"."""
 
@@ -176,7 +177,7 @@ class Advice:
     max_tool_calls: int | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class CheckInput:
     """A validated Check request (the input tokens already counted when the request carried a prompt)."""
 
@@ -197,7 +198,7 @@ class CheckInput:
         return self.input_tokens + self.output_tokens
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Verdict:
     """The decision for one check, before it is put on the wire."""
 
@@ -213,7 +214,7 @@ class Verdict:
     checkpoint_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UsageInput:
     """A validated usage record."""
 

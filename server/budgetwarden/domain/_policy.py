@@ -16,10 +16,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from ._cost import micros_to_usd, usd_to_micros
 from ._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, MAX_TOKENS_PER_FIELD, Window
 
 TokenLimit = Annotated[int, Field(ge=0, le=MAX_LIMIT_TOKENS)]
-UsdLimit = Annotated[float, Field(ge=0, le=MAX_LIMIT_USD / 1_000_000, allow_inf_nan=False)]
+UsdLimit = Annotated[float, Field(ge=0, le=micros_to_usd(MAX_LIMIT_USD), allow_inf_nan=False)]
 UsdPrice = Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 TokenCap = Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_FIELD)]
@@ -36,11 +37,6 @@ WindowName = Literal["minute", "hour", "day", "month"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def usd_to_micros(usd: float) -> int:
-    """Dollars to integer micro-USD, rounded to the nearest micro-dollar (counters never hold floats)."""
-    return round(usd * 1_000_000)
 
 
 class Limit(_Strict):

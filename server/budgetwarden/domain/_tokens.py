@@ -47,6 +47,20 @@ class ChatMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Prompt:
+    """A prompt for the sidecar to count: plain text, or chat messages."""
+
+    text: str | None = None
+    messages: tuple[ChatMessage, ...] = ()
+
+    @property
+    def size(self) -> int:
+        if self.text is not None:
+            return len(self.text)
+        return sum(len(m.content) + len(m.role) + len(m.name) for m in self.messages)
+
+
+@dataclass(frozen=True, slots=True)
 class TokenCount:
     tokens: int
     encoding: str
@@ -132,6 +146,18 @@ class TokenCounter:
             if message.name:
                 total += TOKENS_PER_NAME + len(enc.encode(message.name, disallowed_special=()))
         return TokenCount(total, encoding if exact else FALLBACK_ENCODING, exact)
+
+    def count_prompt(self, prompt: Prompt, encoding: str) -> TokenCount:
+        if prompt.text is not None:
+            return self.count_text(prompt.text, encoding)
+        return self.count_chat(list(prompt.messages), encoding)
+
+
+def estimate_prompt(prompt: Prompt, encoding: str) -> TokenCount:
+    """A prompt's tokens guessed from its length (approximate), for one that could not be counted in time."""
+    if prompt.text is not None:
+        return TokenCount(estimate_text(prompt.text), encoding, exact=False)
+    return TokenCount(estimate_chat(list(prompt.messages)), encoding, exact=False)
 
 
 def estimate_text(text: str) -> int:

@@ -31,11 +31,11 @@ def span_at(window: Window, tz: ZoneInfo, now_ms: int) -> WindowSpan:
         start = local.replace(second=0, microsecond=0)
         end_ms = _ms(start) + 60_000
         label = start.strftime("%Y-%m-%dT%H:%M%z")
-        return WindowSpan(window, label, _ms(start), end_ms)
+        return WindowSpan(window=window, label=label, start_ms=_ms(start), end_ms=end_ms)
     if window is Window.HOUR:
         start = local.replace(minute=0, second=0, microsecond=0)
         label = start.strftime("%Y-%m-%dT%H%z")
-        return WindowSpan(window, label, _ms(start), _ms(start) + 3_600_000)
+        return WindowSpan(window=window, label=label, start_ms=_ms(start), end_ms=_ms(start) + 3_600_000)
     if window is Window.DAY:
         start = datetime(local.year, local.month, local.day, tzinfo=tz)
         following = start.date() + timedelta(days=1)
@@ -50,7 +50,7 @@ def span_at(window: Window, tz: ZoneInfo, now_ms: int) -> WindowSpan:
 def _clamped(window: Window, label: str, start: datetime, end: datetime, now_ms: int) -> WindowSpan:
     # In the few zones whose clocks jump at midnight, local midnight may not exist; keep now inside the window.
     start_ms, end_ms = min(_ms(start), now_ms), max(_ms(end), now_ms + 1)
-    return WindowSpan(window, label, start_ms, end_ms)
+    return WindowSpan(window=window, label=label, start_ms=start_ms, end_ms=end_ms)
 
 
 class SpanCache:

@@ -27,7 +27,7 @@ from ._values import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InjectConfig:
     sidecar_image: str = ""
     listen: str = "0.0.0.0:8443"

@@ -31,7 +31,7 @@ from ._values import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PodSettings:
     tenant: str
     task_type: str
@@ -98,7 +98,16 @@ def pod_settings(config: InjectConfig, annotations: Mapping[str, str], namespace
     memory_request, memory_limit = _resources(
         annotations, MEMORY, MEMORY_LIMIT, config.sidecar_memory_request, config.sidecar_memory_limit
     )
-    return PodSettings(tenant, task_type, fail_mode, log_level, cpu_request, cpu_limit, memory_request, memory_limit)
+    return PodSettings(
+        tenant=tenant,
+        task_type=task_type,
+        fail_mode=fail_mode,
+        log_level=log_level,
+        cpu_request=cpu_request,
+        cpu_limit=cpu_limit,
+        memory_request=memory_request,
+        memory_limit=memory_limit,
+    )
 
 
 def pointer(*parts: str | int) -> str:

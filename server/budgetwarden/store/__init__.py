@@ -2,7 +2,16 @@
 of stored answers, and the embedded Valkey server. Imports the domain and telemetry only."""
 
 from ._embedded import EmbeddedRedis
-from ._keys import TenantKeys, fail_open_id, is_reservation_id, parse_fail_open_id, reservation_id
+from ._gauges import GaugeReader
+from ._keys import (
+    TenantKeys,
+    checkpoint_id,
+    fail_open_id,
+    is_reservation_id,
+    parse_checkpoint_id,
+    parse_fail_open_id,
+    reservation_id,
+)
 from ._replay import candidate_part, common_part, fingerprint, replayed_answer
 from ._store import (
     AnyRedis,
@@ -17,7 +26,6 @@ from ._store import (
     Retention,
     StepCheck,
     UsageEntry,
-    parse_checkpoint_id,
 )
 from ._usage import read_events
 
@@ -29,6 +37,7 @@ __all__ = [
     "CeilingChange",
     "CeilingRefusedError",
     "EmbeddedRedis",
+    "GaugeReader",
     "IdempotencyConflictError",
     "RequestIdReusedError",
     "Reservation",
@@ -37,6 +46,7 @@ __all__ = [
     "TenantKeys",
     "UsageEntry",
     "candidate_part",
+    "checkpoint_id",
     "common_part",
     "fail_open_id",
     "fingerprint",

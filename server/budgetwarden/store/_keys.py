@@ -47,7 +47,7 @@ def _is_stored_id(value: str) -> bool:
 FAIL_OPEN_PREFIX = "fo1."
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FailOpenGrant:
     """What a fail-open answer granted, carried in its reservation id: nothing was stored behind it, so the report of
     the step needs the id to say where it belongs."""
@@ -76,12 +76,12 @@ def parse_fail_open_id(value: str) -> FailOpenGrant | None:
     if len(parts) != 4:
         return None
     try:
-        task_id, step_id, model, task_type = (_unb64(part) for part in parts)
+        task_id, step_id, model, task_type = (_unb64_strict(part) for part in parts)
     except (ValueError, UnicodeDecodeError):
         return None
     if not (task_id and step_id):
         return None
-    return FailOpenGrant(task_id, step_id, model, task_type)
+    return FailOpenGrant(task_id=task_id, step_id=step_id, model=model, task_type=task_type)
 
 
 def stored_reservation_id(value: str) -> str:
@@ -98,9 +98,39 @@ def _b64(text: str) -> str:
 
 
 def _unb64(text: str) -> str:
+    """Lenient, as base64 decoding is: characters outside the alphabet are dropped."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+
+
+def _unb64_strict(text: str) -> str:
     if not all(c in _B64_ALPHABET for c in text):
         raise ValueError("not url-safe base64")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+    return _unb64(text)
+
+
+CHECKPOINT_PREFIX = "ck1"
+
+
+def checkpoint_id(tenant_id: str, task_id: str, number: int) -> str:
+    """Stable and self-describing, so that an approval needs nothing but the id: ck1.<tenant>.<task>.<n>, each part
+    url-safe base64 without padding. lua/check.lua issues them, from ``checkpoint_prefix``."""
+    return f"{checkpoint_prefix(tenant_id, task_id)}{number}"
+
+
+@functools.lru_cache(maxsize=8192)
+def checkpoint_prefix(tenant_id: str, task_id: str) -> str:
+    return f"{CHECKPOINT_PREFIX}.{_b64(tenant_id)}.{_b64(task_id)}."
+
+
+def parse_checkpoint_id(value: str) -> tuple[str, str] | None:
+    """The (tenant, task) a checkpoint id belongs to, or None when it is not one."""
+    parts = value.split(".")
+    if len(parts) != 4 or parts[0] != CHECKPOINT_PREFIX or not parts[3].isdigit():
+        return None
+    try:
+        return _unb64(parts[1]), _unb64(parts[2])
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 class TenantKeys:

@@ -10,12 +10,10 @@ changed since). A re-check whose fingerprint differs is refused by the script (S
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import replace
 
 from budgetwarden.domain import (
     STEP_SCOPE,
-    TASK_SCOPE,
     WINDOW_SCOPE_NAMES,
     Amount,
     Bound,
@@ -33,31 +31,13 @@ from budgetwarden.domain import (
     Verdict,
     Window,
     decide,
+    task_scope,
 )
 
-from ._store import Reservation, _counters, _thresholds
+from ._codec import ANSWER_SEPARATOR, field_text, limit_arg, optional, read_counters, read_thresholds
+from ._store import Reservation
 
-# Joins the fields of the stored answer (lua/check.lua joins its parts with it too); the check argument's fields are
-# joined by \x1f, so neither may appear inside a field.
-SEPARATOR = "\x1e"
-_CONTROL = re.compile("[\x00-\x1f]")
-_NONE = -1
 REPLAY_NOTE = "step was checked before: "
-
-
-def _text(value: str) -> str:
-    """Policy-made text in a field (a control character would split it); checks cost a few microseconds, so the
-    common case (nothing to replace) is one test."""
-    return value if value.isprintable() else _CONTROL.sub("?", value)
-
-
-def _number(value: int | None) -> int:
-    return _NONE if value is None else value
-
-
-def _optional(text: str) -> int | None:
-    value = int(text)
-    return None if value == _NONE else value
 
 
 def fingerprint(request: CheckInput, shape: Shape) -> str:
@@ -65,7 +45,7 @@ def fingerprint(request: CheckInput, shape: Shape) -> str:
     tool calls, the task type and an explicit task ceiling. The lease is not part of it (a replay keeps its lease)."""
     text = (
         f"{shape.model}\x1f{request.task_type}\x1f{shape.input_tokens}\x1f{shape.output_tokens}\x1f"
-        f"{shape.tool_calls}\x1f{_number(request.task_ceiling)}"
+        f"{shape.tool_calls}\x1f{limit_arg(request.task_ceiling)}"
     )
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
@@ -76,15 +56,15 @@ def common_part(plan: CheckPlan) -> str:
     windows = "".join([str(scope.span.window.value) for scope in plan.counted[1:] if scope.span is not None])
     if step is None:
         return f"{plan.requested.usd}\x1e-1\x1e-1\x1e{windows}"
-    return f"{plan.requested.usd}\x1e{_number(step.limit)}\x1e{_number(step.limit_usd)}\x1e{windows}"
+    return f"{plan.requested.usd}\x1e{limit_arg(step.limit)}\x1e{limit_arg(step.limit_usd)}\x1e{windows}"
 
 
 def candidate_part(candidate: Candidate) -> str:
     """The stored answer's part of one candidate: its bound, rung and shape (its amount is what the record holds)."""
     shape = candidate.shape
-    rung = "" if candidate.rung is None else _text(candidate.rung)
+    rung = "" if candidate.rung is None else field_text(candidate.rung)
     return (
-        f"{candidate.bound.value}\x1e{rung}\x1e{_text(shape.model)}\x1e{shape.input_tokens}\x1e"
+        f"{candidate.bound.value}\x1e{rung}\x1e{field_text(shape.model)}\x1e{shape.input_tokens}\x1e"
         f"{shape.output_tokens}\x1e{shape.tool_calls}"
     )
 
@@ -94,33 +74,59 @@ def replayed_answer(plan: CheckPlan, reservation: Reservation, now_ms: int) -> t
     re-check's, which has the same fingerprint: only the request's own fields (its shape and tokens) are taken from
     it. A record from before answers were stored answers a plain ALLOW of what it holds."""
     granted = reservation.granted
-    parts = reservation.answer.split(SEPARATOR)
+    parts = reservation.answer.split(ANSWER_SEPARATOR)
     if len(parts) < 10:
         message = REPLAY_NOTE + f"allowed {granted.tokens} tokens"
-        verdict = Verdict(Decision.ALLOW, Reason.WITHIN_BUDGET, granted.tokens, message, granted_usd=granted.usd)
+        verdict = Verdict(
+            decision=Decision.ALLOW,
+            reason=Reason.WITHIN_BUDGET,
+            granted=granted.tokens,
+            message=message,
+            granted_usd=granted.usd,
+        )
         return verdict, plan.requested
     usd, step_limit, step_limit_usd, windows, bound, rung, model, input_tokens, output_tokens, tool_calls = parts[:10]
     if len(parts) > 10:  # a degraded grant: explained from the figures of its first answer
         figures = [int(value) for value in parts[10].split()]
-        thresholds, counters = _thresholds(figures[0], figures[1]), _counters(figures[2:])
+        thresholds, counters = read_thresholds(figures[0], figures[1]), read_counters(figures[2:])
     else:  # an answer that does not depend on the figures
         thresholds = reservation.thresholds
         counters = reservation.counters
         if len(counters) != 1 + len(windows):  # the policy's windows changed since: the figures go unused anyway
-            counters = tuple(Counter(None, 0, 0) for _ in range(1 + len(windows)))
+            counters = tuple(Counter(limit=None, used=0, reserved=0) for _ in range(1 + len(windows)))
     requested = Amount(plan.requested.tokens, int(usd))
     first = counters[0]
     counted = (
-        Scope(TASK_SCOPE, ScopeKind.TASK, first.limit, None, first.limit_usd),
+        task_scope(first),
         *(
-            Scope(WINDOW_SCOPE_NAMES[Window(int(kind))], ScopeKind.TENANT_WINDOW, c.limit, None, c.limit_usd)
+            Scope(
+                name=WINDOW_SCOPE_NAMES[Window(int(kind))],
+                kind=ScopeKind.TENANT_WINDOW,
+                limit=c.limit,
+                limit_usd=c.limit_usd,
+            )
             for kind, c in zip(windows, counters[1:], strict=True)
         ),
     )
-    cap = (_optional(step_limit), _optional(step_limit_usd))
-    step = None if cap == (None, None) else Scope(STEP_SCOPE, ScopeKind.STEP, cap[0], None, cap[1])
-    shape = Shape(model, int(input_tokens), int(output_tokens), int(tool_calls))
+    cap = (optional(step_limit), optional(step_limit_usd))
+    step = None if cap == (None, None) else Scope(name=STEP_SCOPE, kind=ScopeKind.STEP, limit=cap[0], limit_usd=cap[1])
+    shape = Shape(
+        model=model, input_tokens=int(input_tokens), output_tokens=int(output_tokens), tool_calls=int(tool_calls)
+    )
     candidate = Candidate(granted, Bound(int(bound)), shape, rung or None)
-    first_plan = CheckPlan(requested, plan.task_type, thresholds, None, counted, step, (candidate,), plan.shape)
-    verdict = decide(first_plan, StoreOutcome(StoreStatus.RESERVED, 0, counters, thresholds), now_ms)
+    first_plan = CheckPlan(
+        requested=requested,
+        task_type=plan.task_type,
+        thresholds=thresholds,
+        lease_seconds=None,
+        counted=counted,
+        step=step,
+        candidates=(candidate,),
+        shape=plan.shape,
+    )
+    verdict = decide(
+        first_plan,
+        StoreOutcome(status=StoreStatus.RESERVED, fitted=0, counters=counters, thresholds=thresholds),
+        now_ms,
+    )
     return replace(verdict, message=REPLAY_NOTE + verdict.message), requested

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import functools
 import json
 import re
 import time
@@ -34,11 +32,11 @@ from budgetwarden.domain import (
 )
 from budgetwarden.telemetry import Telemetry
 
-from ._keys import TenantKeys, digest, reservation_id
+from ._codec import FIELD_SEPARATOR, field_text, limit_arg, read_counters, read_thresholds, reply_text
+from ._keys import TenantKeys, checkpoint_prefix, digest, reservation_id
 from ._usage import event_id, event_payload
 
 AnyRedis = Redis | RedisCluster
-_NONE = -1
 
 
 def load_lua(name: str) -> str:
@@ -47,84 +45,11 @@ def load_lua(name: str) -> str:
     return lua.joinpath("_lib.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
 
 
-def _limit_arg(limit: int | None) -> int:
-    return _NONE if limit is None else limit
-
-
-def _optional(value: Any) -> int | None:
-    value = int(value)
-    return None if value == _NONE else value
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-# Separates the fields of one check's or usage record's argument: ids are validated to hold no control characters.
-_SEPARATOR = "\x1f"
-
 # Usage records per report.lua call: a call holds Redis for its whole length.
 REPORT_BATCH = 100
 
 
-_CONTROL = re.compile("[\x00-\x1f]")
-
-
-def _field(text: str) -> str:
-    """Policy-made text (a task type or rung name) in a check's argument: a control character would split it."""
-    return _CONTROL.sub("?", text)
-
-
-def _counters(flat: Sequence[Any]) -> tuple[Counter, ...]:
-    """Counters from a flat reply of (limit, used, reserved, limit_usd, used_usd, reserved_usd) per scope. The script
-    returns integers, which the client hands over as ints."""
-    return tuple(
-        Counter(
-            None if flat[i] == _NONE else int(flat[i]),
-            int(flat[i + 1]),
-            int(flat[i + 2]),
-            None if flat[i + 3] == _NONE else int(flat[i + 3]),
-            int(flat[i + 4]),
-            int(flat[i + 5]),
-        )
-        for i in range(0, len(flat), 6)
-    )
-
-
-def _thresholds(soft_bp: Any, checkpoint_bp: Any) -> Thresholds:
-    return Thresholds(_optional(soft_bp), _optional(checkpoint_bp))
-
-
-def checkpoint_id(tenant_id: str, task_id: str, number: int) -> str:
-    """Stable and self-describing, so that an approval needs nothing but the id: ck1.<tenant>.<task>.<n>."""
-    return f"{checkpoint_prefix(tenant_id, task_id)}{number}"
-
-
-@functools.lru_cache(maxsize=8192)
-def checkpoint_prefix(tenant_id: str, task_id: str) -> str:
-    return f"ck1.{_b64(tenant_id)}.{_b64(task_id)}."
-
-
-def parse_checkpoint_id(value: str) -> tuple[str, str] | None:
-    """The (tenant, task) a checkpoint id belongs to, or None when it is not one."""
-    parts = value.split(".")
-    if len(parts) != 4 or parts[0] != "ck1" or not parts[3].isdigit():
-        return None
-    try:
-        return _unb64(parts[1]), _unb64(parts[2])
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _b64(text: str) -> str:
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def _unb64(text: str) -> str:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Retention:
     """How long the store keeps things, in milliseconds."""
 
@@ -136,7 +61,7 @@ class Retention:
     usage_max_age_ms: int = 7 * 86_400_000
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Reservation:
     """What a check did in the store. A replay carries the answer stored with the reservation (``answer``, made by
     _replay; empty for a record from before answers were stored) and the figures as they are now."""
@@ -156,7 +81,7 @@ class Reservation:
         return self.status is StoreStatus.REPLAYED
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class StepCheck:
     """One step to check: its task's scope and thresholds (used if this is the task's first check), the candidates
     (tokens, micro-USD, bound, label, answer part) in order of preference, and how long its lease is; the request's
@@ -180,7 +105,7 @@ def _reservation(reply: Sequence[Any], rid: str) -> Reservation:
     status = _STORE_STATUS[int(reply[0])]
     fitted = int(reply[1])
     replayed = status is StoreStatus.REPLAYED
-    detail = _text(reply[5])  # the stored answer of a replay, else the checkpoint id (or nothing)
+    detail = reply_text(reply[5])  # the stored answer of a replay, else the checkpoint id (or nothing)
     return Reservation(
         status=status,
         fitted=None if fitted < 0 else fitted,
@@ -188,13 +113,13 @@ def _reservation(reply: Sequence[Any], rid: str) -> Reservation:
         lease_expires_ms=int(reply[4]),
         reservation_id=rid if replayed or status is StoreStatus.RESERVED else "",
         checkpoint_id="" if replayed else detail,
-        thresholds=_thresholds(reply[6], reply[7]),
-        counters=_counters(reply[8:]),
+        thresholds=read_thresholds(reply[6], reply[7]),
+        counters=read_counters(reply[8:]),
         answer=detail if replayed else "",
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UsageEntry:
     """A usage record ready for the store: its cost (for a record naming no model: at the default model, used only
     when its reservation recorded no prices), and where to charge it if it has no reservation."""
@@ -208,7 +133,7 @@ class UsageEntry:
     as_sent: UsageInput | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Applied:
     """What a usage record did in the store."""
 
@@ -263,7 +188,7 @@ def record_fingerprint(record: UsageInput, rid: str) -> str:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetState:
     task_known: bool
     task_type: str
@@ -304,7 +229,7 @@ class BudgetStore:
             assert scope.span is not None
             script_keys.append(keys.window(scope.span))
             alive_until = scope.span.end_ms + retention.window_grace_ms
-            args += (_limit_arg(scope.limit), _limit_arg(scope.limit_usd), alive_until)
+            args += (limit_arg(scope.limit), limit_arg(scope.limit_usd), alive_until)
         ids = []
         for step in steps:
             rid = reservation_id(step.task_id, step.step_id)
@@ -313,20 +238,20 @@ class BudgetStore:
             task, thresholds = step.task, step.thresholds
             parts = [
                 str(now_ms + step.lease_ms),
-                str(_limit_arg(task.limit)),
-                str(_limit_arg(task.limit_usd)),
-                str(_limit_arg(thresholds.soft_bp)),
-                str(_limit_arg(thresholds.checkpoint_bp)),
+                str(limit_arg(task.limit)),
+                str(limit_arg(task.limit_usd)),
+                str(limit_arg(thresholds.soft_bp)),
+                str(limit_arg(thresholds.checkpoint_bp)),
                 step.task_id,
-                _field(step.task_type),
+                field_text(step.task_type),
                 step.step_id,
                 checkpoint_prefix(tenant_id, step.task_id),
                 step.fingerprint,
                 step.answer,
             ]
             for tokens, usd, bound, label, answer in step.candidates:
-                parts += (str(tokens), str(usd), str(bound), _field(label), answer)
-            args.append(_SEPARATOR.join(parts))
+                parts += (str(tokens), str(usd), str(bound), field_text(label), answer)
+            args.append(FIELD_SEPARATOR.join(parts))
         started = time.perf_counter()
         replies = await self._check(keys=script_keys, args=args)
         self.telemetry.redis_call("check", time.perf_counter() - started)
@@ -368,19 +293,19 @@ class BudgetStore:
         for chunk, chunk_replies in zip(placed, replies, strict=True):
             for i, reply in zip(chunk, chunk_replies, strict=True):
                 status, charged, charged_usd, refunded, overage, known = (int(v) for v in reply[:6])
-                task = _counters(reply[6:12])[0] if known else None
+                task = read_counters(reply[6:12])[0] if known else None
                 late, priced = int(reply[13]), int(reply[14])
                 applied[i] = Applied(
-                    ReportStatus(status),
-                    rids[i],
-                    charged,
-                    charged_usd,
-                    refunded,
-                    overage,
-                    task,
-                    _text(reply[12]),
+                    status=ReportStatus(status),
+                    reservation_id=rids[i],
+                    charged=charged,
+                    charged_usd=charged_usd,
+                    refunded=refunded,
+                    overage=overage,
+                    task=task,
+                    task_type=reply_text(reply[12]),
                     late=bool(late),
-                    reservation_model=unquote(_text(reply[15])) if priced else None,
+                    reservation_model=unquote(reply_text(reply[15])) if priced else None,
                 )
         return applied  # type: ignore[return-value]
 
@@ -411,14 +336,14 @@ class BudgetStore:
                     window_position[key] = len(window_keys)
                 positions.append(str(window_position[key]))
             record_args.append(
-                _SEPARATOR.join(
+                FIELD_SEPARATOR.join(
                     (
                         str(record.tokens),
                         str(entry.cost_usd),
                         "1" if record.task_id else "0",
                         "0" if record.idempotency_key else "1",
                         record.task_id,
-                        _field(record.task_type),
+                        field_text(record.task_type),
                         event_id(record.tenant_id, record.idempotency_key),
                         " ".join(positions),
                         event_payload(record, rid, entry.cost_usd, entry.at_ms),
@@ -481,17 +406,17 @@ class BudgetStore:
         for scope in windows:
             assert scope.span is not None
             script_keys.append(keys.window(scope.span))
-            args += (_limit_arg(scope.limit), _limit_arg(scope.limit_usd))
+            args += (limit_arg(scope.limit), limit_arg(scope.limit_usd))
         reply = await self._budget(keys=script_keys, args=args)
         return BudgetState(
             task_known=bool(int(reply[0])),
-            task_type=_text(reply[1]),
+            task_type=reply_text(reply[1]),
             active_reservations=int(reply[2]),
-            checkpoint_id=_text(reply[3]),
+            checkpoint_id=reply_text(reply[3]),
             checkpoint_at_ms=int(reply[4]),
             closed=bool(int(reply[5])),
-            thresholds=_thresholds(reply[6], reply[7]),
-            counters=_counters(reply[8:]),
+            thresholds=read_thresholds(reply[6], reply[7]),
+            counters=read_counters(reply[8:]),
         )
 
     async def decide_checkpoint(
@@ -504,7 +429,7 @@ class BudgetStore:
         args: list[str | int] = [action, now_ms, self.retention.task_ms, checkpoint, add.tokens, add.usd]
         args += [MAX_LIMIT_TOKENS, MAX_LIMIT_USD]
         reply = await self._admin(keys=[keys.task(task_id)], args=args)
-        outcome, counter = int(reply[0]), _counters(reply[1:7])[0]
+        outcome, counter = int(reply[0]), read_counters(reply[1:7])[0]
         _refuse_ceiling(outcome, reply[7:], counter, add)
         return outcome, counter
 
@@ -527,7 +452,7 @@ class BudgetStore:
         args += ["" if tokens is None else tokens, "" if usd is None else usd, MAX_LIMIT_TOKENS, MAX_LIMIT_USD]
         args.append(request_id)
         reply = await self._admin(keys=[keys.task(task_id)], args=args)
-        outcome, counter = int(reply[0]), _counters(reply[1:7])[0]
+        outcome, counter = int(reply[0]), read_counters(reply[1:7])[0]
         if outcome == _REQUEST_REUSED:
             raise RequestIdReusedError(request_id)
         _refuse_ceiling(outcome, reply[7:], counter, Amount(tokens or 0, usd or 0))
@@ -565,7 +490,7 @@ def _refuse_ceiling(outcome: int, field: Sequence[Any], counter: Counter, amount
     """Raises CeilingRefusedError for lua/admin.lua's refusals of an amount; ``field`` is the rest of its reply."""
     if outcome not in (_NO_CEILING_YET, _ABOVE_HIGHEST):
         return
-    unit = _CEILING_UNITS[_text(field[0])]
+    unit = _CEILING_UNITS[reply_text(field[0])]
     name = "token" if unit is Unit.TOKENS else "cost (micro-USD)"
     if outcome == _NO_CEILING_YET:
         raise CeilingRefusedError(

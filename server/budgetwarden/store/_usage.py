@@ -17,6 +17,7 @@ import redis
 
 from budgetwarden.domain import UsageInput
 
+from ._codec import reply_text
 from ._keys import TenantKeys, digest
 
 EVENT_TYPE = "io.budgetwarden.usage.v1"
@@ -74,14 +75,10 @@ class UsageEvent:
         }
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def usage_streams(client: redis.Redis, tenant_id: str | None) -> list[str]:
     if tenant_id is not None:
         return [TenantKeys(tenant_id).usage]
-    return sorted(_text(key) for key in client.scan_iter(match="bw1:{*}:usage", _type="STREAM"))
+    return sorted(reply_text(key) for key in client.scan_iter(match="bw1:{*}:usage", _type="STREAM"))
 
 
 def read_events(
@@ -94,7 +91,7 @@ def read_events(
         while True:
             entries = client.xrange(stream, min=start, max=end, count=batch) or []
             for stream_id, fields in entries:
-                values = {_text(k): _text(v) for k, v in (fields or {}).items()}
+                values = {reply_text(k): reply_text(v) for k, v in (fields or {}).items()}
                 data = json.loads(values["event"])
                 data |= {
                     "status": values["status"],
@@ -105,7 +102,7 @@ def read_events(
                 if "cost_usd_micros" in values:
                     data["model"] = unquote(values["model"])
                     data["cost_usd_micros"] = int(values["cost_usd_micros"])
-                yield UsageEvent(values["id"], _text(stream_id), data)
+                yield UsageEvent(values["id"], reply_text(stream_id), data)
             if len(entries) < batch:
                 break
-            start = "(" + _text(entries[-1][0])
+            start = "(" + reply_text(entries[-1][0])

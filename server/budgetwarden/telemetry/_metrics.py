@@ -78,7 +78,7 @@ class _Sum:
         return [Observation(total, dict(attributes)) for attributes, total in list(self._totals.items())]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReportedUsage:
     """One applied usage record, as telemetry needs it."""
 

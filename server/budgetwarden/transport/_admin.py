@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from budgetwarden.domain import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, TASK_SCOPE, Amount, Counter, Scope, ScopeKind, Unit
+from budgetwarden.domain import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, Amount, Counter, Unit, task_scope
 from budgetwarden.limiter import Limiter, UnknownCheckpointError
 from budgetwarden.store import CeilingRefusedError, RequestIdReusedError
 from budgetwarden_api.v1 import admin_pb2 as admin
@@ -49,7 +49,7 @@ async def _ceiling_refusals(context: Context, fields: Mapping[Unit, str]) -> Asy
 
 
 def _task_state(counter: Counter) -> pb.ScopeState:
-    return scope_state(Scope(TASK_SCOPE, ScopeKind.TASK, counter.limit, None, counter.limit_usd), counter)
+    return scope_state(task_scope(counter), counter)
 
 
 class AdminServicer:

@@ -22,15 +22,17 @@ from grpc_status import rpc_status
 from budgetwarden.domain import (
     CheckInput,
     Counter,
+    Prompt,
     ReportStatus,
     Scope,
     ScopeKind,
     Thresholds,
     UsageInput,
     WindowSpan,
+    remaining_of,
     threshold_of,
 )
-from budgetwarden.limiter import CheckResult, Limiter, Prompt, StepConflictError, StoreUnavailableError
+from budgetwarden.limiter import CheckResult, Limiter, StepConflictError, StoreUnavailableError
 from budgetwarden.store import Applied, IdempotencyConflictError, reservation_id
 from budgetwarden_api.v1 import budget_pb2 as pb
 
@@ -222,10 +224,10 @@ def fill_scope_state(state: pb.ScopeState, scope: Scope, counter: Counter, thres
     limit = counter.limit
     if limit is not None:
         state.limit_tokens = limit
-        state.remaining_tokens = max(0, limit - counter.used - counter.reserved)
+        state.remaining_tokens = remaining_of(limit, counter.used, counter.reserved)
     if counter.limit_usd is not None:
         state.limit_usd_micros = counter.limit_usd
-        state.remaining_usd_micros = max(0, counter.limit_usd - counter.used_usd - counter.reserved_usd)
+        state.remaining_usd_micros = remaining_of(counter.limit_usd, counter.used_usd, counter.reserved_usd)
     if thresholds is not None and limit is not None and scope.kind is ScopeKind.TASK:
         if thresholds.soft_bp is not None:
             state.soft_limit_tokens = threshold_of(limit, thresholds.soft_bp)  # type: ignore[assignment]

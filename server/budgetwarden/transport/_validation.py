@@ -5,8 +5,15 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Mapping, Sequence
 
-from budgetwarden.domain import MAX_LIMIT_TOKENS, MAX_TOKENS_PER_FIELD, ChatMessage, CheckInput, Outcome, UsageInput
-from budgetwarden.limiter import Prompt
+from budgetwarden.domain import (
+    MAX_LIMIT_TOKENS,
+    MAX_TOKENS_PER_FIELD,
+    ChatMessage,
+    CheckInput,
+    Outcome,
+    Prompt,
+    UsageInput,
+)
 from budgetwarden.store import is_reservation_id, parse_fail_open_id
 from budgetwarden_api.v1 import budget_pb2 as pb
 

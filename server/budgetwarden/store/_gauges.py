@@ -1,0 +1,43 @@
+"""What the budget gauges show, read from Redis: live reservations and tokens left per window of a tenant.
+
+The metrics reader calls it on a thread of its own, so it has a synchronous client of its own, with socket timeouts:
+a stalled Redis never hangs the reader, and the event loop's client is never shared with a thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+from budgetwarden.domain import Scope, remaining_of
+
+from ._keys import TenantKeys
+
+
+class GaugeReader:
+    __slots__ = ("client",)
+
+    def __init__(self, client: redis.Redis | redis.RedisCluster) -> None:
+        self.client = client
+
+    @classmethod
+    def from_url(cls, url: str, *, cluster: bool, timeout_s: float) -> GaugeReader:
+        kind = redis.RedisCluster if cluster else redis.Redis
+        return cls(kind.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s))
+
+    def read(self, tenant_id: str, windows: Sequence[Scope], now_ms: int) -> tuple[int, dict[str, int]]:
+        """A tenant's live reservations (leases not lapsed at ``now_ms``) and the tokens left in each of ``windows``
+        that has a token limit, by window name (``day``)."""
+        keys = TenantKeys(tenant_id)
+        active = int(self.client.zcount(keys.leases, f"({now_ms}", "+inf"))
+        remaining: dict[str, int] = {}
+        for scope in windows:
+            if scope.limit is None or scope.span is None:
+                continue
+            used, reserved = self.client.hmget(keys.window(scope.span), "used", "reserved")
+            remaining[scope.span.window.name.lower()] = remaining_of(scope.limit, int(used or 0), int(reserved or 0))
+        return active, remaining
+
+    def close(self) -> None:
+        self.client.close()
