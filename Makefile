@@ -36,7 +36,7 @@ test: lint typecheck buf-lint proto-check pytest
 
 ## test-fast: the inner loop: the unit and store tiers only (no sidecar, no subprocess)
 test-fast: $(DEV_STAMP)
-	$(BIN)/pytest tests/unit tests/store
+	$(BIN)/pytest $(PYTEST_PARALLEL) tests/unit tests/store
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
@@ -59,8 +59,13 @@ proto: $(DEV_STAMP)
 proto-check: $(DEV_STAMP)
 	$(BIN)/python proto/generate.py --check
 
+# Two workers (pytest-xdist), each taking whole files: the serial suite leaves a core idle while it waits on child
+# processes and sockets. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+
 pytest: $(DEV_STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_PARALLEL)
 
 ## bench: checks against their baselines (unary, CheckStream, 1k vs 1M tasks, Redis alone) and report throughput, appended to docs/benchmarks.md
 bench: $(DEV_STAMP)
