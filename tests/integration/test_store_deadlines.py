@@ -16,7 +16,7 @@ import pytest
 
 from budgetwarden.store import checkpoint_id
 from budgetwarden.store._embedded import EmbeddedRedis, free_port
-from budgetwarden.transport._service import MARGIN_SHARE, time_for_store
+from budgetwarden.transport._answering import MARGIN_SHARE, time_for_store
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import AdminClient, BudgetClient

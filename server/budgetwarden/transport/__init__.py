@@ -2,7 +2,8 @@
 its answers. Imports the limiter, the store's ids and the domain."""
 
 from ._admin import ADMIN_SERVICE_NAME, AdminServicer
-from ._service import BUDGET_SERVICE_NAME, ERROR_DOMAIN, STORE_UNAVAILABLE, BudgetServicer
+from ._answering import ERROR_DOMAIN, STORE_UNAVAILABLE
+from ._service import BUDGET_SERVICE_NAME, BudgetServicer
 
 __all__ = [
     "ADMIN_SERVICE_NAME",

@@ -15,7 +15,8 @@ from budgetwarden.store import CeilingRefusedError, RequestIdReusedError
 from budgetwarden_api.v1 import admin_pb2 as admin
 from budgetwarden_api.v1 import budget_pb2 as pb
 
-from ._service import _invalid, answering, caller_time, scope_state, unary_handler
+from ._answering import answering, caller_time, refuse_invalid, unary_handler
+from ._encoding import scope_state
 from ._validation import InvalidRequestError, ident
 
 ADMIN_SERVICE_NAME = "budgetwarden.v1.BudgetAdminService"
@@ -65,7 +66,7 @@ class AdminServicer:
                 )
         except UnknownCheckpointError:
             problem = "is not a checkpoint id issued by budgetwarden (ck1.…)"
-            await _invalid(context, InvalidRequestError("checkpoint_id", problem))
+            await refuse_invalid(context, InvalidRequestError("checkpoint_id", problem))
 
     async def approve(
         self, request: admin.ApproveCheckpointRequest, context: Context
