@@ -10,10 +10,12 @@ import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
+from budgetwarden.app import Settings
 from budgetwarden.limiter import Clock
 from budgetwarden.store._embedded import EmbeddedRedis, free_port
 
-from support import BlackHole, RunningSidecar, sidecar_settings
+from support import FAST_WATCH, BlackHole, RunningSidecar, sidecar_settings
+from support_policies import ENGINE_POLICY
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +80,34 @@ def black_hole() -> Iterator[BlackHole]:
     hole = BlackHole()
     yield hole
     hole.close()
+
+
+@pytest.fixture
+def embedded_sidecar(tmp_path: Path) -> Iterator[Callable[..., RunningSidecar]]:
+    """Sidecars that start their own embedded server in ``tmp_path/data`` (one data dir for all of a test's sidecars,
+    as a restarted pod would have); keyword arguments override settings."""
+    started: list[RunningSidecar] = []
+
+    def start(**overrides: Any) -> RunningSidecar:
+        values: dict[str, Any] = {
+            "listen": f"127.0.0.1:{free_port()}",
+            "data_dir": tmp_path / "data",
+            "log_format": "text",
+            **FAST_WATCH,
+        }
+        values.update(overrides)
+        running = RunningSidecar(Settings(**values)).start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def engine_policy_file(tmp_path: Path) -> Path:
+    """The policy engine's walk (support_policies.ENGINE_POLICY) in a file."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(ENGINE_POLICY)
+    return path

@@ -22,7 +22,7 @@ from budgetwarden.app._config import Settings
 from budgetwarden.app._sidecar import Sidecar
 from budgetwarden.cli import main
 from budgetwarden.limiter import Clock
-from budgetwarden.store._embedded import free_port
+from budgetwarden.store._embedded import EmbeddedRedis, free_port
 
 T = TypeVar("T")
 
@@ -78,6 +78,10 @@ def wait_for_exit(proc: subprocess.Popen[Any], timeout: float, log: Callable[[],
         stacks = dump.stdout + dump.stderr
         message = f"pid {proc.pid} did not exit within {timeout}s\n--- stacks\n{stacks}--- log\n{log()}"
         raise AssertionError(message) from None
+
+
+# Readiness follows the store closely: a ping every 50 ms, so a dead or restarted server is noticed at once.
+FAST_WATCH: dict[str, Any] = {"store_ping_interval_seconds": 0.05, "store_ping_timeout_ms": 500}
 
 
 class RunningSidecar:
@@ -235,3 +239,10 @@ class BlackHole:
         self.sock.close()
         for conn in self.held:
             conn.close()
+
+
+def embedded_of(running: RunningSidecar) -> EmbeddedRedis:
+    """The embedded server a sidecar started (the test asserts there is one)."""
+    assert running.sidecar is not None
+    assert running.sidecar.embedded is not None
+    return running.sidecar.embedded

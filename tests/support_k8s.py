@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 import jsonschema
 import kubernetes_validate
 import yaml
-from support_kustomize import render, resource_id
 
 from support import run_cli
+from support_kustomize import render, resource_id
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"

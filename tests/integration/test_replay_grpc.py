@@ -14,30 +14,7 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient, CheckRefusedError
 
 from support import RunningSidecar
-
-LADDER_POLICY = """
-tenants:
-  acme:
-    time_zone: UTC
-    windows:
-      minute: {tokens: 9000}
-      day: {tokens: 20000, usd: 900000}
-models:
-  big: {input_usd_per_mtok: 10, output_usd_per_mtok: 30, degrade_to: small}
-  small: {input_usd_per_mtok: 1, output_usd_per_mtok: 4}
-default_task_type: agent
-task_types:
-  agent:
-    per_task: {tokens: 5000}
-    per_step: {tokens: 2500}
-    soft_threshold: 0.5
-    checkpoint_threshold: 0.8
-    degrade:
-      - {name: cheaper, model: cheaper, max_output_tokens: 300}
-      - {name: short, max_context_tokens: 400, max_tool_calls: 1}
-  plain:
-    per_task: {tokens: 3000}
-"""
+from support_policies import LADDER_POLICY
 
 
 @pytest.fixture

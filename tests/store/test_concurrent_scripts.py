@@ -20,6 +20,12 @@ from dataclasses import replace
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
+
+from budgetwarden.domain._model import Counter, Decision, Outcome, Reason, ReleaseStatus, ReportStatus, UsageInput
+from budgetwarden.limiter import BudgetView
+from budgetwarden.store._keys import TenantKeys, reservation_id
+from budgetwarden.store._store import IdempotencyConflictError
+
 from support_concurrency import (
     FIXED_NOW_MS,
     MAX_STEP,
@@ -34,11 +40,6 @@ from support_concurrency import (
     random_jobs,
     reservation_records,
 )
-
-from budgetwarden.domain._model import Counter, Decision, Outcome, Reason, ReleaseStatus, ReportStatus, UsageInput
-from budgetwarden.limiter import BudgetView
-from budgetwarden.store._keys import TenantKeys, reservation_id
-from budgetwarden.store._store import IdempotencyConflictError
 
 CLIENTS = 4  # each with its own connection, as the worker processes of the multi-process test each had
 CHURN_STEPS = 6

@@ -20,30 +20,9 @@ from budgetwarden.limiter import CheckResult, Limiter, StepConflictError
 from budgetwarden.store._replay import REPLAY_NOTE
 from budgetwarden.store._store import BudgetStore
 
+from support_policies import LADDER_POLICY
+
 NOW = 1_796_000_000_000
-LADDER_POLICY = """
-tenants:
-  acme:
-    time_zone: UTC
-    windows:
-      minute: {tokens: 9000}
-      day: {tokens: 20000, usd: 900000}
-models:
-  big: {input_usd_per_mtok: 10, output_usd_per_mtok: 30, degrade_to: small}
-  small: {input_usd_per_mtok: 1, output_usd_per_mtok: 4}
-default_task_type: agent
-task_types:
-  agent:
-    per_task: {tokens: 5000}
-    per_step: {tokens: 2500}
-    soft_threshold: 0.5
-    checkpoint_threshold: 0.8
-    degrade:
-      - {name: cheaper, model: cheaper, max_output_tokens: 300}
-      - {name: short, max_context_tokens: 400, max_tool_calls: 1}
-  plain:
-    per_task: {tokens: 3000}
-"""
 # What an operator might change in the meantime: other prices, other rungs, no soft line, other windows.
 CHANGED_POLICY = """
 tenants:

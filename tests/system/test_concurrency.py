@@ -15,7 +15,12 @@ from typing import Any
 
 import pytest
 import redis
+
+from budgetwarden.domain._model import Decision, Reason, ReportStatus
+from budgetwarden_client import BudgetClient, pb
+
 from concurrency_workers import grpc_worker
+from support import run_processes
 from support_concurrency import (
     MAX_STEP,
     TENANT,
@@ -25,11 +30,6 @@ from support_concurrency import (
     policy_text,
     random_jobs,
 )
-
-from budgetwarden.domain._model import Decision, Reason, ReportStatus
-from budgetwarden_client import BudgetClient, pb
-
-from support import run_processes
 
 PROCESSES = 4
 

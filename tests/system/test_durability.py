@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -26,14 +25,13 @@ from budgetwarden.app._config import Settings
 from budgetwarden.store._embedded import EmbeddedRedis, free_port
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar
+from support import RunningSidecar, embedded_of
 
 pytestmark = pytest.mark.slow
 
 WAIT_S = 60.0
 TRIALS = 5
 REPORTERS = 3
-FAST_WATCH: dict[str, Any] = {"store_ping_interval_seconds": 0.05, "store_ping_timeout_ms": 500}
 ACKED = (pb.REPORT_STATUS_APPLIED, pb.REPORT_STATUS_UNRESERVED)
 
 
@@ -77,27 +75,6 @@ class DiskLoad:
         self._stop.set()
         self._thread.join(30)
         self.path.unlink(missing_ok=True)
-
-
-@pytest.fixture
-def embedded_sidecar(tmp_path: Path) -> Iterator[Callable[..., RunningSidecar]]:
-    started: list[RunningSidecar] = []
-
-    def start(**overrides: Any) -> RunningSidecar:
-        values = {"listen": f"127.0.0.1:{free_port()}", "data_dir": tmp_path / "data", "log_format": "text"}
-        running = RunningSidecar(Settings(**{**values, **FAST_WATCH, **overrides})).start()
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        running.stop()
-
-
-def embedded_of(running: RunningSidecar) -> EmbeddedRedis:
-    assert running.sidecar is not None
-    assert running.sidecar.embedded is not None
-    return running.sidecar.embedded
 
 
 def appendfsync(url: str) -> str:

@@ -27,6 +27,9 @@ from typing import Any
 
 import jsonpatch
 import pytest
+
+from budgetwarden.store._embedded import free_port
+
 from support_k8s import (
     INJECTOR,
     INSTALLS,
@@ -48,8 +51,6 @@ from support_k8s import (
     service_url_target,
     validate,
 )
-
-from budgetwarden.store._embedded import free_port
 
 # --- the injector, run with the manifests' arguments ------------------------------------------------------------------
 

@@ -12,19 +12,17 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from budgetwarden.app._config import Settings
 from budgetwarden.store._embedded import EmbeddedError, EmbeddedRedis, free_port
 from budgetwarden_client import BudgetClient, pb
 
-from support import BlackHole, RunningSidecar, cli, one_error_line
+from support import FAST_WATCH, BlackHole, RunningSidecar, cli, embedded_of, one_error_line
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +32,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 WAIT_S = 60.0
 # Pings and process checks this often in these tests, so they wait for conditions, not for the default second.
-FAST_WATCH: dict[str, Any] = {"store_ping_interval_seconds": 0.05, "store_ping_timeout_ms": 500}
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
@@ -72,34 +69,6 @@ class HealthWatch:
         self._call.cancel()
         self._thread.join(10)
         self._channel.close()
-
-
-@pytest.fixture
-def embedded_sidecar(tmp_path: Path) -> Iterator[Callable[..., RunningSidecar]]:
-    """Sidecars that start their own embedded server in ``tmp_path/data``."""
-    started: list[RunningSidecar] = []
-
-    def start(**overrides: Any) -> RunningSidecar:
-        values: dict[str, Any] = {
-            "listen": f"127.0.0.1:{free_port()}",
-            "data_dir": tmp_path / "data",
-            "log_format": "text",
-            **FAST_WATCH,
-        }
-        values.update(overrides)
-        running = RunningSidecar(Settings(**values)).start()
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        running.stop()
-
-
-def embedded_of(running: RunningSidecar) -> EmbeddedRedis:
-    assert running.sidecar is not None
-    assert running.sidecar.embedded is not None
-    return running.sidecar.embedded
 
 
 def report(client: BudgetClient, task: str, step: str, tokens: int) -> int:

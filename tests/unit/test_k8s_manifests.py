@@ -23,6 +23,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
+from support import run_cli
 from support_k8s import (
     CONFIG_FILES,
     CONFIG_MAP,
@@ -58,8 +60,6 @@ from support_k8s import (
     yaml_files,
 )
 from support_kustomize import RenderError, UnsupportedError, render, resource_id
-
-from support import run_cli
 
 # --- schemas: every file, every rendered kustomization -------------------------------------------------------------
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from support_requests import BAD_CHECKS, BAD_RECORDS, BAD_RELEASES
 
 from budgetwarden.domain._model import CheckInput, Outcome
 from budgetwarden.transport._validation import (
@@ -18,6 +17,8 @@ from budgetwarden.transport._validation import (
     usage_inputs,
 )
 from budgetwarden_api.v1 import budget_pb2 as pb
+
+from support_requests import BAD_CHECKS, BAD_RECORDS, BAD_RELEASES
 
 NOW_MS = 1_796_000_000_000
 MAX_LEASE_SECONDS = 86_400  # the sidecar's default max_lease_seconds
