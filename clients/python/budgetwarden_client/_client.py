@@ -1,7 +1,8 @@
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -11,6 +12,7 @@ from budgetwarden_api.v1 import admin_pb2 as admin_pb
 from budgetwarden_api.v1 import admin_pb2_grpc as admin_grpc
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
+from budgetwarden_client._messages import Message
 from budgetwarden_client._stream import (
     CheckRefusedError,
     CheckSpec,
@@ -23,23 +25,133 @@ from budgetwarden_client._stream import (
 DEFAULT_ADDR = "127.0.0.1:50151"
 DEFAULT_ADMIN_ADDR = "127.0.0.1:50152"
 
+# Retried by the channel itself, within the call's deadline: UNAVAILABLE only (the sidecar is starting, restarting, or
+# its connection broke). Check is idempotent per step and Report per idempotency key, so a retry never charges twice.
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "budgetwarden.v1.BudgetService"}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
 
 def default_addr() -> str:
     """Where the sidecar is: ``BUDGETWARDEN_ADDR`` (set by the Kubernetes injector) or the default loopback port."""
     return os.environ.get("BUDGETWARDEN_ADDR", DEFAULT_ADDR)
 
 
+def default_tenant() -> str | None:
+    """Who pays: ``BUDGETWARDEN_TENANT`` (set by the Kubernetes injector), or None."""
+    return os.environ.get("BUDGETWARDEN_TENANT") or None
+
+
+def channel_options(*, retry_unavailable: bool) -> list[tuple[str, Any]]:
+    if not retry_unavailable:
+        return []
+    return [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
+
+
+def check_fields(
+    *,
+    tenant_id: str,
+    task_id: str,
+    step_id: str,
+    task_type: str,
+    model: str,
+    estimated_input_tokens: int | None,
+    prompt_text: str | None,
+    prompt_messages: pb.ChatPrompt | Sequence[Message] | None,
+    messages: Sequence[Message] | None,
+    tools: Sequence[Any] | None,
+    max_output_tokens: int,
+    planned_tool_calls: int,
+    labels: Mapping[str, str] | None,
+    lease_seconds: int | None,
+    task_ceiling_tokens: int | None,
+) -> dict[str, Any]:
+    """The typed arguments of ``check`` as the fields ``check_request`` takes (unset ones left out)."""
+    fields: dict[str, Any] = {
+        "tenant_id": tenant_id,
+        "task_id": task_id,
+        "step_id": step_id,
+        "task_type": task_type,
+        "model": model,
+        "estimated_input_tokens": estimated_input_tokens,
+        "prompt_text": prompt_text,
+        "prompt_messages": prompt_messages,
+        "messages": messages,
+        "tools": tools,
+        "max_output_tokens": max_output_tokens,
+        "planned_tool_calls": planned_tool_calls,
+        "labels": labels,
+        "lease_seconds": lease_seconds,
+        "task_ceiling_tokens": task_ceiling_tokens,
+    }
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 class BudgetClient:
     """A blocking client. Every method takes the request fields as keyword arguments and returns the response."""
 
-    def __init__(self, addr: str | None = None, *, timeout: float = 5.0) -> None:
+    def __init__(self, addr: str | None = None, *, timeout: float = 5.0, retry_unavailable: bool = False) -> None:
+        """``retry_unavailable``: the channel retries UNAVAILABLE within each call's deadline (RETRY_SERVICE_CONFIG)."""
         self.addr = addr or default_addr()
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.addr)
+        self._channel = grpc.insecure_channel(self.addr, options=channel_options(retry_unavailable=retry_unavailable))
         self._stub = pb_grpc.BudgetServiceStub(self._channel)
 
-    def check(self, **fields: Any) -> pb.CheckResponse:
-        return self._stub.Check(check_request(**fields), timeout=self.timeout)
+    def check(
+        self,
+        *,
+        tenant_id: str = "",
+        task_id: str = "",
+        step_id: str = "",
+        task_type: str = "",
+        model: str = "",
+        estimated_input_tokens: int | None = None,
+        prompt_text: str | None = None,
+        prompt_messages: pb.ChatPrompt | Sequence[Message] | None = None,
+        messages: Sequence[Message] | None = None,
+        tools: Sequence[Any] | None = None,
+        max_output_tokens: int = 0,
+        planned_tool_calls: int = 0,
+        labels: Mapping[str, str] | None = None,
+        lease_seconds: int | None = None,
+        task_ceiling_tokens: int | None = None,
+    ) -> pb.CheckResponse:
+        """Checks one step. Give the input as one of ``estimated_input_tokens``, ``prompt_text``, or ``messages``
+        (OpenAI-format chat messages, with ``tools`` schemas; or ``prompt_messages``, a ``pb.ChatPrompt`` or such a
+        list)."""
+        request = check_request(
+            **check_fields(
+                tenant_id=tenant_id,
+                task_id=task_id,
+                step_id=step_id,
+                task_type=task_type,
+                model=model,
+                estimated_input_tokens=estimated_input_tokens,
+                prompt_text=prompt_text,
+                prompt_messages=prompt_messages,
+                messages=messages,
+                tools=tools,
+                max_output_tokens=max_output_tokens,
+                planned_tool_calls=planned_tool_calls,
+                labels=labels,
+                lease_seconds=lease_seconds,
+                task_ceiling_tokens=task_ceiling_tokens,
+            )
+        )
+        return self._stub.Check(request, timeout=self.timeout)
 
     def check_many(self, checks: Iterable[CheckSpec]) -> list[pb.CheckResponse | CheckRefusedError]:
         """Many checks in one CheckStream message (at most 1000), decided in order; a refused check is returned as a
@@ -69,14 +181,53 @@ class BudgetClient:
 class AsyncBudgetClient:
     """The asyncio twin of :class:`BudgetClient`."""
 
-    def __init__(self, addr: str | None = None, *, timeout: float = 5.0) -> None:
+    def __init__(self, addr: str | None = None, *, timeout: float = 5.0, retry_unavailable: bool = False) -> None:
         self.addr = addr or default_addr()
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(self.addr)
+        options = channel_options(retry_unavailable=retry_unavailable)
+        self._channel = grpc.aio.insecure_channel(self.addr, options=options)
         self._stub = pb_grpc.BudgetServiceStub(self._channel)
 
-    async def check(self, **fields: Any) -> pb.CheckResponse:
-        return await self._stub.Check(check_request(**fields), timeout=self.timeout)
+    async def check(
+        self,
+        *,
+        tenant_id: str = "",
+        task_id: str = "",
+        step_id: str = "",
+        task_type: str = "",
+        model: str = "",
+        estimated_input_tokens: int | None = None,
+        prompt_text: str | None = None,
+        prompt_messages: pb.ChatPrompt | Sequence[Message] | None = None,
+        messages: Sequence[Message] | None = None,
+        tools: Sequence[Any] | None = None,
+        max_output_tokens: int = 0,
+        planned_tool_calls: int = 0,
+        labels: Mapping[str, str] | None = None,
+        lease_seconds: int | None = None,
+        task_ceiling_tokens: int | None = None,
+    ) -> pb.CheckResponse:
+        """See ``BudgetClient.check``."""
+        request = check_request(
+            **check_fields(
+                tenant_id=tenant_id,
+                task_id=task_id,
+                step_id=step_id,
+                task_type=task_type,
+                model=model,
+                estimated_input_tokens=estimated_input_tokens,
+                prompt_text=prompt_text,
+                prompt_messages=prompt_messages,
+                messages=messages,
+                tools=tools,
+                max_output_tokens=max_output_tokens,
+                planned_tool_calls=planned_tool_calls,
+                labels=labels,
+                lease_seconds=lease_seconds,
+                task_ceiling_tokens=task_ceiling_tokens,
+            )
+        )
+        return await self._stub.Check(request, timeout=self.timeout)
 
     async def check_many(self, checks: Iterable[CheckSpec]) -> list[pb.CheckResponse | CheckRefusedError]:
         """Many checks in one CheckStream message (at most 1000); see ``BudgetClient.check_many``."""

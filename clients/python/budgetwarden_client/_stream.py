@@ -12,10 +12,21 @@ import grpc
 
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
+from budgetwarden_client._messages import chat_prompt
 
 
 def check_request(**fields: Any) -> pb.CheckRequest:
+    """A CheckRequest from its fields; ``messages`` (with ``tools``), or a list as ``prompt_messages``, may hold
+    OpenAI-format chat messages (see ``_messages``)."""
     labels: Mapping[str, str] = fields.pop("labels", None) or {}
+    messages = fields.pop("messages", None)
+    tools = fields.pop("tools", None)
+    if messages is None and isinstance(fields.get("prompt_messages"), (list, tuple)):
+        messages = fields.pop("prompt_messages")  # a list of messages, not a ChatPrompt (or a dict of one)
+    if messages is not None:
+        fields["prompt_messages"] = chat_prompt(messages, tools).prompt
+    elif tools:
+        raise ValueError("tools are counted with messages: give messages too")
     request = pb.CheckRequest(**fields)
     request.labels.update(labels)
     return request
