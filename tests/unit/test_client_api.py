@@ -3,6 +3,7 @@ API (OpenAI-format messages as a ChatPrompt, trim) without a sidecar."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import pytest
 from mypy import api as mypy_api
 
 import budgetwarden_client
-from budgetwarden_client import IMAGE_TOKENS, IMAGE_TOKENS_LOW, Step, pb
+from budgetwarden_client import IMAGE_TOKENS, IMAGE_TOKENS_LOW, RETRY_SERVICE_CONFIG, Step, pb
 from budgetwarden_client._messages import chat_prompt
 from budgetwarden_client._step import StepSpec
 
@@ -52,6 +53,12 @@ def test_public_names_are_pinned() -> None:
     ]
     for name in budgetwarden_client.__all__:
         assert hasattr(budgetwarden_client, name), name
+
+
+def test_the_channel_retries_unavailable_only() -> None:
+    (method,) = json.loads(RETRY_SERVICE_CONFIG)["methodConfig"]
+    assert method["name"] == [{"service": "budgetwarden.v1.BudgetService"}]
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
 
 
 def test_mypy_catches_a_misspelt_argument(tmp_path: Path) -> None:
