@@ -162,11 +162,18 @@ class BudgetClient:
     def report(self, records: Iterable[pb.UsageRecord]) -> pb.ReportResponse:
         return self._stub.Report(pb.ReportRequest(records=list(records)), timeout=self.timeout)
 
-    def release(self, **fields: Any) -> pb.ReleaseResponse:
-        return self._stub.Release(pb.ReleaseRequest(**fields), timeout=self.timeout)
+    def release(
+        self, *, tenant_id: str = "", reservation_id: str = "", task_id: str = "", step_id: str = ""
+    ) -> pb.ReleaseResponse:
+        """Hands back a reservation: by ``reservation_id``, or by ``task_id`` and ``step_id``."""
+        request = pb.ReleaseRequest(
+            tenant_id=tenant_id, reservation_id=reservation_id, task_id=task_id, step_id=step_id
+        )
+        return self._stub.Release(request, timeout=self.timeout)
 
-    def get_budget(self, **fields: Any) -> pb.GetBudgetResponse:
-        return self._stub.GetBudget(pb.GetBudgetRequest(**fields), timeout=self.timeout)
+    def get_budget(self, *, tenant_id: str = "", task_id: str = "", task_type: str = "") -> pb.GetBudgetResponse:
+        request = pb.GetBudgetRequest(tenant_id=tenant_id, task_id=task_id, task_type=task_type)
+        return self._stub.GetBudget(request, timeout=self.timeout)
 
     def close(self) -> None:
         self._channel.close()
@@ -247,11 +254,18 @@ class AsyncBudgetClient:
     async def report(self, records: Iterable[pb.UsageRecord]) -> pb.ReportResponse:
         return await self._stub.Report(pb.ReportRequest(records=list(records)), timeout=self.timeout)
 
-    async def release(self, **fields: Any) -> pb.ReleaseResponse:
-        return await self._stub.Release(pb.ReleaseRequest(**fields), timeout=self.timeout)
+    async def release(
+        self, *, tenant_id: str = "", reservation_id: str = "", task_id: str = "", step_id: str = ""
+    ) -> pb.ReleaseResponse:
+        """Hands back a reservation: by ``reservation_id``, or by ``task_id`` and ``step_id``."""
+        request = pb.ReleaseRequest(
+            tenant_id=tenant_id, reservation_id=reservation_id, task_id=task_id, step_id=step_id
+        )
+        return await self._stub.Release(request, timeout=self.timeout)
 
-    async def get_budget(self, **fields: Any) -> pb.GetBudgetResponse:
-        return await self._stub.GetBudget(pb.GetBudgetRequest(**fields), timeout=self.timeout)
+    async def get_budget(self, *, tenant_id: str = "", task_id: str = "", task_type: str = "") -> pb.GetBudgetResponse:
+        request = pb.GetBudgetRequest(tenant_id=tenant_id, task_id=task_id, task_type=task_type)
+        return await self._stub.GetBudget(request, timeout=self.timeout)
 
     async def close(self) -> None:
         await self._channel.close()
