@@ -3,12 +3,14 @@ usage reported through the background reporter, releases, the local fail mode, O
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 
 from budgetwarden.store._embedded import free_port
@@ -366,3 +368,47 @@ def test_the_low_level_client_takes_a_list_of_messages(client: BudgetClient) -> 
     (many,) = client.check_many([{"tenant_id": "acme", "task_id": "t1", "step_id": "s3", "messages": messages}])
     assert isinstance(many, pb.CheckResponse)
     assert many.token_count.input_tokens > 0
+
+
+class FlakySidecar:
+    """A BudgetService whose Check answers UNAVAILABLE ``failures`` times, then ALLOW: what a restarting sidecar
+    looks like to the channel."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+        handler = grpc.unary_unary_rpc_method_handler(
+            self._check,
+            request_deserializer=pb.CheckRequest.FromString,
+            response_serializer=pb.CheckResponse.SerializeToString,
+        )
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("budgetwarden.v1.BudgetService", {"Check": handler})]
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
+        self.calls += 1
+        if self.calls <= self.failures:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "starting")
+        return pb.CheckResponse(decision=pb.DECISION_ALLOW, reservation_id="r1", granted_tokens=10)
+
+
+@pytest.fixture
+def flaky() -> Iterator[FlakySidecar]:
+    sidecar = FlakySidecar(failures=2)
+    yield sidecar
+    sidecar.server.stop(None)
+
+
+def test_the_channel_retries_unavailable_within_the_deadline(flaky: FlakySidecar) -> None:
+    reporter = BackgroundReporter(f"127.0.0.1:{flaky.port}")
+    budget = Budget(f"127.0.0.1:{flaky.port}", tenant_id="acme", timeout=30, reporter=reporter)
+    with budget.step("t1", "s1", model="big", estimated_input_tokens=10) as step:
+        assert (step.decision, step.from_fail_mode, step.reservation_id) == (pb.DECISION_ALLOW, False, "r1")
+        step.record_usage(input_tokens=10)
+    budget.close()  # the channel only: the reporter is the test's
+    assert flaky.calls == 3  # two UNAVAILABLE answers retried by the channel, then the answer
+    reporter.close(0)  # this fake has no Report: the record is not delivered, and that is not what is tested here
