@@ -213,7 +213,7 @@ class Step:
         """The record to report for the way the step ended (None: nothing to report). A step that completed without
         ``record_usage`` is charged what it reserved: spending nobody reported is never free."""
         if self._usage is None and outcome == pb.OUTCOME_COMPLETED and self.reservation_id:
-            reserved_input = min(self.input_tokens, self.granted_tokens)
+            reserved_input = min(self.input_tokens, self.max_context_tokens or self.input_tokens, self.granted_tokens)
             self._usage = _Usage(
                 input_tokens=reserved_input, output_tokens=self.granted_tokens - reserved_input, model=self.model
             )
