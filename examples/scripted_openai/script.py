@@ -80,7 +80,7 @@ class ToolCall:
         return json.dumps(self.arguments, separators=(",", ":"), sort_keys=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Reply:
     """One scripted answer.
 
@@ -99,7 +99,7 @@ class Reply:
     completion_tokens: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RecordedRequest:
     """A request as the server received it. ``messages`` is the chat ``messages``, or the Responses ``input`` as a
     list of items (a string input becomes one user message); ``body`` is the whole JSON body."""
@@ -127,7 +127,7 @@ class RecordedRequest:
 Responder = Callable[[RecordedRequest], Reply]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -139,7 +139,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Answer:
     """A reply as served: truncated to the request's cap when it set one, with its usage."""
 

@@ -236,7 +236,14 @@ class ScriptedOpenAI:
         prefix = "resp_" if responses else "chatcmpl-"  # as the API spells its ids
         item_ids = (*(f"fc_{n}" for n in call_numbers), f"msg_{number}")
         served_answer = answer(recorded, reply, wire.prompt_messages_of(recorded))
-        return wire.Served(f"{prefix}{number}", self._created, recorded, served_answer, call_ids, item_ids)
+        return wire.Served(
+            id=f"{prefix}{number}",
+            created=self._created,
+            request=recorded,
+            answer=served_answer,
+            call_ids=call_ids,
+            item_ids=item_ids,
+        )
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

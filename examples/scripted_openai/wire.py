@@ -22,7 +22,7 @@ def argument_pieces(arguments: str) -> list[str]:
     return [arguments[i : i + ARGUMENT_PIECE_CHARS] for i in range(0, len(arguments), ARGUMENT_PIECE_CHARS)] or [""]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Served:
     """One answer with the identities the server gave it."""
 
