@@ -51,8 +51,9 @@ def count_message_tokens(message: Mapping[str, Any]) -> int:
     tokens = TOKENS_PER_MESSAGE
     for key in ("role", "content", "output", "arguments"):
         tokens += sum(count_text_tokens(text) for text in _texts_of(message.get(key)))
-    if isinstance(message.get("name"), str):
-        tokens += count_text_tokens(message["name"]) + TOKENS_PER_NAME
+    name = message.get("name")
+    if isinstance(name, str) and name:  # as the sidecar counts: an empty name is no name
+        tokens += count_text_tokens(name) + TOKENS_PER_NAME
     for call in message.get("tool_calls") or []:
         function = call.get("function", {}) if isinstance(call, dict) else {}
         tokens += sum(count_text_tokens(text) for text in _texts_of(function.get("name")))

@@ -60,9 +60,11 @@ class ScriptedOpenAI:
         models: Mapping[str, Sequence[Reply] | Responder] | None = None,
         *,
         host: str = "127.0.0.1",
+        port: int = 0,
         created: int = CREATED,
     ) -> None:
         self._host = host
+        self._requested_port = port  # 0: a free port
         self._created = created
         self._lock = threading.Lock()
         self._models: dict[str, _Model] = {}
@@ -129,10 +131,11 @@ class ScriptedOpenAI:
         return f"http://{self._host}:{self.port}/v1"
 
     def start(self) -> ScriptedOpenAI:
-        """Serve on a free port of 127.0.0.1 in a background thread; return once it accepts connections."""
+        """Serve on 127.0.0.1 (a free port unless ``port`` was given) in a background thread; return once it accepts
+        connections."""
         assert self._thread is None, "the server is already started"
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind((self._host, 0))  # bound here, so the port is known and nobody else can take it
+        listener.bind((self._host, self._requested_port))  # bound here, so the port is known before uvicorn starts
         self._port = listener.getsockname()[1]
         config = uvicorn.Config(
             self.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5

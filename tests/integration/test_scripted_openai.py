@@ -137,6 +137,7 @@ def test_the_prompt_rule_counts_messages_parts_and_tool_calls() -> None:
     parts = [{"type": "text", "text": "hello"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
     assert count_prompt_tokens([{"role": "user", "content": parts}]) == 3 + 1 + 1 + 3
     assert count_prompt_tokens([{"role": "user", "content": "hello", "name": "ann"}]) == 3 + 1 + 1 + 1 + 1 + 3
+    assert count_prompt_tokens([{"role": "user", "content": "hello", "name": ""}]) == 3 + 1 + 1 + 3  # as the sidecar
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     assert count_prompt_tokens([{"role": "assistant", "content": None, "tool_calls": [call]}]) == 3 + 1 + 1 + 1 + 3
 
