@@ -526,6 +526,24 @@ def test_the_server_starts_and_stops_twice_in_one_process_without_network() -> N
     assert len(ports) == 2
 
 
+def test_stop_ends_a_stream_the_client_left_open() -> None:
+    # A short reply: the server has written it all long before its graceful shutdown bound (5 s) runs out.
+    server = ScriptedOpenAI({"gpt-4o": [Reply(text="Left open by the client.")]}).start()
+    client = sync_client(server)
+    stream = client.chat.completions.create(model="gpt-4o", messages=USER, stream=True)
+    next(stream)
+    port = server.port
+
+    server.stop()  # returns (or raises after its own bound) although the client never closed the stream
+
+    # The client reads what was already sent, then the end of the stream.
+    rest = list(stream)
+    client.close()
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in rest) == "Left open by the client."
+    with pytest.raises(openai.APIConnectionError), sync_client_at(port) as gone:
+        gone.models.list()
+
+
 def test_the_guard_refuses_a_connection_off_loopback() -> None:
     # The guard above is what makes "no network" an assertion: it must really refuse.
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
