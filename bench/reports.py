@@ -121,7 +121,7 @@ def main() -> int:
                 async def apply() -> float:
                     client = Redis.from_url(url)
                     loaded = parse_policy(POLICY, "bench")
-                    limiter = Limiter(BudgetStore(client), lambda: loaded, check_deadline_s=60.0)
+                    limiter = Limiter(BudgetStore(client), lambda: loaded, check_deadline_s=60.0, store_deadline_s=60.0)
                     batches = []
                     for b in range(count // BATCH):
                         batch = [

@@ -67,7 +67,7 @@ def preload_check(tenant: str, i: int, step: str = "preload") -> CheckInput:
 def limiter(client: AsyncRedis) -> Limiter:
     """A limiter like the sidecar's, with a deadline long enough for preloading (no fail-mode answers)."""
     loaded = parse_policy(POLICY, "bench")
-    return Limiter(BudgetStore(client), lambda: loaded, check_deadline_s=60)
+    return Limiter(BudgetStore(client), lambda: loaded, check_deadline_s=60, store_deadline_s=60)
 
 
 class ScriptSpy:

@@ -80,6 +80,13 @@ def wait_for_exit(proc: subprocess.Popen[Any], timeout: float, log: Callable[[],
         raise AssertionError(message) from None
 
 
+# What a `budgetwarden serve` child of a test gets: the same generous deadlines as in-process sidecars (a busy machine
+# must not turn a slow script into a fail-mode answer or UNAVAILABLE that the test did not ask for).
+SERVE_DEADLINE_ENV = {
+    "BUDGETWARDEN_CHECK_DEADLINE_MS": str(TEST_CHECK_DEADLINE_MS),
+    "BUDGETWARDEN_STORE_DEADLINE_MS": str(TEST_STORE_DEADLINE_MS),
+}
+
 # Readiness follows the store closely: a ping every 50 ms, so a dead or restarted server is noticed at once.
 FAST_WATCH: dict[str, Any] = {"store_ping_interval_seconds": 0.05, "store_ping_timeout_ms": 500}
 

@@ -46,6 +46,7 @@ def test_sighup_reloads_the_policy(tmp_path: Path, engine_policy_file: Path, red
     port = free_port()
     args = [sys.executable, "-m", "budgetwarden", "serve", "--listen", f"127.0.0.1:{port}", "--redis-url", redis_url]
     args += ["--policy-file", str(engine_policy_file), "--policy-reload-seconds", "0", "--check-deadline-ms", "30000"]
+    args += ["--store-deadline-ms", "30000"]
     process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     try:
         with BudgetClient(f"127.0.0.1:{port}", timeout=10) as c:

@@ -38,7 +38,7 @@ from budgetwarden.store._usage import UsageEvent, event_id, read_events
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar, run_processes, wait_for_exit
+from support import SERVE_DEADLINE_ENV, RunningSidecar, run_processes, wait_for_exit
 
 pytestmark = pytest.mark.slow
 
@@ -813,7 +813,7 @@ def test_sidecar_sigterm_during_a_burst_loses_no_acknowledged_report(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
-            env=clean_env(),
+            env=clean_env() | SERVE_DEADLINE_ENV,
             cwd=tmp_path,
         )
     threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(4)]

@@ -26,7 +26,7 @@ from budgetwarden.app._config import Settings
 from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar, wait_for_exit
+from support import SERVE_DEADLINE_ENV, RunningSidecar, wait_for_exit
 
 pytestmark = pytest.mark.slow
 
@@ -144,8 +144,9 @@ def serve(tmp_path: Path) -> Iterator[ServeFactory]:
         stderr_path = tmp_path / f"serve-{len(started)}.stderr"
         stderr_file = stderr_path.open("wb")
         environ = dict(env if env is not None else clean_env())
-        # A busy machine may miss the 250 ms default: a fail-mode answer would fail a test that did not ask for one.
-        environ.setdefault("BUDGETWARDEN_CHECK_DEADLINE_MS", "30000")
+        # A busy machine may miss the production deadlines: a fail-mode answer would fail a test not asking for one.
+        for name, value in SERVE_DEADLINE_ENV.items():
+            environ.setdefault(name, value)
         proc = subprocess.Popen(
             [sys.executable, "-m", "budgetwarden", "serve", *map(str, args)],
             stdin=subprocess.DEVNULL,
