@@ -308,3 +308,9 @@ def test_budgeted_refuses_a_mismatched_pair(server: ScriptedOpenAI, budget: Budg
     sdk = openai.AsyncOpenAI(base_url=server.base_url, api_key="test")
     with pytest.raises(TypeError, match="AsyncBudget"):
         budgeted(sdk, budget, task_id="t1")  # type: ignore[call-overload]
+
+
+def test_everything_else_is_the_clients_own(llm: BudgetedOpenAI) -> None:
+    assert llm.models.list().data  # unbudgeted, passed through
+    assert callable(llm.chat.completions.parse)
+    assert callable(llm.responses.retrieve)

@@ -293,10 +293,14 @@ class AsyncBudgetedStream:
 class _Endpoint:
     """``create`` of one endpoint (``chat.completions`` or ``responses``) as a budget step."""
 
-    def __init__(self, owner: BudgetedOpenAI, endpoint: str, create: Any) -> None:
+    def __init__(self, owner: BudgetedOpenAI, endpoint: str, resource: Any) -> None:
         self._owner = owner
         self._endpoint = endpoint
-        self._create = create
+        self._resource = resource
+        self._create = resource.create
+
+    def __getattr__(self, name: str) -> Any:  # the resource's other methods, unbudgeted
+        return getattr(self._resource, name)
 
     def create(self, *, budget_step_id: str | None = None, budget_task_id: str | None = None, **kwargs: Any) -> Any:
         """The SDK's ``create``, checked before and reported after. ``budget_step_id``: the step's id (default: a
@@ -327,10 +331,14 @@ class _Endpoint:
 class _AsyncEndpoint:
     """The asyncio twin of ``_Endpoint``."""
 
-    def __init__(self, owner: AsyncBudgetedOpenAI, endpoint: str, create: Any) -> None:
+    def __init__(self, owner: AsyncBudgetedOpenAI, endpoint: str, resource: Any) -> None:
         self._owner = owner
         self._endpoint = endpoint
-        self._create = create
+        self._resource = resource
+        self._create = resource.create
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._resource, name)
 
     async def create(
         self, *, budget_step_id: str | None = None, budget_task_id: str | None = None, **kwargs: Any
@@ -359,9 +367,15 @@ class _AsyncEndpoint:
         return result
 
 
-class _Namespace:
-    def __init__(self, **attributes: Any) -> None:
-        self.__dict__.update(attributes)
+class _Chat:
+    """``client.chat`` with its ``completions`` budgeted; the rest is the SDK's."""
+
+    def __init__(self, chat: Any, completions: Any) -> None:
+        self._chat = chat
+        self.completions = completions
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._chat, name)
 
 
 class BudgetedOpenAI:
@@ -374,8 +388,8 @@ class BudgetedOpenAI:
         self.budget = budget
         self.task_id = task_id
         self.step_options = step_options
-        self.chat = _Namespace(completions=_Endpoint(self, "chat", client.chat.completions.create))
-        self.responses = _Endpoint(self, "responses", client.responses.create)
+        self.chat = _Chat(client.chat, _Endpoint(self, "chat", client.chat.completions))
+        self.responses = _Endpoint(self, "responses", client.responses)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
@@ -389,8 +403,8 @@ class AsyncBudgetedOpenAI:
         self.budget = budget
         self.task_id = task_id
         self.step_options = step_options
-        self.chat = _Namespace(completions=_AsyncEndpoint(self, "chat", client.chat.completions.create))
-        self.responses = _AsyncEndpoint(self, "responses", client.responses.create)
+        self.chat = _Chat(client.chat, _AsyncEndpoint(self, "chat", client.chat.completions))
+        self.responses = _AsyncEndpoint(self, "responses", client.responses)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
