@@ -13,7 +13,7 @@ import pytest
 
 from budgetwarden.store._embedded import free_port
 from budgetwarden_client import AsyncBudget, Budget, BudgetClient, CheckpointRequired, pb
-from budgetwarden_client.integrations.openai import AsyncBudgetedOpenAI, BudgetedOpenAI, budgeted
+from budgetwarden_client.integrations.openai import AsyncBudgetedOpenAI, BudgetedOpenAI, BudgetedStream, budgeted
 from scripted_openai import RecordedRequest, Reply, ScriptedOpenAI
 
 from support import RunningSidecar
@@ -314,3 +314,33 @@ def test_everything_else_is_the_clients_own(llm: BudgetedOpenAI) -> None:
     assert llm.models.list().data  # unbudgeted, passed through
     assert callable(llm.chat.completions.parse)
     assert callable(llm.responses.retrieve)
+
+
+class BrokenStream:
+    """Stands for an SDK stream whose connection drops after ``chunks`` chunks."""
+
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+        self.closed = False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for _ in range(self.chunks):
+            yield {"choices": [], "usage": None}
+        raise RuntimeError("connection lost")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("chunks", [0, 1])
+def test_a_stream_that_fails_is_charged_its_reservation_once_it_sent_anything(
+    chunks: int, budget: Budget, client: BudgetClient
+) -> None:
+    scope = budget.step("t1", "s1", model="big", messages=USER, max_output_tokens=300)
+    broken = BrokenStream(chunks)
+    stream = BudgetedStream(broken, scope.__enter__(), scope)
+    with pytest.raises(RuntimeError, match="connection lost"):
+        list(stream)
+    assert broken.closed
+    assert used_after_delivery(budget.reporter, client) == (stream.step.granted_tokens if chunks else 0)
+    assert client.get_budget(tenant_id="acme", task_id="t1").active_reservations == 0

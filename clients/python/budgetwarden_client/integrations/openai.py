@@ -174,6 +174,15 @@ def _chunk_usage(chunk: Any) -> Any:
     return _get(chunk, "usage")
 
 
+def _charge_if_streamed(step: Step, received: bool) -> None:
+    """A stream that failed after the server began sending spent tokens nobody reported: they are charged as the
+    reservation (its counted input, the rest as output), as the step API charges a step that completed without usage.
+    One that failed before any chunk spent nothing: its reservation is released."""
+    if received and not step.usage_recorded and step.reservation_id:
+        reserved_input = min(step.input_tokens, step.max_context_tokens or step.input_tokens, step.granted_tokens)
+        step.record_usage(input_tokens=reserved_input, output_tokens=step.granted_tokens - reserved_input)
+
+
 # --- streams --------------------------------------------------------------------------------------------------------
 
 
@@ -188,6 +197,7 @@ class BudgetedStream:
         """The budget step of the call (``step.granted_tokens``: what an early close is charged)."""
         self._scope = scope
         self._done = False
+        self._received = False
         self._iterator: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
@@ -204,11 +214,13 @@ class BudgetedStream:
         try:
             for chunk in self._stream:
                 record_usage(self.step, _chunk_usage(chunk))
+                self._received = True
                 yield chunk
         except GeneratorExit:
             raise
         except BaseException as exc:
             error = exc
+            _charge_if_streamed(self.step, self._received)
             raise
         finally:
             self._finish(error)
@@ -243,6 +255,7 @@ class AsyncBudgetedStream:
         """The budget step of the call (``step.granted_tokens``: what an early close is charged)."""
         self._scope = scope
         self._done = False
+        self._received = False
         self._iterator: AsyncIterator[Any] | None = None
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -258,11 +271,13 @@ class AsyncBudgetedStream:
         try:
             async for chunk in self._stream:
                 record_usage(self.step, _chunk_usage(chunk))
+                self._received = True
                 yield chunk
         except GeneratorExit:
             raise
         except BaseException as exc:
             error = exc
+            _charge_if_streamed(self.step, self._received)
             raise
         finally:
             await self._finish(error)
