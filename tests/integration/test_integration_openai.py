@@ -1,0 +1,346 @@
+"""The OpenAI SDK integration (budgetwarden_client.integrations.openai): the real ``openai`` SDK, sync and async,
+against the scripted OpenAI-compatible server, with a real sidecar keeping the budget."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from budgetwarden.store._embedded import free_port
+from budgetwarden_client import AsyncBudget, Budget, BudgetClient, CheckpointRequired, pb
+from budgetwarden_client.integrations.openai import AsyncBudgetedOpenAI, BudgetedOpenAI, BudgetedStream, budgeted
+from scripted_openai import RecordedRequest, Reply, ScriptedOpenAI
+
+from support import RunningSidecar
+
+# As tests/integration/test_step_api.py: a task of 10000 tokens, DEGRADE past 5000 (to "cheaper", 200 tokens out,
+# 500 of context), CHECKPOINT past 8000.
+POLICY = """
+unknown_tenants: reject
+tenants:
+  acme:
+    windows:
+      day: {tokens: 1000000, usd: 100}
+models:
+  big: {input_usd_per_mtok: 10, cached_input_usd_per_mtok: 2.5, output_usd_per_mtok: 30, degrade_to: cheaper}
+  cheaper: {input_usd_per_mtok: 1, cached_input_usd_per_mtok: 0.5, output_usd_per_mtok: 4}
+default_task_type: agent
+task_types:
+  agent:
+    per_task: {tokens: 10000}
+    per_step: {tokens: 4000}
+    soft_threshold: 0.5
+    checkpoint_threshold: 0.8
+    degrade:
+      - {name: cheaper, model: cheaper, max_output_tokens: 200, max_context_tokens: 500}
+"""
+
+ANSWER = " ".join(f"word{i}" for i in range(40))  # about 80 tokens: several stream chunks
+BOUND = 30.0  # seconds for anything awaited: far beyond any scheduling delay
+
+
+def reply(request: RecordedRequest) -> Reply:
+    return Reply(text=ANSWER, reasoning_tokens=7, cached_tokens=3)
+
+
+@pytest.fixture
+def running(start_sidecar: Callable[..., RunningSidecar], tmp_path: Path) -> RunningSidecar:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    return start_sidecar(policy_file=policy, admin_listen=f"127.0.0.1:{free_port()}", check_deadline_ms=60_000)
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedOpenAI]:
+    with ScriptedOpenAI({}) as scripted:
+        scripted.respond_with("big", reply)
+        scripted.respond_with("cheaper", reply)
+        yield scripted
+
+
+@pytest.fixture
+def budget(running: RunningSidecar) -> Iterator[Budget]:
+    with Budget(running.addr, tenant_id="acme", timeout=30) as b:
+        yield b
+
+
+@pytest.fixture
+def client(running: RunningSidecar) -> Iterator[BudgetClient]:
+    with BudgetClient(running.addr, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def llm(server: ScriptedOpenAI, budget: Budget) -> Iterator[BudgetedOpenAI]:
+    with openai.OpenAI(base_url=server.base_url, api_key="test", max_retries=0) as sdk:
+        yield budgeted(sdk, budget, task_id="t1")
+
+
+@pytest.fixture
+async def allm(server: ScriptedOpenAI, running: RunningSidecar) -> AsyncIterator[AsyncBudgetedOpenAI]:
+    async with (
+        AsyncBudget(running.addr, tenant_id="acme", timeout=30) as abudget,
+        openai.AsyncOpenAI(base_url=server.base_url, api_key="test", max_retries=0) as sdk,
+    ):
+        yield budgeted(sdk, abudget, task_id="t1")
+
+
+def task(client: BudgetClient, task_id: str = "t1") -> pb.ScopeState:
+    answer = client.get_budget(tenant_id="acme", task_id=task_id)
+    return next(scope for scope in answer.scopes if scope.name == "task")
+
+
+def used_after_delivery(reporter: Any, client: BudgetClient) -> int:
+    assert reporter.flush(timeout=BOUND), "the reporter did not deliver in time"
+    state = task(client)
+    assert state.reserved_tokens == 0, state
+    return state.used_tokens
+
+
+def chat(turns: int) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "You are terse."}]
+    for turn in range(turns):
+        role = "user" if turn % 2 == 0 else "assistant"
+        messages.append({"role": role, "content": f"turn {turn}: " + "lorem ipsum " * 50})
+    return messages
+
+
+USER = [{"role": "user", "content": "How much budget is left?"}]
+
+
+def spend(budget: Budget, tokens: int) -> None:
+    with budget.step("t1", f"spent-{tokens}", model="big", estimated_input_tokens=min(tokens, 3900)) as step:
+        step.record_usage(input_tokens=tokens)
+    assert budget.reporter.flush(timeout=BOUND)
+
+
+# --- non-streaming --------------------------------------------------------------------------------------------------
+
+
+def test_chat_is_checked_then_reports_the_scripted_usage(
+    llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget, client: BudgetClient
+) -> None:
+    completion = llm.chat.completions.create(model="big", messages=USER, max_tokens=300, budget_step_id="s1")
+    assert completion.choices[0].message.content == ANSWER
+    usage = completion.usage
+    assert usage.completion_tokens_details.reasoning_tokens == 7  # part of completion_tokens
+    assert usage.prompt_tokens_details.cached_tokens == 3
+    assert (server.requests[-1].model, server.requests[-1].max_tokens) == ("big", 300)
+    assert used_after_delivery(budget.reporter, client) == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_async_responses_report_the_scripted_usage(
+    allm: AsyncBudgetedOpenAI, server: ScriptedOpenAI, client: BudgetClient
+) -> None:
+    response = await allm.responses.create(
+        model="big", instructions="Be brief.", input="How much is left?", max_output_tokens=300
+    )
+    assert response.output_text == ANSWER
+    assert response.usage is not None
+    assert response.usage.output_tokens_details.reasoning_tokens == 7
+    assert server.requests[-1].max_output_tokens == 300
+    spent = response.usage.input_tokens + response.usage.output_tokens
+    assert used_after_delivery(allm.budget.reporter, client) == spent
+
+
+def test_sync_responses_with_items(llm: BudgetedOpenAI, budget: Budget, client: BudgetClient) -> None:
+    items: list[Any] = [
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
+        {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+    ]
+    response = llm.responses.create(model="big", input=items)
+    assert response.usage is not None
+    assert used_after_delivery(budget.reporter, client) == response.usage.total_tokens
+
+
+async def test_async_chat(allm: AsyncBudgetedOpenAI, client: BudgetClient) -> None:
+    completion = await allm.chat.completions.create(model="big", messages=USER, max_completion_tokens=300)
+    assert completion.usage is not None
+    assert used_after_delivery(allm.budget.reporter, client) == completion.usage.total_tokens
+
+
+# --- streaming ------------------------------------------------------------------------------------------------------
+
+
+def test_a_chat_stream_is_made_to_send_usage_and_reports_it(
+    llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget, client: BudgetClient
+) -> None:
+    stream = llm.chat.completions.create(model="big", messages=USER, max_tokens=300, stream=True)
+    chunks = list(stream)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == ANSWER
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert server.requests[-1].body["stream_options"] == {"include_usage": True}  # forced: the caller did not ask
+    assert used_after_delivery(budget.reporter, client) == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_an_async_responses_stream_reports_the_completed_usage(
+    allm: AsyncBudgetedOpenAI, client: BudgetClient
+) -> None:
+    stream = await allm.responses.create(model="big", input="How much is left?", max_output_tokens=300, stream=True)
+    usage = None
+    async for event in stream:
+        if event.type == "response.completed":
+            usage = event.response.usage
+    assert usage is not None
+    assert used_after_delivery(allm.budget.reporter, client) == usage.total_tokens
+
+
+def test_a_chat_stream_left_early_is_charged_its_reservation(
+    llm: BudgetedOpenAI, budget: Budget, client: BudgetClient
+) -> None:
+    stream = llm.chat.completions.create(model="big", messages=USER, max_tokens=300, stream=True)
+    for _chunk in stream:
+        break  # the loop's iterator is finalized here, and with it the step
+    assert stream.step.granted_tokens > 300
+    assert used_after_delivery(budget.reporter, client) == stream.step.granted_tokens
+
+
+def test_a_responses_stream_closed_early_is_charged_its_reservation(
+    llm: BudgetedOpenAI, budget: Budget, client: BudgetClient
+) -> None:
+    with llm.responses.create(model="big", input="How much is left?", max_output_tokens=300, stream=True) as stream:
+        next(stream)
+    assert used_after_delivery(budget.reporter, client) == stream.step.granted_tokens
+
+
+async def test_an_async_chat_stream_closed_early_is_charged_its_reservation(
+    allm: AsyncBudgetedOpenAI, client: BudgetClient
+) -> None:
+    stream = await allm.chat.completions.create(model="big", messages=USER, max_tokens=300, stream=True)
+    await anext(stream)
+    await stream.close()
+    assert used_after_delivery(allm.budget.reporter, client) == stream.step.granted_tokens
+
+
+async def test_an_async_stream_left_early_is_charged_once_asyncio_finalizes_it(
+    allm: AsyncBudgetedOpenAI, client: BudgetClient
+) -> None:
+    stream = await allm.chat.completions.create(model="big", messages=USER, max_tokens=300, stream=True)
+    async for _chunk in stream:
+        break
+    granted = stream.step.granted_tokens
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BOUND
+    while task(client).used_tokens != granted:  # aclose() runs in a task asyncio schedules after the break
+        assert allm.budget.reporter.flush(timeout=BOUND)
+        assert loop.time() < deadline, task(client)
+        await asyncio.sleep(0.05)
+    assert task(client).reserved_tokens == 0
+
+
+# --- the decisions --------------------------------------------------------------------------------------------------
+
+
+def test_degrade_swaps_the_model_caps_output_and_trims_messages(
+    llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget, client: BudgetClient
+) -> None:
+    spend(budget, 3900)
+    messages = chat(12)  # about 1200 tokens: past the soft threshold
+    completion = llm.chat.completions.create(model="big", messages=messages, max_tokens=1000)
+    sent = server.requests[-1]
+    assert (sent.model, sent.max_tokens) == ("cheaper", 200)
+    assert sent.messages[0] == messages[0]  # the system message stays
+    assert 1 <= len(sent.messages) - 1 < len(messages) - 1
+    assert sent.messages[1:] == messages[-(len(sent.messages) - 1) :]  # the most recent ones
+    assert completion.usage is not None
+    assert used_after_delivery(budget.reporter, client) == 3900 + completion.usage.total_tokens
+
+
+def test_degrade_trims_responses_input_items(llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget) -> None:
+    spend(budget, 3900)
+    items = chat(12)[1:]
+    llm.responses.create(model="big", instructions="You are terse.", input=items, max_output_tokens=1000)
+    sent = server.requests[-1]
+    assert (sent.model, sent.max_output_tokens, sent.instructions) == ("cheaper", 200, "You are terse.")
+    assert 1 <= len(sent.body["input"]) < len(items)
+    assert sent.body["input"] == items[-len(sent.body["input"]) :]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_checkpoint_raises_before_any_request(
+    endpoint: str, llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget
+) -> None:
+    spend(budget, 7800)
+    call: Callable[[], object] = (
+        (lambda: llm.chat.completions.create(model="big", messages=USER, max_tokens=1000))
+        if endpoint == "chat"
+        else (lambda: llm.responses.create(model="big", input="hi", max_output_tokens=1000))
+    )
+    with pytest.raises(CheckpointRequired) as caught:
+        call()
+    assert caught.value.checkpoint_id
+    assert server.requests == []
+
+
+async def test_async_checkpoint_raises_before_any_request(
+    allm: AsyncBudgetedOpenAI, server: ScriptedOpenAI, budget: Budget
+) -> None:
+    spend(budget, 7800)
+    with pytest.raises(CheckpointRequired):
+        await allm.chat.completions.create(model="big", messages=USER, max_tokens=1000)
+    assert server.requests == []
+
+
+def test_an_http_error_releases_the_reservation(llm: BudgetedOpenAI, client: BudgetClient) -> None:
+    with pytest.raises(openai.NotFoundError):
+        llm.chat.completions.create(model="unscripted", messages=USER, max_tokens=100)
+    answer = client.get_budget(tenant_id="acme", task_id="t1")
+    assert answer.active_reservations == 0
+    state = task(client)
+    assert (state.used_tokens, state.reserved_tokens) == (0, 0)
+
+
+async def test_an_async_http_error_releases_the_reservation(allm: AsyncBudgetedOpenAI, client: BudgetClient) -> None:
+    with pytest.raises(openai.NotFoundError):
+        await allm.responses.create(model="unscripted", input="hi", stream=True)
+    assert client.get_budget(tenant_id="acme", task_id="t1").active_reservations == 0
+
+
+def test_budgeted_refuses_a_mismatched_pair(server: ScriptedOpenAI, budget: Budget) -> None:
+    sdk = openai.AsyncOpenAI(base_url=server.base_url, api_key="test")
+    with pytest.raises(TypeError, match="AsyncBudget"):
+        budgeted(sdk, budget, task_id="t1")  # type: ignore[call-overload]
+
+
+def test_everything_else_is_the_clients_own(llm: BudgetedOpenAI) -> None:
+    assert llm.models.list().data  # unbudgeted, passed through
+    assert callable(llm.chat.completions.parse)
+    assert callable(llm.responses.retrieve)
+
+
+class BrokenStream:
+    """Stands for an SDK stream whose connection drops after ``chunks`` chunks."""
+
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+        self.closed = False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for _ in range(self.chunks):
+            yield {"choices": [], "usage": None}
+        raise RuntimeError("connection lost")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("chunks", [0, 1])
+def test_a_stream_that_fails_is_charged_its_reservation_once_it_sent_anything(
+    chunks: int, budget: Budget, client: BudgetClient
+) -> None:
+    scope = budget.step("t1", "s1", model="big", messages=USER, max_output_tokens=300)
+    broken = BrokenStream(chunks)
+    stream = BudgetedStream(broken, scope.__enter__(), scope)
+    with pytest.raises(RuntimeError, match="connection lost"):
+        list(stream)
+    assert broken.closed
+    assert used_after_delivery(budget.reporter, client) == (stream.step.granted_tokens if chunks else 0)
+    assert client.get_budget(tenant_id="acme", task_id="t1").active_reservations == 0
