@@ -221,7 +221,7 @@ def test_checkpoint_interrupts_the_graph_which_resumes_after_approval(
     assert task_scope(client, "t-checkpoint").used_tokens == 7800 + spent(resumed["messages"])
 
 
-def test_resuming_before_approval_interrupts_again(budget: Budget, server: ScriptedOpenAI, admin: AdminClient) -> None:
+def test_resuming_before_approval_interrupts_again(budget: Budget, server: ScriptedOpenAI) -> None:
     spend(budget, "t-again", 7800)
     agent = create_agent(chat_model(server), [], middleware=[BudgetMiddleware(budget)], checkpointer=InMemorySaver())
     first = agent.invoke({"messages": [HumanMessage("Go on.")]}, thread("t-again"))
@@ -252,3 +252,33 @@ def test_a_sync_agent_needs_a_blocking_budget(abudget: AsyncBudget, server: Scri
     with pytest.raises(TypeError, match="need a Budget"):
         agent.invoke({"messages": [HumanMessage("Hello?")]}, thread("t-mismatch"))
     assert server.requests == []
+
+
+def test_without_a_checkpointer_the_run_still_stops_before_the_model(budget: Budget, server: ScriptedOpenAI) -> None:
+    spend(budget, "t-no-saver", 7800)
+    agent = create_agent(chat_model(server), [], middleware=[BudgetMiddleware(budget)])
+    stopped = agent.invoke({"messages": [HumanMessage("Go on.")]}, thread("t-no-saver"))
+    (stop,) = stopped["__interrupt__"]
+    assert stop.value["checkpoint_id"].startswith("ck1.")
+    assert server.requests == []
+
+
+def test_a_streamed_run_reports_the_usage_of_the_final_chunk(
+    budget: Budget, server: ScriptedOpenAI, client: BudgetClient
+) -> None:
+    server.script("big", Reply(text="Streamed answer, token by token."))
+    agent = create_agent(chat_model(server), [], middleware=[BudgetMiddleware(budget)])
+    chunks = [
+        chunk
+        for chunk, _ in agent.stream({"messages": [HumanMessage("Hi")]}, thread("t-stream"), stream_mode="messages")
+    ]
+    assert len(chunks) > 1
+    (request,) = server.requests
+    assert request.stream  # the model really streamed, and was asked for a final usage chunk
+    assert request.body.get("stream_options") == {"include_usage": True}
+    usage = sum(
+        c.usage_metadata["input_tokens"] + c.usage_metadata["output_tokens"] for c in chunks if c.usage_metadata
+    )
+    assert usage > 0
+    delivered(budget)
+    assert task_scope(client, "t-stream").used_tokens == usage

@@ -80,6 +80,14 @@ def renamed(model: BaseChatModel, name: str) -> BaseChatModel:
     )
 
 
+def with_stream_usage(model: BaseChatModel) -> BaseChatModel:
+    """``model``, asking for usage when it streams if it has a ``stream_usage`` setting left unset (``ChatOpenAI``
+    leaves it off for a base URL of its own: a streamed run would report no usage and be charged its reservation)."""
+    if "stream_usage" in type(model).model_fields and getattr(model, "stream_usage", None) is None:
+        return model.model_copy(update={"stream_usage": True})
+    return model
+
+
 def _max_output_tokens(request: Request) -> int:
     for cap in (request.model_settings.get("max_tokens"), getattr(request.model, "max_tokens", None)):
         if isinstance(cap, int) and cap > 0:
@@ -189,16 +197,17 @@ class BudgetMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         return task_id, step_id, arguments
 
     def _applied(self, step: Step, request: Request) -> Request:
-        """The request as the step's advice changes it (unchanged on ALLOW)."""
+        """The request as the step's advice changes it, its model asked for the usage of a stream."""
         if step.decision != pb.DECISION_DEGRADE:
-            return request
+            return request.override(model=with_stream_usage(request.model))
         model = request.model
         if step.model and step.model != model_name(model):
             model = self.models.get(step.model) or renamed(model, step.model)
         settings = dict(request.model_settings)
         if step.max_tokens:
             settings["max_tokens"] = step.max_tokens
-        return request.override(model=model, model_settings=settings, messages=self._trimmed(step, request))
+        messages = self._trimmed(step, request)
+        return request.override(model=with_stream_usage(model), model_settings=settings, messages=messages)
 
     @staticmethod
     def _trimmed(step: Step, request: Request) -> list[AnyMessage]:
