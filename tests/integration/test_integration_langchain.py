@@ -184,6 +184,22 @@ def test_degrade_swaps_the_model_caps_the_output_and_trims_the_context(
     assert task_scope(client, "t-degrade").used_tokens == 3900 + spent(result["messages"][-1:])
 
 
+def test_degrade_uses_the_model_given_for_the_advised_name_and_a_fixed_task_id(
+    budget: Budget, server: ScriptedOpenAI, client: BudgetClient
+) -> None:
+    spend(budget, "fixed-task", 3900)
+    server.script("small", Reply(text="Short answer."))
+    small = ChatOpenAI(model="small", base_url=server.base_url, api_key="test", temperature=0.25, max_retries=0)
+    middleware = BudgetMiddleware(budget, task_id="fixed-task", models={"small": small})
+    agent = create_agent(chat_model(server), [], middleware=[middleware])
+    result = agent.invoke({"messages": long_chat(13)}, thread("some-thread"))
+
+    (request,) = server.requests
+    assert (request.model, request.token_cap, request.body.get("temperature")) == ("small", 200, 0.25)
+    delivered(budget)
+    assert task_scope(client, "fixed-task").used_tokens == 3900 + spent(result["messages"][-1:])
+
+
 def test_deny_refuses_the_call_before_it_reaches_the_model(running: RunningSidecar, server: ScriptedOpenAI) -> None:
     with Budget(running.addr, tenant_id="tight", timeout=30) as budget:
         spend(budget, "t-deny", 900)

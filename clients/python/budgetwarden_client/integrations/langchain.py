@@ -166,7 +166,6 @@ class BudgetMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         models: Mapping[str, BaseChatModel] | None = None,
         labels: Mapping[str, str] | None = None,
         task_type: str | None = None,
-        count_messages: bool = True,
     ) -> None:
         super().__init__()
         self.budget = budget
@@ -175,25 +174,17 @@ class BudgetMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         self.models = dict(models or {})
         self.labels = dict(labels or {})
         self.task_type = task_type
-        self.count_messages = count_messages
-        """True: the check counts the request's messages and tools; False: it sends no prompt (the sidecar then
-        reserves the output cap only)."""
-
-    @property
-    def name(self) -> str:
-        return "BudgetMiddleware"
 
     def _step_arguments(self, request: Request) -> tuple[str, str, dict[str, Any]]:
         task_id, step_id = self._task_id(request), self._step_id(request)
         arguments: dict[str, Any] = {
             "model": model_name(request.model),
+            "messages": _openai_messages(request),  # counted by the sidecar with the model's encoding
+            "tools": _openai_tools(request) or None,
             "max_output_tokens": _max_output_tokens(request),
             "labels": self.labels,
             "task_type": self.task_type,
         }
-        if self.count_messages:
-            arguments["messages"] = _openai_messages(request)
-            arguments["tools"] = _openai_tools(request) or None
         return task_id, step_id, arguments
 
     def _applied(self, step: Step, request: Request) -> Request:
