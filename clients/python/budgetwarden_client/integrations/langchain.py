@@ -30,10 +30,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.config import get_config
 from langgraph.types import interrupt
 
-from budgetwarden_api.v1 import budget_pb2 as pb
-from budgetwarden_client._budget import AsyncBudget, Budget
-from budgetwarden_client._errors import CheckpointRequired
-from budgetwarden_client._step import Step
+from budgetwarden_client import AsyncBudget, Budget, CheckpointRequired, Step, pb
 
 __all__ = ["CHECKPOINT_INTERRUPT", "BudgetMiddleware"]
 
