@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agents import Agent, ModelSettings, RunConfig, Runner, function_tool, set_tracing_disabled
+from agents import Agent, ModelSettings, ModelTracing, RunConfig, Runner, function_tool, set_tracing_disabled
 from agents.models.openai_provider import OpenAIProvider
 from openai import AsyncOpenAI
 
@@ -219,3 +219,33 @@ async def test_a_streamed_run_reports_the_usage_of_the_final_event(
     assert usage.input_tokens_details.cached_tokens == 4
     task = task_scope(client, "t1")
     assert (task.used_tokens, task.reserved_tokens) == (usage.input_tokens + usage.output_tokens, 0)
+
+
+async def test_a_stream_closed_before_its_usage_is_charged_its_reservation(
+    budget: AsyncBudget, client: BudgetClient, server: ScriptedOpenAI, provider: OpenAIProvider
+) -> None:
+    server.script("gpt-4o", Reply(text="A long answer nobody reads to the end. " * 20))
+    model = BudgetedModel("gpt-4o", budget=budget, task_id="t1", provider=provider)
+    events = model.stream_response(
+        "You are terse.",
+        "What is the answer?",
+        ModelSettings(max_tokens=100),
+        [],
+        None,
+        [],
+        ModelTracing.DISABLED,
+        previous_response_id=None,
+        conversation_id=None,
+        prompt=None,
+    )
+    assert isinstance(events, AsyncGenerator)
+
+    first = await anext(events)
+    await events.aclose()  # the consumer stops before the final event (the one with the usage)
+
+    assert first.type == "response.created"
+    delivered(budget)
+    task = task_scope(client, "t1")
+    # The request went out: it is charged what it reserved (its prompt and the 100 output tokens), not released.
+    assert task.reserved_tokens == 0
+    assert task.used_tokens > 100

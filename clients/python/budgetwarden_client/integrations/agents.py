@@ -170,14 +170,12 @@ class BudgetedModel(Model):
         conversation_id: str | None,
         prompt: ResponsePromptParam | None,
     ) -> AsyncIterator[TResponseStreamEvent]:
-        # The usage comes with the final ``response.completed`` event; a stream closed before it reports nothing of
-        # its own and the step is charged its reservation (or released when it failed).
         if model_settings.include_usage is None:
             # The SDK asks for the usage of a chat completions stream only from api.openai.com: ask it of any.
             model_settings = dataclasses.replace(model_settings, include_usage=True)
         async with self._step(system_instructions, input, model_settings, tools, handoffs) as step:
             model, settings = self._advised(step, model_settings)
-            async for event in model.stream_response(
+            events = model.stream_response(
                 system_instructions,
                 input,
                 settings,
@@ -188,10 +186,19 @@ class BudgetedModel(Model):
                 previous_response_id=previous_response_id,
                 conversation_id=conversation_id,
                 prompt=prompt,
-            ):
-                if isinstance(event, ResponseCompletedEvent) and event.response.usage is not None:
-                    _record(step, _usage_of(event.response.usage), event.response.output)
-                yield event
+            )
+            try:
+                async for event in events:
+                    # The usage comes with the final event.
+                    if isinstance(event, ResponseCompletedEvent) and event.response.usage is not None:
+                        _record(step, _usage_of(event.response.usage), event.response.output)
+                    yield event
+            except GeneratorExit:
+                # Closed by the consumer before the end: the request went out, so the step ends as completed and,
+                # without the usage, is charged what it reserved (a failure would release it, spending for free).
+                pass
+            finally:
+                await _aclose(events)
 
     def get_retry_advice(self, request: ModelRetryAdviceRequest) -> ModelRetryAdvice | None:
         return self._model(self.model_name).get_retry_advice(request)
@@ -254,6 +261,13 @@ def _chat_prompt(
         return system + list(Converter.items_to_messages(input)), schemas, None
     except UserError:
         return [], [], "\n".join([system_instructions or "", json.dumps(input, default=str)])
+
+
+async def _aclose(events: AsyncIterator[Any]) -> None:
+    """Closes the wrapped model's stream now (its HTTP response with it) rather than when it is collected."""
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _usage_of(usage: ResponseUsage) -> Usage:
