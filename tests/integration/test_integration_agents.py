@@ -12,13 +12,14 @@ from agents.models.openai_provider import OpenAIProvider
 from openai import AsyncOpenAI
 
 from budgetwarden.store._embedded import free_port
-from budgetwarden_client import AdminClient, AsyncBudget, BudgetClient, CheckpointRequired, pb
+from budgetwarden_client import AdminClient, AsyncBudget, BudgetClient, BudgetDenied, CheckpointRequired, pb
 from budgetwarden_client.integrations.agents import BudgetedModel, BudgetModelProvider
 from scripted_openai import Reply, ScriptedOpenAI, ToolCall
 
 from support import RunningSidecar
 
-# A task ceiling of 10000 tokens: degraded to gpt-4o-mini with 200 output tokens past 5000, stopped at 8000.
+# A task ceiling of 10000 tokens: degraded to gpt-4o-mini with 200 output tokens past 5000, stopped at 8000. A plain
+# task has 1000 tokens and neither degrades nor stops: what does not fit is denied.
 AGENTS_POLICY = """
 unknown_tenants: reject
 tenants:
@@ -37,6 +38,8 @@ task_types:
     checkpoint_threshold: 0.8
     degrade:
       - {name: cheaper, model: cheaper, max_output_tokens: 200}
+  plain:
+    per_task: {tokens: 1000}
 """
 
 MAX_TOKENS = 1000
@@ -249,3 +252,17 @@ async def test_a_stream_closed_before_its_usage_is_charged_its_reservation(
     # The request went out: it is charged what it reserved (its prompt and the 100 output tokens), not released.
     assert task.reserved_tokens == 0
     assert task.used_tokens > 100
+
+
+async def test_deny_stops_the_run_before_any_request(
+    running: RunningSidecar, server: ScriptedOpenAI, provider: OpenAIProvider
+) -> None:
+    server.script("gpt-4o", Reply(text="Should not be asked."))
+    async with AsyncBudget(running.addr, tenant_id="acme", timeout=30, task_type="plain") as plain:
+        run_config = RunConfig(model_provider=BudgetModelProvider(plain, task_id="t1", provider=provider))
+
+        with pytest.raises(BudgetDenied) as denied:  # asks for its prompt and 1000 output tokens: over the 1000
+            await Runner.run(agent(), "What is the answer?", run_config=run_config)
+
+    assert denied.value.reason == pb.REASON_TASK_BUDGET_EXHAUSTED
+    assert server.requests == []
