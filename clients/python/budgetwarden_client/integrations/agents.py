@@ -94,7 +94,7 @@ class BudgetedModel(Model):
     def _model(self, name: str) -> Model:
         """The provider's model for ``name``, made once."""
         if name not in self._models:
-            self._models[name] = self.provider.get_model(name)
+            self._models[name] = self.provider.get_model(name or None)  # no name: the provider's default
         return self._models[name]
 
     def _step(
