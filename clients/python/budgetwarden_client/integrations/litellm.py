@@ -51,6 +51,7 @@ StepIds = Callable[[Mapping[str, Any]], tuple[str, str]]
 TASK_KEY = "budgetwarden_task_id"
 STEP_KEY = "budgetwarden_step_id"
 CAP_KEYS = ("max_completion_tokens", "max_tokens")
+CHAT_CALLS = frozenset({"completion", "acompletion"})  # the call types budgeted: chat completions
 
 
 def _metadata(request: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -139,7 +140,8 @@ class BudgetwardenLogger(CustomLogger):
         call_id = str(request.get("litellm_call_id") or "")
         if not call_id or call_id in self._open:  # already checked (the proxy's hook ran first), or not a call
             return request
-        prefix, model = _split_provider(str(request.get("model") or "")) if keep_provider else ("", request["model"])
+        asked = str(request.get("model") or "")
+        prefix, model = _split_provider(asked) if keep_provider else ("", asked)
         messages = request.get("messages")
         task_id, step_id = self._step_ids(request)
         scope = self.budget.step(
@@ -156,15 +158,15 @@ class BudgetwardenLogger(CustomLogger):
 
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
         """The SDK's hook (every async call, just before it is sent)."""
-        if call_type is not None and "completion" not in str(getattr(call_type, "value", call_type)):
-            return None  # only chat completions are budgeted
+        if str(getattr(call_type, "value", call_type)) not in CHAT_CALLS:
+            return None
         return await self._check(kwargs, keep_provider=True)
 
     async def async_pre_call_hook(
         self, user_api_key_dict: Any, cache: Any, data: dict[str, Any], call_type: Any
     ) -> dict[str, Any] | None:
         """The proxy's hook (before routing: ``data["model"]`` is a model group, and so is a DEGRADE's model)."""
-        if "completion" not in str(call_type):
+        if str(call_type) not in CHAT_CALLS:
             return None
         return await self._check(data, keep_provider=False)
 
