@@ -126,6 +126,10 @@ def source_text(url: str) -> str:
     return f"[{url}] " + SOURCE_TEXT * SOURCE_REPEATS
 
 
+class DemoError(Exception):
+    """Something the demo depends on failed (the sidecar did not start, a report was not delivered)."""
+
+
 # --- the services the demo starts -------------------------------------------------------------------------------
 
 
@@ -142,7 +146,6 @@ class Sidecar:
 
     addr: str
     admin_addr: str
-    command: list[str]
     process: subprocess.Popen[bytes]
     log_path: Path
 
@@ -196,39 +199,56 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(STOP_TIMEOUT)
 
 
-def _start_once(workdir: Path, attempt: int) -> Sidecar | None:
-    """One try on two free ports; None when the process exited before serving (a port taken since it was picked)."""
+class _PortTakenError(Exception):
+    """A port picked as free was taken before the sidecar bound it: try again on others."""
+
+
+def _start_once(workdir: Path, attempt: int) -> Sidecar:
+    """``budgetwarden serve`` on two free ports, once it serves."""
     addr, admin_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    data_dir = workdir / f"data-{attempt}"
     log_path = workdir / f"sidecar-{attempt}.log"
-    command = _serve_command(addr, admin_addr, data_dir)
     # The embedded default, whatever the shell says: no BUDGETWARDEN_* setting (a Redis URL, a tenant) applies.
     env = {key: value for key, value in os.environ.items() if not key.startswith("BUDGETWARDEN_")}
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-    sidecar = Sidecar(addr, admin_addr, command, process, log_path)
-    deadline = time.monotonic() + READY_TIMEOUT
-    while not _serving(addr):
-        if process.poll() is not None:
-            return None
-        if time.monotonic() > deadline:
-            _stop(process)
-            raise RuntimeError(f"the sidecar did not serve within {READY_TIMEOUT:.0f} s:\n{sidecar.log_tail()}")
-        time.sleep(0.1)
+        process = subprocess.Popen(
+            _serve_command(addr, admin_addr, workdir / f"data-{attempt}"),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+    sidecar = Sidecar(addr, admin_addr, process, log_path)
+    try:
+        _wait_serving(sidecar)
+    except BaseException:  # Ctrl-C too: the process is not in anyone's hands yet
+        _stop(process)
+        raise
     return sidecar
+
+
+def _wait_serving(sidecar: Sidecar) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not _serving(sidecar.addr):
+        if sidecar.process.poll() is not None:
+            if "address is in use" in sidecar.log_tail():
+                raise _PortTakenError
+            raise DemoError(f"the sidecar exited before serving:\n{sidecar.log_tail()}")
+        if time.monotonic() > deadline:
+            raise DemoError(f"the sidecar did not serve within {READY_TIMEOUT:.0f} s:\n{sidecar.log_tail()}")
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
 def running_sidecar() -> Iterator[Sidecar]:
+    """A sidecar for the demo, stopped (and its data dir removed) on the way out."""
     with tempfile.TemporaryDirectory(prefix="budgetwarden-demo-") as workdir:
-        sidecar = None
         for attempt in range(1, START_ATTEMPTS + 1):
-            sidecar = _start_once(Path(workdir), attempt)
-            if sidecar is not None:
+            try:
+                sidecar = _start_once(Path(workdir), attempt)
                 break
-        if sidecar is None:
-            log = (Path(workdir) / f"sidecar-{START_ATTEMPTS}.log").read_text(errors="replace")
-            raise RuntimeError(f"the sidecar exited before serving:\n{log}")
+            except _PortTakenError:
+                if attempt == START_ATTEMPTS:
+                    raise DemoError(f"no free ports after {START_ATTEMPTS} tries") from None
         try:
             yield sidecar
         finally:
@@ -428,7 +448,7 @@ def call_model(llm: openai.OpenAI, step: Step, messages: list[dict[str, Any]]) -
     )
     usage = reply.usage
     if usage is None:
-        raise RuntimeError("the model server returned no usage")
+        raise DemoError("the model server returned no usage")
     details = usage.prompt_tokens_details
     step.record_usage(
         input_tokens=usage.prompt_tokens,
@@ -484,7 +504,7 @@ def ran_row(
     it reserved. (An agent need not wait: its reports go in the background, and the next check counts the
     reservation meanwhile. The demo waits to show settled figures, the same every run.)"""
     if not budget.reporter.flush(timeout=CHECK_TIMEOUT):
-        raise RuntimeError(f"the usage report was not delivered within {CHECK_TIMEOUT:.0f} s")
+        raise DemoError(f"the usage report was not delivered within {CHECK_TIMEOUT:.0f} s")
     ledger = read_ledger(budget)
     row = Row(
         step=label,
@@ -546,16 +566,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pace", type=float, default=0.8, help="seconds to show each step in a terminal (default 0.8)")
     args = parser.parse_args(argv)
+    # SIGTERM ends the demo like Ctrl-C does: through the finally blocks that stop the sidecar and the model server.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     console = Console()
-    with running_sidecar() as sidecar, scripted_model() as model_server:
-        header(console, sidecar, model_server)
-        with (
-            Budget(sidecar.addr, tenant_id=TENANT, timeout=CHECK_TIMEOUT) as budget,
-            AdminClient(sidecar.admin_addr, timeout=CHECK_TIMEOUT) as admin,
-            openai.OpenAI(base_url=model_server.base_url, api_key="demo", max_retries=0) as llm,
-            Display(console, args.pace) as display,
-        ):
-            run_agent(budget, admin, llm, display)
+    try:
+        with running_sidecar() as sidecar, scripted_model() as model_server:
+            header(console, sidecar, model_server)
+            with (
+                Budget(sidecar.addr, tenant_id=TENANT, timeout=CHECK_TIMEOUT) as budget,
+                AdminClient(sidecar.admin_addr, timeout=CHECK_TIMEOUT) as admin,
+                openai.OpenAI(base_url=model_server.base_url, api_key="demo", max_retries=0) as llm,
+                Display(console, args.pace) as display,
+            ):
+                run_agent(budget, admin, llm, display)
+    except KeyboardInterrupt:
+        print("interrupted: stopped the sidecar and the model server", file=sys.stderr)
+        return 130
+    except DemoError as error:
+        print(f"demo_agent: {error}", file=sys.stderr)
+        return 1
     console.print("stopped the sidecar and the model server", highlight=False)
     return 0
 

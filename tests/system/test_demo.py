@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -58,9 +59,25 @@ def demo() -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if key not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     # A stray setting must not reach the demo's sidecar: it serves the embedded default whatever the shell says.
     env["BUDGETWARDEN_REDIS_URL"] = "redis://127.0.0.1:1"
-    return subprocess.run(
-        command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=DEMO_TIMEOUT
-    )
+    with subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=DEMO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # SIGTERM to make, the demo and its sidecar, which all stop cleanly on it (a SIGKILL would leave the
+            # sidecar and its embedded server running).
+            os.killpg(process.pid, signal.SIGTERM)
+            stdout, stderr = process.communicate(timeout=60)
+            pytest.fail(f"make demo did not finish within {DEMO_TIMEOUT} s:\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def rows(output: str) -> list[re.Match[str]]:
