@@ -51,7 +51,7 @@ from budgetwarden_client import (
     admin_pb,
     pb,
 )
-from scripted_openai import Reply, ScriptedOpenAI, ToolCall
+from scripted_openai import RecordedRequest, Reply, ScriptedOpenAI, ToolCall
 
 EXAMPLES = Path(__file__).resolve().parent
 POLICY_FILE = EXAMPLES / "demo-policy.yaml"
@@ -261,7 +261,7 @@ def scripted_model() -> ScriptedOpenAI:
     replies = iter([planned.reply for planned in PLAN])
     final = Reply(text="Done.")
 
-    def respond(_request: Any) -> Reply:
+    def respond(_request: RecordedRequest) -> Reply:
         return next(replies, final)
 
     return ScriptedOpenAI({MODEL: respond, "gpt-4o-mini": respond})
@@ -430,9 +430,10 @@ class Display:
 
 @dataclass
 class Called:
-    """What one model call sent and got back."""
+    """What one model call sent and got back (``model``: the one that answered)."""
 
     sent: Sequence[Any]
+    model: str
     message: ChatCompletionMessage
     usage: CompletionUsage
 
@@ -455,7 +456,7 @@ def call_model(llm: openai.OpenAI, step: Step, messages: list[dict[str, Any]]) -
         output_tokens=usage.completion_tokens,  # reasoning tokens included, as OpenAI counts them
         cached_input_tokens=(details.cached_tokens or 0) if details else 0,
     )
-    return Called(sent, reply.choices[0].message, usage)
+    return Called(sent, reply.model, reply.choices[0].message, usage)
 
 
 def run_tools(message: ChatCompletionMessage) -> list[dict[str, Any]]:
@@ -512,7 +513,7 @@ def ran_row(
         decision=pb.Decision.Name(step.decision).removeprefix("DECISION_"),
         reason=pb.Reason.Name(step.response.reason).removeprefix("REASON_"),
         ledger=ledger,
-        model=step.model,
+        model=called.model,
         tokens=f"{called.usage.prompt_tokens:,}/{called.usage.completion_tokens:,}",
         cost_micros=ledger.task_cost_micros - previous.task_cost_micros,
     )
