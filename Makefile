@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.run-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test test-fast venv dev lint format typecheck buf-lint proto proto-check pytest bench clean
+.PHONY: run test test-fast demo venv dev lint format typecheck buf-lint proto proto-check pytest bench clean
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "budgetwarden needs Python 3.11 or newer (python3.11, python3.12, ... on PATH)"; exit 1; }
@@ -30,6 +30,10 @@ dev: $(DEV_STAMP)
 ## run: start the sidecar on 127.0.0.1:50151 with the embedded Redis-compatible server
 run: $(RUN_STAMP)
 	$(BIN)/budgetwarden serve --log-format text
+
+## demo: an agent walks one task through ALLOW, DEGRADE, CHECKPOINT, an approval, ALLOW and DENY, offline (its own sidecar with the embedded server, and a scripted model)
+demo: $(DEV_STAMP)
+	$(BIN)/python examples/demo_agent.py
 
 ## test: lint, types, buf lint, generated-code freshness, then every test tier (unit, store, integration, system)
 test: lint typecheck buf-lint proto-check pytest
