@@ -51,7 +51,7 @@ min_lease_seconds: 1  # the lapsing-lease races ask for 2 s leases
 def make_limiter(client: AsyncRedis, text: str, now_ms: int | Callable[[], int]) -> Limiter:
     loaded = parse_policy(text, "test")
     clock = now_ms if callable(now_ms) else lambda: now_ms
-    return Limiter(BudgetStore(client), lambda: loaded, check_deadline_s=60.0, clock=clock)
+    return Limiter(BudgetStore(client), lambda: loaded, check_deadline_s=60.0, clock=clock, store_deadline_s=30.0)
 
 
 def check_input(task_id: str, step_id: str, tokens: int) -> CheckInput:

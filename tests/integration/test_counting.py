@@ -144,7 +144,9 @@ async def test_a_full_counting_pool_estimates_at_once_instead_of_queueing(
     async_redis: Redis, gated: type[GatedCounter]
 ) -> None:
     pool = CountingPool(workers=1, max_pending_chars=3 * INLINE_COUNT_CHARS)
-    limiter = Limiter(BudgetStore(async_redis), lambda: POOL_POLICY, check_deadline_s=60.0, counting_pool=pool)
+    limiter = Limiter(
+        BudgetStore(async_redis), lambda: POOL_POLICY, check_deadline_s=60.0, counting_pool=pool, store_deadline_s=30.0
+    )
     try:
         big = Prompt(text="x" * (2 * INLINE_COUNT_CHARS))
         held = asyncio.create_task(limiter.count("counted", big))
@@ -171,7 +173,9 @@ async def test_a_few_characters_are_counted_on_the_loop_and_exactly(async_redis:
             Recording.threads.add(threading.current_thread().name)
             return super().count_text(text, encoding)
 
-    limiter = Limiter(BudgetStore(async_redis), lambda: POOL_POLICY, counter=Recording())
+    limiter = Limiter(
+        BudgetStore(async_redis), lambda: POOL_POLICY, counter=Recording(), store_deadline_s=30.0, check_deadline_s=30.0
+    )
     small, large = Prompt(text="a" * INLINE_COUNT_CHARS), Prompt(text="b" * (INLINE_COUNT_CHARS + 1))
     for prompt in (small, small, large):  # the first loads the encoding (on a worker), the second is inline
         assert (await limiter.count("counted", prompt)).exact

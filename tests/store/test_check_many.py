@@ -74,7 +74,9 @@ def comparable(result: CheckResult | StepConflictError) -> dict[str, Any]:
 
 async def run(redis: Redis, requests: list[CheckInput], cuts: list[int]) -> list[dict[str, Any]]:
     await redis.flushall()
-    limiter = Limiter(BudgetStore(redis), lambda: POLICY, clock=lambda: NOW, check_deadline_s=30.0)
+    limiter = Limiter(
+        BudgetStore(redis), lambda: POLICY, clock=lambda: NOW, check_deadline_s=30.0, store_deadline_s=30.0
+    )
     if not cuts:
         return [comparable((await limiter.check_many([request]))[0]) for request in requests]
     out = []
@@ -98,7 +100,9 @@ async def test_batches_decide_what_single_checks_decide(
 async def test_the_order_inside_a_batch_is_the_order_of_decisions(async_redis: Redis) -> None:
     """Within one batch, a later check sees what the earlier ones reserved; the same step twice is a replay."""
     await async_redis.flushall()
-    limiter = Limiter(BudgetStore(async_redis), lambda: POLICY, clock=lambda: NOW, check_deadline_s=30.0)
+    limiter = Limiter(
+        BudgetStore(async_redis), lambda: POLICY, clock=lambda: NOW, check_deadline_s=30.0, store_deadline_s=30.0
+    )
 
     def step(step_id: str, tokens: int, tenant: str = "acme") -> CheckInput:
         return CheckInput(

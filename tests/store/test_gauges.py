@@ -44,7 +44,9 @@ def check(task_id: str, step_id: str, tokens: int) -> CheckInput:
 async def test_the_reader_sees_live_reservations_and_what_each_token_window_has_left(
     async_redis: Redis, sync_redis: redis.Redis, redis_url: str
 ) -> None:
-    limiter = Limiter(BudgetStore(async_redis), lambda: POLICY, clock=lambda: NOW)
+    limiter = Limiter(
+        BudgetStore(async_redis), lambda: POLICY, clock=lambda: NOW, store_deadline_s=30.0, check_deadline_s=30.0
+    )
     for task_id, step_id, tokens in (("t1", "s1", 3000), ("t2", "s1", 2500)):
         assert (await limiter.check(check(task_id, step_id, tokens))).verdict.decision is Decision.ALLOW
     tenant = POLICY.policy.tenant("acme")

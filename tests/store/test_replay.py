@@ -78,7 +78,7 @@ async def snapshot(redis: Redis) -> dict[bytes, Any]:
 
 def make_limiter(redis: Redis, policy: Callable[[], LoadedPolicy], clock: Callable[[], int]) -> Limiter:
     """A limiter on the test's store with an injected clock and a check deadline no busy machine misses."""
-    return Limiter(BudgetStore(redis), policy, check_deadline_s=30.0, clock=clock)
+    return Limiter(BudgetStore(redis), policy, check_deadline_s=30.0, clock=clock, store_deadline_s=30.0)
 
 
 class Clock:

@@ -102,7 +102,14 @@ async def run(
 ) -> Any:
     await redis.flushall()
     clock = [NOW]
-    limiter = Limiter(BudgetStore(redis), lambda: POLICY, clock=lambda: clock[0], default_lease_s=LEASE_MS // 1000)
+    limiter = Limiter(
+        BudgetStore(redis),
+        lambda: POLICY,
+        clock=lambda: clock[0],
+        default_lease_s=LEASE_MS // 1000,
+        store_deadline_s=30.0,
+        check_deadline_s=30.0,
+    )
     await limiter.check_many(reserve)
     clock[0] = report_at
     bounds = [0, *sorted(set(cuts)), len(usage)] if cuts else list(range(len(usage) + 1))
@@ -146,7 +153,9 @@ async def test_a_report_larger_than_one_script_call_answers_in_the_order_asked(a
     """Records of several tenants, more than REPORT_BATCH of one of them, in one report: several script calls in one
     round trip, and the answers come back in the records' order."""
     await async_redis.flushall()
-    limiter = Limiter(BudgetStore(async_redis), lambda: POLICY, clock=lambda: NOW)
+    limiter = Limiter(
+        BudgetStore(async_redis), lambda: POLICY, clock=lambda: NOW, store_deadline_s=30.0, check_deadline_s=30.0
+    )
     usage = [
         UsageInput(
             tenant_id=TENANTS[i % 3] if i % 4 == 0 else "acme",

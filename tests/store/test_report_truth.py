@@ -106,7 +106,14 @@ def metrics() -> InMemoryMetricReader:
 @pytest.fixture
 def limiter(async_redis: Redis, clock: Clock, metrics: InMemoryMetricReader) -> Limiter:
     telemetry = Telemetry(MeterProvider(metric_readers=[metrics]))
-    return Limiter(BudgetStore(async_redis), lambda: POLICY, clock=clock, telemetry=telemetry)
+    return Limiter(
+        BudgetStore(async_redis),
+        lambda: POLICY,
+        clock=clock,
+        telemetry=telemetry,
+        store_deadline_s=30.0,
+        check_deadline_s=30.0,
+    )
 
 
 def points(reader: InMemoryMetricReader, name: str) -> list[tuple[dict[str, Any], float]]:
@@ -229,7 +236,9 @@ def test_lua_pricing_equals_python_pricing(
 def down_limiter(clock: Clock) -> Iterator[Limiter]:
     """A limiter whose Redis refuses connections: every check answers from the fail mode 'open'."""
     client = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=5)
-    return Limiter(BudgetStore(client), lambda: POLICY, fail_mode="open", clock=clock)
+    return Limiter(
+        BudgetStore(client), lambda: POLICY, fail_mode="open", clock=clock, store_deadline_s=30.0, check_deadline_s=30.0
+    )
 
 
 async def test_fail_open_usage_is_charged_to_its_task_and_step(down_limiter: Limiter, limiter: Limiter) -> None:
@@ -372,7 +381,14 @@ async def test_late_usage_is_counted_and_the_overspend_stays_within_the_stated_b
     are all counted, and each is marked late (budgetwarden.usage.late_tokens)."""
     policy = parse_policy(POLICY_TEXT + f"min_lease_seconds: {min_lease_s}\n", "test")
     telemetry = Telemetry(MeterProvider(metric_readers=[metrics]))
-    limiter = Limiter(BudgetStore(async_redis), lambda: policy, clock=clock, telemetry=telemetry)
+    limiter = Limiter(
+        BudgetStore(async_redis),
+        lambda: policy,
+        clock=clock,
+        telemetry=telemetry,
+        store_deadline_s=30.0,
+        check_deadline_s=30.0,
+    )
     ceiling, span_s = 10_000, 300
     granted: list[tuple[str, int]] = []
     for t in range(0, span_s + 1, 5):

@@ -262,7 +262,9 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             self.model = Model()
             self.loop = asyncio.new_event_loop()
             self.client = AsyncRedis.from_url(url)
-            self.limiter = Limiter(BudgetStore(self.client), lambda: loaded, check_deadline_s=30.0, clock=self.clock)
+            self.limiter = Limiter(
+                BudgetStore(self.client), lambda: loaded, check_deadline_s=30.0, clock=self.clock, store_deadline_s=30.0
+            )
 
         def clock(self) -> int:
             return self.now

@@ -24,6 +24,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+# A real pip install into a fresh virtualenv may take many minutes on a busy machine.
+pytestmark = pytest.mark.timeout(1800)
+
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "python"
 CLIENT_PACKAGES = ("budgetwarden_client", "budgetwarden_api")
@@ -98,6 +101,7 @@ def test_the_client_sources_import_only_the_standard_library_grpc_and_protobuf()
 
 _INSPECT = """
 import importlib.metadata, json, sys
+
 print(json.dumps({
     canonical: dist.requires or []
     for dist in importlib.metadata.distributions()

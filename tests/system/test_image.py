@@ -32,6 +32,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient
 
+# A real pip install of every wheel into a fresh virtualenv may take many minutes on a busy machine.
+pytestmark = pytest.mark.timeout(1800)
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 SERVICE = "budgetwarden.v1.BudgetService"

@@ -102,9 +102,15 @@ class Served:
         return entries
 
     def log(self, message: str) -> dict[str, Any]:
-        found = [entry for entry in self.logs() if entry.get("message") == message]
-        assert found, f"no {message!r} log line in:\n{self.stderr()}"
-        return found[0]
+        """The first log line with this message, waited for: health answers SERVING a moment before `serve` logs
+        that it serves, and a busy machine can stretch that moment."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            found = [entry for entry in self.logs() if entry.get("message") == message]
+            if found:
+                return found[0]
+            assert time.monotonic() < deadline, f"no {message!r} log line within {READY_TIMEOUT}s in:\n{self.stderr()}"
+            time.sleep(0.05)
 
     def embedded_pid(self) -> int | None:
         found = [entry for entry in self.logs() if entry.get("message") == EMBEDDED_STARTED]
