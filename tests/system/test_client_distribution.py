@@ -73,28 +73,56 @@ def test_the_server_requires_the_client_of_its_own_version_and_ships_neither_pac
     assert not [p for p in packages if p.split(".")[0] in CLIENT_PACKAGES]
 
 
+def third_party_imports(path: Path, allowed: set[str]) -> set[str]:
+    """The top-level modules `path` imports that are not in `allowed`."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found - allowed
+
+
+INTEGRATIONS = CLIENT / "budgetwarden_client" / "integrations"
+# What each optional integration may import beyond the client itself: its own extra's framework (and what that
+# framework's distribution ships).
+INTEGRATION_IMPORTS = {
+    "openai": {"openai"},
+    "agents": {"agents", "openai"},
+    "langchain": {"langchain", "langchain_core", "langgraph"},
+    "litellm": {"litellm"},
+}
+
+
+def core_sources() -> list[Path]:
+    """The client's modules an agent always imports: everything but the optional integrations."""
+    paths = sorted(CLIENT.glob("budgetwarden_*/**/*.py"))
+    return [p for p in paths if p.parent != INTEGRATIONS or p.name == "__init__.py"]
+
+
 def test_the_client_sources_import_only_the_standard_library_grpc_and_protobuf() -> None:
     allowed = set(sys.stdlib_module_names) | CLIENT_RUNTIME_IMPORTS | set(CLIENT_PACKAGES)
-    found: dict[str, set[str]] = {}
-    for path in sorted(CLIENT.glob("budgetwarden_*/**/*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                tops = {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-                tops = {node.module.split(".")[0]}
-            else:
-                continue
-            if tops - allowed:
-                found.setdefault(str(path.relative_to(ROOT)), set()).update(tops - allowed)
+    found = {str(p.relative_to(ROOT)): extra for p in core_sources() if (extra := third_party_imports(p, allowed))}
     assert found == {}
     # And protobuf's own modules only (google.rpc and friends come with googleapis-common-protos, not with protobuf).
     protobuf_imports = {
         node.module
-        for path in CLIENT.glob("budgetwarden_*/**/*.py")
+        for path in core_sources()
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("google")
     }
     assert {module.split(".")[1] for module in protobuf_imports} == {"protobuf"}
+
+
+def test_each_integration_imports_only_its_own_framework() -> None:
+    allowed = set(sys.stdlib_module_names) | CLIENT_RUNTIME_IMPORTS | set(CLIENT_PACKAGES)
+    modules = {p.stem: p for p in INTEGRATIONS.glob("*.py") if p.name != "__init__.py"}
+    assert modules.keys() == INTEGRATION_IMPORTS.keys(), "an integration without its row here (or the reverse)"
+    extras = tomllib.loads((CLIENT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras.keys() == INTEGRATION_IMPORTS.keys(), "each integration is an extra of the same name"
+    for name, path in modules.items():
+        assert third_party_imports(path, allowed | INTEGRATION_IMPORTS[name]) == set(), name
 
 
 # --- the client alone in a fresh virtualenv (slow) ----------------------------------------------------------------
