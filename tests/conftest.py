@@ -12,9 +12,9 @@ from redis.asyncio import Redis as AsyncRedis
 
 from budgetwarden.app import Settings
 from budgetwarden.limiter import Clock
-from budgetwarden.store._embedded import EmbeddedRedis, free_port
+from budgetwarden.store._embedded import EmbeddedRedis
 
-from support import FAST_WATCH, BlackHole, RunningSidecar, sidecar_settings
+from support import FAST_WATCH, BlackHole, RunningSidecar, free_port, sidecar_settings
 from support_policies import ENGINE_POLICY
 
 

@@ -8,13 +8,15 @@ import io
 import multiprocessing
 import os
 import queue
+import random
 import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 from unittest import mock
 
@@ -22,7 +24,7 @@ from budgetwarden.app._config import Settings
 from budgetwarden.app._sidecar import Sidecar
 from budgetwarden.cli import main
 from budgetwarden.limiter import Clock
-from budgetwarden.store._embedded import EmbeddedRedis, free_port
+from budgetwarden.store._embedded import EmbeddedRedis
 
 T = TypeVar("T")
 
@@ -52,6 +54,52 @@ class SettableClock:
 
     def advance(self, seconds: float) -> None:
         self.now_ms += round(seconds * 1000)
+
+
+# Ports the tests listen on come from below the kernel's ephemeral range: a port from there (what binding port 0
+# gives) can be taken as the source port of any outgoing connection between the moment it is chosen and the moment the
+# server binds it, and with two xdist workers and many clients that happens. Below the range only explicit binds take
+# ports, so each xdist worker gets its own slice and walks it from a random place (two test runs on one machine rarely
+# meet), skipping any port something else already holds.
+_PORT_FLOOR = 10_000
+_MIN_PORTS_PER_WORKER = 500
+
+
+def _ephemeral_range_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default, and what this machine and CI use
+
+
+def _worker_ports() -> Iterator[int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), index + 1)
+    span = (_ephemeral_range_start() - _PORT_FLOOR) // workers
+    assert span >= _MIN_PORTS_PER_WORKER, (
+        f"only {span} ports per xdist worker between {_PORT_FLOOR} and the ephemeral range; lower the range's start "
+        "(/proc/sys/net/ipv4/ip_local_port_range) or run fewer workers"
+    )
+    first = _PORT_FLOOR + index * span
+    offset = random.randrange(span)
+    for step in range(span):
+        yield first + (offset + step) % span
+
+
+_ports = _worker_ports()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on, from this worker's slice below the ephemeral range (see above)."""
+    for port in _ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # held by something else on the machine, or still in TIME_WAIT
+            return port
+    raise AssertionError("this xdist worker has used every port of its slice")
 
 
 def sidecar_settings(redis_url: str, /, **overrides: Any) -> Settings:

@@ -16,12 +16,11 @@ import grpc
 import pytest
 
 from budgetwarden.domain._model import MAX_LIMIT_TOKENS, MAX_LIMIT_USD
-from budgetwarden.store._embedded import free_port
 from budgetwarden_api.v1 import admin_pb2 as admin_pb
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import AdminClient, BudgetClient
 
-from support import RunningSidecar
+from support import RunningSidecar, free_port
 
 POLICY = """
 unknown_tenants: reject

@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
 import support
-from support import one_error_line
+from support import free_port, one_error_line
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
 RESERVATION_ID = re.compile(r"^[0-9a-f]{32}$")

@@ -12,11 +12,10 @@ import pytest
 
 from budgetwarden.cli import MAX_TOOL_CALLS as CLI_MAX_TOOL_CALLS
 from budgetwarden.cli import main
-from budgetwarden.store._embedded import free_port
 from budgetwarden.transport import _validation
 from budgetwarden_client import BudgetClient, pb
 
-from support import BlackHole, RunningSidecar
+from support import BlackHole, RunningSidecar, free_port
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 HUGE = "99999999999999999999"  # beyond int64: the protobuf encoder raised ValueError for it, a traceback

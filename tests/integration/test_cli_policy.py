@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar, one_error_line
+from support import RunningSidecar, free_port, one_error_line
 from support import run_cli as cli
 
 ROOT = Path(__file__).resolve().parents[2]

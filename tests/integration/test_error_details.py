@@ -17,11 +17,10 @@ from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_status import rpc_status
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import AdminClient, BudgetClient, CheckRefusedError, admin_pb
 
-from support import RunningSidecar
+from support import RunningSidecar, free_port
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from budgetwarden.store._embedded import EmbeddedRedis, free_port
+from budgetwarden.store._embedded import EmbeddedRedis
 from budgetwarden.store._keys import parse_fail_open_id
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient, CheckRefusedError
 
-from support import BlackHole, RunningSidecar, SettableClock, sidecar_settings
+from support import BlackHole, RunningSidecar, SettableClock, free_port, sidecar_settings
 from support_requests import BAD_CHECKS, BAD_RECORDS, BAD_RELEASES
 
 STRICT_POLICY = """

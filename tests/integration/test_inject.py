@@ -41,10 +41,9 @@ from kubernetes_validate.utils import latest_version
 from budgetwarden import inject
 from budgetwarden.inject import InjectConfig, WebhookServer
 from budgetwarden.inject._values import _quantity
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
-from support import one_error_line
+from support import free_port, one_error_line
 from support import run_cli as cli
 
 SERVICE_DNS = "budgetwarden-injector.budgetwarden.svc"

@@ -15,12 +15,11 @@ import grpc
 import pytest
 import redis
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden.transport._validation import InvalidRequestError, ident
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import AdminClient, BudgetClient, CheckRefusedError, admin_pb
 
-from support import RunningSidecar
+from support import RunningSidecar, free_port
 
 # One character of each refused kind, and the ones the issue found accepted (DEL, a C1 control, U+2028, U+202E).
 REFUSED = {

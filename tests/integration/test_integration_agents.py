@@ -11,12 +11,11 @@ from agents import Agent, ModelSettings, ModelTracing, RunConfig, Runner, functi
 from agents.models.openai_provider import OpenAIProvider
 from openai import AsyncOpenAI
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import AdminClient, AsyncBudget, BudgetClient, BudgetDenied, CheckpointRequired, pb
 from budgetwarden_client.integrations.agents import BudgetedModel, BudgetModelProvider
 from scripted_openai import Reply, ScriptedOpenAI, ToolCall
 
-from support import RunningSidecar
+from support import RunningSidecar, free_port
 
 # A task ceiling of 10000 tokens: degraded to gpt-4o-mini with 200 output tokens past 5000, stopped at 8000. A plain
 # task has 1000 tokens and neither degrades nor stops: what does not fit is denied.

@@ -16,12 +16,11 @@ from langchain_openai import ChatOpenAI
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import AdminClient, AsyncBudget, Budget, BudgetClient, BudgetDenied, pb
 from budgetwarden_client.integrations.langchain import CHECKPOINT_INTERRUPT, BudgetMiddleware
 from scripted_openai import Reply, ScriptedOpenAI, ToolCall
 
-from support import RunningSidecar
+from support import RunningSidecar, free_port
 
 # test_step_api's walk: a task of 10000 tokens, DEGRADE past 5000 (to "small", 200 out, 500 of context), CHECKPOINT
 # past 8000; a tenant whose minute window (1000) denies.

@@ -26,12 +26,11 @@ os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 import litellm  # after the environment above, which keeps it offline
 import pytest
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import AdminClient, AsyncBudget, BudgetDenied, CheckpointRequired, pb
 from budgetwarden_client.integrations.litellm import BudgetwardenLogger
 from scripted_openai import Reply, ScriptedOpenAI, count_prompt_tokens
 
-from support import RunningSidecar
+from support import RunningSidecar, free_port
 
 POLICY = """
 unknown_tenants: reject

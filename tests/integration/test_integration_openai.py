@@ -11,12 +11,11 @@ from typing import Any
 import openai
 import pytest
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import AsyncBudget, Budget, BudgetClient, CheckpointRequired, pb
 from budgetwarden_client.integrations.openai import AsyncBudgetedOpenAI, BudgetedOpenAI, BudgetedStream, budgeted
 from scripted_openai import RecordedRequest, Reply, ScriptedOpenAI
 
-from support import RunningSidecar
+from support import RunningSidecar, free_port
 
 # As tests/integration/test_step_api.py: a task of 10000 tokens, DEGRADE past 5000 (to "cheaper", 200 tokens out,
 # 500 of context), CHECKPOINT past 8000.

@@ -11,10 +11,9 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar
+from support import RunningSidecar, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,12 +13,11 @@ import grpc
 import pytest
 import tiktoken
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_api.v1 import admin_pb2 as admin_pb
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import AdminClient, BudgetClient
 
-from support import RunningSidecar
+from support import RunningSidecar, free_port
 from support_policies import ENGINE_POLICY, check_acme
 
 

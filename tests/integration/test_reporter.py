@@ -19,10 +19,9 @@ from typing import Any
 import pytest
 
 from budgetwarden.app._config import Settings
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BackgroundReporter, BudgetClient, pb
 
-from support import RunningSidecar
+from support import RunningSidecar, free_port
 
 TENANT = "acme"
 

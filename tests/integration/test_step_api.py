@@ -13,7 +13,6 @@ from typing import Any
 import grpc
 import pytest
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import (
     IMAGE_TOKENS,
     AdminClient,
@@ -29,7 +28,7 @@ from budgetwarden_client import (
     pb,
 )
 
-from support import BlackHole, RunningSidecar
+from support import BlackHole, RunningSidecar, free_port
 
 # The policy engine's walk (support_policies.ENGINE_POLICY) with a rung that also caps the context, and a tenant with
 # a small minute window for denials that come with a retry_after.

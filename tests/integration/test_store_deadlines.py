@@ -15,13 +15,13 @@ import grpc
 import pytest
 
 from budgetwarden.store import checkpoint_id
-from budgetwarden.store._embedded import EmbeddedRedis, free_port
+from budgetwarden.store._embedded import EmbeddedRedis
 from budgetwarden.transport._answering import MARGIN_SHARE, time_for_store
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import AdminClient, BudgetClient
 
-from support import BlackHole, RunningSidecar
+from support import BlackHole, RunningSidecar, free_port
 
 # Far beyond any store deadline: a call that comes back before it was answered by the sidecar, not given up on.
 CLIENT_TIMEOUT_S = 30.0

@@ -20,12 +20,11 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as otlp
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as otlp_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden.telemetry._metrics import SECONDS_BUCKETS, TOKEN_BUCKETS
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
 
-from support import RunningSidecar
+from support import RunningSidecar, free_port
 
 POLICY = """
 default_tenant: {windows: {day: {tokens: 1000000}}}

@@ -22,13 +22,14 @@ from budgetwarden.domain._cost import actual_micros
 from budgetwarden.domain._model import CheckInput, Decision, Outcome, Reason, ReportStatus, UsageInput
 from budgetwarden.domain._policy import ModelPolicy, PolicyError, parse_policy
 from budgetwarden.limiter import Limiter
-from budgetwarden.store._embedded import free_port
 from budgetwarden.store._keys import fail_open_id, parse_fail_open_id, reservation_id
 from budgetwarden.store._store import REPORT_BATCH, BudgetStore, IdempotencyConflictError
 from budgetwarden.store._usage import read_events
 from budgetwarden.telemetry._metrics import Telemetry
 from budgetwarden.transport._validation import InvalidRequestError, usage_inputs
 from budgetwarden_api.v1 import budget_pb2 as pb
+
+from support import free_port
 
 NOW = 1_796_000_000_000
 TENANT = "acme"

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import re
 
-from budgetwarden.store._embedded import free_port
-
-from support import RunningSidecar, cli, one_error_line
+from support import RunningSidecar, cli, free_port, one_error_line
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
 HUGE = "99999999999999999999"  # beyond int64: the protobuf encoder raised ValueError for it, a traceback

@@ -22,10 +22,10 @@ import pytest
 import redis
 
 from budgetwarden.app._config import Settings
-from budgetwarden.store._embedded import EmbeddedRedis, free_port
+from budgetwarden.store._embedded import EmbeddedRedis
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar, embedded_of
+from support import RunningSidecar, embedded_of, free_port
 
 pytestmark = pytest.mark.slow
 

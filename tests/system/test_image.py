@@ -29,8 +29,9 @@ import tiktoken
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient
+
+from support import free_port
 
 # A real pip install of every wheel into a fresh virtualenv may take many minutes on a busy machine.
 pytestmark = pytest.mark.timeout(1800)

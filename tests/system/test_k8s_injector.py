@@ -28,8 +28,7 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from budgetwarden.store._embedded import free_port
-
+from support import free_port
 from support_k8s import (
     INJECTOR,
     INSTALLS,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import grpc
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient
 
+from support import free_port
 from support_policies import ENGINE_POLICY, check_acme
 
 

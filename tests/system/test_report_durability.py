@@ -32,13 +32,13 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from budgetwarden.store._embedded import EmbeddedError, EmbeddedRedis, free_port
+from budgetwarden.store._embedded import EmbeddedError, EmbeddedRedis
 from budgetwarden.store._keys import TenantKeys
 from budgetwarden.store._usage import UsageEvent, event_id, read_events
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient, pb
 
-from support import SERVE_DEADLINE_ENV, RunningSidecar, run_processes, wait_for_exit
+from support import SERVE_DEADLINE_ENV, RunningSidecar, free_port, run_processes, wait_for_exit
 
 pytestmark = pytest.mark.slow
 

@@ -23,10 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from budgetwarden.app._config import Settings
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import BudgetClient, pb
 
-from support import SERVE_DEADLINE_ENV, RunningSidecar, wait_for_exit
+from support import SERVE_DEADLINE_ENV, RunningSidecar, free_port, wait_for_exit
 
 pytestmark = pytest.mark.slow
 

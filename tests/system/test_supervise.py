@@ -19,10 +19,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from budgetwarden.store._embedded import EmbeddedError, EmbeddedRedis, free_port
+from budgetwarden.store._embedded import EmbeddedError, EmbeddedRedis
 from budgetwarden_client import BudgetClient, pb
 
-from support import FAST_WATCH, BlackHole, RunningSidecar, cli, embedded_of, one_error_line
+from support import FAST_WATCH, BlackHole, RunningSidecar, cli, embedded_of, free_port, one_error_line
 
 pytestmark = pytest.mark.slow
 

