@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.run-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test test-fast demo venv dev lint format typecheck buf-lint proto proto-check pytest bench clean
+.PHONY: run test test-fast demo venv dev system-packages lint format typecheck buf-lint proto proto-check pytest bench clean
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "budgetwarden needs Python 3.11 or newer (python3.11, python3.12, ... on PATH)"; exit 1; }
@@ -68,7 +68,24 @@ proto-check: $(DEV_STAMP)
 PYTEST_WORKERS ?= 2
 PYTEST_PARALLEL = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
-pytest: $(DEV_STAMP)
+# Debian packages that tests drive for real, as package:command. redis-server: a Redis built with TLS (the embedded
+# Valkey wheel has none). Installed with apt-get as root (or with sudo when it needs no password); otherwise the
+# target says what to install.
+SYSTEM_PACKAGES ?= redis-server:redis-server
+
+system-packages:
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
+		command -v $${entry#*:} >/dev/null 2>&1 || missing="$$missing $${entry%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo"; \
+		else echo "make test needs the Debian packages:$$missing (sudo apt-get install$$missing)"; exit 1; fi; \
+		echo "installing Debian packages:$$missing"; \
+		$$sudo apt-get install -y --no-install-recommends $$missing >/dev/null \
+			|| { $$sudo apt-get update >/dev/null && $$sudo apt-get install -y --no-install-recommends $$missing >/dev/null; } \
+			|| { echo "could not install:$$missing"; exit 1; }; \
+	fi
+
+pytest: $(DEV_STAMP) system-packages
 	$(BIN)/pytest $(PYTEST_PARALLEL)
 
 ## bench: checks against their baselines (unary, CheckStream, 1k vs 1M tasks, Redis alone) and report throughput, appended to docs/benchmarks.md

@@ -479,10 +479,14 @@ def _usage_client(args: argparse.Namespace) -> Any:
         scheme = url.partition("://")[0] if "://" in url else url  # not the whole URL: it may hold a password
         accepted = ", ".join(REDIS_SCHEMES[:2] if args.redis_cluster else REDIS_SCHEMES)
         raise UsageError(f"{flag}: {scheme!r} is not a Redis URL; expected one starting with {accepted}")
+    from budgetwarden.app import redis_access_options
+
+    # The same BUDGETWARDEN_REDIS_* credentials and TLS settings as the sidecar's, from the environment.
+    access = redis_access_options(load_settings(redis_url=url)) if args.redis_url else {}
     try:
         if args.redis_cluster:
-            return redis.RedisCluster.from_url(url)
-        return redis.Redis.from_url(url)
+            return redis.RedisCluster.from_url(url, **access)
+        return redis.Redis.from_url(url, **access)
     except (ValueError, redis.RedisError) as exc:
         raise UsageError(f"{flag}: {exc}") from None
 
@@ -692,7 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        print(f"{prog}: error: setting {where}: {first['msg']}", file=sys.stderr)
+        setting = f"setting {where}: " if where else "setting "  # a rule across settings names them itself
+        print(f"{prog}: error: {setting}{first['msg']}", file=sys.stderr)
         return EXIT_USAGE
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

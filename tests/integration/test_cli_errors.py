@@ -7,6 +7,7 @@ tests/system/test_cli_process.py's.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -143,6 +144,17 @@ def test_usage_summary_with_a_malformed_redis_url_is_one_line(capsys: pytest.Cap
 
     assert code == EXIT_USAGE
     assert line.startswith("budgetwarden usage summary: error: --redis-url (or BUDGETWARDEN_REDIS_URL): "), line
+
+
+def test_serve_with_tls_settings_that_do_not_go_together_is_one_line_naming_the_setting(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not used: the settings are refused first")
+    code, _, line = run(["serve", "--redis-url", "redis://127.0.0.1:1/0", "--redis-tls-ca-file", str(ca)], capsys)
+
+    assert code == EXIT_USAGE
+    assert line == "budgetwarden serve: error: setting redis_tls_ca_file: needs a rediss:// redis_url (TLS)"
 
 
 # --- item 18: the tenant comes from --tenant or BUDGETWARDEN_TENANT, never silently from a default ----------------

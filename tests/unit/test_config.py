@@ -44,3 +44,35 @@ def test_unknown_key_in_the_file_is_rejected(tmp_path: Path) -> None:
 def test_configuration_doc_documents_every_setting(name: str) -> None:
     assert f"`--{name.replace('_', '-')}`" in CONFIGURATION_DOC
     assert f"`BUDGETWARDEN_{name.upper()}`" in CONFIGURATION_DOC
+
+
+@pytest.mark.parametrize(
+    ("settings", "named", "message"),
+    [
+        ({"redis_tls_ca_file": "README.md", "redis_url": "redis://h:6379/0"}, "redis_tls_ca_file", "rediss://"),
+        ({"redis_tls_cert_file": "README.md", "redis_url": "rediss://h:6379/0"}, "redis_tls_key_file", "together"),
+        (
+            {"redis_password": "p", "redis_password_file": "README.md", "redis_url": "redis://h"},
+            "redis_password_file",
+            "not both",
+        ),
+        ({"redis_username": "u"}, "redis_username", "needs a redis_url"),
+        ({"tls_cert_file": "README.md"}, "tls_key_file", "together"),
+        ({"tls_client_ca_file": "README.md"}, "tls_client_ca_file", "needs tls_cert_file"),
+        ({"tls_cert_file": "no-such.pem", "tls_key_file": "README.md"}, "tls_cert_file", "does not point to a file"),
+    ],
+)
+def test_tls_and_credential_settings_that_do_not_go_together_are_refused_naming_the_setting(
+    settings: dict[str, str], named: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    with pytest.raises(ValidationError) as refused:
+        Settings(**settings)
+    assert named in str(refused.value)
+    assert message in str(refused.value)
+
+
+def test_the_redis_password_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(redis_url="redis://h:6379/0", redis_password="hunter2")
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in str(settings.model_dump())

@@ -12,6 +12,7 @@ from ._config import ConfigFileError, Settings, load_settings
 from ._logging import configure as configure_logging
 
 if TYPE_CHECKING:
+    from ._redis_access import redis_access_options
     from ._sidecar import Sidecar, serve
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Sidecar",
     "configure_logging",
     "load_settings",
+    "redis_access_options",
     "serve",
 ]
 
@@ -29,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from . import _sidecar
 
         return getattr(_sidecar, name)
+    if name == "redis_access_options":
+        from . import _redis_access
+
+        return _redis_access.redis_access_options
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

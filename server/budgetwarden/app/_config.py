@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
@@ -41,6 +41,23 @@ class Settings(BaseSettings):
     )
     redis_cluster: bool = Field(False, description="treat redis_url as a Redis Cluster seed node")
     data_dir: Path = Field(Path(".budgetwarden"), description="where the embedded server keeps its data")
+    # --- Redis credentials and TLS (a rediss:// URL) ----------------------------------------------------------------
+    redis_username: str | None = Field(None, description="Redis ACL user; unset: the URL's user, else the default user")
+    redis_password: SecretStr | None = Field(
+        None, description="Redis password (from a Secret); unset: redis_password_file, else the URL's password"
+    )
+    redis_password_file: FilePath | None = Field(
+        None,
+        description="file holding the Redis password, read again for every new connection (a rotated Secret applies "
+        "without a restart)",
+    )
+    redis_tls_ca_file: FilePath | None = Field(
+        None, description="CA certificates that sign the Redis server's certificate (rediss://); unset: the system's"
+    )
+    redis_tls_cert_file: FilePath | None = Field(
+        None, description="client certificate for Redis (mutual TLS, rediss://); with redis_tls_key_file"
+    )
+    redis_tls_key_file: FilePath | None = Field(None, description="private key of redis_tls_cert_file")
     # --- the store's health and durability -------------------------------------------------------------------------
     durability: Literal["none", "aof-local"] | None = Field(
         None,
@@ -60,6 +77,17 @@ class Settings(BaseSettings):
     )
     admin_listen: str | None = Field(
         None, description="host:port for BudgetAdminService (approvals, ceilings); unset: not served"
+    )
+    tls_cert_file: FilePath | None = Field(
+        None,
+        description="certificate (chain) the budget and admin listeners serve TLS with, read again when it changes; "
+        "unset: plaintext (fine on loopback in a pod)",
+    )
+    tls_key_file: FilePath | None = Field(None, description="private key of tls_cert_file")
+    tls_client_ca_file: FilePath | None = Field(
+        None,
+        description="CA certificates that clients' certificates must chain to (mutual TLS); unset: no client "
+        "certificate is asked for",
     )
     fail_mode: Literal["open", "closed"] = Field(
         "closed", description="answer when Redis does not answer in time: open (allow) or closed (deny)"
@@ -135,6 +163,32 @@ class Settings(BaseSettings):
         raise PydanticCustomError(
             "redis_url_scheme", "must be a redis://, rediss:// or unix:// URL (got {got})", {"got": got}
         )
+
+    @model_validator(mode="after")
+    def _tls_and_credentials_agree(self) -> Settings:
+        """Settings that only make sense together are refused at start, each naming the setting."""
+
+        def refuse(name: str, message: str) -> None:
+            raise PydanticCustomError("settings_conflict", "{name}: {message}", {"name": name, "message": message})
+
+        if self.redis_password is not None and self.redis_password_file is not None:
+            refuse("redis_password_file", "set redis_password or redis_password_file, not both")
+        for name in ("redis_username", "redis_password", "redis_password_file"):
+            if getattr(self, name) is not None and self.redis_url is None:
+                refuse(
+                    name, "needs a redis_url (the embedded server takes no password: it listens on a private socket)"
+                )
+        redis_tls = ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+        for name in redis_tls:
+            if getattr(self, name) is not None and not (self.redis_url or "").lower().startswith("rediss://"):
+                refuse(name, "needs a rediss:// redis_url (TLS)")
+        if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
+            refuse("redis_tls_key_file", "redis_tls_cert_file and redis_tls_key_file go together")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            refuse("tls_key_file", "tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            refuse("tls_client_ca_file", "mutual TLS needs tls_cert_file and tls_key_file")
+        return self
 
     # What a config file set (load_settings sets it on a subclass): below flags and environment variables.
     config_file_values: ClassVar[dict[str, Any]] = {}

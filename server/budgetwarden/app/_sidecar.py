@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import ipaddress
 import itertools
 import logging
 import signal
@@ -32,6 +33,8 @@ from budgetwarden.telemetry import Telemetry, telemetry_from_env
 from budgetwarden.transport import ADMIN_SERVICE_NAME, BUDGET_SERVICE_NAME, AdminServicer, BudgetServicer
 
 from ._config import Settings
+from ._listener_tls import ReloadingServerCredentials
+from ._redis_access import redis_access_options
 
 log = logging.getLogger("budgetwarden.server")
 
@@ -90,7 +93,14 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> 
     server.add_generic_rpc_handlers([v1])
 
 
-def redis_client(url: str, *, cluster: bool, wait_aof: bool = False, socket_timeout: float | None = None) -> AnyRedis:
+def redis_client(
+    url: str,
+    *,
+    cluster: bool,
+    wait_aof: bool = False,
+    socket_timeout: float | None = None,
+    access: dict[str, Any] | None = None,
+) -> AnyRedis:
     """One retry on a dropped connection: after Redis restarts, every pooled connection is dead once. Every script the
     sidecar runs is idempotent (reservations, report markers, release states, decided checkpoints, ceiling changes by
     their request id), so a retry after a drop is safe. ``wait_aof``: every script call waits until Redis has fsynced
@@ -98,8 +108,9 @@ def redis_client(url: str, *, cluster: bool, wait_aof: bool = False, socket_time
 
     The limiter gives every store call its own deadline (and a call it gives up on closes its connection);
     ``socket_timeout`` is the backstop under that: no connect or read waits longer, so no stalled connection is
-    waited on, or reused, forever."""
+    waited on, or reused, forever. ``access``: credentials and TLS options (``redis_access_options``)."""
     options: dict[str, Any] = {
+        **(access or {}),
         "retry": Retry(NoBackoff(), 1),
         "retry_on_error": [RedisConnectionError],
         "socket_timeout": socket_timeout,
@@ -164,11 +175,22 @@ async def check_wait_aof(client: AnyRedis) -> None:
         pass
 
 
-def ping_client(url: str, *, cluster: bool, timeout_s: float) -> AnyRedis:
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name or a wildcard: it may be reached from outside
+
+
+def ping_client(url: str, *, cluster: bool, timeout_s: float, access: dict[str, Any] | None = None) -> AnyRedis:
     """A client of its own for readiness pings: short timeouts, no retry, never queued behind budget calls."""
+    options = {**(access or {}), "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if cluster:
-        return RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return RedisCluster.from_url(url, **options)
+    return Redis.from_url(url, **options)
 
 
 class Sidecar:
@@ -237,6 +259,7 @@ class Sidecar:
 
     async def start(self) -> None:
         settings = self.settings
+        tls = self._listener_tls()  # before anything starts: a bad certificate is one line, not a half-started sidecar
         url = settings.redis_url
         if url is None:
             appendfsync = "everysec" if settings.durability == "none" else "always"
@@ -252,8 +275,13 @@ class Sidecar:
         wait_aof = self.embedded is None and settings.durability == "aof-local"
         if wait_aof and settings.redis_cluster:
             raise OSError("--durability aof-local is not supported with --redis-cluster: use --durability none")
+        access = redis_access_options(settings) if self.embedded is None else {}
         self.redis = redis_client(
-            url, cluster=settings.redis_cluster, wait_aof=wait_aof, socket_timeout=_socket_timeout(settings)
+            url,
+            cluster=settings.redis_cluster,
+            wait_aof=wait_aof,
+            socket_timeout=_socket_timeout(settings),
+            access=access,
         )
         if wait_aof:
             await check_wait_aof(self.redis)
@@ -266,7 +294,7 @@ class Sidecar:
         )
         if self.telemetry.enabled:
             self._gauges = GaugeReader.from_url(
-                url, cluster=settings.redis_cluster, timeout_s=_socket_timeout(settings)
+                url, cluster=settings.redis_cluster, timeout_s=_socket_timeout(settings), **access
             )
             self.telemetry.set_gauge_source(self._read_gauges)
         retention = Retention(
@@ -299,7 +327,7 @@ class Sidecar:
         server.add_generic_rpc_handlers([servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection(server, [BUDGET_SERVICE_NAME, health.SERVICE_NAME])
-        self.port = self._bind(server, settings.listen)
+        self.port = self._bind(server, settings.listen, tls)
         await server.start()
         self.server = server
         if settings.health_listen:
@@ -315,14 +343,14 @@ class Sidecar:
                 [AdminServicer(limiter, deadline_margin_s=settings.deadline_margin_ms / 1000).handler()]
             )
             enable_reflection(admin, [ADMIN_SERVICE_NAME])
-            self.admin_port = self._bind(admin, settings.admin_listen)
+            self.admin_port = self._bind(admin, settings.admin_listen, tls)
             await admin.start()
             self.admin_server = admin
         if settings.policy_file is not None and settings.policy_reload_seconds > 0:
             self._watch = asyncio.create_task(self._watch_policy(settings.policy_reload_seconds))
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         self._ping_redis = ping_client(
-            url, cluster=settings.redis_cluster, timeout_s=settings.store_ping_timeout_ms / 1000
+            url, cluster=settings.redis_cluster, timeout_s=settings.store_ping_timeout_ms / 1000, access=access
         )
         await self._set_ready(await self._store_answers())
         self._store_watch = asyncio.create_task(self._watch_store())
@@ -405,10 +433,29 @@ class Sidecar:
             active, remaining = reader.read(tenant_id, planner.window_scopes(tenant, now), now)
             yield tenant_id, active, remaining
 
-    @staticmethod
-    def _bind(server: grpc.aio.Server, address: str) -> int:
+    def _listener_tls(self) -> Callable[[], grpc.ServerCredentials] | None:
+        """A maker of each listener's credentials: grpc hands a fetcher's first configuration to one port only, and
+        each listener keeps its own view of the files."""
+        settings = self.settings
+        if settings.tls_cert_file is None or settings.tls_key_file is None:
+            for address in (settings.listen, settings.admin_listen):
+                if address is not None and not _is_loopback(address):
+                    log.warning(
+                        "listening beyond loopback without TLS: set tls_cert_file and tls_key_file",
+                        extra={"address": address},
+                    )
+            return None
+        files = (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
         try:
-            port = server.add_insecure_port(address)
+            ReloadingServerCredentials(*files)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise OSError(f"tls_cert_file / tls_key_file / tls_client_ca_file do not load: {exc}") from None
+        return lambda: ReloadingServerCredentials(*files).credentials()
+
+    @staticmethod
+    def _bind(server: grpc.aio.Server, address: str, tls: Callable[[], grpc.ServerCredentials] | None = None) -> int:
+        try:
+            port = server.add_insecure_port(address) if tls is None else server.add_secure_port(address, tls())
         except RuntimeError:  # grpcio raises a bare RuntimeError for an address in use or malformed
             port = 0
         if port == 0:

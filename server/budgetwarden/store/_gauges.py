@@ -7,6 +7,7 @@ a stalled Redis never hangs the reader, and the event loop's client is never sha
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 
@@ -22,9 +23,10 @@ class GaugeReader:
         self.client = client
 
     @classmethod
-    def from_url(cls, url: str, *, cluster: bool, timeout_s: float) -> GaugeReader:
+    def from_url(cls, url: str, *, cluster: bool, timeout_s: float, **access: Any) -> GaugeReader:
+        """``access``: credentials and TLS options for redis-py, as the sidecar's other clients get them."""
         kind = redis.RedisCluster if cluster else redis.Redis
-        return cls(kind.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s))
+        return cls(kind.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **access))
 
     def read(self, tenant_id: str, windows: Sequence[Scope], now_ms: int) -> tuple[int, dict[str, int]]:
         """A tenant's live reservations (leases not lapsed at ``now_ms``) and the tokens left in each of ``windows``
