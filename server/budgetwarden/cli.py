@@ -58,7 +58,7 @@ class UsageError(CliError):
 
 
 TENANT_ENV = "BUDGETWARDEN_TENANT"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
 MAX_LEASE_SECONDS = 2**32 - 1  # the wire's bound (uint32); the sidecar refuses more than its --max-lease-seconds
 MAX_TIMEOUT_SECONDS = 86_400.0
 MAX_TOOL_CALLS = 100_000  # _validation.MAX_TOOL_CALLS: importing that module would load redis into every command
@@ -480,12 +480,15 @@ def _usage_client(args: argparse.Namespace) -> Any:
         accepted = ", ".join(REDIS_SCHEMES[:2] if args.redis_cluster else REDIS_SCHEMES)
         raise UsageError(f"{flag}: {scheme!r} is not a Redis URL; expected one starting with {accepted}")
     from budgetwarden.app import redis_access_options
+    from budgetwarden.store import is_sentinel_url, parse_sentinel_url, sync_sentinel_master
 
     # The same BUDGETWARDEN_REDIS_* credentials and TLS settings as the sidecar's, from the environment.
     access = redis_access_options(load_settings(redis_url=url)) if args.redis_url else {}
     try:
         if args.redis_cluster:
             return redis.RedisCluster.from_url(url, **access)
+        if is_sentinel_url(url):
+            return sync_sentinel_master(parse_sentinel_url(url), access)
         return redis.Redis.from_url(url, **access)
     except (ValueError, redis.RedisError) as exc:
         raise UsageError(f"{flag}: {exc}") from None

@@ -132,7 +132,7 @@ def test_usage_export_with_a_url_that_is_not_redis_names_the_flag_and_the_scheme
     assert out == ""
     assert line == (
         "budgetwarden usage export: error: --redis-url (or BUDGETWARDEN_REDIS_URL): 'http' is not a Redis URL; "
-        "expected one starting with redis://, rediss://, unix://"
+        "expected one starting with redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://"
     )
     assert "secret" not in line
 

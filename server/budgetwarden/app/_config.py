@@ -15,7 +15,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
 
 class Settings(BaseSettings):
@@ -59,11 +59,15 @@ class Settings(BaseSettings):
     )
     redis_tls_key_file: FilePath | None = Field(None, description="private key of redis_tls_cert_file")
     # --- the store's health and durability -------------------------------------------------------------------------
-    durability: Literal["none", "aof-local"] | None = Field(
+    durability: Literal["none", "aof-local", "replicas"] | None = Field(
         None,
-        description="when an acknowledged write is on disk: aof-local (fsynced to the append-only file before the "
-        "answer: the embedded server runs appendfsync always; an external Redis is asked WAITAOF 1 0) or none (as the "
-        "Redis is configured); unset: aof-local with the embedded server, none with --redis-url",
+        description="when an acknowledged write is safe: aof-local (fsynced to the append-only file before the "
+        "answer: the embedded server runs appendfsync always; an external Redis is asked WAITAOF 1 0), replicas "
+        "(held by durability_replicas replicas before the answer: WAIT; survives a failover to one of them) or none "
+        "(as the Redis is configured); unset: aof-local with the embedded server, none with --redis-url",
+    )
+    durability_replicas: Annotated[int, Field(ge=1, le=16)] = Field(
+        1, description="with durability replicas: how many replicas must hold a write before it is acknowledged"
     )
     store_ping_interval_seconds: Annotated[float, Field(gt=0, le=60)] = Field(
         1.0, description="how often Redis is pinged for readiness (and the embedded server's process checked)"
@@ -161,7 +165,9 @@ class Settings(BaseSettings):
         # Only the scheme is quoted: the rest of a URL may hold a password.
         got = f"{scheme}://" if sep else "no scheme"
         raise PydanticCustomError(
-            "redis_url_scheme", "must be a redis://, rediss:// or unix:// URL (got {got})", {"got": got}
+            "redis_url_scheme",
+            "must be a redis://, rediss://, unix:// or redis+sentinel:// URL (got {got})",
+            {"got": got},
         )
 
     @model_validator(mode="after")
@@ -179,9 +185,12 @@ class Settings(BaseSettings):
                     name, "needs a redis_url (the embedded server takes no password: it listens on a private socket)"
                 )
         redis_tls = ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+        tls_url = (self.redis_url or "").lower().startswith(("rediss://", "rediss+sentinel://"))
         for name in redis_tls:
-            if getattr(self, name) is not None and not (self.redis_url or "").lower().startswith("rediss://"):
+            if getattr(self, name) is not None and not tls_url:
                 refuse(name, "needs a rediss:// redis_url (TLS)")
+        if self.redis_cluster and "+sentinel://" in (self.redis_url or "").lower():
+            refuse("redis_cluster", "a redis+sentinel:// URL names a master and its replicas, not a Cluster")
         if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
             refuse("redis_tls_key_file", "redis_tls_cert_file and redis_tls_key_file go together")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -10,21 +10,12 @@ import itertools
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
 
 import grpc
 import redis
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budgetwarden.domain import LoadedPolicy, Planner, PolicyError, default_policy, load_policy
 from budgetwarden.limiter import Clock, Limiter, wall_clock_ms
@@ -35,6 +26,15 @@ from budgetwarden.transport import ADMIN_SERVICE_NAME, BUDGET_SERVICE_NAME, Admi
 from ._config import Settings
 from ._listener_tls import ReloadingServerCredentials
 from ._redis_access import redis_access_options
+from ._redis_clients import (
+    WriteConfirmation,
+    aof_local,
+    check_confirmation,
+    close_client,
+    ping_client,
+    redis_client,
+    replicas,
+)
 
 log = logging.getLogger("budgetwarden.server")
 
@@ -93,86 +93,9 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> 
     server.add_generic_rpc_handlers([v1])
 
 
-def redis_client(
-    url: str,
-    *,
-    cluster: bool,
-    wait_aof: bool = False,
-    socket_timeout: float | None = None,
-    access: dict[str, Any] | None = None,
-) -> AnyRedis:
-    """One retry on a dropped connection: after Redis restarts, every pooled connection is dead once. Every script the
-    sidecar runs is idempotent (reservations, report markers, release states, decided checkpoints, ceiling changes by
-    their request id), so a retry after a drop is safe. ``wait_aof``: every script call waits until Redis has fsynced
-    it to its append-only file (single node only).
-
-    The limiter gives every store call its own deadline (and a call it gives up on closes its connection);
-    ``socket_timeout`` is the backstop under that: no connect or read waits longer, so no stalled connection is
-    waited on, or reused, forever. ``access``: credentials and TLS options (``redis_access_options``)."""
-    options: dict[str, Any] = {
-        **(access or {}),
-        "retry": Retry(NoBackoff(), 1),
-        "retry_on_error": [RedisConnectionError],
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": socket_timeout,
-    }
-    if cluster:
-        return RedisCluster.from_url(url, **options)
-    kind = WaitAofRedis if wait_aof else Redis
-    return kind.from_url(url, **options)
-
-
 def _socket_timeout(settings: Settings) -> float:
     """Twice the longest store deadline: the limiter's deadlines decide first, this only catches what they miss."""
     return 2 * max(settings.check_deadline_ms, settings.store_deadline_ms) / 1000
-
-
-# How long WAITAOF waits for the local fsync before the call fails (UNAVAILABLE; reports are idempotent, retry them).
-WAITAOF_TIMEOUT_MS = 1000
-_SCRIPT_COMMANDS = frozenset({"EVALSHA", "EVAL"})
-
-
-class WaitAofPipeline(Pipeline):
-    """A pipeline whose script calls are answered only once Redis has fsynced them: a WAITAOF 1 0 ends it, on the
-    same connection (WAITAOF waits for the writes of its own connection)."""
-
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        if not any(str(args[0]).upper() in _SCRIPT_COMMANDS for args, _ in self.command_stack):
-            return await super().execute(raise_on_error)
-        self.pipeline_execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)  # type: ignore[no-untyped-call]
-        *replies, (fsynced, _replicas) = await super().execute(raise_on_error)
-        if int(fsynced) < 1:
-            raise RedisTimeoutError(f"Redis did not fsync the write to its append-only file in {WAITAOF_TIMEOUT_MS} ms")
-        return replies
-
-
-class WaitAofRedis(Redis):
-    """``--durability aof-local`` on an external Redis: each script call is sent with a WAITAOF in one pipeline."""
-
-    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> WaitAofPipeline:
-        return WaitAofPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
-
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
-        if str(args[0]).upper() not in _SCRIPT_COMMANDS:
-            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-        async with self.pipeline(transaction=False) as pipe:
-            pipe.execute_command(*args, **options)
-            (reply,) = await pipe.execute()
-        return reply
-
-
-async def check_wait_aof(client: AnyRedis) -> None:
-    """Refuse to start when the Redis cannot confirm fsyncs (WAITAOF is Redis/Valkey 7.2+, with appendonly on). An
-    unreachable Redis is no reason to refuse: the sidecar starts and answers with its fail mode until Redis answers."""
-    try:
-        await client.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
-    except ResponseError as exc:
-        raise OSError(
-            f"--durability aof-local: this Redis cannot confirm fsyncs ({exc}); turn on appendonly there "
-            "(Redis or Valkey 7.2 or later) or use --durability none"
-        ) from None
-    except (RedisError, OSError):
-        pass
 
 
 def _is_loopback(address: str) -> bool:
@@ -183,14 +106,6 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a name or a wildcard: it may be reached from outside
-
-
-def ping_client(url: str, *, cluster: bool, timeout_s: float, access: dict[str, Any] | None = None) -> AnyRedis:
-    """A client of its own for readiness pings: short timeouts, no retry, never queued behind budget calls."""
-    options = {**(access or {}), "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    if cluster:
-        return RedisCluster.from_url(url, **options)
-    return Redis.from_url(url, **options)
 
 
 class Sidecar:
@@ -272,19 +187,17 @@ class Sidecar:
                 "embedded Redis-compatible server started",
                 extra={"url": url, "pid": embedded.pid, "appendfsync": appendfsync},
             )
-        wait_aof = self.embedded is None and settings.durability == "aof-local"
-        if wait_aof and settings.redis_cluster:
-            raise OSError("--durability aof-local is not supported with --redis-cluster: use --durability none")
+        confirmation = self._write_confirmation()
         access = redis_access_options(settings) if self.embedded is None else {}
         self.redis = redis_client(
             url,
             cluster=settings.redis_cluster,
-            wait_aof=wait_aof,
+            confirmation=confirmation,
             socket_timeout=_socket_timeout(settings),
             access=access,
         )
-        if wait_aof:
-            await check_wait_aof(self.redis)
+        if confirmation is not None:
+            await check_confirmation(self.redis, confirmation)
         self.telemetry = telemetry_from_env(
             metrics_port=settings.metrics_port,
             metrics_host=settings.metrics_host,
@@ -433,6 +346,17 @@ class Sidecar:
             active, remaining = reader.read(tenant_id, planner.window_scopes(tenant, now), now)
             yield tenant_id, active, remaining
 
+    def _write_confirmation(self) -> WriteConfirmation | None:
+        """What ``--durability`` asks of an external Redis (the embedded one fsyncs by its appendfsync instead)."""
+        settings = self.settings
+        if self.embedded is not None or settings.durability in (None, "none"):
+            return None
+        if settings.redis_cluster:
+            raise OSError(f"--durability {settings.durability} is not supported with --redis-cluster: use none")
+        if settings.durability == "aof-local":
+            return aof_local()
+        return replicas(settings.durability_replicas)
+
     def _listener_tls(self) -> Callable[[], grpc.ServerCredentials] | None:
         """A maker of each listener's credentials: grpc hands a fetcher's first configuration to one port only, and
         each listener keeps its own view of the files."""
@@ -491,10 +415,10 @@ class Sidecar:
             self.limiter.counting_pool.shutdown()
             self.limiter = None
         if self.redis is not None:
-            await _bounded_step("redis client", self.redis.aclose(), STOP_STEP_LIMIT_S)
+            await _bounded_step("redis client", close_client(self.redis), STOP_STEP_LIMIT_S)
             self.redis = None
         if self._ping_redis is not None:
-            await _bounded_step("redis ping client", self._ping_redis.aclose(), STOP_STEP_LIMIT_S)
+            await _bounded_step("redis ping client", close_client(self._ping_redis), STOP_STEP_LIMIT_S)
             self._ping_redis = None
         await asyncio.to_thread(self.telemetry.shutdown)
         if self._gauges is not None:

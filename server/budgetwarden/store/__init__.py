@@ -13,6 +13,15 @@ from ._keys import (
     reservation_id,
 )
 from ._replay import candidate_part, common_part, fingerprint, replayed_answer
+from ._sentinel import (
+    SentinelTarget,
+    SentinelUrlError,
+    async_sentinel_master,
+    close_sentinels,
+    is_sentinel_url,
+    parse_sentinel_url,
+    sync_sentinel_master,
+)
 from ._store import (
     AnyRedis,
     Applied,
@@ -26,6 +35,7 @@ from ._store import (
     Retention,
     StepCheck,
     UsageEntry,
+    unconfirmed_script_shas,
 )
 from ._usage import read_events
 
@@ -42,18 +52,26 @@ __all__ = [
     "RequestIdReusedError",
     "Reservation",
     "Retention",
+    "SentinelTarget",
+    "SentinelUrlError",
     "StepCheck",
     "TenantKeys",
     "UsageEntry",
+    "async_sentinel_master",
     "candidate_part",
     "checkpoint_id",
+    "close_sentinels",
     "common_part",
     "fail_open_id",
     "fingerprint",
     "is_reservation_id",
+    "is_sentinel_url",
     "parse_checkpoint_id",
     "parse_fail_open_id",
+    "parse_sentinel_url",
     "read_events",
     "replayed_answer",
     "reservation_id",
+    "sync_sentinel_master",
+    "unconfirmed_script_shas",
 ]

@@ -14,6 +14,7 @@ import redis
 from budgetwarden.domain import Scope, remaining_of
 
 from ._keys import TenantKeys
+from ._sentinel import is_sentinel_url, parse_sentinel_url, sync_sentinel_master
 
 
 class GaugeReader:
@@ -25,8 +26,11 @@ class GaugeReader:
     @classmethod
     def from_url(cls, url: str, *, cluster: bool, timeout_s: float, **access: Any) -> GaugeReader:
         """``access``: credentials and TLS options for redis-py, as the sidecar's other clients get them."""
+        options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, **access}
+        if is_sentinel_url(url):
+            return cls(sync_sentinel_master(parse_sentinel_url(url), options))
         kind = redis.RedisCluster if cluster else redis.Redis
-        return cls(kind.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **access))
+        return cls(kind.from_url(url, **options))
 
     def read(self, tenant_id: str, windows: Sequence[Scope], now_ms: int) -> tuple[int, dict[str, int]]:
         """A tenant's live reservations (leases not lapsed at ``now_ms``) and the tokens left in each of ``windows``
@@ -43,3 +47,6 @@ class GaugeReader:
 
     def close(self) -> None:
         self.client.close()
+        manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):  # behind Sentinel: the sentinels' connections too
+            sentinel.close()
