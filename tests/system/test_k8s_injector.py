@@ -316,8 +316,8 @@ def test_injector_with_the_manifests_args_injects_the_example_agent(injected: An
         assert sidecar["restartPolicy"] == "Always"
         assert "startupProbe" in sidecar
     container = injector_container(result.resources)
-    (image,) = flag_values(container["args"], "--sidecar-image")
-    assert sidecar["image"] == image
+    (image,) = [e["value"] for e in container["env"] if e["name"] == "BUDGETWARDEN_INJECT_SIDECAR_IMAGE"]
+    assert sidecar["image"] == image == container["image"]
     # The sidecar's command line is a real `budgetwarden serve`, its health on the pod IP where the probes look.
     words = [*sidecar.get("command", ["budgetwarden"])[1:], *sidecar["args"]]
     check_command_line(words, f"{kustomization}: the injected sidecar")
@@ -358,7 +358,7 @@ def test_injector_with_the_manifests_args_injects_the_example_agent(injected: An
 
 @pytest.mark.slow
 def test_every_budgetwarden_variable_of_the_injected_sidecar_is_a_serve_setting(injected: Any) -> None:
-    sidecar_env = env_of(injected("").sidecar)
+    sidecar_env = env_of(injected("base").sidecar)
     names = {name for name in sidecar_env if name.startswith("BUDGETWARDEN_")}
     assert {"BUDGETWARDEN_TENANT", "BUDGETWARDEN_REDIS_URL"} <= names
     unknown = names - env_names("serve")
@@ -367,7 +367,7 @@ def test_every_budgetwarden_variable_of_the_injected_sidecar_is_a_serve_setting(
 
 @pytest.mark.slow
 def test_injected_example_pod_is_let_through_the_redis_network_policy(injected: Any) -> None:
-    result: Injected = injected("")
+    result: Injected = injected("base")
     policy = find(result.resources, "NetworkPolicy", "budgetwarden-redis")
     labels = result.pod["metadata"].get("labels", {})
     (rule,) = policy["spec"]["ingress"]
@@ -380,7 +380,7 @@ def test_injected_example_pod_is_let_through_the_redis_network_policy(injected: 
 
 @pytest.mark.slow
 def test_reinjecting_the_injected_example_pod_changes_nothing(injected: Any, tmp_path: Path) -> None:
-    result: Injected = injected("")
+    result: Injected = injected("base")
     review = admission_review(result.pod)
     with injector(result.resources, tmp_path) as client:
         status, body = client.request("POST", "/mutate-all", json.dumps(review).encode())
