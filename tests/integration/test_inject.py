@@ -104,7 +104,9 @@ def start_server(config: InjectConfig, certificates: Any = None) -> WebhookServe
     return WebhookServer(replace(config, listen=f"127.0.0.1:{free_port()}"), certificates).start()
 
 
-BASE = InjectConfig(sidecar_image=IMAGE, redis_url=REDIS, log_format="text").validate()
+# The tenant from the annotation (opted into; the default is the namespace, tests/integration/test_inject_api.py), so
+# these tests can bind other tenants than the namespace.
+BASE = InjectConfig(sidecar_image=IMAGE, redis_url=REDIS, log_format="text", tenant_source="annotation").validate()
 
 
 @pytest.fixture(scope="module")
@@ -1133,6 +1135,7 @@ def test_cli_serves_from_environment_and_stops_on_sigterm(tmp_path: Path) -> Non
             "BUDGETWARDEN_INJECT_LEGACY_SIDECAR": "false",
             "BUDGETWARDEN_INJECT_SKIP_NAMESPACES": "kube-system",
             "BUDGETWARDEN_INJECT_SHUTDOWN_DELAY_SECONDS": "0",
+            "BUDGETWARDEN_INJECT_TENANT_SOURCE": "annotation",
             "BUDGETWARDEN_INJECT_SIDECAR_ENV": json.dumps({"OTEL_SERVICE_NAME": "agent-budget"}),
             "POD_NAMESPACE": "platform",
         }

@@ -94,7 +94,8 @@ def test_rendered_kustomization_validates(kustomization: str) -> None:
     for resource in resources:
         validate(resource)
         # Everything has its namespace, except the policy part (no namespace on purpose: it is reused per namespace).
-        if resource["kind"] not in ("Namespace", "MutatingWebhookConfiguration") and kustomization != "base/policy":
+        cluster_scoped = ("Namespace", "MutatingWebhookConfiguration", "ClusterRole", "ClusterRoleBinding")
+        if resource["kind"] not in cluster_scoped and kustomization != "base/policy":
             assert resource["metadata"].get("namespace"), resource_id(resource)
 
 
@@ -213,6 +214,8 @@ def test_base_renders_everything_in_the_budgetwarden_namespace() -> None:
         ("Service", INJECTOR),
         ("PodDisruptionBudget", INJECTOR),
         ("MutatingWebhookConfiguration", INJECTOR),
+        ("ClusterRole", INJECTOR),
+        ("ClusterRoleBinding", INJECTOR),
         ("Issuer", "budgetwarden-selfsigned"),
         ("Certificate", "budgetwarden-webhook"),
         ("Deployment", "budgetwarden-otel-collector"),
@@ -231,7 +234,8 @@ def test_external_redis_overlay_drops_redis_and_reads_the_url_from_a_secret() ->
     base, overlay = rendered("base"), rendered("overlays/external-redis")
     assert ids(base) - ids(overlay) == REDIS_IDS
     assert ids(overlay) <= ids(base)
-    assert changed(base, overlay) == {INJECTOR_ID}
+    # The injector's flags, and its ClusterRole's rule for that Secret.
+    assert changed(base, overlay) == {INJECTOR_ID, ("rbac.authorization.k8s.io", "ClusterRole", "", INJECTOR)}
     args = injector_container(overlay)["args"]
     assert not flag_values(args, "--redis-url")
     (secret_ref,) = flag_values(args, "--redis-url-secret")
@@ -357,7 +361,7 @@ def test_webhook_reaches_the_injector(kustomization: str) -> None:
 
 def test_webhook_selects_opted_in_namespaces_and_never_its_own_or_kube_system() -> None:
     webhook = find(rendered("base"), "MutatingWebhookConfiguration", INJECTOR)
-    agents = find(rendered("examples/agent"), "Namespace", "agents")
+    agents = find(rendered("examples/agent"), "Namespace", "acme")
     budgetwarden = find(rendered("base"), "Namespace", "budgetwarden")
 
     def paths(namespace: dict[str, str], pod_labels: dict[str, str]) -> list[str]:
@@ -443,7 +447,7 @@ def test_network_policy_lets_only_sidecars_and_the_injector_reach_redis() -> Non
     others = [p for p in pods(base) + pods(rendered("examples/agent")) if p.owner["metadata"]["name"] != INJECTOR]
     for pod in others:  # Redis itself, the collector and the (not yet injected) agent are not let in
         assert not admitted(pod.namespace, pod.labels), pod.owner["metadata"]["name"]
-    assert admitted("agents", {"app.kubernetes.io/name": "research-agent", **SIDECAR_LABEL})
+    assert admitted("acme", {"app.kubernetes.io/name": "research-agent", **SIDECAR_LABEL})
     assert admitted(namespace, find(base, "Deployment", INJECTOR)["spec"]["template"]["metadata"]["labels"])
 
 
@@ -472,17 +476,63 @@ def test_injector_is_redundant_and_hardened() -> None:
     assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(443, "https")]
 
 
-def test_least_privilege_no_rbac_and_no_api_tokens() -> None:
-    for kustomization in [*INSTALLS, "examples/agent"]:
-        resources = rendered(kustomization)
-        kinds = {r["kind"] for r in resources}
-        assert not kinds & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}, kustomization
-        for pod in pods(resources):
-            assert pod.spec["automountServiceAccountToken"] is False, pod.owner["metadata"]["name"]
-    base = rendered("base")
-    account = find(base, "ServiceAccount", INJECTOR)
-    assert account["automountServiceAccountToken"] is False
-    assert find(base, "Deployment", INJECTOR)["spec"]["template"]["spec"]["serviceAccountName"] == INJECTOR
+# The injector's only API access: get of the named objects it checks, per install (and patch of its own webhook's
+# caBundle where it writes it).
+RBAC_RULES = {
+    "base": [("", "configmaps", ["budgetwarden-policy"], ["get"])],
+    "overlays/legacy-sidecar": [("", "configmaps", ["budgetwarden-policy"], ["get"])],
+    "overlays/external-redis": [
+        ("", "configmaps", ["budgetwarden-policy"], ["get"]),
+        ("", "secrets", ["budgetwarden-redis"], ["get"]),
+    ],
+    "overlays/redis-cluster": [
+        ("", "configmaps", ["budgetwarden-policy"], ["get"]),
+        ("", "secrets", ["budgetwarden-redis"], ["get"]),
+    ],
+    "overlays/self-signed": [
+        ("", "configmaps", ["budgetwarden-policy"], ["get"]),
+        ("admissionregistration.k8s.io", "mutatingwebhookconfigurations", [INJECTOR], ["get", "patch"]),
+    ],
+}
+
+
+@pytest.mark.parametrize("kustomization", INSTALLS)
+def test_least_privilege_the_injector_gets_named_objects_only(kustomization: str) -> None:
+    resources = rendered(kustomization)
+    kinds = {r["kind"] for r in resources}
+    assert not kinds & {"Role", "RoleBinding"}
+    role = find(resources, "ClusterRole", INJECTOR)
+    rules = [
+        (group, resource, rule["resourceNames"], rule["verbs"])
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    ]
+    assert rules == RBAC_RULES[kustomization]
+    assert all(rule["resourceNames"] for rule in role["rules"])  # never every object of a kind
+    binding = find(resources, "ClusterRoleBinding", INJECTOR)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": INJECTOR}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": INJECTOR, "namespace": "budgetwarden"}]
+    # The names in the rules are the ones the injector is told to use.
+    args = injector_container(resources)["args"]
+    assert flag_values(args, "--policy-configmap") == ["budgetwarden-policy"]
+    assert "--check-namespace-objects" in args
+    named = {resource: names for _, resource, names, _ in rules}
+    assert [ref.split(":")[0] for ref in flag_values(args, "--redis-url-secret")] == named.get("secrets", [])
+    assert flag_values(args, "--patch-webhook-ca") == named.get("mutatingwebhookconfigurations", [])
+    # Only the injector's pod has an API token; every other pod none.
+    for pod in pods(resources):
+        assert pod.spec["automountServiceAccountToken"] is (pod.owner["metadata"]["name"] == INJECTOR)
+    account = find(resources, "ServiceAccount", INJECTOR)
+    assert account["automountServiceAccountToken"] is False  # only the injector's pod asks for it
+    assert find(resources, "Deployment", INJECTOR)["spec"]["template"]["spec"]["serviceAccountName"] == INJECTOR
+
+
+def test_the_example_agent_has_no_api_access() -> None:
+    resources = rendered("examples/agent")
+    assert not {r["kind"] for r in resources} & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+    for pod in pods(resources):
+        assert pod.spec["automountServiceAccountToken"] is False
 
 
 @pytest.mark.parametrize("kustomization", [*INSTALLS, "examples/agent"])
@@ -566,7 +616,9 @@ def test_policy_is_the_example_policy_it_validates_and_has_the_example_agents_te
     policy = yaml.safe_load(text)
     (agent,) = pods(rendered("examples/agent"))
     assert agent.annotations["budgetwarden.io/inject"] == "true"
-    assert agent.annotations["budgetwarden.io/tenant"] in policy["tenants"]
+    # The tenant is the namespace (the injector's default --tenant-source), not an annotation the pod could change.
+    assert "budgetwarden.io/tenant" not in agent.annotations
+    assert agent.namespace in policy["tenants"]
     assert agent.annotations["budgetwarden.io/task-type"] in policy["task_types"]
 
 

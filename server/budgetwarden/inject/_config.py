@@ -47,7 +47,8 @@ class InjectConfig:
     redis_cluster: bool = False
     policy_configmap: str = "budgetwarden-policy"
     policy_key: str = "policy.yaml"
-    tenant_source: str = "annotation"
+    # Secure by default: a pod author can set annotations, not the namespace the cluster admin gave them.
+    tenant_source: str = "namespace"
     default_tenant: str = ""
     sidecar_image_pull_policy: str = "IfNotPresent"
     sidecar_fail_mode: str = "closed"
@@ -64,6 +65,11 @@ class InjectConfig:
     shutdown_delay_seconds: float = 5.0
     log_level: str = "INFO"
     log_format: str = "json"
+    check_namespace_objects: bool = False
+    patch_webhook_ca: str = ""
+    kube_api: str = ""
+    kube_token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    kube_ca_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
 
     @property
     def service_dns_names(self) -> tuple[str, ...]:
@@ -157,6 +163,13 @@ class InjectConfig:
                 raise bad("--sidecar-env", f"{name!r} is not a valid environment variable name")
             if name in RESERVED_SIDECAR_ENV:
                 raise bad("--sidecar-env", f"{name} is set by the injector itself")
+        if self.patch_webhook_ca:
+            if not self.self_signed:
+                raise bad("--patch-webhook-ca", "needs --self-signed (with cert-manager, its CA injector writes it)")
+            if not _DNS_SUBDOMAIN.match(self.patch_webhook_ca):
+                raise bad("--patch-webhook-ca", f"{self.patch_webhook_ca!r} is not a MutatingWebhookConfiguration name")
+        if self.kube_api and not self.kube_api.startswith("https://"):
+            raise bad("--kube-api", f"{self.kube_api!r}: expected https://HOST[:PORT]")
         if self.cert_reload_seconds <= 0:
             raise bad("--cert-reload-seconds", "must be more than 0")
         if self.shutdown_delay_seconds < 0:
@@ -225,6 +238,20 @@ _OPTIONS = (
         "env",
         metavar="KEY=VALUE",
     ),
+    _Option(
+        "check_namespace_objects",
+        "refuse a pod whose namespace lacks the policy ConfigMap (or the --redis-url-secret Secret) its sidecar "
+        "mounts, naming what is missing (reads them through the Kubernetes API)",
+        "bool",
+    ),
+    _Option(
+        "patch_webhook_ca",
+        "with --self-signed: keep the caBundle of this MutatingWebhookConfiguration equal to the CA (Kubernetes API)",
+        metavar="NAME",
+    ),
+    _Option("kube_api", "the Kubernetes API server (unset: in-cluster, KUBERNETES_SERVICE_HOST)", metavar="URL"),
+    _Option("kube_token_file", "bearer token for the API server (re-read on every call)", "path", metavar="FILE"),
+    _Option("kube_ca_file", "CA that signed the API server's certificate", "path", metavar="FILE"),
     _Option("shutdown_delay_seconds", "on SIGTERM, keep serving (not ready) this long before stopping", "float"),
     _Option("log_level", "the webhook's log level", choices=_LOG_LEVELS),
     _Option("log_format", "json or text", choices=("json", "text")),
