@@ -169,6 +169,24 @@ def test_the_tenant_is_the_namespace_unless_the_operator_opts_into_annotations(s
     )
 
 
+def test_the_webhook_needs_no_redis_url_the_sidecars_read_the_conventional_secret(
+    api: FakeApiServer, serve: Any
+) -> None:
+    # The webhook never connects to Redis: without --redis-url or --redis-url-secret, the sidecars take the URL from
+    # the Secret budgetwarden-redis (key redis-url) of their own namespace, and that is what the namespace check wants.
+    config = config_for(api, redis_url="", check_namespace_objects=True)
+    assert config.redis_url_secret == "budgetwarden-redis:redis-url"
+    api.put(policy_config_map("acme"))
+    api.put(redis_secret("acme"))
+    _, client = serve(config)
+    env = sidecar_env(client.admit(pod("acme")))
+    assert env["BUDGETWARDEN_REDIS_URL"] == {"secretKeyRef": {"name": "budgetwarden-redis", "key": "redis-url"}}
+    # A URL given is still used as it is, and never both.
+    assert config_for(None).redis_url_secret == ""
+    with pytest.raises(Exception, match="not both"):
+        config_for(None, redis_url_secret="other")
+
+
 # --- what the namespace must hold ------------------------------------------------------------------------------------
 
 

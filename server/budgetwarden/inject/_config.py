@@ -26,6 +26,10 @@ from ._values import (
     _quantity,
 )
 
+# The Secret (NAME:KEY, in each pod's namespace) the sidecars read the Redis URL from when neither --redis-url nor
+# --redis-url-secret is given.
+DEFAULT_REDIS_SECRET = "budgetwarden-redis:redis-url"
+
 
 @dataclass(frozen=True, kw_only=True)
 class InjectConfig:
@@ -91,8 +95,9 @@ class InjectConfig:
 
         if not self.sidecar_image:
             raise bad("--sidecar-image", "is required: the image of the budgetwarden sidecar")
-        if not self.redis_url and not self.redis_url_secret:
-            raise bad("--redis-url", "give the sidecars' Redis URL, or --redis-url-secret NAME[:KEY]")
+        # The webhook itself never connects to Redis: without either flag, the sidecars read the URL from the
+        # conventional Secret in their own namespace (which --check-namespace-objects then checks for).
+        redis_url_secret = self.redis_url_secret or ("" if self.redis_url else DEFAULT_REDIS_SECRET)
         if self.redis_url and self.redis_url_secret:
             raise bad("--redis-url-secret", "give either --redis-url or --redis-url-secret, not both")
         if self.redis_url and not re.match(r"^(redis|rediss|unix)://", self.redis_url):
@@ -181,7 +186,12 @@ class InjectConfig:
         for ns in (self.namespace, *self.skip_namespaces):
             if not _DNS_LABEL.match(ns):
                 raise bad("--namespace" if ns == self.namespace else "--skip-namespaces", f"{ns!r} is not a namespace")
-        return replace(self, sidecar_log_level=self.sidecar_log_level.upper(), log_level=self.log_level.upper())
+        return replace(
+            self,
+            redis_url_secret=redis_url_secret,
+            sidecar_log_level=self.sidecar_log_level.upper(),
+            log_level=self.log_level.upper(),
+        )
 
 
 @dataclass(frozen=True)
@@ -196,7 +206,11 @@ class _Option:
 _OPTIONS = (
     _Option("sidecar_image", "image of the injected sidecar (required)", metavar="IMAGE"),
     _Option("redis_url", "the sidecars' Redis URL, set as a literal env value", metavar="URL"),
-    _Option("redis_url_secret", "NAME[:KEY] of a Secret (in each pod's namespace) holding the URL; key redis-url"),
+    _Option(
+        "redis_url_secret",
+        "NAME[:KEY] of a Secret (in each pod's namespace) holding the URL; key redis-url; with neither flag: "
+        + DEFAULT_REDIS_SECRET,
+    ),
     _Option("redis_cluster", "the Redis URL is a Redis Cluster seed node", "bool"),
     _Option("policy_configmap", "ConfigMap (in each pod's namespace) with the policy; '' for the built-in policy"),
     _Option("policy_key", "the policy file's key in that ConfigMap"),
