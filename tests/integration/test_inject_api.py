@@ -245,6 +245,27 @@ def test_a_check_the_api_cannot_answer_warns_and_injects(api: FakeApiServer, ser
     assert time.monotonic() - started < WAIT_S  # a bound that only catches a hang
 
 
+def test_an_api_server_that_never_answers_costs_a_warning_not_the_admission(api: FakeApiServer, serve: Any) -> None:
+    # A port that accepts connections and then says nothing: each check waits its share of a 2.5 s budget, and the
+    # pod is still answered (injected, with a warning) inside the API server's 5 s webhook timeout.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        config = config_for(
+            api, check_namespace_objects=True, redis_url="", kube_api=f"https://127.0.0.1:{silent.getsockname()[1]}"
+        )
+        _, client = serve(config)
+        answer = client.admit(pod("acme"))
+    finally:
+        silent.close()
+    assert answer["allowed"] is True
+    assert "patch" in answer
+    warnings = " ".join(answer["warnings"])
+    assert "ConfigMap 'budgetwarden-policy'" in warnings
+    assert "Secret 'budgetwarden-redis'" in warnings
+
+
 def test_a_complete_namespace_is_not_asked_again_for_each_pod(api: FakeApiServer, serve: Any) -> None:
     api.put(policy_config_map("acme"))
     _, client = serve(config_for(api, check_namespace_objects=True))

@@ -8,7 +8,6 @@ call: the kubelet rotates bound tokens.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import logging
@@ -27,7 +26,10 @@ from ._exceptions import InjectError
 
 log = logging.getLogger("budgetwarden.inject")
 
-API_TIMEOUT_S = 2.0  # well inside the webhook's own 5 s: a slow API server costs a warning, not the admission
+API_TIMEOUT_S = 2.0
+# All of one admission's checks together, well inside the webhook's own 5 s: a slow API server costs a warning, never
+# the answer (past the 5 s the API server would create the pod without a sidecar, failurePolicy: Ignore).
+CHECK_BUDGET_S = 2.5
 PRESENT_TTL_S = 30.0  # a namespace found complete is not asked again for this long
 
 
@@ -65,7 +67,14 @@ class KubeApi:
         except (OSError, ssl.SSLError) as exc:
             raise InjectError(f"--kube-ca-file {ca_file}: {exc}") from None
 
-    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Answer:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+    ) -> Answer:
         try:
             token = self.token_file.read_text().strip()
         except OSError as exc:
@@ -75,7 +84,9 @@ class KubeApi:
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = content_type
-        connection = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
+        connection = http.client.HTTPSConnection(
+            self.host, self.port, timeout=self.timeout if timeout is None else timeout, context=self.context
+        )
         try:
             connection.request(method, path, body=payload, headers=headers)
             response = connection.getresponse()
@@ -142,11 +153,16 @@ class NamespaceObjects:
                 return NamespaceVerdict([], [])
         missing: list[str] = []
         warnings: list[str] = []
+        deadline = time.monotonic() + CHECK_BUDGET_S
         for kind, name, key, purpose in self.wanted(namespace):
             plural = "configmaps" if kind == "ConfigMap" else "secrets"
             path = f"/api/v1/namespaces/{quote(namespace)}/{plural}/{quote(name)}"
+            left = deadline - time.monotonic()
+            if left <= 0.05:
+                warnings.append(f"budgetwarden: did not check for {kind} {name!r} in {namespace!r}: out of time")
+                continue
             try:
-                answer = self.api.request("GET", path)
+                answer = self.api.request("GET", path, timeout=min(left, self.api.timeout))
             except KubeApiError as exc:
                 warnings.append(f"budgetwarden: could not check for {kind} {name!r} in {namespace!r}: {exc}")
                 continue
@@ -225,7 +241,9 @@ class WebhookCaBundle:
     def run(self, stopping: threading.Event) -> None:
         """Sync until ``stopping``: retried every few seconds until it works, then checked every minute."""
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 self.sync()
+            except Exception:  # a bug here must not end the thread: the next round tries again
+                log.exception("caBundle check failed")
             if stopping.wait(CA_SYNC_RECHECK_S if self.in_sync else CA_SYNC_RETRY_S):
                 return
