@@ -223,6 +223,7 @@ def test_with_a_redis_secret_both_objects_are_checked_and_named(api: FakeApiServ
     api.put(policy_config_map("acme"))
     message = client.admit(pod("acme"))["status"]["message"]
     assert "ConfigMap" not in message
+    assert "k8s/base/policy" not in message  # only the command for what is missing
     assert "Secret 'budgetwarden-redis'" in message
     api.put(redis_secret("acme"))
     assert client.admit(pod("acme"))["allowed"] is True

@@ -211,7 +211,7 @@ class Injector:
         return (
             f"budgetwarden sidecar injection: namespace {namespace!r} has no {' and no '.join(verdict.missing)}; "
             f"the sidecar mounts it and could not start, so the pod is refused until it exists. "
-            f"Create it: {how_to_create(self.config, namespace)}"
+            f"Create it: {how_to_create(self.config, namespace, verdict.missing_kinds)}"
         )
 
     @staticmethod

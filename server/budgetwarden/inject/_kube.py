@@ -119,6 +119,7 @@ def kube_api(config: InjectConfig, environ: Mapping[str, str] | None = None) -> 
 class NamespaceVerdict:
     missing: list[str]  # what the sidecar needs and the namespace lacks: the pod is refused
     warnings: list[str]  # what could not be checked: the pod is injected anyway
+    missing_kinds: frozenset[str] = frozenset()  # ConfigMap, Secret: which commands the refusal gives
 
 
 class NamespaceObjects:
@@ -152,6 +153,7 @@ class NamespaceObjects:
             if self._complete_until.get(namespace, 0.0) > self.clock():
                 return NamespaceVerdict([], [])
         missing: list[str] = []
+        missing_kinds: set[str] = set()
         warnings: list[str] = []
         deadline = time.monotonic() + CHECK_BUDGET_S
         for kind, name, key, purpose in self.wanted(namespace):
@@ -168,24 +170,26 @@ class NamespaceObjects:
                 continue
             if answer.status == 404:
                 missing.append(f"{kind} {name!r} with key {key!r} ({purpose})")
+                missing_kinds.add(kind)
             elif answer.status == 200:
                 if key not in (answer.body.get("data") or {}):
                     missing.append(f"key {key!r} in {kind} {name!r} ({purpose})")
+                    missing_kinds.add(kind)
             else:
                 reason = answer.body.get("message") or f"HTTP {answer.status}"
                 warnings.append(f"budgetwarden: could not check for {kind} {name!r} in {namespace!r}: {reason}")
         if not missing and not warnings:
             with self._lock:
                 self._complete_until[namespace] = self.clock() + self.ttl
-        return NamespaceVerdict(missing, warnings)
+        return NamespaceVerdict(missing, warnings, frozenset(missing_kinds))
 
 
-def how_to_create(config: InjectConfig, namespace: str) -> str:
-    """The commands that create what a namespace lacks (named in the refusal)."""
+def how_to_create(config: InjectConfig, namespace: str, kinds: frozenset[str]) -> str:
+    """The commands that create the ``kinds`` of object a namespace lacks (named in the refusal)."""
     steps = []
-    if config.policy_configmap:
+    if "ConfigMap" in kinds and config.policy_configmap:
         steps.append(f"kubectl kustomize k8s/base/policy | kubectl apply -n {namespace} -f -")
-    if config.redis_url_secret:
+    if "Secret" in kinds and config.redis_url_secret:
         name, key = config.redis_secret_ref
         steps.append(f"kubectl -n {namespace} create secret generic {name} --from-literal={key}=rediss://...")
     return "; ".join(steps)
