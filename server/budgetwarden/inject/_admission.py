@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ._config import InjectConfig
 from ._exceptions import AnnotationError
+from ._kube import NamespaceObjects, how_to_create
+from ._metrics import InjectorMetrics
 from ._patch import _addr_ops, injection_patch, pod_settings
 from ._values import (
     ADDR_ENV,
@@ -54,17 +57,32 @@ def _pod_label(pod: Mapping[str, Any], namespace: str) -> str:
 class Injector:
     """Turns AdmissionReviews into answers; pure, thread-safe, never raises for anything a client can send."""
 
-    def __init__(self, config: InjectConfig) -> None:
+    def __init__(
+        self,
+        config: InjectConfig,
+        namespace_objects: NamespaceObjects | None = None,
+        metrics: InjectorMetrics | None = None,
+    ) -> None:
         self.config = config
         self.excluded = frozenset({config.namespace, *config.skip_namespaces})
+        # With --check-namespace-objects: asks the API whether a pod's namespace holds what its sidecar mounts.
+        self.namespace_objects = namespace_objects
+        self.metrics = metrics
 
-    def handle(self, body: bytes, inject_all: bool) -> tuple[int, bytes, str]:
-        """(HTTP status, body, content type) for a POST body."""
+    def handle(self, body: bytes, inject_all: bool, route: str = "/mutate") -> tuple[int, bytes, str]:
+        """(HTTP status, body, content type) for a POST body; counted in the metrics under ``route``."""
+        started = time.monotonic()
+        status, payload, content_type, result = self._answer(body, inject_all)
+        if self.metrics is not None:
+            self.metrics.admission(route, result, time.monotonic() - started)
+        return status, payload, content_type
+
+    def _answer(self, body: bytes, inject_all: bool) -> tuple[int, bytes, str, str]:
         try:
             request = parse_review(body)
         except BadReviewError as exc:
             log.warning("bad admission review: %s", exc, extra={"problem": str(exc)})
-            return 400, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
+            return 400, (str(exc) + "\n").encode(), "text/plain; charset=utf-8", "bad_request"
         uid = request["uid"]
         outcome = self.mutate(request, inject_all or self.config.inject_all)
         response: dict[str, Any] = {"uid": uid, "allowed": outcome.result != "denied"}
@@ -94,7 +112,7 @@ class Injector:
         }
         level = logging.DEBUG if outcome.result == "skipped" and not outcome.warnings else logging.INFO
         log.log(level, "admission %s %s: %s", outcome.result, extra["pod"], outcome.message, extra=extra)
-        return 200, json.dumps(review, separators=(",", ":")).encode(), "application/json"
+        return 200, json.dumps(review, separators=(",", ":")).encode(), "application/json", outcome.result
 
     def mutate(self, request: Mapping[str, Any], inject_all: bool) -> Outcome:
         resource = request.get("resource")
@@ -171,9 +189,30 @@ class Injector:
             settings = pod_settings(self.config, {str(k): str(v) for k, v in annotations.items()}, namespace)
         except AnnotationError as exc:
             return Outcome("denied", f"budgetwarden sidecar injection: {exc}", [], warnings)
+        refusal = self._lacking(namespace, warnings)
+        if refusal:
+            return Outcome("denied", refusal, [], warnings)
         patch = injection_patch(self.config, pod, settings)
         where = "a regular container" if self.config.legacy_sidecar else "a native sidecar"
         return Outcome("injected", f"injected as {where} for tenant {settings.tenant!r}", patch, warnings)
+
+    def _lacking(self, namespace: str, warnings: list[str]) -> str:
+        """With --check-namespace-objects: why the pod is refused (what its namespace lacks), or ''. A check that
+        could not be made only warns: the injector's own trouble never blocks a pod."""
+        if self.namespace_objects is None:
+            return ""
+        verdict = self.namespace_objects.check(namespace)
+        warnings.extend(verdict.warnings)
+        result = "missing" if verdict.missing else ("unchecked" if verdict.warnings else "complete")
+        if self.metrics is not None:
+            self.metrics.namespace_checks.labels(result=result).inc()
+        if not verdict.missing:
+            return ""
+        return (
+            f"budgetwarden sidecar injection: namespace {namespace!r} has no {' and no '.join(verdict.missing)}; "
+            f"the sidecar mounts it and could not start, so the pod is refused until it exists. "
+            f"Create it: {how_to_create(self.config, namespace, verdict.missing_kinds)}"
+        )
 
     @staticmethod
     def _wanted(

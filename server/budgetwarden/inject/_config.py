@@ -26,6 +26,10 @@ from ._values import (
     _quantity,
 )
 
+# The Secret (NAME:KEY, in each pod's namespace) the sidecars read the Redis URL from when neither --redis-url nor
+# --redis-url-secret is given.
+DEFAULT_REDIS_SECRET = "budgetwarden-redis:redis-url"
+
 
 @dataclass(frozen=True, kw_only=True)
 class InjectConfig:
@@ -47,7 +51,8 @@ class InjectConfig:
     redis_cluster: bool = False
     policy_configmap: str = "budgetwarden-policy"
     policy_key: str = "policy.yaml"
-    tenant_source: str = "annotation"
+    # Secure by default: a pod author can set annotations, not the namespace the cluster admin gave them.
+    tenant_source: str = "namespace"
     default_tenant: str = ""
     sidecar_image_pull_policy: str = "IfNotPresent"
     sidecar_fail_mode: str = "closed"
@@ -64,6 +69,11 @@ class InjectConfig:
     shutdown_delay_seconds: float = 5.0
     log_level: str = "INFO"
     log_format: str = "json"
+    check_namespace_objects: bool = False
+    patch_webhook_ca: str = ""
+    kube_api: str = ""
+    kube_token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    kube_ca_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
 
     @property
     def service_dns_names(self) -> tuple[str, ...]:
@@ -85,8 +95,9 @@ class InjectConfig:
 
         if not self.sidecar_image:
             raise bad("--sidecar-image", "is required: the image of the budgetwarden sidecar")
-        if not self.redis_url and not self.redis_url_secret:
-            raise bad("--redis-url", "give the sidecars' Redis URL, or --redis-url-secret NAME[:KEY]")
+        # The webhook itself never connects to Redis: without either flag, the sidecars read the URL from the
+        # conventional Secret in their own namespace (which --check-namespace-objects then checks for).
+        redis_url_secret = self.redis_url_secret or ("" if self.redis_url else DEFAULT_REDIS_SECRET)
         if self.redis_url and self.redis_url_secret:
             raise bad("--redis-url-secret", "give either --redis-url or --redis-url-secret, not both")
         if self.redis_url and not re.match(r"^(redis|rediss|unix)://", self.redis_url):
@@ -157,6 +168,13 @@ class InjectConfig:
                 raise bad("--sidecar-env", f"{name!r} is not a valid environment variable name")
             if name in RESERVED_SIDECAR_ENV:
                 raise bad("--sidecar-env", f"{name} is set by the injector itself")
+        if self.patch_webhook_ca:
+            if not self.self_signed:
+                raise bad("--patch-webhook-ca", "needs --self-signed (with cert-manager, its CA injector writes it)")
+            if not _DNS_SUBDOMAIN.match(self.patch_webhook_ca):
+                raise bad("--patch-webhook-ca", f"{self.patch_webhook_ca!r} is not a MutatingWebhookConfiguration name")
+        if self.kube_api and not self.kube_api.startswith("https://"):
+            raise bad("--kube-api", f"{self.kube_api!r}: expected https://HOST[:PORT]")
         if self.cert_reload_seconds <= 0:
             raise bad("--cert-reload-seconds", "must be more than 0")
         if self.shutdown_delay_seconds < 0:
@@ -168,7 +186,12 @@ class InjectConfig:
         for ns in (self.namespace, *self.skip_namespaces):
             if not _DNS_LABEL.match(ns):
                 raise bad("--namespace" if ns == self.namespace else "--skip-namespaces", f"{ns!r} is not a namespace")
-        return replace(self, sidecar_log_level=self.sidecar_log_level.upper(), log_level=self.log_level.upper())
+        return replace(
+            self,
+            redis_url_secret=redis_url_secret,
+            sidecar_log_level=self.sidecar_log_level.upper(),
+            log_level=self.log_level.upper(),
+        )
 
 
 @dataclass(frozen=True)
@@ -183,7 +206,11 @@ class _Option:
 _OPTIONS = (
     _Option("sidecar_image", "image of the injected sidecar (required)", metavar="IMAGE"),
     _Option("redis_url", "the sidecars' Redis URL, set as a literal env value", metavar="URL"),
-    _Option("redis_url_secret", "NAME[:KEY] of a Secret (in each pod's namespace) holding the URL; key redis-url"),
+    _Option(
+        "redis_url_secret",
+        "NAME[:KEY] of a Secret (in each pod's namespace) holding the URL; key redis-url; with neither flag: "
+        + DEFAULT_REDIS_SECRET,
+    ),
     _Option("redis_cluster", "the Redis URL is a Redis Cluster seed node", "bool"),
     _Option("policy_configmap", "ConfigMap (in each pod's namespace) with the policy; '' for the built-in policy"),
     _Option("policy_key", "the policy file's key in that ConfigMap"),
@@ -225,6 +252,20 @@ _OPTIONS = (
         "env",
         metavar="KEY=VALUE",
     ),
+    _Option(
+        "check_namespace_objects",
+        "refuse a pod whose namespace lacks the policy ConfigMap (or the --redis-url-secret Secret) its sidecar "
+        "mounts, naming what is missing (reads them through the Kubernetes API)",
+        "bool",
+    ),
+    _Option(
+        "patch_webhook_ca",
+        "with --self-signed: keep the caBundle of this MutatingWebhookConfiguration equal to the CA (Kubernetes API)",
+        metavar="NAME",
+    ),
+    _Option("kube_api", "the Kubernetes API server (unset: in-cluster, KUBERNETES_SERVICE_HOST)", metavar="URL"),
+    _Option("kube_token_file", "bearer token for the API server (re-read on every call)", "path", metavar="FILE"),
+    _Option("kube_ca_file", "CA that signed the API server's certificate", "path", metavar="FILE"),
     _Option("shutdown_delay_seconds", "on SIGTERM, keep serving (not ready) this long before stopping", "float"),
     _Option("log_level", "the webhook's log level", choices=_LOG_LEVELS),
     _Option("log_format", "json or text", choices=("json", "text")),

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 from ._admission import Injector
 from ._config import InjectConfig, parse_listen
 from ._exceptions import InjectError
+from ._kube import KubeApi, NamespaceObjects, WebhookCaBundle, kube_api
+from ._metrics import InjectorMetrics
 from ._tls import CertificateSource, SelfSignedCertificate, certificate_source
 
 log = logging.getLogger("budgetwarden.inject")
@@ -166,10 +168,16 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             ready = self.server.webhook.ready
             self._reply(200 if ready else 503, b"ok\n" if ready else b"not ready\n")
+        elif path == "/metrics":
+            metrics = self.server.webhook.metrics
+            metrics.ready.set(1 if self.server.webhook.ready else 0)
+            self._reply(200, metrics.exposition(), metrics.content_type)
         elif path in ROUTES:
             self._error(405, f"{path} takes POST with an AdmissionReview")
         else:
-            self._error(404, f"no such path {path[:100]!r}: POST /mutate or /mutate-all; GET /healthz or /readyz")
+            self._error(
+                404, f"no such path {path[:100]!r}: POST /mutate or /mutate-all; GET /healthz, /readyz or /metrics"
+            )
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path  # the API server appends ?timeout=10s
@@ -201,9 +209,10 @@ class _Handler(BaseHTTPRequestHandler):
         webhook.inflight.add(1)
         try:
             try:
-                status, payload, content_type = webhook.injector.handle(body, ROUTES[path])
+                status, payload, content_type = webhook.injector.handle(body, ROUTES[path], path)
             except Exception:
                 log.exception("admission review failed")
+                webhook.metrics.admission(path, "error", 0.0)
                 self._error(500, "internal error while handling the AdmissionReview (see the webhook's log)")
                 return
             if not webhook.accepting:
@@ -216,10 +225,25 @@ class _Handler(BaseHTTPRequestHandler):
 class WebhookServer:
     """The webhook: HTTPS on ``config.listen``, answering from threads; certificates polled for changes."""
 
-    def __init__(self, config: InjectConfig, certificates: CertificateSource | None = None) -> None:
+    def __init__(
+        self, config: InjectConfig, certificates: CertificateSource | None = None, api: KubeApi | None = None
+    ) -> None:
         self.config = config
-        self.injector = Injector(config)
+        self.metrics = InjectorMetrics()
+        self.api = api if api is not None else kube_api(config)
+        checker = None
+        if config.check_namespace_objects and self.api is not None:
+            checker = NamespaceObjects(config, self.api)
+        self.injector = Injector(config, checker, self.metrics)
         self.certificates = certificates if certificates is not None else certificate_source(config)
+        self.ca_bundle: WebhookCaBundle | None = None
+        if config.patch_webhook_ca and self.api is not None and isinstance(self.certificates, SelfSignedCertificate):
+            self.ca_bundle = WebhookCaBundle(
+                self.api,
+                config.patch_webhook_ca,
+                self.certificates.ca_bundle,
+                lambda result: self.metrics.ca_bundle_syncs.labels(result=result).inc(),
+            )
         self.inflight = _Counter()
         self.ready = False
         self.accepting = True
@@ -241,6 +265,10 @@ class WebhookServer:
         )
         watch = threading.Thread(target=self._watch_certificates, name="inject-certs", daemon=True)
         self._threads = [serve, watch]
+        if self.ca_bundle is not None:
+            self._threads.append(
+                threading.Thread(target=self.ca_bundle.run, args=(self._stopping,), name="inject-cabundle", daemon=True)
+            )
         for thread in self._threads:
             thread.start()
         self.ready = True
@@ -255,7 +283,7 @@ class WebhookServer:
             extra["ca_bundle"] = self.certificates.ca_bundle
             extra["dns_names"] = list(self.certificates.dns_names)
         log.info("injector serving on %s (port %d)", self.config.listen, self.port, extra=extra)
-        if isinstance(self.certificates, SelfSignedCertificate):
+        if isinstance(self.certificates, SelfSignedCertificate) and self.ca_bundle is None:
             log.info("self-signed CA, the MutatingWebhookConfiguration's caBundle: %s", self.certificates.ca_bundle)
         return self
 
