@@ -28,8 +28,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from budgetwarden.inject import InjectConfig, WebhookServer, kube_api
-from budgetwarden.store._embedded import free_port
 
+from support import free_port
 from support_k8s import FakeApiServer, find, rendered
 
 IMAGE = "ghcr.io/budgetwarden/budgetwarden:0.1.0"

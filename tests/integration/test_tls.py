@@ -11,13 +11,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support_tls import Authority, Pair, TlsRedis
 
 from budgetwarden.app import Sidecar
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 
 from support import RunningSidecar, cli, sidecar_settings
+from support_tls import Authority, Pair, TlsRedis
 
 PASSWORD = "first-password"
 RPC_TIMEOUT_S = 30

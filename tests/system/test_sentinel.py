@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support_sentinel import SentinelGroup, wait_until
 
 from budgetwarden_client import BudgetClient, pb
 
 from support import FAST_WATCH, RunningSidecar
+from support_sentinel import SentinelGroup, wait_until
 
 pytestmark = pytest.mark.slow
 
