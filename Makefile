@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.run-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test test-fast demo venv dev lint format typecheck buf-lint proto proto-check pytest bench clean
+.PHONY: run test test-fast demo venv dev lint format typecheck buf-lint proto proto-check pytest prometheus bench clean
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "budgetwarden needs Python 3.11 or newer (python3.11, python3.12, ... on PATH)"; exit 1; }
@@ -68,8 +68,17 @@ proto-check: $(DEV_STAMP)
 PYTEST_WORKERS ?= 2
 PYTEST_PARALLEL = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
-pytest: $(DEV_STAMP)
+pytest: $(DEV_STAMP) prometheus
 	$(BIN)/pytest $(PYTEST_PARALLEL)
+
+# The dashboard's queries are tested against a real Prometheus server (tests/integration/test_dashboard_prometheus.py):
+# Debian's package, installed here when it is missing (neither PyPI nor npm ships the server).
+PROMETHEUS_INSTALL := apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || test -x /usr/bin/prometheus || { \
+		echo "installing Debian's prometheus package (the dashboard tests run a real Prometheus)"; \
+		if [ "$$(id -u)" = 0 ]; then $(PROMETHEUS_INSTALL); else sudo sh -c '$(PROMETHEUS_INSTALL)'; fi \
+		|| { echo "cannot install prometheus: run 'apt-get install prometheus' as root, then make test again"; exit 1; }; }
 
 ## bench: checks against their baselines (unary, CheckStream, 1k vs 1M tasks, Redis alone) and report throughput, appended to docs/benchmarks.md
 bench: $(DEV_STAMP)
