@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -23,7 +24,8 @@ from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
 from budgetwarden import __version__
 
-from ._scrape import ScrapeEndpoint
+if TYPE_CHECKING:
+    from ._scrape import ScrapeEndpoint
 
 log = logging.getLogger("budgetwarden.telemetry")
 
@@ -420,8 +422,11 @@ def telemetry_from_env(
     if otlp is not None:
         readers.append(otlp)
     if metrics_port is not None:
+        # Imported only when a scrape endpoint is asked for (aiohttp is a noticeable part of the start-up time).
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry
+
+        from ._scrape import ScrapeEndpoint
 
         registry = CollectorRegistry()
         readers.append(PrometheusMetricReader(registry=registry))

@@ -10,6 +10,7 @@ the loop the gRPC calls are answered on; concurrent scrapes share one rendering 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable
 
@@ -19,6 +20,8 @@ from prometheus_client.exposition import choose_encoder
 
 # The kernel's accept queue for the endpoint (capped by net.core.somaxconn).
 BACKLOG = 1024
+# On shutdown, how long a scrape being answered may take to finish.
+SHUTDOWN_GRACE_S = 2.0
 
 Encoder = Callable[[CollectorRegistry], bytes]
 
@@ -38,14 +41,15 @@ class ScrapeEndpoint:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._metrics)  # prometheus_client's server answered on any path; / is the common one
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         site = web.TCPSite(runner, host, port, backlog=BACKLOG, reuse_address=True)
         try:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's own message repeats the address
+            raise OSError(f"cannot serve metrics on {host}:{port}: {reason}") from None
         self._runner = runner
         self.port = int(runner.addresses[0][1])
 
