@@ -93,7 +93,8 @@ class Prometheus:
         assert data["resultType"] == "vector", (expr, data)
         return list(data["result"])
 
-    def wait(self, condition: Callable[[], bool], what: str) -> None:
+    def wait(self, condition: Callable[[], bool], what: str, detail: Callable[[], object] = lambda: "") -> None:
+        """Until ``condition()`` holds; past the bound, fail with ``detail()`` and Prometheus' log."""
         deadline = time.monotonic() + WAIT_S
         while True:
             assert self.process.poll() is None, f"prometheus exited:\n{self.log.read_text()}"
@@ -102,7 +103,8 @@ class Prometheus:
                     return
             except OSError:  # not listening yet
                 pass
-            assert time.monotonic() < deadline, f"timed out waiting for {what}\n{self.log.read_text()}"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {detail()}\n{self.log.read_text()}")
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -168,7 +170,7 @@ def test_every_dashboard_query_answers_from_a_real_scrape(fleet: tuple[Prometheu
         return [(title, expr) for title, expr in queries if not prometheus.query(expr)]
 
     # Rates need two scrapes in their window; then every panel has data: no "No data", fail mode and reloads included.
-    prometheus.wait(lambda: not empty(), "every dashboard query to return data")
+    prometheus.wait(lambda: not empty(), "every dashboard query to return data", lambda: f"no data from {empty()}")
     variable = DASHBOARD["templating"]["list"][1]["query"]["query"]
     match = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable)
     assert match, variable
