@@ -5,10 +5,12 @@ endpoint on loopback that answers every scraper."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import re
 import shutil
 import socket
 import subprocess
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -234,6 +236,27 @@ def test_metrics_endpoint_queues_a_burst_of_connections(start_sidecar: Callable[
     port = free_port()
     start_sidecar(metrics_port=port)
     assert listen_backlog(port) >= SCRAPES
+
+
+def test_metrics_endpoint_speaks_what_scrapers_ask_for(start_sidecar: Callable[..., RunningSidecar]) -> None:
+    port = free_port()
+    start_sidecar(metrics_port=port)
+    url = f"http://127.0.0.1:{port}/metrics"
+    asks = {"Accept": "application/openmetrics-text;version=1.0.0", "Accept-Encoding": "gzip"}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=asks), timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert response.headers["Content-Encoding"] == "gzip"
+        text = gzip.decompress(response.read()).decode()
+    assert "budgetwarden_check_fail_mode_total" in text
+    assert text.endswith("# EOF\n")
+    with pytest.raises(urllib.error.HTTPError, match="404"):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/elsewhere", timeout=30)
+    with pytest.raises(urllib.error.HTTPError, match="405"):
+        urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b"x"), timeout=30)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as garbage:
+        garbage.sendall(b"hello\r\n\r\n")
+        assert garbage.recv(100).startswith(b"HTTP/1.1 400 ")
+    assert scrape_text(port)  # still serving
 
 
 def test_metrics_endpoint_answers_every_concurrent_scrape(

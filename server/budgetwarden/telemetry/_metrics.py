@@ -422,7 +422,7 @@ def telemetry_from_env(
     if otlp is not None:
         readers.append(otlp)
     if metrics_port is not None:
-        # Imported only when a scrape endpoint is asked for (aiohttp is a noticeable part of the start-up time).
+        # Imported only when a scrape endpoint is asked for.
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry
 
