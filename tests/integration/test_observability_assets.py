@@ -47,14 +47,12 @@ def test_dashboard_uses_only_metrics_the_sidecar_emits(start_sidecar: Callable[.
     assert len(used) >= 15  # metric and label names
 
     healthy_port, failing_port = free_port(), free_port()
-    healthy = start_sidecar(metrics_port=healthy_port, metrics_host="127.0.0.1")
-    failing = start_sidecar(
-        metrics_port=failing_port, metrics_host="127.0.0.1", redis_url=f"redis://127.0.0.1:{free_port()}/0"
-    )
+    healthy = start_sidecar(metrics_port=healthy_port)
+    failing = start_sidecar(metrics_port=failing_port, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with BudgetClient(healthy.addr) as client:
-        client.check(tenant_id="acme", task_id="t", step_id="s1", estimated_input_tokens=500)
-        client.check(tenant_id="acme", task_id="t", step_id="s2", estimated_input_tokens=500)
-        client.report([pb.UsageRecord(tenant_id="acme", task_id="t", step_id="s1", input_tokens=100)])
+        client.check(tenant_id="acme", task_id="t", step_id="s1", model="gpt-x", estimated_input_tokens=500)
+        client.check(tenant_id="acme", task_id="t", step_id="s2", model="gpt-x", estimated_input_tokens=500)
+        client.report([pb.UsageRecord(tenant_id="acme", task_id="t", step_id="s1", model="gpt-x", input_tokens=100)])
     with BudgetClient(failing.addr) as client:
         assert client.check(tenant_id="acme", task_id="t", step_id="s", estimated_input_tokens=1).from_fail_mode
     emitted = scraped_names(healthy_port) | scraped_names(failing_port)

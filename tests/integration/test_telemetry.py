@@ -180,8 +180,8 @@ def check_otlp_export(received: list[otlp.ExportMetricsServiceRequest], expected
     assert total("budgetwarden.tokens.reserved") == expected["reserved"]
     assert total("budgetwarden.tokens.consumed") == expected["input"] + expected["output"]
     assert total("budgetwarden.tokens.refunded") == 150 + 0  # s1 reserved 1200, used 1050; s2 used 1350 > 1200
-    assert total("budgetwarden.cost.consumed") == pytest.approx((2000 * 10 + 400 * 30) / 1e6)
-    assert metrics["budgetwarden.cost.consumed"].unit == "USD"
+    assert total("budgetwarden.cost.consumed_usd") == pytest.approx((2000 * 10 + 400 * 30) / 1e6)
+    assert metrics["budgetwarden.cost.consumed_usd"].unit == "{USD}"
     statuses = {
         attrs(p)["budgetwarden.report.status"]: p.as_int for p in metrics["budgetwarden.reports"].sum.data_points
     }
@@ -225,6 +225,40 @@ def test_otlp_export_adds_up(
     assert resource["deployment.environment"] == "test"
 
 
+def test_unknown_attributes_are_left_out_of_the_export(
+    start_sidecar: Callable[..., RunningSidecar],
+    grpc_receiver: tuple[Receiver, int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A check with no task type (denied: this policy has no default), one with no model, and a report for a step never
+    checked with neither: the exported points have no budgetwarden.task_type / gen_ai.request.model rather than ""."""
+    receiver, port = grpc_receiver
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100000")  # only the final export at shutdown
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.replace("default_task_type: agent\n", ""))
+    running = start_sidecar(policy_file=policy)
+    with BudgetClient(running.addr) as client:
+        denied = client.check(tenant_id="acme", task_id="t0", step_id="s", estimated_input_tokens=100)
+        assert denied.decision == pb.DECISION_DENY
+        allowed = client.check(tenant_id="acme", task_id="t", step_id="s", task_type="agent", estimated_input_tokens=9)
+        assert allowed.decision == pb.DECISION_ALLOW
+        client.report([pb.UsageRecord(tenant_id="acme", task_id="never-checked", step_id="s", input_tokens=10)])
+    running.stop()
+    metrics = last_export(receiver.requests)
+    points = {name: [attrs(p) for p in metrics[name].sum.data_points] for name in (
+        "budgetwarden.check.decisions", "budgetwarden.tokens.reserved", "budgetwarden.tokens.consumed")}  # fmt: skip
+    assert all(points.values()), points
+    assert [p for p in points["budgetwarden.check.decisions"] if p["budgetwarden.decision"] == "DENY"]
+    for name, found in points.items():
+        for labels in found:
+            assert "" not in labels.values(), (name, labels)
+            assert "gen_ai.request.model" not in labels, (name, labels)
+    assert all("budgetwarden.task_type" not in labels for labels in points["budgetwarden.tokens.consumed"]), points
+
+
 def scrape(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -256,7 +290,7 @@ def test_prometheus_scrape_adds_up(start_sidecar: Callable[..., RunningSidecar],
     assert sample_sum(families, "budgetwarden_check_duration_seconds", "_count") == 4
     consumed = "budgetwarden_tokens_consumed"
     assert sample_sum(families, consumed, "_total", gen_ai_request_model="gpt-x") == 2400
-    assert sample_sum(families, "budgetwarden_cost_consumed_USD", "_total") == pytest.approx(0.032)
+    assert sample_sum(families, "budgetwarden_cost_consumed_usd", "_total") == pytest.approx(0.032)
     assert sample_sum(families, "budgetwarden_reservations_active", "", budgetwarden_tenant="acme") == 1
 
 

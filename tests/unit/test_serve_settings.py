@@ -88,6 +88,8 @@ def test_a_redis_url_that_is_not_redis_is_one_line(url: str, tmp_path: Path) -> 
     ):
         line = one_line(result)
         assert result.returncode == 2, result.stderr
-        assert line.startswith("budgetwarden serve: error: setting redis_url: must be a redis://, rediss://, unix:// or redis+sentinel://")
+        assert line.startswith(
+            "budgetwarden serve: error: setting redis_url: must be a redis://, rediss://, unix:// or redis+sentinel://"
+        )
         assert "secret" not in line
     assert not (tmp_path / "d").exists()

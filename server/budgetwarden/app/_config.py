@@ -140,7 +140,16 @@ class Settings(BaseSettings):
     metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
         None, description="port of a Prometheus scrape endpoint (/metrics); unset: none. OTLP export: OTEL_* variables"
     )
-    metrics_host: str = Field("0.0.0.0", description="address the Prometheus endpoint listens on")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="address the Prometheus endpoint listens on (loopback: its series name tenants; 0.0.0.0 for a "
+        "scraper on another host)",
+    )
+    metrics_tenant_gauges: bool = Field(
+        True,
+        description="export the tenant-wide gauges read from Redis (budget.remaining, reservations.active); every "
+        "sidecar of a tenant reports the same value, so aggregate them with max, or turn this off on all but a few",
+    )
     metric_labels: str = Field(
         "", description="comma-separated request label keys promoted to metric attributes (e.g. user,feature)"
     )

@@ -204,8 +204,10 @@ class Sidecar:
             label_keys=[key.strip() for key in settings.metric_labels.split(",") if key.strip()],
             max_tenants=settings.metric_max_tenants,
             max_task_types=settings.metric_max_task_types,
+            tenant_gauges=settings.metrics_tenant_gauges,
         )
-        if self.telemetry.enabled:
+        await self.telemetry.start()
+        if self.telemetry.enabled and settings.metrics_tenant_gauges:
             self._gauges = GaugeReader.from_url(
                 url, cluster=settings.redis_cluster, timeout_s=_socket_timeout(settings), **access
             )
@@ -420,7 +422,7 @@ class Sidecar:
         if self._ping_redis is not None:
             await _bounded_step("redis ping client", close_client(self._ping_redis), STOP_STEP_LIMIT_S)
             self._ping_redis = None
-        await asyncio.to_thread(self.telemetry.shutdown)
+        await self.telemetry.aclose()
         if self._gauges is not None:
             self._gauges.close()
             self._gauges = None

@@ -131,7 +131,8 @@ def sidecar_container(config: InjectConfig, settings: PodSettings) -> dict[str, 
     if config.policy_configmap:
         args += ["--policy-file", f"{POLICY_MOUNT}/{config.policy_key}"]
     if config.sidecar_metrics_port:
-        args += ["--metrics-port", str(config.sidecar_metrics_port)]
+        # Scraped on the pod IP (the sidecar's default is loopback).
+        args += ["--metrics-port", str(config.sidecar_metrics_port), "--metrics-host", "0.0.0.0"]
     env: list[dict[str, Any]] = [{"name": "BUDGETWARDEN_TENANT", "value": settings.tenant}]
     if settings.task_type:
         env.append({"name": "BUDGETWARDEN_DEFAULT_TASK_TYPE", "value": settings.task_type})

@@ -2,23 +2,30 @@
 in-memory aggregations; export runs on the SDK reader's own thread (OTLP) or on scrape (Prometheus).
 
 Cardinality is bounded: task and step ids are never attributes, request labels become attributes only when their key
-is allow-listed, and tenants and task types beyond a cap are folded into one overflow value.
+is allow-listed, and tenants and task types beyond a cap are folded into one overflow value. An attribute whose value is
+unknown (no model, no task type) is left out rather than sent as "".
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
 from budgetwarden import __version__
+
+if TYPE_CHECKING:
+    from ._scrape import ScrapeEndpoint
 
 log = logging.getLogger("budgetwarden.telemetry")
 
@@ -28,6 +35,9 @@ OVERFLOW = "_other"
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 GENAI_LATEST = "gen_ai_latest_experimental"
+# Every value of these counters' attribute is exported from the start, at 0 until it is counted.
+FAIL_MODES = ("open", "closed")
+RELOAD_RESULTS = ("applied", "rejected")
 
 
 def genai_latest_requested(environ: dict[str, str] | None = None) -> bool:
@@ -46,7 +56,7 @@ class _Capped:
         self._seen: set[str] = set()
 
     def __call__(self, value: str) -> str:
-        if value in self._seen:
+        if value in self._seen or not value:  # an unknown ("") value takes no slot: it is left out, not exported
             return value
         if len(self._seen) >= self._limit:
             return OVERFLOW
@@ -58,6 +68,11 @@ class _Capped:
 
 
 Attributes = tuple[tuple[str, str], ...]
+
+
+def _known(*pairs: tuple[str, str]) -> Attributes:
+    """The attributes whose value is known: an empty one is left out, not exported as ""."""
+    return tuple((key, value) for key, value in pairs if value)
 
 
 class _Sum:
@@ -72,6 +87,11 @@ class _Sum:
 
     def add(self, value: float, attributes: Attributes) -> None:
         self._totals[attributes] = self._totals.get(attributes, 0) + value
+
+    def start_at_zero(self, *attribute_sets: Attributes) -> None:
+        """Export these series at 0 before anything is counted, so a panel shows 0 rather than "No data"."""
+        for attributes in attribute_sets:
+            self._totals.setdefault(attributes, 0)
 
     def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
         # list() copies the dict in one step under the GIL, so the event loop may keep adding meanwhile.
@@ -110,6 +130,7 @@ class Telemetry:
         max_tenants: int = 100,
         max_task_types: int = 50,
         genai_latest: bool = False,
+        tenant_gauges: bool = True,
     ) -> None:
         self.provider = provider
         self.enabled = provider is not None
@@ -119,7 +140,8 @@ class Telemetry:
         self.model = _Capped(max_task_types * 4)
         self.genai_latest = genai_latest
         self._gauge_source: GaugeSource | None = None
-        self._on_shutdown: list[Callable[[], None]] = []
+        # The Prometheus endpoint, when one is configured: started and stopped on the event loop (start, aclose).
+        self.scrape_endpoint: tuple[ScrapeEndpoint, str, int] | None = None
         if provider is None:
             return
         meter: Meter = provider.get_meter(METER_NAME, __version__)
@@ -130,6 +152,7 @@ class Telemetry:
         self.fail_mode = _Sum(
             meter, "budgetwarden.check.fail_mode", "{decision}", "Checks answered by the fail mode (store unavailable)"
         )
+        self.fail_mode.start_at_zero(*((("budgetwarden.fail_mode", mode),) for mode in FAIL_MODES))
         self.reserved = _Sum(meter, "budgetwarden.tokens.reserved", "{token}", "Tokens reserved by checks")
         self.consumed = _Sum(meter, "budgetwarden.tokens.consumed", "{token}", "Tokens reported as used")
         self.refunded = _Sum(
@@ -141,24 +164,17 @@ class Telemetry:
             "{token}",
             "Tokens reported after their reservation's lease lapsed (its budget was free for other steps meanwhile)",
         )
-        self.cost = _Sum(meter, "budgetwarden.cost.consumed", "USD", "Cost of reported usage")
+        # Currency is no UCUM unit: the name carries it (Prometheus: budgetwarden_cost_consumed_usd_total) and the unit
+        # is an annotation, which exporters drop from names rather than appending "_USD".
+        self.cost = _Sum(meter, "budgetwarden.cost.consumed_usd", "{USD}", "Cost of reported usage, in US dollars")
         self.reports = _Sum(meter, "budgetwarden.reports", "{record}", "Usage records by outcome")
         self.redis_duration = meter.create_histogram(
             "budgetwarden.redis.duration", "s", "Round trip of one budget script call to Redis"
         )
         self.reloads = _Sum(meter, "budgetwarden.policy.reloads", "{reload}", "Policy reloads by result")
-        meter.create_observable_gauge(
-            "budgetwarden.reservations.active",
-            [self._observe_active],
-            "{reservation}",
-            "Reservations held now, per tenant",
-        )
-        meter.create_observable_gauge(
-            "budgetwarden.budget.remaining",
-            [self._observe_remaining],
-            "{token}",
-            "Tokens left in each enforced tenant window",
-        )
+        self.reloads.start_at_zero(*((("budgetwarden.policy.result", result),) for result in RELOAD_RESULTS))
+        if tenant_gauges:
+            self._tenant_gauges(meter)
         if genai_latest:
             self.genai_input = _Sum(
                 meter, "gen_ai.client.inference.usage.input_tokens", "{token}", "Input tokens used, cached included"
@@ -176,6 +192,22 @@ class Telemetry:
             self.genai_usage = meter.create_histogram(
                 "gen_ai.client.token.usage", "{token}", "Measures number of input and output tokens used"
             )
+
+    def _tenant_gauges(self, meter: Meter) -> None:
+        """Read from Redis per tenant: tenant-wide facts, so every sidecar that serves a tenant reports the same
+        value. Aggregate them across sidecars with max (never sum), or export them from fewer sidecars."""
+        meter.create_observable_gauge(
+            "budgetwarden.reservations.active",
+            [self._observe_active],
+            "{reservation}",
+            "Reservations held now, per tenant (tenant-wide: the same from every sidecar)",
+        )
+        meter.create_observable_gauge(
+            "budgetwarden.budget.remaining",
+            [self._observe_remaining],
+            "{token}",
+            "Tokens left in each enforced tenant window (tenant-wide: the same from every sidecar)",
+        )
 
     # --- recording (event-loop thread) ----------------------------------------------------------------------
 
@@ -197,8 +229,8 @@ class Telemetry:
     ) -> None:
         if not self.enabled:
             return
-        tenant, kind = self.tenant(tenant_id), self.task_type(task_type or "")
-        attributes = (
+        tenant, kind = self.tenant(tenant_id), self.task_type(task_type)
+        attributes = _known(
             ("budgetwarden.decision", decision),
             ("budgetwarden.reason", reason),
             ("budgetwarden.tenant", tenant),
@@ -209,7 +241,7 @@ class Telemetry:
         if fail_mode is not None:
             self.fail_mode.add(1, (("budgetwarden.fail_mode", fail_mode),))
         if reserved_tokens:
-            usage = (
+            usage = _known(
                 ("budgetwarden.tenant", tenant),
                 ("budgetwarden.task_type", kind),
                 ("gen_ai.request.model", self.model(model)),
@@ -225,7 +257,7 @@ class Telemetry:
             if r.status == "duplicate":
                 continue
             model = self.model(r.model)
-            usage = (
+            usage = _known(
                 ("budgetwarden.tenant", tenant),
                 ("budgetwarden.task_type", self.task_type(r.task_type)),
                 ("gen_ai.request.model", model),
@@ -236,7 +268,7 @@ class Telemetry:
                 self.refunded.add(r.refunded_tokens, usage)
             if r.late:
                 self.late.add(r.input_tokens + r.output_tokens, usage)
-            genai = (
+            genai = _known(
                 ("gen_ai.operation.name", "chat"),
                 ("gen_ai.provider.name", r.provider or "unknown"),
                 ("gen_ai.request.model", model),
@@ -285,12 +317,22 @@ class Telemetry:
             for window, left in windows.items()
         ]
 
+    async def start(self) -> None:
+        """Serve the Prometheus endpoint, if one is configured (on the running event loop)."""
+        if self.scrape_endpoint is not None:
+            endpoint, host, port = self.scrape_endpoint
+            await endpoint.start(host, port)
+
+    async def aclose(self) -> None:
+        """Stop the scrape endpoint, then flush what is recorded (a last OTLP export, on a worker thread)."""
+        if self.scrape_endpoint is not None:
+            await self.scrape_endpoint[0].stop()
+        await asyncio.to_thread(self.shutdown)
+
     def shutdown(self) -> None:
-        """Flush what is recorded (a last OTLP export) and stop the scrape endpoint."""
+        """Flush what is recorded (a last OTLP export)."""
         if self.provider is not None:
             self.provider.shutdown()
-        for stop in self._on_shutdown:
-            stop()
 
 
 def _views(genai_latest: bool) -> list[View]:
@@ -307,7 +349,11 @@ def _views(genai_latest: bool) -> list[View]:
 
 def resource_from_env(environ: dict[str, str] | None = None) -> Resource:
     """service.name/version, plus the pod from the downward API when present; OTEL_RESOURCE_ATTRIBUTES and
-    OTEL_SERVICE_NAME (read by the SDK) win."""
+    OTEL_SERVICE_NAME win over all of them.
+
+    service.instance.id is the pod's UID when the downward API gives it: stable for the pod's life, so a restarted
+    container continues its series, and one per pod, so two sidecars never share one. Elsewhere a random UUID per start.
+    """
     env = environ if environ is not None else os.environ
     attributes: dict[str, str] = {"service.name": "budgetwarden", "service.version": __version__}
     for key, names in {
@@ -320,7 +366,9 @@ def resource_from_env(environ: dict[str, str] | None = None) -> Resource:
             if env.get(name):
                 attributes[key] = env[name]
                 break
-    return Resource.create(attributes)
+    attributes["service.instance.id"] = attributes.get("k8s.pod.uid") or str(uuid.uuid4())
+    # Resource.create lets the attributes given to it win over OTEL_RESOURCE_ATTRIBUTES; the operator's word is last.
+    return Resource.create(attributes).merge(OTELResourceDetector().detect())
 
 
 def _otlp_reader(environ: dict[str, str]) -> MetricReader | None:
@@ -348,34 +396,44 @@ def telemetry_from_env(
     label_keys: Sequence[str],
     max_tenants: int,
     max_task_types: int,
+    tenant_gauges: bool = True,
     environ: dict[str, str] | None = None,
 ) -> Telemetry:
-    """Metrics as configured by the standard OTEL_* variables and budgetwarden's settings."""
+    """Metrics as configured by the standard OTEL_* variables and budgetwarden's settings. The Prometheus endpoint
+    serves once :meth:`Telemetry.start` is awaited."""
     env = dict(environ if environ is not None else os.environ)
     latest = genai_latest_requested(env)
 
     def build(provider: MeterProvider | None) -> Telemetry:
         return Telemetry(
-            provider, label_keys=label_keys, max_tenants=max_tenants, max_task_types=max_task_types, genai_latest=latest
+            provider,
+            label_keys=label_keys,
+            max_tenants=max_tenants,
+            max_task_types=max_task_types,
+            genai_latest=latest,
+            tenant_gauges=tenant_gauges,
         )
 
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return build(None)
     readers: list[MetricReader] = []
-    stops: list[Callable[[], None]] = []
+    endpoint: ScrapeEndpoint | None = None
     otlp = _otlp_reader(env)
     if otlp is not None:
         readers.append(otlp)
     if metrics_port is not None:
+        # Imported only when a scrape endpoint is asked for.
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
+
+        from ._scrape import ScrapeEndpoint
 
         registry = CollectorRegistry()
         readers.append(PrometheusMetricReader(registry=registry))
-        server, _ = start_http_server(metrics_port, addr=metrics_host, registry=registry)
-        stops.append(server.shutdown)
+        endpoint = ScrapeEndpoint(registry)
     if not readers:
         return build(None)
     telemetry = build(MeterProvider(metric_readers=readers, resource=resource_from_env(env), views=_views(latest)))
-    telemetry._on_shutdown.extend(stops)
+    if endpoint is not None:
+        telemetry.scrape_endpoint = (endpoint, metrics_host, metrics_port or 0)
     return telemetry
