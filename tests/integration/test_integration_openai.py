@@ -344,3 +344,154 @@ def test_a_stream_that_fails_is_charged_its_reservation_once_it_sent_anything(
     assert broken.closed
     assert used_after_delivery(budget.reporter, client) == (stream.step.granted_tokens if chunks else 0)
     assert client.get_budget(tenant_id="acme", task_id="t1").active_reservations == 0
+
+
+# --- the SDK's other generating calls: parse, stream, with_raw_response, with_streaming_response --------------------
+
+# Each makes one call the way its SDK helper is used and returns the usage the call reported (tokens in + out).
+
+
+def _total(usage: Any) -> int:
+    assert usage is not None
+    return int(usage.total_tokens)
+
+
+def chat_parse(llm: BudgetedOpenAI) -> int:
+    return _total(llm.chat.completions.parse(model="big", messages=USER, max_tokens=300).usage)
+
+
+def responses_parse(llm: BudgetedOpenAI) -> int:
+    return _total(llm.responses.parse(model="big", input="How much is left?", max_output_tokens=300).usage)
+
+
+def chat_stream(llm: BudgetedOpenAI) -> int:
+    with llm.chat.completions.stream(model="big", messages=USER, max_tokens=300) as stream:
+        return _total(stream.get_final_completion().usage)
+
+
+def responses_stream(llm: BudgetedOpenAI) -> int:
+    with llm.responses.stream(model="big", input="How much is left?", max_output_tokens=300) as stream:
+        return _total(stream.get_final_response().usage)
+
+
+def chat_raw(llm: BudgetedOpenAI) -> int:
+    raw = llm.chat.completions.with_raw_response.create(model="big", messages=USER, max_tokens=300)
+    assert raw.headers["content-type"].startswith("application/json")
+    return _total(raw.parse().usage)
+
+
+def responses_raw_parse(llm: BudgetedOpenAI) -> int:
+    raw = llm.responses.with_raw_response.parse(model="big", input="How much is left?", max_output_tokens=300)
+    return _total(raw.parse().usage)
+
+
+def chat_raw_stream(llm: BudgetedOpenAI) -> int:
+    raw = llm.chat.completions.with_raw_response.create(model="big", messages=USER, max_tokens=300, stream=True)
+    chunks = list(raw.parse())
+    return _total(chunks[-1].usage)
+
+
+def chat_streaming_response(llm: BudgetedOpenAI) -> int:
+    with llm.chat.completions.with_streaming_response.create(model="big", messages=USER, max_tokens=300) as response:
+        return _total(response.parse().usage)
+
+
+def responses_streaming_response_stream(llm: BudgetedOpenAI) -> int:
+    with llm.responses.with_streaming_response.create(
+        model="big", input="How much is left?", max_output_tokens=300, stream=True
+    ) as response:
+        events = list(response.parse())
+    return _total(events[-1].response.usage)
+
+
+HELPERS = [
+    chat_parse,
+    responses_parse,
+    chat_stream,
+    responses_stream,
+    chat_raw,
+    responses_raw_parse,
+    chat_raw_stream,
+    chat_streaming_response,
+    responses_streaming_response_stream,
+]
+
+
+@pytest.mark.parametrize("call", HELPERS, ids=lambda call: call.__name__)
+def test_every_generating_helper_is_checked_before_and_reported_after(
+    call: Callable[[BudgetedOpenAI], int], llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget
+) -> None:
+    spend(budget, 7800)
+    with pytest.raises(CheckpointRequired):
+        call(llm)
+    assert server.requests == []  # refused before any request
+
+    with BudgetClient(budget.client.addr, timeout=30) as fresh:
+        fresh_budget_used = task(fresh).used_tokens
+        spent = call(llm.__class__(llm.client, budget, task_id="t2"))
+        assert budget.reporter.flush(timeout=BOUND)
+        state = task(fresh, "t2")
+        assert (state.used_tokens, state.reserved_tokens) == (spent, 0)
+        assert task(fresh).used_tokens == fresh_budget_used
+
+
+def test_degrade_applies_to_the_stream_helper(llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget) -> None:
+    spend(budget, 3900)
+    with llm.chat.completions.stream(model="big", messages=chat(12), max_tokens=1000) as stream:
+        completion = stream.get_final_completion()
+    sent = server.requests[-1]
+    assert (sent.model, sent.max_tokens) == ("cheaper", 200)
+    assert sent.body["stream_options"] == {"include_usage": True}
+    assert completion.usage is not None
+
+
+def test_a_stream_helper_left_early_is_charged_its_reservation(
+    llm: BudgetedOpenAI, budget: Budget, client: BudgetClient
+) -> None:
+    with llm.responses.stream(model="big", input="How much is left?", max_output_tokens=300) as stream:
+        next(iter(stream))
+    granted = task(client).reserved_tokens
+    assert granted > 300
+    assert used_after_delivery(budget.reporter, client) == granted
+
+
+def test_a_streaming_response_left_unread_reports_its_usage(
+    llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget, client: BudgetClient
+) -> None:
+    with llm.chat.completions.with_streaming_response.create(model="big", messages=USER, max_tokens=300):
+        pass
+    reference = llm.chat.completions.create(model="big", messages=USER, max_tokens=300)  # the same call, parsed
+    assert used_after_delivery(budget.reporter, client) == 2 * _total(reference.usage)
+
+
+async def test_async_helpers_are_checked_and_reported(
+    allm: AsyncBudgetedOpenAI, server: ScriptedOpenAI, client: BudgetClient
+) -> None:
+    parsed = await allm.chat.completions.parse(model="big", messages=USER, max_tokens=300)
+    async with allm.responses.stream(model="big", input="hi", max_output_tokens=300) as stream:
+        streamed = await stream.get_final_response()
+    raw = await allm.responses.with_raw_response.create(model="big", input="hi", max_output_tokens=300)
+    async with allm.chat.completions.with_streaming_response.create(
+        model="big", messages=USER, max_tokens=300, stream=True
+    ) as response:
+        chunks = [chunk async for chunk in await response.parse()]
+    spent = [parsed.usage, streamed.usage, raw.parse().usage, chunks[-1].usage]
+    assert used_after_delivery(allm.budget.reporter, client) == sum(_total(usage) for usage in spent)
+    assert len(server.requests) == 4
+
+
+async def test_async_helpers_raise_checkpoint_before_any_request(
+    allm: AsyncBudgetedOpenAI, server: ScriptedOpenAI, budget: Budget
+) -> None:
+    spend(budget, 7800)
+    with pytest.raises(CheckpointRequired):
+        await allm.chat.completions.parse(model="big", messages=USER, max_tokens=300)
+    with pytest.raises(CheckpointRequired):
+        async with allm.chat.completions.stream(model="big", messages=USER, max_tokens=300):
+            pass
+    with pytest.raises(CheckpointRequired):
+        await allm.responses.with_raw_response.create(model="big", input="hi", max_output_tokens=300)
+    with pytest.raises(CheckpointRequired):
+        async with allm.responses.with_streaming_response.create(model="big", input="hi", max_output_tokens=300):
+            pass
+    assert server.requests == []
