@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -138,24 +138,10 @@ class _Call:
             for name in [name for name in self.endpoint.caps if name in kwargs] or [self.endpoint.caps[0]]:
                 kwargs[name] = cap
         if step.max_context_tokens is not None and self.items is not None:
-            kwargs[self.endpoint.items_key] = self._kept_items(step.trim(self.messages))
+            kwargs[self.endpoint.items_key] = step.trim_items(self.items, self.messages)
         if streams and self.endpoint.asks_stream_usage:
             kwargs["stream_options"] = {**dict(kwargs.get("stream_options") or {}), "include_usage": True}
         return kwargs
-
-    def _kept_items(self, kept: Sequence[Message]) -> list[Any]:
-        """The items whose messages ``trim`` kept (it keeps the messages themselves, in their order)."""
-        assert self.items is not None
-        offset = len(self.messages) - len(self.items)
-        wanted = iter(kept)
-        next_kept = next(wanted, None)
-        out = []
-        for index, message in enumerate(self.messages):
-            if message is next_kept:
-                if index >= offset:
-                    out.append(self.items[index - offset])
-                next_kept = next(wanted, None)
-        return out
 
 
 # --- what a call spent ----------------------------------------------------------------------------------------------
