@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -45,6 +45,7 @@ from openai._response import async_to_streamed_response_wrapper, to_streamed_res
 from budgetwarden_client._budget import AsyncBudget, AsyncStepScope, Budget, StepScope
 from budgetwarden_client._messages import Message, as_dict
 from budgetwarden_client._step import Step
+from budgetwarden_client.integrations._streams import AsyncBudgetedStream, BudgetedStream, exc_info, get, record_usage
 
 __all__ = ["AsyncBudgetedOpenAI", "AsyncBudgetedStream", "BudgetedOpenAI", "BudgetedStream", "budgeted"]
 
@@ -144,175 +145,6 @@ class _Call:
         return kwargs
 
 
-# --- what a call spent ----------------------------------------------------------------------------------------------
-
-
-def _get(value: Any, *path: str) -> Any:
-    for name in path:
-        if value is None:
-            return None
-        value = value.get(name) if isinstance(value, Mapping) else getattr(value, name, None)
-    return value
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) else 0
-
-
-def record_usage(step: Step, usage: Any) -> bool:
-    """Records a Chat Completions or Responses ``usage`` on the step; False when there is none. Reasoning tokens are
-    part of ``completion_tokens`` / ``output_tokens`` already, so they are charged through them."""
-    if usage is None:
-        return False
-    chat = _get(usage, "prompt_tokens") is not None
-    details = "prompt_tokens_details" if chat else "input_tokens_details"
-    step.record_usage(
-        input_tokens=_int(_get(usage, "prompt_tokens" if chat else "input_tokens")),
-        output_tokens=_int(_get(usage, "completion_tokens" if chat else "output_tokens")),
-        cached_input_tokens=_int(_get(usage, details, "cached_tokens")),
-    )
-    return True
-
-
-def _chunk_usage(chunk: Any) -> Any:
-    """The usage a stream chunk or event carries: a chat chunk's ``usage``, a Responses terminal event's."""
-    if _get(chunk, "type") in ("response.completed", "response.incomplete", "response.failed"):
-        return _get(chunk, "response", "usage")
-    return _get(chunk, "usage")
-
-
-def _charge_if_streamed(step: Step, received: bool) -> None:
-    """A stream that failed after the server began sending spent tokens nobody reported: they are charged as the
-    reservation (its counted input, the rest as output), as the step API charges a step that completed without usage.
-    One that failed before any chunk spent nothing: its reservation is released."""
-    if received and not step.usage_recorded and step.reservation_id:
-        reserved_input = min(step.input_tokens, step.max_context_tokens or step.input_tokens, step.granted_tokens)
-        step.record_usage(input_tokens=reserved_input, output_tokens=step.granted_tokens - reserved_input)
-
-
-def _exc_info(error: BaseException | None) -> tuple[Any, BaseException | None, Any]:
-    return (type(error) if error else None, error, error.__traceback__ if error else None)
-
-
-# --- streams --------------------------------------------------------------------------------------------------------
-
-
-class BudgetedStream:
-    """An SDK ``Stream`` whose step is reported when it ends: at its usage chunk's end, on ``close()`` or leaving its
-    ``with``, or when a ``for`` loop over it is left early (the loop's iterator is then closed). Everything else is
-    the SDK stream's (``response``, ...)."""
-
-    def __init__(self, stream: Any, step: Step, scope: StepScope) -> None:
-        self._stream = stream
-        self.step = step
-        """The budget step of the call (``step.granted_tokens``: what an early close is charged)."""
-        self._scope = scope
-        self._done = False
-        self._received = False
-        self._iterator: Iterator[Any] | None = None
-
-    def __iter__(self) -> Iterator[Any]:
-        # A fresh generator the loop alone holds: leaving the loop early finalizes it, which ends the step.
-        return self._chunks()
-
-    def __next__(self) -> Any:
-        if self._iterator is None:
-            self._iterator = self._chunks()
-        return next(self._iterator)
-
-    def _chunks(self) -> Iterator[Any]:
-        error: BaseException | None = None
-        try:
-            for chunk in self._stream:
-                record_usage(self.step, _chunk_usage(chunk))
-                self._received = True
-                yield chunk
-        except GeneratorExit:
-            raise
-        except BaseException as exc:
-            error = exc
-            _charge_if_streamed(self.step, self._received)
-            raise
-        finally:
-            self._finish(error)
-
-    def _finish(self, error: BaseException | None) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._stream.close()
-        self._scope.__exit__(*_exc_info(error))
-
-    def close(self) -> None:
-        self._finish(None)
-
-    def __enter__(self) -> BudgetedStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
-class AsyncBudgetedStream:
-    """The asyncio twin of :class:`BudgetedStream`. An ``async for`` left early ends the step when asyncio finalizes
-    the loop's iterator (soon after the ``break``); ``await stream.close()`` or ``async with`` end it at once."""
-
-    def __init__(self, stream: Any, step: Step, scope: AsyncStepScope) -> None:
-        self._stream = stream
-        self.step = step
-        """The budget step of the call (``step.granted_tokens``: what an early close is charged)."""
-        self._scope = scope
-        self._done = False
-        self._received = False
-        self._iterator: AsyncIterator[Any] | None = None
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._chunks()
-
-    async def __anext__(self) -> Any:
-        if self._iterator is None:
-            self._iterator = self._chunks()
-        return await anext(self._iterator)
-
-    async def _chunks(self) -> AsyncIterator[Any]:
-        error: BaseException | None = None
-        try:
-            async for chunk in self._stream:
-                record_usage(self.step, _chunk_usage(chunk))
-                self._received = True
-                yield chunk
-        except GeneratorExit:
-            raise
-        except BaseException as exc:
-            error = exc
-            _charge_if_streamed(self.step, self._received)
-            raise
-        finally:
-            await self._finish(error)
-
-    async def _finish(self, error: BaseException | None) -> None:
-        if self._done:
-            return
-        self._done = True
-        await self._stream.close()
-        await self._scope.__aexit__(*_exc_info(error))
-
-    async def close(self) -> None:
-        await self._finish(None)
-
-    async def __aenter__(self) -> AsyncBudgetedStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
 # --- responses the caller reads later: raw ones, and with_streaming_response's ------------------------------------
 
 
@@ -350,7 +182,7 @@ class _StreamedResponse:
         parsed = self._response.parse(**kwargs)
         if not self._streams:
             if not self._step.usage_recorded:
-                record_usage(self._step, _get(parsed, "usage"))
+                record_usage(self._step, get(parsed, "usage"))
             return parsed
         if self._stream is None:
             self._stream = BudgetedStream(parsed, self._step, self._scope)
@@ -385,7 +217,7 @@ class _AsyncStreamedResponse:
         parsed = await self._response.parse(**kwargs)
         if not self._streams:
             if not self._step.usage_recorded:
-                record_usage(self._step, _get(parsed, "usage"))
+                record_usage(self._step, get(parsed, "usage"))
             return parsed
         if self._stream is None:
             self._stream = AsyncBudgetedStream(parsed, self._step, self._scope)
@@ -518,7 +350,7 @@ class _Resource:
             try:
                 result = send(**request.apply(step, streams=streams))
             except BaseException as error:
-                scope.__exit__(*_exc_info(error))  # nothing spent: the reservation is released
+                scope.__exit__(*exc_info(error))  # nothing spent: the reservation is released
                 raise
             return self._settle(result, step, scope, streams)
 
@@ -534,7 +366,7 @@ class _Resource:
         if isinstance(result, openai.Stream):
             return BudgetedStream(result, step, scope)
         parsed = result.parse() if isinstance(result, LegacyAPIResponse) else result
-        record_usage(step, _get(parsed, "usage"))
+        record_usage(step, get(parsed, "usage"))
         scope.__exit__(None, None, None)
         return result
 
@@ -600,7 +432,7 @@ class _AsyncResource:
             try:
                 result = await send(**request.apply(step, streams=streams))
             except BaseException as error:
-                await scope.__aexit__(*_exc_info(error))
+                await scope.__aexit__(*exc_info(error))
                 raise
             return await self._settle(result, step, scope, streams)
 
@@ -615,7 +447,7 @@ class _AsyncResource:
         if isinstance(result, openai.AsyncStream):
             return AsyncBudgetedStream(result, step, scope)
         parsed = result.parse() if isinstance(result, LegacyAPIResponse) else result
-        record_usage(step, _get(parsed, "usage"))
+        record_usage(step, get(parsed, "usage"))
         await scope.__aexit__(None, None, None)
         return result
 
