@@ -500,5 +500,7 @@ def test_the_proxy_allows_reports_and_denies(proxy: str, server: ScriptedOpenAI,
             )
     assert refused.value.status_code == 429  # the hook's answer, not the 500 the proxy gives an unknown exception
     assert "above the per-step cap" in refused.value.message
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["provider_specific_fields"]["budgetwarden"]["decision"] == "deny"
     assert len(server.requests) == 1  # nothing reached the model
     assert sync_task(sync_budget, "t1").reserved_tokens == 0

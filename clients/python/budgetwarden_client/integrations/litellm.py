@@ -40,11 +40,11 @@ import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
 from budgetwarden_client._budget import AsyncBudget, AsyncStepScope, Budget
-from budgetwarden_client._errors import BudgetDenied, BudgetError, BudgetUnavailable, CheckpointRequired
+from budgetwarden_client._errors import BudgetDenied, BudgetError, CheckpointRequired
 from budgetwarden_client._step import FailMode, Step
-from budgetwarden_client.integrations._streams import BudgetedStream, exc_info, get, record_usage
+from budgetwarden_client._usage import BudgetedStream, exc_info, get, record_usage
 
-__all__ = ["BudgetwardenLogger", "StepIds", "budgeted_completion", "step_ids_from_metadata"]
+__all__ = ["BudgetwardenLogger", "ProxyRefusalError", "StepIds", "budgeted_completion", "step_ids_from_metadata"]
 
 logger = logging.getLogger("budgetwarden_client.integrations.litellm")
 
@@ -215,7 +215,7 @@ class BudgetwardenLogger(CustomLogger):
         try:
             return await self._check(data, keep_provider=False)
         except BudgetError as refused:
-            raise _http_error(refused) from refused
+            raise ProxyRefusalError(refused) from refused
 
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
@@ -241,25 +241,28 @@ class BudgetwardenLogger(CustomLogger):
         await scope.__aexit__(type(failure), failure, None)  # nothing spent: the reservation goes back
 
 
-def _http_error(refused: BudgetError) -> Exception:
-    """A refusal as the proxy's HTTP answer (the proxy answers an exception it does not know with a 500): 429 for
-    CHECKPOINT and DENY (with ``Retry-After`` when the sidecar gave one), 503 when the sidecar cannot be reached. The
-    detail names the decision and the checkpoint id the operator approves."""
-    from fastapi import HTTPException  # the proxy's own dependency, imported only on the proxy's path
+class ProxyRefusalError(Exception):
+    """A refusal as the LiteLLM proxy answers it: the proxy answers an exception by its ``status_code`` (an exception
+    without one is a 500), with its ``message``, ``code`` and ``provider_specific_fields`` in the error body. 429 for
+    CHECKPOINT and DENY, 503 when the sidecar cannot be reached; ``provider_specific_fields["budgetwarden"]`` names
+    the decision, the checkpoint id to approve, ``retry_after`` and the remaining tokens. The refusal is the
+    ``__cause__``."""
 
-    if isinstance(refused, BudgetUnavailable):
-        return HTTPException(status_code=503, detail={"error": str(refused), "budgetwarden": "unavailable"})
-    detail: dict[str, Any] = {"error": str(refused), "budgetwarden": "checkpoint"}
-    headers: dict[str, str] | None = None
-    if isinstance(refused, CheckpointRequired):
-        detail["checkpoint_id"] = refused.checkpoint_id
-    elif isinstance(refused, BudgetDenied):
-        detail["budgetwarden"] = "deny"
-        if refused.retry_after:
-            headers = {"Retry-After": str(max(1, round(refused.retry_after)))}
-    if refused.remaining_tokens is not None:
-        detail["remaining_tokens"] = refused.remaining_tokens
-    return HTTPException(status_code=429, detail=detail, headers=headers)
+    def __init__(self, refused: BudgetError) -> None:
+        super().__init__(str(refused))
+        self.message = str(refused)
+        details: dict[str, Any] = {"decision": "unavailable"}
+        self.status_code = 503
+        if isinstance(refused, (CheckpointRequired, BudgetDenied)):
+            self.status_code = 429
+            details["decision"] = "checkpoint" if isinstance(refused, CheckpointRequired) else "deny"
+            details["remaining_tokens"] = refused.remaining_tokens
+        if isinstance(refused, CheckpointRequired):
+            details["checkpoint_id"] = refused.checkpoint_id
+        if isinstance(refused, BudgetDenied) and refused.retry_after:
+            details["retry_after"] = refused.retry_after
+        self.code = f"budgetwarden_{details['decision']}"
+        self.provider_specific_fields = {"budgetwarden": details}
 
 
 def _apply(step: Step, request: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from openai._response import async_to_streamed_response_wrapper, to_streamed_res
 from budgetwarden_client._budget import AsyncBudget, AsyncStepScope, Budget, StepScope
 from budgetwarden_client._messages import Message, as_dict
 from budgetwarden_client._step import Step
-from budgetwarden_client.integrations._streams import AsyncBudgetedStream, BudgetedStream, exc_info, get, record_usage
+from budgetwarden_client._usage import AsyncBudgetedStream, BudgetedStream, exc_info, get, record_usage
 
 __all__ = ["AsyncBudgetedOpenAI", "AsyncBudgetedStream", "BudgetedOpenAI", "BudgetedStream", "budgeted"]
 

@@ -1,5 +1,6 @@
-"""What the integrations share: reading an OpenAI-format ``usage`` onto a step, and a stream whose step ends when the
-stream does (the OpenAI SDK's streams, LiteLLM's: anything iterable with a ``close``)."""
+"""What the integrations (``budgetwarden_client.integrations``) share: reading an OpenAI-format ``usage`` onto a step,
+and a stream whose step ends when the stream does (the OpenAI SDK's streams, LiteLLM's: anything iterable with a
+``close``)."""
 
 from __future__ import annotations
 
