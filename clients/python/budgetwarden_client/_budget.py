@@ -112,6 +112,17 @@ class _Settings:
         self.reporter.report(record)
         return True
 
+    async def report_async(self, step: Step, exc: BaseException | None) -> bool:
+        """``report`` without ever blocking the event loop: queued at once when there is room, else handed to
+        ``report()`` in a thread (a full queue with ``on_full="block"`` waits there, a spill writes the journal
+        there), the step's exit awaiting it while the loop runs on."""
+        record = step.usage_record(self.tenant_id, outcome_of(exc))
+        if record is None:
+            return False
+        if not self.reporter.report_nowait(record):
+            await asyncio.to_thread(self.reporter.report, record)
+        return True
+
 
 def _messages_argument(fn: Callable[..., Any], name: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
     """The value of ``fn``'s argument ``name`` in a call (the first parameter is the step)."""
@@ -268,7 +279,9 @@ class StepScope:
 
 class AsyncBudget:
     """The asyncio twin of :class:`Budget`: ``async with budget.step(...) as step:``. Usage goes through the same
-    thread-based BackgroundReporter (``report()`` does not wait for the sidecar)."""
+    thread-based BackgroundReporter, without ever blocking the event loop: a record is queued at once when there is
+    room, and when there is none (``on_full="block"``, or ``"spill"`` writing the journal) the step's exit awaits
+    ``report()`` in a thread while the loop runs on."""
 
     def __init__(
         self,
@@ -400,7 +413,7 @@ class AsyncStepScope:
     ) -> None:
         step = self._step
         assert step is not None, "the step was not entered"
-        if self._budget._settings.report(step, exc) or not step.reservation_id or exc is None:
+        if await self._budget._settings.report_async(step, exc) or not step.reservation_id or exc is None:
             return
         try:
             await self._budget.client.release(tenant_id=self._budget.tenant_id, reservation_id=step.reservation_id)
