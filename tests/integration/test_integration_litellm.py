@@ -35,29 +35,7 @@ from budgetwarden_client.integrations.litellm import BudgetwardenLogger, budgete
 from scripted_openai import Reply, ScriptedOpenAI, count_prompt_tokens
 
 from support import RunningSidecar
-
-POLICY = """
-unknown_tenants: reject
-tenants:
-  acme:
-    windows:
-      day: {tokens: 1000000, usd: 100}
-models:
-  big: {input_usd_per_mtok: 10, cached_input_usd_per_mtok: 2.5, output_usd_per_mtok: 30, degrade_to: small}
-  small: {input_usd_per_mtok: 1, cached_input_usd_per_mtok: 0.5, output_usd_per_mtok: 4}
-default_task_type: agent
-task_types:
-  agent:
-    per_task: {tokens: 10000}
-    per_step: {tokens: 4000}
-    soft_threshold: 0.5
-    checkpoint_threshold: 0.8
-    degrade:
-      - {name: cheaper, model: small, max_output_tokens: 200, max_context_tokens: 500}
-  plain:
-    per_task: {tokens: 1000000}
-    per_step: {tokens: 4000}
-"""
+from support_policies import AGENT_POLICY, start_with_policy
 
 HELLO: list[dict[str, Any]] = [{"role": "user", "content": "Say hello to the budget."}]
 BOUND = 30.0  # seconds to wait for what happens in the background (usage delivered); far beyond any delay
@@ -92,9 +70,7 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def running(start_sidecar: Callable[..., RunningSidecar], tmp_path: Path) -> RunningSidecar:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    return start_sidecar(policy_file=policy, admin_listen=f"127.0.0.1:{free_port()}", check_deadline_ms=60_000)
+    return start_with_policy(start_sidecar, tmp_path, AGENT_POLICY)
 
 
 @pytest.fixture

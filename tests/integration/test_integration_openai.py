@@ -11,34 +11,12 @@ from typing import Any
 import openai
 import pytest
 
-from budgetwarden.store._embedded import free_port
 from budgetwarden_client import AsyncBudget, Budget, BudgetClient, CheckpointRequired, pb
 from budgetwarden_client.integrations.openai import AsyncBudgetedOpenAI, BudgetedOpenAI, BudgetedStream, budgeted
 from scripted_openai import RecordedRequest, Reply, ScriptedOpenAI
 
 from support import RunningSidecar
-
-# As tests/integration/test_step_api.py: a task of 10000 tokens, DEGRADE past 5000 (to "cheaper", 200 tokens out,
-# 500 of context), CHECKPOINT past 8000.
-POLICY = """
-unknown_tenants: reject
-tenants:
-  acme:
-    windows:
-      day: {tokens: 1000000, usd: 100}
-models:
-  big: {input_usd_per_mtok: 10, cached_input_usd_per_mtok: 2.5, output_usd_per_mtok: 30, degrade_to: cheaper}
-  cheaper: {input_usd_per_mtok: 1, cached_input_usd_per_mtok: 0.5, output_usd_per_mtok: 4}
-default_task_type: agent
-task_types:
-  agent:
-    per_task: {tokens: 10000}
-    per_step: {tokens: 4000}
-    soft_threshold: 0.5
-    checkpoint_threshold: 0.8
-    degrade:
-      - {name: cheaper, model: cheaper, max_output_tokens: 200, max_context_tokens: 500}
-"""
+from support_policies import AGENT_POLICY, start_with_policy
 
 ANSWER = " ".join(f"word{i}" for i in range(40))  # about 80 tokens: several stream chunks
 BOUND = 30.0  # seconds for anything awaited: far beyond any scheduling delay
@@ -50,16 +28,14 @@ def reply(request: RecordedRequest) -> Reply:
 
 @pytest.fixture
 def running(start_sidecar: Callable[..., RunningSidecar], tmp_path: Path) -> RunningSidecar:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    return start_sidecar(policy_file=policy, admin_listen=f"127.0.0.1:{free_port()}", check_deadline_ms=60_000)
+    return start_with_policy(start_sidecar, tmp_path, AGENT_POLICY)
 
 
 @pytest.fixture
 def server() -> Iterator[ScriptedOpenAI]:
     with ScriptedOpenAI({}) as scripted:
         scripted.respond_with("big", reply)
-        scripted.respond_with("cheaper", reply)
+        scripted.respond_with("small", reply)
         yield scripted
 
 
@@ -246,7 +222,7 @@ def test_degrade_swaps_the_model_caps_output_and_trims_messages(
     messages = chat(12)  # about 1200 tokens: past the soft threshold
     completion = llm.chat.completions.create(model="big", messages=messages, max_tokens=1000)
     sent = server.requests[-1]
-    assert (sent.model, sent.max_tokens) == ("cheaper", 200)
+    assert (sent.model, sent.max_tokens) == ("small", 200)
     assert sent.messages[0] == messages[0]  # the system message stays
     assert 1 <= len(sent.messages) - 1 < len(messages) - 1
     assert sent.messages[1:] == messages[-(len(sent.messages) - 1) :]  # the most recent ones
@@ -259,7 +235,7 @@ def test_degrade_trims_responses_input_items(llm: BudgetedOpenAI, server: Script
     items = chat(12)[1:]
     llm.responses.create(model="big", instructions="You are terse.", input=items, max_output_tokens=1000)
     sent = server.requests[-1]
-    assert (sent.model, sent.max_output_tokens, sent.instructions) == ("cheaper", 200, "You are terse.")
+    assert (sent.model, sent.max_output_tokens, sent.instructions) == ("small", 200, "You are terse.")
     assert 1 <= len(sent.body["input"]) < len(items)
     assert sent.body["input"] == items[-len(sent.body["input"]) :]
 
@@ -440,7 +416,7 @@ def test_degrade_applies_to_the_stream_helper(llm: BudgetedOpenAI, server: Scrip
     with llm.chat.completions.stream(model="big", messages=chat(12), max_tokens=1000) as stream:
         completion = stream.get_final_completion()
     sent = server.requests[-1]
-    assert (sent.model, sent.max_tokens) == ("cheaper", 200)
+    assert (sent.model, sent.max_tokens) == ("small", 200)
     assert sent.body["stream_options"] == {"include_usage": True}
     assert completion.usage is not None
 

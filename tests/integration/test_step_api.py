@@ -31,34 +31,7 @@ from budgetwarden_client import (
 )
 
 from support import BlackHole, RunningSidecar
-
-# The policy engine's walk (support_policies.ENGINE_POLICY) with a rung that also caps the context, and a tenant with
-# a small minute window for denials that come with a retry_after.
-STEP_POLICY = """
-unknown_tenants: reject
-tenants:
-  acme:
-    windows:
-      day: {tokens: 1000000, usd: 100}
-  tight:
-    windows:
-      minute: {tokens: 1000}
-models:
-  big: {input_usd_per_mtok: 10, cached_input_usd_per_mtok: 2.5, output_usd_per_mtok: 30, degrade_to: small}
-  small: {input_usd_per_mtok: 1, cached_input_usd_per_mtok: 0.5, output_usd_per_mtok: 4}
-default_task_type: agent
-task_types:
-  agent:
-    per_task: {tokens: 10000}
-    per_step: {tokens: 4000}
-    soft_threshold: 0.5
-    checkpoint_threshold: 0.8
-    degrade:
-      - {name: cheaper, model: cheaper, max_output_tokens: 200, max_context_tokens: 500}
-  plain:
-    per_task: {tokens: 1000000}
-    per_step: {tokens: 4000}
-"""
+from support_policies import AGENT_POLICY, start_with_policy
 
 # Bounds for what must not hang: the step's deadline is 1 s, the bound is far beyond any scheduling delay.
 DEADLINE = 1.0
@@ -67,10 +40,7 @@ NO_HANG_BOUND = 30.0
 
 @pytest.fixture
 def running(start_sidecar: Callable[..., RunningSidecar], tmp_path: Path) -> RunningSidecar:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(STEP_POLICY)
-    # A generous check deadline: prompts are counted within it (on a busy machine a long one would be estimated).
-    return start_sidecar(policy_file=policy, admin_listen=f"127.0.0.1:{free_port()}", check_deadline_ms=60_000)
+    return start_with_policy(start_sidecar, tmp_path, AGENT_POLICY)
 
 
 @pytest.fixture

@@ -65,18 +65,41 @@ def exc_info(error: BaseException | None) -> tuple[Any, BaseException | None, An
 # --- streams --------------------------------------------------------------------------------------------------------
 
 
-class BudgetedStream:
-    """An SDK ``Stream`` whose step is reported when it ends: at its usage chunk's end, on ``close()`` or leaving its
-    ``with``, or when a ``for`` loop over it is left early (the loop's iterator is then closed). Everything else is
-    the SDK stream's (``response``, ...)."""
+class _StreamState:
+    """What ``BudgetedStream`` and ``AsyncBudgetedStream`` share: the step, and what each chunk and a failure mean
+    for it. Everything else is the wrapped stream's (``response``, ...)."""
 
-    def __init__(self, stream: Any, step: Step, scope: StepScope) -> None:
+    def __init__(self, stream: Any, step: Step) -> None:
         self._stream = stream
         self.step = step
         """The budget step of the call (``step.granted_tokens``: what an early close is charged)."""
-        self._scope = scope
         self._done = False
         self._received = False
+
+    def _seen(self, chunk: Any) -> Any:
+        record_usage(self.step, _chunk_usage(chunk))
+        self._received = True
+        return chunk
+
+    def _failed(self) -> None:
+        _charge_if_streamed(self.step, self._received)
+
+    def _ending(self) -> bool:
+        """True the first time only: the step ends once."""
+        ending, self._done = not self._done, True
+        return ending
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class BudgetedStream(_StreamState):
+    """An SDK ``Stream`` whose step is reported when it ends: at its usage chunk's end, on ``close()`` or leaving its
+    ``with``, or when a ``for`` loop over it is left early (the loop's iterator is then closed)."""
+
+    def __init__(self, stream: Any, step: Step, scope: StepScope) -> None:
+        super().__init__(stream, step)
+        self._scope = scope
         self._iterator: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
@@ -92,26 +115,22 @@ class BudgetedStream:
         error: BaseException | None = None
         try:
             for chunk in self._stream:
-                record_usage(self.step, _chunk_usage(chunk))
-                self._received = True
-                yield chunk
+                yield self._seen(chunk)
         except GeneratorExit:
             raise
         except BaseException as exc:
             error = exc
-            _charge_if_streamed(self.step, self._received)
+            self._failed()
             raise
         finally:
             self._finish(error)
 
     def _finish(self, error: BaseException | None) -> None:
-        if self._done:
-            return
-        self._done = True
-        close = getattr(self._stream, "close", None)
-        if close is not None:
-            close()
-        self._scope.__exit__(*exc_info(error))
+        if self._ending():
+            close = getattr(self._stream, "close", None)
+            if close is not None:
+                close()
+            self._scope.__exit__(*exc_info(error))
 
     def close(self) -> None:
         self._finish(None)
@@ -122,21 +141,14 @@ class BudgetedStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
-
-class AsyncBudgetedStream:
+class AsyncBudgetedStream(_StreamState):
     """The asyncio twin of :class:`BudgetedStream`. An ``async for`` left early ends the step when asyncio finalizes
     the loop's iterator (soon after the ``break``); ``await stream.close()`` or ``async with`` end it at once."""
 
     def __init__(self, stream: Any, step: Step, scope: AsyncStepScope) -> None:
-        self._stream = stream
-        self.step = step
-        """The budget step of the call (``step.granted_tokens``: what an early close is charged)."""
+        super().__init__(stream, step)
         self._scope = scope
-        self._done = False
-        self._received = False
         self._iterator: AsyncIterator[Any] | None = None
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -151,24 +163,20 @@ class AsyncBudgetedStream:
         error: BaseException | None = None
         try:
             async for chunk in self._stream:
-                record_usage(self.step, _chunk_usage(chunk))
-                self._received = True
-                yield chunk
+                yield self._seen(chunk)
         except GeneratorExit:
             raise
         except BaseException as exc:
             error = exc
-            _charge_if_streamed(self.step, self._received)
+            self._failed()
             raise
         finally:
             await self._finish(error)
 
     async def _finish(self, error: BaseException | None) -> None:
-        if self._done:
-            return
-        self._done = True
-        await self._stream.close()
-        await self._scope.__aexit__(*exc_info(error))
+        if self._ending():
+            await self._stream.close()
+            await self._scope.__aexit__(*exc_info(error))
 
     async def close(self) -> None:
         await self._finish(None)
@@ -178,6 +186,3 @@ class AsyncBudgetedStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)

@@ -288,10 +288,15 @@ class _Wrapped:
         return getattr(self._resource, name)
 
 
-class _Resource:
-    """``chat.completions`` or ``responses`` of a ``BudgetedOpenAI``: every generating call a budget step."""
+class _ResourceBase:
+    """``chat.completions`` or ``responses`` of a budgeted client: every generating call a budget step. The SDK's own
+    ``with_raw_response`` / ``with_streaming_response`` wrappers (``raw_wrapper``, ``streamed_wrapper``) are put
+    around the budgeted ``create`` and ``parse``; what blocks or awaits is the subclasses'."""
 
-    def __init__(self, owner: BudgetedOpenAI, endpoint: _Endpoint, resource: Any) -> None:
+    raw_wrapper: staticmethod[[Callable[..., Any]], Callable[..., Any]]
+    streamed_wrapper: staticmethod[[Callable[..., Any]], Callable[..., Any]]
+
+    def __init__(self, owner: Any, endpoint: _Endpoint, resource: Any) -> None:
         self._owner = owner
         self._endpoint = endpoint
         self._resource = resource
@@ -299,19 +304,38 @@ class _Resource:
         parse = self._budgeted(resource.parse)
         self.create = create
         self.parse = parse
-        self.with_raw_response = _Wrapped(
-            resource.with_raw_response, create=to_raw_response_wrapper(create), parse=to_raw_response_wrapper(parse)
-        )
+        raw, streamed = self.raw_wrapper, self.streamed_wrapper
+        self.with_raw_response = _Wrapped(resource.with_raw_response, create=raw(create), parse=raw(parse))
         self.with_streaming_response = _Wrapped(
-            resource.with_streaming_response,
-            create=to_streamed_response_wrapper(create),
-            parse=to_streamed_response_wrapper(parse),
+            resource.with_streaming_response, create=streamed(create), parse=streamed(parse)
         )
         if hasattr(type(resource), "stream"):
             self.stream = functools.partial(self._stream, type(resource).stream)
 
     def __getattr__(self, name: str) -> Any:  # the resource's other methods, unbudgeted
         return getattr(self._resource, name)
+
+    def _budgeted(self, send: Callable[..., Any]) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    def _stream(self, helper: Callable[..., Any], **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def _step(self, kwargs: dict[str, Any], task_id: str | None, step_id: str | None) -> tuple[_Call, Any]:
+        """The call read as a step, and its (not yet entered) scope."""
+        request = _Call(self._endpoint, kwargs)
+        owner = self._owner
+        scope = owner.budget.step(
+            task_id or owner.task_id, step_id or new_step_id(), **request.step_arguments(), **owner.step_options
+        )
+        return request, scope
+
+
+class _Resource(_ResourceBase):
+    """``_ResourceBase`` for ``openai.OpenAI`` and a ``Budget``."""
+
+    raw_wrapper = staticmethod(to_raw_response_wrapper)
+    streamed_wrapper = staticmethod(to_streamed_response_wrapper)
 
     def _stream(
         self,
@@ -337,14 +361,7 @@ class _Resource:
         def call(*, budget_step_id: str | None = None, budget_task_id: str | None = None, **kwargs: Any) -> Any:
             """The SDK's method, checked before and reported after. ``budget_step_id``: the step's id (default: a
             new one per call); ``budget_task_id``: the task's (default: the wrapper's)."""
-            request = _Call(self._endpoint, kwargs)
-            owner = self._owner
-            scope = owner.budget.step(
-                budget_task_id or owner.task_id,
-                budget_step_id or new_step_id(),
-                **request.step_arguments(),
-                **owner.step_options,
-            )
+            request, scope = self._step(kwargs, budget_task_id, budget_step_id)
             step = scope.__enter__()  # CHECKPOINT and DENY raise here, before any request
             streams = bool(kwargs.get("stream"))
             try:
@@ -371,32 +388,11 @@ class _Resource:
         return result
 
 
-class _AsyncResource:
-    """The asyncio twin of ``_Resource``."""
+class _AsyncResource(_ResourceBase):
+    """``_ResourceBase`` for ``openai.AsyncOpenAI`` and an ``AsyncBudget``."""
 
-    def __init__(self, owner: AsyncBudgetedOpenAI, endpoint: _Endpoint, resource: Any) -> None:
-        self._owner = owner
-        self._endpoint = endpoint
-        self._resource = resource
-        create = self._budgeted(resource.create)
-        parse = self._budgeted(resource.parse)
-        self.create = create
-        self.parse = parse
-        self.with_raw_response = _Wrapped(
-            resource.with_raw_response,
-            create=async_to_raw_response_wrapper(create),
-            parse=async_to_raw_response_wrapper(parse),
-        )
-        self.with_streaming_response = _Wrapped(
-            resource.with_streaming_response,
-            create=async_to_streamed_response_wrapper(create),
-            parse=async_to_streamed_response_wrapper(parse),
-        )
-        if hasattr(type(resource), "stream"):
-            self.stream = functools.partial(self._stream, type(resource).stream)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._resource, name)
+    raw_wrapper = staticmethod(async_to_raw_response_wrapper)
+    streamed_wrapper = staticmethod(async_to_streamed_response_wrapper)
 
     def _stream(
         self,
@@ -419,14 +415,7 @@ class _AsyncResource:
     def _budgeted(self, send: Callable[..., Any]) -> Callable[..., Any]:
         async def call(*, budget_step_id: str | None = None, budget_task_id: str | None = None, **kwargs: Any) -> Any:
             """See ``_Resource``."""
-            request = _Call(self._endpoint, kwargs)
-            owner = self._owner
-            scope = owner.budget.step(
-                budget_task_id or owner.task_id,
-                budget_step_id or new_step_id(),
-                **request.step_arguments(),
-                **owner.step_options,
-            )
+            request, scope = self._step(kwargs, budget_task_id, budget_step_id)
             step = await scope.__aenter__()
             streams = bool(kwargs.get("stream"))
             try:
