@@ -471,3 +471,12 @@ async def test_async_helpers_raise_checkpoint_before_any_request(
         async with allm.responses.with_streaming_response.create(model="big", input="hi", max_output_tokens=300):
             pass
     assert server.requests == []
+
+
+def test_messages_given_as_an_iterator_are_counted_and_sent(
+    llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget, client: BudgetClient
+) -> None:
+    completion = llm.chat.completions.create(model="big", messages=iter(USER), max_tokens=300)
+    assert server.requests[-1].messages == USER  # read once for the check, and the same list sent
+    assert completion.usage is not None
+    assert used_after_delivery(budget.reporter, client) == completion.usage.total_tokens

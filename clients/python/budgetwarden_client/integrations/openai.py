@@ -111,6 +111,7 @@ class _Call:
             self.messages.append({"role": "user", "content": given})
         elif given is not None:
             self.items = list(given)
+            kwargs[endpoint.items_key] = self.items  # read once: an iterator given is sent as the list it gave
             self.messages.extend(endpoint.as_message(item) for item in self.items)
 
     @property
