@@ -39,6 +39,18 @@ task_types:
       - {name: cheaper, model: cheaper, max_output_tokens: 200}
   plain:
     per_task: {tokens: 1000}
+  lean-one-tool:
+    per_task: {tokens: 10000}
+    per_step: {tokens: 4000}
+    soft_threshold: 0.5
+    degrade:
+      - {name: lean, model: cheaper, max_output_tokens: 200, max_context_tokens: 300, max_tool_calls: 1}
+  lean-no-tools:
+    per_task: {tokens: 10000}
+    per_step: {tokens: 4000}
+    soft_threshold: 0.5
+    degrade:
+      - {name: lean, model: cheaper, max_output_tokens: 200, max_context_tokens: 300, max_tool_calls: 0}
 """
 
 MAX_TOKENS = 1000
@@ -265,3 +277,71 @@ async def test_deny_stops_the_run_before_any_request(
 
     assert denied.value.reason == pb.REASON_TASK_BUDGET_EXHAUSTED
     assert server.requests == []
+
+
+@function_tool
+def forecast(city: str) -> str:
+    """Tomorrow's weather in a city."""
+    return f"Rain in {city}."
+
+
+@function_tool
+def alerts(city: str) -> str:
+    """Weather alerts in a city."""
+    return f"No alerts in {city}."
+
+
+def history(turns: int) -> list[dict[str, str]]:
+    """A long conversation (about 100 tokens a turn) for the advice's context cap to cut."""
+    return [
+        {"role": "user" if turn % 2 == 0 else "assistant", "content": f"turn {turn}: " + "lorem ipsum " * 50}
+        for turn in range(turns)
+    ] + [{"role": "user", "content": "Weather in Paris, Rome and Oslo?"}]
+
+
+CALLS = [ToolCall("lookup", {"city": city}) for city in ("Paris", "Rome", "Oslo")]
+
+
+async def test_degrade_trims_the_context_and_allows_one_tool_call(
+    running: RunningSidecar, client: BudgetClient, server: ScriptedOpenAI, provider: OpenAIProvider
+) -> None:
+    server.script("gpt-4o-mini", Reply(tool_calls=CALLS), Reply(text="Sunny in Paris."))
+    conversation = history(8)
+    async with AsyncBudget(running.addr, tenant_id="acme", timeout=30, task_type="lean-one-tool") as lean:
+        await spend(lean, "t1", 5500)  # past the soft threshold: every call is degraded
+        run_config = RunConfig(model_provider=BudgetModelProvider(lean, task_id="t1", provider=provider))
+        weather = agent(tools=[lookup, forecast, alerts])
+        result = await Runner.run(weather, conversation, run_config=run_config)  # type: ignore[arg-type]
+        delivered(lean)
+
+    assert result.final_output == "Sunny in Paris."
+    first, second = server.requests
+    assert (first.model, first.token_cap, first.body["parallel_tool_calls"]) == ("gpt-4o-mini", 200, False)
+    # The context cap: the instructions and the most recent turns only.
+    assert first.messages[0] == {"role": "system", "content": "You are terse."}
+    assert 1 <= len(first.messages) - 1 < len(conversation)
+    assert first.messages[-1]["content"] == conversation[-1]["content"]
+    # The model asked for three calls: the runner ran one (the only tool result the next call carries).
+    (called,) = [m for m in second.messages if m.get("tool_calls")]
+    assert [call["function"]["arguments"] for call in called["tool_calls"]] == ['{"city":"Paris"}']
+    assert [m["content"] for m in second.messages if m["role"] == "tool"] == ["Sunny in Paris."]
+    assert len(second.messages) - 1 < len(conversation) + 2
+    assert result.context_wrapper.usage.requests == 2
+    assert task_scope(client, "t1").reserved_tokens == 0
+
+
+async def test_degrade_to_no_tool_calls_asks_for_none_and_runs_none(
+    running: RunningSidecar, server: ScriptedOpenAI, provider: OpenAIProvider
+) -> None:
+    server.script("gpt-4o-mini", Reply(text="No tools needed.", tool_calls=CALLS))
+    async with AsyncBudget(running.addr, tenant_id="acme", timeout=30, task_type="lean-no-tools") as lean:
+        await spend(lean, "t1", 5500)
+        run_config = RunConfig(model_provider=BudgetModelProvider(lean, task_id="t1", provider=provider))
+        streamed = Runner.run_streamed(agent(tools=[lookup, forecast]), history(2), run_config=run_config)  # type: ignore[arg-type]
+        async for _ in streamed.stream_events():
+            pass
+        delivered(lean)
+
+    assert streamed.final_output == "No tools needed."
+    (only,) = server.requests  # no tool ran, so no second call
+    assert only.body["tool_choice"] == "none"

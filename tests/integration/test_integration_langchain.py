@@ -4,7 +4,7 @@ The server's request log shows what the model was really asked; ``get_budget`` s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,32 +20,8 @@ from budgetwarden_client import AdminClient, AsyncBudget, Budget, BudgetClient, 
 from budgetwarden_client.integrations.langchain import CHECKPOINT_INTERRUPT, BudgetMiddleware
 from scripted_openai import Reply, ScriptedOpenAI, ToolCall
 
-from support import RunningSidecar, free_port
-
-# test_step_api's walk: a task of 10000 tokens, DEGRADE past 5000 (to "small", 200 out, 500 of context), CHECKPOINT
-# past 8000; a tenant whose minute window (1000) denies.
-POLICY = """
-unknown_tenants: reject
-tenants:
-  acme:
-    windows:
-      day: {tokens: 1000000, usd: 100}
-  tight:
-    windows:
-      minute: {tokens: 1000}
-models:
-  big: {input_usd_per_mtok: 10, cached_input_usd_per_mtok: 2.5, output_usd_per_mtok: 30, degrade_to: small}
-  small: {input_usd_per_mtok: 1, cached_input_usd_per_mtok: 0.5, output_usd_per_mtok: 4}
-default_task_type: agent
-task_types:
-  agent:
-    per_task: {tokens: 10000}
-    per_step: {tokens: 4000}
-    soft_threshold: 0.5
-    checkpoint_threshold: 0.8
-    degrade:
-      - {name: cheaper, model: small, max_output_tokens: 200, max_context_tokens: 500}
-"""
+from support import RunningSidecar
+from support_policies import AGENT_POLICY, start_with_policy
 
 
 @tool
@@ -55,13 +31,8 @@ def get_weather(city: str) -> str:
 
 
 @pytest.fixture
-def running(start_sidecar: Any, tmp_path: Path) -> RunningSidecar:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    sidecar: RunningSidecar = start_sidecar(
-        policy_file=policy, admin_listen=f"127.0.0.1:{free_port()}", check_deadline_ms=60_000
-    )
-    return sidecar
+def running(start_sidecar: Callable[..., RunningSidecar], tmp_path: Path) -> RunningSidecar:
+    return start_with_policy(start_sidecar, tmp_path, AGENT_POLICY)
 
 
 @pytest.fixture

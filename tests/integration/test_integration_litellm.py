@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,36 +26,15 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
 import litellm  # after the environment above, which keeps it offline
+import openai
 import pytest
 
-from budgetwarden_client import AdminClient, AsyncBudget, BudgetDenied, CheckpointRequired, pb
-from budgetwarden_client.integrations.litellm import BudgetwardenLogger
+from budgetwarden_client import AdminClient, AsyncBudget, Budget, BudgetDenied, CheckpointRequired, pb
+from budgetwarden_client.integrations.litellm import BudgetwardenLogger, budgeted_completion
 from scripted_openai import Reply, ScriptedOpenAI, count_prompt_tokens
 
 from support import RunningSidecar, free_port
-
-POLICY = """
-unknown_tenants: reject
-tenants:
-  acme:
-    windows:
-      day: {tokens: 1000000, usd: 100}
-models:
-  big: {input_usd_per_mtok: 10, cached_input_usd_per_mtok: 2.5, output_usd_per_mtok: 30, degrade_to: small}
-  small: {input_usd_per_mtok: 1, cached_input_usd_per_mtok: 0.5, output_usd_per_mtok: 4}
-default_task_type: agent
-task_types:
-  agent:
-    per_task: {tokens: 10000}
-    per_step: {tokens: 4000}
-    soft_threshold: 0.5
-    checkpoint_threshold: 0.8
-    degrade:
-      - {name: cheaper, model: small, max_output_tokens: 200, max_context_tokens: 500}
-  plain:
-    per_task: {tokens: 1000000}
-    per_step: {tokens: 4000}
-"""
+from support_policies import AGENT_POLICY, start_with_policy
 
 HELLO: list[dict[str, Any]] = [{"role": "user", "content": "Say hello to the budget."}]
 BOUND = 30.0  # seconds to wait for what happens in the background (usage delivered); far beyond any delay
@@ -88,9 +69,7 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def running(start_sidecar: Callable[..., RunningSidecar], tmp_path: Path) -> RunningSidecar:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    return start_sidecar(policy_file=policy, admin_listen=f"127.0.0.1:{free_port()}", check_deadline_ms=60_000)
+    return start_with_policy(start_sidecar, tmp_path, AGENT_POLICY)
 
 
 @pytest.fixture
@@ -311,3 +290,192 @@ def test_litellm_makes_no_network_call(server: ScriptedOpenAI) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "refused: []" in done.stdout, done.stdout
     assert "reply: offline" in done.stdout
+
+
+# --- the sync SDK path: budgeted_completion --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sync_budget(running: RunningSidecar) -> Iterator[Budget]:
+    with Budget(running.addr, tenant_id="acme", timeout=30) as b:
+        yield b
+
+
+def sync_task(budget: Budget, task_id: str) -> pb.ScopeState:
+    assert budget.reporter.flush(timeout=BOUND), "the reporter did not deliver"
+    state = budget.client.get_budget(tenant_id="acme", task_id=task_id)
+    return next(scope for scope in state.scopes if scope.name == "task")
+
+
+def sync_call(server: ScriptedOpenAI, budget: Budget, model: str, task_id: str, step_id: str, **kwargs: Any) -> Any:
+    completion = budgeted_completion(budget)
+    return completion(
+        model=f"openai/{model}",
+        api_base=server.base_url,
+        api_key="test",
+        messages=kwargs.pop("messages", HELLO),
+        metadata={"budgetwarden_task_id": task_id, "budgetwarden_step_id": step_id},
+        **kwargs,
+    )
+
+
+def test_sync_completion_is_checked_and_reports_its_usage(sync_budget: Budget, server: ScriptedOpenAI) -> None:
+    server.script("big", Reply(text="Hello, budget.", reasoning_tokens=7, cached_tokens=4))
+    reply = sync_call(server, sync_budget, "big", "t1", "s1", max_tokens=500)
+    assert [(r.model, r.max_tokens) for r in server.requests] == [("big", 500)]
+    spent = reply.usage.prompt_tokens + reply.usage.completion_tokens
+    task = sync_task(sync_budget, "t1")
+    assert (task.used_tokens, task.reserved_tokens) == (spent, 0)
+    assert task.used_usd_micros == pytest.approx(
+        (reply.usage.prompt_tokens - 4) * 10 + 4 * 2.5 + reply.usage.completion_tokens * 30, abs=1
+    )
+
+
+def test_sync_completion_degrades_and_refuses_before_sending(sync_budget: Budget, server: ScriptedOpenAI) -> None:
+    with sync_budget.step("t1", "s0", model="big", estimated_input_tokens=3950) as step:
+        step.record_usage(input_tokens=3950)
+    assert sync_task(sync_budget, "t1").reserved_tokens == 0
+    server.script("small", Reply(text="Cheaper hello."))
+    sync_call(server, sync_budget, "big", "t1", "s1", max_tokens=1500)  # past the soft threshold
+    assert [(r.model, r.max_tokens) for r in server.requests] == [("small", 200)]
+
+    with sync_budget.step("t1", "s2", model="big", estimated_input_tokens=3950) as step:
+        step.record_usage(input_tokens=3950)  # even degraded, the next call passes the checkpoint line, 8000
+    assert sync_task(sync_budget, "t1").reserved_tokens == 0
+    with pytest.raises(CheckpointRequired):
+        sync_call(server, sync_budget, "big", "t1", "s3", max_tokens=500)
+    assert len(server.requests) == 1  # the refused call sent nothing
+    assert sync_task(sync_budget, "t1").reserved_tokens == 0
+
+
+def test_a_sync_stream_reports_its_final_usage(sync_budget: Budget, server: ScriptedOpenAI) -> None:
+    server.script("big", Reply(text="Streamed hello to the budget."))
+    stream = sync_call(server, sync_budget, "big", "t1", "s1", max_tokens=500, stream=True)
+    chunks = list(stream)
+    usage = next(chunk.usage for chunk in reversed(chunks) if getattr(chunk, "usage", None))
+    assert server.requests[0].body["stream_options"] == {"include_usage": True}
+    task = sync_task(sync_budget, "t1")
+    assert (task.used_tokens, task.reserved_tokens) == (usage.prompt_tokens + usage.completion_tokens, 0)
+
+
+def test_a_sync_call_that_fails_releases_its_reservation(sync_budget: Budget, server: ScriptedOpenAI) -> None:
+    server.script("big")  # no reply left: the server answers 500
+    with pytest.raises(litellm.InternalServerError):
+        sync_call(server, sync_budget, "big", "t1", "s1", max_tokens=500, num_retries=0)
+    task = sync_task(sync_budget, "t1")
+    assert (task.used_tokens, task.reserved_tokens) == (0, 0)
+
+
+# --- the LiteLLM proxy, with the logger as its callback ---------------------------------------------------------------
+
+PROXY_KEY = "sk-budgetwarden-tests-0123456789abcdef0123456789abcdef"
+# The proxy in a process of its own, refusing any connection or lookup off the loopback from the start.
+PROXY_LAUNCHER = NO_NETWORK_SCRIPT.split("import litellm\n")[0] + textwrap.dedent(
+    """
+    from litellm.proxy.proxy_cli import run_server
+
+    sys.argv = ["litellm", *sys.argv[1:]]
+    run_server()
+    """
+)
+
+
+@pytest.fixture
+def proxy(running: RunningSidecar, server: ScriptedOpenAI, tmp_path: Path) -> Iterator[str]:
+    """A real LiteLLM proxy (``litellm --config``) routing ``big`` and ``small`` to the scripted server, with a
+    ``BudgetwardenLogger`` (tenant acme, task type plain) as its callback. Yields its base URL."""
+    (tmp_path / "budget_callbacks.py").write_text(
+        "from budgetwarden_client.integrations.litellm import BudgetwardenLogger\n"
+        "budget_handler = BudgetwardenLogger(timeout=30, task_type='plain')\n"
+    )
+    models = "\n".join(
+        f"  - model_name: {name}\n    litellm_params: {{model: openai/{name}, api_base: '{server.base_url}'}}"
+        for name in ("big", "small")
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model_list:\n{models}\nlitellm_settings:\n  callbacks: budget_callbacks.budget_handler\n")
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("OPENAI_")}
+    env.update(
+        BUDGETWARDEN_ADDR=running.addr,
+        BUDGETWARDEN_TENANT="acme",
+        LITELLM_MASTER_KEY=PROXY_KEY,
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        LITELLM_OFFLINE_MODE="true",
+        OPENAI_API_KEY="test",  # the scripted server's (the proxy's own key is LITELLM_MASTER_KEY)
+        PYTHONPATH=os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]),
+    )
+    log = (tmp_path / "proxy.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-c", PROXY_LAUNCHER, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_live(process, base_url, tmp_path / "proxy.log")
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=BOUND)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=BOUND)
+        log.close()
+
+
+PROXY_STARTUP_BOUND = 300.0  # seconds: the proxy imports a great deal; generous for a busy 2-core machine
+
+
+def wait_until_live(process: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
+    deadline = time.monotonic() + PROXY_STARTUP_BOUND
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the proxy exited: {log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"{base_url}/health/liveliness", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the proxy did not start in {PROXY_STARTUP_BOUND} s: {log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_the_proxy_allows_reports_and_denies(proxy: str, server: ScriptedOpenAI, sync_budget: Budget) -> None:
+    server.script("big", Reply(text="Hello through the proxy.", cached_tokens=4))
+    metadata = {"budgetwarden_task_id": "t1", "budgetwarden_step_id": "s1"}
+    with openai.OpenAI(base_url=proxy, api_key=PROXY_KEY, max_retries=0, timeout=BOUND) as client:
+        reply = client.chat.completions.create(
+            model="big",
+            messages=HELLO,
+            max_tokens=500,
+            extra_body={"metadata": metadata},  # type: ignore[arg-type]
+        )
+        assert reply.choices[0].message.content == "Hello through the proxy."
+        assert [(r.model, r.max_tokens) for r in server.requests] == [("big", 500)]
+        assert reply.usage is not None
+        spent = reply.usage.prompt_tokens + reply.usage.completion_tokens
+        # Reported by the proxy's logger, in the proxy's process: wait for it to land.
+        deadline = time.monotonic() + BOUND
+        while (task := sync_task(sync_budget, "t1")).used_tokens != spent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (task.used_tokens, task.reserved_tokens) == (spent, 0)
+
+        metadata["budgetwarden_step_id"] = "s2"
+        with pytest.raises(openai.RateLimitError) as refused:  # 4500 output tokens: over the 4000 step cap
+            client.chat.completions.create(
+                model="big",
+                messages=HELLO,
+                max_tokens=4500,
+                extra_body={"metadata": metadata},  # type: ignore[arg-type]
+            )
+    assert refused.value.status_code == 429  # the hook's answer, not the 500 the proxy gives an unknown exception
+    assert "above the per-step cap" in refused.value.message
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["provider_specific_fields"]["budgetwarden"]["decision"] == "deny"
+    assert len(server.requests) == 1  # nothing reached the model
+    assert sync_task(sync_budget, "t1").reserved_tokens == 0

@@ -15,29 +15,8 @@ from budgetwarden_client import AsyncBudget, Budget, BudgetClient, CheckpointReq
 from budgetwarden_client.integrations.openai import AsyncBudgetedOpenAI, BudgetedOpenAI, BudgetedStream, budgeted
 from scripted_openai import RecordedRequest, Reply, ScriptedOpenAI
 
-from support import RunningSidecar, free_port
-
-# As tests/integration/test_step_api.py: a task of 10000 tokens, DEGRADE past 5000 (to "cheaper", 200 tokens out,
-# 500 of context), CHECKPOINT past 8000.
-POLICY = """
-unknown_tenants: reject
-tenants:
-  acme:
-    windows:
-      day: {tokens: 1000000, usd: 100}
-models:
-  big: {input_usd_per_mtok: 10, cached_input_usd_per_mtok: 2.5, output_usd_per_mtok: 30, degrade_to: cheaper}
-  cheaper: {input_usd_per_mtok: 1, cached_input_usd_per_mtok: 0.5, output_usd_per_mtok: 4}
-default_task_type: agent
-task_types:
-  agent:
-    per_task: {tokens: 10000}
-    per_step: {tokens: 4000}
-    soft_threshold: 0.5
-    checkpoint_threshold: 0.8
-    degrade:
-      - {name: cheaper, model: cheaper, max_output_tokens: 200, max_context_tokens: 500}
-"""
+from support import RunningSidecar
+from support_policies import AGENT_POLICY, start_with_policy
 
 ANSWER = " ".join(f"word{i}" for i in range(40))  # about 80 tokens: several stream chunks
 BOUND = 30.0  # seconds for anything awaited: far beyond any scheduling delay
@@ -49,16 +28,14 @@ def reply(request: RecordedRequest) -> Reply:
 
 @pytest.fixture
 def running(start_sidecar: Callable[..., RunningSidecar], tmp_path: Path) -> RunningSidecar:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    return start_sidecar(policy_file=policy, admin_listen=f"127.0.0.1:{free_port()}", check_deadline_ms=60_000)
+    return start_with_policy(start_sidecar, tmp_path, AGENT_POLICY)
 
 
 @pytest.fixture
 def server() -> Iterator[ScriptedOpenAI]:
     with ScriptedOpenAI({}) as scripted:
         scripted.respond_with("big", reply)
-        scripted.respond_with("cheaper", reply)
+        scripted.respond_with("small", reply)
         yield scripted
 
 
@@ -245,7 +222,7 @@ def test_degrade_swaps_the_model_caps_output_and_trims_messages(
     messages = chat(12)  # about 1200 tokens: past the soft threshold
     completion = llm.chat.completions.create(model="big", messages=messages, max_tokens=1000)
     sent = server.requests[-1]
-    assert (sent.model, sent.max_tokens) == ("cheaper", 200)
+    assert (sent.model, sent.max_tokens) == ("small", 200)
     assert sent.messages[0] == messages[0]  # the system message stays
     assert 1 <= len(sent.messages) - 1 < len(messages) - 1
     assert sent.messages[1:] == messages[-(len(sent.messages) - 1) :]  # the most recent ones
@@ -258,7 +235,7 @@ def test_degrade_trims_responses_input_items(llm: BudgetedOpenAI, server: Script
     items = chat(12)[1:]
     llm.responses.create(model="big", instructions="You are terse.", input=items, max_output_tokens=1000)
     sent = server.requests[-1]
-    assert (sent.model, sent.max_output_tokens, sent.instructions) == ("cheaper", 200, "You are terse.")
+    assert (sent.model, sent.max_output_tokens, sent.instructions) == ("small", 200, "You are terse.")
     assert 1 <= len(sent.body["input"]) < len(items)
     assert sent.body["input"] == items[-len(sent.body["input"]) :]
 
@@ -343,3 +320,163 @@ def test_a_stream_that_fails_is_charged_its_reservation_once_it_sent_anything(
     assert broken.closed
     assert used_after_delivery(budget.reporter, client) == (stream.step.granted_tokens if chunks else 0)
     assert client.get_budget(tenant_id="acme", task_id="t1").active_reservations == 0
+
+
+# --- the SDK's other generating calls: parse, stream, with_raw_response, with_streaming_response --------------------
+
+# Each makes one call the way its SDK helper is used and returns the usage the call reported (tokens in + out).
+
+
+def _total(usage: Any) -> int:
+    assert usage is not None
+    return int(usage.total_tokens)
+
+
+def chat_parse(llm: BudgetedOpenAI) -> int:
+    return _total(llm.chat.completions.parse(model="big", messages=USER, max_tokens=300).usage)
+
+
+def responses_parse(llm: BudgetedOpenAI) -> int:
+    return _total(llm.responses.parse(model="big", input="How much is left?", max_output_tokens=300).usage)
+
+
+def chat_stream(llm: BudgetedOpenAI) -> int:
+    with llm.chat.completions.stream(model="big", messages=USER, max_tokens=300) as stream:
+        return _total(stream.get_final_completion().usage)
+
+
+def responses_stream(llm: BudgetedOpenAI) -> int:
+    with llm.responses.stream(model="big", input="How much is left?", max_output_tokens=300) as stream:
+        return _total(stream.get_final_response().usage)
+
+
+def chat_raw(llm: BudgetedOpenAI) -> int:
+    raw = llm.chat.completions.with_raw_response.create(model="big", messages=USER, max_tokens=300)
+    assert raw.headers["content-type"].startswith("application/json")
+    return _total(raw.parse().usage)
+
+
+def responses_raw_parse(llm: BudgetedOpenAI) -> int:
+    raw = llm.responses.with_raw_response.parse(model="big", input="How much is left?", max_output_tokens=300)
+    return _total(raw.parse().usage)
+
+
+def chat_raw_stream(llm: BudgetedOpenAI) -> int:
+    raw = llm.chat.completions.with_raw_response.create(model="big", messages=USER, max_tokens=300, stream=True)
+    chunks = list(raw.parse())
+    return _total(chunks[-1].usage)
+
+
+def chat_streaming_response(llm: BudgetedOpenAI) -> int:
+    with llm.chat.completions.with_streaming_response.create(model="big", messages=USER, max_tokens=300) as response:
+        return _total(response.parse().usage)
+
+
+def responses_streaming_response_stream(llm: BudgetedOpenAI) -> int:
+    with llm.responses.with_streaming_response.create(
+        model="big", input="How much is left?", max_output_tokens=300, stream=True
+    ) as response:
+        events = list(response.parse())
+    return _total(events[-1].response.usage)
+
+
+HELPERS = [
+    chat_parse,
+    responses_parse,
+    chat_stream,
+    responses_stream,
+    chat_raw,
+    responses_raw_parse,
+    chat_raw_stream,
+    chat_streaming_response,
+    responses_streaming_response_stream,
+]
+
+
+@pytest.mark.parametrize("call", HELPERS, ids=lambda call: call.__name__)
+def test_every_generating_helper_is_checked_before_and_reported_after(
+    call: Callable[[BudgetedOpenAI], int], llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget
+) -> None:
+    spend(budget, 7800)
+    with pytest.raises(CheckpointRequired):
+        call(llm)
+    assert server.requests == []  # refused before any request
+
+    with BudgetClient(budget.client.addr, timeout=30) as fresh:
+        fresh_budget_used = task(fresh).used_tokens
+        spent = call(llm.__class__(llm.client, budget, task_id="t2"))
+        assert budget.reporter.flush(timeout=BOUND)
+        state = task(fresh, "t2")
+        assert (state.used_tokens, state.reserved_tokens) == (spent, 0)
+        assert task(fresh).used_tokens == fresh_budget_used
+
+
+def test_degrade_applies_to_the_stream_helper(llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget) -> None:
+    spend(budget, 3900)
+    with llm.chat.completions.stream(model="big", messages=chat(12), max_tokens=1000) as stream:
+        completion = stream.get_final_completion()
+    sent = server.requests[-1]
+    assert (sent.model, sent.max_tokens) == ("small", 200)
+    assert sent.body["stream_options"] == {"include_usage": True}
+    assert completion.usage is not None
+
+
+def test_a_stream_helper_left_early_is_charged_its_reservation(
+    llm: BudgetedOpenAI, budget: Budget, client: BudgetClient
+) -> None:
+    with llm.responses.stream(model="big", input="How much is left?", max_output_tokens=300) as stream:
+        next(iter(stream))
+    granted = task(client).reserved_tokens
+    assert granted > 300
+    assert used_after_delivery(budget.reporter, client) == granted
+
+
+def test_a_streaming_response_left_unread_reports_its_usage(
+    llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget, client: BudgetClient
+) -> None:
+    with llm.chat.completions.with_streaming_response.create(model="big", messages=USER, max_tokens=300):
+        pass
+    reference = llm.chat.completions.create(model="big", messages=USER, max_tokens=300)  # the same call, parsed
+    assert used_after_delivery(budget.reporter, client) == 2 * _total(reference.usage)
+
+
+async def test_async_helpers_are_checked_and_reported(
+    allm: AsyncBudgetedOpenAI, server: ScriptedOpenAI, client: BudgetClient
+) -> None:
+    parsed = await allm.chat.completions.parse(model="big", messages=USER, max_tokens=300)
+    async with allm.responses.stream(model="big", input="hi", max_output_tokens=300) as stream:
+        streamed = await stream.get_final_response()
+    raw = await allm.responses.with_raw_response.create(model="big", input="hi", max_output_tokens=300)
+    async with allm.chat.completions.with_streaming_response.create(
+        model="big", messages=USER, max_tokens=300, stream=True
+    ) as response:
+        chunks = [chunk async for chunk in await response.parse()]
+    spent = [parsed.usage, streamed.usage, raw.parse().usage, chunks[-1].usage]
+    assert used_after_delivery(allm.budget.reporter, client) == sum(_total(usage) for usage in spent)
+    assert len(server.requests) == 4
+
+
+async def test_async_helpers_raise_checkpoint_before_any_request(
+    allm: AsyncBudgetedOpenAI, server: ScriptedOpenAI, budget: Budget
+) -> None:
+    spend(budget, 7800)
+    with pytest.raises(CheckpointRequired):
+        await allm.chat.completions.parse(model="big", messages=USER, max_tokens=300)
+    with pytest.raises(CheckpointRequired):
+        async with allm.chat.completions.stream(model="big", messages=USER, max_tokens=300):
+            pass
+    with pytest.raises(CheckpointRequired):
+        await allm.responses.with_raw_response.create(model="big", input="hi", max_output_tokens=300)
+    with pytest.raises(CheckpointRequired):
+        async with allm.responses.with_streaming_response.create(model="big", input="hi", max_output_tokens=300):
+            pass
+    assert server.requests == []
+
+
+def test_messages_given_as_an_iterator_are_counted_and_sent(
+    llm: BudgetedOpenAI, server: ScriptedOpenAI, budget: Budget, client: BudgetClient
+) -> None:
+    completion = llm.chat.completions.create(model="big", messages=iter(USER), max_tokens=300)
+    assert server.requests[-1].messages == USER  # read once for the check, and the same list sent
+    assert completion.usage is not None
+    assert used_after_delivery(budget.reporter, client) == completion.usage.total_tokens

@@ -3,6 +3,7 @@ usage reported through the background reporter, releases, the local fail mode, O
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -29,34 +30,7 @@ from budgetwarden_client import (
 )
 
 from support import BlackHole, RunningSidecar, free_port
-
-# The policy engine's walk (support_policies.ENGINE_POLICY) with a rung that also caps the context, and a tenant with
-# a small minute window for denials that come with a retry_after.
-STEP_POLICY = """
-unknown_tenants: reject
-tenants:
-  acme:
-    windows:
-      day: {tokens: 1000000, usd: 100}
-  tight:
-    windows:
-      minute: {tokens: 1000}
-models:
-  big: {input_usd_per_mtok: 10, cached_input_usd_per_mtok: 2.5, output_usd_per_mtok: 30, degrade_to: small}
-  small: {input_usd_per_mtok: 1, cached_input_usd_per_mtok: 0.5, output_usd_per_mtok: 4}
-default_task_type: agent
-task_types:
-  agent:
-    per_task: {tokens: 10000}
-    per_step: {tokens: 4000}
-    soft_threshold: 0.5
-    checkpoint_threshold: 0.8
-    degrade:
-      - {name: cheaper, model: cheaper, max_output_tokens: 200, max_context_tokens: 500}
-  plain:
-    per_task: {tokens: 1000000}
-    per_step: {tokens: 4000}
-"""
+from support_policies import AGENT_POLICY, start_with_policy
 
 # Bounds for what must not hang: the step's deadline is 1 s, the bound is far beyond any scheduling delay.
 DEADLINE = 1.0
@@ -65,10 +39,7 @@ NO_HANG_BOUND = 30.0
 
 @pytest.fixture
 def running(start_sidecar: Callable[..., RunningSidecar], tmp_path: Path) -> RunningSidecar:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(STEP_POLICY)
-    # A generous check deadline: prompts are counted within it (on a busy machine a long one would be estimated).
-    return start_sidecar(policy_file=policy, admin_listen=f"127.0.0.1:{free_port()}", check_deadline_ms=60_000)
+    return start_with_policy(start_sidecar, tmp_path, AGENT_POLICY)
 
 
 @pytest.fixture
@@ -249,6 +220,43 @@ async def test_async_twin(abudget: AsyncBudget, client: BudgetClient) -> None:
     with pytest.raises(CheckpointRequired):
         async with abudget.step("t1", "s4", model="big", estimated_input_tokens=3900):
             pytest.fail("must not run")
+
+
+async def test_a_full_report_queue_never_blocks_the_event_loop(running: RunningSidecar) -> None:
+    """``on_full="block"`` with the queue full: the step's exit waits for room, the event loop runs on."""
+    # Nothing listens at the reporter's address: the worker retries its first record until the reporter closes, and
+    # the record queued after it stays queued, so the queue (of one) stays full. block_timeout only bounds how long a
+    # reporter that blocked the loop would freeze this test before it fails.
+    reporter = BackgroundReporter(f"127.0.0.1:{free_port()}", queue_size=1, batch_size=1, block_timeout=120)
+    filler = pb.UsageRecord(tenant_id="acme", task_id="t0", step_id="s0", input_tokens=1)
+    loop = asyncio.get_running_loop()
+    try:
+        assert reporter.report_nowait(filler)
+        deadline = loop.time() + NO_HANG_BOUND
+        while reporter.stats.retried == 0:  # the worker holds the first record, retrying it
+            assert loop.time() < deadline, "the reporter never tried to send"
+            await asyncio.sleep(0.01)
+        assert reporter.report_nowait(filler)
+        assert not reporter.report_nowait(filler), "the queue should be full"
+
+        async with AsyncBudget(running.addr, tenant_id="acme", timeout=30, reporter=reporter) as abudget:
+            ran = asyncio.Event()
+
+            async def run_step() -> None:
+                async with abudget.step("t1", "s1", model="big", estimated_input_tokens=10) as step:
+                    step.record_usage(input_tokens=10)
+                    ran.set()  # the exit, next, finds the queue full
+
+            exiting = loop.create_task(run_step())
+            await asyncio.wait_for(ran.wait(), NO_HANG_BOUND)
+            for _ in range(100):  # the loop keeps turning while the exit waits for room
+                await asyncio.sleep(0)
+            assert not exiting.done()
+            await asyncio.to_thread(reporter.close, 0)  # a closing reporter takes no more: the waiting report ends
+            await asyncio.wait_for(exiting, NO_HANG_BOUND)
+    finally:
+        await asyncio.to_thread(reporter.close, 0)
+    assert reporter.stats.dropped == 1  # the step's record, refused by the closed reporter
 
 
 def test_decorator(budget: Budget, client: BudgetClient) -> None:

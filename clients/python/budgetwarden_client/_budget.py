@@ -19,10 +19,11 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypedDict, TypeVar, Unpack
 
 import grpc
 
+from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client._client import AsyncBudgetClient, BudgetClient, default_tenant
 from budgetwarden_client._messages import Message
 from budgetwarden_client._reporter import BackgroundReporter
@@ -82,6 +83,7 @@ class _Settings:
         prompt_text: str | None,
         estimated_input_tokens: int | None,
         max_output_tokens: int,
+        planned_tool_calls: int,
         labels: Mapping[str, str] | None,
         lease_seconds: int | None,
         task_ceiling_tokens: int | None,
@@ -96,19 +98,16 @@ class _Settings:
             prompt_text=prompt_text,
             estimated_input_tokens=estimated_input_tokens,
             max_output_tokens=max_output_tokens,
+            planned_tool_calls=planned_tool_calls,
             labels=self.labels | dict(labels or {}),
             lease_seconds=lease_seconds,
             task_ceiling_tokens=task_ceiling_tokens,
             task_type=self.task_type if task_type is None else task_type,
         )
 
-    def report(self, step: Step, exc: BaseException | None) -> bool:
-        """Queues the step's usage for the way it ended; False when there is none to report."""
-        record = step.usage_record(self.tenant_id, outcome_of(exc))
-        if record is None:
-            return False
-        self.reporter.report(record)
-        return True
+    def record(self, step: Step, exc: BaseException | None) -> pb.UsageRecord | None:
+        """The usage record of a step that ended with ``exc`` (None: nothing to report)."""
+        return step.usage_record(self.tenant_id, outcome_of(exc))
 
 
 def _messages_argument(fn: Callable[..., Any], name: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
@@ -119,12 +118,28 @@ def _messages_argument(fn: Callable[..., Any], name: str | None, args: Sequence[
     return bound.arguments.get(name)
 
 
-class Budget:
-    """The blocking step API. ``addr``: ``BUDGETWARDEN_ADDR`` or 127.0.0.1:50151; ``tenant_id``:
-    ``BUDGETWARDEN_TENANT``; ``timeout``: the deadline of a check, retries of UNAVAILABLE included; ``fail_mode``:
-    what a step gets when the sidecar cannot be reached within it, ``"closed"`` (BudgetUnavailable, the default) or
-    ``"open"`` (the step runs, marked ``step.from_fail_mode``); ``reporter``: the BackgroundReporter usage goes through
-    (default: one of its own, closed with the Budget)."""
+class StepFnOptions(TypedDict, total=False):
+    """The options of ``step_fn``: the arguments of ``budget.step`` a decorated function's steps share, and
+    ``messages_arg``, the name of the function's argument holding the step's messages (they size the check)."""
+
+    model: str
+    messages_arg: str | None
+    estimated_input_tokens: int | None
+    max_output_tokens: int
+    labels: Mapping[str, str] | None
+    lease_seconds: int | None
+    task_type: str | None
+
+
+ClientT = TypeVar("ClientT", BudgetClient, AsyncBudgetClient)
+ScopeT = TypeVar("ScopeT")
+
+
+class _BudgetBase(Generic[ClientT, ScopeT]):
+    """What ``Budget`` and ``AsyncBudget`` share; each adds only what blocks or awaits (its client, its scope)."""
+
+    _client_class: type[ClientT]
+    _scope_class: Callable[[Any, StepSpec], ScopeT]
 
     def __init__(
         self,
@@ -137,7 +152,7 @@ class Budget:
         labels: Mapping[str, str] | None = None,
         reporter: BackgroundReporter | None = None,
     ) -> None:
-        self.client = BudgetClient(addr, timeout=timeout, retry_unavailable=True)
+        self.client: ClientT = self._client_class(addr, timeout=timeout, retry_unavailable=True)
         self._settings = _Settings(tenant_id, fail_mode, task_type, labels, reporter, self.client.addr)
         self.tenant_id = self._settings.tenant_id
         self.fail_mode = self._settings.fail_mode
@@ -154,14 +169,15 @@ class Budget:
         prompt_text: str | None = None,
         estimated_input_tokens: int | None = None,
         max_output_tokens: int = 0,
+        planned_tool_calls: int = 0,
         labels: Mapping[str, str] | None = None,
         lease_seconds: int | None = None,
         task_ceiling_tokens: int | None = None,
         task_type: str | None = None,
-    ) -> StepScope:
-        """``with budget.step(...) as step:`` checks the step on entering (CheckpointRequired, BudgetDenied,
-        BudgetUnavailable) and reports or releases it on leaving. The input is one of ``messages`` (OpenAI-format,
-        with ``tools``), ``prompt_text`` or ``estimated_input_tokens``."""
+    ) -> ScopeT:
+        """``with budget.step(...) as step:`` (``async with`` on ``AsyncBudget``) checks the step on entering
+        (CheckpointRequired, BudgetDenied, BudgetUnavailable) and reports or releases it on leaving. The input is one
+        of ``messages`` (OpenAI-format, with ``tools``), ``prompt_text`` or ``estimated_input_tokens``."""
         spec = self._settings.spec(
             task_id,
             step_id,
@@ -171,43 +187,137 @@ class Budget:
             prompt_text=prompt_text,
             estimated_input_tokens=estimated_input_tokens,
             max_output_tokens=max_output_tokens,
+            planned_tool_calls=planned_tool_calls,
             labels=labels,
             lease_seconds=lease_seconds,
             task_ceiling_tokens=task_ceiling_tokens,
             task_type=task_type,
         )
-        return StepScope(self, spec)
+        return self._scope_class(self, spec)
+
+    def _fn_scope(
+        self,
+        fn: Callable[..., Any],
+        options: StepFnOptions,
+        ids: tuple[str, str],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+    ) -> ScopeT:
+        """The scope of one call of a ``step_fn``-decorated function."""
+        step_options: dict[str, Any] = dict(options)
+        messages = _messages_argument(fn, step_options.pop("messages_arg", None), args, kwargs)
+        return self.step(*ids, messages=messages, **step_options)
+
+
+class _ScopeBase:
+    """What ``StepScope`` and ``AsyncStepScope`` share: the request, and what its answer (or its absence) means."""
+
+    def __init__(self, budget: Budget | AsyncBudget, spec: StepSpec) -> None:
+        self._budget = budget
+        self._spec = spec
+        self._approximate = False
+        self._step: Step | None = None
+
+    def _request(self) -> dict[str, Any]:
+        fields, self._approximate = self._spec.request_fields(self._budget.tenant_id)
+        return fields
+
+    def _decided(self, response: pb.CheckResponse) -> Step:
+        self._step = decide(self._spec, response, approximate=self._approximate)
+        return self._step
+
+    def _unanswered(self, error: grpc.RpcError) -> Step:
+        """The local fail mode's step when the sidecar could not be reached; any other error is raised as it is."""
+        if not is_unreachable(error):
+            raise error
+        self._step = unreachable(self._spec, error, self._budget.fail_mode, self._budget.client.addr)
+        return self._step
+
+    def _usage(self, exc: BaseException | None) -> tuple[pb.UsageRecord | None, str]:
+        """What leaving reports (None: nothing) and the reservation to release instead ("": none), for a block that
+        ended with ``exc``: a failure before any usage hands its reservation back."""
+        assert self._step is not None, "the step was not entered"
+        record = self._budget._settings.record(self._step, exc)
+        release = self._step.reservation_id if record is None and exc is not None else ""
+        return record, release
+
+
+def _release_failed(reservation_id: str, error: grpc.RpcError) -> None:
+    logger.warning("could not release reservation %s (its lease will lapse): %s", reservation_id, error)
+
+
+class StepScope(_ScopeBase):
+    """``with budget.step(...) as step:`` (see ``Budget.step``)."""
+
+    _budget: Budget
+
+    def __enter__(self) -> Step:
+        try:
+            response = self._budget.client.check(**self._request())
+        except grpc.RpcError as error:
+            return self._unanswered(error)
+        return self._decided(response)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        record, release = self._usage(exc)
+        if record is not None:
+            self._budget.reporter.report(record)
+        if release:
+            try:
+                self._budget.client.release(tenant_id=self._budget.tenant_id, reservation_id=release)
+            except grpc.RpcError as error:
+                _release_failed(release, error)
+
+
+class AsyncStepScope(_ScopeBase):
+    """``async with budget.step(...) as step:`` (see ``AsyncBudget.step``)."""
+
+    _budget: AsyncBudget
+
+    async def __aenter__(self) -> Step:
+        try:
+            response = await self._budget.client.check(**self._request())
+        except grpc.RpcError as error:
+            return self._unanswered(error)
+        return self._decided(response)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        record, release = self._usage(exc)
+        # Never blocking the event loop: queued at once when there is room, else report() waits in a thread (a full
+        # queue with on_full="block" waits for room there, a spill writes the journal there).
+        if record is not None and not self._budget.reporter.report_nowait(record):
+            await asyncio.to_thread(self._budget.reporter.report, record)
+        if release:
+            try:
+                await self._budget.client.release(tenant_id=self._budget.tenant_id, reservation_id=release)
+            except grpc.RpcError as error:
+                _release_failed(release, error)
+
+
+class Budget(_BudgetBase[BudgetClient, StepScope]):
+    """The blocking step API. ``addr``: ``BUDGETWARDEN_ADDR`` or 127.0.0.1:50151; ``tenant_id``:
+    ``BUDGETWARDEN_TENANT``; ``timeout``: the deadline of a check, retries of UNAVAILABLE included; ``fail_mode``:
+    what a step gets when the sidecar cannot be reached within it, ``"closed"`` (BudgetUnavailable, the default) or
+    ``"open"`` (the step runs, marked ``step.from_fail_mode``); ``reporter``: the BackgroundReporter usage goes through
+    (default: one of its own, closed with the Budget)."""
+
+    _client_class = BudgetClient
+    _scope_class = StepScope
 
     def step_fn(
-        self,
-        *,
-        model: str = "",
-        messages_arg: str | None = None,
-        estimated_input_tokens: int | None = None,
-        max_output_tokens: int = 0,
-        labels: Mapping[str, str] | None = None,
-        lease_seconds: int | None = None,
-        task_type: str | None = None,
+        self, **options: Unpack[StepFnOptions]
     ) -> Callable[[Callable[Concatenate[Step, P], R]], Callable[Concatenate[str, str, P], R]]:
-        """A decorator: ``fn(step, *args)`` becomes ``fn(task_id, step_id, *args)``, run inside ``budget.step``.
-        ``messages_arg`` names the argument of ``fn`` holding the step's messages (they size the check)."""
+        """A decorator: ``fn(step, *args)`` becomes ``fn(task_id, step_id, *args)``, run inside ``budget.step`` with
+        ``options`` (see ``StepFnOptions``)."""
 
         def decorate(fn: Callable[Concatenate[Step, P], R]) -> Callable[Concatenate[str, str, P], R]:
             @functools.wraps(fn)
             def run(task_id: str, step_id: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
-                messages = _messages_argument(fn, messages_arg, args, kwargs)
-                scope = self.step(
-                    task_id,
-                    step_id,
-                    model=model,
-                    messages=messages,
-                    estimated_input_tokens=estimated_input_tokens,
-                    max_output_tokens=max_output_tokens,
-                    labels=labels,
-                    lease_seconds=lease_seconds,
-                    task_type=task_type,
-                )
-                with scope as step:
+                with self._fn_scope(fn, options, (task_id, step_id), args, kwargs) as step:
                     return fn(step, *args, **kwargs)
 
             return run
@@ -228,104 +338,17 @@ class Budget:
         self.close()
 
 
-class StepScope:
-    """``with budget.step(...) as step:`` (see ``Budget.step``)."""
-
-    def __init__(self, budget: Budget, spec: StepSpec) -> None:
-        self._budget = budget
-        self._spec = spec
-        self._step: Step | None = None
-
-    def __enter__(self) -> Step:
-        budget = self._budget
-        fields, approximate = self._spec.request_fields(budget.tenant_id)
-        try:
-            response = budget.client.check(**fields)
-        except grpc.RpcError as error:
-            if not is_unreachable(error):
-                raise
-            self._step = unreachable(self._spec, error, budget.fail_mode, budget.client.addr)
-        else:
-            self._step = decide(self._spec, response, approximate=approximate)
-        return self._step
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        step = self._step
-        assert step is not None, "the step was not entered"
-        if self._budget._settings.report(step, exc) or not step.reservation_id or exc is None:
-            return
-        try:  # failed before it spent anything: hand the reservation back
-            self._budget.client.release(tenant_id=self._budget.tenant_id, reservation_id=step.reservation_id)
-        except grpc.RpcError as error:
-            logger.warning("could not release reservation %s (its lease will lapse): %s", step.reservation_id, error)
-
-
-class AsyncBudget:
+class AsyncBudget(_BudgetBase[AsyncBudgetClient, AsyncStepScope]):
     """The asyncio twin of :class:`Budget`: ``async with budget.step(...) as step:``. Usage goes through the same
-    thread-based BackgroundReporter (``report()`` does not wait for the sidecar)."""
+    thread-based BackgroundReporter, without ever blocking the event loop: a record is queued at once when there is
+    room, and when there is none (``on_full="block"``, or ``"spill"`` writing the journal) the step's exit awaits
+    ``report()`` in a thread while the loop runs on."""
 
-    def __init__(
-        self,
-        addr: str | None = None,
-        *,
-        tenant_id: str | None = None,
-        timeout: float = DEFAULT_DEADLINE,
-        fail_mode: FailMode = "closed",
-        task_type: str = "",
-        labels: Mapping[str, str] | None = None,
-        reporter: BackgroundReporter | None = None,
-    ) -> None:
-        self.client = AsyncBudgetClient(addr, timeout=timeout, retry_unavailable=True)
-        self._settings = _Settings(tenant_id, fail_mode, task_type, labels, reporter, self.client.addr)
-        self.tenant_id = self._settings.tenant_id
-        self.fail_mode = self._settings.fail_mode
-        self.reporter = self._settings.reporter
-
-    def step(
-        self,
-        task_id: str,
-        step_id: str,
-        *,
-        model: str = "",
-        messages: Sequence[Message] | None = None,
-        tools: Sequence[Any] | None = None,
-        prompt_text: str | None = None,
-        estimated_input_tokens: int | None = None,
-        max_output_tokens: int = 0,
-        labels: Mapping[str, str] | None = None,
-        lease_seconds: int | None = None,
-        task_ceiling_tokens: int | None = None,
-        task_type: str | None = None,
-    ) -> AsyncStepScope:
-        """See ``Budget.step``."""
-        spec = self._settings.spec(
-            task_id,
-            step_id,
-            model=model,
-            messages=messages,
-            tools=tools,
-            prompt_text=prompt_text,
-            estimated_input_tokens=estimated_input_tokens,
-            max_output_tokens=max_output_tokens,
-            labels=labels,
-            lease_seconds=lease_seconds,
-            task_ceiling_tokens=task_ceiling_tokens,
-            task_type=task_type,
-        )
-        return AsyncStepScope(self, spec)
+    _client_class = AsyncBudgetClient
+    _scope_class = AsyncStepScope
 
     def step_fn(
-        self,
-        *,
-        model: str = "",
-        messages_arg: str | None = None,
-        estimated_input_tokens: int | None = None,
-        max_output_tokens: int = 0,
-        labels: Mapping[str, str] | None = None,
-        lease_seconds: int | None = None,
-        task_type: str | None = None,
+        self, **options: Unpack[StepFnOptions]
     ) -> Callable[[Callable[Concatenate[Step, P], Awaitable[R]]], Callable[Concatenate[str, str, P], Awaitable[R]]]:
         """See ``Budget.step_fn``; for coroutine functions."""
 
@@ -334,19 +357,7 @@ class AsyncBudget:
         ) -> Callable[Concatenate[str, str, P], Awaitable[R]]:
             @functools.wraps(fn)
             async def run(task_id: str, step_id: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
-                messages = _messages_argument(fn, messages_arg, args, kwargs)
-                scope = self.step(
-                    task_id,
-                    step_id,
-                    model=model,
-                    messages=messages,
-                    estimated_input_tokens=estimated_input_tokens,
-                    max_output_tokens=max_output_tokens,
-                    labels=labels,
-                    lease_seconds=lease_seconds,
-                    task_type=task_type,
-                )
-                async with scope as step:
+                async with self._fn_scope(fn, options, (task_id, step_id), args, kwargs) as step:
                     return await fn(step, *args, **kwargs)
 
             return run
@@ -366,37 +377,3 @@ class AsyncBudget:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
-
-
-class AsyncStepScope:
-    """``async with budget.step(...) as step:`` (see ``AsyncBudget.step``)."""
-
-    def __init__(self, budget: AsyncBudget, spec: StepSpec) -> None:
-        self._budget = budget
-        self._spec = spec
-        self._step: Step | None = None
-
-    async def __aenter__(self) -> Step:
-        budget = self._budget
-        fields, approximate = self._spec.request_fields(budget.tenant_id)
-        try:
-            response = await budget.client.check(**fields)
-        except grpc.RpcError as error:
-            if not is_unreachable(error):
-                raise
-            self._step = unreachable(self._spec, error, budget.fail_mode, budget.client.addr)
-        else:
-            self._step = decide(self._spec, response, approximate=approximate)
-        return self._step
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        step = self._step
-        assert step is not None, "the step was not entered"
-        if self._budget._settings.report(step, exc) or not step.reservation_id or exc is None:
-            return
-        try:
-            await self._budget.client.release(tenant_id=self._budget.tenant_id, reservation_id=step.reservation_id)
-        except grpc.RpcError as error:
-            logger.warning("could not release reservation %s (its lease will lapse): %s", step.reservation_id, error)

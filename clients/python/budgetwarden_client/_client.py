@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
 
@@ -21,6 +21,9 @@ from budgetwarden_client._stream import (
     check_request,
     stream_request,
 )
+
+P = ParamSpec("P")
+Answer = TypeVar("Answer")
 
 DEFAULT_ADDR = "127.0.0.1:50151"
 DEFAULT_ADMIN_ADDR = "127.0.0.1:50152"
@@ -61,25 +64,27 @@ def channel_options(*, retry_unavailable: bool) -> list[tuple[str, Any]]:
     return [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
 
 
-def check_fields(
+def build_check(
     *,
-    tenant_id: str,
-    task_id: str,
-    step_id: str,
-    task_type: str,
-    model: str,
-    estimated_input_tokens: int | None,
-    prompt_text: str | None,
-    prompt_messages: pb.ChatPrompt | Sequence[Message] | None,
-    messages: Sequence[Message] | None,
-    tools: Sequence[Any] | None,
-    max_output_tokens: int,
-    planned_tool_calls: int,
-    labels: Mapping[str, str] | None,
-    lease_seconds: int | None,
-    task_ceiling_tokens: int | None,
-) -> dict[str, Any]:
-    """The typed arguments of ``check`` as the fields ``check_request`` takes (unset ones left out)."""
+    tenant_id: str = "",
+    task_id: str = "",
+    step_id: str = "",
+    task_type: str = "",
+    model: str = "",
+    estimated_input_tokens: int | None = None,
+    prompt_text: str | None = None,
+    prompt_messages: pb.ChatPrompt | Sequence[Message] | None = None,
+    messages: Sequence[Message] | None = None,
+    tools: Sequence[Any] | None = None,
+    max_output_tokens: int = 0,
+    planned_tool_calls: int = 0,
+    labels: Mapping[str, str] | None = None,
+    lease_seconds: int | None = None,
+    task_ceiling_tokens: int | None = None,
+) -> pb.CheckRequest:
+    """Checks one step. Give the input as one of ``estimated_input_tokens``, ``prompt_text``, or ``messages``
+    (OpenAI-format chat messages, with ``tools`` schemas; or ``prompt_messages``, a ``pb.ChatPrompt`` or such a
+    list)."""
     fields: dict[str, Any] = {
         "tenant_id": tenant_id,
         "task_id": task_id,
@@ -97,7 +102,50 @@ def check_fields(
         "lease_seconds": lease_seconds,
         "task_ceiling_tokens": task_ceiling_tokens,
     }
-    return {name: value for name, value in fields.items() if value is not None}
+    return check_request(**{name: value for name, value in fields.items() if value is not None})
+
+
+def build_report(records: Iterable[pb.UsageRecord]) -> pb.ReportRequest:
+    """Reports usage records (at most 1000; the ``BackgroundReporter`` batches and retries them for you)."""
+    return pb.ReportRequest(records=list(records))
+
+
+def build_release(
+    *, tenant_id: str = "", reservation_id: str = "", task_id: str = "", step_id: str = ""
+) -> pb.ReleaseRequest:
+    """Hands back a reservation: by ``reservation_id``, or by ``task_id`` and ``step_id``."""
+    return pb.ReleaseRequest(tenant_id=tenant_id, reservation_id=reservation_id, task_id=task_id, step_id=step_id)
+
+
+def build_get_budget(*, tenant_id: str = "", task_id: str = "", task_type: str = "") -> pb.GetBudgetRequest:
+    """The state of a task's scopes and the tenant's windows."""
+    return pb.GetBudgetRequest(tenant_id=tenant_id, task_id=task_id, task_type=task_type)
+
+
+# The unary calls, written once for both clients: the request is built by one of the functions above (its typed
+# keyword arguments are the method's, so mypy checks a call as it checks the function), the stub sends it.
+
+
+def _blocking(
+    build: Callable[P, Any], rpc: str, _answer: type[Answer]
+) -> Callable[Concatenate[BudgetClient, P], Answer]:
+    def call(self: BudgetClient, /, *args: P.args, **kwargs: P.kwargs) -> Answer:
+        answer: Answer = getattr(self._stub, rpc)(build(*args, **kwargs), timeout=self.timeout)
+        return answer
+
+    call.__doc__ = build.__doc__
+    return call
+
+
+def _awaited(
+    build: Callable[P, Any], rpc: str, _answer: type[Answer]
+) -> Callable[Concatenate[AsyncBudgetClient, P], Awaitable[Answer]]:
+    async def call(self: AsyncBudgetClient, /, *args: P.args, **kwargs: P.kwargs) -> Answer:
+        answer: Answer = await getattr(self._stub, rpc)(build(*args, **kwargs), timeout=self.timeout)
+        return answer
+
+    call.__doc__ = build.__doc__
+    return call
 
 
 class BudgetClient:
@@ -110,70 +158,16 @@ class BudgetClient:
         self._channel = grpc.insecure_channel(self.addr, options=channel_options(retry_unavailable=retry_unavailable))
         self._stub = pb_grpc.BudgetServiceStub(self._channel)
 
-    def check(
-        self,
-        *,
-        tenant_id: str = "",
-        task_id: str = "",
-        step_id: str = "",
-        task_type: str = "",
-        model: str = "",
-        estimated_input_tokens: int | None = None,
-        prompt_text: str | None = None,
-        prompt_messages: pb.ChatPrompt | Sequence[Message] | None = None,
-        messages: Sequence[Message] | None = None,
-        tools: Sequence[Any] | None = None,
-        max_output_tokens: int = 0,
-        planned_tool_calls: int = 0,
-        labels: Mapping[str, str] | None = None,
-        lease_seconds: int | None = None,
-        task_ceiling_tokens: int | None = None,
-    ) -> pb.CheckResponse:
-        """Checks one step. Give the input as one of ``estimated_input_tokens``, ``prompt_text``, or ``messages``
-        (OpenAI-format chat messages, with ``tools`` schemas; or ``prompt_messages``, a ``pb.ChatPrompt`` or such a
-        list)."""
-        request = check_request(
-            **check_fields(
-                tenant_id=tenant_id,
-                task_id=task_id,
-                step_id=step_id,
-                task_type=task_type,
-                model=model,
-                estimated_input_tokens=estimated_input_tokens,
-                prompt_text=prompt_text,
-                prompt_messages=prompt_messages,
-                messages=messages,
-                tools=tools,
-                max_output_tokens=max_output_tokens,
-                planned_tool_calls=planned_tool_calls,
-                labels=labels,
-                lease_seconds=lease_seconds,
-                task_ceiling_tokens=task_ceiling_tokens,
-            )
-        )
-        return self._stub.Check(request, timeout=self.timeout)
+    check = _blocking(build_check, "Check", pb.CheckResponse)
+    report = _blocking(build_report, "Report", pb.ReportResponse)
+    release = _blocking(build_release, "Release", pb.ReleaseResponse)
+    get_budget = _blocking(build_get_budget, "GetBudget", pb.GetBudgetResponse)
 
     def check_many(self, checks: Iterable[CheckSpec]) -> list[pb.CheckResponse | CheckRefusedError]:
         """Many checks in one CheckStream message (at most 1000), decided in order; a refused check is returned as a
         CheckRefusedError in its place, the others go on."""
         (response,) = self._stub.CheckStream(iter([stream_request(checks)]), timeout=self.timeout)
         return answers(response)
-
-    def report(self, records: Iterable[pb.UsageRecord]) -> pb.ReportResponse:
-        return self._stub.Report(pb.ReportRequest(records=list(records)), timeout=self.timeout)
-
-    def release(
-        self, *, tenant_id: str = "", reservation_id: str = "", task_id: str = "", step_id: str = ""
-    ) -> pb.ReleaseResponse:
-        """Hands back a reservation: by ``reservation_id``, or by ``task_id`` and ``step_id``."""
-        request = pb.ReleaseRequest(
-            tenant_id=tenant_id, reservation_id=reservation_id, task_id=task_id, step_id=step_id
-        )
-        return self._stub.Release(request, timeout=self.timeout)
-
-    def get_budget(self, *, tenant_id: str = "", task_id: str = "", task_type: str = "") -> pb.GetBudgetResponse:
-        request = pb.GetBudgetRequest(tenant_id=tenant_id, task_id=task_id, task_type=task_type)
-        return self._stub.GetBudget(request, timeout=self.timeout)
 
     def close(self) -> None:
         self._channel.close()
@@ -195,46 +189,10 @@ class AsyncBudgetClient:
         self._channel = grpc.aio.insecure_channel(self.addr, options=options)
         self._stub = pb_grpc.BudgetServiceStub(self._channel)
 
-    async def check(
-        self,
-        *,
-        tenant_id: str = "",
-        task_id: str = "",
-        step_id: str = "",
-        task_type: str = "",
-        model: str = "",
-        estimated_input_tokens: int | None = None,
-        prompt_text: str | None = None,
-        prompt_messages: pb.ChatPrompt | Sequence[Message] | None = None,
-        messages: Sequence[Message] | None = None,
-        tools: Sequence[Any] | None = None,
-        max_output_tokens: int = 0,
-        planned_tool_calls: int = 0,
-        labels: Mapping[str, str] | None = None,
-        lease_seconds: int | None = None,
-        task_ceiling_tokens: int | None = None,
-    ) -> pb.CheckResponse:
-        """See ``BudgetClient.check``."""
-        request = check_request(
-            **check_fields(
-                tenant_id=tenant_id,
-                task_id=task_id,
-                step_id=step_id,
-                task_type=task_type,
-                model=model,
-                estimated_input_tokens=estimated_input_tokens,
-                prompt_text=prompt_text,
-                prompt_messages=prompt_messages,
-                messages=messages,
-                tools=tools,
-                max_output_tokens=max_output_tokens,
-                planned_tool_calls=planned_tool_calls,
-                labels=labels,
-                lease_seconds=lease_seconds,
-                task_ceiling_tokens=task_ceiling_tokens,
-            )
-        )
-        return await self._stub.Check(request, timeout=self.timeout)
+    check = _awaited(build_check, "Check", pb.CheckResponse)
+    report = _awaited(build_report, "Report", pb.ReportResponse)
+    release = _awaited(build_release, "Release", pb.ReleaseResponse)
+    get_budget = _awaited(build_get_budget, "GetBudget", pb.GetBudgetResponse)
 
     async def check_many(self, checks: Iterable[CheckSpec]) -> list[pb.CheckResponse | CheckRefusedError]:
         """Many checks in one CheckStream message (at most 1000); see ``BudgetClient.check_many``."""
@@ -250,22 +208,6 @@ class AsyncBudgetClient:
         then ``await stream.check_many([...])`` as often as needed, also concurrently (each call times out after the
         client's timeout)."""
         return CheckStream(self._stub, timeout=self.timeout)
-
-    async def report(self, records: Iterable[pb.UsageRecord]) -> pb.ReportResponse:
-        return await self._stub.Report(pb.ReportRequest(records=list(records)), timeout=self.timeout)
-
-    async def release(
-        self, *, tenant_id: str = "", reservation_id: str = "", task_id: str = "", step_id: str = ""
-    ) -> pb.ReleaseResponse:
-        """Hands back a reservation: by ``reservation_id``, or by ``task_id`` and ``step_id``."""
-        request = pb.ReleaseRequest(
-            tenant_id=tenant_id, reservation_id=reservation_id, task_id=task_id, step_id=step_id
-        )
-        return await self._stub.Release(request, timeout=self.timeout)
-
-    async def get_budget(self, *, tenant_id: str = "", task_id: str = "", task_type: str = "") -> pb.GetBudgetResponse:
-        request = pb.GetBudgetRequest(tenant_id=tenant_id, task_id=task_id, task_type=task_type)
-        return await self._stub.GetBudget(request, timeout=self.timeout)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -217,8 +217,6 @@ class BackgroundReporter:
         A record without an ``idempotency_key`` is given a fresh one here, and one without a ``timestamp`` the current
         time, so every resend of it is the same record to the server.
         """
-        if not isinstance(record, pb.UsageRecord):
-            raise TypeError(f"report() takes a UsageRecord, not {type(record).__name__}")
         data = self._prepare(record)
         if data is None:
             return False
@@ -234,13 +232,7 @@ class BackgroundReporter:
                         return False
                     late = self._closing or self._worker_done
             if not late and len(self._queue) < self.queue_size:
-                if not self._queue:
-                    self._batch_started = time.monotonic()
-                self._queue.append(data)
-                self._queued_bytes += len(data)
-                self._enqueued += 1
-                if len(self._queue) in (1, self.batch_size) or self._queued_bytes >= MAX_BATCH_BYTES:
-                    self._wake.notify()
+                self._enqueue(data)
                 return True
         # Spilled outside the lock: the fsync must stall neither the worker nor other reporting threads.
         if self._journal is not None and self._spill([data]):
@@ -249,6 +241,31 @@ class BackgroundReporter:
         if late:
             logger.warning("budgetwarden reporter is closed: usage record dropped: %s", describe(data))
         return False
+
+    def report_nowait(self, record: pb.UsageRecord) -> bool:
+        """Queues a copy of ``record`` if that can be done at once, without waiting or writing the journal. True when
+        the record is dealt with (queued; or too large ever to deliver, logged and counted in ``stats.rejected``);
+        False, having done nothing, when the queue is full or the reporter is closing: then ``report()`` it where
+        waiting is harmless (``AsyncBudget`` does, in a thread), since it may wait for room (``"block"``) or write the
+        journal (``"spill"``)."""
+        data = self._prepare(record)
+        if data is None:
+            return True  # refused for good (counted in stats.rejected): report() would not take it either
+        with self._lock:
+            if self._closing or self._worker_done or len(self._queue) >= self.queue_size:
+                return False
+            self._enqueue(data)
+            return True
+
+    def _enqueue(self, data: bytes) -> None:
+        """Called with the lock held and room in the queue."""
+        if not self._queue:
+            self._batch_started = time.monotonic()
+        self._queue.append(data)
+        self._queued_bytes += len(data)
+        self._enqueued += 1
+        if len(self._queue) in (1, self.batch_size) or self._queued_bytes >= MAX_BATCH_BYTES:
+            self._wake.notify()
 
     def _wait_for_room(self) -> bool:
         """Called with the lock held. True when there is room (or the reporter is closing), False on timeout."""
@@ -261,6 +278,8 @@ class BackgroundReporter:
         return True
 
     def _prepare(self, record: pb.UsageRecord) -> bytes | None:
+        if not isinstance(record, pb.UsageRecord):
+            raise TypeError(f"report() takes a UsageRecord, not {type(record).__name__}")
         copy = pb.UsageRecord()
         copy.CopyFrom(record)
         if not copy.idempotency_key:

@@ -10,7 +10,7 @@ import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import grpc
 
@@ -19,6 +19,7 @@ from budgetwarden_client._errors import BudgetDenied, BudgetError, BudgetUnavail
 from budgetwarden_client._messages import Message, as_dict, chat_message, chat_prompt, message_chars
 
 FailMode = Literal["open", "closed"]
+T = TypeVar("T")
 
 # The sidecar could not be reached (or did not answer) within the deadline: the local fail mode decides.
 UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -40,6 +41,7 @@ class StepSpec:
     prompt_text: str | None = None
     estimated_input_tokens: int | None = None
     max_output_tokens: int = 0
+    planned_tool_calls: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     lease_seconds: int | None = None
     task_ceiling_tokens: int | None = None
@@ -62,6 +64,7 @@ class StepSpec:
             "task_type": self.task_type,
             "model": self.model,
             "max_output_tokens": self.max_output_tokens,
+            "planned_tool_calls": self.planned_tool_calls,
             "labels": self.labels,
             "lease_seconds": self.lease_seconds,
             "task_ceiling_tokens": self.task_ceiling_tokens,
@@ -120,6 +123,10 @@ class Step:
         self.max_tokens: int = advice.max_output_tokens or spec.max_output_tokens
         """The output cap to pass to the model: the advice's on DEGRADE, else the one asked for."""
         self.max_context_tokens: int | None = advice.max_context_tokens or None
+        """The DEGRADE advice's context cap (None: none): apply it with ``trim``."""
+        self.max_tool_calls: int | None = advice.max_tool_calls if advice.HasField("max_tool_calls") else None
+        """The DEGRADE advice's cap on the step's tool calls (None: none); given only to a step that planned more
+        (``planned_tool_calls``)."""
         self.approximate = approximate or response.token_count.approximate
         """True when the prompt's count is an estimate (stand-ins for images or tool schemas, or the sidecar's)."""
         self.reservation_id: str = response.reservation_id
@@ -195,6 +202,21 @@ class Step:
         while recent and _role(messages[recent[0]]) in ("tool", "function"):
             kept.discard(recent.pop(0))
         return [messages[i] for i in sorted(kept)]
+
+    def trim_items(self, items: Sequence[T], messages: Sequence[Message]) -> list[T]:
+        """``items`` cut as ``trim`` cuts ``messages``, which stand for them: the last ``len(items)`` messages are the
+        items', one each, in order; the ones before (instructions, say) are counted but are no items."""
+        kept = self.trim(messages)
+        offset = len(messages) - len(items)
+        wanted = iter(kept)
+        next_kept = next(wanted, None)
+        out: list[T] = []
+        for index, message in enumerate(messages):
+            if message is next_kept:  # trim keeps the messages themselves, in their order
+                if index >= offset:
+                    out.append(items[index - offset])
+                next_kept = next(wanted, None)
+        return out
 
     def _estimate(self, raw: Message, index: int) -> int:
         message, _ = chat_message(raw, index)

@@ -12,8 +12,10 @@
 
 Every LLM call of the run is one step (``llm-1``, ``llm-2``, ...): checked before the call (CHECKPOINT and DENY raise
 ``CheckpointRequired`` / ``BudgetDenied`` out of ``Runner.run``, before any request is sent), called with the DEGRADE
-advice's model (resolved by name through the wrapped provider) and output cap, and reported from the response's
-``usage`` (cached input tokens and tool calls included; reasoning tokens are part of ``output_tokens``).
+advice applied (its model, resolved by name through the wrapped provider; its output cap; the input items trimmed to
+its context cap; its tool-call cap through ``tool_choice`` / ``parallel_tool_calls``, the calls past it taken out of
+the response) and reported from the response's ``usage`` (cached input tokens and tool calls included; reasoning
+tokens are part of ``output_tokens``).
 
 Why a model wrapper and not ``RunHooks``: the runner resolves the model and its settings *before* it calls
 ``on_llm_start`` (``get_new_response`` in ``agents/run_internal/run_loop.py``), so a hook can refuse a call but not
@@ -47,7 +49,7 @@ from agents.items import TResponseInputItem, TResponseOutputItem, TResponseStrea
 from agents.models.chatcmpl_converter import Converter
 from agents.models.openai_provider import OpenAIProvider
 from agents.usage import Usage
-from openai.types.responses import ResponseCompletedEvent, ResponseUsage
+from openai.types.responses import ResponseCompletedEvent, ResponseOutputItemDoneEvent, ResponseUsage
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 
 from budgetwarden_client._budget import AsyncBudget, AsyncStepScope
@@ -81,6 +83,7 @@ class BudgetedModel(Model):
         provider: ModelProvider | None = None,
         step_prefix: str = "llm",
         labels: dict[str, str] | None = None,
+        planned_tool_calls: int | None = None,
         _step_ids: _StepIds | None = None,
     ) -> None:
         self.model_name = model_name
@@ -88,6 +91,7 @@ class BudgetedModel(Model):
         self.task_id = task_id
         self.provider = provider if provider is not None else OpenAIProvider()
         self.labels = dict(labels or {})
+        self.planned_tool_calls = planned_tool_calls
         self._step_ids = _step_ids if _step_ids is not None else _StepIds(step_prefix)
         self._models: dict[str, Model] = {}
 
@@ -115,15 +119,42 @@ class BudgetedModel(Model):
             self._step_ids.next(),
             model=self.model_name,
             max_output_tokens=model_settings.max_tokens or 0,
+            planned_tool_calls=self._planned_tool_calls(model_settings, tools, handoffs),
             labels=self.labels,
             **spec_input,
         )
 
-    def _advised(self, step: Step, model_settings: ModelSettings) -> tuple[Model, ModelSettings]:
-        """The model and settings to call: the DEGRADE advice's model and output cap, else the ones asked for."""
+    def _planned_tool_calls(self, model_settings: ModelSettings, tools: list[Tool], handoffs: list[Handoff]) -> int:
+        """What the call may spend on tools, so that a DEGRADE can cap it: as given, else every tool offered called
+        once (one at the most without parallel tool calls, none with ``tool_choice="none"``)."""
+        if self.planned_tool_calls is not None:
+            return self.planned_tool_calls
+        offered = len(tools) + len(handoffs)
+        if model_settings.tool_choice == "none":
+            return 0
+        return min(offered, 1) if model_settings.parallel_tool_calls is False else offered
+
+    def _advised(
+        self,
+        step: Step,
+        system_instructions: str | None,
+        input: str | list[TResponseInputItem],
+        model_settings: ModelSettings,
+    ) -> tuple[Model, str | list[TResponseInputItem], ModelSettings]:
+        """The model, input and settings to call: the DEGRADE advice applied (model, output cap, the input trimmed to
+        its context, its tool-call cap through ``tool_choice`` / ``parallel_tool_calls``), else the ones asked for."""
+        changes: dict[str, Any] = {}
         if step.max_tokens and step.max_tokens != model_settings.max_tokens:
-            model_settings = dataclasses.replace(model_settings, max_tokens=step.max_tokens)
-        return self._model(step.model or self.model_name), model_settings
+            changes["max_tokens"] = step.max_tokens
+        if step.max_tool_calls == 0:
+            changes["tool_choice"] = "none"
+        elif step.max_tool_calls == 1:
+            changes["parallel_tool_calls"] = False
+        if changes:
+            model_settings = dataclasses.replace(model_settings, **changes)
+        if step.max_context_tokens is not None and not isinstance(input, str):
+            input = _trimmed(step, system_instructions, input)
+        return self._model(step.model or self.model_name), input, model_settings
 
     async def get_response(
         self,
@@ -140,10 +171,10 @@ class BudgetedModel(Model):
         prompt: ResponsePromptParam | None,
     ) -> ModelResponse:
         async with self._step(system_instructions, input, model_settings, tools, handoffs) as step:
-            model, settings = self._advised(step, model_settings)
+            model, sent, settings = self._advised(step, system_instructions, input, model_settings)
             response = await model.get_response(
                 system_instructions,
-                input,
+                sent,
                 settings,
                 tools,
                 output_schema,
@@ -153,6 +184,8 @@ class BudgetedModel(Model):
                 conversation_id=conversation_id,
                 prompt=prompt,
             )
+            if step.max_tool_calls is not None:
+                response = dataclasses.replace(response, output=_cut_calls(response.output, step.max_tool_calls))
             _record(step, response.usage, response.output)
             return response
 
@@ -174,10 +207,10 @@ class BudgetedModel(Model):
             # The SDK asks for the usage of a chat completions stream only from api.openai.com: ask it of any.
             model_settings = dataclasses.replace(model_settings, include_usage=True)
         async with self._step(system_instructions, input, model_settings, tools, handoffs) as step:
-            model, settings = self._advised(step, model_settings)
+            model, sent, settings = self._advised(step, system_instructions, input, model_settings)
             events = model.stream_response(
                 system_instructions,
-                input,
+                sent,
                 settings,
                 tools,
                 output_schema,
@@ -187,11 +220,22 @@ class BudgetedModel(Model):
                 conversation_id=conversation_id,
                 prompt=prompt,
             )
+            calls_seen = 0
             try:
                 async for event in events:
-                    # The usage comes with the final event.
-                    if isinstance(event, ResponseCompletedEvent) and event.response.usage is not None:
-                        _record(step, _usage_of(event.response.usage), event.response.output)
+                    if step.max_tool_calls is not None and _is_call_done(event):
+                        calls_seen += 1
+                        if calls_seen > step.max_tool_calls:
+                            continue  # a call past the cap: the runner never hears of it
+                    if isinstance(event, ResponseCompletedEvent):
+                        if step.max_tool_calls is not None:
+                            output = _cut_calls(event.response.output, step.max_tool_calls)
+                            event = event.model_copy(
+                                update={"response": event.response.model_copy(update={"output": output})}
+                            )
+                        # The usage comes with the final event.
+                        if event.response.usage is not None:
+                            _record(step, _usage_of(event.response.usage), event.response.output)
                     yield event
             except GeneratorExit:
                 # Closed by the consumer before the end: the request went out, so the step ends as completed and,
@@ -223,12 +267,14 @@ class BudgetModelProvider(ModelProvider):
         default_model: str = "",
         step_prefix: str = "llm",
         labels: dict[str, str] | None = None,
+        planned_tool_calls: int | None = None,
     ) -> None:
         self.budget = budget
         self.task_id = task_id
         self.provider = provider if provider is not None else OpenAIProvider()
         self.default_model = default_model
         self.labels = dict(labels or {})
+        self.planned_tool_calls = planned_tool_calls
         self._step_ids = _StepIds(step_prefix)
 
     def get_model(self, model_name: str | None) -> Model:
@@ -238,6 +284,7 @@ class BudgetModelProvider(ModelProvider):
             task_id=self.task_id,
             provider=self.provider,
             labels=self.labels,
+            planned_tool_calls=self.planned_tool_calls,
             _step_ids=self._step_ids,
         )
 
@@ -290,6 +337,39 @@ def _record(step: Step, usage: Usage, output: Sequence[TResponseOutputItem]) -> 
         cached_input_tokens=usage.input_tokens_details.cached_tokens or 0,
         tool_calls=sum(1 for _ in _function_calls(output)),
     )
+
+
+def _trimmed(step: Step, system_instructions: str | None, items: list[TResponseInputItem]) -> list[TResponseInputItem]:
+    """The input items cut to the advice's context by ``step.trim_items``, each item standing as the chat message the
+    SDK's converter makes of it alone (the instructions stay whole). Items the converter cannot take (hosted tools'
+    calls, ...) leave the input as it is: sent whole, and reported as spent."""
+    system: list[Any] = [{"role": "system", "content": system_instructions}] if system_instructions else []
+    try:
+        alone = [Converter.items_to_messages([item]) for item in items]
+    except UserError:
+        return items
+    # An item with no message of its own (a reasoning item) stands as an empty one; one with several as the first.
+    messages = system + [converted[0] if converted else {"role": "assistant", "content": ""} for converted in alone]
+    return step.trim_items(items, messages)
+
+
+def _is_call_done(event: Any) -> bool:
+    return isinstance(event, ResponseOutputItemDoneEvent) and getattr(event.item, "type", None) == "function_call"
+
+
+def _cut_calls(output: Sequence[TResponseOutputItem], limit: int) -> list[TResponseOutputItem]:
+    """``output`` with its function calls past the first ``limit`` taken out: the runner runs only the calls the
+    advice allows (the model was asked for no more through ``tool_choice`` / ``parallel_tool_calls`` where those can
+    say it; this holds the cap where they cannot)."""
+    kept: list[TResponseOutputItem] = []
+    calls = 0
+    for item in output:
+        if getattr(item, "type", None) == "function_call":
+            calls += 1
+            if calls > limit:
+                continue
+        kept.append(item)
+    return kept
 
 
 def _function_calls(output: Sequence[TResponseOutputItem]) -> Iterator[TResponseOutputItem]:

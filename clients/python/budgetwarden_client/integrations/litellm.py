@@ -15,7 +15,8 @@ Which hooks run where (read in LiteLLM 1.110's source):
 - The SDK (``litellm.acompletion``) never calls ``async_pre_call_hook``: it is the proxy's. The SDK's async wrapper
   calls ``async_pre_call_deployment_hook`` just before the request is sent; it may raise (the call is refused) and
   its returned kwargs replace the request (model, max tokens, messages). The sync ``litellm.completion`` calls no hook
-  that can refuse or rewrite: only the async calls are budgeted.
+  that can refuse or rewrite (its only pre-call callback, ``log_pre_api_call``, has its exceptions caught and logged):
+  sync calls are budgeted by wrapping the function, ``budgeted_completion(Budget())``.
 - The proxy calls ``async_pre_call_hook`` with the request body (the model is a model group name there), then routes
   it through the same SDK wrapper, whose ``async_pre_call_deployment_hook`` sees the call already checked (by its
   ``litellm_call_id``) and leaves it alone.
@@ -38,10 +39,12 @@ from typing import Any
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
-from budgetwarden_client._budget import AsyncBudget, AsyncStepScope
+from budgetwarden_client._budget import AsyncBudget, AsyncStepScope, Budget
+from budgetwarden_client._errors import BudgetDenied, BudgetError, CheckpointRequired
 from budgetwarden_client._step import FailMode, Step
+from budgetwarden_client._usage import BudgetedStream, exc_info, get, record_usage
 
-__all__ = ["BudgetwardenLogger", "StepIds", "step_ids_from_metadata"]
+__all__ = ["BudgetwardenLogger", "ProxyRefusalError", "StepIds", "budgeted_completion", "step_ids_from_metadata"]
 
 logger = logging.getLogger("budgetwarden_client.integrations.litellm")
 
@@ -91,12 +94,60 @@ def _output_cap(request: Mapping[str, Any]) -> int:
     return 0
 
 
+def _step_arguments(request: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """The ``budget.step`` arguments of a chat completion request (its prompt counted by the sidecar)."""
+    messages = request.get("messages")
+    chat = isinstance(messages, list)
+    return {
+        "model": model,
+        "messages": messages if chat else None,
+        "tools": request.get("tools") if chat else None,
+        "max_output_tokens": _output_cap(request),
+    }
+
+
+def budgeted_completion(budget: Budget, *, step_ids: StepIds = step_ids_from_metadata) -> Callable[..., Any]:
+    """``litellm.completion`` under ``budget`` (the sync path has no LiteLLM hook that can refuse a call)::
+
+        completion = budgeted_completion(Budget())
+        reply = completion(model="openai/big", messages=messages, metadata={"budgetwarden_task_id": "task-42"})
+
+    Takes ``litellm.completion``'s keyword arguments. The call is checked first (CHECKPOINT and DENY raise, nothing is
+    sent), a DEGRADE's advice is applied as the logger applies it, and the response's usage is reported; a stream
+    (asked for its usage chunk) is a ``BudgetedStream`` whose step ends when it does. A call that raises releases its
+    reservation."""
+
+    def completion(**kwargs: Any) -> Any:
+        request = dict(kwargs)
+        request.setdefault("litellm_call_id", str(uuid.uuid4()))  # the default step id, and LiteLLM's own call id
+        prefix, model = _split_provider(str(request.get("model") or ""))
+        task_id, step_id = step_ids(request)
+        scope = budget.step(task_id, step_id, **_step_arguments(request, model))
+        step = scope.__enter__()
+        streams = bool(request.get("stream"))
+        try:
+            send = _apply(step, request, prefix)
+            if streams:  # a stream sends its usage only when asked to
+                send["stream_options"] = {**dict(send.get("stream_options") or {}), "include_usage": True}
+            result = litellm.completion(**send)
+        except BaseException as error:
+            scope.__exit__(*exc_info(error))
+            raise
+        if streams:
+            return BudgetedStream(result, step, scope)
+        record_usage(step, get(result, "usage"))
+        scope.__exit__(None, None, None)
+        return result
+
+    return completion
+
+
 class BudgetwardenLogger(CustomLogger):
     """Checks every async LiteLLM call against the budget and reports its usage (see the module's docstring).
 
     ``budget``: the AsyncBudget to use (default: one made on first use, on the running event loop, from ``addr``,
-    ``tenant_id``, ``timeout`` and ``fail_mode``, as ``AsyncBudget`` reads them); ``step_ids``: how a call names its
-    task and step (default ``step_ids_from_metadata``)."""
+    ``tenant_id``, ``timeout``, ``fail_mode`` and ``task_type``, as ``AsyncBudget`` reads them); ``step_ids``: how a
+    call names its task and step (default ``step_ids_from_metadata``)."""
 
     def __init__(
         self,
@@ -106,11 +157,12 @@ class BudgetwardenLogger(CustomLogger):
         tenant_id: str | None = None,
         timeout: float | None = None,
         fail_mode: FailMode = "closed",
+        task_type: str = "",
         step_ids: StepIds = step_ids_from_metadata,
     ) -> None:
         super().__init__()
         self._budget = budget
-        self._budget_args: dict[str, Any] = {"tenant_id": tenant_id, "fail_mode": fail_mode}
+        self._budget_args: dict[str, Any] = {"tenant_id": tenant_id, "fail_mode": fail_mode, "task_type": task_type}
         if timeout is not None:
             self._budget_args["timeout"] = timeout
         self._addr = addr
@@ -142,16 +194,8 @@ class BudgetwardenLogger(CustomLogger):
             return request
         asked = str(request.get("model") or "")
         prefix, model = _split_provider(asked) if keep_provider else ("", asked)
-        messages = request.get("messages")
         task_id, step_id = self._step_ids(request)
-        scope = self.budget.step(
-            task_id,
-            step_id,
-            model=model,
-            messages=messages if isinstance(messages, list) else None,
-            tools=request.get("tools") if isinstance(messages, list) else None,
-            max_output_tokens=_output_cap(request),
-        )
+        scope = self.budget.step(task_id, step_id, **_step_arguments(request, model))
         step = await scope.__aenter__()
         self._open[call_id] = (scope, step)
         return _apply(step, request, prefix)
@@ -168,7 +212,10 @@ class BudgetwardenLogger(CustomLogger):
         """The proxy's hook (before routing: ``data["model"]`` is a model group, and so is a DEGRADE's model)."""
         if str(call_type) not in CHAT_CALLS:
             return None
-        return await self._check(data, keep_provider=False)
+        try:
+            return await self._check(data, keep_provider=False)
+        except BudgetError as refused:
+            raise ProxyRefusalError(refused) from refused
 
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
@@ -177,9 +224,9 @@ class BudgetwardenLogger(CustomLogger):
         if checked is None:
             return
         scope, step = checked
-        usage = _usage(kwargs.get("complete_streaming_response") or response_obj)
+        usage = get(kwargs.get("complete_streaming_response") or response_obj, "usage")
         if usage is not None:
-            step.record_usage(model=_split_provider(str(kwargs.get("model") or step.model))[1], **usage)
+            record_usage(step, usage, model=_split_provider(str(kwargs.get("model") or step.model))[1])
         await scope.__aexit__(None, None, None)  # without usage the step is charged its reservation
 
     async def async_log_failure_event(
@@ -192,6 +239,30 @@ class BudgetwardenLogger(CustomLogger):
         error = kwargs.get("exception")
         failure = error if isinstance(error, BaseException) else RuntimeError("the LiteLLM call failed")
         await scope.__aexit__(type(failure), failure, None)  # nothing spent: the reservation goes back
+
+
+class ProxyRefusalError(Exception):
+    """A refusal as the LiteLLM proxy answers it: the proxy answers an exception by its ``status_code`` (an exception
+    without one is a 500), with its ``message``, ``code`` and ``provider_specific_fields`` in the error body. 429 for
+    CHECKPOINT and DENY, 503 when the sidecar cannot be reached; ``provider_specific_fields["budgetwarden"]`` names
+    the decision, the checkpoint id to approve, ``retry_after`` and the remaining tokens. The refusal is the
+    ``__cause__``."""
+
+    def __init__(self, refused: BudgetError) -> None:
+        super().__init__(str(refused))
+        self.message = str(refused)
+        details: dict[str, Any] = {"decision": "unavailable"}
+        self.status_code = 503
+        if isinstance(refused, (CheckpointRequired, BudgetDenied)):
+            self.status_code = 429
+            details["decision"] = "checkpoint" if isinstance(refused, CheckpointRequired) else "deny"
+            details["remaining_tokens"] = refused.remaining_tokens
+        if isinstance(refused, CheckpointRequired):
+            details["checkpoint_id"] = refused.checkpoint_id
+        if isinstance(refused, BudgetDenied) and refused.retry_after:
+            details["retry_after"] = refused.retry_after
+        self.code = f"budgetwarden_{details['decision']}"
+        self.provider_specific_fields = {"budgetwarden": details}
 
 
 def _apply(step: Step, request: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -209,22 +280,3 @@ def _apply(step: Step, request: dict[str, Any], prefix: str) -> dict[str, Any]:
     if step.max_context_tokens is not None and isinstance(messages, list):
         changed["messages"] = step.trim(messages)
     return changed
-
-
-def _field(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
-
-
-def _usage(response: Any) -> dict[str, int] | None:
-    """OpenAI-format usage as ``record_usage`` arguments: ``completion_tokens`` already counts the reasoning tokens,
-    so they are not added again; cached tokens are the part of the prompt read from the cache."""
-    usage = _field(response, "usage")
-    if usage is None:
-        return None
-    details = _field(usage, "prompt_tokens_details")
-    cached = _field(details, "cached_tokens") if details is not None else None
-    return {
-        "input_tokens": int(_field(usage, "prompt_tokens") or 0),
-        "output_tokens": int(_field(usage, "completion_tokens") or 0),
-        "cached_input_tokens": int(cached or 0),
-    }

@@ -1,5 +1,4 @@
-"""Budgets for the OpenAI Python SDK: wrap a client, and every ``chat.completions.create`` and ``responses.create``
-is one budget step.
+"""Budgets for the OpenAI Python SDK: wrap a client, and every call that makes the model generate is one budget step.
 
 ::
 
@@ -10,35 +9,45 @@ is one budget step.
     client = budgeted(OpenAI(), Budget(), task_id="task-42")
     reply = client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=800, budget_step_id="plan-1")
 
-Before the HTTP call the step is checked with the call's messages (or ``input``, ``instructions`` and ``tools``) and
-its output cap; CHECKPOINT and DENY raise ``CheckpointRequired`` / ``BudgetDenied`` and no request is sent. DEGRADE
-swaps the model, caps the output and trims the messages to the advised context. After the call the response's
-``usage`` is reported (cached input and reasoning tokens included); a call that fails releases the reservation.
+Budgeted, on ``chat.completions`` and ``responses`` alike: ``create`` (streaming or not), ``parse``, ``stream`` (the
+SDK's event-stream helper) and the same calls through ``with_raw_response`` and ``with_streaming_response``.
+
+Before the HTTP request the step is checked with the call's messages (or ``input``, ``instructions`` and ``tools``)
+and its output cap; CHECKPOINT and DENY raise ``CheckpointRequired`` / ``BudgetDenied`` and no request is sent.
+DEGRADE swaps the model, caps the output and trims the messages to the advised context. After the call the
+response's ``usage`` is reported (cached input and reasoning tokens included); a call that fails releases the
+reservation.
 
 Streams are wrapped: chat streams are made to end with a usage chunk (``stream_options.include_usage``), Responses
 streams report the usage of ``response.completed``. A stream closed before its usage arrived (``break``, ``close()``,
 leaving its ``with``) is charged what its step reserved: the server generated tokens the client never saw, and the
-reservation bounds them from above.
+reservation bounds them from above. The same holds for a ``with_streaming_response`` body left unread, and for a
+``with_raw_response`` stream: its step ends when the stream its ``parse()`` gives ends.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, overload
 
 import openai
+from openai._legacy_response import (
+    LegacyAPIResponse,
+    async_to_raw_response_wrapper,
+    to_raw_response_wrapper,
+)
+from openai._response import async_to_streamed_response_wrapper, to_streamed_response_wrapper
 
 from budgetwarden_client._budget import AsyncBudget, AsyncStepScope, Budget, StepScope
 from budgetwarden_client._messages import Message, as_dict
 from budgetwarden_client._step import Step
+from budgetwarden_client._usage import AsyncBudgetedStream, BudgetedStream, exc_info, get, record_usage
 
 __all__ = ["AsyncBudgetedOpenAI", "AsyncBudgetedStream", "BudgetedOpenAI", "BudgetedStream", "budgeted"]
-
-# The output caps each endpoint takes, the first the one set on DEGRADE when the call gave none.
-CHAT_CAPS = ("max_completion_tokens", "max_tokens")
-RESPONSES_CAPS = ("max_output_tokens",)
 
 
 def new_step_id() -> str:
@@ -64,34 +73,50 @@ def _response_item_message(item: Any) -> Message:
     return {"role": "assistant", "content": json.dumps(fields, default=str)}  # any other item: counted as its JSON
 
 
-class _Call:
-    """One ``create`` call's keyword arguments, read as a budget step and rewritten by its advice."""
+def _instructions(kwargs: Mapping[str, Any]) -> list[Message]:
+    instructions = kwargs.get("instructions")
+    return [{"role": "system", "content": instructions}] if isinstance(instructions, str) and instructions else []
 
-    def __init__(self, endpoint: str, kwargs: dict[str, Any]) -> None:
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """What differs between Chat Completions and Responses; everything else is one path."""
+
+    items_key: str
+    """The argument holding the conversation (a list of items; Responses also takes a string)."""
+    caps: tuple[str, ...]
+    """The output caps the endpoint takes, the first the one set on DEGRADE when the call gave none."""
+    prefix: Callable[[Mapping[str, Any]], list[Message]]
+    """Messages counted before the items (Responses' ``instructions``)."""
+    as_message: Callable[[Any], Message]
+    """One item as the chat message the sidecar counts."""
+    asks_stream_usage: bool
+    """A stream sends its usage only when ``stream_options.include_usage`` asks for it."""
+
+
+CHAT = _Endpoint("messages", ("max_completion_tokens", "max_tokens"), lambda kwargs: [], lambda item: item, True)
+RESPONSES = _Endpoint("input", ("max_output_tokens",), _instructions, _response_item_message, False)
+
+
+class _Call:
+    """One call's keyword arguments, read as a budget step and rewritten by its advice."""
+
+    def __init__(self, endpoint: _Endpoint, kwargs: dict[str, Any]) -> None:
         self.endpoint = endpoint
         self.kwargs = kwargs
-        self.caps = CHAT_CAPS if endpoint == "chat" else RESPONSES_CAPS
-        self.items: list[Any] | None = None  # Responses input items, parallel to messages
-        self.messages: list[Message] = self._messages()
-
-    def _messages(self) -> list[Message]:
-        if self.endpoint == "chat":
-            return list(self.kwargs.get("messages") or [])
-        messages: list[Message] = []
-        instructions = self.kwargs.get("instructions")
-        if isinstance(instructions, str) and instructions:
-            messages.append({"role": "system", "content": instructions})
-        given = self.kwargs.get("input")
-        if isinstance(given, str):
-            messages.append({"role": "user", "content": given})
+        given = kwargs.get(endpoint.items_key)
+        self.items: list[Any] | None = None  # the trimmable items; the tail of ``messages``, one message each
+        self.messages: list[Message] = endpoint.prefix(kwargs)
+        if isinstance(given, str):  # one message: nothing to cut
+            self.messages.append({"role": "user", "content": given})
         elif given is not None:
             self.items = list(given)
-            messages.extend(_response_item_message(item) for item in self.items)
-        return messages
+            kwargs[endpoint.items_key] = self.items  # read once: an iterator given is sent as the list it gave
+            self.messages.extend(endpoint.as_message(item) for item in self.items)
 
     @property
     def max_output_tokens(self) -> int:
-        caps = [self.kwargs[name] for name in self.caps if isinstance(self.kwargs.get(name), int)]
+        caps = [self.kwargs[name] for name in self.endpoint.caps if isinstance(self.kwargs.get(name), int)]
         return min(caps) if caps else 0
 
     def step_arguments(self) -> dict[str, Any]:
@@ -103,281 +128,316 @@ class _Call:
             "max_output_tokens": self.max_output_tokens,
         }
 
-    def apply(self, step: Step) -> dict[str, Any]:
-        """The keyword arguments to send: the step's model and cap, the messages trimmed to its context cap."""
+    def apply(self, step: Step, *, streams: bool) -> dict[str, Any]:
+        """The keyword arguments to send: the step's model and cap, the items trimmed to its context cap, and (for a
+        stream that would not send it otherwise) the usage asked for."""
         kwargs = dict(self.kwargs)
         if step.model:
             kwargs["model"] = step.model
         asked = self.max_output_tokens
         cap = min(step.max_tokens, asked) if step.max_tokens and asked else step.max_tokens
         if cap and cap != asked:  # the advice's cap, never above the caller's own
-            for name in [name for name in self.caps if name in kwargs] or [self.caps[0]]:
+            for name in [name for name in self.endpoint.caps if name in kwargs] or [self.endpoint.caps[0]]:
                 kwargs[name] = cap
-        if step.max_context_tokens is not None:
-            self._trim(step, kwargs)
+        if step.max_context_tokens is not None and self.items is not None:
+            kwargs[self.endpoint.items_key] = step.trim_items(self.items, self.messages)
+        if streams and self.endpoint.asks_stream_usage:
+            kwargs["stream_options"] = {**dict(kwargs.get("stream_options") or {}), "include_usage": True}
         return kwargs
 
-    def _trim(self, step: Step, kwargs: dict[str, Any]) -> None:
-        kept = step.trim(self.messages)
-        if self.endpoint == "chat":
-            kwargs["messages"] = kept
-        elif self.items is not None:  # a string input is one message: nothing to cut
-            kept_ids = {id(message) for message in kept}
-            offset = len(self.messages) - len(self.items)  # the instructions' message comes first
-            kwargs["input"] = [item for i, item in enumerate(self.items) if id(self.messages[offset + i]) in kept_ids]
 
-    def force_usage_chunk(self, kwargs: dict[str, Any]) -> None:
-        """A chat stream sends its usage only when asked to: ask."""
-        if self.endpoint == "chat" and kwargs.get("stream"):
-            kwargs["stream_options"] = {**dict(kwargs.get("stream_options") or {}), "include_usage": True}
+# --- responses the caller reads later: raw ones, and with_streaming_response's ------------------------------------
 
 
-# --- what a call spent ----------------------------------------------------------------------------------------------
+class _RawStreamResponse:
+    """A ``with_raw_response`` stream: its ``parse()`` gives the budgeted stream, whose end ends the step."""
+
+    def __init__(self, raw: Any, wrap: Callable[[Any], Any]) -> None:
+        self._raw = raw
+        self._wrap = wrap
+        self._stream: Any = None
+
+    def parse(self, **kwargs: Any) -> Any:
+        if self._stream is None:
+            self._stream = self._wrap(self._raw.parse(**kwargs))
+        return self._stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
 
 
-def _get(value: Any, *path: str) -> Any:
-    for name in path:
-        if value is None:
-            return None
-        value = value.get(name) if isinstance(value, Mapping) else getattr(value, name, None)
-    return value
+class _StreamedResponse:
+    """A ``with_streaming_response`` response (the body not read yet): ``parse()`` reads it and reports its usage (a
+    stream: gives the budgeted stream); leaving the ``with`` (``close()``) ends the step, a body never parsed charged
+    as the reservation."""
 
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) else 0
-
-
-def record_usage(step: Step, usage: Any) -> bool:
-    """Records a Chat Completions or Responses ``usage`` on the step; False when there is none. Reasoning tokens are
-    part of ``completion_tokens`` / ``output_tokens`` already, so they are charged through them."""
-    if usage is None:
-        return False
-    if _get(usage, "prompt_tokens") is not None:  # Chat Completions
-        step.record_usage(
-            input_tokens=_int(_get(usage, "prompt_tokens")),
-            output_tokens=_int(_get(usage, "completion_tokens")),
-            cached_input_tokens=_int(_get(usage, "prompt_tokens_details", "cached_tokens")),
-        )
-    else:  # Responses
-        step.record_usage(
-            input_tokens=_int(_get(usage, "input_tokens")),
-            output_tokens=_int(_get(usage, "output_tokens")),
-            cached_input_tokens=_int(_get(usage, "input_tokens_details", "cached_tokens")),
-        )
-    return True
-
-
-def _chunk_usage(chunk: Any) -> Any:
-    """The usage a stream chunk or event carries: a chat chunk's ``usage``, a Responses terminal event's."""
-    if _get(chunk, "type") in ("response.completed", "response.incomplete", "response.failed"):
-        return _get(chunk, "response", "usage")
-    return _get(chunk, "usage")
-
-
-def _charge_if_streamed(step: Step, received: bool) -> None:
-    """A stream that failed after the server began sending spent tokens nobody reported: they are charged as the
-    reservation (its counted input, the rest as output), as the step API charges a step that completed without usage.
-    One that failed before any chunk spent nothing: its reservation is released."""
-    if received and not step.usage_recorded and step.reservation_id:
-        reserved_input = min(step.input_tokens, step.max_context_tokens or step.input_tokens, step.granted_tokens)
-        step.record_usage(input_tokens=reserved_input, output_tokens=step.granted_tokens - reserved_input)
-
-
-# --- streams --------------------------------------------------------------------------------------------------------
-
-
-class BudgetedStream:
-    """An SDK ``Stream`` whose step is reported when it ends: at its usage chunk's end, on ``close()`` or leaving its
-    ``with``, or when a ``for`` loop over it is left early (the loop's iterator is then closed). Everything else is
-    the SDK stream's (``response``, ...)."""
-
-    def __init__(self, stream: Any, step: Step, scope: StepScope) -> None:
-        self._stream = stream
-        self.step = step
-        """The budget step of the call (``step.granted_tokens``: what an early close is charged)."""
+    def __init__(self, response: Any, step: Step, scope: StepScope, streams: bool) -> None:
+        self._response = response
+        self._step = step
         self._scope = scope
+        self._streams = streams
+        self._stream: BudgetedStream | None = None
         self._done = False
-        self._received = False
-        self._iterator: Iterator[Any] | None = None
 
-    def __iter__(self) -> Iterator[Any]:
-        # A fresh generator the loop alone holds: leaving the loop early finalizes it, which ends the step.
-        return self._chunks()
-
-    def __next__(self) -> Any:
-        if self._iterator is None:
-            self._iterator = self._chunks()
-        return next(self._iterator)
-
-    def _chunks(self) -> Iterator[Any]:
-        error: BaseException | None = None
-        try:
-            for chunk in self._stream:
-                record_usage(self.step, _chunk_usage(chunk))
-                self._received = True
-                yield chunk
-        except GeneratorExit:
-            raise
-        except BaseException as exc:
-            error = exc
-            _charge_if_streamed(self.step, self._received)
-            raise
-        finally:
-            self._finish(error)
-
-    def _finish(self, error: BaseException | None) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._stream.close()
-        self._scope.__exit__(type(error) if error else None, error, error.__traceback__ if error else None)
+    def parse(self, **kwargs: Any) -> Any:
+        parsed = self._response.parse(**kwargs)
+        if not self._streams:
+            if not self._step.usage_recorded:
+                record_usage(self._step, get(parsed, "usage"))
+            return parsed
+        if self._stream is None:
+            self._stream = BudgetedStream(parsed, self._step, self._scope)
+        return self._stream
 
     def close(self) -> None:
-        self._finish(None)
-
-    def __enter__(self) -> BudgetedStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        if self._stream is not None:
+            self._stream.close()
+        elif not self._done:
+            self._done = True
+            if not self._streams and not self._step.usage_recorded:
+                self.parse()  # the body left unread: read its usage (one JSON object) rather than guess
+            self._scope.__exit__(None, None, None)  # a stream never parsed: charged its reservation
+        self._response.close()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
+        return getattr(self._response, name)
 
 
-class AsyncBudgetedStream:
-    """The asyncio twin of :class:`BudgetedStream`. An ``async for`` left early ends the step when asyncio finalizes
-    the loop's iterator (soon after the ``break``); ``await stream.close()`` or ``async with`` end it at once."""
+class _AsyncStreamedResponse:
+    """The asyncio twin of ``_StreamedResponse``."""
 
-    def __init__(self, stream: Any, step: Step, scope: AsyncStepScope) -> None:
-        self._stream = stream
-        self.step = step
-        """The budget step of the call (``step.granted_tokens``: what an early close is charged)."""
+    def __init__(self, response: Any, step: Step, scope: AsyncStepScope, streams: bool) -> None:
+        self._response = response
+        self._step = step
         self._scope = scope
+        self._streams = streams
+        self._stream: AsyncBudgetedStream | None = None
         self._done = False
-        self._received = False
-        self._iterator: AsyncIterator[Any] | None = None
 
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._chunks()
-
-    async def __anext__(self) -> Any:
-        if self._iterator is None:
-            self._iterator = self._chunks()
-        return await anext(self._iterator)
-
-    async def _chunks(self) -> AsyncIterator[Any]:
-        error: BaseException | None = None
-        try:
-            async for chunk in self._stream:
-                record_usage(self.step, _chunk_usage(chunk))
-                self._received = True
-                yield chunk
-        except GeneratorExit:
-            raise
-        except BaseException as exc:
-            error = exc
-            _charge_if_streamed(self.step, self._received)
-            raise
-        finally:
-            await self._finish(error)
-
-    async def _finish(self, error: BaseException | None) -> None:
-        if self._done:
-            return
-        self._done = True
-        await self._stream.close()
-        await self._scope.__aexit__(type(error) if error else None, error, error.__traceback__ if error else None)
+    async def parse(self, **kwargs: Any) -> Any:
+        parsed = await self._response.parse(**kwargs)
+        if not self._streams:
+            if not self._step.usage_recorded:
+                record_usage(self._step, get(parsed, "usage"))
+            return parsed
+        if self._stream is None:
+            self._stream = AsyncBudgetedStream(parsed, self._step, self._scope)
+        return self._stream
 
     async def close(self) -> None:
-        await self._finish(None)
-
-    async def __aenter__(self) -> AsyncBudgetedStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        if self._stream is not None:
+            await self._stream.close()
+        elif not self._done:
+            self._done = True
+            if not self._streams and not self._step.usage_recorded:
+                await self.parse()
+            await self._scope.__aexit__(None, None, None)
+        await self._response.close()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
+        return getattr(self._response, name)
 
 
-# --- the wrapped endpoints ------------------------------------------------------------------------------------------
+class _StreamManager:
+    """The SDK's stream manager (``with client.chat.completions.stream(...) as stream:``), ending the step on exit."""
+
+    def __init__(self, manager: Any, opened: list[BudgetedStream]) -> None:
+        self._manager = manager
+        self._opened = opened
+
+    def __enter__(self) -> Any:
+        return self._manager.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._manager.__exit__(*exc)
+        finally:
+            for stream in self._opened:
+                stream.close()
 
 
-class _Endpoint:
-    """``create`` of one endpoint (``chat.completions`` or ``responses``) as a budget step."""
+class _AsyncStreamManager:
+    """The asyncio twin of ``_StreamManager``."""
 
-    def __init__(self, owner: BudgetedOpenAI, endpoint: str, resource: Any) -> None:
+    def __init__(self, manager: Any, opened: list[AsyncBudgetedStream]) -> None:
+        self._manager = manager
+        self._opened = opened
+
+    async def __aenter__(self) -> Any:
+        return await self._manager.__aenter__()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self._manager.__aexit__(*exc)
+        finally:
+            for stream in self._opened:
+                await stream.close()
+
+
+# --- the wrapped resources ------------------------------------------------------------------------------------------
+
+
+class _Wrapped:
+    """Stands for an SDK resource (or its ``with_raw_response`` / ``with_streaming_response`` view) with some methods
+    replaced: the SDK's helpers called on it (``stream``) call the budgeted ``create``; the rest is the resource's."""
+
+    def __init__(self, resource: Any, **methods: Any) -> None:
+        self._resource = resource
+        self.__dict__.update(methods)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._resource, name)
+
+
+class _ResourceBase:
+    """``chat.completions`` or ``responses`` of a budgeted client: every generating call a budget step. The SDK's own
+    ``with_raw_response`` / ``with_streaming_response`` wrappers (``raw_wrapper``, ``streamed_wrapper``) are put
+    around the budgeted ``create`` and ``parse``; what blocks or awaits is the subclasses'."""
+
+    raw_wrapper: staticmethod[[Callable[..., Any]], Callable[..., Any]]
+    streamed_wrapper: staticmethod[[Callable[..., Any]], Callable[..., Any]]
+
+    def __init__(self, owner: Any, endpoint: _Endpoint, resource: Any) -> None:
         self._owner = owner
         self._endpoint = endpoint
         self._resource = resource
-        self._create = resource.create
+        create = self._budgeted(resource.create)
+        parse = self._budgeted(resource.parse)
+        self.create = create
+        self.parse = parse
+        raw, streamed = self.raw_wrapper, self.streamed_wrapper
+        self.with_raw_response = _Wrapped(resource.with_raw_response, create=raw(create), parse=raw(parse))
+        self.with_streaming_response = _Wrapped(
+            resource.with_streaming_response, create=streamed(create), parse=streamed(parse)
+        )
+        if hasattr(type(resource), "stream"):
+            self.stream = functools.partial(self._stream, type(resource).stream)
 
     def __getattr__(self, name: str) -> Any:  # the resource's other methods, unbudgeted
         return getattr(self._resource, name)
 
-    def create(self, *, budget_step_id: str | None = None, budget_task_id: str | None = None, **kwargs: Any) -> Any:
-        """The SDK's ``create``, checked before and reported after. ``budget_step_id``: the step's id (default: a
-        new one per call); ``budget_task_id``: the task's (default: the wrapper's)."""
-        call = _Call(self._endpoint, kwargs)
+    def _budgeted(self, send: Callable[..., Any]) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    def _stream(self, helper: Callable[..., Any], **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def _step(self, kwargs: dict[str, Any], task_id: str | None, step_id: str | None) -> tuple[_Call, Any]:
+        """The call read as a step, and its (not yet entered) scope."""
+        request = _Call(self._endpoint, kwargs)
         owner = self._owner
         scope = owner.budget.step(
-            budget_task_id or owner.task_id,
-            budget_step_id or new_step_id(),
-            **call.step_arguments(),
-            **owner.step_options,
+            task_id or owner.task_id, step_id or new_step_id(), **request.step_arguments(), **owner.step_options
         )
-        step = scope.__enter__()  # CHECKPOINT and DENY raise here, before any request
-        try:
-            send = call.apply(step)
-            call.force_usage_chunk(send)
-            result = self._create(**send)
-        except BaseException as error:
-            scope.__exit__(type(error), error, error.__traceback__)  # nothing spent: the reservation is released
-            raise
-        if send.get("stream"):
+        return request, scope
+
+
+class _Resource(_ResourceBase):
+    """``_ResourceBase`` for ``openai.OpenAI`` and a ``Budget``."""
+
+    raw_wrapper = staticmethod(to_raw_response_wrapper)
+    streamed_wrapper = staticmethod(to_streamed_response_wrapper)
+
+    def _stream(
+        self,
+        helper: Callable[..., Any],
+        *,
+        budget_step_id: str | None = None,
+        budget_task_id: str | None = None,
+        **kwargs: Any,
+    ) -> _StreamManager:
+        """The SDK's ``stream`` helper called on a stand-in whose ``create`` is the budgeted one: the step is checked
+        when the manager is entered (the helper sends the request then) and ends with the stream, or when the manager
+        is left (the helper's own stream only closes the HTTP response)."""
+        opened: list[BudgetedStream] = []
+
+        def create(**sent: Any) -> Any:
+            stream = self.create(budget_step_id=budget_step_id, budget_task_id=budget_task_id, **sent)
+            opened.append(stream)
+            return stream
+
+        return _StreamManager(helper(_Wrapped(self._resource, create=create), **kwargs), opened)
+
+    def _budgeted(self, send: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*, budget_step_id: str | None = None, budget_task_id: str | None = None, **kwargs: Any) -> Any:
+            """The SDK's method, checked before and reported after. ``budget_step_id``: the step's id (default: a
+            new one per call); ``budget_task_id``: the task's (default: the wrapper's)."""
+            request, scope = self._step(kwargs, budget_task_id, budget_step_id)
+            step = scope.__enter__()  # CHECKPOINT and DENY raise here, before any request
+            streams = bool(kwargs.get("stream"))
+            try:
+                result = send(**request.apply(step, streams=streams))
+            except BaseException as error:
+                scope.__exit__(*exc_info(error))  # nothing spent: the reservation is released
+                raise
+            return self._settle(result, step, scope, streams)
+
+        return call
+
+    @staticmethod
+    def _settle(result: Any, step: Step, scope: StepScope, streams: bool) -> Any:
+        """What the caller gets: a stream that ends the step when it ends, or the result with its usage reported."""
+        if isinstance(result, openai.APIResponse):  # with_streaming_response: the body is read later
+            return _StreamedResponse(result, step, scope, streams)
+        if isinstance(result, LegacyAPIResponse) and streams:
+            return _RawStreamResponse(result, lambda stream: BudgetedStream(stream, step, scope))
+        if isinstance(result, openai.Stream):
             return BudgetedStream(result, step, scope)
-        record_usage(step, _get(result, "usage"))
+        parsed = result.parse() if isinstance(result, LegacyAPIResponse) else result
+        record_usage(step, get(parsed, "usage"))
         scope.__exit__(None, None, None)
         return result
 
 
-class _AsyncEndpoint:
-    """The asyncio twin of ``_Endpoint``."""
+class _AsyncResource(_ResourceBase):
+    """``_ResourceBase`` for ``openai.AsyncOpenAI`` and an ``AsyncBudget``."""
 
-    def __init__(self, owner: AsyncBudgetedOpenAI, endpoint: str, resource: Any) -> None:
-        self._owner = owner
-        self._endpoint = endpoint
-        self._resource = resource
-        self._create = resource.create
+    raw_wrapper = staticmethod(async_to_raw_response_wrapper)
+    streamed_wrapper = staticmethod(async_to_streamed_response_wrapper)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._resource, name)
+    def _stream(
+        self,
+        helper: Callable[..., Any],
+        *,
+        budget_step_id: str | None = None,
+        budget_task_id: str | None = None,
+        **kwargs: Any,
+    ) -> _AsyncStreamManager:
+        """See ``_Resource._stream``."""
+        opened: list[AsyncBudgetedStream] = []
 
-    async def create(
-        self, *, budget_step_id: str | None = None, budget_task_id: str | None = None, **kwargs: Any
-    ) -> Any:
-        """See ``BudgetedOpenAI.chat.completions.create``."""
-        call = _Call(self._endpoint, kwargs)
-        owner = self._owner
-        scope = owner.budget.step(
-            budget_task_id or owner.task_id,
-            budget_step_id or new_step_id(),
-            **call.step_arguments(),
-            **owner.step_options,
-        )
-        step = await scope.__aenter__()
-        try:
-            send = call.apply(step)
-            call.force_usage_chunk(send)
-            result = await self._create(**send)
-        except BaseException as error:
-            await scope.__aexit__(type(error), error, error.__traceback__)
-            raise
-        if send.get("stream"):
+        async def create(**sent: Any) -> Any:
+            stream = await self.create(budget_step_id=budget_step_id, budget_task_id=budget_task_id, **sent)
+            opened.append(stream)
+            return stream
+
+        return _AsyncStreamManager(helper(_Wrapped(self._resource, create=create), **kwargs), opened)
+
+    def _budgeted(self, send: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(*, budget_step_id: str | None = None, budget_task_id: str | None = None, **kwargs: Any) -> Any:
+            """See ``_Resource``."""
+            request, scope = self._step(kwargs, budget_task_id, budget_step_id)
+            step = await scope.__aenter__()
+            streams = bool(kwargs.get("stream"))
+            try:
+                result = await send(**request.apply(step, streams=streams))
+            except BaseException as error:
+                await scope.__aexit__(*exc_info(error))
+                raise
+            return await self._settle(result, step, scope, streams)
+
+        return call
+
+    @staticmethod
+    async def _settle(result: Any, step: Step, scope: AsyncStepScope, streams: bool) -> Any:
+        if isinstance(result, openai.AsyncAPIResponse):
+            return _AsyncStreamedResponse(result, step, scope, streams)
+        if isinstance(result, LegacyAPIResponse) and streams:
+            return _RawStreamResponse(result, lambda stream: AsyncBudgetedStream(stream, step, scope))
+        if isinstance(result, openai.AsyncStream):
             return AsyncBudgetedStream(result, step, scope)
-        record_usage(step, _get(result, "usage"))
+        parsed = result.parse() if isinstance(result, LegacyAPIResponse) else result
+        record_usage(step, get(parsed, "usage"))
         await scope.__aexit__(None, None, None)
         return result
 
@@ -394,8 +454,9 @@ class _Chat:
 
 
 class BudgetedOpenAI:
-    """An ``openai.OpenAI`` whose ``chat.completions.create`` and ``responses.create`` are budget steps of
-    ``task_id``; every other attribute is the client's own (unbudgeted). ``step_options``: further arguments of every
+    """An ``openai.OpenAI`` whose generating calls on ``chat.completions`` and ``responses`` (``create``, ``parse``,
+    ``stream``, and through ``with_raw_response`` / ``with_streaming_response``) are budget steps of ``task_id``;
+    every other attribute is the client's own (unbudgeted). ``step_options``: further arguments of every
     ``budget.step`` (``labels``, ``task_type``, ``lease_seconds``, ``task_ceiling_tokens``)."""
 
     def __init__(self, client: openai.OpenAI, budget: Budget, *, task_id: str, **step_options: Any) -> None:
@@ -403,8 +464,8 @@ class BudgetedOpenAI:
         self.budget = budget
         self.task_id = task_id
         self.step_options = step_options
-        self.chat = _Chat(client.chat, _Endpoint(self, "chat", client.chat.completions))
-        self.responses = _Endpoint(self, "responses", client.responses)
+        self.chat = _Chat(client.chat, _Resource(self, CHAT, client.chat.completions))
+        self.responses = _Resource(self, RESPONSES, client.responses)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
@@ -418,8 +479,8 @@ class AsyncBudgetedOpenAI:
         self.budget = budget
         self.task_id = task_id
         self.step_options = step_options
-        self.chat = _Chat(client.chat, _AsyncEndpoint(self, "chat", client.chat.completions))
-        self.responses = _AsyncEndpoint(self, "responses", client.responses)
+        self.chat = _Chat(client.chat, _AsyncResource(self, CHAT, client.chat.completions))
+        self.responses = _AsyncResource(self, RESPONSES, client.responses)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
@@ -434,7 +495,7 @@ def budgeted(
 def budgeted(
     client: openai.OpenAI | openai.AsyncOpenAI, budget: Budget | AsyncBudget, *, task_id: str, **step_options: Any
 ) -> BudgetedOpenAI | AsyncBudgetedOpenAI:
-    """``client`` with every ``chat.completions.create`` and ``responses.create`` a step of ``task_id`` under
+    """``client`` with every generating call of ``chat.completions`` and ``responses`` a step of ``task_id`` under
     ``budget``: an ``OpenAI`` with a ``Budget``, or an ``AsyncOpenAI`` with an ``AsyncBudget``."""
     if isinstance(client, openai.AsyncOpenAI) and isinstance(budget, AsyncBudget):
         return AsyncBudgetedOpenAI(client, budget, task_id=task_id, **step_options)
