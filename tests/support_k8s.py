@@ -48,7 +48,7 @@ INSTALLS = [
 PARTS = ["base/policy", "base/settings"]
 SIDECAR_LABEL = {"budgetwarden.io/sidecar": "injected"}
 INJECTOR = "budgetwarden-injector"
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 120.0  # a bound on waiting for a start, not a pace: a loaded machine may take long
 
 Resource = dict[str, Any]
 

@@ -45,7 +45,7 @@ default_task_type: open
 task_types:
   open: {}
 """
-WAIT_S = 30.0  # a bound on waiting for a condition, never a timing expectation
+WAIT_S = 120.0  # a bound on waiting for a condition, never a timing expectation
 
 
 class GatedCounter(TokenCounter):

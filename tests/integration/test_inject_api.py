@@ -34,7 +34,7 @@ from support_k8s import FakeApiServer, find, rendered
 
 IMAGE = "ghcr.io/budgetwarden/budgetwarden:0.1.0"
 REDIS = "redis://budgetwarden-redis.budgetwarden.svc:6379/0"
-WAIT_S = 30.0
+WAIT_S = 120.0
 
 
 def policy_config_map(namespace: str, key: str = "policy.yaml") -> dict[str, Any]:

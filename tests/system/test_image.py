@@ -42,8 +42,8 @@ SERVICE = "budgetwarden.v1.BudgetService"
 # The builder's absolute paths; the replay moves them under a temporary root.
 IMAGE_PATHS = ("/src", "/wheels", "/opt")
 NETWORK_MARK = "# image-test: network"
-READY_TIMEOUT = 30.0
-EXIT_TIMEOUT = 30.0
+READY_TIMEOUT = 120.0  # a bound on waiting for a start, not a pace: a loaded machine may take long
+EXIT_TIMEOUT = 120.0
 TEXT = "Budgets for agents: ask before each step, report after it. Ünïcödé and <|endoftext|> as plain text."
 
 
