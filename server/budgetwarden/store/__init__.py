@@ -1,6 +1,7 @@
 """All that knows Redis: key names and ids, the budget store (one Lua script per mutation), the usage stream, replay
 of stored answers, and the embedded Valkey server. Imports the domain and telemetry only."""
 
+from ._audit import read_audit
 from ._embedded import EmbeddedRedis
 from ._gauges import GaugeReader
 from ._keys import (
@@ -20,6 +21,9 @@ from ._store import (
     BudgetStore,
     CeilingChange,
     CeilingRefusedError,
+    CheckpointCursor,
+    CheckpointPage,
+    CheckpointRecord,
     IdempotencyConflictError,
     RequestIdReusedError,
     Reservation,
@@ -36,6 +40,9 @@ __all__ = [
     "BudgetStore",
     "CeilingChange",
     "CeilingRefusedError",
+    "CheckpointCursor",
+    "CheckpointPage",
+    "CheckpointRecord",
     "EmbeddedRedis",
     "GaugeReader",
     "IdempotencyConflictError",
@@ -53,6 +60,7 @@ __all__ = [
     "is_reservation_id",
     "parse_checkpoint_id",
     "parse_fail_open_id",
+    "read_audit",
     "read_events",
     "replayed_answer",
     "reservation_id",
