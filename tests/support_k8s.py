@@ -34,6 +34,7 @@ KUSTOMIZATIONS = {
     "overlays/redis-cluster",
     "overlays/legacy-sidecar",
     "overlays/self-signed",
+    "control-plane",
 }
 # What installs budgetwarden (the base and its overlays), as opposed to the parts they are built from.
 INSTALLS = ["", "overlays/external-redis", "overlays/redis-cluster", "overlays/legacy-sidecar", "overlays/self-signed"]
