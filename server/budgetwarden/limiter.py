@@ -602,7 +602,7 @@ class Limiter:
     async def record_refusal(self, tenant_id: str | None, fields: Mapping[str, str], deadline_s: float | None) -> None:
         """Append a refused admin call to the audit trail (UNAVAILABLE when the store does not answer in time)."""
         async with _store_call(self._store_limit(deadline_s)):
-            await self.store.append_audit(tenant_id, fields, self.clock())
+            await self.store.append_audit(tenant_id, fields)
 
     async def set_ceiling(
         self,

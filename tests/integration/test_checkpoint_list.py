@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -110,6 +111,19 @@ def test_decided_checkpoints_are_listed_latest_first_with_what_was_added(running
     )
     assert approved.decided_at.ToMilliseconds() > approved.opened_at.ToMilliseconds()
     assert (denied.state, denied.added_tokens) == (admin_pb.CHECKPOINT_STATE_DENIED, 0)
+
+
+def test_the_checkpoint_index_expires_with_the_task_retention(running: RunningSidecar, sync_redis: redis.Redis) -> None:
+    (opened,) = open_many(running, "acme", 1)
+    keys = TenantKeys("acme")
+    info = f"{keys.prefix}ckpt:{hashlib.sha1(opened.encode()).hexdigest()}"
+    retention_ms = running.settings.task_retention_seconds * 1000
+    for key in (keys.checkpoints_open, info):
+        assert 0 < sync_redis.pttl(key) <= retention_ms, key
+    admin_of(running).call("DenyCheckpoint", admin_pb.DenyCheckpointRequest(checkpoint_id=opened))
+    for key in (keys.checkpoints_decided, info):
+        assert 0 < sync_redis.pttl(key) <= retention_ms, key
+    assert sync_redis.hget(info, "state") == b"denied"
 
 
 def test_a_reset_or_expired_task_leaves_the_open_list(running: RunningSidecar, sync_redis: redis.Redis) -> None:

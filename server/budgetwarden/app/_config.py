@@ -85,7 +85,7 @@ class Settings(BaseSettings):
         "credentials asked, and admin_listen must be a loopback address",
     )
     audit_stream_max_len: Annotated[int, Field(ge=1000)] = Field(
-        100_000, description="audit entries kept per tenant stream, at most (approximately)"
+        100_000, description="audit entries kept per tenant stream, at most"
     )
     audit_stream_max_age_seconds: Annotated[int, Field(ge=60)] = Field(
         90 * 86400, description="audit entries older than this are trimmed from the stream"

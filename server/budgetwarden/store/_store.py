@@ -423,10 +423,9 @@ class BudgetStore:
             counters=read_counters(reply[8:]),
         )
 
-    def _audit_args(self, audit: str, now_ms: int) -> list[str | int]:
+    def _audit_args(self, audit: str) -> list[str | int]:
         """admin.lua's last arguments: the caller's audit entry ('' for none) and the stream's bounds."""
-        retention = self.retention
-        return [audit, retention.audit_max_len, max(0, now_ms - retention.audit_max_age_ms)]
+        return [audit, self.retention.audit_max_len, self.retention.audit_max_age_ms]
 
     async def decide_checkpoint(
         self,
@@ -445,7 +444,7 @@ class BudgetStore:
         keys = TenantKeys(tenant_id)
         action = "approve" if approve else "deny"
         args: list[str | int] = [action, now_ms, self.retention.task_ms, checkpoint, add.tokens, add.usd]
-        args += [MAX_LIMIT_TOKENS, MAX_LIMIT_USD, "", *self._audit_args(audit, now_ms)]
+        args += [MAX_LIMIT_TOKENS, MAX_LIMIT_USD, "", *self._audit_args(audit)]
         reply = await self._admin(keys=[keys.task(task_id), keys.audit], args=args)
         outcome, counter = int(reply[0]), read_counters(reply[1:7])[0]
         _refuse_ceiling(outcome, reply[7:], counter, add)
@@ -469,7 +468,7 @@ class BudgetStore:
         keys = TenantKeys(tenant_id)
         args: list[str | int] = ["ceiling", now_ms, self.retention.task_ms, "add" if add else "set"]
         args += ["" if tokens is None else tokens, "" if usd is None else usd, MAX_LIMIT_TOKENS, MAX_LIMIT_USD]
-        args += [request_id, *self._audit_args(audit, now_ms)]
+        args += [request_id, *self._audit_args(audit)]
         reply = await self._admin(keys=[keys.task(task_id), keys.audit], args=args)
         outcome, counter = int(reply[0]), read_counters(reply[1:7])[0]
         if outcome == _REQUEST_REUSED:
@@ -481,7 +480,7 @@ class BudgetStore:
         """Forget a task (its open checkpoint leaves the index with it); True when there was one."""
         keys = TenantKeys(tenant_id)
         args: list[str | int] = ["reset", now_ms, self.retention.task_ms, "", "", "", "", "", ""]
-        args += self._audit_args(audit, now_ms)
+        args += self._audit_args(audit)
         reply = await self._admin(keys=[keys.task(task_id), keys.audit], args=args)
         return int(reply[0]) == _TASK_RESET
 
@@ -515,12 +514,12 @@ class BudgetStore:
         last = CheckpointCursor(reply_text(reply[1]), reply_text(reply[2]))
         return CheckpointPage(items, last if more else None)
 
-    async def append_audit(self, tenant_id: str | None, fields: Mapping[str, str], now_ms: int) -> None:
+    async def append_audit(self, tenant_id: str | None, fields: Mapping[str, str]) -> None:
         """Append an entry (a refused call) to the tenant's audit stream, or the global one without a tenant."""
         stream = GLOBAL_AUDIT_KEY if tenant_id is None else TenantKeys(tenant_id).audit
-        _, max_len, min_ms = self._audit_args("", now_ms)
+        _, max_len, max_age_ms = self._audit_args("")
         flat = [value for pair in fields.items() for value in pair]
-        await self._audit(keys=[stream], args=[max_len, min_ms, *flat])
+        await self._audit(keys=[stream], args=[max_len, max_age_ms, *flat])
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,11 +221,13 @@ local function checkpoint_decided(task_key, id, state, added, added_usd, now, re
   redis.call('PEXPIRE', decided, retention_ms)
 end
 
--- Appends an entry to an audit stream, trimmed to about `max_len` entries and to entries written at or after
--- `min_ms` (stream ids are Redis's clock). `fields` is a flat list of field, value.
-local function audit_append(stream, fields, max_len, min_ms)
-  redis.call('XADD', stream, 'MAXLEN', '~', max_len, '*', unpack(fields))
-  redis.call('XTRIM', stream, 'MINID', '~', min_ms)
+-- Appends an entry to an audit stream, trimmed to `max_len` entries and to the entries written at most
+-- `max_age_ms` before it, by Redis's clock (the one stream ids are made of: the caller's could be skewed). Exact
+-- trims: admin calls are few, and retention is a promise. `fields` is a flat list of field, value.
+local function audit_append(stream, fields, max_len, max_age_ms)
+  local id = redis.call('XADD', stream, 'MAXLEN', max_len, '*', unpack(fields))
+  local written_ms = tonumber(string.match(id, '^(%d+)'))
+  redis.call('XTRIM', stream, 'MINID', string.format('%d', math.max(0, written_ms - tonumber(max_age_ms))))
 end
 
 local function counter_text(c)

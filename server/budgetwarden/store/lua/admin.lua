@@ -8,8 +8,7 @@
 -- ceiling: ARGV[4] 'set' or 'add', ARGV[5] tokens (or '' to leave), ARGV[6] micro-USD (or '' to leave),
 --          ARGV[7] highest token ceiling, ARGV[8] highest micro-USD ceiling, ARGV[9] request id ('': none)
 -- every action: ARGV[10] the audit entry as the caller knows it (JSON: who, role, from where, what was asked;
---          '': no entry), ARGV[11] audit entries kept at most (about), ARGV[12] audit entries older than this (ms,
---          Redis's clock) are trimmed
+--          '': no entry), ARGV[11] audit entries kept at most, ARGV[12] how long audit entries are kept (ms)
 --
 -- Returns { outcome, then the task's limit, used, reserved, limit_usd, used_usd, reserved_usd, then, for a refusal of
 -- an amount (10, 11), the ceiling field it is about: 'limit' or 'limit_usd' }
