@@ -15,7 +15,7 @@ import pytest
 import redis
 from support_admin import TWO_TENANTS_POLICY, Admin, TokensFile, open_checkpoint
 
-from budgetwarden.store import TenantKeys
+from budgetwarden.store import TenantKeys, read_audit
 from budgetwarden.transport import token_digest
 from budgetwarden_api.v1 import admin_pb2 as admin_pb
 
@@ -249,3 +249,12 @@ def test_the_cli_reaches_a_secured_admin_api_with_a_token_file(
     only_acme = cli("audit", "export", "--since", "1d", "--tenant", "acme", "--redis-url", redis_url)
     assert [json.loads(line)["outcome"] for line in only_acme.stdout.splitlines()] == ["APPROVED"]
     assert cli("audit", "export", "--since", "1d", "--until", "1d", "--redis-url", redis_url).stdout == ""
+
+
+def test_a_loopback_admin_listener_without_a_tokens_file_records_its_local_caller(
+    running: RunningSidecar, sync_redis: redis.Redis
+) -> None:
+    (opened,) = open_many(running, "acme", 1)
+    admin_of(running).call("ApproveCheckpoint", admin_pb.ApproveCheckpointRequest(checkpoint_id=opened, add_tokens=5))
+    (entry,) = read_audit(sync_redis, "acme", 0)
+    assert (entry["who"], entry["role"], entry["via"], entry["outcome"]) == ("local", "admin", "none", "APPROVED")
