@@ -92,6 +92,7 @@ class ControlPlane:
         self._ping: AnyRedis | None = None
         self._watch: asyncio.Task[None] | None = None
         self._ready: bool | None = None
+        self.limiter: Limiter | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -103,7 +104,7 @@ class ControlPlane:
         self.redis = redis_client(
             url, cluster=settings.redis_cluster, socket_timeout=_socket_timeout(settings), access=options
         )
-        limiter = Limiter(
+        self.limiter = limiter = Limiter(
             BudgetStore(self.redis, store_retention(settings)),
             self.policy,
             store_deadline_s=settings.store_deadline_ms / 1000,
@@ -167,6 +168,9 @@ class ControlPlane:
             await self.health.enter_graceful_shutdown()
             await _bounded_step("admin server", self.server.stop(grace), grace + STOP_STEP_LIMIT_S)
             self.server = None
+        if self.limiter is not None:
+            self.limiter.counting_pool.shutdown()  # never used here (no checks), but it is the limiter's to close
+            self.limiter = None
         for client in (self.redis, self._ping):
             if client is not None:
                 await _bounded_step("redis client", client.aclose(), STOP_STEP_LIMIT_S)
