@@ -46,6 +46,8 @@ INSTALLS = [
 # Parts the others include: the policy (applied per agent namespace too) and the settings (local-config only: renders
 # to nothing, its values reach the objects through the including kustomization's replacements).
 PARTS = ["base/policy", "base/settings"]
+# Installed beside an install: the control plane (the admin API for operators), against the same Redis.
+ADDONS = ["control-plane"]
 SIDECAR_LABEL = {"budgetwarden.io/sidecar": "injected"}
 INJECTOR = "budgetwarden-injector"
 READY_TIMEOUT = 120.0  # a bound on waiting for a start, not a pace: a loaded machine may take long

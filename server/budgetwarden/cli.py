@@ -17,7 +17,7 @@ import re
 import sys
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -44,7 +44,7 @@ from budgetwarden.domain import (
 )
 from budgetwarden.inject import add_arguments as add_inject_arguments
 from budgetwarden_api.v1 import budget_pb2 as pb
-from budgetwarden_client import DEFAULT_ADMIN_ADDR, AdminClient, BudgetClient, admin_pb, default_addr
+from budgetwarden_client import DEFAULT_ADMIN_ADDR, BudgetClient, admin_pb, default_addr
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
 
@@ -201,6 +201,47 @@ def _parser() -> argparse.ArgumentParser:
     deny.add_argument("checkpoint", help="checkpoint id")
     _admin_flags(deny)
 
+    checkpoints = commands.add_parser("checkpoints", help="list a tenant's checkpoints (admin API)")
+    checkpoint_commands = checkpoints.add_subparsers(dest="checkpoints_command", required=True, parser_class=_Parser)
+    listing = checkpoint_commands.add_parser("list", help="open checkpoints (oldest first), or decided ones")
+    _tenant_flag(listing)
+    listing.add_argument("--decided", action="store_true", help="the approved and denied ones, latest first")
+    listing.add_argument("--page-size", type=_integer(1, 500), default=50, help="checkpoints per page (default 50)")
+    listing.add_argument("--page-token", default="", help="next_page_token of a previous page")
+    listing.add_argument("--all", action="store_true", help="follow next_page_token to the last page")
+    _admin_flags(listing)
+
+    admin_token = commands.add_parser("admin-token", help="make credentials for the admin API")
+    token_commands = admin_token.add_subparsers(dest="admin_token_command", required=True, parser_class=_Parser)
+    token_new = token_commands.add_parser(
+        "new", help="print a new bearer token (once) and its entry for the admin tokens file"
+    )
+    token_new.add_argument("--name", required=True, help="who holds it (recorded in the audit trail)")
+    token_new.add_argument("--role", required=True, choices=["viewer", "approver", "admin"])
+    token_new.add_argument(
+        "--tenant", action="append", required=True, help="a tenant it may act on (repeat for more; '*' for all)"
+    )
+
+    audit = commands.add_parser("audit", help="read the audit trail of admin calls from Redis")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
+    audit_export = audit_commands.add_parser("export", help="write audit entries as JSON lines, oldest first")
+    audit_export.add_argument("--since", required=True, help="ISO 8601 time, epoch milliseconds, or an age like 24h")
+    audit_export.add_argument("--until", default=None, help="same forms as --since (default: now)")
+    audit_export.add_argument(
+        "--tenant", default=None, help="one tenant (default: every tenant, and refusals naming none)"
+    )
+    audit_export.add_argument("--output", type=Path, default=None, help="file to write (default: standard output)")
+    _redis_flags(audit_export)
+
+    control = commands.add_parser(
+        "control-plane",
+        help="serve the admin API (approvals, ceilings, checkpoints) against the sidecars' Redis",
+        description="Serves BudgetAdminService, health and reflection on --admin-listen (default 127.0.0.1:50152); "
+        "no budget API. Takes the same settings as serve.",
+    )
+    control.add_argument("--config", type=Path, default=None, help="YAML file of settings (lowest precedence)")
+    _add_setting_flags(control)
+
     usage = commands.add_parser("usage", help="read the usage events (billing) from Redis")
     usage_commands = usage.add_subparsers(dest="usage_command", required=True, parser_class=_Parser)
     export = usage_commands.add_parser("export", help="write usage events as CloudEvents 1.0 JSON lines")
@@ -262,15 +303,42 @@ def _redis_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+ADMIN_TOKEN_ENV = "BUDGETWARDEN_ADMIN_TOKEN"
+
+
 def _admin_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin-addr",
         default=None,
-        help="the sidecar's admin listener, which it serves only with --admin-listen "
+        help="the admin API: the control plane's, or a sidecar's (served only with --admin-listen) "
         "[env BUDGETWARDEN_ADMIN_ADDR; default 127.0.0.1:50152]",
     )
     _timeout_flag(parser)
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=os.environ.get("BUDGETWARDEN_ADMIN_TOKEN_FILE") or None,
+        help=f"file holding a bearer token [env BUDGETWARDEN_ADMIN_TOKEN_FILE; or the token in {ADMIN_TOKEN_ENV}]",
+    )
+    parser.add_argument(
+        "--tls-ca-file",
+        type=Path,
+        default=os.environ.get("BUDGETWARDEN_ADMIN_TLS_CA_FILE") or None,
+        help="CA that signs the admin listener's certificate: connect with TLS [env BUDGETWARDEN_ADMIN_TLS_CA_FILE]",
+    )
+    parser.add_argument(
+        "--tls-cert-file",
+        type=Path,
+        default=os.environ.get("BUDGETWARDEN_ADMIN_TLS_CERT_FILE") or None,
+        help="client certificate (mutual TLS), with --tls-key-file [env BUDGETWARDEN_ADMIN_TLS_CERT_FILE]",
+    )
+    parser.add_argument(
+        "--tls-key-file",
+        type=Path,
+        default=os.environ.get("BUDGETWARDEN_ADMIN_TLS_KEY_FILE") or None,
+        help="private key of --tls-cert-file [env BUDGETWARDEN_ADMIN_TLS_KEY_FILE]",
+    )
 
 
 def _labels(pairs: Sequence[str]) -> dict[str, str]:
@@ -416,6 +484,13 @@ def _cmd_budget(args: argparse.Namespace, client: BudgetClient) -> int:
             else "not checked yet"
         )
         lines.append(f"task {args.task}: {known}")
+        if answer.HasField("checkpoint"):
+            lines.append(
+                f"open checkpoint: {answer.checkpoint.id} (since {_ts(answer.checkpoint, 'opened_at')}); "
+                f"budgetwarden approve {answer.checkpoint.id} --add N, or budgetwarden deny"
+            )
+        if answer.task_closed:
+            lines.append("task closed: a checkpoint was denied; every further check is denied")
     lines += _scope_table(answer.scopes)
     _print(answer, args.json, lines)
     return EXIT_OK
@@ -559,14 +634,64 @@ def _admin_addr(args: argparse.Namespace) -> str:
     return str(args.admin_addr or os.environ.get("BUDGETWARDEN_ADMIN_ADDR", DEFAULT_ADMIN_ADDR))
 
 
+def _admin_token(args: argparse.Namespace) -> str | None:
+    """--token-file (or BUDGETWARDEN_ADMIN_TOKEN_FILE), else BUDGETWARDEN_ADMIN_TOKEN; None: send no token."""
+    if args.token_file is not None:
+        try:
+            token: str = args.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"--token-file {args.token_file}: cannot read it: {exc}") from None
+        if not token:
+            raise CliError(f"--token-file {args.token_file}: the file is empty")
+        return token
+    return str(os.environ.get(ADMIN_TOKEN_ENV, "")).strip() or None
+
+
+def _read_pem(path: Path | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"{flag} {path}: cannot read it: {exc}") from None
+
+
+@contextlib.contextmanager
+def _admin_stub(args: argparse.Namespace) -> Iterator[tuple[Any, list[tuple[str, str]]]]:
+    """A stub of BudgetAdminService and the metadata every call sends: TLS when a CA or a client certificate is given
+    (mutual TLS with the certificate), a bearer token when one is given."""
+    from budgetwarden_api.v1 import admin_pb2_grpc
+
+    if (args.tls_cert_file is None) != (args.tls_key_file is None):
+        raise UsageError("--tls-cert-file and --tls-key-file go together")
+    token = _admin_token(args)
+    addr = _admin_addr(args)
+    if args.tls_ca_file is not None or args.tls_cert_file is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(args.tls_ca_file, "--tls-ca-file"),
+            private_key=_read_pem(args.tls_key_file, "--tls-key-file"),
+            certificate_chain=_read_pem(args.tls_cert_file, "--tls-cert-file"),
+        )
+        channel = grpc.secure_channel(addr, credentials)
+    else:
+        channel = grpc.insecure_channel(addr)
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    try:
+        yield admin_pb2_grpc.BudgetAdminServiceStub(channel), metadata
+    finally:
+        channel.close()
+
+
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    with AdminClient(_admin_addr(args), timeout=args.timeout) as client:
+    with _admin_stub(args) as (stub, metadata):
+        call = {"timeout": args.timeout, "metadata": metadata}
         if args.command == "approve":
-            answer: Any = client.approve(
-                args.checkpoint, add_tokens=args.add, add_usd_micros=usd_to_micros(args.add_usd)
+            request = admin_pb.ApproveCheckpointRequest(
+                checkpoint_id=args.checkpoint, add_tokens=args.add, add_usd_micros=usd_to_micros(args.add_usd)
             )
+            answer: Any = stub.ApproveCheckpoint(request, **call)
         else:
-            answer = client.deny(args.checkpoint)
+            answer = stub.DenyCheckpoint(admin_pb.DenyCheckpointRequest(checkpoint_id=args.checkpoint), **call)
     outcome = _enum(admin_pb.CheckpointOutcome, answer.outcome, "CHECKPOINT_OUTCOME_")
     lines = [f"{outcome}: {args.checkpoint}"]
     if args.command == "approve" and answer.HasField("task"):
@@ -576,15 +701,126 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_ERROR if answer.outcome in bad else EXIT_OK
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from budgetwarden.app import configure_logging, serve
+_CHECKPOINT_STATES = {
+    admin_pb.CHECKPOINT_STATE_OPEN: "open",
+    admin_pb.CHECKPOINT_STATE_APPROVED: "approved",
+    admin_pb.CHECKPOINT_STATE_DENIED: "denied",
+}
 
+
+def _checkpoint_rows(checkpoints: Sequence[Any], decided: bool) -> list[str]:
+    head: tuple[str, ...] = ("checkpoint", "task", "task type", "opened at")
+    head += ("state", "decided at", "added") if decided else ("used", "limit")
+    rows = [head]
+    for c in checkpoints:
+        row: tuple[str, ...] = (c.checkpoint_id, c.task_id, c.task_type or "-", _ts(c, "opened_at"))
+        if decided:
+            row += (_CHECKPOINT_STATES.get(c.state, "?"), _ts(c, "decided_at"), str(c.added_tokens))
+        else:
+            task = c.task
+            limit = str(task.limit_tokens) if c.HasField("task") and task.HasField("limit_tokens") else "-"
+            row += (str(task.used_tokens + task.reserved_tokens) if c.HasField("task") else "-", limit)
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+
+
+def _cmd_checkpoints_list(args: argparse.Namespace) -> int:
+    token = args.page_token
+    listed: list[Any] = []
+    filter_ = admin_pb.CHECKPOINT_FILTER_DECIDED if args.decided else admin_pb.CHECKPOINT_FILTER_OPEN
+    with _admin_stub(args) as (stub, metadata):
+        while True:
+            request = admin_pb.ListCheckpointsRequest(
+                tenant_id=args.tenant, filter=filter_, page_size=args.page_size, page_token=token
+            )
+            answer = stub.ListCheckpoints(request, timeout=args.timeout, metadata=metadata)
+            listed += answer.checkpoints
+            token = answer.next_page_token
+            if not (args.all and token):
+                break
+    if args.json:
+        result = {
+            "checkpoints": [MessageToDict(c, preserving_proto_field_name=True) for c in listed],
+            "next_page_token": token,
+        }
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return EXIT_OK
+    what = "decided" if args.decided else "open"
+    if not listed:
+        print(f"no {what} checkpoints for tenant {args.tenant}")
+    else:
+        print("\n".join(_checkpoint_rows(listed, args.decided)))
+    if token:
+        print(f"more: --page-token {token}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_admin_token(args: argparse.Namespace) -> int:
+    from budgetwarden.transport import new_token, token_digest
+
+    token = new_token()
+    tenants: Any = "*" if "*" in args.tenant else sorted(set(args.tenant))
+    entry = {"name": args.name, "sha256": token_digest(token), "role": args.role, "tenants": tenants}
+    print(token)
+    print(
+        "# The token above is shown once; hand it to its holder. Add this entry under `tokens:` in the admin tokens "
+        "file:",
+        file=sys.stderr,
+    )
+    print("  - " + json.dumps(entry), file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import redis
+
+    from budgetwarden.store import read_audit
+
+    since = _time_ms(args.since, "--since")
+    until = None if args.until is None else _time_ms(args.until, "--until")
+    client = _usage_client(args)
+    try:
+        out = args.output.open("w") if args.output else sys.stdout
+        count = 0
+        try:
+            for record in read_audit(client, args.tenant, since, until):
+                out.write(json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n")
+                count += 1
+        finally:
+            if args.output:
+                out.close()
+        print(f"exported {count} audit entries", file=sys.stderr)
+        return EXIT_OK
+    except redis.RedisError as exc:
+        raise CliError(f"cannot read the audit trail from Redis: {exc}") from None
+    finally:
+        client.close()
+
+
+def _cmd_control_plane(args: argparse.Namespace) -> int:
+    from budgetwarden.app import configure_logging, serve_control_plane
+
+    settings = _settings_of(args)
+    configure_logging(settings.log_level, settings.log_format)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_control_plane(settings))
+    return EXIT_OK
+
+
+def _settings_of(args: argparse.Namespace) -> Settings:
     flags = {name: getattr(args, name) for name in Settings.model_fields}
     config = args.config
     if config is None:
         env_config = os.environ.get("BUDGETWARDEN_CONFIG")
         config = Path(env_config) if env_config else None
-    settings = load_settings(config, **flags)
+    return load_settings(config, **flags)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from budgetwarden.app import configure_logging, serve
+
+    settings = _settings_of(args)
     configure_logging(settings.log_level, settings.log_format)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
@@ -633,12 +869,17 @@ def _rpc_error_line(args: argparse.Namespace, exc: grpc.RpcError) -> str:
     """One line that says what failed, where, and the way out."""
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    admin = args.command in ("approve", "deny")
+    admin = args.command in ADMIN_COMMANDS
     where = _admin_addr(args) if admin else (args.addr or default_addr())
     if code == grpc.StatusCode.UNAVAILABLE and _store_unavailable(exc):
         return (
             f"the sidecar at {where} answered, but its budget store (Redis) is unavailable: {details}; "
             "check the Redis the sidecar uses (its --redis-url, or its embedded server) and try again"
+        )
+    if code == grpc.StatusCode.UNAUTHENTICATED and admin:
+        return (
+            f"UNAUTHENTICATED: the admin API at {where} wants credentials: {details}; give --token-file (or "
+            f"{ADMIN_TOKEN_ENV}), or a client certificate with --tls-cert-file and --tls-key-file"
         )
     if code == grpc.StatusCode.UNAVAILABLE and admin:
         return (
@@ -657,6 +898,8 @@ def _rpc_error_line(args: argparse.Namespace, exc: grpc.RpcError) -> str:
 
 
 _TENANT_COMMANDS = {"check", "report", "release", "budget"}
+ADMIN_COMMANDS = ("approve", "deny", "checkpoints")
+_SUBCOMMANDS = ("policy_command", "usage_command", "checkpoints_command", "admin_token_command", "audit_command")
 
 
 def _missing_tenant(args: argparse.Namespace) -> bool:
@@ -664,6 +907,7 @@ def _missing_tenant(args: argparse.Namespace) -> bool:
         args.command in _TENANT_COMMANDS
         or (args.command == "policy" and args.policy_command == "explain")
         or (args.command == "usage" and args.usage_command == "summary")
+        or args.command == "checkpoints"
     )
     return takes_tenant and args.tenant is None
 
@@ -671,7 +915,7 @@ def _missing_tenant(args: argparse.Namespace) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    subcommand = getattr(args, "policy_command", None) or getattr(args, "usage_command", None)
+    subcommand = next((getattr(args, name) for name in _SUBCOMMANDS if getattr(args, name, None)), None)
     prog = " ".join(filter(None, ("budgetwarden", args.command, subcommand)))  # as argparse names it
     if _missing_tenant(args):
         print(f"{prog}: error: give --tenant, or set {TENANT_ENV}: the tenant whose budget this is", file=sys.stderr)
@@ -685,6 +929,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_policy_validate(args) if args.policy_command == "validate" else _cmd_policy_explain(args)
         if args.command in ("approve", "deny"):
             return _cmd_checkpoint(args)
+        if args.command == "checkpoints":
+            return _cmd_checkpoints_list(args)
+        if args.command == "admin-token":
+            return _cmd_admin_token(args)
+        if args.command == "audit":
+            return _cmd_audit(args)
+        if args.command == "control-plane":
+            return _cmd_control_plane(args)
         if args.command == "usage":
             return _cmd_usage(args)
         with BudgetClient(args.addr or default_addr(), timeout=args.timeout) as client:

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from urllib.parse import quote
 
@@ -46,6 +46,8 @@ from budgetwarden.store import (
     BudgetState,
     BudgetStore,
     CeilingChange,
+    CheckpointCursor,
+    CheckpointPage,
     Reservation,
     StepCheck,
     UsageEntry,
@@ -565,17 +567,42 @@ class Limiter:
 
     # --- administration ---------------------------------------------------------------------------------------
 
-    async def decide_checkpoint(
-        self, checkpoint: str, *, approve: bool, add: Amount, deadline_s: float | None = None
-    ) -> tuple[int, Counter]:
+    @staticmethod
+    def checkpoint_owner(checkpoint: str) -> tuple[str, str]:
+        """The (tenant, task) whose keys a checkpoint id addresses: the only ones a decision on it can touch, so the
+        tenant an authorisation must be checked against. Raises UnknownCheckpointError."""
         owner = parse_checkpoint_id(checkpoint)
         if owner is None:
             raise UnknownCheckpointError(checkpoint)
-        tenant_id, task_id = owner
+        return owner
+
+    async def decide_checkpoint(
+        self, checkpoint: str, *, approve: bool, add: Amount, deadline_s: float | None = None, audit: str = ""
+    ) -> tuple[int, Counter]:
+        tenant_id, task_id = self.checkpoint_owner(checkpoint)
         async with _store_call(self._store_limit(deadline_s)):
             return await self.store.decide_checkpoint(
-                tenant_id, task_id, checkpoint, approve=approve, add=add, now_ms=self.clock()
+                tenant_id, task_id, checkpoint, approve=approve, add=add, now_ms=self.clock(), audit=audit
             )
+
+    async def list_checkpoints(
+        self,
+        tenant_id: str,
+        *,
+        decided: bool,
+        page_size: int,
+        after: CheckpointCursor | None,
+        deadline_s: float | None = None,
+    ) -> CheckpointPage:
+        async with _store_call(self._store_limit(deadline_s)):
+            return await self.store.list_checkpoints(
+                tenant_id, decided=decided, page_size=page_size, after=after, scan_limit=4 * page_size + 100
+            )
+
+    async def record_refusal(self, tenant_id: str | None, fields: Mapping[str, str], deadline_s: float | None) -> None:
+        """Append a refused admin call to the audit trail (UNAVAILABLE when the store does not answer in time)."""
+        async with _store_call(self._store_limit(deadline_s)):
+            await self.store.append_audit(tenant_id, fields)
 
     async def set_ceiling(
         self,
@@ -587,15 +614,25 @@ class Limiter:
         usd: int | None,
         request_id: str = "",
         deadline_s: float | None = None,
+        audit: str = "",
     ) -> CeilingChange:
         async with _store_call(self._store_limit(deadline_s)):
             return await self.store.set_ceiling(
-                tenant_id, task_id, add=add, tokens=tokens, usd=usd, now_ms=self.clock(), request_id=request_id
+                tenant_id,
+                task_id,
+                add=add,
+                tokens=tokens,
+                usd=usd,
+                now_ms=self.clock(),
+                request_id=request_id,
+                audit=audit,
             )
 
-    async def reset_task(self, tenant_id: str, task_id: str, deadline_s: float | None = None) -> bool:
+    async def reset_task(
+        self, tenant_id: str, task_id: str, deadline_s: float | None = None, *, audit: str = ""
+    ) -> bool:
         async with _store_call(self._store_limit(deadline_s)):
-            return await self.store.reset_task(tenant_id, task_id)
+            return await self.store.reset_task(tenant_id, task_id, now_ms=self.clock(), audit=audit)
 
 
 class _PricedLabels:

@@ -29,6 +29,7 @@ import yaml
 
 from support import run_cli
 from support_k8s import (
+    ADDONS,
     CONFIG_FILES,
     IMAGE,
     INJECTOR,
@@ -73,7 +74,7 @@ def test_every_yaml_file_is_a_kustomization_a_manifest_or_a_known_config_file() 
     names = yaml_files()
     assert set(names) >= CONFIG_FILES
     # Every kustomization is one of these (and each is rendered below): the installs, their parts, the example.
-    assert set(KUSTOMIZATIONS) == {*INSTALLS, *PARTS, "examples/agent"}
+    assert set(KUSTOMIZATIONS) == {*INSTALLS, *PARTS, *ADDONS, "examples/agent"}
     for name in manifest_files():
         docs = documents(name)
         assert docs, name

@@ -12,17 +12,20 @@ from ._config import ConfigFileError, Settings, load_settings
 from ._logging import configure as configure_logging
 
 if TYPE_CHECKING:
+    from ._control_plane import ControlPlane, serve_control_plane
     from ._redis_access import redis_access_options
     from ._sidecar import Sidecar, serve
 
 __all__ = [
     "ConfigFileError",
+    "ControlPlane",
     "Settings",
     "Sidecar",
     "configure_logging",
     "load_settings",
     "redis_access_options",
     "serve",
+    "serve_control_plane",
 ]
 
 
@@ -31,6 +34,10 @@ def __getattr__(name: str) -> Any:
         from . import _sidecar
 
         return getattr(_sidecar, name)
+    if name in ("ControlPlane", "serve_control_plane"):
+        from . import _control_plane
+
+        return getattr(_control_plane, name)
     if name == "redis_access_options":
         from . import _redis_access
 

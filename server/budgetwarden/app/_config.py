@@ -82,6 +82,18 @@ class Settings(BaseSettings):
     admin_listen: str | None = Field(
         None, description="host:port for BudgetAdminService (approvals, ceilings); unset: not served"
     )
+    admin_tokens_file: FilePath | None = Field(
+        None,
+        description="YAML/JSON file of who may call the admin API: bearer tokens (as SHA-256) and client certificate "
+        "names, each with a role (viewer, approver, admin) and tenants; read again when it changes. Unset: no "
+        "credentials asked, and admin_listen must be a loopback address",
+    )
+    audit_stream_max_len: Annotated[int, Field(ge=1000)] = Field(
+        100_000, description="audit entries kept per tenant stream, at most"
+    )
+    audit_stream_max_age_seconds: Annotated[int, Field(ge=60)] = Field(
+        90 * 86400, description="audit entries older than this are trimmed from the stream"
+    )
     tls_cert_file: FilePath | None = Field(
         None,
         description="certificate (chain) the budget and admin listeners serve TLS with, read again when it changes; "

@@ -26,6 +26,8 @@ from budgetwarden.store import (
     unconfirmed_script_shas,
 )
 
+from ._config import Settings
+
 # How long a confirmation waits before the call fails (UNAVAILABLE; reports are idempotent, retry them).
 CONFIRM_TIMEOUT_MS = 1000
 _SCRIPT_COMMANDS = frozenset({"EVALSHA", "EVAL"})
@@ -112,6 +114,17 @@ def sentinel_target(url: str) -> SentinelTarget:
         return parse_sentinel_url(url)
     except SentinelUrlError as exc:
         raise OSError(f"--redis-url: {exc}") from None  # not the URL itself: it may hold a password
+
+
+def write_confirmation(settings: Settings, *, embedded: bool) -> WriteConfirmation | None:
+    """What ``--durability`` asks of an external Redis (the embedded one fsyncs by its appendfsync instead)."""
+    if embedded or settings.durability in (None, "none"):
+        return None
+    if settings.redis_cluster:
+        raise OSError(f"--durability {settings.durability} is not supported with --redis-cluster: use none")
+    if settings.durability == "aof-local":
+        return aof_local()
+    return replicas(settings.durability_replicas)
 
 
 def redis_client(

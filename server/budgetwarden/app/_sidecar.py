@@ -21,19 +21,17 @@ from budgetwarden.domain import LoadedPolicy, Planner, PolicyError, default_poli
 from budgetwarden.limiter import Clock, Limiter, wall_clock_ms
 from budgetwarden.store import AnyRedis, BudgetStore, EmbeddedRedis, GaugeReader, Retention
 from budgetwarden.telemetry import Telemetry, telemetry_from_env
-from budgetwarden.transport import ADMIN_SERVICE_NAME, BUDGET_SERVICE_NAME, AdminServicer, BudgetServicer
+from budgetwarden.transport import BUDGET_SERVICE_NAME, BudgetServicer
 
 from ._config import Settings
 from ._listener_tls import ReloadingServerCredentials
 from ._redis_access import redis_access_options
 from ._redis_clients import (
-    WriteConfirmation,
-    aof_local,
     check_confirmation,
     close_client,
     ping_client,
     redis_client,
-    replicas,
+    write_confirmation,
 )
 
 log = logging.getLogger("budgetwarden.server")
@@ -93,6 +91,20 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> 
     server.add_generic_rpc_handlers([v1])
 
 
+def store_retention(settings: Settings) -> Retention:
+    return Retention(
+        record_ms=settings.reservation_retention_seconds * 1000,
+        task_ms=settings.task_retention_seconds * 1000,
+        # Remembered for at least the longest lease plus the window, however late a report comes.
+        idempotency_ms=(settings.idempotency_window_seconds + settings.max_lease_seconds) * 1000,
+        window_grace_ms=settings.window_grace_seconds * 1000,
+        usage_max_len=settings.usage_stream_max_len,
+        usage_max_age_ms=settings.usage_stream_max_age_seconds * 1000,
+        audit_max_len=settings.audit_stream_max_len,
+        audit_max_age_ms=settings.audit_stream_max_age_seconds * 1000,
+    )
+
+
 def _socket_timeout(settings: Settings) -> float:
     """Twice the longest store deadline: the limiter's deadlines decide first, this only catches what they miss."""
     return 2 * max(settings.check_deadline_ms, settings.store_deadline_ms) / 1000
@@ -106,6 +118,25 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a name or a wildcard: it may be reached from outside
+
+
+def listener_tls(settings: Settings, addresses: Sequence[str | None]) -> Callable[[], grpc.ServerCredentials] | None:
+    """A maker of each listener's credentials: grpc hands a fetcher's first configuration to one port only, and
+    each listener keeps its own view of the files."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        for address in addresses:
+            if address is not None and not _is_loopback(address):
+                log.warning(
+                    "listening beyond loopback without TLS: set tls_cert_file and tls_key_file",
+                    extra={"address": address},
+                )
+        return None
+    files = (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    try:
+        ReloadingServerCredentials(*files)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise OSError(f"tls_cert_file / tls_key_file / tls_client_ca_file do not load: {exc}") from None
+    return lambda: ReloadingServerCredentials(*files).credentials()
 
 
 class Sidecar:
@@ -175,6 +206,9 @@ class Sidecar:
     async def start(self) -> None:
         settings = self.settings
         tls = self._listener_tls()  # before anything starts: a bad certificate is one line, not a half-started sidecar
+        from ._admin_listener import admin_access, admin_server  # it builds on this module's helpers
+
+        access_file = admin_access(settings, settings.admin_listen)  # likewise: an open admin listener is refused
         url = settings.redis_url
         if url is None:
             appendfsync = "everysec" if settings.durability == "none" else "always"
@@ -187,7 +221,7 @@ class Sidecar:
                 "embedded Redis-compatible server started",
                 extra={"url": url, "pid": embedded.pid, "appendfsync": appendfsync},
             )
-        confirmation = self._write_confirmation()
+        confirmation = write_confirmation(settings, embedded=self.embedded is not None)
         access = redis_access_options(settings) if self.embedded is None else {}
         self.redis = redis_client(
             url,
@@ -212,17 +246,8 @@ class Sidecar:
                 url, cluster=settings.redis_cluster, timeout_s=_socket_timeout(settings), **access
             )
             self.telemetry.set_gauge_source(self._read_gauges)
-        retention = Retention(
-            record_ms=settings.reservation_retention_seconds * 1000,
-            task_ms=settings.task_retention_seconds * 1000,
-            # Remembered for at least the longest lease plus the window, however late a report comes.
-            idempotency_ms=(settings.idempotency_window_seconds + settings.max_lease_seconds) * 1000,
-            window_grace_ms=settings.window_grace_seconds * 1000,
-            usage_max_len=settings.usage_stream_max_len,
-            usage_max_age_ms=settings.usage_stream_max_age_seconds * 1000,
-        )
         self.limiter = limiter = Limiter(
-            BudgetStore(self.redis, retention, self.telemetry),
+            BudgetStore(self.redis, store_retention(settings), self.telemetry),
             self.current_policy,
             fail_mode=settings.fail_mode,
             check_deadline_s=settings.check_deadline_ms / 1000,
@@ -253,11 +278,7 @@ class Sidecar:
             await health_only.start()
             self.health_server = health_only
         if settings.admin_listen:
-            admin = grpc.aio.server(options=_SERVER_OPTIONS)
-            admin.add_generic_rpc_handlers(
-                [AdminServicer(limiter, deadline_margin_s=settings.deadline_margin_ms / 1000).handler()]
-            )
-            enable_reflection(admin, [ADMIN_SERVICE_NAME])
+            admin = admin_server(limiter, settings, access_file, None)
             self.admin_port = self._bind(admin, settings.admin_listen, tls)
             await admin.start()
             self.admin_server = admin
@@ -348,35 +369,8 @@ class Sidecar:
             active, remaining = reader.read(tenant_id, planner.window_scopes(tenant, now), now)
             yield tenant_id, active, remaining
 
-    def _write_confirmation(self) -> WriteConfirmation | None:
-        """What ``--durability`` asks of an external Redis (the embedded one fsyncs by its appendfsync instead)."""
-        settings = self.settings
-        if self.embedded is not None or settings.durability in (None, "none"):
-            return None
-        if settings.redis_cluster:
-            raise OSError(f"--durability {settings.durability} is not supported with --redis-cluster: use none")
-        if settings.durability == "aof-local":
-            return aof_local()
-        return replicas(settings.durability_replicas)
-
     def _listener_tls(self) -> Callable[[], grpc.ServerCredentials] | None:
-        """A maker of each listener's credentials: grpc hands a fetcher's first configuration to one port only, and
-        each listener keeps its own view of the files."""
-        settings = self.settings
-        if settings.tls_cert_file is None or settings.tls_key_file is None:
-            for address in (settings.listen, settings.admin_listen):
-                if address is not None and not _is_loopback(address):
-                    log.warning(
-                        "listening beyond loopback without TLS: set tls_cert_file and tls_key_file",
-                        extra={"address": address},
-                    )
-            return None
-        files = (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-        try:
-            ReloadingServerCredentials(*files)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise OSError(f"tls_cert_file / tls_key_file / tls_client_ca_file do not load: {exc}") from None
-        return lambda: ReloadingServerCredentials(*files).credentials()
+        return listener_tls(self.settings, (self.settings.listen, self.settings.admin_listen))
 
     @staticmethod
     def _bind(server: grpc.aio.Server, address: str, tls: Callable[[], grpc.ServerCredentials] | None = None) -> int:

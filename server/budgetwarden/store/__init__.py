@@ -1,6 +1,7 @@
 """All that knows Redis: key names and ids, the budget store (one Lua script per mutation), the usage stream, replay
 of stored answers, and the embedded Valkey server. Imports the domain and telemetry only."""
 
+from ._audit import read_audit
 from ._embedded import EmbeddedRedis
 from ._gauges import GaugeReader
 from ._keys import (
@@ -29,6 +30,9 @@ from ._store import (
     BudgetStore,
     CeilingChange,
     CeilingRefusedError,
+    CheckpointCursor,
+    CheckpointPage,
+    CheckpointRecord,
     IdempotencyConflictError,
     RequestIdReusedError,
     Reservation,
@@ -46,6 +50,9 @@ __all__ = [
     "BudgetStore",
     "CeilingChange",
     "CeilingRefusedError",
+    "CheckpointCursor",
+    "CheckpointPage",
+    "CheckpointRecord",
     "EmbeddedRedis",
     "GaugeReader",
     "IdempotencyConflictError",
@@ -69,6 +76,7 @@ __all__ = [
     "parse_checkpoint_id",
     "parse_fail_open_id",
     "parse_sentinel_url",
+    "read_audit",
     "read_events",
     "replayed_answer",
     "reservation_id",

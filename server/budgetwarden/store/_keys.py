@@ -133,16 +133,24 @@ def parse_checkpoint_id(value: str) -> tuple[str, str] | None:
         return None
 
 
+# Audit entries of refused calls that name no tenant (no credentials, or a malformed tenant id).
+GLOBAL_AUDIT_KEY = f"{KEY_VERSION}:audit"
+
+
 class TenantKeys:
     """The key names of one tenant. ``quote`` leaves no ``{``, ``}``, ``:`` or space in the tag."""
 
-    __slots__ = ("leases", "prefix", "resv_prefix", "usage")
+    __slots__ = ("audit", "checkpoints_decided", "checkpoints_open", "leases", "prefix", "resv_prefix", "usage")
 
     def __init__(self, tenant_id: str) -> None:
         self.prefix = f"{KEY_VERSION}:{{{quote(tenant_id, safe='')}}}:"
         self.resv_prefix = self.prefix + "resv:"
         self.leases = self.prefix + "leases"
         self.usage = self.prefix + "usage"
+        # The checkpoint index (lua/_lib.lua) and the audit trail of admin calls about the tenant.
+        self.checkpoints_open = self.prefix + "ckpt:open"
+        self.checkpoints_decided = self.prefix + "ckpt:decided"
+        self.audit = self.prefix + "audit"
 
     def task(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_digest(task_id)}"

@@ -7,7 +7,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
@@ -34,7 +34,7 @@ from budgetwarden.domain import (
 from budgetwarden.telemetry import Telemetry
 
 from ._codec import FIELD_SEPARATOR, field_text, limit_arg, read_counters, read_thresholds, reply_text
-from ._keys import TenantKeys, checkpoint_prefix, digest, reservation_id
+from ._keys import GLOBAL_AUDIT_KEY, TenantKeys, checkpoint_prefix, digest, reservation_id
 from ._usage import event_id, event_payload
 
 AnyRedis = Redis | RedisCluster
@@ -60,6 +60,8 @@ class Retention:
     window_grace_ms: int = 3_600_000
     usage_max_len: int = 1_000_000
     usage_max_age_ms: int = 7 * 86_400_000
+    audit_max_len: int = 100_000
+    audit_max_age_ms: int = 90 * 86_400_000
 
 
 @dataclass(slots=True, kw_only=True)
@@ -220,6 +222,8 @@ class BudgetStore:
         self._release = self._script("release")
         self._budget = self._script("budget")
         self._admin = self._script("admin")
+        self._checkpoints = self._script("checkpoints")
+        self._audit = self._script("audit")
 
     def _script(self, name: str) -> AsyncScript:
         return self.redis.register_script(load_lua(name))
@@ -427,16 +431,29 @@ class BudgetStore:
             counters=read_counters(reply[8:]),
         )
 
+    def _audit_args(self, audit: str) -> list[str | int]:
+        """admin.lua's last arguments: the caller's audit entry ('' for none) and the stream's bounds."""
+        return [audit, self.retention.audit_max_len, self.retention.audit_max_age_ms]
+
     async def decide_checkpoint(
-        self, tenant_id: str, task_id: str, checkpoint: str, *, approve: bool, add: Amount, now_ms: int
+        self,
+        tenant_id: str,
+        task_id: str,
+        checkpoint: str,
+        *,
+        approve: bool,
+        add: Amount,
+        now_ms: int,
+        audit: str = "",
     ) -> tuple[int, Counter]:
         """Approve (adding ``add`` to the task's ceilings) or deny a checkpoint. Raises CeilingRefusedError, with
-        nothing written, when the addition would take a ceiling past the highest allowed."""
+        nothing written, when the addition would take a ceiling past the highest allowed. ``audit``: the caller's
+        audit entry, appended to the tenant's audit stream with the outcome in the same script."""
         keys = TenantKeys(tenant_id)
         action = "approve" if approve else "deny"
         args: list[str | int] = [action, now_ms, self.retention.task_ms, checkpoint, add.tokens, add.usd]
-        args += [MAX_LIMIT_TOKENS, MAX_LIMIT_USD]
-        reply = await self._admin(keys=[keys.task(task_id)], args=args)
+        args += [MAX_LIMIT_TOKENS, MAX_LIMIT_USD, "", *self._audit_args(audit)]
+        reply = await self._admin(keys=[keys.task(task_id), keys.audit], args=args)
         outcome, counter = int(reply[0]), read_counters(reply[1:7])[0]
         _refuse_ceiling(outcome, reply[7:], counter, add)
         return outcome, counter
@@ -451,6 +468,7 @@ class BudgetStore:
         usd: int | None,
         now_ms: int,
         request_id: str = "",
+        audit: str = "",
     ) -> CeilingChange:
         """Set or add to a task's ceilings, atomically; an add needs a ceiling to add to (the task's first check fixes
         it) and never passes the highest allowed. With ``request_id``, a change is applied once however often it is
@@ -458,20 +476,89 @@ class BudgetStore:
         keys = TenantKeys(tenant_id)
         args: list[str | int] = ["ceiling", now_ms, self.retention.task_ms, "add" if add else "set"]
         args += ["" if tokens is None else tokens, "" if usd is None else usd, MAX_LIMIT_TOKENS, MAX_LIMIT_USD]
-        args.append(request_id)
-        reply = await self._admin(keys=[keys.task(task_id)], args=args)
+        args += [request_id, *self._audit_args(audit)]
+        reply = await self._admin(keys=[keys.task(task_id), keys.audit], args=args)
         outcome, counter = int(reply[0]), read_counters(reply[1:7])[0]
         if outcome == _REQUEST_REUSED:
             raise RequestIdReusedError(request_id)
         _refuse_ceiling(outcome, reply[7:], counter, Amount(tokens or 0, usd or 0))
         return CeilingChange(counter, replayed=outcome == _CEILING_REPLAYED)
 
-    async def reset_task(self, tenant_id: str, task_id: str) -> bool:
-        return bool(await self.redis.delete(TenantKeys(tenant_id).task(task_id)))
+    async def reset_task(self, tenant_id: str, task_id: str, *, now_ms: int = 0, audit: str = "") -> bool:
+        """Forget a task (its open checkpoint leaves the index with it); True when there was one."""
+        keys = TenantKeys(tenant_id)
+        args: list[str | int] = ["reset", now_ms, self.retention.task_ms, "", "", "", "", "", ""]
+        args += self._audit_args(audit)
+        reply = await self._admin(keys=[keys.task(task_id), keys.audit], args=args)
+        return int(reply[0]) == _TASK_RESET
+
+    async def list_checkpoints(
+        self, tenant_id: str, *, decided: bool, page_size: int, after: CheckpointCursor | None, scan_limit: int
+    ) -> CheckpointPage:
+        """A page of the tenant's open checkpoints (oldest first) or decided ones (latest first), after ``after``
+        (lua/checkpoints.lua). Looks at ``scan_limit`` index members at most, so a page may come short."""
+        keys = TenantKeys(tenant_id)
+        index = keys.checkpoints_decided if decided else keys.checkpoints_open
+        cursor = after or CheckpointCursor("", "")
+        args = ["decided" if decided else "open", page_size, cursor.score, cursor.checkpoint_id, scan_limit]
+        reply = await self._checkpoints(keys=[index], args=args)
+        items = []
+        for at in range(3, len(reply), 15):
+            row = reply[at : at + 15]
+            items.append(
+                CheckpointRecord(
+                    checkpoint_id=reply_text(row[0]),
+                    tenant_id=tenant_id,
+                    task_id=reply_text(row[1]),
+                    task_type=reply_text(row[2]),
+                    state=reply_text(row[3]),
+                    opened_at_ms=int(row[4]),
+                    decided_at_ms=int(row[5]),
+                    added=Amount(int(row[6]), int(row[7])),
+                    task=read_counters(row[9:15])[0] if int(row[8]) else None,
+                )
+            )
+        more = bool(int(reply[0]))
+        last = CheckpointCursor(reply_text(reply[1]), reply_text(reply[2]))
+        return CheckpointPage(items, last if more else None)
+
+    async def append_audit(self, tenant_id: str | None, fields: Mapping[str, str]) -> None:
+        """Append an entry (a refused call) to the tenant's audit stream, or the global one without a tenant."""
+        stream = GLOBAL_AUDIT_KEY if tenant_id is None else TenantKeys(tenant_id).audit
+        _, max_len, max_age_ms = self._audit_args("")
+        flat = [value for pair in fields.items() for value in pair]
+        await self._audit(keys=[stream], args=[max_len, max_age_ms, *flat])
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointCursor:
+    """Where a page of checkpoints ended: the index score (opened or decided at, ms, as text) and id of its last."""
+
+    score: str
+    checkpoint_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointRecord:
+    checkpoint_id: str
+    tenant_id: str
+    task_id: str
+    task_type: str
+    state: str  # open, approved or denied
+    opened_at_ms: int
+    decided_at_ms: int  # 0 while open
+    added: Amount
+    task: Counter | None  # None when the task is no longer stored
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointPage:
+    checkpoints: list[CheckpointRecord]
+    next: CheckpointCursor | None  # None on the last page
 
 
 # lua/admin.lua's outcomes beyond the checkpoint ones (1 to 6, CheckpointOutcome in admin.proto).
-_CEILING_REPLAYED, _REQUEST_REUSED, _NO_CEILING_YET, _ABOVE_HIGHEST = 8, 9, 10, 11
+_CEILING_REPLAYED, _REQUEST_REUSED, _NO_CEILING_YET, _ABOVE_HIGHEST, _TASK_RESET = 8, 9, 10, 11, 12
 _CEILING_UNITS = {"limit": Unit.TOKENS, "limit_usd": Unit.USD}
 
 

@@ -3,6 +3,7 @@ its answers. Imports the limiter, the store's ids and the domain."""
 
 from ._admin import ADMIN_SERVICE_NAME, AdminServicer
 from ._answering import ERROR_DOMAIN, STORE_UNAVAILABLE
+from ._auth import AccessFile, AccessFileError, Identity, Role, new_token, token_digest
 from ._service import BUDGET_SERVICE_NAME, BudgetServicer
 
 __all__ = [
@@ -10,6 +11,12 @@ __all__ = [
     "BUDGET_SERVICE_NAME",
     "ERROR_DOMAIN",
     "STORE_UNAVAILABLE",
+    "AccessFile",
+    "AccessFileError",
     "AdminServicer",
     "BudgetServicer",
+    "Identity",
+    "Role",
+    "new_token",
+    "token_digest",
 ]

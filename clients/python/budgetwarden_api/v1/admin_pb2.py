@@ -23,39 +23,50 @@ _sym_db = _symbol_database.Default()
 
 
 from budgetwarden_api.v1 import budget_pb2 as budgetwarden_dot_v1_dot_budget__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62udgetwarden/v1/admin.proto\x12\x0f\x62udgetwarden.v1\x1a\x1c\x62udgetwarden/v1/budget.proto\"]\n\x18\x41pproveCheckpointRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\x12\x12\n\nadd_tokens\x18\x02 \x01(\x03\x12\x16\n\x0e\x61\x64\x64_usd_micros\x18\x03 \x01(\x03\"{\n\x19\x41pproveCheckpointResponse\x12\x33\n\x07outcome\x18\x01 \x01(\x0e\x32\".budgetwarden.v1.CheckpointOutcome\x12)\n\x04task\x18\x02 \x01(\x0b\x32\x1b.budgetwarden.v1.ScopeState\".\n\x15\x44\x65nyCheckpointRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"M\n\x16\x44\x65nyCheckpointResponse\x12\x33\n\x07outcome\x18\x01 \x01(\x0e\x32\".budgetwarden.v1.CheckpointOutcome\"\xe3\x01\n\x15SetTaskCeilingRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12*\n\x04mode\x18\x03 \x01(\x0e\x32\x1c.budgetwarden.v1.CeilingMode\x12\x1b\n\x0e\x63\x65iling_tokens\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x1f\n\x12\x63\x65iling_usd_micros\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x11\n\x0f_ceiling_tokensB\x15\n\x13_ceiling_usd_micros\"U\n\x16SetTaskCeilingResponse\x12)\n\x04task\x18\x01 \x01(\x0b\x32\x1b.budgetwarden.v1.ScopeState\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"6\n\x10ResetTaskRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"$\n\x11ResetTaskResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\",\n\x17GetTenantWindowsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"G\n\x18GetTenantWindowsResponse\x12+\n\x06scopes\x18\x01 \x03(\x0b\x32\x1b.budgetwarden.v1.ScopeState*\x8a\x02\n\x11\x43heckpointOutcome\x12\"\n\x1e\x43HECKPOINT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43HECKPOINT_OUTCOME_APPROVED\x10\x01\x12\'\n#CHECKPOINT_OUTCOME_ALREADY_APPROVED\x10\x02\x12\x1d\n\x19\x43HECKPOINT_OUTCOME_DENIED\x10\x03\x12%\n!CHECKPOINT_OUTCOME_ALREADY_DENIED\x10\x04\x12 \n\x1c\x43HECKPOINT_OUTCOME_NOT_FOUND\x10\x05\x12\x1f\n\x1b\x43HECKPOINT_OUTCOME_CONFLICT\x10\x06*W\n\x0b\x43\x65ilingMode\x12\x1c\n\x18\x43\x45ILING_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x45ILING_MODE_SET\x10\x01\x12\x14\n\x10\x43\x45ILING_MODE_ADD\x10\x02\x32\x83\x04\n\x12\x42udgetAdminService\x12j\n\x11\x41pproveCheckpoint\x12).budgetwarden.v1.ApproveCheckpointRequest\x1a*.budgetwarden.v1.ApproveCheckpointResponse\x12\x61\n\x0e\x44\x65nyCheckpoint\x12&.budgetwarden.v1.DenyCheckpointRequest\x1a\'.budgetwarden.v1.DenyCheckpointResponse\x12\x61\n\x0eSetTaskCeiling\x12&.budgetwarden.v1.SetTaskCeilingRequest\x1a\'.budgetwarden.v1.SetTaskCeilingResponse\x12R\n\tResetTask\x12!.budgetwarden.v1.ResetTaskRequest\x1a\".budgetwarden.v1.ResetTaskResponse\x12g\n\x10GetTenantWindows\x12(.budgetwarden.v1.GetTenantWindowsRequest\x1a).budgetwarden.v1.GetTenantWindowsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62udgetwarden/v1/admin.proto\x12\x0f\x62udgetwarden.v1\x1a\x1c\x62udgetwarden/v1/budget.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"]\n\x18\x41pproveCheckpointRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\x12\x12\n\nadd_tokens\x18\x02 \x01(\x03\x12\x16\n\x0e\x61\x64\x64_usd_micros\x18\x03 \x01(\x03\"{\n\x19\x41pproveCheckpointResponse\x12\x33\n\x07outcome\x18\x01 \x01(\x0e\x32\".budgetwarden.v1.CheckpointOutcome\x12)\n\x04task\x18\x02 \x01(\x0b\x32\x1b.budgetwarden.v1.ScopeState\".\n\x15\x44\x65nyCheckpointRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"M\n\x16\x44\x65nyCheckpointResponse\x12\x33\n\x07outcome\x18\x01 \x01(\x0e\x32\".budgetwarden.v1.CheckpointOutcome\"\xe3\x01\n\x15SetTaskCeilingRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12*\n\x04mode\x18\x03 \x01(\x0e\x32\x1c.budgetwarden.v1.CeilingMode\x12\x1b\n\x0e\x63\x65iling_tokens\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x1f\n\x12\x63\x65iling_usd_micros\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x11\n\x0f_ceiling_tokensB\x15\n\x13_ceiling_usd_micros\"U\n\x16SetTaskCeilingResponse\x12)\n\x04task\x18\x01 \x01(\x0b\x32\x1b.budgetwarden.v1.ScopeState\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"6\n\x10ResetTaskRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"$\n\x11ResetTaskResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\",\n\x17GetTenantWindowsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"G\n\x18GetTenantWindowsResponse\x12+\n\x06scopes\x18\x01 \x03(\x0b\x32\x1b.budgetwarden.v1.ScopeState\"\x85\x01\n\x16ListCheckpointsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x31\n\x06\x66ilter\x18\x02 \x01(\x0e\x32!.budgetwarden.v1.CheckpointFilter\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"k\n\x17ListCheckpointsResponse\x12\x37\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\".budgetwarden.v1.CheckpointSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xcc\x02\n\x11\x43heckpointSummary\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x11\n\ttask_type\x18\x04 \x01(\t\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .budgetwarden.v1.CheckpointState\x12-\n\topened_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndecided_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61\x64\x64\x65\x64_tokens\x18\x08 \x01(\x03\x12\x18\n\x10\x61\x64\x64\x65\x64_usd_micros\x18\t \x01(\x03\x12)\n\x04task\x18\n \x01(\x0b\x32\x1b.budgetwarden.v1.ScopeState*\x8a\x02\n\x11\x43heckpointOutcome\x12\"\n\x1e\x43HECKPOINT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43HECKPOINT_OUTCOME_APPROVED\x10\x01\x12\'\n#CHECKPOINT_OUTCOME_ALREADY_APPROVED\x10\x02\x12\x1d\n\x19\x43HECKPOINT_OUTCOME_DENIED\x10\x03\x12%\n!CHECKPOINT_OUTCOME_ALREADY_DENIED\x10\x04\x12 \n\x1c\x43HECKPOINT_OUTCOME_NOT_FOUND\x10\x05\x12\x1f\n\x1b\x43HECKPOINT_OUTCOME_CONFLICT\x10\x06*W\n\x0b\x43\x65ilingMode\x12\x1c\n\x18\x43\x45ILING_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x45ILING_MODE_SET\x10\x01\x12\x14\n\x10\x43\x45ILING_MODE_ADD\x10\x02*\x8a\x01\n\x0f\x43heckpointState\x12 \n\x1c\x43HECKPOINT_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43HECKPOINT_STATE_OPEN\x10\x01\x12\x1d\n\x19\x43HECKPOINT_STATE_APPROVED\x10\x02\x12\x1b\n\x17\x43HECKPOINT_STATE_DENIED\x10\x03*p\n\x10\x43heckpointFilter\x12!\n\x1d\x43HECKPOINT_FILTER_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43HECKPOINT_FILTER_OPEN\x10\x01\x12\x1d\n\x19\x43HECKPOINT_FILTER_DECIDED\x10\x02\x32\xe9\x04\n\x12\x42udgetAdminService\x12j\n\x11\x41pproveCheckpoint\x12).budgetwarden.v1.ApproveCheckpointRequest\x1a*.budgetwarden.v1.ApproveCheckpointResponse\x12\x61\n\x0e\x44\x65nyCheckpoint\x12&.budgetwarden.v1.DenyCheckpointRequest\x1a\'.budgetwarden.v1.DenyCheckpointResponse\x12\x61\n\x0eSetTaskCeiling\x12&.budgetwarden.v1.SetTaskCeilingRequest\x1a\'.budgetwarden.v1.SetTaskCeilingResponse\x12R\n\tResetTask\x12!.budgetwarden.v1.ResetTaskRequest\x1a\".budgetwarden.v1.ResetTaskResponse\x12g\n\x10GetTenantWindows\x12(.budgetwarden.v1.GetTenantWindowsRequest\x1a).budgetwarden.v1.GetTenantWindowsResponse\x12\x64\n\x0fListCheckpoints\x12\'.budgetwarden.v1.ListCheckpointsRequest\x1a(.budgetwarden.v1.ListCheckpointsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'budgetwarden.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHECKPOINTOUTCOME']._serialized_start=956
-  _globals['_CHECKPOINTOUTCOME']._serialized_end=1222
-  _globals['_CEILINGMODE']._serialized_start=1224
-  _globals['_CEILINGMODE']._serialized_end=1311
-  _globals['_APPROVECHECKPOINTREQUEST']._serialized_start=78
-  _globals['_APPROVECHECKPOINTREQUEST']._serialized_end=171
-  _globals['_APPROVECHECKPOINTRESPONSE']._serialized_start=173
-  _globals['_APPROVECHECKPOINTRESPONSE']._serialized_end=296
-  _globals['_DENYCHECKPOINTREQUEST']._serialized_start=298
-  _globals['_DENYCHECKPOINTREQUEST']._serialized_end=344
-  _globals['_DENYCHECKPOINTRESPONSE']._serialized_start=346
-  _globals['_DENYCHECKPOINTRESPONSE']._serialized_end=423
-  _globals['_SETTASKCEILINGREQUEST']._serialized_start=426
-  _globals['_SETTASKCEILINGREQUEST']._serialized_end=653
-  _globals['_SETTASKCEILINGRESPONSE']._serialized_start=655
-  _globals['_SETTASKCEILINGRESPONSE']._serialized_end=740
-  _globals['_RESETTASKREQUEST']._serialized_start=742
-  _globals['_RESETTASKREQUEST']._serialized_end=796
-  _globals['_RESETTASKRESPONSE']._serialized_start=798
-  _globals['_RESETTASKRESPONSE']._serialized_end=834
-  _globals['_GETTENANTWINDOWSREQUEST']._serialized_start=836
-  _globals['_GETTENANTWINDOWSREQUEST']._serialized_end=880
-  _globals['_GETTENANTWINDOWSRESPONSE']._serialized_start=882
-  _globals['_GETTENANTWINDOWSRESPONSE']._serialized_end=953
-  _globals['_BUDGETADMINSERVICE']._serialized_start=1314
-  _globals['_BUDGETADMINSERVICE']._serialized_end=1829
+  _globals['_CHECKPOINTOUTCOME']._serialized_start=1569
+  _globals['_CHECKPOINTOUTCOME']._serialized_end=1835
+  _globals['_CEILINGMODE']._serialized_start=1837
+  _globals['_CEILINGMODE']._serialized_end=1924
+  _globals['_CHECKPOINTSTATE']._serialized_start=1927
+  _globals['_CHECKPOINTSTATE']._serialized_end=2065
+  _globals['_CHECKPOINTFILTER']._serialized_start=2067
+  _globals['_CHECKPOINTFILTER']._serialized_end=2179
+  _globals['_APPROVECHECKPOINTREQUEST']._serialized_start=111
+  _globals['_APPROVECHECKPOINTREQUEST']._serialized_end=204
+  _globals['_APPROVECHECKPOINTRESPONSE']._serialized_start=206
+  _globals['_APPROVECHECKPOINTRESPONSE']._serialized_end=329
+  _globals['_DENYCHECKPOINTREQUEST']._serialized_start=331
+  _globals['_DENYCHECKPOINTREQUEST']._serialized_end=377
+  _globals['_DENYCHECKPOINTRESPONSE']._serialized_start=379
+  _globals['_DENYCHECKPOINTRESPONSE']._serialized_end=456
+  _globals['_SETTASKCEILINGREQUEST']._serialized_start=459
+  _globals['_SETTASKCEILINGREQUEST']._serialized_end=686
+  _globals['_SETTASKCEILINGRESPONSE']._serialized_start=688
+  _globals['_SETTASKCEILINGRESPONSE']._serialized_end=773
+  _globals['_RESETTASKREQUEST']._serialized_start=775
+  _globals['_RESETTASKREQUEST']._serialized_end=829
+  _globals['_RESETTASKRESPONSE']._serialized_start=831
+  _globals['_RESETTASKRESPONSE']._serialized_end=867
+  _globals['_GETTENANTWINDOWSREQUEST']._serialized_start=869
+  _globals['_GETTENANTWINDOWSREQUEST']._serialized_end=913
+  _globals['_GETTENANTWINDOWSRESPONSE']._serialized_start=915
+  _globals['_GETTENANTWINDOWSRESPONSE']._serialized_end=986
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=989
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1122
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1124
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1231
+  _globals['_CHECKPOINTSUMMARY']._serialized_start=1234
+  _globals['_CHECKPOINTSUMMARY']._serialized_end=1566
+  _globals['_BUDGETADMINSERVICE']._serialized_start=2182
+  _globals['_BUDGETADMINSERVICE']._serialized_end=2799
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from budgetwarden_api.v1 import budget_pb2 as _budget_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -39,7 +40,13 @@ class _CheckpointOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Che
     """The checkpoint was already decided the other way."""
 
 class CheckpointOutcome(_CheckpointOutcome, metaclass=_CheckpointOutcomeEnumTypeWrapper):
-    """CheckpointOutcome is what an approval or a denial did."""
+    """Access to this service: when the server has an admin tokens file, every call needs credentials (a bearer token in
+    the "authorization" metadata, or a client certificate named in the file). Without them: UNAUTHENTICATED. A role
+    below the call's (viewer: GetTenantWindows, ListCheckpoints; approver: also ApproveCheckpoint, DenyCheckpoint;
+    admin: also SetTaskCeiling, ResetTask) or a tenant outside the caller's scope: PERMISSION_DENIED.
+
+    CheckpointOutcome is what an approval or a denial did.
+    """
 
 CHECKPOINT_OUTCOME_UNSPECIFIED: CheckpointOutcome.ValueType  # 0
 CHECKPOINT_OUTCOME_APPROVED: CheckpointOutcome.ValueType  # 1
@@ -73,6 +80,50 @@ CEILING_MODE_SET: CeilingMode.ValueType  # 1
 CEILING_MODE_ADD: CeilingMode.ValueType  # 2
 """Add to the ceiling."""
 Global___CeilingMode: _TypeAlias = CeilingMode  # noqa: Y015
+
+class _CheckpointState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CheckpointStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CheckpointState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHECKPOINT_STATE_UNSPECIFIED: _CheckpointState.ValueType  # 0
+    CHECKPOINT_STATE_OPEN: _CheckpointState.ValueType  # 1
+    """Waiting for an approval or a denial; the task's checks answer CHECKPOINT meanwhile."""
+    CHECKPOINT_STATE_APPROVED: _CheckpointState.ValueType  # 2
+    CHECKPOINT_STATE_DENIED: _CheckpointState.ValueType  # 3
+
+class CheckpointState(_CheckpointState, metaclass=_CheckpointStateEnumTypeWrapper):
+    """CheckpointState says where a checkpoint stands."""
+
+CHECKPOINT_STATE_UNSPECIFIED: CheckpointState.ValueType  # 0
+CHECKPOINT_STATE_OPEN: CheckpointState.ValueType  # 1
+"""Waiting for an approval or a denial; the task's checks answer CHECKPOINT meanwhile."""
+CHECKPOINT_STATE_APPROVED: CheckpointState.ValueType  # 2
+CHECKPOINT_STATE_DENIED: CheckpointState.ValueType  # 3
+Global___CheckpointState: _TypeAlias = CheckpointState  # noqa: Y015
+
+class _CheckpointFilter:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CheckpointFilterEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CheckpointFilter.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHECKPOINT_FILTER_UNSPECIFIED: _CheckpointFilter.ValueType  # 0
+    """The open ones."""
+    CHECKPOINT_FILTER_OPEN: _CheckpointFilter.ValueType  # 1
+    CHECKPOINT_FILTER_DECIDED: _CheckpointFilter.ValueType  # 2
+    """The approved and the denied ones."""
+
+class CheckpointFilter(_CheckpointFilter, metaclass=_CheckpointFilterEnumTypeWrapper):
+    """CheckpointFilter picks the checkpoints ListCheckpoints lists."""
+
+CHECKPOINT_FILTER_UNSPECIFIED: CheckpointFilter.ValueType  # 0
+"""The open ones."""
+CHECKPOINT_FILTER_OPEN: CheckpointFilter.ValueType  # 1
+CHECKPOINT_FILTER_DECIDED: CheckpointFilter.ValueType  # 2
+"""The approved and the denied ones."""
+Global___CheckpointFilter: _TypeAlias = CheckpointFilter  # noqa: Y015
 
 @_typing.final
 class ApproveCheckpointRequest(_message.Message):
@@ -323,3 +374,118 @@ class GetTenantWindowsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTenantWindowsResponse: _TypeAlias = GetTenantWindowsResponse  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Required."""
+    filter: Global___CheckpointFilter.ValueType
+    """Unspecified: the open checkpoints."""
+    page_size: _builtins.int
+    """At most this many checkpoints; 0: 50; more than 500 is taken as 500. A page may hold fewer even when more follow:
+    go on while next_page_token is set.
+    """
+    page_token: _builtins.str
+    """From a previous response's next_page_token, with the same tenant_id and filter; empty: the first page."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        filter: Global___CheckpointFilter.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsRequest: _TypeAlias = ListCheckpointsRequest  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckpointSummary]: ...
+    def __init__(
+        self,
+        *,
+        checkpoints: _abc.Iterable[Global___CheckpointSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsResponse: _TypeAlias = ListCheckpointsResponse  # noqa: Y015
+
+@_typing.final
+class CheckpointSummary(_message.Message):
+    """CheckpointSummary is one checkpoint as ListCheckpoints lists it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    OPENED_AT_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    ADDED_TOKENS_FIELD_NUMBER: _builtins.int
+    ADDED_USD_MICROS_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    checkpoint_id: _builtins.str
+    """Give it to ApproveCheckpoint or DenyCheckpoint."""
+    tenant_id: _builtins.str
+    task_id: _builtins.str
+    task_type: _builtins.str
+    state: Global___CheckpointState.ValueType
+    added_tokens: _builtins.int
+    """What the approval added to the task's ceilings (0 for an open or denied checkpoint)."""
+    added_usd_micros: _builtins.int
+    @_builtins.property
+    def opened_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def decided_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset while the checkpoint is open."""
+
+    @_builtins.property
+    def task(self) -> _budget_pb2.ScopeState:
+        """The task's scope now; unset when the task is no longer stored (reset, or past its retention)."""
+
+    def __init__(
+        self,
+        *,
+        checkpoint_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        task_type: _builtins.str = ...,
+        state: Global___CheckpointState.ValueType = ...,
+        opened_at: _timestamp_pb2.Timestamp | None = ...,
+        decided_at: _timestamp_pb2.Timestamp | None = ...,
+        added_tokens: _builtins.int = ...,
+        added_usd_micros: _builtins.int = ...,
+        task: _budget_pb2.ScopeState | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "opened_at", b"opened_at", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_tokens", b"added_tokens", "added_usd_micros", b"added_usd_micros", "checkpoint_id", b"checkpoint_id", "decided_at", b"decided_at", "opened_at", b"opened_at", "state", b"state", "task", b"task", "task_id", b"task_id", "task_type", b"task_type", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointSummary: _TypeAlias = CheckpointSummary  # noqa: Y015

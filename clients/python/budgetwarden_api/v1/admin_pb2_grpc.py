@@ -60,6 +60,11 @@ class BudgetAdminServiceStub:
                 request_serializer=budgetwarden_dot_v1_dot_admin__pb2.GetTenantWindowsRequest.SerializeToString,
                 response_deserializer=budgetwarden_dot_v1_dot_admin__pb2.GetTenantWindowsResponse.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/budgetwarden.v1.BudgetAdminService/ListCheckpoints',
+                request_serializer=budgetwarden_dot_v1_dot_admin__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=budgetwarden_dot_v1_dot_admin__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetAdminServiceServicer:
@@ -104,6 +109,14 @@ class BudgetAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCheckpoints(self, request, context):
+        """ListCheckpoints lists a tenant's checkpoints: the open ones (oldest first) or the decided ones (latest decision
+        first), a page at a time (AIP-158). Decided checkpoints are kept as long as tasks are (task retention).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +144,11 @@ def add_BudgetAdminServiceServicer_to_server(servicer, server):
                     servicer.GetTenantWindows,
                     request_deserializer=budgetwarden_dot_v1_dot_admin__pb2.GetTenantWindowsRequest.FromString,
                     response_serializer=budgetwarden_dot_v1_dot_admin__pb2.GetTenantWindowsResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=budgetwarden_dot_v1_dot_admin__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=budgetwarden_dot_v1_dot_admin__pb2.ListCheckpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +287,33 @@ class BudgetAdminService:
             '/budgetwarden.v1.BudgetAdminService/GetTenantWindows',
             budgetwarden_dot_v1_dot_admin__pb2.GetTenantWindowsRequest.SerializeToString,
             budgetwarden_dot_v1_dot_admin__pb2.GetTenantWindowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetwarden.v1.BudgetAdminService/ListCheckpoints',
+            budgetwarden_dot_v1_dot_admin__pb2.ListCheckpointsRequest.SerializeToString,
+            budgetwarden_dot_v1_dot_admin__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,10 @@ class BudgetAdminServiceStub:
     """ResetTask forgets a task's counters, ceiling and checkpoints."""
     GetTenantWindows: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetTenantWindowsRequest, _admin_pb2.GetTenantWindowsResponse]
     """GetTenantWindows reads a tenant's windows."""
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCheckpointsRequest, _admin_pb2.ListCheckpointsResponse]
+    """ListCheckpoints lists a tenant's checkpoints: the open ones (oldest first) or the decided ones (latest decision
+    first), a page at a time (AIP-158). Decided checkpoints are kept as long as tasks are (task retention).
+    """
 
 @_typing.type_check_only
 class BudgetAdminServiceAsyncStub(BudgetAdminServiceStub):
@@ -71,6 +75,10 @@ class BudgetAdminServiceAsyncStub(BudgetAdminServiceStub):
     """ResetTask forgets a task's counters, ceiling and checkpoints."""
     GetTenantWindows: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetTenantWindowsRequest, _admin_pb2.GetTenantWindowsResponse]  # type: ignore[assignment]
     """GetTenantWindows reads a tenant's windows."""
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCheckpointsRequest, _admin_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    """ListCheckpoints lists a tenant's checkpoints: the open ones (oldest first) or the decided ones (latest decision
+    first), a page at a time (AIP-158). Decided checkpoints are kept as long as tasks are (task retention).
+    """
 
 class BudgetAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """BudgetAdminService is for operators and approval workflows."""
@@ -119,5 +127,15 @@ class BudgetAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetTenantWindowsResponse, _abc.Awaitable[_admin_pb2.GetTenantWindowsResponse]]:
         """GetTenantWindows reads a tenant's windows."""
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _admin_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCheckpointsResponse, _abc.Awaitable[_admin_pb2.ListCheckpointsResponse]]:
+        """ListCheckpoints lists a tenant's checkpoints: the open ones (oldest first) or the decided ones (latest decision
+        first), a page at a time (AIP-158). Decided checkpoints are kept as long as tasks are (task retention).
+        """
 
 def add_BudgetAdminServiceServicer_to_server(servicer: BudgetAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -170,3 +170,68 @@ local function cost_micros(amounts, prices)
   if rest_rest > 0 then quotient = quotient + 1 end
   return quotient
 end
+
+-- The checkpoint index of a tenant, for listing (lua/checkpoints.lua), next to the task hashes that hold the truth:
+--   <p>ckpt:open       zset  checkpoint id -> opened at (ms); refreshed with each check the checkpoint stops
+--   <p>ckpt:decided    zset  checkpoint id -> decided at (ms); decisions older than the task retention are trimmed
+--   <p>ckpt:<sha1(id)> hash  task (its key), task_id, task_type, opened_at, state (open, approved, denied),
+--                            decided_at, added, added_usd                     (expires after task retention)
+-- Every key expires after the task retention, counted from its last write, like the tasks themselves. A member whose
+-- checkpoint is gone (its task reset or expired) is dropped by the next listing that meets it.
+
+-- 'bw1:{tenant}:' of any key of the tenant: the tag is URL-quoted, so its first '}:' ends it.
+local function tenant_prefix(key)
+  return string.match(key, '^[^}]*}:')
+end
+
+local function checkpoint_info_key(prefix, id)
+  return prefix .. 'ckpt:' .. redis.sha1hex(id)
+end
+
+local function checkpoint_opened(task_key, id, now, retention_ms)
+  local prefix = tenant_prefix(task_key)
+  local info, open = checkpoint_info_key(prefix, id), prefix .. 'ckpt:open'
+  local f = redis.call('HMGET', task_key, 'task_id', 'task_type')
+  redis.call('HSET', info, 'task', task_key, 'task_id', f[1] or '', 'task_type', f[2] or '', 'opened_at', now,
+    'state', 'open')
+  redis.call('PEXPIRE', info, retention_ms)
+  redis.call('ZADD', open, now, id)
+  redis.call('PEXPIRE', open, retention_ms)
+end
+
+-- A check stopped by an open checkpoint keeps its index entries alive as long as its task.
+local function checkpoint_waiting(task_key, id, retention_ms)
+  local prefix = tenant_prefix(task_key)
+  redis.call('PEXPIRE', checkpoint_info_key(prefix, id), retention_ms)
+  redis.call('PEXPIRE', prefix .. 'ckpt:open', retention_ms)
+end
+
+-- state: 'approved' or 'denied'; added, added_usd: what an approval added to the ceilings (as text).
+local function checkpoint_decided(task_key, id, state, added, added_usd, now, retention_ms)
+  local prefix = tenant_prefix(task_key)
+  local info, decided = checkpoint_info_key(prefix, id), prefix .. 'ckpt:decided'
+  redis.call('ZREM', prefix .. 'ckpt:open', id)
+  redis.call('HSET', info, 'task', task_key, 'state', state, 'decided_at', now, 'added', added, 'added_usd', added_usd)
+  redis.call('HSETNX', info, 'opened_at', redis.call('HGET', task_key, 'checkpoint_at') or now)
+  redis.call('HSETNX', info, 'task_id', redis.call('HGET', task_key, 'task_id') or '')
+  redis.call('HSETNX', info, 'task_type', redis.call('HGET', task_key, 'task_type') or '')
+  redis.call('PEXPIRE', info, retention_ms)
+  redis.call('ZADD', decided, now, id)
+  redis.call('ZREMRANGEBYSCORE', decided, '-inf', string.format('(%d', now - retention_ms))
+  redis.call('PEXPIRE', decided, retention_ms)
+end
+
+-- Appends an entry to an audit stream, trimmed to `max_len` entries and to the entries written at most
+-- `max_age_ms` before it, by Redis's clock (the one stream ids are made of: the caller's could be skewed). Exact
+-- trims: admin calls are few, and retention is a promise. `fields` is a flat list of field, value.
+local function audit_append(stream, fields, max_len, max_age_ms)
+  local id = redis.call('XADD', stream, 'MAXLEN', max_len, '*', unpack(fields))
+  local written_ms = tonumber(string.match(id, '^(%d+)'))
+  redis.call('XTRIM', stream, 'MINID', string.format('%d', math.max(0, written_ms - tonumber(max_age_ms))))
+end
+
+local function counter_text(c)
+  local out = {}
+  for i = 1, 6 do out[i] = string.format('%d', c[i]) end
+  return table.concat(out, ' ')
+end

@@ -1,28 +1,43 @@
--- Admin: decide a checkpoint, or set a task's ceiling.
+-- Admin: decide a checkpoint, set a task's ceiling, or reset a task; with the audit entry of what was done.
 --
--- KEYS[1] task
--- ARGV[1] action: 'approve', 'deny' or 'ceiling'   ARGV[2] now (ms)   ARGV[3] task retention (ms)
+-- KEYS[1] task   KEYS[2] the tenant's audit stream
+-- ARGV[1] action: 'approve', 'deny', 'ceiling' or 'reset'   ARGV[2] now (ms)   ARGV[3] task retention (ms)
 -- approve: ARGV[4] checkpoint id, ARGV[5] tokens to add, ARGV[6] micro-USD to add,
 --          ARGV[7] highest token ceiling, ARGV[8] highest micro-USD ceiling
 -- deny:    ARGV[4] checkpoint id
 -- ceiling: ARGV[4] 'set' or 'add', ARGV[5] tokens (or '' to leave), ARGV[6] micro-USD (or '' to leave),
 --          ARGV[7] highest token ceiling, ARGV[8] highest micro-USD ceiling, ARGV[9] request id ('': none)
+-- every action: ARGV[10] the audit entry as the caller knows it (JSON: who, role, from where, what was asked;
+--          '': no entry), ARGV[11] audit entries kept at most, ARGV[12] how long audit entries are kept (ms)
 --
 -- Returns { outcome, then the task's limit, used, reserved, limit_usd, used_usd, reserved_usd, then, for a refusal of
 -- an amount (10, 11), the ceiling field it is about: 'limit' or 'limit_usd' }
 -- outcome: 1 approved, 2 already approved, 3 denied, 4 already denied, 5 no such checkpoint, 6 decided the other
 -- way, 7 ceiling set, 8 ceiling request seen before (nothing applied again), 9 the request id was used for another
--- change, 10 no ceiling to add to yet (the task's first check fixes it), 11 the sum would pass the highest ceiling.
--- Refusals (9 to 11) write nothing.
+-- change, 10 no ceiling to add to yet (the task's first check fixes it), 11 the sum would pass the highest ceiling,
+-- 12 task reset, 13 nothing to reset.
+-- Refusals (9 to 11) write nothing but the audit entry, which every outcome gets: it holds the caller's entry, the
+-- outcome and the task's counter before and after.
 
 local task_key = KEYS[1]
 local action = ARGV[1]
+local now = tonumber(ARGV[2])
 local CEILINGS = { 'limit', 'limit_usd' }
+local before = task_counter(task_key)
 
 local function done(outcome, field)
   local out = { outcome }
-  append_counter(out, task_counter(task_key))
+  local after = task_counter(task_key)
+  append_counter(out, after)
   if field then out[#out + 1] = field end
+  if (ARGV[10] or '') ~= '' then  -- no entry (nor stream) given: nothing to record
+    local entry = { 'entry', ARGV[10], 'outcome', outcome, 'before', counter_text(before), 'after', counter_text(after) }
+    if field then
+      entry[#entry + 1] = 'field'
+      entry[#entry + 1] = field
+    end
+    audit_append(KEYS[2], entry, ARGV[11], ARGV[12])
+  end
   return out
 end
 
@@ -42,6 +57,18 @@ local function add_to(field, amount)
   if current and tonumber(current) ~= LIMIT_NONE and tonumber(amount) ~= 0 then
     redis.call('HINCRBY', task_key, field, amount)
   end
+end
+
+if action == 'reset' then
+  -- The task's open checkpoint leaves the index with it; its decided ones stay listed as decisions.
+  local open = redis.call('HGET', task_key, 'checkpoint')
+  if open then
+    local prefix = tenant_prefix(task_key)
+    redis.call('ZREM', prefix .. 'ckpt:open', open)
+    redis.call('DEL', checkpoint_info_key(prefix, open))
+  end
+  if redis.call('DEL', task_key) == 1 then return done(12) end
+  return done(13)
 end
 
 if action == 'ceiling' then
@@ -86,6 +113,7 @@ if action == 'approve' then
     if cannot_add(field, tonumber(ARGV[4 + i]), tonumber(ARGV[6 + i])) == 11 then return done(11, field) end
   end
   for i, field in ipairs(CEILINGS) do add_to(field, ARGV[4 + i]) end
+  checkpoint_decided(task_key, id, 'approved', ARGV[5], ARGV[6], now, tonumber(ARGV[3]))
   redis.call('HDEL', task_key, 'checkpoint', 'checkpoint_at')
   redis.call('HSET', task_key, 'decided:' .. id, 'approved')
   redis.call('PEXPIRE', task_key, ARGV[3])
@@ -95,6 +123,7 @@ end
 if decided == 'denied' then return done(4) end
 if decided == 'approved' then return done(6) end
 if open ~= id then return done(5) end
+checkpoint_decided(task_key, id, 'denied', '0', '0', now, tonumber(ARGV[3]))
 redis.call('HDEL', task_key, 'checkpoint', 'checkpoint_at')
 redis.call('HSET', task_key, 'decided:' .. id, 'denied', 'closed', '1')
 redis.call('PEXPIRE', task_key, ARGV[3])

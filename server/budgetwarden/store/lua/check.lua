@@ -131,7 +131,10 @@ local function check(resv_key, task_key, f)
     retained[task_key] = true
   end
   if closed == '1' then return reply({ 4, -1, 0, 0, 0, '' }, soft_bp, ckpt_bp, task) end
-  if open_checkpoint then return reply({ 3, -1, 0, 0, 0, open_checkpoint }, soft_bp, ckpt_bp, task) end
+  if open_checkpoint then
+    checkpoint_waiting(task_key, open_checkpoint, ARGV[4])
+    return reply({ 3, -1, 0, 0, 0, open_checkpoint }, soft_bp, ckpt_bp, task)
+  end
 
   local ckpt, ckpt_usd = threshold(task[1], ckpt_bp), threshold(task[4], ckpt_bp)
   local soft, soft_usd = ckpt, ckpt_usd
@@ -183,6 +186,7 @@ local function check(resv_key, task_key, f)
     local n = redis.call('HINCRBY', task_key, 'checkpoints', 1)
     local id = f[9] .. n
     redis.call('HSET', task_key, 'checkpoint', id, 'checkpoint_at', now)
+    checkpoint_opened(task_key, id, now, tonumber(ARGV[4]))
     return reply({ 3, -1, 0, 0, 0, id }, soft_bp, ckpt_bp, task)
   end
   return reply({ 0, -1, 0, 0, 0, '' }, soft_bp, ckpt_bp, task)

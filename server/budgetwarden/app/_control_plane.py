@@ -1,0 +1,199 @@
+"""The control plane: ``budgetwarden control-plane`` serves BudgetAdminService (with its credentials, TLS, health and
+reflection) against the Redis the sidecars use, and no budget API. Sidecars stay the data plane.
+
+It shares the sidecar's pieces: the same settings, Redis client and access options, store retention, listener TLS
+and admin server; the policy only names each tenant's windows (GetTenantWindows) and is read again when it changes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import redis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from budgetwarden.domain import LoadedPolicy, PolicyError, default_policy, load_policy
+from budgetwarden.limiter import Clock, Limiter, wall_clock_ms
+from budgetwarden.store import AnyRedis, BudgetStore
+from budgetwarden.transport import ADMIN_SERVICE_NAME
+
+from ._admin_listener import admin_access, admin_server
+from ._config import Settings
+from ._redis_access import redis_access_options
+from ._redis_clients import check_confirmation, close_client, ping_client, redis_client, write_confirmation
+from ._sidecar import (
+    STOP_STEP_LIMIT_S,
+    Sidecar,
+    _bounded_step,
+    _socket_timeout,
+    listener_tls,
+    store_retention,
+)
+
+log = logging.getLogger("budgetwarden.control_plane")
+
+DEFAULT_LISTEN = "127.0.0.1:50152"  # the admin address the CLI calls by default
+READINESS = ("", ADMIN_SERVICE_NAME)
+
+
+def redis_url_of(settings: Settings) -> str:
+    """The Redis to administer: ``redis_url``, else the socket of the embedded server a local sidecar runs in
+    ``data_dir`` (``make demo``, a laptop)."""
+    if settings.redis_url is not None:
+        return settings.redis_url
+    return f"unix://{(Path(settings.data_dir) / 'redis.sock').resolve()}"
+
+
+class _PolicyFile:
+    """The policy, read again when the file's stamp changes (checked at each use: admin calls are few)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._stamp = self._stat()
+        self.loaded = load_policy(path) if path is not None else default_policy()
+
+    def _stat(self) -> tuple[int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def __call__(self) -> LoadedPolicy:
+        stamp = self._stat()
+        if self.path is not None and stamp is not None and stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self.loaded = load_policy(self.path)
+            except PolicyError as exc:
+                log.error("policy file rejected; the running policy stays in force", extra={"error": str(exc)})
+        return self.loaded
+
+
+class ControlPlane:
+    def __init__(self, settings: Settings, *, clock: Clock = wall_clock_ms) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.listen = settings.admin_listen or DEFAULT_LISTEN
+        self.policy = _PolicyFile(settings.policy_file)
+        self.health = health.aio.HealthServicer()
+        self.redis: AnyRedis | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self.port = 0
+        self._ping: AnyRedis | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._ready: bool | None = None
+        self.limiter: Limiter | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        # Refused before anything starts: an open admin listener, bad TLS files, a bad tokens file.
+        access = admin_access(settings, self.listen)
+        tls = listener_tls(settings, (self.listen,))
+        url = redis_url_of(settings)
+        options = redis_access_options(settings) if settings.redis_url is not None else {}
+        confirmation = write_confirmation(settings, embedded=settings.redis_url is None)
+        self.redis = redis_client(
+            url,
+            cluster=settings.redis_cluster,
+            confirmation=confirmation,
+            socket_timeout=_socket_timeout(settings),
+            access=options,
+        )
+        if confirmation is not None:
+            await check_confirmation(self.redis, confirmation)
+        self.limiter = limiter = Limiter(
+            BudgetStore(self.redis, store_retention(settings)),
+            self.policy,
+            store_deadline_s=settings.store_deadline_ms / 1000,
+            clock=self.clock,
+        )
+        server = admin_server(limiter, settings, access, self.health)
+        self.port = Sidecar._bind(server, self.listen, tls)
+        await server.start()
+        self.server = server
+        if settings.health_listen:
+            health_only = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_only)
+            Sidecar._bind(health_only, settings.health_listen)
+            await health_only.start()
+            self.health_server = health_only
+        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        self._ping = ping_client(
+            url, cluster=settings.redis_cluster, timeout_s=settings.store_ping_timeout_ms / 1000, access=options
+        )
+        await self._set_ready(await self._store_answers())
+        self._watch = asyncio.create_task(self._watch_store())
+        log.info(
+            "control plane serving",
+            extra={"listen": self.listen, "port": self.port, "credentials": access is not None, "tls": tls is not None},
+        )
+
+    async def _store_answers(self) -> bool:
+        if self._ping is None:
+            return False
+        try:
+            async with asyncio.timeout(2 * self.settings.store_ping_timeout_ms / 1000):
+                return bool(await self._ping.ping())
+        except (redis.RedisError, OSError, TimeoutError):
+            return False
+
+    async def _set_ready(self, ready: bool) -> None:
+        if ready == self._ready:
+            return
+        self._ready = ready
+        (log.info if ready else log.warning)("the store answers" if ready else "the store does not answer")
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in READINESS:
+            await self.health.set(name, status)
+
+    async def _watch_store(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.store_ping_interval_seconds)
+            await self._set_ready(await self._store_answers())
+
+    async def stop(self) -> None:
+        grace = self.settings.shutdown_grace_seconds
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        if self.health_server is not None:
+            await _bounded_step("health server", self.health_server.stop(0), STOP_STEP_LIMIT_S)
+            self.health_server = None
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()
+            await _bounded_step("admin server", self.server.stop(grace), grace + STOP_STEP_LIMIT_S)
+            self.server = None
+        if self.limiter is not None:
+            self.limiter.counting_pool.shutdown()  # never used here (no checks), but it is the limiter's to close
+            self.limiter = None
+        for client in (self.redis, self._ping):
+            if client is not None:
+                await _bounded_step("redis client", close_client(client), STOP_STEP_LIMIT_S)
+        self.redis = self._ping = None
+
+
+async def serve_control_plane(settings: Settings, on_ready: Callable[[ControlPlane], None] | None = None) -> None:
+    plane = ControlPlane(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await plane.start()
+        if on_ready is not None:
+            on_ready(plane)
+        await stopping.wait()
+        log.info("shutting down")
+    finally:
+        await plane.stop()
