@@ -14,11 +14,25 @@ from budgetwarden.store import SentinelTarget, SentinelUrlError, parse_sentinel_
     [
         (
             "redis+sentinel://s1:26379,s2:26380/budget/2",
-            SentinelTarget((("s1", 26379), ("s2", 26380)), "budget", 2, False, None, None),
+            SentinelTarget(
+                sentinels=(("s1", 26379), ("s2", 26380)),
+                service="budget",
+                db=2,
+                tls=False,
+                username=None,
+                password=None,
+            ),
         ),
         (
             "rediss+sentinel://bw:p%40ss@s1,[::1]:5000/budget",
-            SentinelTarget((("s1", 26379), ("::1", 5000)), "budget", 0, True, "bw", "p@ss"),
+            SentinelTarget(
+                sentinels=(("s1", 26379), ("::1", 5000)),
+                service="budget",
+                db=0,
+                tls=True,
+                username="bw",
+                password="p@ss",
+            ),
         ),
     ],
 )

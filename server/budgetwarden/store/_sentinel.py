@@ -22,7 +22,7 @@ class SentinelUrlError(ValueError):
     """A sentinel URL without hosts or a service name, or with a port or db that is not a number."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SentinelTarget:
     sentinels: tuple[tuple[str, int], ...]
     service: str
