@@ -150,7 +150,7 @@ async def test_a_cancelled_call_leaves_the_stream_and_the_other_calls_alone(stri
 async def test_closing_the_channel_fails_the_waiting_calls(
     start_sidecar: Callable[..., RunningSidecar], black_hole: BlackHole
 ) -> None:
-    running = start_sidecar(redis_url=f"redis://127.0.0.1:{black_hole.port}/0", check_deadline_ms=60_000)
+    running = start_sidecar(**black_hole.as_redis, check_deadline_ms=60_000)
     client = AsyncBudgetClient(running.addr, timeout=30)
     stream = client.check_stream()
     waiting = asyncio.create_task(stream.check_many([check("s1", 1)]))  # Redis never answers: it waits

@@ -350,7 +350,7 @@ def test_hung_redis_gets_the_fail_mode_within_the_deadline(
     granted: int,
     client_class: type[BudgetClient],
 ) -> None:
-    running = start_sidecar(redis_url=f"redis://127.0.0.1:{black_hole.port}/0", fail_mode=mode, check_deadline_ms=50)
+    running = start_sidecar(**black_hole.as_redis, fail_mode=mode, check_deadline_ms=50)
     with client_class(running.addr, timeout=10) as c:
         answer = check(c, expect=decision, fail_mode=True)  # answered (not DEADLINE_EXCEEDED): Redis never replies
     assert (answer.reason, answer.granted_tokens) == (reason, granted)
@@ -361,7 +361,7 @@ def test_hung_redis_gets_the_fail_mode_within_the_deadline(
 def test_check_honours_a_client_deadline_shorter_than_the_servers(
     start_sidecar: Callable[..., RunningSidecar], black_hole: BlackHole, client_class: type[BudgetClient]
 ) -> None:
-    running = start_sidecar(redis_url=f"redis://127.0.0.1:{black_hole.port}/0", check_deadline_ms=60_000)
+    running = start_sidecar(**black_hole.as_redis, check_deadline_ms=60_000)
     with client_class(running.addr, timeout=5.0) as c:  # the sidecar answers at 90% of it: 0.5 s to spare
         answer = check(c, expect=pb.DECISION_DENY, fail_mode=True)
     assert answer.reason == pb.REASON_FAIL_CLOSED
@@ -390,7 +390,7 @@ def test_unreachable_redis(start_sidecar: Callable[..., RunningSidecar], client_
 def test_fail_open_usage_is_reconciled_when_reported(
     start_sidecar: Callable[..., RunningSidecar], redis_url: str, black_hole: BlackHole
 ) -> None:
-    down = start_sidecar(redis_url=f"redis://127.0.0.1:{black_hole.port}/0", fail_mode="open", check_deadline_ms=50)
+    down = start_sidecar(**black_hole.as_redis, fail_mode="open", check_deadline_ms=50)
     with BudgetClient(down.addr) as c:
         admitted = check(c, tokens=100, fail_mode=True)
     up = start_sidecar(redis_url=redis_url)
@@ -404,10 +404,10 @@ def test_health_on_its_own_listener(start_sidecar: Callable[..., RunningSidecar]
     health_addr = f"127.0.0.1:{free_port()}"
     running = start_sidecar(health_listen=health_addr)
     with grpc.insecure_channel(health_addr) as channel:
-        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as caught:  # only health there: the budget API stays on its own listener
-            channel.unary_unary("/budgetwarden.v1.BudgetService/Check")(b"", timeout=5)
+            channel.unary_unary("/budgetwarden.v1.BudgetService/Check")(b"", timeout=30)
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with BudgetClient(running.addr) as client:
         check(client)

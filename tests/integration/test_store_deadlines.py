@@ -81,7 +81,7 @@ def test_a_black_hole_redis_gets_unavailable_from_every_call(
     start_sidecar: Callable[..., RunningSidecar], black_hole: BlackHole
 ) -> None:
     running = start_sidecar(
-        redis_url=f"redis://127.0.0.1:{black_hole.port}/0",
+        **black_hole.as_redis,
         admin_listen=f"127.0.0.1:{free_port()}",
         store_deadline_ms=300,
         check_deadline_ms=1000,  # the check's fail-mode answer is expected here: no need to wait the tests' 30 s
@@ -94,7 +94,7 @@ def test_the_callers_deadline_wins_over_a_longer_store_deadline(
 ) -> None:
     """A store deadline longer than the caller's: the call still answers UNAVAILABLE before the caller gives up."""
     running = start_sidecar(
-        redis_url=f"redis://127.0.0.1:{black_hole.port}/0",
+        **black_hole.as_redis,
         admin_listen=f"127.0.0.1:{free_port()}",
         check_deadline_ms=60_000,
         store_deadline_ms=60_000,
