@@ -24,8 +24,7 @@ from budgetwarden.transport import ADMIN_SERVICE_NAME
 
 from ._admin_listener import admin_access, admin_server
 from ._config import Settings
-from ._redis_access import redis_access_options
-from ._redis_clients import check_confirmation, close_client, ping_client, redis_client, write_confirmation
+from ._redis_clients import close_client, connect_store, ping_client
 from ._sidecar import (
     STOP_STEP_LIMIT_S,
     Sidecar,
@@ -99,17 +98,10 @@ class ControlPlane:
         access = admin_access(settings, self.listen)
         tls = listener_tls(settings, (self.listen,))
         url = redis_url_of(settings)
-        options = redis_access_options(settings) if settings.redis_url is not None else {}
-        confirmation = write_confirmation(settings, embedded=settings.redis_url is None)
-        self.redis = redis_client(
-            url,
-            cluster=settings.redis_cluster,
-            confirmation=confirmation,
-            socket_timeout=_socket_timeout(settings),
-            access=options,
+        # Without --redis-url it uses a local sidecar's embedded server (its socket in the data dir).
+        self.redis, options = await connect_store(
+            settings, url, embedded=settings.redis_url is None, socket_timeout=_socket_timeout(settings)
         )
-        if confirmation is not None:
-            await check_confirmation(self.redis, confirmation)
         self.limiter = limiter = Limiter(
             BudgetStore(self.redis, store_retention(settings)),
             self.policy,

@@ -27,6 +27,7 @@ from budgetwarden.store import (
 )
 
 from ._config import Settings
+from ._redis_access import redis_access_options
 
 # How long a confirmation waits before the call fails (UNAVAILABLE; reports are idempotent, retry them).
 CONFIRM_TIMEOUT_MS = 1000
@@ -156,6 +157,25 @@ def redis_client(
     if is_sentinel_url(url):
         return async_sentinel_master(sentinel_target(url), kind, options)
     return kind.from_url(url, **options)
+
+
+async def connect_store(
+    settings: Settings, url: str, *, embedded: bool, socket_timeout: float
+) -> tuple[AnyRedis, dict[str, Any]]:
+    """The budget store's client for the sidecar and the control plane alike, and the access options (credentials,
+    TLS) its other clients need too; refuses to start when ``--durability`` cannot be confirmed by this Redis."""
+    access = {} if embedded else redis_access_options(settings)
+    confirmation = write_confirmation(settings, embedded=embedded)
+    client = redis_client(
+        url,
+        cluster=settings.redis_cluster,
+        confirmation=confirmation,
+        socket_timeout=socket_timeout,
+        access=access,
+    )
+    if confirmation is not None:
+        await check_confirmation(client, confirmation)
+    return client, access
 
 
 def ping_client(url: str, *, cluster: bool, timeout_s: float, access: dict[str, Any] | None = None) -> AnyRedis:

@@ -25,13 +25,10 @@ from budgetwarden.transport import BUDGET_SERVICE_NAME, BudgetServicer
 
 from ._config import Settings
 from ._listener_tls import ReloadingServerCredentials
-from ._redis_access import redis_access_options
 from ._redis_clients import (
-    check_confirmation,
     close_client,
+    connect_store,
     ping_client,
-    redis_client,
-    write_confirmation,
 )
 
 log = logging.getLogger("budgetwarden.server")
@@ -221,17 +218,9 @@ class Sidecar:
                 "embedded Redis-compatible server started",
                 extra={"url": url, "pid": embedded.pid, "appendfsync": appendfsync},
             )
-        confirmation = write_confirmation(settings, embedded=self.embedded is not None)
-        access = redis_access_options(settings) if self.embedded is None else {}
-        self.redis = redis_client(
-            url,
-            cluster=settings.redis_cluster,
-            confirmation=confirmation,
-            socket_timeout=_socket_timeout(settings),
-            access=access,
+        self.redis, access = await connect_store(
+            settings, url, embedded=self.embedded is not None, socket_timeout=_socket_timeout(settings)
         )
-        if confirmation is not None:
-            await check_confirmation(self.redis, confirmation)
         self.telemetry = telemetry_from_env(
             metrics_port=settings.metrics_port,
             metrics_host=settings.metrics_host,
