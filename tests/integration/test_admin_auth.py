@@ -12,7 +12,6 @@ from typing import Any
 import grpc
 import pytest
 import redis
-from support_admin import TWO_TENANTS_POLICY, Admin, TokensFile, open_checkpoint, requests_for
 
 from budgetwarden.app import Sidecar
 from budgetwarden.store import read_audit
@@ -21,6 +20,7 @@ from budgetwarden.transport._auth import Role
 from budgetwarden_api.v1 import admin_pb2 as admin_pb
 
 from support import RunningSidecar, free_port, sidecar_settings
+from support_admin import TWO_TENANTS_POLICY, Admin, TokensFile, open_checkpoint, requests_for
 from support_tls import Authority
 
 OK, DENIED, UNAUTH = grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED

@@ -13,7 +13,6 @@ from typing import Any
 import grpc
 import pytest
 import redis
-from support_admin import TWO_TENANTS_POLICY, Admin, TokensFile, open_checkpoint
 
 from budgetwarden.store import TenantKeys, read_audit
 from budgetwarden.transport import token_digest
@@ -21,6 +20,7 @@ from budgetwarden_api.v1 import admin_pb2 as admin_pb
 
 from support import RunningSidecar, free_port
 from support import run_cli as cli
+from support_admin import TWO_TENANTS_POLICY, Admin, TokensFile, open_checkpoint
 
 OPEN, DECIDED = admin_pb.CHECKPOINT_FILTER_OPEN, admin_pb.CHECKPOINT_FILTER_DECIDED
 

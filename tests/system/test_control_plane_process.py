@@ -16,12 +16,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support_admin import TWO_TENANTS_POLICY, TokensFile, open_checkpoint
 
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc
 
 from support import RunningSidecar, free_port, run_cli, wait_for_exit
+from support_admin import TWO_TENANTS_POLICY, TokensFile, open_checkpoint
 
 pytestmark = pytest.mark.slow
 

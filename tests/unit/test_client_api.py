@@ -35,6 +35,7 @@ def test_public_names_are_pinned() -> None:
         "CheckRefusedError",
         "CheckStream",
         "CheckpointRequired",
+        "ClientTls",
         "DEFAULT_ADDR",
         "DEFAULT_ADMIN_ADDR",
         "DEFAULT_DEADLINE",

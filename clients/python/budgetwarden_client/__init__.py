@@ -12,6 +12,7 @@ The low-level API: ``BudgetClient`` (blocking) and ``AsyncBudgetClient`` (asynci
 from budgetwarden_api.v1 import admin_pb2 as admin_pb
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client._budget import DEFAULT_DEADLINE, AsyncBudget, AsyncStepScope, Budget, StepScope
+from budgetwarden_client._channels import ClientTls
 from budgetwarden_client._client import (
     DEFAULT_ADDR,
     DEFAULT_ADMIN_ADDR,
@@ -49,6 +50,7 @@ __all__ = [
     "CheckRefusedError",
     "CheckStream",
     "CheckpointRequired",
+    "ClientTls",
     "FailMode",
     "Message",
     "ReporterStats",

@@ -6,12 +6,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import grpc
-
 from budgetwarden_api.v1 import admin_pb2 as admin_pb
 from budgetwarden_api.v1 import admin_pb2_grpc as admin_grpc
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
+from budgetwarden_client._channels import ClientTls, bearer_metadata, open_aio_channel, open_channel
 from budgetwarden_client._messages import Message
 from budgetwarden_client._stream import (
     CheckRefusedError,
@@ -151,11 +150,20 @@ def _awaited(
 class BudgetClient:
     """A blocking client. Every method takes the request fields as keyword arguments and returns the response."""
 
-    def __init__(self, addr: str | None = None, *, timeout: float = 5.0, retry_unavailable: bool = False) -> None:
-        """``retry_unavailable``: the channel retries UNAVAILABLE within each call's deadline (RETRY_SERVICE_CONFIG)."""
+    def __init__(
+        self,
+        addr: str | None = None,
+        *,
+        timeout: float = 5.0,
+        retry_unavailable: bool = False,
+        tls: ClientTls | None = None,
+    ) -> None:
+        """``retry_unavailable``: the channel retries UNAVAILABLE within each call's deadline (RETRY_SERVICE_CONFIG).
+        ``tls``: for a sidecar that serves TLS; unset: ``ClientTls.from_env()``, else plaintext."""
         self.addr = addr or default_addr()
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.addr, options=channel_options(retry_unavailable=retry_unavailable))
+        options = channel_options(retry_unavailable=retry_unavailable)
+        self._channel = open_channel(self.addr, tls=tls or ClientTls.from_env(), options=options)
         self._stub = pb_grpc.BudgetServiceStub(self._channel)
 
     check = _blocking(build_check, "Check", pb.CheckResponse)
@@ -182,11 +190,18 @@ class BudgetClient:
 class AsyncBudgetClient:
     """The asyncio twin of :class:`BudgetClient`."""
 
-    def __init__(self, addr: str | None = None, *, timeout: float = 5.0, retry_unavailable: bool = False) -> None:
+    def __init__(
+        self,
+        addr: str | None = None,
+        *,
+        timeout: float = 5.0,
+        retry_unavailable: bool = False,
+        tls: ClientTls | None = None,
+    ) -> None:
         self.addr = addr or default_addr()
         self.timeout = timeout
         options = channel_options(retry_unavailable=retry_unavailable)
-        self._channel = grpc.aio.insecure_channel(self.addr, options=options)
+        self._channel = open_aio_channel(self.addr, tls=tls or ClientTls.from_env(), options=options)
         self._stub = pb_grpc.BudgetServiceStub(self._channel)
 
     check = _awaited(build_check, "Check", pb.CheckResponse)
@@ -222,12 +237,22 @@ class AsyncBudgetClient:
 
 
 class AdminClient:
-    """A blocking client for BudgetAdminService (``BUDGETWARDEN_ADMIN_ADDR`` or 127.0.0.1:50152)."""
+    """A blocking client for BudgetAdminService (``BUDGETWARDEN_ADMIN_ADDR`` or 127.0.0.1:50152): the control plane,
+    or a local sidecar's admin listener. ``token``: the bearer token (unset: ``BUDGETWARDEN_ADMIN_TOKEN``); ``tls``:
+    for a listener that serves TLS (unset: ``ClientTls.from_env()``, else plaintext)."""
 
-    def __init__(self, addr: str | None = None, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        addr: str | None = None,
+        *,
+        timeout: float = 5.0,
+        token: str | None = None,
+        tls: ClientTls | None = None,
+    ) -> None:
         self.addr = addr or os.environ.get("BUDGETWARDEN_ADMIN_ADDR", DEFAULT_ADMIN_ADDR)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.addr)
+        self._metadata = bearer_metadata(token)
+        self._channel = open_channel(self.addr, tls=tls or ClientTls.from_env())
         self._stub = admin_grpc.BudgetAdminServiceStub(self._channel)
 
     def approve(
@@ -236,23 +261,37 @@ class AdminClient:
         request = admin_pb.ApproveCheckpointRequest(
             checkpoint_id=checkpoint_id, add_tokens=add_tokens, add_usd_micros=add_usd_micros
         )
-        return self._stub.ApproveCheckpoint(request, timeout=self.timeout)
+        return self._stub.ApproveCheckpoint(request, timeout=self.timeout, metadata=self._metadata)
 
     def deny(self, checkpoint_id: str) -> admin_pb.DenyCheckpointResponse:
         return self._stub.DenyCheckpoint(
-            admin_pb.DenyCheckpointRequest(checkpoint_id=checkpoint_id), timeout=self.timeout
+            admin_pb.DenyCheckpointRequest(checkpoint_id=checkpoint_id), timeout=self.timeout, metadata=self._metadata
         )
 
     def set_ceiling(self, **fields: Any) -> admin_pb.SetTaskCeilingResponse:
-        return self._stub.SetTaskCeiling(admin_pb.SetTaskCeilingRequest(**fields), timeout=self.timeout)
+        return self._stub.SetTaskCeiling(
+            admin_pb.SetTaskCeilingRequest(**fields), timeout=self.timeout, metadata=self._metadata
+        )
 
     def reset_task(self, tenant_id: str, task_id: str) -> admin_pb.ResetTaskResponse:
         request = admin_pb.ResetTaskRequest(tenant_id=tenant_id, task_id=task_id)
-        return self._stub.ResetTask(request, timeout=self.timeout)
+        return self._stub.ResetTask(request, timeout=self.timeout, metadata=self._metadata)
+
+    def list_checkpoints(
+        self, tenant_id: str, *, decided: bool = False, page_size: int = 0, page_token: str = ""
+    ) -> admin_pb.ListCheckpointsResponse:
+        """One page of a tenant's open (or ``decided``) checkpoints; go on with ``next_page_token`` while it is set."""
+        request = admin_pb.ListCheckpointsRequest(
+            tenant_id=tenant_id,
+            filter=admin_pb.CHECKPOINT_FILTER_DECIDED if decided else admin_pb.CHECKPOINT_FILTER_OPEN,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._stub.ListCheckpoints(request, timeout=self.timeout, metadata=self._metadata)
 
     def tenant_windows(self, tenant_id: str) -> admin_pb.GetTenantWindowsResponse:
         request = admin_pb.GetTenantWindowsRequest(tenant_id=tenant_id)
-        return self._stub.GetTenantWindows(request, timeout=self.timeout)
+        return self._stub.GetTenantWindows(request, timeout=self.timeout, metadata=self._metadata)
 
     def close(self) -> None:
         self._channel.close()

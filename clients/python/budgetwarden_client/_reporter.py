@@ -36,6 +36,7 @@ from google.protobuf import text_format
 
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import _hooks
+from budgetwarden_client._channels import ClientTls, open_channel
 from budgetwarden_client._client import default_addr
 from budgetwarden_client._journal import Journal, JournalClosedError
 from budgetwarden_client._stats import ReporterStats
@@ -129,6 +130,7 @@ class BackgroundReporter:
         use_stream: bool = False,
         timeout: float = 10.0,
         drain_timeout: float = 10.0,
+        tls: ClientTls | None = None,
     ) -> None:
         if not 1 <= batch_size <= MAX_BATCH_RECORDS:
             raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_RECORDS} (the server's limit)")
@@ -182,8 +184,9 @@ class BackgroundReporter:
         self._close_lock = threading.RLock()  # re-entrant: a signal handler may close while close() runs
         self._failures = 0
 
-        self._channel = grpc.insecure_channel(
+        self._channel = open_channel(
             self.addr,
+            tls=tls or ClientTls.from_env(),
             options=[
                 # gRPC's own reconnect backoff reaches 120 s by default, which would keep a sidecar that came back
                 # unused for minutes; keep it within ours.
