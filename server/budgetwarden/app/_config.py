@@ -122,6 +122,16 @@ class Settings(BaseSettings):
         description="kept back from a caller's deadline so the answer reaches it in time: this or 10% of it, whichever "
         "is more, but at most half",
     )
+    max_checks_in_flight: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
+        512,
+        description="checks this sidecar works on at once (CheckStream's count one each); more are refused at once "
+        "with RESOURCE_EXHAUSTED rather than queued; 0: no bound",
+    )
+    tenant_in_flight_share: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.75,
+        description="the most of max_checks_in_flight one tenant may hold, so others still get in (a sidecar bound "
+        "to a tenant with --tenant gives it all)",
+    )
     default_lease_seconds: Annotated[int, Field(ge=1)] = Field(
         600, description="lease of a reservation when neither the request nor the task type sets one"
     )

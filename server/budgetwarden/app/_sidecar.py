@@ -21,7 +21,7 @@ from budgetwarden.domain import LoadedPolicy, Planner, PolicyError, default_poli
 from budgetwarden.limiter import Clock, Limiter, wall_clock_ms
 from budgetwarden.store import AnyRedis, BudgetStore, EmbeddedRedis, GaugeReader, Retention
 from budgetwarden.telemetry import Telemetry, telemetry_from_env
-from budgetwarden.transport import BUDGET_SERVICE_NAME, BudgetServicer
+from budgetwarden.transport import BUDGET_SERVICE_NAME, Admission, BudgetServicer
 
 from ._config import Settings
 from ._listener_tls import ReloadingServerCredentials
@@ -145,6 +145,7 @@ class Sidecar:
         self.policy = load_policy(settings.policy_file) if settings.policy_file else default_policy()
         self.embedded: EmbeddedRedis | None = None
         self.redis: AnyRedis | None = None
+        self.servicer: BudgetServicer | None = None
         self.server: grpc.aio.Server | None = None
         self.admin_server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
@@ -251,7 +252,11 @@ class Sidecar:
             bound_tenant=settings.tenant or None,
             default_task_type=settings.default_task_type or None,
             deadline_margin_s=settings.deadline_margin_ms / 1000,
+            admission=Admission(
+                settings.max_checks_in_flight, 1.0 if settings.tenant else settings.tenant_in_flight_share
+            ),
         )
+        self.servicer = servicer
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         server.add_generic_rpc_handlers([servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

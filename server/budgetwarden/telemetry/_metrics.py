@@ -171,6 +171,12 @@ class Telemetry:
         self.redis_duration = meter.create_histogram(
             "budgetwarden.redis.duration", "s", "Round trip of one budget script call to Redis"
         )
+        self.shed_checks = _Sum(
+            meter,
+            "budgetwarden.check.shed",
+            "{check}",
+            "Checks refused at once (RESOURCE_EXHAUSTED): too many in flight",
+        )
         self.reloads = _Sum(meter, "budgetwarden.policy.reloads", "{reload}", "Policy reloads by result")
         self.reloads.start_at_zero(*((("budgetwarden.policy.result", result),) for result in RELOAD_RESULTS))
         if tenant_gauges:
@@ -286,6 +292,10 @@ class Telemetry:
     def redis_call(self, script: str, seconds: float) -> None:
         if self.enabled:
             self.redis_duration.record(seconds, {"budgetwarden.redis.script": script})
+
+    def shed(self, tenant_id: str) -> None:
+        if self.enabled:
+            self.shed_checks.add(1, (("budgetwarden.tenant", self.tenant(tenant_id)),))
 
     def policy_reload(self, result: str) -> None:
         if self.enabled:

@@ -2,6 +2,7 @@
 its answers. Imports the limiter, the store's ids and the domain."""
 
 from ._admin import ADMIN_SERVICE_NAME, AdminServicer
+from ._admission import Admission
 from ._answering import ERROR_DOMAIN, STORE_UNAVAILABLE
 from ._auth import AccessFile, AccessFileError, Identity, Role, new_token, token_digest
 from ._service import BUDGET_SERVICE_NAME, BudgetServicer
@@ -14,6 +15,7 @@ __all__ = [
     "AccessFile",
     "AccessFileError",
     "AdminServicer",
+    "Admission",
     "BudgetServicer",
     "Identity",
     "Role",

@@ -22,6 +22,7 @@ from budgetwarden.limiter import Limiter, StepConflictError
 from budgetwarden.store import Applied, IdempotencyConflictError, reservation_id
 from budgetwarden_api.v1 import budget_pb2 as pb
 
+from ._admission import Admission
 from ._answering import (
     Malformed,
     TenantRefusedError,
@@ -84,6 +85,10 @@ async def _report_or_refuse(
         raise AssertionError("abort returned") from None  # pragma: no cover
 
 
+def _shed_message(reason: str) -> str:
+    return f"overloaded: {reason}; nothing was reserved, retry with backoff"
+
+
 def _refuse(result: pb.CheckStreamResult, code: grpc.StatusCode, message: str) -> None:
     """A check of a CheckStream message refused with the code unary Check would answer."""
     result.error.code = code.value[0]
@@ -99,8 +104,10 @@ class BudgetServicer:
         bound_tenant: str | None = None,
         default_task_type: str | None = None,
         deadline_margin_s: float = 0.04,
+        admission: Admission | None = None,
     ) -> None:
         self.limiter = limiter
+        self.admission = admission or Admission(0, 1.0)
         self.deadline_margin_s = deadline_margin_s
         self.max_lease_seconds = max_lease_seconds
         self.bound_tenant = bound_tenant
@@ -127,8 +134,16 @@ class BudgetServicer:
     async def check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.CheckResponse:
         async with answering(context):
             checked, prompt = self._check_input(request)
-        async with answering(context):
-            result = await self.limiter.check(checked, caller_time(context, self.deadline_margin_s), prompt)
+        tenant_id = checked.tenant_id
+        refused = self.admission.enter(tenant_id)
+        if refused is not None:
+            self.limiter.telemetry.shed(tenant_id)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _shed_message(refused))
+        try:
+            async with answering(context):
+                result = await self.limiter.check(checked, caller_time(context, self.deadline_margin_s), prompt)
+        finally:
+            self.admission.leave(tenant_id)
         return check_response(result)
 
     async def check_stream(
@@ -165,13 +180,28 @@ class BudgetServicer:
                 _refuse(result, code, f"checks[{i}].{exc}")
                 continue
             valid.append((i, result, checked, prompt))
-        if valid:
-            answers = await self.limiter.check_many([v[2] for v in valid], deadline_s, [v[3] for v in valid])
-            for (i, result, _, _), answer in zip(valid, answers, strict=True):
-                if isinstance(answer, StepConflictError):
-                    _refuse(result, grpc.StatusCode.FAILED_PRECONDITION, f"checks[{i}].{answer}")
-                else:
-                    fill_check_response(result.response, answer)
+        admitted: list[tuple[int, pb.CheckStreamResult, CheckInput, Prompt | None]] = []
+        for entry in valid:
+            tenant_id = entry[2].tenant_id
+            overloaded = self.admission.enter(tenant_id)
+            if overloaded is None:
+                admitted.append(entry)
+            else:
+                self.limiter.telemetry.shed(tenant_id)
+                _refuse(
+                    entry[1], grpc.StatusCode.RESOURCE_EXHAUSTED, f"checks[{entry[0]}]: {_shed_message(overloaded)}"
+                )
+        try:
+            if admitted:
+                answers = await self.limiter.check_many([v[2] for v in admitted], deadline_s, [v[3] for v in admitted])
+                for (i, result, _, _), answer in zip(admitted, answers, strict=True):
+                    if isinstance(answer, StepConflictError):
+                        _refuse(result, grpc.StatusCode.FAILED_PRECONDITION, f"checks[{i}].{answer}")
+                    else:
+                        fill_check_response(result.response, answer)
+        finally:
+            for entry in admitted:
+                self.admission.leave(entry[2].tenant_id)
         return response
 
     async def report_stream(
