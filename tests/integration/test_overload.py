@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from budgetwarden_client import BudgetClient
+from budgetwarden_client import Budget, BudgetClient, BudgetUnavailable
 
 from support import BlackHole, RunningSidecar
 
@@ -97,3 +97,20 @@ def test_a_check_stream_message_sheds_the_checks_beyond_the_bound_one_by_one(
     assert isinstance(answers[2], grpc.RpcError)
     assert answers[2].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert in_flight(running) == 0
+
+
+def test_the_step_api_takes_a_shed_check_to_its_local_fail_mode(
+    start_sidecar: Callable[..., RunningSidecar], black_hole: BlackHole, pool: concurrent.futures.ThreadPoolExecutor
+) -> None:
+    running = stalled_sidecar(start_sidecar, black_hole, max_checks_in_flight=1)
+    with BudgetClient(running.addr, timeout=RPC_TIMEOUT_S) as client:
+        waiting = pool.submit(check_code, client, "acme", "s0")
+        wait_in_flight(running, 1)
+        open_budget = Budget(running.addr, tenant_id="acme", timeout=RPC_TIMEOUT_S, fail_mode="open")
+        with open_budget, open_budget.step("t", "s1", model="small", estimated_input_tokens=10) as step:
+            assert step.from_fail_mode  # allowed, marked: the sidecar could not decide in time
+        closed_budget = Budget(running.addr, tenant_id="acme", timeout=RPC_TIMEOUT_S)  # closed: the default
+        with closed_budget, pytest.raises(BudgetUnavailable), closed_budget.step("t", "s2", estimated_input_tokens=10):
+            pytest.fail("must not run")
+        running.stop()
+        assert waiting.result() != grpc.StatusCode.OK

@@ -23,6 +23,7 @@ T = TypeVar("T")
 
 # The sidecar could not be reached (or did not answer) within the deadline: the local fail mode decides.
 UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+OVERLOADED = "overloaded:"  # how a sidecar's RESOURCE_EXHAUSTED starts when it sheds a check it had no room for
 # trim()'s estimate when the check carried no prompt to calibrate on: about 4 characters per token, the usual rule
 # for English text with the OpenAI encodings; and the chat format's few tokens per message.
 CHARS_PER_TOKEN = 4.0
@@ -294,8 +295,15 @@ def unreachable(spec: StepSpec, error: grpc.RpcError, fail_mode: FailMode, addr:
 
 
 def is_unreachable(error: grpc.RpcError) -> bool:
+    """The sidecar could not decide: not reached, too late, or shedding load (RESOURCE_EXHAUSTED whose message starts
+    "overloaded:"; a message too large for the channel is RESOURCE_EXHAUSTED too, and is the caller's to fix)."""
     code = getattr(error, "code", None)
-    return callable(code) and code() in UNREACHABLE
+    if not callable(code):
+        return False
+    if code() in UNREACHABLE:
+        return True
+    details = getattr(error, "details", None)
+    return code() == grpc.StatusCode.RESOURCE_EXHAUSTED and callable(details) and str(details()).startswith(OVERLOADED)
 
 
 def outcome_of(exc: BaseException | None) -> pb.Outcome.ValueType:
