@@ -1,7 +1,7 @@
 """All that knows Redis: key names and ids, the budget store (one Lua script per mutation), the usage stream, replay
 of stored answers, and the embedded Valkey server. Imports the domain and telemetry only."""
 
-from ._audit import read_audit
+from ._audit import audit_record, read_audit
 from ._embedded import EmbeddedRedis
 from ._gauges import GaugeReader
 from ._keys import (
@@ -65,6 +65,7 @@ __all__ = [
     "TenantKeys",
     "UsageEntry",
     "async_sentinel_master",
+    "audit_record",
     "candidate_part",
     "checkpoint_id",
     "close_sentinels",
