@@ -5,6 +5,7 @@ tests/system/test_console_browser.py.)"""
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -246,3 +247,50 @@ def test_without_a_tokens_file_the_console_refuses_a_wider_listener(
         start_control_plane(
             redis_url, None, two_tenants(tmp_path), sidecar.clock, console_listen=f"0.0.0.0:{free_port()}"
         )
+
+
+def test_the_console_serves_a_renewed_certificate_at_the_next_handshake(
+    tmp_path: Path, setup: Callable[..., tuple[RunningSidecar, RunningControlPlane]], tokens: TokensFile
+) -> None:
+    first, second = Authority(tmp_path / "first"), Authority(tmp_path / "second", name="renewed CA")
+    served = first.issue("server")
+    _, plane = setup(tls_cert_file=served.cert, tls_key_file=served.key)
+
+    def answers(authority: Authority) -> bool:
+        trust = ssl.create_default_context(cafile=str(authority.ca_file))
+        try:
+            with httpx.Client(base_url=plane.console_url, timeout=30, verify=trust) as browser:
+                return browser.get("/login").status_code == 200
+        except httpx.ConnectError:
+            return False
+
+    assert answers(first)
+    assert not answers(second)
+    renewed = second.issue("server-renewed")
+    # As the kubelet swaps a mounted Secret: each file replaced whole.
+    for source, target in ((renewed.cert, served.cert), (renewed.key, served.key)):
+        staged = target.with_suffix(".new")
+        staged.write_bytes(source.read_bytes())
+        os.replace(staged, target)
+    assert answers(second)
+    assert not answers(first)
+
+
+def test_with_a_client_ca_the_console_asks_a_client_certificate_then_a_token(
+    tmp_path: Path, setup: Callable[..., tuple[RunningSidecar, RunningControlPlane]], tokens: TokensFile
+) -> None:
+    authority = Authority(tmp_path / "ca")
+    served, client = authority.issue("server"), authority.issue("operator-laptop", client=True)
+    alice = tokens.add("alice", "approver", ["acme"])
+    _, plane = setup(tls_cert_file=served.cert, tls_key_file=served.key, tls_client_ca_file=authority.ca_file)
+    without = ssl.create_default_context(cafile=str(authority.ca_file))
+    with (
+        httpx.Client(base_url=plane.console_url, timeout=30, verify=without) as browser,
+        pytest.raises(httpx.HTTPError),
+    ):
+        browser.get("/login")
+    with_certificate = ssl.create_default_context(cafile=str(authority.ca_file))
+    with_certificate.load_cert_chain(client.cert, client.key)
+    with httpx.Client(base_url=plane.console_url, timeout=30, verify=with_certificate) as browser:
+        assert browser.get("/").headers["location"] == "/login"  # the certificate alone does not log in
+        assert browser.post("/login", data={"token": alice}).status_code == 303

@@ -42,6 +42,7 @@ log = logging.getLogger("budgetwarden.console")
 
 SESSION_COOKIE = "bw_console"
 SESSION_SECONDS = 8 * 3600  # a working day; the token's revocation ends a session sooner
+MAX_SESSIONS = 10_000  # past this many live sessions, the oldest is forgotten (its holder logs in again)
 STORE_DEADLINE_S = 5.0
 CHECKPOINTS_SHOWN = 100  # per tenant
 DECISIONS_SHOWN = 30
@@ -75,6 +76,8 @@ class Sessions:
 
     def create(self, token: str | None) -> tuple[str, Session]:
         self._forget_expired()
+        while len(self._by_id) >= MAX_SESSIONS:
+            del self._by_id[next(iter(self._by_id))]  # the oldest: dicts keep insertion order
         session_id = secrets.token_urlsafe(32)
         session = Session(token, secrets.token_urlsafe(32), self.clock() + SESSION_SECONDS)
         self._by_id[session_id] = session
