@@ -23,7 +23,7 @@ from budgetwarden.store import read_audit
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc
 
-from support import RunningSidecar, free_port
+from support import RunningSidecar, SettableClock, free_port
 from support_tls import Authority
 
 
@@ -294,3 +294,28 @@ def test_with_a_client_ca_the_console_asks_a_client_certificate_then_a_token(
     with httpx.Client(base_url=plane.console_url, timeout=30, verify=with_certificate) as browser:
         assert browser.get("/").headers["location"] == "/login"  # the certificate alone does not log in
         assert browser.post("/login", data={"token": alice}).status_code == 303
+
+
+def test_live_tasks_are_the_ones_holding_a_reservation_within_the_callers_tenants(
+    setup: Callable[..., tuple[RunningSidecar, RunningControlPlane]], tokens: TokensFile
+) -> None:
+    alice = tokens.add("alice", "viewer", ["acme"])
+    sidecar, plane = setup()
+
+    def allow(tenant: str, task: str, step: str, tokens_asked: int) -> None:
+        request = pb.CheckRequest(tenant_id=tenant, task_id=task, step_id=step, estimated_input_tokens=tokens_asked)
+        with grpc.insecure_channel(sidecar.addr) as channel:
+            answer = budget_pb2_grpc.BudgetServiceStub(channel).Check(request, timeout=30)
+        assert answer.decision == pb.DECISION_ALLOW, answer
+
+    allow("acme", "worker-1", "s0", 30)
+    allow("acme", "worker-1", "s1", 20)
+    allow("globex", "worker-g", "s0", 10)
+    browser, page = logged_in(plane.console_url, alice)
+    assert 'data-task="worker-1"' in page
+    assert "s0, s1" in page
+    assert "50 / 100 tokens" in page
+    assert "worker-g" not in page
+    assert isinstance(sidecar.clock, SettableClock)
+    sidecar.clock.advance(3600)  # past every lease: nothing holds budget any more
+    assert 'data-task="worker-1"' not in browser.get("/").text

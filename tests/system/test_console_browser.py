@@ -59,7 +59,7 @@ def browser() -> Iterator[webdriver.Chrome]:
     assert CHROMEDRIVER, "the browser test needs Debian's chromium and chromium-driver (make test)"
     options = Options()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1360,900"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1360,1000"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(WAIT_S)
@@ -137,6 +137,9 @@ def test_an_approver_approves_in_the_browser_and_the_task_goes_on(
     assert "ApproveCheckpoint" in browser.find_element(By.ID, "decisions").text
     assert "alice" in browser.find_element(By.ID, "decisions").text
     checkpoint_row(browser, waiting)
+    live = browser.find_element(By.ID, "tasks").text
+    assert "nightly-batch" in live
+    assert "research-agent-7" in live
     browser.save_screenshot(str(tmp_path / "console.png"))
     if os.environ.get("CONSOLE_SCREENSHOT"):
         shutil.copyfile(tmp_path / "console.png", os.environ["CONSOLE_SCREENSHOT"])

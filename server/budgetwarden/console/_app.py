@@ -8,6 +8,8 @@ gRPC calls' do (``audit_entry``, the same script)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -20,6 +22,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+import redis
 from starlette.applications import Starlette
 from starlette.datastructures import FormData
 from starlette.requests import Request
@@ -29,7 +32,7 @@ from starlette.templating import Jinja2Templates
 
 from budgetwarden.domain import MAX_LIMIT_TOKENS, MAX_LIMIT_USD, Amount, Counter
 from budgetwarden.limiter import Limiter, StoreUnavailableError, UnknownCheckpointError
-from budgetwarden.store import CeilingRefusedError, TenantKeys, audit_record
+from budgetwarden.store import CeilingRefusedError, TenantKeys, audit_record, live_tasks
 from budgetwarden.transport import (
     LOCAL_CALLER,
     AccessFile,
@@ -46,6 +49,7 @@ MAX_SESSIONS = 10_000  # past this many live sessions, the oldest is forgotten (
 STORE_DEADLINE_S = 5.0
 CHECKPOINTS_SHOWN = 100  # per tenant
 DECISIONS_SHOWN = 30
+LIVE_RESERVATIONS_READ = 200  # per tenant: the live tasks shown are those holding the first ones (by lease expiry)
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 TEMPLATES.env.filters["datetime"] = lambda ms: datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 # The pages load nothing from elsewhere and run no script; inline styles only (the bars' widths).
@@ -265,6 +269,7 @@ class Console:
             "logged_in": self.access is not None,
             "tenants": [],
             "checkpoints": [],
+            "tasks": [],
             "decisions": [],
             "unavailable": "",
         }
@@ -272,7 +277,9 @@ class Console:
         try:
             context["tenants"] = [(t, await self._windows(t)) for t in tenants]
             context["checkpoints"] = await self._open_checkpoints(identity, tenants)
-            context["decisions"] = await self._recent_decisions(tenants)
+            async with _direct_read():
+                context["tasks"] = await self._live_tasks(tenants)
+                context["decisions"] = await self._recent_decisions(tenants)
         except StoreUnavailableError as exc:
             context["unavailable"] = f"the store does not answer: {exc}"
         response = TEMPLATES.TemplateResponse(request, "overview.html", context)
@@ -306,6 +313,15 @@ class Console:
                         "reserved": None if task is None else task.reserved,
                     }
                 )
+        return rows
+
+    async def _live_tasks(self, tenants: list[str]) -> list[dict[str, Any]]:
+        """The tasks holding a reservation now, with their spend (the tenants' lease indexes)."""
+        rows = []
+        for tenant_id in tenants:
+            now = self.limiter.clock()
+            for task in await live_tasks(self.limiter.store.redis, tenant_id, now, limit=LIVE_RESERVATIONS_READ):
+                rows.append({"tenant_id": tenant_id, "task": task, "use": _use(task.task_id, task.counter)})
         return rows
 
     async def _recent_decisions(self, tenants: list[str]) -> list[dict[str, Any]]:
@@ -385,6 +401,16 @@ class Console:
 
 
 _OUTCOMES = {1: "approved", 2: "already approved", 3: "denied", 4: "already denied", 5: "not found", 6: "conflict"}
+
+
+@contextlib.asynccontextmanager
+async def _direct_read() -> Any:
+    """Reads of Redis outside the limiter, bounded and mapped as the limiter's are (StoreUnavailableError)."""
+    try:
+        async with asyncio.timeout(STORE_DEADLINE_S):
+            yield
+    except (redis.RedisError, OSError, TimeoutError) as exc:
+        raise StoreUnavailableError(str(exc) or type(exc).__name__) from None
 
 
 def _text(value: Any) -> str:

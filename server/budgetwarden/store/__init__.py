@@ -13,6 +13,7 @@ from ._keys import (
     parse_fail_open_id,
     reservation_id,
 )
+from ._live import LiveTask, live_tasks
 from ._replay import candidate_part, common_part, fingerprint, replayed_answer
 from ._sentinel import (
     SentinelTarget,
@@ -56,6 +57,7 @@ __all__ = [
     "EmbeddedRedis",
     "GaugeReader",
     "IdempotencyConflictError",
+    "LiveTask",
     "RequestIdReusedError",
     "Reservation",
     "Retention",
@@ -74,6 +76,7 @@ __all__ = [
     "fingerprint",
     "is_reservation_id",
     "is_sentinel_url",
+    "live_tasks",
     "parse_checkpoint_id",
     "parse_fail_open_id",
     "parse_sentinel_url",
