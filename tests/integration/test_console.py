@@ -319,3 +319,25 @@ def test_live_tasks_are_the_ones_holding_a_reservation_within_the_callers_tenant
     assert isinstance(sidecar.clock, SettableClock)
     sidecar.clock.advance(3600)  # past every lease: nothing holds budget any more
     assert 'data-task="worker-1"' not in browser.get("/").text
+
+
+def test_a_form_posted_from_another_origin_is_refused_login_included(
+    setup: Callable[..., tuple[RunningSidecar, RunningControlPlane]], tokens: TokensFile, sync_redis: redis.Redis
+) -> None:
+    alice = tokens.add("alice", "approver", ["acme"])
+    sidecar, plane = setup()
+    checkpoint = open_checkpoint(sidecar.addr, "acme", "task-o")
+    evil = {"origin": "https://evil.example"}
+    with httpx.Client(base_url=plane.console_url, timeout=30) as browser:
+        answer = browser.post("/login", data={"token": alice}, headers=evil)
+        assert answer.status_code == 403
+        assert SESSION_COOKIE not in answer.cookies
+    browser, page = logged_in(plane.console_url, alice)
+    form = {"csrf": csrf_of(page), "checkpoint_id": checkpoint, "add_tokens": "10"}
+    assert browser.post("/checkpoints/approve", data=form, headers=evil).status_code == 403
+    assert check(sidecar, "acme", "task-o").decision == pb.DECISION_CHECKPOINT
+    own = {"origin": plane.console_url}
+    assert browser.post("/checkpoints/approve", data=form, headers=own).status_code == 303
+    refused = [e for e in audit(sync_redis, None) if e["rpc"] == "ConsolePost"]
+    assert len(refused) == 2
+    assert "evil.example" in refused[0]["reason"]

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from starlette.applications import Starlette
@@ -58,7 +59,7 @@ SECURITY_HEADERS = {
     "frame-ancestors 'none'; base-uri 'none'",
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",  # no-referrer would make a browser send Origin: null with a form
     "cache-control": "no-store",
 }
 
@@ -204,7 +205,7 @@ class Console:
         )
         return response
 
-    async def _refuse(
+    async def refuse(
         self,
         request: Request,
         rpc: str,
@@ -239,7 +240,7 @@ class Console:
         token = _field(await request.form(), "token").strip()
         if not token or self.access.by_token(token) is None:
             reason = "the bearer token is not known" if token else "a bearer token is required"
-            await self._refuse(request, "ConsoleLogin", None, None, {}, 401, "UNAUTHENTICATED", reason)
+            await self.refuse(request, "ConsoleLogin", None, None, {}, 401, "UNAUTHENTICATED", reason)
             return TEMPLATES.TemplateResponse(request, "login.html", {"error": reason}, status_code=401)
         session_id, _ = self.sessions.create(token)
         return self._with_cookie(RedirectResponse("/", status_code=303), session_id)
@@ -357,7 +358,7 @@ class Console:
         caller = self._caller(request)
         if caller is None:
             reason = "log in first: no session, or its token was revoked"
-            return await self._refuse(request, rpc, None, None, asked, 401, "UNAUTHENTICATED", reason)
+            return await self.refuse(request, rpc, None, None, asked, 401, "UNAUTHENTICATED", reason)
         session, identity = caller
         try:
             tenant_id, _ = self.limiter.checkpoint_owner(checkpoint)
@@ -366,7 +367,7 @@ class Console:
             return TEMPLATES.TemplateResponse(request, "refused.html", {"reason": reason}, status_code=400)
         if not self._csrf_ok(session, form):
             reason = "the form's CSRF token is missing or is not this session's; reload the page"
-            return await self._refuse(request, rpc, identity, tenant_id, asked, 403, "PERMISSION_DENIED", reason)
+            return await self.refuse(request, rpc, identity, tenant_id, asked, 403, "PERMISSION_DENIED", reason)
         try:
             add = Amount(
                 _tokens(_field(form, "add_tokens"), "add_tokens"), _usd_micros(_field(form, "add_usd"), "add_usd")
@@ -381,7 +382,7 @@ class Console:
             add = Amount(0)
         refusal = authorisation_refusal(identity, rpc, tenant_id)
         if refusal is not None:
-            return await self._refuse(request, rpc, identity, tenant_id, asked, 403, "PERMISSION_DENIED", refusal)
+            return await self.refuse(request, rpc, identity, tenant_id, asked, 403, "PERMISSION_DENIED", refusal)
         entry = audit_entry(self.limiter.clock(), rpc, identity, self._peer(request), tenant_id, asked)
         try:
             outcome, _ = await self.limiter.decide_checkpoint(
@@ -417,11 +418,30 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _security_headers(
-    app: Callable[[Request], Awaitable[Response]],
+def _cross_origin(request: Request) -> str | None:
+    """A form posted from another site's page (its Origin is not this console's), else None. Browsers send Origin
+    with every POST; a client without one (curl) still needs the session and its CSRF token."""
+    origin = request.headers.get("origin")
+    if request.method != "POST" or origin is None:
+        return None
+    # Host to host: behind a proxy that terminates TLS the scheme differs, the host the browser asked for does not.
+    own = request.headers.get("host", "")
+    return None if hmac.compare_digest(urlsplit(origin).netloc.encode(), own.encode()) else origin
+
+
+def _guarded(
+    console: Console, app: Callable[[Request], Awaitable[Response]]
 ) -> Callable[[Request], Awaitable[Response]]:
+    """Refuse a cross-origin form (login included: no one is logged in by another site), add the security headers."""
+
     async def handler(request: Request) -> Response:
-        response = await app(request)
+        origin = _cross_origin(request)
+        if origin is not None:
+            reason = f"a form posted from another origin ({origin[:100]}) is refused"
+            asked = {"path": request.url.path}
+            response = await console.refuse(request, "ConsolePost", None, None, asked, 403, "PERMISSION_DENIED", reason)
+        else:
+            response = await app(request)
         response.headers.update(SECURITY_HEADERS)
         return response
 
@@ -434,12 +454,12 @@ def console_app(
     """The console as an ASGI application. ``access``: the admin tokens file (None: no login, loopback only)."""
     console = Console(limiter, access, secure_cookies=secure_cookies, sessions=sessions)
     routes = [
-        Route("/", _security_headers(console.overview), methods=["GET"]),
-        Route("/login", _security_headers(console.login_page), methods=["GET"]),
-        Route("/login", _security_headers(console.login), methods=["POST"]),
-        Route("/logout", _security_headers(console.logout), methods=["POST"]),
-        Route("/checkpoints/approve", _security_headers(console.approve), methods=["POST"]),
-        Route("/checkpoints/deny", _security_headers(console.deny), methods=["POST"]),
+        Route("/", _guarded(console, console.overview), methods=["GET"]),
+        Route("/login", _guarded(console, console.login_page), methods=["GET"]),
+        Route("/login", _guarded(console, console.login), methods=["POST"]),
+        Route("/logout", _guarded(console, console.logout), methods=["POST"]),
+        Route("/checkpoints/approve", _guarded(console, console.approve), methods=["POST"]),
+        Route("/checkpoints/deny", _guarded(console, console.deny), methods=["POST"]),
     ]
     app = Starlette(routes=routes)
     app.state.console = console
