@@ -62,3 +62,25 @@ def test_the_control_plane_serves_the_console_and_stops_on_sigterm(tmp_path: Pat
             proc.kill()
             proc.wait(EXIT_TIMEOUT_S)
     assert alice not in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("console", "named"),
+    [("no-port", "is not host:port"), ("127.0.0.1:99999", "is not host:port"), ("0.0.0.0:{}", "admin_tokens_file")],
+)
+def test_a_console_listener_that_cannot_serve_is_refused_in_one_line(
+    tmp_path: Path, redis_url: str, console: str, named: str
+) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BUDGETWARDEN_")}
+    command = [
+        sys.executable, "-m", "budgetwarden", "control-plane", "--redis-url", redis_url,
+        "--admin-listen", f"127.0.0.1:{free_port()}", "--console-listen", console.format(free_port()),
+        "--log-format", "text",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "error" in line]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("budgetwarden control-plane: error: ")
+    assert named in lines[0]
+    assert "Traceback" not in result.stderr

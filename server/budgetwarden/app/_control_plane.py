@@ -83,13 +83,12 @@ class _PolicyFile:
 async def start_console(limiter: Limiter, settings: Settings, address: str) -> ConsoleServer:
     """The web console on its own listener: the same tokens file as the admin API (and the same refusal of a listener
     beyond loopback without one), TLS from the same files."""
-    from budgetwarden.console import (
-        ConsoleServer,
-        ReloadingContext,
-        console_app,
-    )  # starlette, jinja2, uvicorn: here only
+    # starlette, jinja2 and uvicorn are imported here only: a control plane without a console, and every sidecar,
+    # never load them.
+    from budgetwarden.console import ConsoleServer, ReloadingContext, console_app, parse_address
 
-    access = admin_access(settings, address)
+    parse_address(address)  # a malformed address is named before anything else
+    access = admin_access(settings, address, "console_listen")
     tls = None
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
         try:

@@ -28,16 +28,21 @@ class _Server(uvicorn.Server):
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """host:port, [v6]:port; raises ValueError naming the setting."""
+    """host:port, [v6]:port; an OSError naming the setting (the command prints it in one line, as a bind error)."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host or not 0 <= int(port) <= 65535:
-        raise ValueError(f"console_listen: {address!r} is not host:port")
+        raise OSError(f"console_listen: {address!r} is not host:port")
     return host.strip("[]"), int(port)
 
 
 def _bind(address: str) -> socket.socket:
     host, port = parse_address(address)
-    family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError as exc:
+        raise OSError(f"console_listen {address}: {exc.strerror or exc}") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
