@@ -341,3 +341,25 @@ def test_a_form_posted_from_another_origin_is_refused_login_included(
     refused = [e for e in audit(sync_redis, None) if e["rpc"] == "ConsolePost"]
     assert len(refused) == 2
     assert "evil.example" in refused[0]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("add_tokens", "-5"), ("add_tokens", "1e3"), ("add_tokens", "99999999999999999999"), ("add_usd", "nan"),
+     ("add_usd", "0.0000001"), ("add_usd", "-1"), ("add_usd", "dollars")],
+)  # fmt: skip
+def test_a_bad_amount_is_refused_naming_the_field_and_changes_nothing(
+    setup: Callable[..., tuple[RunningSidecar, RunningControlPlane]], tokens: TokensFile, field: str, value: str
+) -> None:
+    alice = tokens.add("alice", "approver", ["acme"])
+    sidecar, plane = setup()
+    checkpoint = open_checkpoint(sidecar.addr, "acme", "task-b")
+    browser, page = logged_in(plane.console_url, alice)
+    form = {"csrf": csrf_of(page), "checkpoint_id": checkpoint, field: value}
+    answer = browser.post("/checkpoints/approve", data=form)
+    assert answer.status_code == 400
+    assert f"{field}: " in answer.text
+    assert check(sidecar, "acme", "task-b").decision == pb.DECISION_CHECKPOINT
+    bogus = browser.post("/checkpoints/approve", data=form | {field: "0", "checkpoint_id": "not-a-checkpoint"})
+    assert bogus.status_code == 400
+    assert "checkpoint_id: " in bogus.text
