@@ -104,7 +104,7 @@ class Sessions:
             del self._by_id[session_id]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WindowUse:
     name: str
     limit_tokens: int | None
@@ -129,11 +129,11 @@ def _percent(spent: int, limit: int | None) -> float | None:
 
 def _use(name: str, counter: Counter) -> WindowUse:
     return WindowUse(
-        name,
-        counter.limit,
-        counter.used + counter.reserved,
-        counter.limit_usd,
-        counter.used_usd + counter.reserved_usd,
+        name=name,
+        limit_tokens=counter.limit,
+        spent_tokens=counter.used + counter.reserved,
+        limit_usd=counter.limit_usd,
+        spent_usd=counter.used_usd + counter.reserved_usd,
     )
 
 

@@ -19,7 +19,7 @@ from ._store import AnyRedis
 _TASK_FIELDS = ("task_id", "task_type", "limit", "used", "reserved", "limit_usd", "used_usd", "reserved_usd")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class LiveTask:
     task_id: str
     task_type: str
@@ -72,5 +72,13 @@ async def live_tasks(redis: AnyRedis, tenant_id: str, now_ms: int, *, limit: int
             used_usd=_int(used_usd),
             reserved_usd=_int(reserved_usd),
         )
-        found.append(LiveTask(reply_text(task_id), reply_text(task_type or b""), counter, sorted(steps), latest))
+        found.append(
+            LiveTask(
+                task_id=reply_text(task_id),
+                task_type=reply_text(task_type or b""),
+                counter=counter,
+                steps=sorted(steps),
+                lease_until_ms=latest,
+            )
+        )
     return sorted(found, key=lambda task: task.task_id)
