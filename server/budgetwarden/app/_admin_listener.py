@@ -13,13 +13,13 @@ from ._config import Settings
 from ._sidecar import _SERVER_OPTIONS, _is_loopback, enable_reflection
 
 
-def admin_access(settings: Settings, address: str | None) -> AccessFile | None:
+def admin_access(settings: Settings, address: str | None, setting: str = "admin_listen") -> AccessFile | None:
     """The admin tokens file, loaded (a bad one is refused at start). Without one, no credentials are asked, which
     only a loopback listener may do: anyone reaching a wider one could approve checkpoints and raise ceilings."""
     if settings.admin_tokens_file is None:
         if address is not None and not _is_loopback(address):
             raise OSError(
-                f"admin_listen {address} is not a loopback address and no admin_tokens_file is set: set "
+                f"{setting} {address} is not a loopback address and no admin_tokens_file is set: set "
                 "admin_tokens_file (docs/operators.md) to require credentials, or listen on 127.0.0.1"
             )
         return None

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         "names, each with a role (viewer, approver, admin) and tenants; read again when it changes. Unset: no "
         "credentials asked, and admin_listen must be a loopback address",
     )
+    console_listen: str | None = Field(
+        None,
+        description="host:port for the web console (control plane only): open checkpoints to approve or deny, "
+        "tenants' windows, recent admin actions; log in with a token of admin_tokens_file; TLS with tls_cert_file "
+        "and tls_key_file when set. Unset: not served",
+    )
     audit_stream_max_len: Annotated[int, Field(ge=1000)] = Field(
         100_000, description="audit entries kept per tenant stream, at most"
     )

@@ -12,6 +12,7 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import redis
@@ -33,6 +34,9 @@ from ._sidecar import (
     listener_tls,
     store_retention,
 )
+
+if TYPE_CHECKING:
+    from budgetwarden.console import ConsoleServer
 
 log = logging.getLogger("budgetwarden.control_plane")
 
@@ -76,6 +80,27 @@ class _PolicyFile:
         return self.loaded
 
 
+async def start_console(limiter: Limiter, settings: Settings, address: str) -> ConsoleServer:
+    """The web console on its own listener: the same tokens file as the admin API (and the same refusal of a listener
+    beyond loopback without one), TLS from the same files."""
+    # starlette, jinja2 and uvicorn are imported here only: a control plane without a console, and every sidecar,
+    # never load them.
+    from budgetwarden.console import ConsoleServer, ReloadingContext, console_app, parse_address
+
+    parse_address(address)  # a malformed address is named before anything else
+    access = admin_access(settings, address, "console_listen")
+    tls = None
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        try:
+            tls = ReloadingContext(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        except (OSError, ValueError) as exc:
+            raise OSError(f"tls_cert_file / tls_key_file / tls_client_ca_file do not load: {exc}") from None
+    app = console_app(limiter, access, secure_cookies=tls is not None)
+    console = ConsoleServer(app, address, tls, grace_s=settings.shutdown_grace_seconds)
+    await console.start()
+    return console
+
+
 class ControlPlane:
     def __init__(self, settings: Settings, *, clock: Clock = wall_clock_ms) -> None:
         self.settings = settings
@@ -91,6 +116,7 @@ class ControlPlane:
         self._watch: asyncio.Task[None] | None = None
         self._ready: bool | None = None
         self.limiter: Limiter | None = None
+        self.console: ConsoleServer | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -112,6 +138,8 @@ class ControlPlane:
         self.port = Sidecar._bind(server, self.listen, tls)
         await server.start()
         self.server = server
+        if settings.console_listen:
+            self.console = await start_console(limiter, settings, settings.console_listen)
         if settings.health_listen:
             health_only = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, health_only)
@@ -159,6 +187,9 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
             self._watch = None
+        if self.console is not None:
+            await _bounded_step("console", self.console.stop(), grace + STOP_STEP_LIMIT_S)
+            self.console = None
         if self.health_server is not None:
             await _bounded_step("health server", self.health_server.stop(0), STOP_STEP_LIMIT_S)
             self.health_server = None

@@ -1,7 +1,7 @@
 """All that knows Redis: key names and ids, the budget store (one Lua script per mutation), the usage stream, replay
 of stored answers, and the embedded Valkey server. Imports the domain and telemetry only."""
 
-from ._audit import read_audit
+from ._audit import audit_record, read_audit
 from ._embedded import EmbeddedRedis
 from ._gauges import GaugeReader
 from ._keys import (
@@ -13,6 +13,7 @@ from ._keys import (
     parse_fail_open_id,
     reservation_id,
 )
+from ._live import LiveTask, live_tasks
 from ._replay import candidate_part, common_part, fingerprint, replayed_answer
 from ._sentinel import (
     SentinelTarget,
@@ -56,6 +57,7 @@ __all__ = [
     "EmbeddedRedis",
     "GaugeReader",
     "IdempotencyConflictError",
+    "LiveTask",
     "RequestIdReusedError",
     "Reservation",
     "Retention",
@@ -65,6 +67,7 @@ __all__ = [
     "TenantKeys",
     "UsageEntry",
     "async_sentinel_master",
+    "audit_record",
     "candidate_part",
     "checkpoint_id",
     "close_sentinels",
@@ -73,6 +76,7 @@ __all__ = [
     "fingerprint",
     "is_reservation_id",
     "is_sentinel_url",
+    "live_tasks",
     "parse_checkpoint_id",
     "parse_fail_open_id",
     "parse_sentinel_url",

@@ -51,6 +51,35 @@ DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 AUDIT_TEXT_LIMIT = 256
 
 
+def authorisation_refusal(identity: Identity, rpc: str, tenant_id: str) -> str | None:
+    """Why ``identity`` may not make the call ``rpc`` on ``tenant_id`` (its role, then its tenants), or None when it
+    may. The one place the rule lives: the gRPC service and the console both ask it."""
+    needed = RPC_ROLES[rpc]
+    if identity.role < needed:
+        return f"{rpc} needs the role {needed.name.lower()} or above; {identity.name!r} is {identity.role_name}"
+    if not identity.may_act_on(tenant_id):
+        return f"{identity.name!r} may not act on tenant {tenant_id!r}"
+    return None
+
+
+def audit_entry(
+    now_ms: int, rpc: str, identity: Identity | None, peer: str, tenant_id: str | None, request: dict[str, Any]
+) -> dict[str, Any]:
+    """An audit entry as the caller's side knows it (the store adds the outcome and the counters): when, which call,
+    who, with which role, how they proved it, from where, on which tenant, what they asked."""
+    return {
+        "time": datetime.fromtimestamp(now_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time_ms": now_ms,
+        "rpc": rpc,
+        "who": identity.name if identity else "",
+        "role": identity.role_name if identity else "",
+        "via": identity.via if identity else "",
+        "peer": peer,
+        "tenant_id": tenant_id or "",
+        "request": request,
+    }
+
+
 def _amount(value: int, field: str, bound: int) -> int:
     if not 0 <= value <= bound:
         raise InvalidRequestError(field, f"must be between 0 and {bound} (got {value})")
@@ -155,20 +184,9 @@ class AdminServicer:
         self, context: Context, rpc: str, identity: Identity | None, tenant_id: str | None, request: Message | None
     ) -> dict[str, Any]:
         """The audit entry of a call, as the transport knows it (the store adds the outcome and the counters)."""
-        now_ms = self.limiter.clock()
-        return {
-            "time": datetime.fromtimestamp(now_ms / 1000, UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
-            "time_ms": now_ms,
-            "rpc": rpc,
-            "who": identity.name if identity else "",
-            "role": identity.role_name if identity else "",
-            "via": identity.via if identity else "",
-            "peer": context.peer() or "",
-            "tenant_id": tenant_id or "",
-            "request": _request_summary(request),
-        }
+        return audit_entry(
+            self.limiter.clock(), rpc, identity, context.peer() or "", tenant_id, _request_summary(request)
+        )
 
     def _audit(self, context: Context, rpc: str, identity: Identity, tenant_id: str, request: Message) -> str:
         return json.dumps(self._entry(context, rpc, identity, tenant_id, request), separators=(",", ":"))
@@ -198,12 +216,8 @@ class AdminServicer:
     async def _authorise(
         self, context: Context, rpc: str, identity: Identity, tenant_id: str, request: Message
     ) -> None:
-        needed = RPC_ROLES[rpc]
-        if identity.role < needed:
-            reason = f"{rpc} needs the role {needed.name.lower()} or above; {identity.name!r} is {identity.role_name}"
-        elif not identity.may_act_on(tenant_id):
-            reason = f"{identity.name!r} may not act on tenant {tenant_id!r}"
-        else:
+        reason = authorisation_refusal(identity, rpc, tenant_id)
+        if reason is None:
             return
         await self._refuse(context, rpc, identity, tenant_id, request, grpc.StatusCode.PERMISSION_DENIED, reason)
 
