@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from support_admin import TWO_TENANTS_POLICY, TokensFile
 
 from budgetwarden.app import ControlPlane
 from budgetwarden.limiter import Clock
 
 from support import RunningSidecar, free_port, sidecar_settings
+from support_admin import TWO_TENANTS_POLICY, TokensFile
 
 START_LIMIT_S = 60
 

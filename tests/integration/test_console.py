@@ -15,8 +15,6 @@ import grpc
 import httpx
 import pytest
 import redis
-from support_admin import TokensFile, open_checkpoint
-from support_console import RunningControlPlane, csrf_of, logged_in, start_control_plane, two_tenants
 
 from budgetwarden.console import SESSION_COOKIE
 from budgetwarden.store import read_audit
@@ -24,6 +22,8 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc
 
 from support import RunningSidecar, SettableClock, free_port
+from support_admin import TokensFile, open_checkpoint
+from support_console import RunningControlPlane, csrf_of, logged_in, start_control_plane, two_tenants
 from support_tls import Authority
 
 

@@ -19,13 +19,13 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
-from support_admin import TokensFile
-from support_console import RunningControlPlane, start_control_plane
 
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc
 
 from support import RunningSidecar
+from support_admin import TokensFile
+from support_console import RunningControlPlane, start_control_plane
 
 pytestmark = pytest.mark.slow
 

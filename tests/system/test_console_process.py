@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support_admin import TWO_TENANTS_POLICY, TokensFile
 
 from support import free_port, wait_for_exit
+from support_admin import TWO_TENANTS_POLICY, TokensFile
 
 pytestmark = pytest.mark.slow
 
