@@ -13,6 +13,7 @@ from ._keys import (
     parse_fail_open_id,
     reservation_id,
 )
+from ._notify import NotificationEntry, NotificationQueue
 from ._replay import candidate_part, common_part, fingerprint, replayed_answer
 from ._sentinel import (
     SentinelTarget,
@@ -56,6 +57,8 @@ __all__ = [
     "EmbeddedRedis",
     "GaugeReader",
     "IdempotencyConflictError",
+    "NotificationEntry",
+    "NotificationQueue",
     "RequestIdReusedError",
     "Reservation",
     "Retention",
