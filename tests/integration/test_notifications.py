@@ -401,3 +401,38 @@ async def test_an_event_a_dead_replica_took_is_claimed_and_delivered_by_another(
     await deliver_all(survivor)
     await asyncio.to_thread(receiver.wait_for, lambda r: len(r.events()) == 1)
     assert receiver.events()[0]["subject"] == "acme/orphan"
+
+
+async def test_the_control_plane_delivers_what_a_sidecar_opened_and_what_it_approved(
+    running: RunningSidecar, receiver: Receiver, secret_file: Path, redis_url: str
+) -> None:
+    from budgetwarden.app._control_plane import ControlPlane
+    from budgetwarden.limiter import wall_clock_ms
+
+    from support import sidecar_settings
+
+    checkpoint = await asyncio.to_thread(open_checkpoint, running.addr, "acme", "via-control-plane")
+    settings = sidecar_settings(
+        redis_url,
+        policy_file=running.settings.policy_file,
+        admin_listen=f"127.0.0.1:{free_port()}",
+        notify_webhook_urls=receiver.url,
+        notify_secret_file=secret_file,
+    )
+    plane = ControlPlane(settings, clock=wall_clock_ms)
+    await plane.start()
+    try:
+        await asyncio.to_thread(receiver.wait_for, lambda r: len(r.events()) == 1)
+        admin = Admin(grpc.insecure_channel(settings.admin_listen or ""))
+        request = admin_pb.ApproveCheckpointRequest(checkpoint_id=checkpoint, add_tokens=50)
+        await asyncio.to_thread(admin.call, "ApproveCheckpoint", request)
+        await asyncio.to_thread(receiver.wait_for, lambda r: len(r.events()) == 2)
+    finally:
+        await plane.stop()
+    opened, approved = receiver.events()
+    assert (opened["type"], approved["type"]) == (
+        "io.budgetwarden.checkpoint.opened",
+        "io.budgetwarden.checkpoint.approved",
+    )
+    _, headers, body = receiver.requests[1]
+    assert verify(read_secret(secret_file), headers, body, now_s=int(time.time()))
