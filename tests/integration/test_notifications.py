@@ -436,3 +436,18 @@ async def test_the_control_plane_delivers_what_a_sidecar_opened_and_what_it_appr
     )
     _, headers, body = receiver.requests[1]
     assert verify(read_secret(secret_file), headers, body, now_s=int(time.time()))
+
+
+async def test_an_unreadable_key_file_is_retried_not_sent_unsigned(
+    running: RunningSidecar, receiver: Receiver, secret_file: Path, make_deliverer: Callable[..., Deliverer]
+) -> None:
+    sleeps = Sleeps()
+    await asyncio.to_thread(secret_file.unlink)
+    sleeps.on_wait = lambda n: secret_file.write_text(SECRET) if n == 1 else None  # the Secret is back
+    deliverer = make_deliverer([Target(receiver.url)], sleep=sleeps)
+    await asyncio.to_thread(open_checkpoint, running.addr, "acme", "key-later")
+    await deliver_all(deliverer)
+    await asyncio.to_thread(receiver.wait_for, lambda r: len(r.events()) == 1)
+    _, headers, body = receiver.requests[0]
+    assert verify(read_secret(secret_file), headers, body, now_s=int(time.time()))
+    assert deliverer.counts["retried"] == 1

@@ -203,11 +203,14 @@ class Deliverer:
                 self.counts["retried"] += 1
                 self._retried.add(1)
                 await self.sleep(self.backoff.delay(attempt - 1))
-            body, headers = self._request(target, entry)
             try:
+                body, headers = self._request(target, entry)
                 response = await self._client.post(target.url, content=body, headers=headers)
             except httpx.HTTPError as exc:
                 reason = type(exc).__name__
+                continue
+            except OSError as exc:  # the key's file, unreadable for now (a Secret being replaced): tried again
+                reason = f"cannot read notify_secret_file: {exc.strerror or exc!r}"
                 continue
             if response.is_success:
                 self.counts["delivered"] += 1
