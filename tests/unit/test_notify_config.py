@@ -10,7 +10,8 @@ from redis.asyncio import Redis as AsyncRedis
 
 from budgetwarden.app._config import Settings
 from budgetwarden.app._notify import deliverer_of
-from budgetwarden.notify import Backoff
+from budgetwarden.notify import Backoff, cloud_event, slack_text
+from budgetwarden.store import NotificationEntry
 
 
 def test_fractions_are_read_as_basis_points_each_once() -> None:
@@ -66,3 +67,28 @@ def test_backoff_doubles_up_to_its_ceiling() -> None:
     assert backoff.total(3) == 3.5
     jittered = Backoff(0.5, 3.0)
     assert all(0.25 <= jittered.delay(1) <= 0.5 for _ in range(100))
+
+
+def entry(**fields: str) -> NotificationEntry:
+    return NotificationEntry(stream="bw1:{acme}:notify", entry_id="1-0", tenant_id="acme", fields=fields)
+
+
+def test_each_event_reads_as_one_slack_line_and_a_cloud_event() -> None:
+    task = "100 150 0 -1 0 0"
+    opened = entry(type="checkpoint.opened", time="0", checkpoint_id="ck1.x", task_id="t", task_type="g", task=task)
+    approved = entry(**opened.fields | {"type": "checkpoint.approved", "added": "200", "added_usd": "0", "by": "al"})
+    denied = entry(**opened.fields | {"type": "checkpoint.denied", "by": "bo"})
+    crossed = entry(
+        type="window.crossed", time="0", window="day:2026-11-30", unit="usd", fraction_bp="8000", limit="5000000",
+        used="3000000", reserved="1000000",
+    )  # fmt: skip
+    texts = [slack_text(e) for e in (opened, approved, denied, crossed)]
+    assert "budgetwarden approve ck1.x" in texts[0]
+    assert "approved by al (+200 tokens)" in texts[1]
+    assert "denied by bo" in texts[2]
+    assert "reached 80% of its micro-USD limit (4000000 of 5000000)" in texts[3]
+    assert all("\n" not in text for text in texts)
+    event = cloud_event(crossed, "/bw")
+    assert (event["subject"], event["id"], event["time"]) == ("acme", "acme/1-0", "1970-01-01T00:00:00.000Z")
+    assert event["data"]["fraction"] == 0.8
+    assert cloud_event(approved, "/bw")["data"]["task"]["limit_usd_micros"] is None
