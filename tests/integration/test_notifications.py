@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +26,8 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc
 
 from support import RunningSidecar, free_port
+from support_notify import WAIT_S, Receiver, deliver_all
 
-WAIT_S = 60  # a bound on waiting for a condition, never a speed limit
 SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGhlLXRlc3Rz"  # base64 of "secret-key-for-the-tests"
 
 WINDOW_POLICY = """
@@ -45,65 +43,6 @@ task_types:
   work:
     per_task: {tokens: 100000}
 """
-
-
-class Receiver:
-    """A webhook receiver on a loopback port: records each request (path, headers, body) and answers ``status``.
-    With ``gate`` cleared, a request waits in the handler until it is set (a receiver that hangs)."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.requests: list[tuple[str, dict[str, str], bytes]] = []
-        self.entered = 0  # requests that reached the handler, answered or not
-        self.status = 200
-        self.gate = threading.Event()
-        self.gate.set()
-        self.changed = threading.Condition()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    def start(self) -> Receiver:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                with receiver.changed:
-                    receiver.entered += 1
-                    receiver.changed.notify_all()
-                assert receiver.gate.wait(WAIT_S), "the test never released the receiver"
-                with receiver.changed:
-                    receiver.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-                    receiver.changed.notify_all()
-                self.send_response(receiver.status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.gate.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def wait_for(self, condition: Callable[[Receiver], bool]) -> None:
-        with self.changed:
-            assert self.changed.wait_for(lambda: condition(self), WAIT_S), "the receiver never saw it"
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(body) for path, _, body in self.requests if path == "/hook"]
 
 
 @pytest.fixture
@@ -161,16 +100,6 @@ async def make_deliverer(async_redis: AsyncRedis, secret_file: Path) -> AsyncIte
     yield make
     for deliverer in made:
         await deliverer.aclose()
-
-
-async def deliver_all(deliverer: Deliverer) -> None:
-    """Poll until nothing new is taken, waiting for each round's deliveries."""
-    for _ in range(50):
-        taken = await deliverer.poll()
-        await deliverer.idle()
-        if not taken:
-            return
-    raise AssertionError("the deliverer keeps taking events")
 
 
 def check(addr: str, tenant: str, task: str, step: str, tokens: int) -> pb.CheckResponse:
