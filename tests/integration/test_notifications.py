@@ -380,3 +380,11 @@ async def test_an_unreadable_key_file_is_retried_not_sent_unsigned(
     _, headers, body = receiver.requests[0]
     assert verify(read_secret(secret_file), headers, body, now_s=int(time.time()))
     assert deliverer.counts["retried"] == 1
+
+
+async def test_a_stream_gone_since_the_scan_is_not_made_again_by_the_reader(async_redis: AsyncRedis) -> None:
+    queue = NotificationQueue(async_redis, "late")
+    stream = TenantKeys("gone").prefix + "notify"
+    assert await queue.read(stream, 10) == []
+    assert await queue.claim(stream, 0, 10) == []
+    assert await async_redis.exists(stream) == 0  # a stream a reader made would never expire

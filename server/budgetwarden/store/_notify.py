@@ -72,24 +72,30 @@ class NotificationQueue:
         found = {reply_text(key) async for key in self.redis.scan_iter(match=_STREAM_PATTERN, _type="STREAM")}
         return sorted(found)
 
-    async def _ensure_group(self, stream: str) -> None:
+    async def _ensure_group(self, stream: str) -> bool:
+        """The group exists on the stream; False when the stream itself is gone (expired since the scan), which is
+        not made again here: a stream made by a reader would have no expiry."""
         if stream in self._grouped:
-            return
+            return True
         try:
             # From the start: events written before any control plane ran are delivered too.
-            await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(stream, GROUP, id="0")
         except ResponseError as exc:
+            if "requires the key to exist" in str(exc):
+                return False
             if "BUSYGROUP" not in str(exc):
                 raise
         self._grouped.add(stream)
+        return True
 
     async def read(self, stream: str, count: int) -> list[NotificationEntry]:
         """Up to ``count`` events never handed to any consumer, now this one's (pending until acknowledged)."""
-        await self._ensure_group(stream)
+        if not await self._ensure_group(stream):
+            return []
         try:
             reply = await self.redis.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=count)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):  # the stream expired and came back: make its group again
+            if "NOGROUP" not in str(exc):  # the stream expired (and may come back): make its group again
                 raise
             self._grouped.discard(stream)
             return []
@@ -97,7 +103,8 @@ class NotificationQueue:
 
     async def claim(self, stream: str, idle_ms: int, count: int) -> list[NotificationEntry]:
         """Events another consumer took and has not acknowledged for ``idle_ms`` (it died, or lost its connection)."""
-        await self._ensure_group(stream)
+        if not await self._ensure_group(stream):
+            return []
         try:
             reply = await self.redis.xautoclaim(stream, GROUP, self.consumer, idle_ms, "0-0", count=count)
         except ResponseError as exc:
