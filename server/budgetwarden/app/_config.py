@@ -18,6 +18,11 @@ from pydantic_settings import (
 REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
 
+def split_list(text: str) -> list[str]:
+    """A comma-separated setting's items, without blanks."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 class Settings(BaseSettings):
     """Every setting is a flag of ``budgetwarden serve`` (``--redis-url``) and an environment variable
     (``BUDGETWARDEN_REDIS_URL``); the README's configuration table lists them all."""
@@ -99,6 +104,48 @@ class Settings(BaseSettings):
     )
     audit_stream_max_age_seconds: Annotated[int, Field(ge=60)] = Field(
         90 * 86400, description="audit entries older than this are trimmed from the stream"
+    )
+    # --- notifications (docs/operators.md#notifications) ------------------------------------------------------------
+    notify_webhook_urls: str = Field(
+        "",
+        description="comma-separated URLs the control plane POSTs notifications to as CloudEvents (structured JSON), "
+        "signed with notify_secret_file; unset: none",
+    )
+    notify_slack_urls: str = Field(
+        "", description='comma-separated Slack-compatible incoming webhook URLs (a body of {"text": ...}); unset: none'
+    )
+    notify_secret_file: FilePath | None = Field(
+        None,
+        description="file holding the HMAC-SHA256 key that signs webhook notifications (Standard Webhooks headers; "
+        "a whsec_ key is base64), read again for every delivery; required with notify_webhook_urls",
+    )
+    notify_fractions: str = Field(
+        "0.8,1.0",
+        description="comma-separated fractions (above 0, at most 1) of a tenant window's token or USD limit whose "
+        "crossing is notified, once per window; empty: none. Read by the sidecars, which see the crossings",
+    )
+    notify_stream_max_len: Annotated[int, Field(ge=0)] = Field(
+        10_000,
+        description="notifications waiting for delivery per tenant, at most; more are dropped and counted "
+        "(budgetwarden.notify.dropped); 0: no notifications are written",
+    )
+    notify_stream_max_age_seconds: Annotated[int, Field(ge=60)] = Field(
+        7 * 86400, description="how long a tenant's undelivered notifications are kept after the last one"
+    )
+    notify_max_attempts: Annotated[int, Field(ge=1, le=100)] = Field(
+        8, description="deliveries tried per notification and URL before it is given up (and counted)"
+    )
+    notify_backoff_initial_ms: Annotated[int, Field(ge=1, le=3_600_000)] = Field(
+        500, description="wait before the first retry of a notification; doubled for each next one"
+    )
+    notify_backoff_max_ms: Annotated[int, Field(ge=1, le=3_600_000)] = Field(
+        60_000, description="longest wait between two tries of a notification"
+    )
+    notify_timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = Field(
+        5000, description="how long one POST of a notification may take"
+    )
+    notify_source: str = Field(
+        "/budgetwarden", min_length=1, description="the CloudEvents source attribute of the notifications"
     )
     tls_cert_file: FilePath | None = Field(
         None,
@@ -207,6 +254,36 @@ class Settings(BaseSettings):
             {"got": got},
         )
 
+    @field_validator("notify_webhook_urls", "notify_slack_urls")
+    @classmethod
+    def _notify_urls(cls, text: str) -> str:
+        for url in split_list(text):
+            if not url.lower().startswith(("http://", "https://")):
+                # Only the scheme is quoted: a Slack URL is itself a secret.
+                scheme, sep, _ = url.partition("://")
+                got = f"{scheme}://" if sep else "no scheme"
+                raise PydanticCustomError("notify_url", "must be http:// or https:// URLs (got {got})", {"got": got})
+        return text
+
+    @field_validator("notify_fractions")
+    @classmethod
+    def _fractions(cls, text: str) -> str:
+        for part in split_list(text):
+            try:
+                value = float(part)
+            except ValueError:
+                value = -1.0
+            if not 0 < value <= 1:
+                raise PydanticCustomError(
+                    "notify_fraction", "each must be a number above 0 and at most 1 (got {got})", {"got": part}
+                )
+        return text
+
+    @property
+    def notify_fractions_bp(self) -> tuple[int, ...]:
+        """The notified fractions in basis points, each once, in order."""
+        return tuple(sorted({round(float(part) * 10_000) for part in split_list(self.notify_fractions)}))
+
     @model_validator(mode="after")
     def _tls_and_credentials_agree(self) -> Settings:
         """Settings that only make sense together are refused at start, each naming the setting."""
@@ -234,6 +311,10 @@ class Settings(BaseSettings):
             refuse("tls_key_file", "tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             refuse("tls_client_ca_file", "mutual TLS needs tls_cert_file and tls_key_file")
+        if split_list(self.notify_webhook_urls) and self.notify_secret_file is None:
+            refuse("notify_secret_file", "notify_webhook_urls are signed: give the key's file")
+        if self.notify_backoff_initial_ms > self.notify_backoff_max_ms:
+            refuse("notify_backoff_max_ms", "must be at least notify_backoff_initial_ms")
         return self
 
     # What a config file set (load_settings sets it on a subclass): below flags and environment variables.

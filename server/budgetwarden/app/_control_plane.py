@@ -25,6 +25,7 @@ from budgetwarden.transport import ADMIN_SERVICE_NAME
 
 from ._admin_listener import admin_access, admin_server
 from ._config import Settings
+from ._notify import Notifications, deliverer_of
 from ._redis_clients import close_client, connect_store, ping_client
 from ._sidecar import (
     STOP_STEP_LIMIT_S,
@@ -117,6 +118,7 @@ class ControlPlane:
         self._ready: bool | None = None
         self.limiter: Limiter | None = None
         self.console: ConsoleServer | None = None
+        self.notifications = Notifications(None)
 
     async def start(self) -> None:
         settings = self.settings
@@ -152,6 +154,8 @@ class ControlPlane:
         )
         await self._set_ready(await self._store_answers())
         self._watch = asyncio.create_task(self._watch_store())
+        self.notifications = Notifications(deliverer_of(settings, self.redis))
+        self.notifications.start()
         log.info(
             "control plane serving",
             extra={"listen": self.listen, "port": self.port, "credentials": access is not None, "tls": tls is not None},
@@ -190,6 +194,7 @@ class ControlPlane:
         if self.console is not None:
             await _bounded_step("console", self.console.stop(), grace + STOP_STEP_LIMIT_S)
             self.console = None
+        await _bounded_step("notifications", self.notifications.stop(), STOP_STEP_LIMIT_S)
         if self.health_server is not None:
             await _bounded_step("health server", self.health_server.stop(0), STOP_STEP_LIMIT_S)
             self.health_server = None

@@ -99,6 +99,9 @@ def store_retention(settings: Settings) -> Retention:
         usage_max_age_ms=settings.usage_stream_max_age_seconds * 1000,
         audit_max_len=settings.audit_stream_max_len,
         audit_max_age_ms=settings.audit_stream_max_age_seconds * 1000,
+        notify_max_len=settings.notify_stream_max_len,
+        notify_max_age_ms=settings.notify_stream_max_age_seconds * 1000,
+        notify_fractions_bp=settings.notify_fractions_bp,
     )
 
 

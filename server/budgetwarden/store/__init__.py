@@ -14,6 +14,7 @@ from ._keys import (
     reservation_id,
 )
 from ._live import LiveTask, live_tasks
+from ._notify import NotificationEntry, NotificationQueue
 from ._replay import candidate_part, common_part, fingerprint, replayed_answer
 from ._sentinel import (
     SentinelTarget,
@@ -58,6 +59,8 @@ __all__ = [
     "GaugeReader",
     "IdempotencyConflictError",
     "LiveTask",
+    "NotificationEntry",
+    "NotificationQueue",
     "RequestIdReusedError",
     "Reservation",
     "Retention",

@@ -62,6 +62,11 @@ class Retention:
     usage_max_age_ms: int = 7 * 86_400_000
     audit_max_len: int = 100_000
     audit_max_age_ms: int = 90 * 86_400_000
+    # Notifications (lua/_lib.lua, notify_append): the tenant stream's cap (0: no events are written), how long an
+    # undelivered event is kept, and the fractions of a window's limits (basis points) whose crossing is notified.
+    notify_max_len: int = 0
+    notify_max_age_ms: int = 7 * 86_400_000
+    notify_fractions_bp: tuple[int, ...] = ()
 
 
 @dataclass(slots=True, kw_only=True)
@@ -228,6 +233,14 @@ class BudgetStore:
     def _script(self, name: str) -> AsyncScript:
         return self.redis.register_script(load_lua(name))
 
+    def _window_config(self, windows: Sequence[Scope]) -> str:
+        """check.lua's ARGV[5]: the number of windows, then what to notify (when notifications are on)."""
+        retention = self.retention
+        if retention.notify_max_len <= 0:
+            return str(len(windows))
+        parts = [len(windows), retention.notify_max_len, retention.notify_max_age_ms, *retention.notify_fractions_bp]
+        return " ".join(str(part) for part in parts)
+
     async def reserve_many(
         self, tenant_id: str, windows: Sequence[Scope], steps: Sequence[StepCheck], now_ms: int
     ) -> list[Reservation]:
@@ -236,7 +249,13 @@ class BudgetStore:
         keys = TenantKeys(tenant_id)
         retention = self.retention
         script_keys = [keys.leases]
-        args: list[Any] = [now_ms, retention.record_ms, keys.resv_prefix, retention.task_ms, len(windows)]
+        args: list[Any] = [
+            now_ms,
+            retention.record_ms,
+            keys.resv_prefix,
+            retention.task_ms,
+            self._window_config(windows),
+        ]
         for scope in windows:
             assert scope.span is not None
             script_keys.append(keys.window(scope.span))
@@ -432,8 +451,11 @@ class BudgetStore:
         )
 
     def _audit_args(self, audit: str) -> list[str | int]:
-        """admin.lua's last arguments: the caller's audit entry ('' for none) and the stream's bounds."""
-        return [audit, self.retention.audit_max_len, self.retention.audit_max_age_ms]
+        """admin.lua's last arguments: the caller's audit entry ('' for none), the stream's bounds and the notification
+        stream's."""
+        retention = self.retention
+        return [audit, retention.audit_max_len, retention.audit_max_age_ms, retention.notify_max_len,
+                retention.notify_max_age_ms]  # fmt: skip
 
     async def decide_checkpoint(
         self,
@@ -525,7 +547,7 @@ class BudgetStore:
     async def append_audit(self, tenant_id: str | None, fields: Mapping[str, str]) -> None:
         """Append an entry (a refused call) to the tenant's audit stream, or the global one without a tenant."""
         stream = GLOBAL_AUDIT_KEY if tenant_id is None else TenantKeys(tenant_id).audit
-        _, max_len, max_age_ms = self._audit_args("")
+        max_len, max_age_ms = self.retention.audit_max_len, self.retention.audit_max_age_ms
         flat = [value for pair in fields.items() for value in pair]
         await self._audit(keys=[stream], args=[max_len, max_age_ms, *flat])
 

@@ -235,3 +235,33 @@ local function counter_text(c)
   for i = 1, 6 do out[i] = string.format('%d', c[i]) end
   return table.concat(out, ' ')
 end
+
+-- Notifications (delivered by the control plane, never waited for here): a tenant's events go to its stream
+--   <p>notify          stream  type, time (ms), then the event's own fields           (expires after its retention)
+--   <p>notify:dropped  string  events not written because the stream was full (taken by the control plane)
+-- The stream is the delivery queue: the control plane deletes an entry once it is delivered (or given up), so its
+-- length is what awaits delivery. A full stream keeps what it has and counts the new event as dropped. `config` is
+-- { max_len, retention_ms } (max_len 0: no events).
+local function notify_append(prefix, config, fields)
+  local max_len = tonumber(config[1] or 0) or 0
+  if max_len <= 0 then return end
+  local stream = prefix .. 'notify'
+  if redis.call('XLEN', stream) >= max_len then
+    local dropped = prefix .. 'notify:dropped'
+    redis.call('INCR', dropped)
+    redis.call('PEXPIRE', dropped, config[2])
+    return
+  end
+  redis.call('XADD', stream, '*', unpack(fields))
+  redis.call('PEXPIRE', stream, config[2])
+end
+
+-- A checkpoint's event: what it is about and the task's counter as it stands.
+local function notify_checkpoint(task_key, config, kind, id, now, extra)
+  if tonumber(config[1] or 0) == nil or tonumber(config[1] or 0) <= 0 then return end
+  local t = redis.call('HMGET', task_key, 'task_id', 'task_type')
+  local fields = { 'type', 'checkpoint.' .. kind, 'time', string.format('%d', now), 'checkpoint_id', id,
+    'task_id', t[1] or '', 'task_type', t[2] or '', 'task', counter_text(task_counter(task_key)) }
+  for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
+  notify_append(tenant_prefix(task_key), config, fields)
+end

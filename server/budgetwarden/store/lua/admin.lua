@@ -9,6 +9,8 @@
 --          ARGV[7] highest token ceiling, ARGV[8] highest micro-USD ceiling, ARGV[9] request id ('': none)
 -- every action: ARGV[10] the audit entry as the caller knows it (JSON: who, role, from where, what was asked;
 --          '': no entry), ARGV[11] audit entries kept at most, ARGV[12] how long audit entries are kept (ms)
+--          ARGV[13] the notification stream's cap (absent or 0: no events), ARGV[14] its retention (ms): a decided
+--          checkpoint is notified (see notify_append in _lib.lua), with who decided it (the audit entry's 'who')
 --
 -- Returns { outcome, then the task's limit, used, reserved, limit_usd, used_usd, reserved_usd, then, for a refusal of
 -- an amount (10, 11), the ceiling field it is about: 'limit' or 'limit_usd' }
@@ -24,6 +26,15 @@ local action = ARGV[1]
 local now = tonumber(ARGV[2])
 local CEILINGS = { 'limit', 'limit_usd' }
 local before = task_counter(task_key)
+local notify = { ARGV[13] or '0', ARGV[14] or '0' }
+
+-- Who made the change, from the caller's audit entry (JSON), for the notification.
+local function decided_by()
+  if (ARGV[10] or '') == '' then return '' end
+  local ok, entry = pcall(cjson.decode, ARGV[10])
+  if ok and type(entry) == 'table' and type(entry.who) == 'string' then return entry.who end
+  return ''
+end
 
 local function done(outcome, field)
   local out = { outcome }
@@ -114,6 +125,8 @@ if action == 'approve' then
   end
   for i, field in ipairs(CEILINGS) do add_to(field, ARGV[4 + i]) end
   checkpoint_decided(task_key, id, 'approved', ARGV[5], ARGV[6], now, tonumber(ARGV[3]))
+  notify_checkpoint(task_key, notify, 'approved', id, now,
+    { 'added', ARGV[5], 'added_usd', ARGV[6], 'by', decided_by() })
   redis.call('HDEL', task_key, 'checkpoint', 'checkpoint_at')
   redis.call('HSET', task_key, 'decided:' .. id, 'approved')
   redis.call('PEXPIRE', task_key, ARGV[3])
@@ -124,6 +137,7 @@ if decided == 'denied' then return done(4) end
 if decided == 'approved' then return done(6) end
 if open ~= id then return done(5) end
 checkpoint_decided(task_key, id, 'denied', '0', '0', now, tonumber(ARGV[3]))
+notify_checkpoint(task_key, notify, 'denied', id, now, { 'by', decided_by() })
 redis.call('HDEL', task_key, 'checkpoint', 'checkpoint_at')
 redis.call('HSET', task_key, 'decided:' .. id, 'denied', 'closed', '1')
 redis.call('PEXPIRE', task_key, ARGV[3])

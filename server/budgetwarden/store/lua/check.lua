@@ -6,7 +6,9 @@
 -- KEYS[1] tenant leases   KEYS[2 .. 1+nwin] tenant windows, in plan order
 -- then per check: KEYS reservation record, task
 -- ARGV[1] now (ms)   ARGV[2] record retention after the lease (ms)   ARGV[3] reservation key prefix
--- ARGV[4] task retention (ms)   ARGV[5] number of windows (nwin)
+-- ARGV[4] task retention (ms)   ARGV[5] number of windows (nwin), then optionally, space-separated, the notification
+--   stream's cap (0: no events), its retention (ms) and the fractions of a window's limits that notify when its use
+--   (used + reserved) reaches them, in basis points (see notify_append in _lib.lua)
 -- then per window: token limit, micro-USD limit (-1: none), alive-until (ms)
 -- then per check one argument, its fields joined by \31 (the unit separator: ids never hold control characters):
 --   lease expiry (ms), ceiling of a new task in tokens (-1: none), in micro-USD (-1: none),
@@ -40,7 +42,11 @@
 
 local leases = KEYS[1]
 local now = tonumber(ARGV[1])
-local nwin = tonumber(ARGV[5])
+local window_config = words(ARGV[5])
+local nwin = tonumber(window_config[1])
+local notify = { window_config[2] or '0', window_config[3] or '0' }
+local notify_fractions = {}
+for i = 4, #window_config do notify_fractions[#notify_fractions + 1] = tonumber(window_config[i]) end
 local first_check = 6 + 3 * nwin
 
 -- Every check's argument is parsed and checked before anything is written: a script is not rolled back, so a bad
@@ -187,6 +193,7 @@ local function check(resv_key, task_key, f)
     local id = f[9] .. n
     redis.call('HSET', task_key, 'checkpoint', id, 'checkpoint_at', now)
     checkpoint_opened(task_key, id, now, tonumber(ARGV[4]))
+    notify_checkpoint(task_key, notify, 'opened', id, now)
     return reply({ 3, -1, 0, 0, 0, id }, soft_bp, ckpt_bp, task)
   end
   return reply({ 0, -1, 0, 0, 0, '' }, soft_bp, ckpt_bp, task)
@@ -202,6 +209,31 @@ for i = 1, nwin do
     redis.call('HINCRBY', win_keys[i], 'reserved', win_added[i])
     if win_added_usd[i] ~= 0 then redis.call('HINCRBY', win_keys[i], 'reserved_usd', win_added_usd[i]) end
     redis.call('PEXPIRE', win_keys[i], math.max(1, tonumber(win_until[i]) - now))
+  end
+end
+
+-- A window whose use (used + reserved) has reached a notified fraction of a limit: one event per window, unit and
+-- fraction, marked on the window's hash (which lives as long as the window). Use pushed up by a report is seen by
+-- the tenant's next check.
+local UNITS = { { 'tokens', 1, 2, 3 }, { 'usd', 4, 5, 6 } }
+if tonumber(notify[1]) > 0 and #notify_fractions > 0 then
+  local prefix = tenant_prefix(leases)
+  for i = 1, nwin do
+    local c = windows[i]
+    for _, unit in ipairs(UNITS) do
+      local limit, used, reserved = c[unit[2]], c[unit[3]], c[unit[4]]
+      if limit ~= LIMIT_NONE and limit > 0 then
+        for _, bp in ipairs(notify_fractions) do
+          if used + reserved >= threshold(limit, bp) and used + reserved > 0
+            and redis.call('HSETNX', win_keys[i], 'notified:' .. unit[1] .. ':' .. bp, now) == 1 then
+            notify_append(prefix, notify, { 'type', 'window.crossed', 'time', string.format('%d', now),
+              'window', string.match(win_keys[i], ':win:(.*)$') or '', 'unit', unit[1], 'fraction_bp', bp,
+              'limit', string.format('%d', limit), 'used', string.format('%d', used),
+              'reserved', string.format('%d', reserved) })
+          end
+        end
+      end
+    end
   end
 end
 return out
