@@ -55,6 +55,14 @@ def task_used(client: BudgetClient) -> int:
     return int(task.used_tokens)
 
 
+def answers_reads(client: BudgetClient) -> bool:
+    try:
+        client.get_budget(tenant_id=TENANT, task_id=TASK)
+    except grpc.RpcError:
+        return False
+    return True
+
+
 def allowed_by_the_store(client: BudgetClient, step: str) -> bool:
     answer = client.check(tenant_id=TENANT, task_id=TASK, step_id=step, estimated_input_tokens=10)
     return answer.decision == pb.DECISION_ALLOW and not answer.from_fail_mode
@@ -108,5 +116,7 @@ def test_replica_durability_acknowledges_only_what_a_replica_holds_and_a_failove
         wait_until(lambda: report(client, "s1", 700) > 0, "the retried report is acknowledged")
         group.fail_over_by_killing_the_primary()
         # The promoted replica has no replica of its own: writes wait for one, so reads are what can be checked now.
+        # Every sentinel may not call it the master yet ("No master found"): wait until a read is answered.
+        wait_until(lambda: answers_reads(client), "a budget read is answered by the new master")
         assert task_used(client) == 700
         assert report(client, "s2", 5) == -grpc.StatusCode.UNAVAILABLE.value[0]
