@@ -282,7 +282,8 @@ async def test_a_full_notification_stream_drops_new_events_and_counts_them(
     opened = [await asyncio.to_thread(open_checkpoint, running.addr, "acme", f"full-{n}") for n in range(3)]
     await deliver_all(deliverer)
     await asyncio.to_thread(receiver.wait_for, lambda r: len(r.events()) == 2)
-    assert [e["data"]["checkpoint_id"] for e in receiver.events()] == opened[:2]  # the oldest kept, in order
+    # The oldest two are kept (delivered concurrently, so in any order); the third was dropped.
+    assert sorted(e["data"]["checkpoint_id"] for e in receiver.events()) == sorted(opened[:2])
     assert deliverer.counts["dropped_queue_full"] == 1
     data = reader.get_metrics_data()
     assert data is not None
