@@ -637,3 +637,33 @@ def test_command_line_check_catches_unknown_flags_and_subcommands() -> None:
         check_command_line(["serve", "--no-such-flag=1"], "test")
     with pytest.raises(AssertionError, match="no subcommand"):
         check_command_line(["inject"], "test")
+
+
+def test_the_control_plane_serves_its_console_on_a_sticky_service_and_reads_optional_notify_settings() -> None:
+    resources = rendered("control-plane")
+    (plane,) = pods(resources)
+    (container,) = plane.containers()
+    args, env = container["args"], {e["name"]: e for e in container.get("env", [])}
+    # The console: its listener is a named port, behind a Service that keeps a browser on one replica (its session
+    # lives in that replica's memory).
+    (console_listen,) = flag_values(args, "--console-listen")
+    assert container_port(plane.spec, container, "console") == int(console_listen.rpartition(":")[2])
+    console = find(resources, "Service", "budgetwarden-console")
+    assert selects({"matchLabels": console["spec"]["selector"]}, plane.labels)
+    assert console["spec"]["sessionAffinity"] == "ClientIP"
+    assert [p["targetPort"] for p in console["spec"]["ports"]] == ["console"]
+    # Notifications: URLs and key from one Secret that may be absent (then nothing is delivered), whose example
+    # (never applied) has exactly the keys the Deployment reads.
+    (example,) = documents("control-plane/notify-secret.example.yaml")
+    for name in ("BUDGETWARDEN_NOTIFY_WEBHOOK_URLS", "BUDGETWARDEN_NOTIFY_SLACK_URLS"):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["optional"]) == (example["metadata"]["name"], True)
+        assert ref["key"] in example["stringData"]
+    (volume,) = [v for v in plane.spec["volumes"] if v.get("secret", {}).get("secretName") == "budgetwarden-notify"]
+    assert volume["secret"]["optional"] is True
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    (key_file,) = flag_values(args, "--notify-secret-file")
+    directory, _, key = key_file.rpartition("/")
+    assert (directory, key in example["stringData"]) == (mount["mountPath"], True)
+    # Its metrics go to the base's collector, as the sidecars' do.
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"].startswith("http://budgetwarden-otel-collector.budgetwarden.svc:")

@@ -42,6 +42,16 @@ def test_notification_settings_that_cannot_work_are_refused_naming_the_setting(
     assert "secret" not in refused.value.errors()[0]["msg"].replace("notify_secret_file", "")
 
 
+def test_a_key_file_that_does_not_exist_is_refused_only_where_webhooks_need_it(tmp_path: Path) -> None:
+    # A Deployment names the key's file from an optional Secret: without webhook URLs, its absence is no error.
+    missing = tmp_path / "no-key-here"
+    assert Settings(notify_secret_file=missing).notify_secret_file == missing
+    with pytest.raises(ValidationError) as refused:
+        Settings(notify_webhook_urls="https://example.com/hook", notify_secret_file=missing)
+    assert "notify_secret_file" in str(refused.value)
+    assert f"no such file: {missing}" in str(refused.value)
+
+
 def test_no_url_no_deliverer_and_urls_make_one_target_each(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("k")

@@ -114,10 +114,13 @@ class Settings(BaseSettings):
     notify_slack_urls: str = Field(
         "", description='comma-separated Slack-compatible incoming webhook URLs (a body of {"text": ...}); unset: none'
     )
-    notify_secret_file: FilePath | None = Field(
+    # A Path, not a FilePath: a deployment may name a file from an optional Secret that exists only where webhooks are
+    # configured; the file must exist when notify_webhook_urls are set (checked below).
+    notify_secret_file: Path | None = Field(
         None,
         description="file holding the HMAC-SHA256 key that signs webhook notifications (Standard Webhooks headers; "
-        "a whsec_ key is base64), read again for every delivery; required with notify_webhook_urls",
+        "a whsec_ key is base64), read again for every delivery; required with notify_webhook_urls (and only then "
+        "must it exist)",
     )
     notify_fractions: str = Field(
         "0.8,1.0",
@@ -311,8 +314,11 @@ class Settings(BaseSettings):
             refuse("tls_key_file", "tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             refuse("tls_client_ca_file", "mutual TLS needs tls_cert_file and tls_key_file")
-        if split_list(self.notify_webhook_urls) and self.notify_secret_file is None:
-            refuse("notify_secret_file", "notify_webhook_urls are signed: give the key's file")
+        if split_list(self.notify_webhook_urls):
+            if self.notify_secret_file is None:
+                refuse("notify_secret_file", "notify_webhook_urls are signed: give the key's file")
+            elif not self.notify_secret_file.is_file():
+                refuse("notify_secret_file", f"no such file: {self.notify_secret_file} (webhooks are signed)")
         if self.notify_backoff_initial_ms > self.notify_backoff_max_ms:
             refuse("notify_backoff_max_ms", "must be at least notify_backoff_initial_ms")
         return self

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from budgetwarden.domain import LoadedPolicy, PolicyError, default_policy, load_policy
 from budgetwarden.limiter import Clock, Limiter, wall_clock_ms
 from budgetwarden.store import AnyRedis, BudgetStore
+from budgetwarden.telemetry import Telemetry, telemetry_from_env
 from budgetwarden.transport import ADMIN_SERVICE_NAME
 
 from ._admin_listener import admin_access, admin_server
@@ -119,6 +120,7 @@ class ControlPlane:
         self.limiter: Limiter | None = None
         self.console: ConsoleServer | None = None
         self.notifications = Notifications(None)
+        self.telemetry = Telemetry(None)
 
     async def start(self) -> None:
         settings = self.settings
@@ -130,11 +132,23 @@ class ControlPlane:
         self.redis, options = await connect_store(
             settings, url, embedded=settings.redis_url is None, socket_timeout=_socket_timeout(settings)
         )
+        # Its own metrics (admin calls and their outcomes, notification deliveries), on the same settings as a
+        # sidecar's: --metrics-port for a scrape endpoint, OTEL_* for OTLP. No tenant gauges: the sidecars export them.
+        self.telemetry = telemetry_from_env(
+            metrics_port=settings.metrics_port,
+            metrics_host=settings.metrics_host,
+            label_keys=(),
+            max_tenants=settings.metric_max_tenants,
+            max_task_types=settings.metric_max_task_types,
+            tenant_gauges=False,
+        )
+        await self.telemetry.start()
         self.limiter = limiter = Limiter(
-            BudgetStore(self.redis, store_retention(settings)),
+            BudgetStore(self.redis, store_retention(settings), self.telemetry),
             self.policy,
             store_deadline_s=settings.store_deadline_ms / 1000,
             clock=self.clock,
+            telemetry=self.telemetry,
         )
         server = admin_server(limiter, settings, access, self.health)
         self.port = Sidecar._bind(server, self.listen, tls)
@@ -154,7 +168,7 @@ class ControlPlane:
         )
         await self._set_ready(await self._store_answers())
         self._watch = asyncio.create_task(self._watch_store())
-        self.notifications = Notifications(deliverer_of(settings, self.redis))
+        self.notifications = Notifications(deliverer_of(settings, self.redis, self.telemetry.provider))
         self.notifications.start()
         log.info(
             "control plane serving",
@@ -209,6 +223,7 @@ class ControlPlane:
             if client is not None:
                 await _bounded_step("redis client", close_client(client), STOP_STEP_LIMIT_S)
         self.redis = self._ping = None
+        await _bounded_step("metrics", self.telemetry.aclose(), STOP_STEP_LIMIT_S)
 
 
 async def serve_control_plane(settings: Settings, on_ready: Callable[[ControlPlane], None] | None = None) -> None:

@@ -8,13 +8,15 @@ import os
 import socket
 import uuid
 
+from opentelemetry.sdk.metrics import MeterProvider
+
 from budgetwarden.notify import Backoff, Deliverer, targets_of
 from budgetwarden.store import AnyRedis, NotificationQueue
 
 from ._config import Settings, split_list
 
 
-def deliverer_of(settings: Settings, redis: AnyRedis) -> Deliverer | None:
+def deliverer_of(settings: Settings, redis: AnyRedis, meter_provider: MeterProvider | None = None) -> Deliverer | None:
     """None when no URL is configured: the events then wait in Redis (bounded) for a control plane that has some."""
     targets = targets_of(split_list(settings.notify_webhook_urls), split_list(settings.notify_slack_urls))
     if not targets:
@@ -29,6 +31,7 @@ def deliverer_of(settings: Settings, redis: AnyRedis) -> Deliverer | None:
         max_attempts=settings.notify_max_attempts,
         backoff=Backoff(settings.notify_backoff_initial_ms / 1000, settings.notify_backoff_max_ms / 1000),
         timeout_s=settings.notify_timeout_ms / 1000,
+        meter_provider=meter_provider,
     )
 
 

@@ -220,6 +220,7 @@ class Console:
         entry = audit_entry(self.limiter.clock(), rpc, identity, self._peer(request), tenant_id, asked)
         entry["reason"] = reason
         log.warning("console action refused", extra={"rpc": rpc, "who": entry["who"], "tenant_id": tenant_id or ""})
+        self.limiter.telemetry.admin_call(rpc, outcome, "console")
         fields = {"entry": json.dumps(entry, separators=(",", ":")), "outcome": outcome}
         try:
             await self.limiter.record_refusal(tenant_id, fields, STORE_DEADLINE_S)
@@ -394,10 +395,13 @@ class Console:
             )
         except CeilingRefusedError as exc:
             session.notice = f"{checkpoint}: refused, nothing was changed: {exc}"
+            self.limiter.telemetry.admin_call(rpc, "FAILED_PRECONDITION", "console")
         except StoreUnavailableError as exc:
             session.notice = f"{checkpoint}: the store does not answer, try again: {exc}"
+            self.limiter.telemetry.admin_call(rpc, "UNAVAILABLE", "console")
         else:
             session.notice = f"{checkpoint}: {_OUTCOMES.get(outcome, str(outcome))}"
+            self.limiter.telemetry.admin_call(rpc, "OK", "console")
         return RedirectResponse("/", status_code=303)
 
 

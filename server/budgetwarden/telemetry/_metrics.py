@@ -177,6 +177,12 @@ class Telemetry:
             "{check}",
             "Checks refused at once (RESOURCE_EXHAUSTED): too many in flight",
         )
+        self.admin_calls = _Sum(
+            meter,
+            "budgetwarden.admin.calls",
+            "{call}",
+            "Admin calls to the control plane (gRPC and console) by call and outcome, refusals included",
+        )
         self.reloads = _Sum(meter, "budgetwarden.policy.reloads", "{reload}", "Policy reloads by result")
         self.reloads.start_at_zero(*((("budgetwarden.policy.result", result),) for result in RELOAD_RESULTS))
         if tenant_gauges:
@@ -296,6 +302,18 @@ class Telemetry:
     def shed(self, tenant_id: str) -> None:
         if self.enabled:
             self.shed_checks.add(1, (("budgetwarden.tenant", self.tenant(tenant_id)),))
+
+    def admin_call(self, rpc: str, outcome: str, via: str) -> None:
+        """``outcome``: a gRPC status code's name (OK, PERMISSION_DENIED, ...); ``via``: grpc or console."""
+        if self.enabled:
+            self.admin_calls.add(
+                1,
+                (
+                    ("budgetwarden.admin.rpc", rpc),
+                    ("budgetwarden.admin.outcome", outcome),
+                    ("budgetwarden.admin.via", via),
+                ),
+            )
 
     def policy_reload(self, result: str) -> None:
         if self.enabled:

@@ -225,6 +225,19 @@ class AdminServicer:
         """A unary handler that authenticates before anything else, then hands a parsed request to ``method``."""
 
         async def call(request: Message | Malformed, context: Context) -> Message:
+            outcome = "UNKNOWN"
+            try:
+                response = await authenticated_call(request, context)
+                outcome = "OK"
+                return response
+            except grpc.aio.AbortError:
+                code = context.code()
+                outcome = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+                raise
+            finally:
+                self.limiter.telemetry.admin_call(rpc, outcome, "grpc")
+
+        async def authenticated_call(request: Message | Malformed, context: Context) -> Message:
             parsed = None if isinstance(request, Malformed) else request
             try:
                 identity = authenticate(self.access, context)
