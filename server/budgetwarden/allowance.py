@@ -10,7 +10,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -76,7 +76,12 @@ class LocalConflict:
     """The step was granted from this slice for a different request (the limiter's StepConflictError)."""
 
 
+class LocalMiss:
+    """No slice can decide the check without a store call first."""
+
+
 CONFLICT = LocalConflict()
+MISS = LocalMiss()
 
 
 @dataclass(slots=True, kw_only=True)
@@ -120,6 +125,36 @@ class Allowances:
         """What each held slice has left (for tests and the benchmark's stranded budget)."""
         return {key: held.left for key, held in self._held.items()}
 
+    def decide_now(
+        self,
+        request: CheckInput,
+        plan: CheckPlan,
+        *,
+        policy_version: str,
+        lease_ms: int,
+        now_ms: int,
+        label: Callable[[Candidate], str],
+    ) -> LocalDecision | LocalConflict | LocalMiss | None:
+        """The check decided from the slice the sidecar holds for its task, without awaiting anything; MISS when a
+        store call (a take, or a hand-back first) could still let ``decide`` decide it; None: the store decides.
+
+        ``lease_ms`` is the lease the store would give the step. The step as asked must fit what the slice has left,
+        under the same windows and policy, and its lease must end before the slice's (so a dead holder's slice never
+        comes back while a step granted from it still holds)."""
+        held = self._held.get((request.tenant_id, request.task_id))
+        if held is not None:
+            known = held.steps.get(request.step_id)
+            if known is not None:
+                first_fp, decision = known
+                if first_fp != fingerprint(request, plan.shape):
+                    return CONFLICT
+                return replace(decision, replayed=True)
+        if plan.early is not None or not plan.candidates or plan.candidates[0].rung is not None:
+            return None  # never local: said without the store, or degraded by a per-step cap
+        if held is not None and self._serves(held, plan, policy_version, lease_ms, now_ms):
+            return self._grant(held, request, plan, lease_ms, now_ms, label)
+        return MISS
+
     async def decide(
         self,
         request: CheckInput,
@@ -130,44 +165,22 @@ class Allowances:
         now_ms: int,
         label: Callable[[Candidate], str],
     ) -> LocalDecision | LocalConflict | None:
-        """The check decided from the task's slice (taking one when there is none), or None: the store decides.
-
-        ``lease_ms`` is the lease the store would give the step. The step as asked must fit what the slice has left,
-        under the same windows and policy, and its lease must end before the slice's (so a dead holder's slice never
-        comes back while a step granted from it still holds)."""
+        """``decide_now``, and on a miss: hand back the slice that cannot serve the check, take a new one, and decide
+        from it; None: the store decides (with no slice of this sidecar in the way)."""
+        now = self.decide_now(
+            request, plan, policy_version=policy_version, lease_ms=lease_ms, now_ms=now_ms, label=label
+        )
+        if now is not MISS:
+            return now  # type: ignore[return-value]
         key = (request.tenant_id, request.task_id)
-        held = self._held.get(key)
-        if held is not None:
-            known = held.steps.get(request.step_id)
-            if known is not None:
-                first_fp, decision = known
-                if first_fp != fingerprint(request, plan.shape):
-                    return CONFLICT
-                return LocalDecision(
-                    verdict=decision.verdict,
-                    reservation_id=decision.reservation_id,
-                    lease_expires_ms=decision.lease_expires_ms,
-                    counters=decision.counters,
-                    thresholds=decision.thresholds,
-                    replayed=True,
-                )
-        if plan.early is not None or not plan.candidates or plan.candidates[0].rung is not None:
-            return None  # never local: said without the store, or degraded by a per-step cap
-        if held is not None and self._serves(held, plan, policy_version, lease_ms, now_ms):
-            return self._grant(held, request, plan, lease_ms, now_ms, label)
-        if held is not None:
-            # The slice cannot serve this check: the store decides it, without this slice in the way.
+        if key in self._held:
             await self._drop(key, now_ms)
         if not await self._take(key, request, plan, policy_version, lease_ms, now_ms):
             return None
-        held = self._held.get(key)
-        if held is None or not self._serves(held, plan, policy_version, lease_ms, now_ms):
-            return None
-        if request.step_id in held.steps:  # granted by a concurrent check while this one waited for the take
-            return await self.decide(
-                request, plan, policy_version=policy_version, lease_ms=lease_ms, now_ms=now_ms, label=label
-            )
-        return self._grant(held, request, plan, lease_ms, now_ms, label)
+        after = self.decide_now(
+            request, plan, policy_version=policy_version, lease_ms=lease_ms, now_ms=now_ms, label=label
+        )
+        return None if after is MISS else after  # type: ignore[return-value]
 
     def _serves(self, held: _Held, plan: CheckPlan, policy_version: str, lease_ms: int, now_ms: int) -> bool:
         return (
@@ -206,6 +219,7 @@ class Allowances:
         held.pending.append(
             SettledStep(
                 step_id=request.step_id,
+                reservation_id=rid,
                 lease_until_ms=lease_until,
                 amount=candidate.amount,
                 fingerprint=step_fp,
@@ -310,7 +324,7 @@ class Allowances:
             log.warning("allowance: slice not settled: %r", exc, extra={"tenant_id": held.tenant_id})
             return False
         for step, status in zip(steps, settled.steps, strict=True):
-            self._pending_rids.pop((held.tenant_id, reservation_id(held.task_id, step.step_id)), None)
+            self._pending_rids.pop((held.tenant_id, step.reservation_id), None)
             if status in (SettleStatus.REPLAYED, SettleStatus.CONFLICT) and not give_back:
                 held.left.tokens += step.amount.tokens  # the slice kept them
                 if held.left.usd is not None:
@@ -321,14 +335,14 @@ class Allowances:
             self._held.pop((held.tenant_id, held.task_id))  # lapsed meanwhile: the store has it back
         return True
 
-    async def settle_for(self, tenant_reservations: Iterable[tuple[str, str]]) -> None:
-        """Record in the store the steps granted locally among (tenant, reservation id) pairs, so that their reports
-        find their reservations (a report goes to the store, which knows only what was settled)."""
+    async def settle_for(self, tenant_reservations: Iterable[tuple[str, str]], now_ms: int) -> None:
+        """Record in the store the steps granted locally among (tenant, reservation id) pairs, so that a report or a
+        release of them finds their reservations (the store knows only what was settled)."""
         keys = {self._pending_rids[pair] for pair in tenant_reservations if pair in self._pending_rids}
         for key in keys:
             held = self._held.get(key)
             if held is not None and held.pending:
-                await self._settle(held, held.last_used_ms, give_back=False)
+                await self._settle(held, now_ms, give_back=False)
 
     async def sweep(self, now_ms: int) -> None:
         """The timer's work: hand back idle slices, settle the others' steps and renew their leases."""

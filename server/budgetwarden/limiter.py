@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from budgetwarden.allowance import CONFLICT, Allowances, LocalDecision
+from budgetwarden.allowance import CONFLICT, MISS, Allowances, LocalDecision
 from budgetwarden.domain import (
     NO_THRESHOLDS,
     Amount,
@@ -380,19 +380,28 @@ class Limiter:
         lease_s = max(
             request.lease_seconds or plan.lease_seconds or self.default_lease_s, policy.min_lease(plan.task_type)
         )
-        try:
-            # A take or a hand-back is a store call: it gets the check deadline (the store path gets its own after it).
-            async with asyncio.timeout(self.check_deadline_s):
-                local = await self.allowances.decide(
-                    request,
-                    plan,
-                    policy_version=loaded.version,
-                    lease_ms=lease_s * 1000,
-                    now_ms=now,
-                    label=self._labels_for(policy).get,
-                )
-        except TimeoutError:
-            local = None
+        local = self.allowances.decide_now(
+            request,
+            plan,
+            policy_version=loaded.version,
+            lease_ms=lease_s * 1000,
+            now_ms=now,
+            label=self._labels_for(policy).get,
+        )
+        if local is MISS:
+            try:
+                # A take, or a hand-back first, is a store call: it gets the check deadline (the store path its own).
+                async with asyncio.timeout(self.check_deadline_s):
+                    local = await self.allowances.decide(
+                        request,
+                        plan,
+                        policy_version=loaded.version,
+                        lease_ms=lease_s * 1000,
+                        now_ms=now,
+                        label=self._labels_for(policy).get,
+                    )
+            except TimeoutError:
+                local = None
         if local is None:
             return None
         if local is CONFLICT:
@@ -580,10 +589,13 @@ class Limiter:
             if self.allowances is not None:  # steps granted locally get their reservations first
                 await self.allowances.settle_for(
                     (
-                        entry.record.tenant_id,
-                        entry.record.reservation_id or reservation_id(entry.record.task_id, entry.record.step_id),
-                    )
-                    for entry in entries
+                        (
+                            entry.record.tenant_id,
+                            entry.record.reservation_id or reservation_id(entry.record.task_id, entry.record.step_id),
+                        )
+                        for entry in entries
+                    ),
+                    now,
                 )
             stored = await self.store.report(entries, now)
         applied = []
@@ -611,6 +623,8 @@ class Limiter:
 
     async def release(self, tenant_id: str, rid: str, deadline_s: float | None = None) -> tuple[int, int]:
         async with _store_call(self._store_limit(deadline_s)):
+            if self.allowances is not None:  # a step granted locally gets its reservation first
+                await self.allowances.settle_for([(tenant_id, rid)], self.clock())
             status, amount = await self.store.release(tenant_id, rid, self.clock())
         return status, amount
 

@@ -379,7 +379,15 @@ async def test_settling_a_step_the_store_already_holds_hands_its_tokens_back(asy
     )  # fmt: skip
     assert (taken.taken, taken.tokens, taken.usd) == (True, 1000, None)
     steps = [
-        SettledStep(step_id=s, lease_until_ms=NOW + 1000, amount=Amount(300, 0), fingerprint=fp, answer="", label="")
+        SettledStep(
+            step_id=s,
+            reservation_id=reservation_id("t1", s),
+            lease_until_ms=NOW + 1000,
+            amount=Amount(300, 0),
+            fingerprint=fp,
+            answer="",
+            label="",
+        )
         for s, fp in (("s2", "other"), ("s9", "x"))
     ]
     settled = await store.settle("acme", "t1", "h1", steps, give_back=True, lease_until_ms=NOW + 1000, now_ms=NOW)
@@ -396,7 +404,17 @@ async def test_a_slice_refuses_to_settle_more_than_it_holds(async_redis: Redis) 
         "acme", "t1", "h1", (), cap_tokens=100, cap_usd=None, share_bp=10_000, wanted=Amount(1),
         lease_until_ms=NOW + 700_000, now_ms=NOW,
     )  # fmt: skip
-    too_much = [SettledStep(step_id="s2", lease_until_ms=NOW, amount=Amount(101), fingerprint="", answer="", label="")]
+    too_much = [
+        SettledStep(
+            step_id="s2",
+            reservation_id=reservation_id("t1", "s2"),
+            lease_until_ms=NOW,
+            amount=Amount(101),
+            fingerprint="",
+            answer="",
+            label="",
+        )
+    ]
     with pytest.raises(Exception, match="more than the slice holds"):
         await store.settle("acme", "t1", "h1", too_much, give_back=True, lease_until_ms=NOW, now_ms=NOW)
     assert (await task_hash(async_redis))["reserved"] == 200  # nothing written
@@ -411,3 +429,40 @@ async def test_no_slice_is_taken_before_the_tasks_first_check(async_redis: Redis
     )  # fmt: skip
     assert (taken.status, taken.counters[0]) == (0, Counter(limit=None, used=0, reserved=0))
     assert await async_redis.dbsize() == 0
+
+
+async def test_a_local_answer_is_the_answer_the_store_path_gives(async_redis: Redis) -> None:
+    async def answers(allowance: AllowanceSettings | None) -> list[tuple[object, ...]]:
+        await async_redis.flushall()
+        limiter = make_limiter(async_redis, SettableClock(NOW), allowance)
+        out = []
+        for n, tokens in enumerate([100, 250, 40, 700, 5]):
+            result = await check(limiter, step(f"s{n}", tokens))
+            out.append((result.verdict, result.requested, result.reservation_id, result.lease_expires_ms))
+        return out
+
+    local = await answers(AllowanceSettings())
+    assert local == await answers(None)
+
+
+async def test_a_locally_granted_step_replays_from_redis_once_settled_and_can_be_released(async_redis: Redis) -> None:
+    await async_redis.flushall()
+    clock = SettableClock(NOW)
+    limiter = make_limiter(async_redis, clock, AllowanceSettings())
+    await check(limiter, step("s1", 100))
+    granted = await check(limiter, step("s2", 300))
+    await check(limiter, step("s3", 200))
+    assert allowances_of(limiter).local_checks == 2
+    # Released through the sidecar that granted it: settled first, so the store finds its reservation.
+    assert await limiter.release("acme", reservation_id("t1", "s3")) == (1, 200)
+    await allowances_of(limiter).close(clock())
+    # Checked again through another sidecar: the store replays what was answered locally.
+    again = await check(make_limiter(async_redis, clock), step("s2", 300))
+    assert again.replayed
+    assert (again.verdict.decision, again.verdict.granted, again.lease_expires_ms, again.reservation_id) == (
+        granted.verdict.decision,
+        granted.verdict.granted,
+        granted.lease_expires_ms,
+        granted.reservation_id,
+    )
+    assert (await task_hash(async_redis))["reserved"] == 100 + 300

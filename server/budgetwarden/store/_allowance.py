@@ -11,7 +11,7 @@ from typing import Any
 from budgetwarden.domain import Amount, Counter, Scope, Thresholds
 
 from ._codec import FIELD_SEPARATOR, NONE, field_text, limit_arg, read_counters, read_thresholds
-from ._keys import TenantKeys, digest, reservation_id
+from ._keys import TenantKeys, digest
 from ._store import BudgetStore
 
 
@@ -43,6 +43,7 @@ class SettledStep:
     """A step granted from a slice, as settled: recorded as its own reservation, or not (see SettleStatus)."""
 
     step_id: str
+    reservation_id: str  # keys.reservation_id(task, step): where its reservation is recorded
     lease_until_ms: int
     amount: Amount
     fingerprint: str
@@ -124,7 +125,7 @@ class AllowanceStore:
         args: list[Any] = ["settle", now_ms, keys.resv_prefix, self.store.retention.record_ms, lease_until_ms]
         args.append(1 if give_back else 0)
         for step in steps:
-            script_keys.append(keys.reservation(reservation_id(task_id, step.step_id)))
+            script_keys.append(keys.reservation(step.reservation_id))
             parts = (
                 str(step.lease_until_ms),
                 step.step_id,
