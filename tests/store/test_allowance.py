@@ -23,7 +23,7 @@ from budgetwarden.domain import (
     local_candidate,
     slice_size,
 )
-from budgetwarden.domain._model import CheckInput, Counter, Decision, Outcome, UsageInput
+from budgetwarden.domain._model import CheckInput, Counter, Decision, Outcome, ReportStatus, UsageInput
 from budgetwarden.domain._policy import parse_policy
 from budgetwarden.limiter import CheckResult, Limiter, StepConflictError
 from budgetwarden.store import AllowanceStore, SettledStep, SettleStatus, TenantKeys, reservation_id
@@ -466,3 +466,19 @@ async def test_a_locally_granted_step_replays_from_redis_once_settled_and_can_be
         granted.reservation_id,
     )
     assert (await task_hash(async_redis))["reserved"] == 100 + 300
+
+
+async def test_a_step_reported_through_another_sidecar_before_it_is_settled_is_not_reserved_again(
+    async_redis: Redis,
+) -> None:
+    await async_redis.flushall()
+    clock = SettableClock(NOW)
+    granting = make_limiter(async_redis, clock, AllowanceSettings(cap_tokens=1000, share_bp=10_000))
+    await check(granting, step("s1", 100))
+    await check(granting, step("s2", 300))  # granted locally, not settled yet
+    (applied,) = await make_limiter(async_redis, clock).report([usage("t1", "s2", 250)])
+    assert applied.status is ReportStatus.UNRESERVED  # the store knows no reservation of it yet: charged as used
+    await allowances_of(granting).close(clock())  # the settle sees the report and reserves nothing for s2
+    task = await task_hash(async_redis)
+    assert (task["used"], task["reserved"]) == (250, 100)
+    assert await day_reserved(async_redis) == 100

@@ -55,6 +55,7 @@ class SettleStatus(enum.IntEnum):
     RECORDED = 1
     REPLAYED = 2  # the step held a reservation with the same fingerprint: the grant's tokens went back to the slice
     LAPSED = 3  # the slice had lapsed: recorded as lapsed (a report of the step is late)
+    REPORTED = 4  # reported (without a key) through another sidecar before it was settled: nothing reserved for it
     CONFLICT = 5  # the step held a reservation made for another request: the grant's tokens went back
 
 
@@ -125,7 +126,7 @@ class AllowanceStore:
         args: list[Any] = ["settle", now_ms, keys.resv_prefix, self.store.retention.record_ms, lease_until_ms]
         args.append(1 if give_back else 0)
         for step in steps:
-            script_keys.append(keys.reservation(step.reservation_id))
+            script_keys += (keys.reservation(step.reservation_id), keys.keyless_marker(step.reservation_id))
             parts = (
                 str(step.lease_until_ms),
                 step.step_id,

@@ -25,11 +25,13 @@
 --
 -- settle: ARGV[6] 1 to hand back the rest and end the slice, 0 to keep it (its lease becomes ARGV[5]), then per step
 --   granted from the slice one argument, its fields joined by \31: lease expiry (ms), step id, tokens, micro-USD,
---   fingerprint, answer, label (as check.lua keeps them); KEYS[4 ..] the steps' reservation records, in order.
+--   fingerprint, answer, label (as check.lua keeps them); KEYS[4 ..] per step its reservation record and the base
+--   of its keyless report marker (report.lua), in order.
 --   Returns { slice status, tokens handed back, then per step: 1 recorded, 2 the step already held a reservation
 --   with the same fingerprint (the grant is a replay: its tokens go back), 5 the same with another fingerprint (a
---   conflict: its tokens go back), 3 the slice had lapsed (recorded as lapsed: a report of it is late, as for a step
---   whose own lease lapsed) }
+--   conflict: its tokens go back), 4 the step was reported (without a key) before it was settled, through another
+--   sidecar: the report charged it as usage without a reservation, so nothing is reserved for it and its tokens go
+--   back, 3 the slice had lapsed (recorded as lapsed: a report of it is late, as for a step whose own lease lapsed) }
 --   slice status: 1 live, 0 it had lapsed or was handed back before.
 -- A malformed argument is an error reply, before anything is written.
 
@@ -139,7 +141,9 @@ local function settle()
     end
     steps[#steps + 1] = g
   end
-  if #KEYS ~= 3 + #steps then return redis.error_reply('expected ' .. (3 + #steps) .. ' keys, got ' .. #KEYS) end
+  if #KEYS ~= 3 + 2 * #steps then
+    return redis.error_reply('expected ' .. (3 + 2 * #steps) .. ' keys, got ' .. #KEYS)
+  end
 
   -- The sweep may end the slice here: then its steps' leases (never longer than the slice's) had lapsed too.
   purge_expired(leases, prefix, now)
@@ -157,13 +161,16 @@ local function settle()
   end
 
   for n, g in ipairs(steps) do
-    local resv_key = KEYS[3 + n]
+    local resv_key, marker = KEYS[2 + 2 * n], KEYS[3 + 2 * n]
     local tokens, usd = tonumber(g[3]), tonumber(g[4])
     local existing = redis.call('HMGET', resv_key, 'state', 'gen', 'fp')
-    if existing[1] == 'reserved' or existing[1] == 'reported' then
-      -- Granted here and there: the stored reservation stands, this grant's tokens stay in the slice (handed back
-      -- with its rest).
-      out[#out + 1] = (existing[3] and existing[3] ~= g[5]) and 5 or 2
+    local reported_first = not (existing[1] == 'reserved' or existing[1] == 'reported')
+      and redis.call('EXISTS', marker .. ':' .. num(existing[2])) == 1
+    if existing[1] == 'reserved' or existing[1] == 'reported' or reported_first then
+      -- Granted here and there, or already charged by a report: what the store has stands, this grant's tokens stay
+      -- in the slice (handed back with its rest).
+      if reported_first then out[#out + 1] = 4
+      else out[#out + 1] = (existing[3] and existing[3] ~= g[5]) and 5 or 2 end
       taken = taken - tokens
       if not usd_free then taken_usd = taken_usd - usd end
     else
