@@ -10,6 +10,8 @@ from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from budgetwarden.allowance import Allowances, AllowanceSettings
 from budgetwarden.domain import (
@@ -29,7 +31,7 @@ from budgetwarden.limiter import CheckResult, Limiter, StepConflictError
 from budgetwarden.store import AllowanceStore, SettledStep, SettleStatus, TenantKeys, reservation_id
 from budgetwarden.store._store import BudgetStore
 
-from support import SettableClock
+from support import SettableClock, free_port
 
 NOW = 1_796_000_000_000 + 30_000  # mid-minute, mid-day: no window rolls over unless a test moves the clock
 POLICY = parse_policy(
@@ -482,3 +484,19 @@ async def test_a_step_reported_through_another_sidecar_before_it_is_settled_is_n
     task = await task_hash(async_redis)
     assert (task["used"], task["reserved"]) == (250, 100)
     assert await day_reserved(async_redis) == 100
+
+
+async def test_while_redis_does_not_answer_checks_that_fit_a_held_slice_are_still_decided(async_redis: Redis) -> None:
+    await async_redis.flushall()
+    limiter = make_limiter(async_redis, SettableClock(NOW), AllowanceSettings(cap_tokens=1000, share_bp=10_000))
+    await check(limiter, step("s1", 100))
+    await check(limiter, step("s2", 100))  # a slice of 1000 is held
+    # Nothing listens there: every call is refused at once (no retries).
+    unreachable = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=5, retry=Retry(NoBackoff(), 0))
+    limiter.store = BudgetStore(unreachable)
+    allowances_of(limiter).store = AllowanceStore(limiter.store)
+    within = await check(limiter, step("s3", 800))
+    assert (within.verdict.decision, within.from_fail_mode) == (Decision.ALLOW, False)
+    beyond = await check(limiter, step("s4", 800))  # does not fit what is left: the store, so the fail mode
+    assert (beyond.verdict.decision, beyond.from_fail_mode) == (Decision.DENY, True)
+    await unreachable.aclose()
