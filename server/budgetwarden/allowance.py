@@ -116,6 +116,7 @@ class Allowances:
         self._taking: dict[Key, asyncio.Future[None]] = {}
         self._refused: dict[Key, int] = {}  # no take before this time (ms)
         self._pending_rids: dict[tuple[str, str], Key] = {}  # (tenant, reservation id) -> the slice it came from
+        self._dropping: dict[Key, _Held] = {}  # slices being settled and handed back
         # What was decided where, for the benchmark and the metrics of a later change.
         self.local_checks = 0
         self.takes = 0
@@ -296,8 +297,18 @@ class Allowances:
     async def _drop(self, key: Key, now_ms: int) -> None:
         """Settle the slice's steps and hand back the rest."""
         held = self._held.pop(key, None)
-        if held is not None:
-            await self._settle(held, now_ms, give_back=True)
+        if held is None:
+            return
+        self._dropping[key] = held  # a report of its steps waits for this (settle_for)
+        try:
+            if not await self._settle(held, now_ms, give_back=True):
+                # Never settled: those steps' reports are charged without a reservation, and the slice, holding their
+                # tokens, comes back by its lease (never before theirs).
+                for step in held.pending:
+                    self._pending_rids.pop((held.tenant_id, step.reservation_id), None)
+        finally:
+            if self._dropping.get(key) is held:
+                del self._dropping[key]
 
     async def _settle(self, held: _Held, now_ms: int, *, give_back: bool) -> bool:
         # One store call per slice at a time, in order: a hand-back must never overtake the settling of steps.
@@ -340,9 +351,13 @@ class Allowances:
         release of them finds their reservations (the store knows only what was settled)."""
         keys = {self._pending_rids[pair] for pair in tenant_reservations if pair in self._pending_rids}
         for key in keys:
-            held = self._held.get(key)
-            if held is not None and held.pending:
-                await self._settle(held, now_ms, give_back=False)
+            held = self._held.get(key) or self._dropping.get(key)
+            if held is None:
+                continue
+            # Behind the slice's lock: a settle already on its way (the timer's, a hand-back) lands first.
+            async with held.lock:
+                if held.pending and self._held.get(key) is held:
+                    await self._settle_locked(held, now_ms, give_back=False)
 
     async def sweep(self, now_ms: int) -> None:
         """The timer's work: hand back idle slices, settle the others' steps and renew their leases."""
