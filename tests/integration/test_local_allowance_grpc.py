@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import redis
-from budgetwarden_client import BudgetClient, pb
 
 from budgetwarden.store import TenantKeys
+from budgetwarden_client import BudgetClient, pb
+
 from support import RunningSidecar
 
 
@@ -27,7 +28,8 @@ def test_a_sidecar_with_a_local_allowance_decides_reports_and_hands_back(
         ]
         assert [a.decision for a in answers] == [pb.DECISION_ALLOW] * 4
         assert not any(a.from_fail_mode for a in answers)
-        assert running.sidecar is not None and running.sidecar.allowances is not None
+        assert running.sidecar is not None
+        assert running.sidecar.allowances is not None
         assert running.sidecar.allowances.local_checks == 3  # all but the task's first check
         # The default policy's task: its first step, and the slice (5000) that holds the other three.
         assert task_counters(sync_redis, "t")["reserved"] == 100 + 5000
