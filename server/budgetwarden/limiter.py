@@ -344,7 +344,13 @@ class Limiter:
                 )
                 continue
             if self.allowances is not None:
-                local = await self._decide_locally(request, plan, loaded, now, counted[i])
+                # A unary check may make a store call to take a slice (within its deadline: the store path gets what
+                # is left); a batch's checks are decided from slices held already, or in the batch's store calls.
+                started_local = asyncio.get_running_loop().time()
+                local = await self._decide_locally(
+                    request, plan, loaded, now, counted[i], timeout if len(requests) == 1 else None
+                )
+                timeout = max(0.0, timeout - (asyncio.get_running_loop().time() - started_local))
                 if local is not None:
                     results[i] = local
                     continue
@@ -372,9 +378,16 @@ class Limiter:
         return results  # type: ignore[return-value]
 
     async def _decide_locally(
-        self, request: CheckInput, plan: CheckPlan, loaded: LoadedPolicy, now: int, token_count: TokenCount | None
+        self,
+        request: CheckInput,
+        plan: CheckPlan,
+        loaded: LoadedPolicy,
+        now: int,
+        token_count: TokenCount | None,
+        limit_s: float | None,
     ) -> CheckResult | StepConflictError | None:
-        """A check decided from the task's local allowance, or None (the store decides it)."""
+        """A check decided from the task's local allowance, or None (the store decides it). ``limit_s``: how long store
+        calls (a take, a hand-back) may take; None: none are made."""
         assert self.allowances is not None
         policy = loaded.policy
         lease_s = max(
@@ -388,10 +401,11 @@ class Limiter:
             now_ms=now,
             label=self._labels_for(policy).get,
         )
-        if local is MISS:
+        if local is MISS and limit_s is None:
+            local = None
+        elif local is MISS:
             try:
-                # A take, or a hand-back first, is a store call: it gets the check deadline (the store path its own).
-                async with asyncio.timeout(self.check_deadline_s):
+                async with asyncio.timeout(limit_s):
                     local = await self.allowances.decide(
                         request,
                         plan,

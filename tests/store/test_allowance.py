@@ -22,6 +22,7 @@ from budgetwarden.domain import (
     Shape,
     SliceLeft,
     Thresholds,
+    cost_slice_bp,
     local_candidate,
     slice_size,
 )
@@ -503,3 +504,34 @@ async def test_while_redis_does_not_answer_checks_that_fit_a_held_slice_are_stil
     beyond = await check(limiter, step("s4", 800))  # does not fit what is left: the store, so the fail mode
     assert (beyond.verdict.decision, beyond.from_fail_mode) == (Decision.DENY, True)
     await unreachable.aclose()
+
+
+async def test_a_batch_is_decided_from_slices_held_already_and_takes_none(async_redis: Redis) -> None:
+    """CheckStream's batches keep their one store call per tenant: no take inside a batch."""
+    await async_redis.flushall()
+    limiter = make_limiter(async_redis, SettableClock(NOW), AllowanceSettings(cap_tokens=1000, share_bp=10_000))
+    await check(limiter, step("s1", 100))
+    takes = allowances_of(limiter).takes
+    batch = await limiter.check_many([step("s2", 100), step("s3", 100)])  # no slice yet: the store decides both
+    assert all(isinstance(r, CheckResult) and r.verdict.decision is Decision.ALLOW for r in batch)
+    assert (allowances_of(limiter).takes, allowances_of(limiter).local_checks) == (takes, 0)
+    await check(limiter, step("s4", 100))  # unary: takes a slice
+    batch = await limiter.check_many([step("s5", 100), step("s6", 100), step("s7", 5000)])
+    assert allowances_of(limiter).local_checks == 3  # s4, s5, s6; s7 does not fit the slice: the store's
+    assert [r.verdict.decision for r in batch if isinstance(r, CheckResult)] == [Decision.ALLOW] * 3
+    assert (await task_hash(async_redis))["reserved"] == 300 + 1000 + 5000
+
+
+async def test_cost_is_sliced_in_the_proportion_tokens_are(async_redis: Redis) -> None:
+    """A slice holds the same share of the cost room as of the token room: a token cap binding keeps the cost slice
+    small too (the day's cost limit is $5 here; a slice of 2,000 of 9,900 tokens takes 20.2% of it, not half)."""
+    await async_redis.flushall()
+    limiter = make_limiter(async_redis, SettableClock(NOW), AllowanceSettings(cap_tokens=2000, share_bp=5000))
+    first = await check(limiter, step("s1", 100))
+    day = first.scopes[-1][1]
+    assert day.limit_usd == 5_000_000
+    await check(limiter, step("s2", 100))
+    left_usd = day.limit_usd - day.used_usd - day.reserved_usd
+    usd = slice_size(left_usd, None, cost_slice_bp(2000, 9900, 5000))
+    assert usd == left_usd * 2020 // 10_000
+    assert allowances_of(limiter).held()[("acme", "t1")] == SliceLeft(2000 - 100, usd - first.verdict.granted_usd)

@@ -4,7 +4,7 @@ Everything here is pure (given a clock value and a policy it answers the same), 
 without Redis or gRPC. Nothing here imports another budgetwarden package.
 """
 
-from ._allowance import SliceLeft, local_candidate, slice_size, stranded_bound
+from ._allowance import SliceLeft, cost_slice_bp, local_candidate, slice_size, stranded_bound
 from ._cost import actual_micros, micros_to_usd, usd_text, usd_to_micros
 from ._decision import (
     STEP_SCOPE,
@@ -100,6 +100,7 @@ __all__ = [
     "Window",
     "WindowSpan",
     "actual_micros",
+    "cost_slice_bp",
     "decide",
     "default_policy",
     "estimate_chat",

@@ -38,6 +38,15 @@ class SliceLeft:
             self.usd -= amount.usd
 
 
+def cost_slice_bp(tokens: int, left: int | None, share_bp: int) -> int:
+    """The share of the cost room a slice takes (basis points): the share of the token room its tokens are (the token
+    cap binding makes the cost slice smaller too); ``share_bp`` when no scope limits tokens. Floating point, rounded
+    down and at most the whole room, as lua/allowance.lua computes it."""
+    if left is None:
+        return share_bp
+    return min(FULL_BP, int(tokens / left * FULL_BP)) if left > 0 else 0
+
+
 def local_candidate(plan: CheckPlan, left: SliceLeft) -> Candidate | None:
     """The candidate a check may be granted from a slice without the store, or None (the store decides).
 

@@ -15,8 +15,9 @@
 --   (basis points), ARGV[9] tokens wanted at least, ARGV[10] micro-USD wanted at least, then per window: token limit,
 --   micro-USD limit (-1: none), alive-until (ms). Each take has a record of its own (a live one of the same id is
 --   handed back first, so that no id ever holds two slices).
---   The slice is min(cap, share of what is left) in each unit, where what is left is the least room over the task (up
---   to its lowest line: soft threshold, else checkpoint threshold, else ceiling) and every window. A unit no scope
+--   The token slice is min(cap, share of what is left), where what is left is the least room over the task (up to its
+--   lowest line: soft threshold, else checkpoint threshold, else ceiling) and every window; the cost slice is
+--   min(cost cap, the same proportion of the cost room as the token slice is of the token room). A unit no scope
 --   limits is not sliced (-1): grants in it are counted when settled.
 --   Returns { status, tokens, micro-USD (-1: unlimited), lease, soft bp, checkpoint bp, then per scope (task, then
 --   windows): limit, used, reserved, limit_usd, used_usd, reserved_usd (after the take) }
@@ -105,8 +106,12 @@ local function take()
   end
   local cap, cap_usd, share_bp = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
   local tokens = slice_of(left, cap, share_bp)
+  -- Cost is sliced in the same proportion as tokens (the token cap binding makes the cost slice smaller too), so that
+  -- a slice never holds much more of one unit's room than of the other's.
+  local usd_bp = share_bp
+  if left ~= LIMIT_NONE then usd_bp = left > 0 and math.min(10000, math.floor(tokens / left * 10000)) or 0 end
   local usd = LIMIT_NONE
-  if left_usd ~= LIMIT_NONE then usd = slice_of(left_usd, cap_usd, share_bp) end
+  if left_usd ~= LIMIT_NONE then usd = slice_of(left_usd, cap_usd, usd_bp) end
   if tokens < tonumber(ARGV[9]) or (usd ~= LIMIT_NONE and usd < tonumber(ARGV[10])) then return answer(2, 0, 0) end
 
   local counted_usd = math.max(0, usd)
