@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from redis.exceptions import RedisClusterException, RedisError
 
+from budgetwarden.allowance import CONFLICT, MISS, Allowances, LocalDecision
 from budgetwarden.domain import (
     NO_THRESHOLDS,
     Amount,
@@ -58,6 +59,7 @@ from budgetwarden.store import (
     parse_checkpoint_id,
     parse_fail_open_id,
     replayed_answer,
+    reservation_id,
 )
 from budgetwarden.telemetry import ReportedUsage, Telemetry
 
@@ -162,8 +164,10 @@ class Limiter:
         counter: TokenCounter | None = None,
         counting_pool: CountingPool | None = None,
         telemetry: Telemetry | None = None,
+        allowances: Allowances | None = None,
     ) -> None:
         self.store = store
+        self.allowances = allowances  # a local allowance (off: None); see allowance.py
         self.policy = policy
         self.fail_mode = fail_mode
         self.check_deadline_s = check_deadline_s
@@ -339,6 +343,17 @@ class Limiter:
                     task_type=plan.task_type,
                 )
                 continue
+            if self.allowances is not None:
+                # A unary check may make a store call to take a slice (within its deadline: the store path gets what
+                # is left); a batch's checks are decided from slices held already, or in the batch's store calls.
+                started_local = asyncio.get_running_loop().time()
+                local = await self._decide_locally(
+                    request, plan, loaded, now, counted[i], timeout if len(requests) == 1 else None
+                )
+                timeout = max(0.0, timeout - (asyncio.get_running_loop().time() - started_local))
+                if local is not None:
+                    results[i] = local
+                    continue
             plans[i] = plan
             by_tenant.setdefault(request.tenant_id, []).append(i)
         groups = list(by_tenant.items())
@@ -361,6 +376,68 @@ class Limiter:
                 else:
                     results[i] = self._finish(planned, reservation, now, loaded.version, counted[i])
         return results  # type: ignore[return-value]
+
+    async def _decide_locally(
+        self,
+        request: CheckInput,
+        plan: CheckPlan,
+        loaded: LoadedPolicy,
+        now: int,
+        token_count: TokenCount | None,
+        limit_s: float | None,
+    ) -> CheckResult | StepConflictError | None:
+        """A check decided from the task's local allowance, or None (the store decides it). ``limit_s``: how long store
+        calls (a take, a hand-back) may take; None: none are made."""
+        assert self.allowances is not None
+        policy = loaded.policy
+        lease_s = max(
+            request.lease_seconds or plan.lease_seconds or self.default_lease_s, policy.min_lease(plan.task_type)
+        )
+        local = self.allowances.decide_now(
+            request,
+            plan,
+            policy_version=loaded.version,
+            lease_ms=lease_s * 1000,
+            now_ms=now,
+            label=self._labels_for(policy).get,
+        )
+        if local is MISS and limit_s is None:
+            local = None
+        elif local is MISS:
+            try:
+                async with asyncio.timeout(limit_s):
+                    local = await self.allowances.decide(
+                        request,
+                        plan,
+                        policy_version=loaded.version,
+                        lease_ms=lease_s * 1000,
+                        now_ms=now,
+                        label=self._labels_for(policy).get,
+                    )
+            except TimeoutError:
+                local = None
+        if local is None:
+            return None
+        if local is CONFLICT:
+            return StepConflictError(request.task_id, request.step_id)
+        assert isinstance(local, LocalDecision)
+        scopes = tuple(zip(plan.counted, local.counters, strict=True))
+        if plan.step is not None:
+            step_counter = Counter(limit=plan.step.limit, used=0, reserved=0, limit_usd=plan.step.limit_usd)
+            scopes = ((plan.step, step_counter), *scopes)
+        return CheckResult(
+            verdict=local.verdict,
+            requested=plan.requested,
+            reservation_id=local.reservation_id,
+            lease_expires_ms=local.lease_expires_ms,
+            scopes=scopes,
+            replayed=local.replayed,
+            policy_version=loaded.version,
+            thresholds=local.thresholds,
+            token_count=token_count,
+            model_assumed=plan.model_assumed,
+            task_type=plan.task_type,
+        )
 
     async def _reserve_group(
         self,
@@ -523,6 +600,17 @@ class Limiter:
                 )
             )
         async with _store_call(self._store_limit(deadline_s)):
+            if self.allowances is not None:  # steps granted locally get their reservations first
+                await self.allowances.settle_for(
+                    (
+                        (
+                            entry.record.tenant_id,
+                            entry.record.reservation_id or reservation_id(entry.record.task_id, entry.record.step_id),
+                        )
+                        for entry in entries
+                    ),
+                    now,
+                )
             stored = await self.store.report(entries, now)
         applied = []
         for entry, item in zip(entries, stored, strict=True):
@@ -549,6 +637,8 @@ class Limiter:
 
     async def release(self, tenant_id: str, rid: str, deadline_s: float | None = None) -> tuple[int, int]:
         async with _store_call(self._store_limit(deadline_s)):
+            if self.allowances is not None:  # a step granted locally gets its reservation first
+                await self.allowances.settle_for([(tenant_id, rid)], self.clock())
             status, amount = await self.store.release(tenant_id, rid, self.clock())
         return status, amount
 

@@ -178,6 +178,22 @@ class Settings(BaseSettings):
         description="kept back from a caller's deadline so the answer reaches it in time: this or 10% of it, whichever "
         "is more, but at most half",
     )
+    # --- local allowance (docs/local-allowance.md): a prototype, off by default -------------------------------------
+    local_allowance: bool = Field(
+        False,
+        description="decide checks of a task from a slice of its budget reserved in Redis (min(local_allowance_cap_"
+        "tokens, local_allowance_share of what is left)), without a Redis call per check; unused slices are handed "
+        "back when idle and on shutdown, and come back by their lease if the sidecar dies",
+    )
+    local_allowance_cap_tokens: Annotated[int, Field(ge=1, le=10**12)] = Field(
+        50_000, description="with local_allowance: the largest slice of a task's budget one sidecar holds, in tokens"
+    )
+    local_allowance_share: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.1, description="with local_allowance: the share of what a task has left that one slice takes at most"
+    )
+    local_allowance_idle_ms: Annotated[int, Field(ge=10, le=3_600_000)] = Field(
+        5000, description="with local_allowance: a slice unused this long is handed back"
+    )
     max_checks_in_flight: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
         512,
         description="checks this sidecar works on at once (CheckStream's count one each); more are refused at once "

@@ -17,9 +17,10 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from budgetwarden.allowance import Allowances, AllowanceSettings
 from budgetwarden.domain import LoadedPolicy, Planner, PolicyError, default_policy, load_policy
 from budgetwarden.limiter import Clock, Limiter, wall_clock_ms
-from budgetwarden.store import AnyRedis, BudgetStore, EmbeddedRedis, GaugeReader, Retention
+from budgetwarden.store import AllowanceStore, AnyRedis, BudgetStore, EmbeddedRedis, GaugeReader, Retention
 from budgetwarden.telemetry import Telemetry, telemetry_from_env
 from budgetwarden.transport import BUDGET_SERVICE_NAME, Admission, BudgetServicer
 
@@ -160,6 +161,8 @@ class Sidecar:
         self.telemetry = Telemetry(None)
         self._gauges: GaugeReader | None = None
         self.limiter: Limiter | None = None
+        self.allowances: Allowances | None = None
+        self._allowance_sweep: asyncio.Task[None] | None = None
         self._store_watch: asyncio.Task[None] | None = None
         self._ping_redis: AnyRedis | None = None
         self._ready: bool | None = None
@@ -239,8 +242,19 @@ class Sidecar:
                 url, cluster=settings.redis_cluster, timeout_s=_socket_timeout(settings), **access
             )
             self.telemetry.set_gauge_source(self._read_gauges)
+        store = BudgetStore(self.redis, store_retention(settings), self.telemetry)
+        if settings.local_allowance:
+            self.allowances = Allowances(
+                AllowanceStore(store),
+                AllowanceSettings(
+                    cap_tokens=settings.local_allowance_cap_tokens,
+                    share_bp=round(settings.local_allowance_share * 10_000),
+                    idle_ms=settings.local_allowance_idle_ms,
+                ),
+            )
+            self._allowance_sweep = asyncio.create_task(self._sweep_allowances(settings.local_allowance_idle_ms))
         self.limiter = limiter = Limiter(
-            BudgetStore(self.redis, store_retention(settings), self.telemetry),
+            store,
             self.current_policy,
             fail_mode=settings.fail_mode,
             check_deadline_s=settings.check_deadline_ms / 1000,
@@ -248,6 +262,7 @@ class Sidecar:
             default_lease_s=settings.default_lease_seconds,
             clock=self.clock,
             telemetry=self.telemetry,
+            allowances=self.allowances,
         )
         servicer = BudgetServicer(
             limiter,
@@ -296,6 +311,16 @@ class Sidecar:
                 "policy_version": self.policy.version,
             },
         )
+
+    async def _sweep_allowances(self, idle_ms: int) -> None:
+        """Settle the steps granted from local slices, renew busy ones and hand back idle ones, twice per idle time."""
+        while True:
+            await asyncio.sleep(idle_ms / 2000)
+            if self.allowances is not None:
+                try:
+                    await self.allowances.sweep(self.clock())
+                except Exception:  # never let the timer die: the next round tries again
+                    log.exception("allowance sweep failed")
 
     async def _watch_store(self) -> None:
         """Readiness follows the store: a cheap PING every interval. A dead embedded server is started again."""
@@ -403,6 +428,14 @@ class Sidecar:
             await self.health.enter_graceful_shutdown()
             await _bounded_step("budget server", self.server.stop(grace), grace + STOP_STEP_LIMIT_S)
             self.server = None
+        if self._allowance_sweep is not None:
+            self._allowance_sweep.cancel()
+            await _bounded_step("allowance sweep", self._allowance_sweep, STOP_STEP_LIMIT_S)
+            self._allowance_sweep = None
+        if self.allowances is not None:
+            # Steps granted locally get their reservations, and the unused slices go back, before Redis is let go.
+            await _bounded_step("allowance hand-back", self.allowances.close(self.clock()), STOP_STEP_LIMIT_S)
+            self.allowances = None
         if self.limiter is not None:
             # A huge prompt still being counted is not waited for: nobody is left to answer.
             self.limiter.counting_pool.shutdown()

@@ -4,6 +4,7 @@ Everything here is pure (given a clock value and a policy it answers the same), 
 without Redis or gRPC. Nothing here imports another budgetwarden package.
 """
 
+from ._allowance import SliceLeft, cost_slice_bp, local_candidate, slice_size, stranded_bound
 from ._cost import actual_micros, micros_to_usd, usd_text, usd_to_micros
 from ._decision import (
     STEP_SCOPE,
@@ -87,6 +88,7 @@ __all__ = [
     "Scope",
     "ScopeKind",
     "Shape",
+    "SliceLeft",
     "StoreOutcome",
     "StoreStatus",
     "Thresholds",
@@ -98,6 +100,7 @@ __all__ = [
     "Window",
     "WindowSpan",
     "actual_micros",
+    "cost_slice_bp",
     "decide",
     "default_policy",
     "estimate_chat",
@@ -105,9 +108,12 @@ __all__ = [
     "estimate_text",
     "explain",
     "load_policy",
+    "local_candidate",
     "micros_to_usd",
     "remaining_of",
     "simulate",
+    "slice_size",
+    "stranded_bound",
     "task_scope",
     "threshold_of",
     "usd_text",

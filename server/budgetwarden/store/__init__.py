@@ -1,6 +1,7 @@
 """All that knows Redis: key names and ids, the budget store (one Lua script per mutation), the usage stream, replay
 of stored answers, and the embedded Valkey server. Imports the domain and telemetry only."""
 
+from ._allowance import AllowanceStore, Settled, SettledStep, SettleStatus, Slice, slice_id
 from ._audit import audit_record, read_audit
 from ._embedded import EmbeddedRedis
 from ._gauges import GaugeReader
@@ -46,6 +47,7 @@ from ._store import (
 from ._usage import read_events
 
 __all__ = [
+    "AllowanceStore",
     "AnyRedis",
     "Applied",
     "BudgetState",
@@ -66,6 +68,10 @@ __all__ = [
     "Retention",
     "SentinelTarget",
     "SentinelUrlError",
+    "SettleStatus",
+    "Settled",
+    "SettledStep",
+    "Slice",
     "StepCheck",
     "TenantKeys",
     "UsageEntry",
@@ -87,6 +93,7 @@ __all__ = [
     "read_events",
     "replayed_answer",
     "reservation_id",
+    "slice_id",
     "sync_sentinel_master",
     "unconfirmed_script_shas",
 ]
