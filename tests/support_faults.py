@@ -25,6 +25,7 @@ import grpc
 
 from budgetwarden.store._embedded import EmbeddedRedis
 from budgetwarden_client import BudgetClient, pb
+from budgetwarden_client._step import OVERLOADED
 
 from support import SERVE_DEADLINE_ENV, free_port, wait_for_exit
 
@@ -279,6 +280,15 @@ class Call:
 GRANTING = (pb.DECISION_ALLOW, pb.DECISION_DEGRADE)
 
 
+def outcome_of(error: grpc.RpcError) -> str:
+    """A failed call's outcome: "shed" for a check the sidecar refused at once as overloaded (the client library
+    answers it with its fail mode), else the status code's name."""
+    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and str(error.details()).startswith(OVERLOADED):  # type: ignore[attr-defined]
+        return "shed"
+    return code.name
+
+
 class FaultLoad:
     """Threads that check steps of a few tasks (each with an explicit ceiling) and report usage with idempotency keys,
     without pause, each call with ``timeout`` seconds, until ``stop``; every call is kept as a ``Call`` under the
@@ -349,9 +359,8 @@ class FaultLoad:
                         task_ceiling_tokens=self.ceiling,
                     )
                 except grpc.RpcError as error:
-                    self._keep(
-                        Call("check", phase, started, time.monotonic() - started, error.code().name, key=task_id)
-                    )
+                    took = time.monotonic() - started
+                    self._keep(Call("check", phase, started, took, outcome_of(error), key=task_id))
                     continue
                 outcome = "fail-mode" if answer.from_fail_mode else "decided"
                 granted = answer.granted_tokens if answer.decision in GRANTING else 0
