@@ -255,10 +255,8 @@ class Sidecar:
             bound_tenant=settings.tenant or None,
             default_task_type=settings.default_task_type or None,
             deadline_margin_s=settings.deadline_margin_ms / 1000,
-            admission=Admission.for_deadline(
-                settings.max_checks_in_flight,
-                1.0 if settings.tenant else settings.tenant_in_flight_share,
-                settings.check_deadline_ms / 1000,
+            admission=Admission(
+                settings.max_checks_in_flight, 1.0 if settings.tenant else settings.tenant_in_flight_share
             ),
         )
         self.servicer = servicer
