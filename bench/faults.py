@@ -50,14 +50,17 @@ def table(rows: list[dict[str, Any]], command: str, code: int) -> str:
         f"Tests: {'all passed' if code == 0 else f'FAILED (pytest exit code {code})'}.",
         "",
         "Each fault ran the given rounds under a load of 3 threads checking steps of 2 tasks (ceiling 5,000 tokens "
-        "each, 100 per check) and 1 thread reporting usage with idempotency keys. Redis faults: an in-process sidecar, "
-        "check deadline 500 ms, store deadline 1 s, client deadline 20 s. Sidecar faults: `budgetwarden serve` on "
-        "the test Redis, client deadline 3 s (an unreachable sidecar is the client library's fail mode: UNAVAILABLE "
-        "or DEADLINE_EXCEEDED). During: checks started while the fault lasted, and their latency as the client saw "
-        "it. Recovery: the longest, over the rounds, from the fault's end to the first check decided by the store "
-        "again. Granted: tokens granted by the store over both tasks (the load runs until the store denies both, so "
-        "their ceilings are reached); fail-mode grants are what fail mode open allowed without the store. Lost: "
-        "acknowledged reports the store did not know afterwards (each sent again must come back DUPLICATE).",
+        "each, 100 per check) and 1 thread reporting usage with idempotency keys. Redis faults: an in-process "
+        "sidecar, check deadline 500 ms, store deadline 1 s, client deadline 20 s. Sidecar faults: `budgetwarden "
+        "serve` on the test Redis, client deadline 3 s (an unreachable sidecar is the client library's fail mode: "
+        "UNAVAILABLE or DEADLINE_EXCEEDED). During: checks started while the fault lasted, and their latency as the "
+        "client saw it; the fault lasts until the restarted or resumed process answers, so the few decided during it "
+        "were started as the fault began or as the process came back (a load thread retries an UNAVAILABLE at once, "
+        "hence the count for a killed sidecar). Recovery: the longest, over the rounds, from the fault's end to the "
+        "first check decided by the store again. Granted: tokens granted by the store over both tasks (the load runs "
+        "until the store denies both, so their ceilings are reached); fail-mode grants are what fail mode open "
+        "allowed without the store. Lost: acknowledged reports the store did not know afterwards (each sent again "
+        "must come back DUPLICATE).",
         "",
         "| fault | fail mode | rounds | checks during | outcomes during | p50 / max ms during | recovery s "
         "| granted / ceiling | fail-mode grants | reports acked | lost |",
@@ -73,9 +76,12 @@ def table(rows: list[dict[str, Any]], command: str, code: int) -> str:
     lines += [
         "",
         "The lost column is 0 because the test asserts it (a loss fails the run). What each durability setting "
-        "promises: with an external Redis killed by SIGKILL, only `--durability aof-local` (WAITAOF 1 0 before each "
-        "acknowledgement) keeps every acknowledged report; a stopped Redis, a slow Redis and a killed sidecar lose "
-        "nothing acknowledged with any setting (the sidecar acknowledges only what Redis accepted).",
+        "promises: for a Redis killed by SIGKILL, `--durability aof-local` (WAITAOF 1 0 before each acknowledgement) "
+        "is what guarantees every acknowledged report, since with `appendfsync everysec` Valkey may postpone its "
+        "writes while an fsync is slow (tests/system/test_durability.py); a stopped Redis, a slow Redis and a killed "
+        "or stopped sidecar lose nothing acknowledged with any setting (the sidecar acknowledges only what Redis "
+        "accepted). Overspend: no task was granted more than its ceiling by the store, in any fault; fail mode open "
+        "grants without the store by design (the fail-mode grants column), to be reconciled by the usage reports.",
         "",
     ]
     return "\n".join(lines)
