@@ -241,11 +241,14 @@ def findings(scenarios: list[Scenario], client_deadline: float) -> list[str]:
         p99 = max((r.ms(99) for r in scenario.tenants.values() if r.outcomes["answered"]), default=float("nan"))
         late = max(r.ms(50, r.lateness) for r in scenario.tenants.values())
         bounded = p99 < 0.5 * client_deadline * 1000
+        answered = sum(r.outcomes["answered"] for r in scenario.tenants.values()) / scenario.seconds
+        saturated = saturation.tenants["noisy"].outcomes["answered"] / saturation.seconds
+        verdict = "well inside" if bounded else "not bounded: close to"
         notes.append(
-            f"- {scenario.name}: {shed:,} checks shed; answered p99 {p99:,.0f} ms, "
-            f"{'well inside' if bounded else 'not bounded: close to'} the {client_deadline:g} s client deadline; the "
-            f"generator sent its checks p50 {late:,.1f} ms late"
-            + (" (the generator itself could not keep the rate)." if late > 100 else ".")
+            f"- {scenario.name}: {answered:,.0f} checks/s answered, {answered / saturated:.0%} of the saturation rate, "
+            f"with the sidecar at {scenario.cpu['sidecar']:.0%} of a core; {shed:,} checks shed; answered p99 "
+            f"{p99:,.0f} ms, {verdict} the {client_deadline:g} s client deadline; the generator sent its checks p50 "
+            f"{late:,.1f} ms late" + (" (the generator itself could not keep the rate)." if late > 100 else ".")
         )
     return notes
 
