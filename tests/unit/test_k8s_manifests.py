@@ -666,4 +666,6 @@ def test_the_control_plane_serves_its_console_on_a_sticky_service_and_reads_opti
     directory, _, key = key_file.rpartition("/")
     assert (directory, key in example["stringData"]) == (mount["mountPath"], True)
     # Its metrics go to the base's collector, as the sidecars' do.
-    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"].startswith("http://budgetwarden-otel-collector.budgetwarden.svc:")
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"].startswith(
+        "http://budgetwarden-otel-collector.budgetwarden.svc:"
+    )
