@@ -170,6 +170,11 @@ class Settings(BaseSettings):
         description="how long a report, release, budget read or admin call waits for Redis before it answers "
         "UNAVAILABLE",
     )
+    batch_unary_checks: bool = Field(
+        True,
+        description="unary checks (without a prompt) that arrive in the same turn of the event loop go to Redis "
+        "together, one script call per tenant, each answered as it would be alone",
+    )
     deadline_margin_ms: Annotated[int, Field(ge=0, le=10_000)] = Field(
         40,
         description="kept back from a caller's deadline so the answer reaches it in time: this or 10% of it, whichever "

@@ -248,6 +248,7 @@ class Sidecar:
             default_lease_s=settings.default_lease_seconds,
             clock=self.clock,
             telemetry=self.telemetry,
+            batch_unary=settings.batch_unary_checks,
         )
         servicer = BudgetServicer(
             limiter,
