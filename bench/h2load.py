@@ -89,6 +89,8 @@ class Run:
     redis_us: float = float("nan")
     new_reservations: int | None = None
     sent: int = 0  # request bodies h2load sent, warm-up included
+    script_calls: int = 0  # EVALSHA calls Valkey ran during the measurement (only this server was loaded)
+    script_usec: float = 0.0  # and the time Valkey spent in them
     offered: float = 0.0
 
     @property
@@ -139,6 +141,12 @@ def read_log(log: Path) -> tuple[list[float], list[float]]:
             rows.append((float(start_us), float(took_us)))
     rows.sort()
     return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def script_stats(client: redis.Redis) -> tuple[int, float]:
+    """EVALSHA calls Valkey has run so far, and the microseconds it spent in them (INFO commandstats)."""
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), float(stats.get("usec", 0))
 
 
 def lateness(starts: list[float], rate: float) -> list[float]:
@@ -201,10 +209,13 @@ def main() -> int:
                 log = tmp / f"log-{counter}"
                 leases = TenantKeys(tenant).leases
                 cpu, store = cpu_seconds(processes[server].pid), cpu_seconds(redis_pid)
+                calls, usec = script_stats(client)
                 done, failed, took, sent = h2load(
                     f"http://{addrs[server]}{CHECK_PATH}", body, shim, log, streams=streams, seconds=seconds, rps=rps
                 )
                 run = Run(scenario, server, round_, done, took, failed, offered=rps)
+                calls_after, usec_after = script_stats(client)
+                run.script_calls, run.script_usec = calls_after - calls, usec_after - usec
                 checks = max(1, done)
                 run.server_us = (cpu_seconds(processes[server].pid) - cpu) / checks * 1e6
                 run.redis_us = (cpu_seconds(redis_pid) - store) / checks * 1e6
@@ -265,12 +276,14 @@ def report(runs: list[Run], seconds: float, rounds: int, smoke: bool) -> list[st
         "rate), with bench/vary_body.c preloaded so that every request is a new step (1,000 tasks). Valkey with AOF "
         "everysec; servers, Valkey and h2load on the same 2 cores; metrics off. Latency: h2load's per-request time "
         "from its log (request start to the end of the response). CPU: the server's and Valkey's CPU time per "
-        "answered check. New steps: leases Valkey holds afterwards / request bodies h2load sent (warm-up included, "
-        "counted by the shim); 1.00 means every request was a new step and reserved (none a replay, none refused).",
+        "answered check. Checks per script call and Valkey µs per call: EVALSHA calls and their time in Valkey's "
+        "INFO commandstats over the measurement. New steps: leases Valkey holds afterwards / request bodies h2load "
+        "sent (warm-up included, counted by the shim); 1.00 means every request was a new step and reserved (none a "
+        "replay, none refused).",
         "",
         "| scenario | round | server | checks/s | vs. floor | mean ms | p50 ms | p99 ms | p99.9 ms | failed "
-        "| server CPU µs/check | Valkey CPU µs/check | new steps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server CPU µs/check | Valkey CPU µs/check | checks per script call | Valkey µs per call | new steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     floors = {(r.scenario, r.round): r.rate for r in runs if r.server == "floor"}
     for r in runs:
@@ -279,10 +292,12 @@ def report(runs: list[Run], seconds: float, rounds: int, smoke: bool) -> list[st
         floor = floors.get((r.scenario, r.round), float("nan"))
         new = f"{r.new_reservations / max(1, r.sent):.2f}" if r.new_reservations is not None else ""
         mean = statistics.fmean(r.latencies_us) / 1000 if r.latencies_us else float("nan")
+        per_call = f"{r.sent / r.script_calls:.2f}" if r.script_calls else ""
+        call_us = f"{r.script_usec / r.script_calls:.0f}" if r.script_calls else ""
         lines.append(
             f"| {r.scenario} | {r.round} | {r.server} | {r.rate:,.0f} | {r.rate / floor:.2f} | {mean:.3f} | "
             f"{r.ms(0.5):.3f} | {r.ms(0.99):.3f} | {r.ms(0.999):.3f} | {r.failed} | {r.server_us:.0f} | "
-            f"{r.redis_us:.0f} | {new} |"
+            f"{r.redis_us:.0f} | {per_call} | {call_us} | {new} |"
         )
     lines += [
         "",
