@@ -225,7 +225,7 @@ def main() -> int:
                     run.scheduled_us = [late + took for late, took in zip(run.late_us, run.latencies_us, strict=True)]
                 if server.startswith("budgetwarden"):
                     # Every answered check (warm-up included) is a new step: one new lease each.
-                    run.new_reservations = int(client.zcard(leases))  # type: ignore[arg-type]
+                    run.new_reservations = int(client.zcard(leases))
                 run.sent = sent
                 runs.append(run)
                 print(f"{scenario:>24} {server:>28}: {run.rate:8,.0f}/s p50 {run.ms(0.5):.3f} ms", flush=True)

@@ -717,6 +717,9 @@ class _UnaryBatch:
                 raise
             waiting.answer.cancel()  # if not sent yet, it is left out of its batch
             return limiter._late_answer(request, limit_s)
+        except asyncio.CancelledError:
+            waiting.answer.cancel()  # the caller is gone (the server stopping, the client cancelling)
+            raise
 
     def _schedule(self) -> None:
         if not self._flush_due and self._in_flight < BATCH_CALLS_IN_FLIGHT:
@@ -737,6 +740,14 @@ class _UnaryBatch:
             task = asyncio.ensure_future(self._decide(batch))
             self._running.add(task)  # held, so that it is not collected while it runs
             task.add_done_callback(self._running.discard)
+
+            def abandon(answer: asyncio.Future[CheckResult | StepConflictError]) -> None:
+                # Nobody waits for the call any more: cancelled, as a unary caller's own store call would be.
+                if answer.cancelled() and all(waiting.answer.cancelled() for waiting in batch):
+                    task.cancel()
+
+            for waiting in batch:
+                waiting.answer.add_done_callback(abandon)
 
     async def _decide(self, batch: list[_Waiting]) -> None:
         # The store call may take as long as the most patient check allows; each check stops waiting at its own.

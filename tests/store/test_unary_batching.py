@@ -143,3 +143,25 @@ async def test_each_check_keeps_its_own_deadline_and_fail_mode(black_hole: Black
             assert grant.step_id == step_id
     finally:
         await redis.aclose()
+
+
+async def test_a_batch_nobody_waits_for_is_cancelled(black_hole: BlackHole) -> None:
+    """Redis never answers. The first check waits long; the two behind it give up at their deadlines. Their batch, sent
+    when the first one's call ended, is cancelled once both are gone, as their own store calls would be."""
+    redis = Redis(host="127.0.0.1", port=black_hole.port, socket_timeout=60)
+    try:
+        checker = limiter(redis, batch=True, fail_mode="closed", check_deadline_s=30.0)
+        leader = asyncio.ensure_future(checker.check(step("first"), 0.2))
+        await asyncio.sleep(0)  # the first is sent alone; the next two wait for its call
+        behind = [asyncio.ensure_future(checker.check(step(f"behind-{i}"), 0.5)) for i in range(2)]
+        answers = await asyncio.gather(leader, *behind)
+        assert [answer.from_fail_mode for answer in answers] == [True, True, True]
+        batch = checker._batch
+        assert batch is not None
+        for _ in range(100):  # the cancelled batch task finishes on a later turn
+            if not batch._running:
+                break
+            await asyncio.sleep(0)
+        assert not batch._running
+    finally:
+        await redis.aclose()
