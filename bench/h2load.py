@@ -277,9 +277,9 @@ def report(runs: list[Run], seconds: float, rounds: int, smoke: bool) -> list[st
         "everysec; servers, Valkey and h2load on the same 2 cores; metrics off. Latency: h2load's per-request time "
         "from its log (request start to the end of the response). CPU: the server's and Valkey's CPU time per "
         "answered check. Checks per script call and Valkey µs per call: EVALSHA calls and their time in Valkey's "
-        "INFO commandstats over the measurement. New steps: leases Valkey holds afterwards / request bodies h2load "
-        "sent (warm-up included, counted by the shim); 1.00 means every request was a new step and reserved (none a "
-        "replay, none refused).",
+        "INFO commandstats over the measurement. New steps: leases Valkey holds afterwards, of the request bodies "
+        "h2load sent (warm-up included, counted by the shim): equal means every request was a new step and reserved "
+        "(none a replay, none refused); up to the streams in flight fewer when h2load's end cut their calls.",
         "",
         "| scenario | round | server | checks/s | vs. floor | mean ms | p50 ms | p99 ms | p99.9 ms | failed "
         "| server CPU µs/check | Valkey CPU µs/check | checks per script call | Valkey µs per call | new steps |",
@@ -290,7 +290,7 @@ def report(runs: list[Run], seconds: float, rounds: int, smoke: bool) -> list[st
         if r.offered:
             continue
         floor = floors.get((r.scenario, r.round), float("nan"))
-        new = f"{r.new_reservations / max(1, r.sent):.2f}" if r.new_reservations is not None else ""
+        new = f"{r.new_reservations:,} of {r.sent:,}" if r.new_reservations is not None else ""
         mean = statistics.fmean(r.latencies_us) / 1000 if r.latencies_us else float("nan")
         per_call = f"{r.sent / r.script_calls:.2f}" if r.script_calls else ""
         call_us = f"{r.script_usec / r.script_calls:.0f}" if r.script_calls else ""
