@@ -671,7 +671,7 @@ class Limiter:
 
 @dataclass(slots=True)
 class _Waiting:
-    """A unary check waiting for the batch of its turn."""
+    """A unary check waiting to go in the next batch."""
 
     request: CheckInput
     limit_s: float

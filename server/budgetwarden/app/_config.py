@@ -172,8 +172,9 @@ class Settings(BaseSettings):
     )
     batch_unary_checks: bool = Field(
         True,
-        description="unary checks (without a prompt) that arrive in the same turn of the event loop go to Redis "
-        "together, one script call per tenant, each answered as it would be alone",
+        description="concurrent unary checks (without a prompt) share store calls: those that arrive while one is out "
+        "go together when it returns, one script call per tenant, each decided as alone (but it may wait for one store "
+        "call more)",
     )
     deadline_margin_ms: Annotated[int, Field(ge=0, le=10_000)] = Field(
         40,
