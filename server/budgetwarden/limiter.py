@@ -79,6 +79,8 @@ INLINE_COUNT_CHARS = 2048
 # yet are estimated from their length (marked approximate): the check still reserves, within every ceiling, and the
 # report corrects the figure. (The fail mode instead would deny, or allow unbounded, a check Redis could decide.)
 COUNT_SHARE = 0.5
+# Batches of unary checks waiting for the store at once; checks arriving meanwhile gather for the next batch.
+BATCH_CALLS_IN_FLIGHT = 1
 
 
 @contextlib.contextmanager
@@ -165,6 +167,7 @@ class Limiter:
         counting_pool: CountingPool | None = None,
         telemetry: Telemetry | None = None,
         allowances: Allowances | None = None,
+        batch_unary: bool = True,
     ) -> None:
         self.store = store
         self.allowances = allowances  # a local allowance (off: None); see allowance.py
@@ -179,6 +182,8 @@ class Limiter:
         self.counting_pool = counting_pool or CountingPool()
         self.telemetry = telemetry or Telemetry(None)
         self._labels = _PricedLabels(None)
+        # Concurrent unary checks without a prompt share store calls (_UnaryBatch).
+        self._batch = _UnaryBatch(self) if batch_unary else None
 
     async def count(self, model: str, prompt: Prompt, limit_s: float | None = None) -> TokenCount:
         """Count a prompt with the model's encoding (see ``count_all``)."""
@@ -263,10 +268,39 @@ class Limiter:
         self, request: CheckInput, deadline_s: float | None = None, prompt: Prompt | None = None
     ) -> CheckResult:
         """Decide one check; raises StepConflictError for a step checked before with a different request."""
-        result = (await self.check_many([request], deadline_s, [prompt]))[0]
+        if self._batch is not None and prompt is None:
+            started = time.perf_counter()
+            result = await self._batch.check(request, deadline_s)
+            if self.telemetry.enabled and not isinstance(result, StepConflictError):
+                self._record(request, result, time.perf_counter() - started)
+        else:
+            result = (await self.check_many([request], deadline_s, [prompt]))[0]
         if isinstance(result, StepConflictError):
             raise result
         return result
+
+    def _check_timeout(self, deadline_s: float | None) -> float:
+        """How long a check may wait for the store: the check deadline, or less if the caller has less."""
+        return self.check_deadline_s if deadline_s is None else min(self.check_deadline_s, deadline_s)
+
+    def _late_answer(self, request: CheckInput, limit_s: float) -> CheckResult:
+        """The answer to a check whose store call did not answer within ``limit_s``: the fail mode's (or the answer
+        the policy gives without the store)."""
+        loaded = self.policy()
+        plan = self.planner.plan_check(loaded.policy, request, self.clock())
+        if plan.early is not None:
+            return CheckResult(
+                verdict=plan.early,
+                requested=plan.requested,
+                reservation_id="",
+                lease_expires_ms=None,
+                scopes=(),
+                policy_version=loaded.version,
+                model_assumed=plan.model_assumed,
+                task_type=plan.task_type,
+            )
+        late = StoreUnavailableError(f"no answer within {limit_s * 1000:.0f} ms")
+        return self._fail_mode_answer(request, plan, late, loaded.version)
 
     async def check_many(
         self,
@@ -302,7 +336,7 @@ class Limiter:
     async def _check_many(
         self, requests: Sequence[CheckInput], deadline_s: float | None, prompts: Sequence[Prompt | None]
     ) -> list[CheckResult | StepConflictError]:
-        timeout = self.check_deadline_s if deadline_s is None else min(self.check_deadline_s, deadline_s)
+        timeout = self._check_timeout(deadline_s)
         if any(prompt is not None for prompt in prompts):
             # One deadline for the whole check: what counting takes, the store does not get. Loading an encoding (once
             # per process, up to a second or so) is waited for first and bounded only by the caller's deadline: counted
@@ -723,6 +757,107 @@ class Limiter:
     ) -> bool:
         async with _store_call(self._store_limit(deadline_s)):
             return await self.store.reset_task(tenant_id, task_id, now_ms=self.clock(), audit=audit)
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A unary check waiting to go in the next batch."""
+
+    request: CheckInput
+    limit_s: float
+    answer: asyncio.Future[CheckResult | StepConflictError]
+
+
+class _UnaryBatch:
+    """Concurrent unary checks decided together, as the checks of one CheckStream message are
+    (``Limiter._check_many``: one script call per tenant), so that they share a Redis round trip and a script call as
+    gRPC shares its own work. A check that finds no store call of these in flight is decided at once, alone; checks
+    that arrive while BATCH_CALLS_IN_FLIGHT calls wait for the store gather, and go in one call when one returns (group
+    commit: grpc.aio hands the handlers one RPC per turn of the event loop, so gathering only the checks of one turn
+    gathered almost nothing). Each check keeps its own answer: a refusal is its own, and each waits only as long as its
+    own deadline allows (then the fail mode answers it, as it would a unary check)."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self._limiter = limiter
+        self._waiting: list[_Waiting] = []
+        self._flush_due = False
+        self._in_flight = 0
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def check(self, request: CheckInput, deadline_s: float | None) -> CheckResult | StepConflictError:
+        limiter = self._limiter
+        if self._in_flight < BATCH_CALLS_IN_FLIGHT and not self._waiting:
+            # Nothing to wait for: decided at once, in the caller's own task, exactly as alone (a serial caller pays
+            # nothing for the batching). Checks arriving meanwhile gather for the next call.
+            self._in_flight += 1
+            try:
+                return (await limiter._check_many([request], deadline_s, [None]))[0]
+            finally:
+                self._call_done()
+        limit_s = limiter._check_timeout(deadline_s)
+        waiting = _Waiting(request, limit_s, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiting)
+        self._schedule()
+        try:
+            async with asyncio.timeout(limit_s) as timer:
+                # shield: one caller's deadline or cancellation must not cancel the others' store call
+                return await asyncio.shield(waiting.answer)
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            waiting.answer.cancel()  # if not sent yet, it is left out of its batch
+            return limiter._late_answer(request, limit_s)
+        except asyncio.CancelledError:
+            waiting.answer.cancel()  # the caller is gone (the server stopping, the client cancelling)
+            raise
+
+    def _schedule(self) -> None:
+        if not self._flush_due and self._in_flight < BATCH_CALLS_IN_FLIGHT:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)  # after every callback already due in this turn
+
+    def _call_done(self) -> None:
+        self._in_flight -= 1
+        if self._waiting:
+            self._schedule()
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        batch = [waiting for waiting in self._waiting if not waiting.answer.done()]
+        self._waiting = []
+        if batch:
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._decide(batch))
+            self._running.add(task)  # held, so that it is not collected while it runs
+            task.add_done_callback(self._running.discard)
+
+            def abandon(answer: asyncio.Future[CheckResult | StepConflictError]) -> None:
+                # Nobody waits for the call any more: cancelled, as a unary caller's own store call would be.
+                if answer.cancelled() and all(waiting.answer.cancelled() for waiting in batch):
+                    task.cancel()
+
+            for waiting in batch:
+                waiting.answer.add_done_callback(abandon)
+
+    async def _decide(self, batch: list[_Waiting]) -> None:
+        # The store call may take as long as the most patient check allows; each check stops waiting at its own.
+        limit_s = max(waiting.limit_s for waiting in batch)
+        try:
+            answers = await self._limiter._check_many([w.request for w in batch], limit_s, [None] * len(batch))
+        except Exception as exc:  # a bug: every caller of the batch sees it, as a unary caller would
+            for waiting in batch:
+                if not waiting.answer.done():
+                    waiting.answer.set_exception(exc)
+            return
+        except BaseException:  # the server stopping
+            for waiting in batch:
+                waiting.answer.cancel()
+            raise
+        finally:
+            self._call_done()
+        for waiting, answer in zip(batch, answers, strict=True):
+            if not waiting.answer.done():
+                waiting.answer.set_result(answer)
 
 
 class _PricedLabels:

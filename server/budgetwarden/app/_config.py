@@ -173,6 +173,12 @@ class Settings(BaseSettings):
         description="how long a report, release, budget read or admin call waits for Redis before it answers "
         "UNAVAILABLE",
     )
+    batch_unary_checks: bool = Field(
+        True,
+        description="concurrent unary checks (without a prompt) share store calls: those that arrive while one is out "
+        "go together when it returns, one script call per tenant, each decided as alone (but it may wait for one store "
+        "call more)",
+    )
     deadline_margin_ms: Annotated[int, Field(ge=0, le=10_000)] = Field(
         40,
         description="kept back from a caller's deadline so the answer reaches it in time: this or 10% of it, whichever "

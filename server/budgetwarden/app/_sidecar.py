@@ -263,6 +263,7 @@ class Sidecar:
             clock=self.clock,
             telemetry=self.telemetry,
             allowances=self.allowances,
+            batch_unary=settings.batch_unary_checks,
         )
         servicer = BudgetServicer(
             limiter,

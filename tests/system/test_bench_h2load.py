@@ -1,0 +1,51 @@
+"""The h2load benchmark runs (a short round), and every request it sends is a new step: the preloaded shim
+(bench/vary_body.c) varies the one body h2load posts. It measures; it asserts nothing about speed. Skipped where h2load
+or a C compiler is missing (`make bench` installs them; `make test` does not)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("h2load") is None or shutil.which("cc") is None, reason="needs h2load and cc (make bench)"
+)
+def test_h2load_smoke_run_sends_a_new_step_with_every_request() -> None:
+    # Generous deadlines, so that no check of a busy machine is answered by the fail mode (which reserves nothing and
+    # would look like a replayed step).
+    env = {**os.environ, "BUDGETWARDEN_CHECK_DEADLINE_MS": "30000", "BUDGETWARDEN_STORE_DEADLINE_MS": "30000"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "h2load.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    header = [cell.strip() for cell in next(line for line in lines if line.startswith("| scenario")).split("|")[1:-1]]
+    rows = [
+        dict(zip(header, (cell.strip() for cell in line.split("|")[1:-1]), strict=True))
+        for line in lines
+        if line.startswith(("| serial", "| 16 streams"))
+    ]
+    servers = {row["server"] for row in rows}
+    assert servers == {"floor", "naive", "budgetwarden", "budgetwarden, batching off"}
+    for row in rows:
+        assert row["failed"] == "0", row
+        assert float(row["checks/s"].replace(",", "")) > 0, row
+        if row["server"].startswith("budgetwarden"):
+            # Every answered request reserved its own step; only the calls in flight when h2load stopped may be cut.
+            leases, sent = (int(part.replace(",", "")) for part in row["new steps"].split(" of "))
+            streams = 1 if row["scenario"].startswith("serial") else 16
+            assert sent - streams <= leases <= sent, row
