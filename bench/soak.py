@@ -18,7 +18,7 @@ the second half of the run, per hour, and whether memory and keys level off.
 Retention is shortened so that expiry shows within minutes (see RETENTION_FLAGS and POLICY): leases of 10 s, a
 reservation record kept 60 s after its lease, an idle task 120 s, idempotency keys 60 s + the longest lease (60 s),
 window counters 60 s after their window, usage streams capped at 1,000 entries per tenant and 120 s of age, and
-notification streams (nothing delivers them here: no control plane runs) at 100 entries per tenant. So every key a
+notification streams (nothing delivers them here: no control plane runs) at 10 entries per tenant. So every key a
 step writes is gone within about 3 minutes of the step, and each per-tenant stream stops at its cap.
 """
 
@@ -59,7 +59,7 @@ RETENTION_FLAGS = [
     "--window-grace-seconds", "60",
     "--usage-stream-max-len", "1000",
     "--usage-stream-max-age-seconds", "120",
-    "--notify-stream-max-len", "100",
+    "--notify-stream-max-len", "10",
     "--notify-stream-max-age-seconds", "120",
 ]  # fmt: skip
 TIGHT_EVERY = 5  # every 5th tenant has a tight minute window
