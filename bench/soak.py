@@ -303,6 +303,8 @@ def key_kind(key: bytes) -> str:
     if rest in COLLECTIONS:
         return rest
     kind = rest.split(":", 1)[0]
+    if kind in COLLECTIONS:  # a key beside a collection, such as `notify:dropped` (a string)
+        return rest
     return kind if kind in KEY_KINDS else "other"
 
 

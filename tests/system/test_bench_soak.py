@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+from soak import key_kind  # noqa: E402
 
 
 def table(stdout: str, first_header: str) -> list[dict[str, str]]:
@@ -52,3 +54,19 @@ def test_soak_smoke_run() -> None:
     trends = {row["quantity"]: row for row in table(out, "quantity")}
     assert {"sidecar RSS MB", "sidecar open fds", "Valkey used_memory MiB", "Valkey keys"} <= set(trends)
     assert all(row["levels off"] in {"yes", "NO"} for row in trends.values())
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [
+        (b"bw1:{acme}:task:0f", "task"),
+        (b"bw1:{acme}:idem:resv:0f", "idem"),
+        (b"bw1:{acme}:ckpt:0f", "ckpt"),
+        (b"bw1:{acme}:ckpt:open", "ckpt:open"),
+        (b"bw1:{acme}:notify", "notify"),
+        (b"bw1:{acme}:notify:dropped", "notify:dropped"),  # a string beside the stream: no XLEN on it
+        (b"bw1:audit", "other"),
+    ],
+)
+def test_the_soak_sorts_keys_by_kind(key: bytes, kind: str) -> None:
+    assert key_kind(key) == kind
