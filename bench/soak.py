@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import random
 import signal
@@ -361,18 +362,23 @@ async def reload_policy(path: Path, tenants: int, every_s: float, until: float) 
 # --- slopes --------------------------------------------------------------------------------------------------------
 
 
-def slope_per_hour(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of (seconds, value) points, per hour."""
+def slope_per_hour(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares slope of (seconds, value) points, per hour, and its standard error."""
     pairs = [(x / 3600, y) for x, y in points if y == y]  # NaN-free
-    if len(pairs) < 2:
-        return float("nan")
-    mx = sum(x for x, _ in pairs) / len(pairs)
-    my = sum(y for _, y in pairs) / len(pairs)
+    n = len(pairs)
+    mx = sum(x for x, _ in pairs) / max(n, 1)
+    my = sum(y for _, y in pairs) / max(n, 1)
     den = sum((x - mx) ** 2 for x, _ in pairs)
-    return sum((x - mx) * (y - my) for x, y in pairs) / den if den else float("nan")
+    if n < 3 or not den:
+        return float("nan"), float("nan")
+    slope = sum((x - mx) * (y - my) for x, y in pairs) / den
+    residuals = sum((y - my - slope * (x - mx)) ** 2 for x, y in pairs)
+    return slope, math.sqrt(residuals / (n - 2) / den)
 
 
-# A quantity levels off when the second half's slope, projected over an hour, adds less than this share of its mean.
+# A quantity levels off when the second half's slope, projected over an hour, adds less than this share of its mean,
+# or when no such growth is told apart from the noise: the slope less two standard errors stays under that share. (On
+# a shared machine the load's throughput swings from minute to minute, and the keys and memory with it.)
 FLAT_SHARE = 0.05
 SLOPED: list[tuple[str, Callable[[Sample], float]]] = [
     ("sidecar RSS MB", lambda s: s.rss_mb),
@@ -391,11 +397,12 @@ class Trend:
     second_mean: float
     last: float
     per_hour: float
+    standard_error: float
 
     @property
     def flat(self) -> bool:
         # Falling is levelling off too; a quantity near zero gets a floor of one unit.
-        return self.per_hour <= FLAT_SHARE * max(abs(self.second_mean), 1.0)
+        return self.per_hour - 2 * self.standard_error <= FLAT_SHARE * max(abs(self.second_mean), 1.0)
 
 
 def trends(samples: list[Sample]) -> list[Trend]:
@@ -405,7 +412,8 @@ def trends(samples: list[Sample]) -> list[Trend]:
         points = [(s.at_s, float(value(s))) for s in second]
         values = [y for _, y in points if y == y]
         mean = sum(values) / len(values) if values else float("nan")
-        out.append(Trend(label, float(value(samples[0])), mean, float(value(samples[-1])), slope_per_hour(points)))
+        slope, error = slope_per_hour(points)
+        out.append(Trend(label, float(value(samples[0])), mean, float(value(samples[-1])), slope, error))
     return out
 
 
@@ -556,15 +564,17 @@ def report(
         "",
         f"Slopes: least squares over the second half of the run ({len(samples[len(samples) // 2 :])} samples, from "
         f"{elapsed(samples[len(samples) // 2].at_s)}), per hour. Levels off: the slope adds less than "
-        f"{FLAT_SHARE:.0%} of the second half's mean per hour.",
+        f"{FLAT_SHARE:.0%} of the second half's mean per hour, or the slope less two standard errors does (growth not "
+        "told apart from the minute-to-minute noise of a shared machine).",
         "",
-        "| quantity | first sample | second-half mean | last sample | slope per hour | levels off |",
+        "| quantity | first sample | second-half mean | last sample | slope per hour (± 2 standard errors) "
+        "| levels off |",
         "|---|---|---|---|---|---|",
     ]
     for t in trends(samples):
         lines.append(
-            f"| {t.label} | {t.first:,.1f} | {t.second_mean:,.1f} | {t.last:,.1f} | {t.per_hour:+,.1f} | "
-            f"{'yes' if t.flat else 'NO'} |"
+            f"| {t.label} | {t.first:,.1f} | {t.second_mean:,.1f} | {t.last:,.1f} | {t.per_hour:+,.1f} "
+            f"(± {2 * t.standard_error:,.1f}) | {'yes' if t.flat else 'NO'} |"
         )
     lines += [
         "",
