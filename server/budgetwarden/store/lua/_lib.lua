@@ -177,7 +177,8 @@ end
 --   <p>ckpt:<sha1(id)> hash  task (its key), task_id, task_type, opened_at, state (open, approved, denied),
 --                            decided_at, added, added_usd                     (expires after task retention)
 -- Every key expires after the task retention, counted from its last write, like the tasks themselves. A member whose
--- checkpoint is gone (its task reset or expired) is dropped by the next listing that meets it.
+-- checkpoint is gone (its task reset or expired) is dropped by the next listing that meets it; an open one whose task
+-- expired, also by a later opening (drop_expired_open_checkpoints).
 
 -- 'bw1:{tenant}:' of any key of the tenant: the tag is URL-quoted, so its first '}:' ends it.
 local function tenant_prefix(key)
@@ -188,6 +189,25 @@ local function checkpoint_info_key(prefix, id)
   return prefix .. 'ckpt:' .. redis.sha1hex(id)
 end
 
+-- Members of ckpt:open looked at, at most, each time a checkpoint opens (see drop_expired_open_checkpoints).
+local OPEN_CHECKPOINTS_SWEPT = 4
+
+-- An open checkpoint whose task expired leaves a member in ckpt:open that only a listing would drop; with nobody
+-- listing, a tenant whose tasks keep reaching checkpoints grows the set without bound (bench/soak.py showed it).
+-- So each opening drops up to a few such members itself. Only members opened more than the task retention ago can
+-- be gone that way (a task expires the retention after its last check, which was no earlier than the opening), so
+-- those are the ones looked at, oldest first; a member whose task still holds it open (still checked) stays. (So over
+-- OPEN_CHECKPOINTS_SWEPT such long-waiting checkpoints at the head stall this until one is answered; listing drops
+-- the rest as before.)
+local function drop_expired_open_checkpoints(prefix, open, now, retention_ms)
+  local old = redis.call('ZRANGEBYSCORE', open, '-inf', string.format('(%d', now - retention_ms), 'LIMIT', 0,
+    OPEN_CHECKPOINTS_SWEPT)
+  for _, id in ipairs(old) do
+    local task_key = redis.call('HGET', checkpoint_info_key(prefix, id), 'task')
+    if not task_key or redis.call('HGET', task_key, 'checkpoint') ~= id then redis.call('ZREM', open, id) end
+  end
+end
+
 local function checkpoint_opened(task_key, id, now, retention_ms)
   local prefix = tenant_prefix(task_key)
   local info, open = checkpoint_info_key(prefix, id), prefix .. 'ckpt:open'
@@ -195,6 +215,7 @@ local function checkpoint_opened(task_key, id, now, retention_ms)
   redis.call('HSET', info, 'task', task_key, 'task_id', f[1] or '', 'task_type', f[2] or '', 'opened_at', now,
     'state', 'open')
   redis.call('PEXPIRE', info, retention_ms)
+  drop_expired_open_checkpoints(prefix, open, now, retention_ms)
   redis.call('ZADD', open, now, id)
   redis.call('PEXPIRE', open, retention_ms)
 end
