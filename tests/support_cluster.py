@@ -110,8 +110,8 @@ class ClusterNode:
 
 
 class Cluster:
-    """``primaries`` nodes owning the slots in even ranges; ``replicated`` names the primaries (by index) that get one
-    replica each. ``replica_of[i]`` is primary i's replica."""
+    """``primaries`` nodes owning the slots in even ranges; ``replicated`` names the primaries (by index) that get a
+    replica, once per replica. ``replicas_of[i]`` are primary i's replicas, ``replica_of[i]`` the first of them."""
 
     def __init__(
         self,
@@ -122,20 +122,29 @@ class Cluster:
     ) -> None:
         ports = cluster_ports(primaries + len(replicated))
         self.primaries: list[ClusterNode] = []
-        self.replica_of: dict[int, ClusterNode] = {}
+        self.replicas_of: dict[int, list[ClusterNode]] = {}
         try:
             for n, port in enumerate(ports[:primaries]):
                 self.primaries.append(ClusterNode(folder / f"primary-{n}", port, node_timeout_ms))
             for n, port in zip(replicated, ports[primaries:], strict=True):
-                self.replica_of[n] = ClusterNode(folder / f"replica-{n}", port, node_timeout_ms)
+                replicas = self.replicas_of.setdefault(n, [])
+                replicas.append(ClusterNode(folder / f"replica-{n}-{len(replicas)}", port, node_timeout_ms))
             self._form()
         except BaseException:
             self.stop()
             raise
 
     @property
+    def replica_of(self) -> dict[int, ClusterNode]:
+        return {n: replicas[0] for n, replicas in self.replicas_of.items()}
+
+    @property
+    def all_replicas(self) -> list[ClusterNode]:
+        return [replica for replicas in self.replicas_of.values() for replica in replicas]
+
+    @property
     def nodes(self) -> list[ClusterNode]:
-        return [*self.primaries, *self.replica_of.values()]
+        return [*self.primaries, *self.all_replicas]
 
     @property
     def url(self) -> str:
@@ -157,11 +166,12 @@ class Cluster:
             with node.client() as client:
                 client.execute_command("CLUSTER", "MEET", "127.0.0.1", first.port)
         wait_until(self._everyone_knows_everyone, "every node knows every other")
-        for n, replica in self.replica_of.items():
+        for n, replicas in self.replicas_of.items():
             primary_id = self.primaries[n].node_id()
-            with replica.client() as client:
-                client.execute_command("CLUSTER", "REPLICATE", primary_id)
-        for replica in self.replica_of.values():
+            for replica in replicas:
+                with replica.client() as client:
+                    client.execute_command("CLUSTER", "REPLICATE", primary_id)
+        for replica in self.all_replicas:
             wait_until(lambda replica=replica: self._in_sync(replica), f"replica {replica.port} is in sync")
         wait_until(self.healthy, "the cluster state is ok on every node")
 
@@ -203,13 +213,21 @@ class Cluster:
         wait_until(lambda: self._in_sync(replica), f"replica {replica.port} is in sync again")
 
     def fail_over_by_killing(self, n: int) -> ClusterNode:
-        """Kill primary ``n`` and wait until its replica is promoted and the cluster serves every slot again; the
-        promoted replica is returned."""
-        replica = self.replica_of[n]
+        """Kill primary ``n`` and wait until one of its replicas is promoted and the cluster serves every slot again;
+        the promoted replica is returned."""
         self.primaries[n].kill()
-        wait_until(lambda: replica.role() == "master", f"the replica {replica.port} is promoted")
+        return self.wait_for_promotion(n)
+
+    def wait_for_promotion(self, n: int) -> ClusterNode:
+        promoted: list[ClusterNode] = []
+
+        def one_is_promoted() -> bool:
+            promoted[:] = [replica for replica in self.replicas_of[n] if replica.role() == "master"]
+            return bool(promoted)
+
+        wait_until(one_is_promoted, f"a replica of primary {n} is promoted")
         wait_until(self.healthy, "the cluster state is ok again")
-        return replica
+        return promoted[0]
 
     def stop(self) -> None:
         for node in self.nodes:
