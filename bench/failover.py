@@ -19,6 +19,9 @@ Per run:
   first decided        - from the kill to the first check decided by the store after the first one that was not;
   recovered            - from the kill to the last check not decided by the store (after it, every check is, but
                          for a stray one more than a second after the one before);
+  acknowledged unreplicated - tokens of the reservations granted and the reports acknowledged from the moment the
+                         replicas' link is being cut to the kill: an upper bound on what the failover can lose, and
+                         so over-grant (with `replicas`, the few in it were confirmed before the link dropped);
   overspend            - tokens the store granted beyond a task's ceiling, summed over tasks (fail-open grants
                          are not the store's and are counted apart);
   usage lost           - tokens of acknowledged reports that Redis no longer counts after the failover;
@@ -86,6 +89,7 @@ class Load:
     acknowledged: dict[tuple[str, str], int] = field(default_factory=dict)
     unacknowledged: list[pb.UsageRecord] = field(default_factory=list)
     reports_failed: int = 0
+    report_acks: list[tuple[float, int]] = field(default_factory=list)  # when, and how many tokens
     last_report_error: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -102,6 +106,7 @@ class Result:
     overspend: int
     fail_open_tokens: int
     lost: int
+    unreplicated: int
     reports_failed: int
     check_p99_ms: float
 
@@ -179,6 +184,7 @@ def send_report(client: BudgetClient, record: pb.UsageRecord, load: Load) -> boo
         key = (record.tenant_id, record.task_id)
         with load.lock:
             load.acknowledged[key] = load.acknowledged.get(key, 0) + record.input_tokens
+            load.report_acks.append((time.monotonic(), record.input_tokens))
     return True
 
 
@@ -264,8 +270,14 @@ def deployment(topology: str, tmp: Path) -> Iterator[Deployment]:
         finally:
             group.stop()
         return
+    # Without replica migration: otherwise the killed primary's spare replica can move to a primary that has none,
+    # and leave the promoted one without a replica (so `--durability replicas` refuses writes until one is added).
     cluster = Cluster(
-        tmp / "cluster", primaries=PRIMARIES, replicated=[KILLED, KILLED], node_timeout_ms=FAILOVER_NODE_TIMEOUT_MS
+        tmp / "cluster",
+        primaries=PRIMARIES,
+        replicated=[KILLED, KILLED],
+        node_timeout_ms=FAILOVER_NODE_TIMEOUT_MS,
+        extra=["--cluster-allow-replica-migration", "no"],
     )
     try:
 
@@ -348,6 +360,11 @@ def summarize(
         if sample.outcome in ("store", "fail-mode") and sample.answered - sample.sent <= deadline_s
     ]
     overspend = sum(max(0, granted - args.ceiling) for granted in load.granted.values())
+    # What the primary acknowledged while its replicas could not receive it (the link cut, to the kill): reservations
+    # granted and reports applied. A failover can lose at most this, and so over-grant at most this.
+    unreplicated = sum(s.granted for s in load.checks if disturbed_at <= s.answered <= killed_at) + sum(
+        tokens for at, tokens in load.report_acks if disturbed_at <= at <= killed_at
+    )
     latencies = [sample.answered - sample.sent for sample in load.checks]
     return Result(
         run=run,
@@ -359,6 +376,7 @@ def summarize(
         recovered_s=recovered - killed_at,
         overspend=overspend,
         fail_open_tokens=sum(sample.fail_open_tokens for sample in load.checks),
+        unreplicated=unreplicated,
         lost=lost,
         reports_failed=load.reports_failed,
         check_p99_ms=percentile(latencies, 0.99) * 1000,
@@ -402,19 +420,21 @@ def main() -> int:
         f"that is killed), tasks of {args.ceiling} tokens in steps of {args.step}, each allowed step reported; the "
         f"primary is SIGKILLed after {args.before:g} s of load, and the load goes on for {args.after:g} s. Sentinel: "
         "primary, 2 replicas, 3 sentinels, down-after 1000 ms; Cluster: 3 primaries, 2 replicas for the killed one, "
-        "cluster-node-timeout 1000 ms. *link cut*: the primary dropped its replicas and refused them again "
+        "cluster-node-timeout 1000 ms, cluster-allow-replica-migration no. *link cut*: the primary dropped its "
+        "replicas and refused them again "
         f"{args.cut_ms} ms before the kill, so the promoted replica lacks that time's writes. The sidecar's check "
         "deadline is the production 250 ms. Times are from the kill.",
         "",
         "| Redis | replicas at the kill | `--durability` | fail mode | checks | during the outage "
-        "| answered in deadline | fail-mode answers | first decided s | recovered s | overspend tokens "
+        "| answered in deadline | fail-mode answers | first decided s | recovered s | acknowledged unreplicated "
+        "| overspend tokens "
         "| fail-open tokens | acknowledged usage lost | reports refused | check p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(
             f"| {r.run.topology} | {LINKS[r.run.link]} | `{r.run.durability}` | {r.run.fail_mode} | {r.checks:,} | "
             f"{r.outage_checks:,} | {r.in_deadline:.1%} | {r.fail_mode_answers:,} | {r.first_decided_s:.2f} | "
-            f"{r.recovered_s:.2f} | {r.overspend} | {r.fail_open_tokens:,} | {r.lost} | {r.reports_failed} | "
-            f"{r.check_p99_ms:.0f} |"
+            f"{r.recovered_s:.2f} | {r.unreplicated:,} | {r.overspend:,} | {r.fail_open_tokens:,} | {r.lost:,} | "
+            f"{r.reports_failed} | {r.check_p99_ms:.0f} |"
             for r in results
         ),
         "",

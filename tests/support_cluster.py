@@ -61,7 +61,7 @@ def slot_owner(key: str, primaries: int) -> int:
 
 
 class ClusterNode:
-    def __init__(self, folder: Path, port: int, node_timeout_ms: int) -> None:
+    def __init__(self, folder: Path, port: int, node_timeout_ms: int, extra: Sequence[str] = ()) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.port = port
         self.folder = folder
@@ -76,6 +76,7 @@ class ClusterNode:
             "--logfile", str(folder / "node.log"),
             "--save", "",
             "--appendonly", "no",
+            *extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
@@ -119,16 +120,18 @@ class Cluster:
         primaries: int = 3,
         replicated: Sequence[int] = (),
         node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS,
+        extra: Sequence[str] = (),
     ) -> None:
+        """``extra``: more arguments for every node's server."""
         ports = cluster_ports(primaries + len(replicated))
         self.primaries: list[ClusterNode] = []
         self.replicas_of: dict[int, list[ClusterNode]] = {}
         try:
             for n, port in enumerate(ports[:primaries]):
-                self.primaries.append(ClusterNode(folder / f"primary-{n}", port, node_timeout_ms))
+                self.primaries.append(ClusterNode(folder / f"primary-{n}", port, node_timeout_ms, extra))
             for n, port in zip(replicated, ports[primaries:], strict=True):
                 replicas = self.replicas_of.setdefault(n, [])
-                replicas.append(ClusterNode(folder / f"replica-{n}-{len(replicas)}", port, node_timeout_ms))
+                replicas.append(ClusterNode(folder / f"replica-{n}-{len(replicas)}", port, node_timeout_ms, extra))
             self._form()
         except BaseException:
             self.stop()
