@@ -77,7 +77,7 @@ def drive(addr: str, size: int, seconds: float, threads: int) -> tuple[float, fl
         mine: list[float] = []
         with BudgetClient(addr, timeout=60) as client:
             client.report(records(size))  # connect before the clock matters
-            while time.perf_counter() < stop_at:
+            while not mine or time.perf_counter() < stop_at:  # one timed call at least, on a slow machine too
                 batch = records(size)
                 started = time.perf_counter()
                 answer = client.report(batch)
@@ -103,7 +103,8 @@ def serving(tmp: Path, name: str, *flags: str) -> Iterator[str]:
     addr = f"127.0.0.1:{free_port()}"
     server = subprocess.Popen(
         [sys.executable, "-m", "budgetwarden", "serve", "--listen", addr, "--data-dir", str(tmp / name),
-         "--policy-file", str(policy), "--log-level", "WARNING", "--usage-stream-max-len", "10000000", *flags],
+         "--policy-file", str(policy), "--log-level", "WARNING", "--usage-stream-max-len", "10000000",
+         "--store-deadline-ms", "30000", *flags],  # a slow moment of a shared machine is no failed call here
         cwd=tmp,
     )  # fmt: skip
     try:
