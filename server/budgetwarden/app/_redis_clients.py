@@ -179,7 +179,8 @@ def confirming_cluster(url: str, confirmation: WriteConfirmation, options: dict[
     if client.nodes_manager.connection_kwargs is not client.connection_kwargs:
         raise OSError(f"--durability {confirmation.name} with --redis-cluster: this redis-py cannot confirm writes")
     client.connection_kwargs["connection_class"] = kind
-    for node in [*client.startup_nodes, *client.nodes_manager.startup_nodes.values()]:
+    # The nodes made already, wherever this version of redis-py keeps them.
+    for node in [*getattr(client, "startup_nodes", []), *client.nodes_manager.startup_nodes.values()]:
         node.connection_class = kind
     return client
 
