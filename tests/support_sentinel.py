@@ -81,10 +81,11 @@ class Node:
 
 
 class SentinelGroup:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, replicas: int = 1) -> None:
         data = ["--save", "", "--appendonly", "no"]
         self.primary = Node(folder / "primary", "primary", data)
-        self.replica = Node(folder / "replica", "replica", data)
+        self.replicas = [Node(folder / f"replica-{n}", "replica", data) for n in range(replicas)]
+        self.replica = self.replicas[0]
         self.sentinels: list[Node] = []
         try:
             self._start()
@@ -93,10 +94,11 @@ class SentinelGroup:
             raise
 
     def _start(self) -> None:
-        # The replica is started before the primary's port is known to it: point it there now.
-        wait_until(lambda: bool(self.replica.client().ping()), "the replica answers")
-        self.replica.client().replicaof("127.0.0.1", self.primary.port)
-        wait_until(self._replica_in_sync, "the replica is in sync with the primary")
+        # The replicas are started before the primary's port is known to them: point them there now.
+        for replica in self.replicas:
+            wait_until(lambda replica=replica: bool(replica.client().ping()), "the replica answers")
+            replica.client().replicaof("127.0.0.1", self.primary.port)
+        wait_until(self._replica_in_sync, "the replicas are in sync with the primary")
         for n in range(3):
             folder = self.primary.folder.parent / f"sentinel-{n}"
             folder.mkdir()
@@ -111,13 +113,13 @@ class SentinelGroup:
         wait_until(self._sentinels_see_everyone, "every sentinel knows the replica and the other sentinels")
 
     def _replica_in_sync(self) -> bool:
-        info = self.replica.client().info("replication")
-        return bool(info.get("master_link_status") == "up")
+        infos = [replica.client().info("replication") for replica in self.replicas]
+        return all(info.get("master_link_status") == "up" for info in infos)
 
     def _sentinels_see_everyone(self) -> bool:
         for sentinel in self.sentinels:
             client = sentinel.client()
-            if len(client.sentinel_slaves(SERVICE)) < 1 or len(client.sentinel_sentinels(SERVICE)) < 2:
+            if len(client.sentinel_slaves(SERVICE)) < len(self.replicas) or len(client.sentinel_sentinels(SERVICE)) < 2:
                 return False
         return True
 
@@ -153,5 +155,5 @@ class SentinelGroup:
         )
 
     def stop(self) -> None:
-        for node in [*self.sentinels, self.replica, self.primary]:
+        for node in [*self.sentinels, *self.replicas, self.primary]:
             node.stop()

@@ -2,83 +2,24 @@
 
 from __future__ import annotations
 
-import random
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import redis
 
-from budgetwarden.store._embedded import server_binary
 from budgetwarden.store._store import REPORT_BATCH
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
 
 from support import RunningSidecar
-
-SLOTS = 16384
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _cluster_ports(count: int) -> list[int]:
-    """Ports whose cluster-bus port (port + 10000) is free as well."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randint(20000, 29999)
-        if port not in ports and _free(port) and _free(port + 10000):
-            ports.append(port)
-    return ports
+from support_cluster import Cluster
 
 
 @pytest.fixture(scope="module")
 def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    ports = _cluster_ports(3)
-    processes = []
-    for port in ports:
-        workdir: Path = tmp_path_factory.mktemp(f"node{port}")
-        args = [str(server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
-        args += ["--cluster-config-file", "nodes.conf", "--dir", str(workdir), "--save", "", "--appendonly", "no"]
-        processes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    try:
-        clients = [redis.Redis(port=port) for port in ports]
-        for client in clients:
-            for _ in range(200):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-        share = SLOTS // len(ports)
-        for i, client in enumerate(clients):
-            last = SLOTS - 1 if i == len(ports) - 1 else (i + 1) * share - 1
-            client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
-        for client in clients[1:]:
-            client.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
-        for _ in range(400):
-            infos = [client.execute_command("CLUSTER", "INFO") for client in clients]
-            if all(b"cluster_state:ok" in info for info in infos):
-                break
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("cluster did not become ready")
-        for client in clients:
-            client.close()
-        yield f"redis://127.0.0.1:{ports[0]}/0"
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(10)
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), primaries=3)
+    yield cluster.url
+    cluster.stop()
 
 
 def test_tenants_spread_over_nodes_and_scripts_run_unchanged(

@@ -3,12 +3,14 @@ whose script calls are answered only once the write is confirmed (fsynced locall
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -110,6 +112,79 @@ def confirmed_class(confirmation: WriteConfirmation) -> type[ConfirmedRedis]:
     return type(f"ConfirmedRedis_{confirmation.name}", (ConfirmedRedis,), {"confirmation": confirmation})
 
 
+class WriteNotConfirmedError(RedisError):
+    """Too few confirmations on a Cluster: neither a connection error nor a timeout, which the cluster client would
+    answer by reading the topology again and resending the call."""
+
+
+class _ConfirmedCommand(list[bytes]):
+    """A packed script call with its confirmation packed behind it."""
+
+
+class ConfirmingConnection(Connection):
+    """A Cluster node's connection that sends each script call's confirmation right behind it, on itself, and answers
+    the call only once the confirmation's answer counts enough. redis-py's cluster client sends each script call alone
+    on one node's connection and reads its reply (it does not pipeline them), and WAIT and WAITAOF must go on the
+    connection that wrote: so this is where the cluster's confirmation goes, under the slot routing, the MOVED
+    handling and the retries of the cluster client, which then work for the pair as for one command.
+
+    The reply read after a confirmed call is sent is that call's: the handshake of a new connection and any health
+    check run inside the send, before the call is written."""
+
+    confirmation: ClassVar[WriteConfirmation]
+    _confirm_next = False
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        packed: list[bytes] = super().pack_command(*args)
+        if not _needs_confirmation(args):
+            return packed
+        return _ConfirmedCommand([*packed, *super().pack_command(*self.confirmation.command)])
+
+    def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:
+        listed = [tuple(command) for command in commands]
+        if any(_needs_confirmation(command) for command in listed):
+            raise RedisError(f"--durability {self.confirmation.name}: a script call in a cluster pipeline")
+        return super().pack_commands(listed)
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        await super().send_packed_command(command, check_health)
+        self._confirm_next = isinstance(command, _ConfirmedCommand)
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._confirm_next:
+            return await super().read_response(*args, **kwargs)
+        self._confirm_next = False
+        try:
+            reply = await super().read_response(*args, **kwargs)
+        except ResponseError:
+            await super().read_response()  # the confirmation's answer, so the next command reads its own
+            raise
+        got = self.confirmation.count(await super().read_response())
+        if got < self.confirmation.needed:
+            raise WriteNotConfirmedError(self.confirmation.failure(got))
+        return reply
+
+    async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        self._confirm_next = False
+        await super().disconnect(*args, **kwargs)
+
+
+def confirming_cluster(url: str, confirmation: WriteConfirmation, options: dict[str, Any]) -> RedisCluster:
+    """A cluster client whose nodes' connections confirm each script call (``ConfirmingConnection``). redis-py's
+    cluster client takes no connection class: it is set in the options every node is made from (the startup nodes'
+    and those the client finds later share them)."""
+    client = RedisCluster.from_url(url, **options)
+    base = client.connection_kwargs.get("connection_class", Connection)
+    kind = type(f"Confirming{base.__name__}", (ConfirmingConnection, base), {"confirmation": confirmation})
+    if client.nodes_manager.connection_kwargs is not client.connection_kwargs:
+        raise OSError(f"--durability {confirmation.name} with --redis-cluster: this redis-py cannot confirm writes")
+    client.connection_kwargs["connection_class"] = kind
+    # The nodes made already, wherever this version of redis-py keeps them.
+    for node in [*getattr(client, "startup_nodes", []), *client.nodes_manager.startup_nodes.values()]:
+        node.connection_class = kind
+    return client
+
+
 def sentinel_target(url: str) -> SentinelTarget:
     try:
         return parse_sentinel_url(url)
@@ -121,8 +196,6 @@ def write_confirmation(settings: Settings, *, embedded: bool) -> WriteConfirmati
     """What ``--durability`` asks of an external Redis (the embedded one fsyncs by its appendfsync instead)."""
     if embedded or settings.durability in (None, "none"):
         return None
-    if settings.redis_cluster:
-        raise OSError(f"--durability {settings.durability} is not supported with --redis-cluster: use none")
     if settings.durability == "aof-local":
         return aof_local()
     return replicas(settings.durability_replicas)
@@ -139,7 +212,7 @@ def redis_client(
     """One retry on a dropped connection: after Redis restarts (or fails over), every pooled connection is dead once.
     Every script the sidecar runs is idempotent (reservations, report markers, release states, decided checkpoints,
     ceiling changes by their request id), so a retry after a drop is safe. ``confirmation``: every script call waits
-    for it (not with a Cluster).
+    for it (on a Cluster, for the replicas of the primary that ran it).
 
     The limiter gives every store call its own deadline (and a call it gives up on closes its connection);
     ``socket_timeout`` is the backstop under that: no connect or read waits longer, so no stalled connection is
@@ -152,6 +225,8 @@ def redis_client(
         "socket_connect_timeout": socket_timeout,
     }
     if cluster:
+        if confirmation is not None:
+            return confirming_cluster(url, confirmation, options)
         return RedisCluster.from_url(url, **options)
     kind = Redis if confirmation is None else confirmed_class(confirmation)
     if is_sentinel_url(url):
