@@ -7,8 +7,9 @@ the admitted ones keep their latency, and one tenant cannot take every slot of a
 may hold at most its share of the bound, which leaves the rest to the others.
 
 The bound counts only checks whose handler runs. Offered more than its CPU serves, the sidecar's queue forms before
-that, in gRPC and the event loop (bench/overload.py under h2load: a few dozen checks in flight, but checks reaching
-the handler with almost none of their deadline left). So a check is also shed when the time a check takes here now
+that, in gRPC (bench/overload.py under h2load: a few dozen checks in flight, but checks reaching the handler with
+almost none of their deadline left); --max-pending-calls bounds that queue (gRPC's options, app/_sidecar.py). Whatever
+gets through it, a check is also shed when the time a check takes here now
 (an exponentially weighted average of the last checks' times, measured by this sidecar) exceeds what is left of its
 deadline: its answer would come too late, and the store call and the fail mode's answer are saved for the checks that
 can still use theirs. The average fades while no check finishes, so one slow spell (a store outage) cannot shed every
