@@ -417,30 +417,31 @@ def probe(addr: str, rate: float, seconds: float, deadline: float, tag: str) -> 
     result = Probe()
     with grpc.insecure_channel(addr) as channel:
         call = channel.unary_unary(CHECK, pb.CheckRequest.SerializeToString, pb.CheckResponse.FromString)
-        sent: list[tuple[float, grpc.Future[pb.CheckResponse]]] = []
+        sent: list[grpc.Future[pb.CheckResponse]] = []
+        took: dict[int, float] = {}  # seconds from each check's sending to its answer (set by gRPC's thread)
         start = time.perf_counter()
         while (at := start + len(sent) / rate) < start + seconds:
             time.sleep(max(0.0, at - time.perf_counter()))
+            n = len(sent)
             request = pb.CheckRequest(
-                tenant_id="probe", task_id=f"probe-{len(sent) % TASKS['probe']:04d}", step_id=f"{tag}-{len(sent)}",
+                tenant_id="probe", task_id=f"probe-{n % TASKS['probe']:04d}", step_id=f"{tag}-{n}",
                 estimated_input_tokens=TOKENS, task_ceiling_tokens=CEILING,
             )  # fmt: skip
-            sent.append((time.perf_counter(), call.future(request, timeout=deadline)))
-        for at, future in sent:
+            sent_at = time.perf_counter()
+            pending = call.future(request, timeout=deadline)
+            pending.add_done_callback(lambda _, n=n, at=sent_at: took.__setitem__(n, time.perf_counter() - at))  # type: ignore[misc]
+            sent.append(pending)
+        for n, future in enumerate(sent):
             try:
                 answer = future.result()
             except grpc.RpcError as error:
-                code = error.code()
-                details = error.details() or ""
+                code, details = error.code(), error.details() or ""
                 shed = code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("overloaded:")
                 result.outcomes["shed" if shed else code.name] += 1
                 continue
-            if answer.from_fail_mode:
-                result.outcomes["fail mode"] += 1
-            else:
-                result.outcomes["answered"] += 1
-                # Futures complete in the background; the answer's time is when result() first saw it at the latest.
-                result.answered_us.append((time.perf_counter() - at) * 1e6)
+            result.outcomes["fail mode" if answer.from_fail_mode else "answered"] += 1
+            if not answer.from_fail_mode and n in took:
+                result.answered_us.append(took[n] * 1e6)
     return result
 
 
@@ -497,6 +498,8 @@ def h2load_main(args: argparse.Namespace) -> int:
         serve_flags += ["--max-checks-in-flight", str(args.max_checks_in_flight)]
     if args.tenant_in_flight_share is not None:
         serve_flags += ["--tenant-in-flight-share", str(args.tenant_in_flight_share)]
+    if args.max_pending_calls is not None:
+        serve_flags += ["--max-pending-calls", str(args.max_pending_calls)]
     scenarios: list[H2Scenario] = []
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as name:
@@ -562,11 +565,16 @@ def h2load_report(args: argparse.Namespace, scenarios: list[H2Scenario], held: d
     command = " ".join(["bench/overload.py", *sys.argv[1:]])
     lines = [
         "### Overload under h2load: unary checks at 2x and 5x saturation, a noisy and a quiet tenant"
-        + (f", --max-checks-in-flight {args.max_checks_in_flight}" if args.max_checks_in_flight is not None else "")
+        + "".join(
+            f", --{flag.replace('_', '-')} {value}"
+            for flag in ("max_pending_calls", "max_checks_in_flight", "tenant_in_flight_share")
+            if (value := getattr(args, flag)) is not None
+        )
         + f" ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
         f"Machine: {machine()}. Command: `.venv/bin/python {command}` (one `budgetwarden serve` on its own Valkey "
-        "with AOF everysec, its default bound and tenant share unless the command sets them, a Prometheus endpoint; "
+        "with AOF everysec, its default bounds (--max-pending-calls, --max-checks-in-flight) and tenant share unless "
+        "the command sets them, a Prometheus endpoint; "
         f"generator: h2load 1.52 (`-t1 -H 'grpc-timeout: {args.client_deadline * 1000:g}m'`, bench/vary_body.c "
         f"preloaded so every check is a new step); saturation: `h2load -c2 -m{args.concurrency}` closed loop; open "
         f"loop: `h2load --rps` with {args.processes} connections for the noisy tenant and one h2load process, one "
@@ -575,8 +583,9 @@ def h2load_report(args: argparse.Namespace, scenarios: list[H2Scenario], held: d
         f"(noisy) or {TASKS['quiet']} (quiet) tasks with a ceiling of {CEILING:,}; h2load, sidecar and Valkey share "
         "the 2 cores). h2load cannot read grpc-status, so outcomes are the sidecar's own counts over the scenario "
         "(budgetwarden_check_decisions_total, of which fail mode: reason FAIL_OPEN/FAIL_CLOSED, the store call missed "
-        "the check deadline; budgetwarden_check_shed_total); no answer: what h2load sent less those (the sidecar "
-        "answered DEADLINE_EXCEEDED or CANCELLED, or h2load stopped before the answer). Latency: h2load's per-request "
+        "the check deadline; budgetwarden_check_shed_total); no answer: what h2load sent less those (gRPC refused "
+        "it at once with CANCELLED, --max-pending-calls; or its deadline passed first; or h2load stopped before the "
+        "answer: the probe's table tells them apart). Latency: h2load's per-request "
         "time of every response (decided, shed or deadline alike), from the request's start; the sidecar's own check "
         "duration (validation to decision, bucket upper bounds) beside it.",
         "",
@@ -652,6 +661,7 @@ def main() -> int:
     parser.add_argument("--multiples", default="2,5", help="offered rates, as multiples of the saturation rate")
     parser.add_argument("--max-checks-in-flight", type=int, default=None, help="the sidecar's bound (its default)")
     parser.add_argument("--tenant-in-flight-share", type=float, default=None, help="(the sidecar's default)")
+    parser.add_argument("--max-pending-calls", type=int, default=None, help="h2load: (the sidecar's default)")
     parser.add_argument("--write", type=Path, default=None)
     parser.add_argument("--probe-rate", type=float, default=20.0, help="h2load: checks/s of the Python probe")
     parser.add_argument(
