@@ -135,8 +135,9 @@ class BudgetServicer:
         async with answering(context):
             checked, prompt = self._check_input(request)
         tenant_id = checked.tenant_id
-        entered_at, remaining = self.admission.clock(), context.time_remaining()
-        refused = self.admission.enter(tenant_id, self.limiter.check_deadline_s if remaining is None else remaining)
+        # Without a caller deadline nothing comes too late: the check deadline and fail mode handle a slow store.
+        entered_at = self.admission.clock()
+        refused = self.admission.enter(tenant_id, context.time_remaining())
         if refused is not None:
             self.limiter.telemetry.shed(tenant_id)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _shed_message(refused))
