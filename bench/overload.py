@@ -18,11 +18,15 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import re
 import resource
+import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,7 +42,7 @@ from budgetwarden_client import BudgetClient
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import cpu_seconds, machine, publish, wait_serving  # noqa: E402
+from _common import cpu_seconds, machine, percentile, publish, wait_serving  # noqa: E402
 
 CHECK = "/budgetwarden.v1.BudgetService/Check"
 POLICY = """
@@ -50,7 +54,7 @@ task_types:
 """
 TOKENS = 100  # asked by each check
 CEILING = 1_000  # of each task: 10 checks' worth, so many tasks reach it
-TASKS = {"noisy": 400, "quiet": 20}
+TASKS = {"noisy": 400, "quiet": 20, "probe": 20}  # probe: --generator h2load only
 GRANTING = (pb.DECISION_ALLOW, pb.DECISION_DEGRADE)
 
 
@@ -207,14 +211,23 @@ def open_loop_jobs(
 # --- over-grant: what Redis holds per task ---------------------------------------------------------------------------
 
 
-def read_back(addr: str) -> dict[str, tuple[int, int, int]]:
-    """(used + reserved, limit, active reservations) of every task, as the store holds them."""
+def read_back(addr: str, digits: int = 0) -> dict[str, tuple[int, int, int]]:
+    """(used + reserved, limit, active reservations) of every task, as the store holds them; ``digits``: the task
+    number's zero-padded width (bench/vary_body.c pads it to 4)."""
     held: dict[str, tuple[int, int, int]] = {}
     with BudgetClient(addr, timeout=60) as client:
         for tenant, count in TASKS.items():
             for n in range(count):
-                task = f"{tenant}-{n}"
-                view = client.get_budget(tenant_id=tenant, task_id=task)
+                task = f"{tenant}-{n:0{digits}d}"
+                for attempt in range(5):
+                    try:
+                        view = client.get_budget(tenant_id=tenant, task_id=task)
+                        break
+                    except grpc.RpcError as error:
+                        print(f"read-back {task} attempt {attempt}: {error.code()} {error.details()}", file=sys.stderr)
+                        if attempt == 4:
+                            raise
+                        time.sleep(0.5)
                 if not view.task_known:
                     continue
                 (scope,) = [s for s in view.scopes if s.kind == pb.SCOPE_KIND_TASK]
@@ -253,6 +266,388 @@ def findings(scenarios: list[Scenario], client_deadline: float) -> list[str]:
     return notes
 
 
+# --- the h2load generator ------------------------------------------------------------------------------------------
+# h2load (C, Debian's nghttp2-client) sends the checks: it costs far less per check than the sidecar, so an offered
+# rate is what the sidecar is offered. It posts one body per request; bench/vary_body.c (preloaded, copied verbatim
+# from feat/perf's bench/h2load.py approach) writes a counter into the step and the counter modulo VARY_TASKS into the
+# task of what each read returns. It cannot read grpc-status: outcomes come from the sidecar's own metrics.
+
+STEP_MARK = "#########"
+TASK_MARK = "&&&&"
+
+
+def build_shim(tmp: Path) -> Path:
+    """bench/vary_body.c as a shared object, built with the system C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("--generator h2load needs a C compiler (Debian: gcc) for bench/vary_body.c")
+    shim = tmp / "vary_body.so"
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(shim), str(HERE / "vary_body.c"), "-ldl"], check=True)
+    return shim
+
+
+def grpc_body(path: Path, tenant: str, tag: str) -> Path:
+    """A length-prefixed CheckRequest whose task (of TASKS[tenant]) and step the shim varies per request."""
+    message = pb.CheckRequest(
+        tenant_id=tenant, task_id=f"{tenant}-{TASK_MARK}", step_id=f"{tag}-{STEP_MARK}", estimated_input_tokens=TOKENS,
+        task_ceiling_tokens=CEILING,
+    ).SerializeToString()  # fmt: skip
+    path.write_bytes(b"\x00" + struct.pack(">I", len(message)) + message)
+    return path
+
+
+@dataclass
+class H2Run:
+    """One h2load process: one tenant's checks."""
+
+    tenant: str
+    offered: float  # checks/s, 0 for closed loop
+    command: list[str]
+    log: Path
+    process: subprocess.Popen[str] | None = None
+    starts_us: list[float] = field(default_factory=list)
+    latencies_us: list[float] = field(default_factory=list)  # request start to the end of the response
+    failed: int = 0  # h2load's failed + errored + timeout (no response at all)
+    took: float = 0.0
+
+
+def h2load_run(addr: str, tenant: str, tag: str, tmp: Path, *, seconds: float, deadline: float, clients: int,
+               streams: int, rps: float = 0.0) -> H2Run:  # fmt: skip
+    body = grpc_body(tmp / f"body-{tag}", tenant, tag)
+    log = tmp / f"log-{tag}"
+    command = [
+        "h2load", f"-c{clients}", f"-m{streams}", "-t1", f"-D{int(seconds * 1000)}ms", "-d", str(body),
+        "-H", "content-type: application/grpc", "-H", "te: trailers",
+        "-H", f"grpc-timeout: {int(deadline * 1000)}m", f"--log-file={log}",
+        f"http://{addr}/budgetwarden.v1.BudgetService/Check",
+    ]  # fmt: skip
+    if rps:
+        command[1:1] = [f"--rps={max(1, round(rps / clients))}"]
+    return H2Run(tenant, rps, command, log)
+
+
+def h2load_start(run: H2Run, shim: Path) -> None:
+    env = os.environ | {"LD_PRELOAD": str(shim), "VARY_TASKS": str(TASKS[run.tenant])}
+    run.process = subprocess.Popen(run.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def h2load_finish(run: H2Run) -> None:
+    assert run.process is not None
+    out, _ = run.process.communicate(timeout=600)
+    if run.process.returncode:
+        raise RuntimeError(f"h2load failed ({run.process.returncode}): {out}")
+    for line in out.splitlines():
+        if line.startswith("requests:"):
+            parts = {word: int(count) for count, word in _pairs(line.split(":", 1)[1])}
+            run.failed = parts["failed"] + parts["errored"] + parts["timeout"]
+        elif line.startswith("finished in"):
+            run.took = float(line.split()[2].rstrip("s,"))
+    rows = []
+    for line in run.log.read_text().splitlines():
+        start_us, status, took_us = line.split("\t")[:3]
+        if status == "200":
+            rows.append((float(start_us), float(took_us)))
+    rows.sort()
+    run.starts_us, run.latencies_us = [r[0] for r in rows], [r[1] for r in rows]
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    """h2load's "N total, N started, ..." as (count, word) pairs."""
+    return [(part.split()[0], part.split()[1]) for part in text.split(",") if len(part.split()) >= 2]
+
+
+def late_us(run: H2Run) -> list[float]:
+    """How far behind an even schedule at the offered rate from its first request h2load started each request."""
+    if not run.starts_us or not run.offered:
+        return []
+    first = run.starts_us[0]
+    return [max(0.0, at - (first + i * 1e6 / run.offered)) for i, at in enumerate(run.starts_us)]
+
+
+# --- the sidecar's own counts (its Prometheus endpoint) -------------------------------------------------------------
+
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(port: int) -> Counter[tuple[str, tuple[tuple[str, str], ...]]]:
+    """Every sample of the sidecar's /metrics: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    samples: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+    for line in text.splitlines():
+        if line.startswith("#") or not (match := _SAMPLE.match(line)):
+            continue
+        labels = tuple(sorted(_LABEL.findall(match["labels"] or "")))
+        samples[(match["name"], labels)] = float(match["value"])  # type: ignore[assignment]
+    return samples
+
+
+def counted(samples: Counter[Any], name: str, **want: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``want``."""
+    return sum(v for (n, labels), v in samples.items() if n == name and set(want.items()) <= set(labels))
+
+
+def duration_quantile(samples: Counter[Any], q: float) -> float:
+    """The sidecar's check duration (validation to decision) at quantile ``q``, in ms: the upper bound of the bucket
+    it falls in (budgetwarden_check_duration_seconds, all decisions)."""
+    buckets: Counter[float] = Counter()
+    for (name, labels), value in samples.items():
+        if name == "budgetwarden_check_duration_seconds_bucket":
+            buckets[float(dict(labels)["le"])] += value
+    total = buckets.get(float("inf"), 0)
+    if not total:
+        return float("nan")
+    for bound in sorted(buckets):
+        if buckets[bound] >= q * total:
+            return bound * 1000
+    return float("inf")
+
+
+@dataclass
+class Probe:
+    """A few checks a second from this process (tenant "probe", gRPC's Python client), which sees what h2load cannot:
+    each answer's status and how long it took. A sample of what every caller got."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    answered_us: list[float] = field(default_factory=list)  # checks decided by the store (not the fail mode)
+
+
+def probe(addr: str, rate: float, seconds: float, deadline: float, tag: str) -> Probe:
+    result = Probe()
+    with grpc.insecure_channel(addr) as channel:
+        call = channel.unary_unary(CHECK, pb.CheckRequest.SerializeToString, pb.CheckResponse.FromString)
+        sent: list[grpc.Future[pb.CheckResponse]] = []
+        took: dict[int, float] = {}  # seconds from each check's sending to its answer (set by gRPC's thread)
+        start = time.perf_counter()
+        while (at := start + len(sent) / rate) < start + seconds:
+            time.sleep(max(0.0, at - time.perf_counter()))
+            n = len(sent)
+            request = pb.CheckRequest(
+                tenant_id="probe", task_id=f"probe-{n % TASKS['probe']:04d}", step_id=f"{tag}-{n}",
+                estimated_input_tokens=TOKENS, task_ceiling_tokens=CEILING,
+            )  # fmt: skip
+            sent_at = time.perf_counter()
+            pending = call.future(request, timeout=deadline)
+            pending.add_done_callback(lambda _, n=n, at=sent_at: took.__setitem__(n, time.perf_counter() - at))  # type: ignore[misc]
+            sent.append(pending)
+        for n, future in enumerate(sent):
+            try:
+                answer = future.result()
+            except grpc.RpcError as error:
+                code, details = error.code(), error.details() or ""
+                shed = code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("overloaded:")
+                result.outcomes["shed" if shed else code.name] += 1
+                continue
+            result.outcomes["fail mode" if answer.from_fail_mode else "answered"] += 1
+            if not answer.from_fail_mode and n in took:
+                result.answered_us.append(took[n] * 1e6)
+    return result
+
+
+@dataclass
+class H2Scenario:
+    name: str
+    seconds: float
+    runs: list[H2Run]
+    metrics: Counter[Any]  # what the sidecar counted over the scenario
+    cpu: dict[str, float]
+    probe: Probe | None = None
+
+    def decided(self, tenant: str) -> float:
+        return counted(self.metrics, "budgetwarden_check_decisions_total", budgetwarden_tenant=tenant)
+
+    def fail_mode(self, tenant: str) -> float:
+        return sum(
+            counted(self.metrics, "budgetwarden_check_decisions_total", budgetwarden_tenant=tenant,
+                    budgetwarden_reason=reason)
+            for reason in ("FAIL_OPEN", "FAIL_CLOSED")
+        )  # fmt: skip
+
+    def shed(self, tenant: str) -> float:
+        return counted(self.metrics, "budgetwarden_check_shed_total", budgetwarden_tenant=tenant)
+
+
+def h2load_scenario(
+    name: str, runs: list[H2Run], shim: Path, metrics_port: int, pids: dict[str, int], seconds: float,
+    addr: str = "", probe_rate: float = 0.0, deadline: float = 0.0,
+) -> H2Scenario:  # fmt: skip
+    before = scrape(metrics_port)
+    cpu = {what: cpu_seconds(pid) for what, pid in pids.items()}
+    generators = _children_cpu()
+    for run in runs:
+        h2load_start(run, shim)
+    sampled = probe(addr, probe_rate, seconds, deadline, name) if probe_rate else None
+    for run in runs:
+        h2load_finish(run)
+    took = max(run.took for run in runs) or seconds
+    used = {what: (cpu_seconds(pid) - cpu[what]) / took for what, pid in pids.items()}
+    used["h2load"] = (_children_cpu() - generators) / took
+    after = scrape(metrics_port)
+    after.subtract(before)
+    return H2Scenario(name, took, runs, after, used, sampled)
+
+
+def h2load_main(args: argparse.Namespace) -> int:
+    if shutil.which("h2load") is None:
+        raise SystemExit("--generator h2load needs h2load (Debian: apt-get install nghttp2-client)")
+    # Metrics on (the outcomes are the sidecar's counts), no OTLP export.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "BUDGETWARDEN_"))}
+    serve_flags: list[str] = []
+    if args.max_checks_in_flight is not None:
+        serve_flags += ["--max-checks-in-flight", str(args.max_checks_in_flight)]
+    if args.tenant_in_flight_share is not None:
+        serve_flags += ["--tenant-in-flight-share", str(args.tenant_in_flight_share)]
+    if args.max_pending_calls is not None:
+        serve_flags += ["--max-pending-calls", str(args.max_pending_calls)]
+    scenarios: list[H2Scenario] = []
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        shim = build_shim(tmp)
+        valkey = EmbeddedRedis(tmp / "valkey", port=free_port(), persistent=True)
+        url = valkey.start()
+        policy = tmp / "policy.yaml"
+        policy.write_text(POLICY)
+        addr, metrics_port = f"127.0.0.1:{free_port()}", free_port()
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "budgetwarden", "serve", "--listen", addr, "--redis-url", url,
+             "--policy-file", str(policy), "--log-level", "ERROR", "--metrics-port", str(metrics_port), *serve_flags],
+            env=env, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_serving(addr)
+            assert valkey.pid is not None
+            pids = {"sidecar": serve.pid, "Valkey": valkey.pid}
+
+            def closed(tag: str, seconds: float) -> H2Run:
+                return h2load_run(addr, "noisy", tag, tmp, seconds=seconds, deadline=args.client_deadline,
+                                  clients=2, streams=args.concurrency)  # fmt: skip
+
+            h2load_scenario("warm-up", [closed("warm", 1.0)], shim, metrics_port, pids, 1.0)
+            saturation = h2load_scenario(
+                "closed loop (saturation)", [closed("sat", args.seconds)], shim, metrics_port, pids, args.seconds
+            )
+            scenarios.append(saturation)
+            sat_rate = saturation.decided("noisy") / saturation.seconds
+            quiet_rate = max(1.0, args.quiet_share * sat_rate)
+            for multiple in (float(m) for m in args.multiples.split(",")):
+                tag = f"x{multiple:g}"
+                # Streams enough for every check of the client deadline in flight: h2load never holds one back.
+                streams = max(64, int(multiple * sat_rate * args.client_deadline * 2 / args.processes))
+                runs = [
+                    h2load_run(addr, "noisy", f"{tag}n", tmp, seconds=args.seconds, deadline=args.client_deadline,
+                               clients=args.processes, streams=streams, rps=multiple * sat_rate - quiet_rate),
+                    h2load_run(addr, "quiet", f"{tag}q", tmp, seconds=args.seconds, deadline=args.client_deadline,
+                               clients=1, streams=max(64, int(quiet_rate * args.client_deadline * 2)), rps=quiet_rate),
+                ]  # fmt: skip
+                name_ = f"open loop, {multiple:g}x saturation"
+                scenarios.append(
+                    h2load_scenario(name_, runs, shim, metrics_port, pids, args.seconds, addr, args.probe_rate,
+                                    args.client_deadline)
+                )  # fmt: skip
+            held = read_back(addr, len(TASK_MARK))
+        finally:
+            serve.terminate()
+            serve.wait(30)
+            valkey.stop()
+    lines = h2load_report(args, scenarios, held, sat_rate, quiet_rate, load_before)
+    publish(lines, args.write)
+    return 1 if any(used > limit for used, limit, _ in held.values()) else 0
+
+
+def _ms(values: list[float], q: float) -> float:
+    return percentile(values, q) / 1000 if values else float("nan")
+
+
+def h2load_report(args: argparse.Namespace, scenarios: list[H2Scenario], held: dict[str, tuple[int, int, int]],
+                  sat_rate: float, quiet_rate: float, load_before: float) -> list[str]:  # fmt: skip
+    command = " ".join(["bench/overload.py", *sys.argv[1:]])
+    lines = [
+        "### Overload under h2load: unary checks at 2x and 5x saturation, a noisy and a quiet tenant"
+        + "".join(
+            f", --{flag.replace('_', '-')} {value}"
+            for flag in ("max_pending_calls", "max_checks_in_flight", "tenant_in_flight_share")
+            if (value := getattr(args, flag)) is not None
+        )
+        + f" ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"Machine: {machine()}. Command: `.venv/bin/python {command}` (one `budgetwarden serve` on its own Valkey "
+        "with AOF everysec, its default bounds (--max-pending-calls, --max-checks-in-flight) and tenant share unless "
+        "the command sets them, a Prometheus endpoint; "
+        f"generator: h2load 1.52 (`-t1 -H 'grpc-timeout: {args.client_deadline * 1000:g}m'`, bench/vary_body.c "
+        f"preloaded so every check is a new step); saturation: `h2load -c2 -m{args.concurrency}` closed loop; open "
+        f"loop: `h2load --rps` with {args.processes} connections for the noisy tenant and one h2load process, one "
+        f"connection, for the quiet tenant at {args.quiet_share:.0%} of saturation, streams enough never to hold a "
+        f"check back; {args.seconds:g} s per scenario; every check asks {TOKENS} tokens of one of {TASKS['noisy']} "
+        f"(noisy) or {TASKS['quiet']} (quiet) tasks with a ceiling of {CEILING:,}; h2load, sidecar and Valkey share "
+        "the 2 cores). h2load cannot read grpc-status, so outcomes are the sidecar's own counts over the scenario "
+        "(budgetwarden_check_decisions_total, of which fail mode: reason FAIL_OPEN/FAIL_CLOSED, the store call missed "
+        "the check deadline; budgetwarden_check_shed_total); no answer: what h2load sent less those (gRPC refused "
+        "it at once with CANCELLED, --max-pending-calls; or its deadline passed first; or h2load stopped before the "
+        "answer: the probe's table tells them apart). Latency: h2load's per-request "
+        "time of every response (decided, shed or deadline alike), from the request's start; the sidecar's own check "
+        "duration (validation to decision, bucket upper bounds) beside it.",
+        "",
+        "| scenario | tenant | offered checks/s | sent | decided checks/s | of which fail mode | shed | no answer "
+        "| h2load p50 ms | h2load p99 ms | h2load late p50 / p99 ms | sidecar check p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in scenarios:
+        for run in s.runs:
+            sent = len(run.latencies_us) + run.failed
+            decided, shed, fail = s.decided(run.tenant), s.shed(run.tenant), s.fail_mode(run.tenant)
+            late = late_us(run)
+            lines.append(
+                f"| {s.name} | {run.tenant} | {f'{run.offered:,.0f}' if run.offered else 'closed loop'} | {sent:,} | "
+                f"{decided / s.seconds:,.0f} | {fail / max(1, sent):.1%} | {shed / max(1, sent):.1%} | "
+                f"{max(0, sent - decided - shed) / max(1, sent):.1%} | {_ms(run.latencies_us, 0.5):.1f} | "
+                f"{_ms(run.latencies_us, 0.99):.1f} | "
+                + (f"{_ms(late, 0.5):.1f} / {_ms(late, 0.99):.1f}" if late else "")
+                + f" | {duration_quantile(s.metrics, 0.5):g} / {duration_quantile(s.metrics, 0.99):g} |"
+            )
+    lines += [
+        "",
+        f"What a caller sees (the probe: {args.probe_rate:g} checks/s from gRPC's Python client in the benchmark's "
+        "process, a third tenant, same deadline): the share of each outcome, and p50/p99 of the checks decided by "
+        "the store, from when each was sent.",
+        "",
+        "| scenario | probe checks | decided p50 ms | decided p99 ms | outcomes |",
+        "|---|---|---|---|---|",
+    ]
+    for s in scenarios:
+        if s.probe is None:
+            continue
+        total = sum(s.probe.outcomes.values())
+        shares = ", ".join(f"{name} {count / max(1, total):.0%}" for name, count in s.probe.outcomes.most_common())
+        lines.append(
+            f"| {s.name} | {total} | {_ms(s.probe.answered_us, 0.5):.1f} | {_ms(s.probe.answered_us, 0.99):.1f} | "
+            f"{shares} |"
+        )
+    lines += [
+        "",
+        "CPU time over each scenario, as a share of one core:",
+        "",
+        "| scenario | sidecar | Valkey | h2load |",
+        "|---|---|---|---|",
+        *[f"| {s.name} | {s.cpu['sidecar']:.0%} | {s.cpu['Valkey']:.0%} | {s.cpu['h2load']:.0%} |" for s in scenarios],
+    ]
+    over_held = {task: used for task, (used, limit, _) in held.items() if used > limit}
+    limits = {limit for _, limit, _ in held.values()}
+    at_ceiling = sum(1 for used, limit, _ in held.values() if used + TOKENS > limit)
+    lines += [
+        "",
+        f"- Saturation: {sat_rate:,.0f} checks/s decided in closed loop; the quiet tenant offered {quiet_rate:,.0f}/s.",
+        f"- The machine's 1-minute load average: {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after "
+        "(other work shares these 2 cores).",
+        f"- Over-grant (read back from Redis; h2load cannot see what each check was granted): {len(held)} tasks "
+        f"hold tokens; the most (used + reserved) is {max((u for u, _, _ in held.values()), default=0):,} against "
+        f"ceilings of {sorted(limits)}; {len(over_held)} over the ceiling; {at_ceiling} at their ceiling.",
+        "",
+    ]
+    return lines
+
+
 # --- the run ------------------------------------------------------------------------------------------------------
 
 
@@ -266,8 +661,16 @@ def main() -> int:
     parser.add_argument("--multiples", default="2,5", help="offered rates, as multiples of the saturation rate")
     parser.add_argument("--max-checks-in-flight", type=int, default=None, help="the sidecar's bound (its default)")
     parser.add_argument("--tenant-in-flight-share", type=float, default=None, help="(the sidecar's default)")
+    parser.add_argument("--max-pending-calls", type=int, default=None, help="h2load: (the sidecar's default)")
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument("--probe-rate", type=float, default=20.0, help="h2load: checks/s of the Python probe")
+    parser.add_argument(
+        "--generator", choices=("h2load", "python"), default="h2load",
+        help="h2load (C, far cheaper per check than the sidecar) or Python client processes",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.generator == "h2load":
+        return h2load_main(args)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "BUDGETWARDEN_"))}
     env |= {"OTEL_SDK_DISABLED": "true"}
     serve_flags: list[str] = []

@@ -205,6 +205,12 @@ class Settings(BaseSettings):
         description="checks this sidecar works on at once (CheckStream's count one each); more are refused at once "
         "with RESOURCE_EXHAUSTED rather than queued; 0: no bound",
     )
+    max_pending_calls: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
+        128,
+        description="calls gRPC holds before the sidecar's handlers take them (under overload the queue forms there, "
+        "not in max_checks_in_flight); from this many it refuses new calls (CANCELLED) with a rising probability, "
+        "every one beyond twice as many; 0: gRPC's own limits (1000 and 3000)",
+    )
     tenant_in_flight_share: Annotated[float, Field(gt=0, le=1)] = Field(
         0.75,
         description="the most of max_checks_in_flight one tenant may hold, so others still get in (a sidecar bound "

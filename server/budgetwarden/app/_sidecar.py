@@ -106,6 +106,18 @@ def store_retention(settings: Settings) -> Retention:
     )
 
 
+def pending_call_limits(max_pending: int) -> list[tuple[str, int]]:
+    """gRPC's bound on calls received but not yet taken by a handler: from ``max_pending`` on, a new call is refused
+    (CANCELLED) with a probability rising to 1 at twice as many (its random early detection). Offered more than its
+    CPU serves, the sidecar's queue is there (bench/overload.py); gRPC's default (1000, 3000) holds seconds of it."""
+    if not max_pending:
+        return []
+    return [
+        ("grpc.server.max_pending_requests", max_pending),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending),
+    ]
+
+
 def _socket_timeout(settings: Settings) -> float:
     """Twice the longest store deadline: the limiter's deadlines decide first, this only catches what they miss."""
     return 2 * max(settings.check_deadline_ms, settings.store_deadline_ms) / 1000
@@ -276,7 +288,7 @@ class Sidecar:
             ),
         )
         self.servicer = servicer
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        server = grpc.aio.server(options=[*_SERVER_OPTIONS, *pending_call_limits(settings.max_pending_calls)])
         server.add_generic_rpc_handlers([servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection(server, [BUDGET_SERVICE_NAME, health.SERVICE_NAME])

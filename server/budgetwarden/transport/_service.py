@@ -135,7 +135,9 @@ class BudgetServicer:
         async with answering(context):
             checked, prompt = self._check_input(request)
         tenant_id = checked.tenant_id
-        refused = self.admission.enter(tenant_id)
+        # Without a caller deadline nothing comes too late: the check deadline and fail mode handle a slow store.
+        entered_at = self.admission.clock()
+        refused = self.admission.enter(tenant_id, context.time_remaining())
         if refused is not None:
             self.limiter.telemetry.shed(tenant_id)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _shed_message(refused))
@@ -143,7 +145,7 @@ class BudgetServicer:
             async with answering(context):
                 result = await self.limiter.check(checked, caller_time(context, self.deadline_margin_s), prompt)
         finally:
-            self.admission.leave(tenant_id)
+            self.admission.leave(tenant_id, entered_at)
         return check_response(result)
 
     async def check_stream(
