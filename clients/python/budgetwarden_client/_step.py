@@ -22,7 +22,10 @@ FailMode = Literal["open", "closed"]
 T = TypeVar("T")
 
 # The sidecar could not be reached (or did not answer) within the deadline: the local fail mode decides.
-UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# CANCELLED: the step API never cancels a call it waits for (a caller's own cancellation arrives as
+# asyncio.CancelledError or KeyboardInterrupt), so a CANCELLED status is the server's: gRPC refusing a call beyond the
+# sidecar's --max-pending-calls, or a sidecar stopping.
+UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 OVERLOADED = "overloaded:"  # how a sidecar's RESOURCE_EXHAUSTED starts when it sheds a check it had no room for
 # trim()'s estimate when the check carried no prompt to calibrate on: about 4 characters per token, the usual rule
 # for English text with the OpenAI encodings; and the chat format's few tokens per message.
@@ -295,8 +298,9 @@ def unreachable(spec: StepSpec, error: grpc.RpcError, fail_mode: FailMode, addr:
 
 
 def is_unreachable(error: grpc.RpcError) -> bool:
-    """The sidecar could not decide: not reached, too late, or shedding load (RESOURCE_EXHAUSTED whose message starts
-    "overloaded:"; a message too large for the channel is RESOURCE_EXHAUSTED too, and is the caller's to fix)."""
+    """The sidecar could not decide: not reached, too late, or shedding load (CANCELLED by gRPC's pending bound, or
+    RESOURCE_EXHAUSTED whose message starts "overloaded:"; a message too large for the channel is RESOURCE_EXHAUSTED
+    too, and is the caller's to fix)."""
     code = getattr(error, "code", None)
     if not callable(code):
         return False
