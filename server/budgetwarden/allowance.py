@@ -336,7 +336,8 @@ class Allowances:
             return False
         for step, status in zip(steps, settled.steps, strict=True):
             self._pending_rids.pop((held.tenant_id, step.reservation_id), None)
-            if status in (SettleStatus.REPLAYED, SettleStatus.CONFLICT, SettleStatus.REPORTED) and not give_back:
+            # A replay or a conflict leaves its tokens in the slice; a step reported elsewhere first spent them.
+            if status in (SettleStatus.REPLAYED, SettleStatus.CONFLICT) and not give_back:
                 held.left.tokens += step.amount.tokens  # the slice kept them
                 if held.left.usd is not None:
                     held.left.usd += step.amount.usd

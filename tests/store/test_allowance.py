@@ -283,6 +283,10 @@ async def test_several_holders_drawing_on_one_task_never_grant_past_its_ceiling(
                 limiter = rng.choice(holders)
             await limiter.report([usage(task, step_id, spent)])
         holding = {task: sum(g for (t, _), (g, _) in held.items() if t == task) for task in used}
+        # A report sent elsewhere is charged before the granting holder settles its step: until then that step's
+        # tokens count both as used and in the slice. Every holder settles first, so Redis's counters are exact here.
+        for limiter in holders:
+            await allowances_of(limiter).sweep(clock())
         for task in used:
             assert used[task] + holding[task] <= 10_000
             counters = await task_hash(async_redis, task)
@@ -488,6 +492,24 @@ async def test_a_step_reported_through_another_sidecar_before_it_is_settled_is_n
     task = await task_hash(async_redis)
     assert (task["used"], task["reserved"]) == (250, 100)
     assert await day_reserved(async_redis) == 100
+
+
+async def test_a_step_reported_elsewhere_before_its_settle_leaves_the_slice_it_was_granted_from(
+    async_redis: Redis,
+) -> None:
+    """Kept in the slice, the step's tokens would be granted again on top of the usage its report charged."""
+    await async_redis.flushall()
+    clock = SettableClock(NOW)
+    granting = make_limiter(async_redis, clock, AllowanceSettings(cap_tokens=1000, share_bp=10_000))
+    await check(granting, step("s1", 100))
+    await check(granting, step("s2", 300))  # granted locally from a slice of 1000, not settled yet
+    (applied,) = await make_limiter(async_redis, clock).report([usage("t1", "s2", 250)])
+    assert applied.status is ReportStatus.UNRESERVED
+    await allowances_of(granting).sweep(clock())  # settles s2 and keeps the slice
+    (left,) = allowances_of(granting).held().values()
+    assert left.tokens == 1000 - 300
+    task = await task_hash(async_redis)
+    assert (task["used"], task["reserved"]) == (250, 100 + 700)
 
 
 async def test_while_redis_does_not_answer_checks_that_fit_a_held_slice_are_still_decided(async_redis: Redis) -> None:

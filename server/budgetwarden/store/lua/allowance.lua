@@ -31,8 +31,8 @@
 --   Returns { slice status, tokens handed back, then per step: 1 recorded, 2 the step already held a reservation
 --   with the same fingerprint (the grant is a replay: its tokens go back), 5 the same with another fingerprint (a
 --   conflict: its tokens go back), 4 the step was reported (without a key) before it was settled, through another
---   sidecar: the report charged it as usage without a reservation, so nothing is reserved for it and its tokens go
---   back, 3 the slice had lapsed (recorded as lapsed: a report of it is late, as for a step whose own lease lapsed) }
+--   sidecar: the report charged it as usage without a reservation, so nothing is reserved for it and its tokens leave
+--   the slice (no longer reserved: the report spent them), 3 the slice had lapsed (recorded as lapsed: a report of it is late, as for a step whose own lease lapsed) }
 --   slice status: 1 live, 0 it had lapsed or was handed back before.
 -- A malformed argument is an error reply, before anything is written.
 
@@ -171,11 +171,16 @@ local function settle()
     local existing = redis.call('HMGET', resv_key, 'state', 'gen', 'fp')
     local reported_first = not (existing[1] == 'reserved' or existing[1] == 'reported')
       and redis.call('EXISTS', marker .. ':' .. num(existing[2])) == 1
-    if existing[1] == 'reserved' or existing[1] == 'reported' or reported_first then
-      -- Granted here and there, or already charged by a report: what the store has stands, this grant's tokens stay
-      -- in the slice (handed back with its rest).
-      if reported_first then out[#out + 1] = 4
-      else out[#out + 1] = (existing[3] and existing[3] ~= g[5]) and 5 or 2 end
+    if reported_first then
+      -- Already charged by a report that found no reservation: the grant was spent. Its tokens leave the slice and stop
+      -- counting as reserved, as a reservation's do when its report comes; kept in the slice, they would be granted
+      -- again on top of the usage the report charged.
+      out[#out + 1] = 4
+      if live then add_to_scopes(slice, 'reserved', -tokens, usd_free and 0 or -usd, now) end
+    elseif existing[1] == 'reserved' or existing[1] == 'reported' then
+      -- Granted here and there: what the store has stands, this grant's tokens stay in the slice (handed back with
+      -- its rest).
+      out[#out + 1] = (existing[3] and existing[3] ~= g[5]) and 5 or 2
       taken = taken - tokens
       if not usd_free then taken_usd = taken_usd - usd end
     else
