@@ -201,6 +201,29 @@ async def test_a_check_given_up_on_by_its_deadline_does_not_shift_the_next_check
     assert answer.verdict.granted == 222
 
 
+async def test_a_connection_stalled_past_the_socket_timeout_is_replaced(async_redis: Redis) -> None:
+    """redis-py's socket timeout is the backstop under the limiter's deadlines: a call whose oldest reply is overdue
+    fails (TimeoutError, the fail mode) and the next call goes on a new connection."""
+    client = lean_scripts_for(async_redis, socket_timeout=0.05)
+    assert client is not None
+    echo = async_redis.register_script(ECHO)
+    try:
+        assert await client.run(echo, [], ["warm"]) == b"warm"
+        await paused_writes(async_redis)
+        try:
+            stalled = asyncio.ensure_future(client.run(echo, [], ["stalled"]))
+            await wait_until(lambda: blocked_clients_at_least(async_redis, 1), "the call to wait in Valkey")
+            await asyncio.sleep(0.2)  # past the socket timeout, whatever the machine's load
+            fresh = asyncio.ensure_future(client.run(echo, [], ["fresh"]))
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await asyncio.wait_for(stalled, GENEROUS_S)
+        finally:
+            await async_redis.execute_command("CLIENT", "UNPAUSE")
+        assert await asyncio.wait_for(fresh, GENEROUS_S) == b"fresh"
+    finally:
+        await client.aclose()
+
+
 async def test_an_acl_user_and_a_database_from_the_url(async_redis: Redis, redis_url: str) -> None:
     await async_redis.execute_command("ACL", "SETUSER", "lean-user", "on", ">lean-secret", "~*", "+@all")
     url = redis_url.replace("redis://", "redis://lean-user:lean-secret@").rstrip("/") + "/3"

@@ -153,8 +153,9 @@ class LeanScripts:
     async def _connect(self) -> _PipelinedProtocol:
         loop = asyncio.get_running_loop()
         try:
+            # redis-py connects: its connect timeout, TLS, AUTH (or the password file), SELECT, client name.
             connection: Connection = self._pool.make_connection()  # type: ignore[no-untyped-call]
-            await connection.connect()  # type: ignore[no-untyped-call] # redis-py's: connect timeout, TLS, AUTH, SELECT, client name
+            await connection.connect()  # type: ignore[no-untyped-call]
             writer = connection._writer
             assert writer is not None
             protocol = _PipelinedProtocol(writer)
