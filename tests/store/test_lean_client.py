@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from test_check_many import NOW, POLICY, checks, comparable
 
 from budgetwarden.app import Settings
-from budgetwarden.app._redis_clients import lean_scripts
+from budgetwarden.app._redis_clients import lean_scripts, redis_client
 from budgetwarden.domain._model import CheckInput, Decision
 from budgetwarden.limiter import Limiter, StepConflictError
 from budgetwarden.store import LeanScripts, lean_scripts_for
@@ -265,8 +265,8 @@ async def test_failed_connects_back_off(lean: LeanScripts, async_redis: Redis) -
 
 
 def test_redis_py_stays_where_the_lean_client_does_not_apply(redis_url: str) -> None:
-    """Off by default; with --durability (its confirmation follows each script call on redis-py's connections) and
-    with a Cluster, the lean client is not made."""
+    """Off by default; with --durability (its confirmation follows each script call on redis-py's connections), with
+    a Cluster and with a master behind Sentinel, the lean client is not made."""
     client = Redis.from_url(redis_url)
     on = {"redis_url": redis_url, "lean_redis_client": True}
     assert (
@@ -276,6 +276,8 @@ def test_redis_py_stays_where_the_lean_client_does_not_apply(redis_url: str) -> 
     assert lean_scripts(Settings(**on), client, embedded=False, socket_timeout=1.0) is not None
     assert lean_scripts(Settings(**on, durability="aof-local"), client, embedded=False, socket_timeout=1.0) is None
     assert lean_scripts(Settings(**on, redis_cluster=True), client, embedded=False, socket_timeout=1.0) is None
+    behind_sentinel = redis_client("redis+sentinel://127.0.0.1:1/mymaster", cluster=False)  # connects only when used
+    assert lean_scripts(Settings(**on), behind_sentinel, embedded=False, socket_timeout=1.0) is None
 
 
 def step(step_id: str, tokens: int = 100) -> CheckInput:
