@@ -120,6 +120,8 @@ class LeanScripts:
             try:
                 await loaded
             except BaseException:
+                if again.done() and not again.cancelled():
+                    again.exception()  # failed with it (a dropped connection): retrieved, not logged as lost
                 again.cancel()
                 raise
             return await again
