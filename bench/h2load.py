@@ -5,7 +5,8 @@
 
 Servers, each its own process on one Valkey with an append-only file: the transport floor (an empty grpc.aio Check
 handler) and the naive one-EVALSHA handler (bench/baselines.py), budgetwarden, and budgetwarden with unary
-micro-batching off (BUDGETWARDEN_BATCH_UNARY_CHECKS=false: the A/B of the batching).
+micro-batching off (BUDGETWARDEN_BATCH_UNARY_CHECKS=false: the A/B of the batching), and budgetwarden with its lean
+client for the check's script call (BUDGETWARDEN_LEAN_REDIS_CLIENT=true, batching on: the A/B of the client).
 
 Request bodies: h2load posts one file (-d) with every request, read with pread(2) per request. A CheckRequest with the
 placeholders "#########" in its step id and "&&&&" in its task id is framed for gRPC (a 0 byte, then the length as 4
@@ -47,7 +48,8 @@ from harness import POLICY, rss_mb, start, wait_port  # noqa: E402
 CHECK_PATH = "/budgetwarden.v1.BudgetService/Check"
 STEP_MARK = "#########"
 TASK_MARK = "&&&&"
-SERVERS = ("floor", "naive", "budgetwarden", "budgetwarden, batching off")
+LEAN = "budgetwarden, lean client"
+SERVERS = ("floor", "naive", "budgetwarden", "budgetwarden, batching off", LEAN)
 RATES = (100, 1000, 3000)
 
 
@@ -189,6 +191,7 @@ def main() -> int:
                 [*sidecar, "--listen", addrs["budgetwarden, batching off"]],
                 env | {"BUDGETWARDEN_BATCH_UNARY_CHECKS": "false"},
             ),
+            LEAN: start([*sidecar, "--listen", addrs[LEAN]], env | {"BUDGETWARDEN_LEAN_REDIS_CLIENT": "true"}),
         }
         client = redis.Redis.from_url(url)
         try:
@@ -239,10 +242,10 @@ def main() -> int:
                     for server in SERVERS:
                         measure("serial (-m1)" if streams == 1 else "16 streams (-m16)", server, round_, streams)
             for rps in RATES:
-                for server in ("floor", "naive", "budgetwarden", "budgetwarden, batching off"):
+                for server in SERVERS:
                     measure(f"{rps:,}/s offered", server, 1, 64, rps=rps)
             info = client.info("commandstats")
-            for server in ("budgetwarden",):
+            for server in ("budgetwarden", LEAN):
                 notes.append(f"{server}: {rss_mb(processes[server].pid):.0f} MB RSS after the run")
             evalsha = info.get("cmdstat_evalsha", {})
             if evalsha:

@@ -179,6 +179,12 @@ class Settings(BaseSettings):
         "go together when it returns, one script call per tenant, each decided as alone (but it may wait for one store "
         "call more)",
     )
+    lean_redis_client: bool = Field(
+        False,
+        description="send checks' script calls (check.lua) on one pipelined connection parsed by hiredis instead of "
+        "redis-py's client, for less CPU per check; only with a single Redis (not a Cluster or Sentinel) and "
+        "durability none, else redis-py is used",
+    )
     deadline_margin_ms: Annotated[int, Field(ge=0, le=10_000)] = Field(
         40,
         description="kept back from a caller's deadline so the answer reaches it in time: this or 10% of it, whichever "

@@ -19,11 +19,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budgetwarden.store import (
     AnyRedis,
+    LeanScripts,
     SentinelTarget,
     SentinelUrlError,
     async_sentinel_master,
     close_sentinels,
     is_sentinel_url,
+    lean_scripts_for,
     parse_sentinel_url,
     unconfirmed_script_shas,
 )
@@ -251,6 +253,17 @@ async def connect_store(
     if confirmation is not None:
         await check_confirmation(client, confirmation)
     return client, access
+
+
+def lean_scripts(settings: Settings, client: AnyRedis, *, embedded: bool, socket_timeout: float) -> LeanScripts | None:
+    """The lean client for checks' script calls (``--lean-redis-client``), or None where redis-py stays: a Cluster, a
+    Sentinel-managed master, and ``--durability`` other than none (its confirmation must follow each script call on
+    the same connection, which only the redis-py clients above do)."""
+    if not settings.lean_redis_client or settings.redis_cluster:
+        return None
+    if write_confirmation(settings, embedded=embedded) is not None:
+        return None
+    return lean_scripts_for(client, socket_timeout=socket_timeout)
 
 
 def ping_client(url: str, *, cluster: bool, timeout_s: float, access: dict[str, Any] | None = None) -> AnyRedis:

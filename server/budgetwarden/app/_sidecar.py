@@ -20,7 +20,15 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from budgetwarden.allowance import Allowances, AllowanceSettings
 from budgetwarden.domain import LoadedPolicy, Planner, PolicyError, default_policy, load_policy
 from budgetwarden.limiter import Clock, Limiter, wall_clock_ms
-from budgetwarden.store import AllowanceStore, AnyRedis, BudgetStore, EmbeddedRedis, GaugeReader, Retention
+from budgetwarden.store import (
+    AllowanceStore,
+    AnyRedis,
+    BudgetStore,
+    EmbeddedRedis,
+    GaugeReader,
+    LeanScripts,
+    Retention,
+)
 from budgetwarden.telemetry import Telemetry, telemetry_from_env
 from budgetwarden.transport import BUDGET_SERVICE_NAME, Admission, BudgetServicer
 
@@ -29,6 +37,7 @@ from ._listener_tls import ReloadingServerCredentials
 from ._redis_clients import (
     close_client,
     connect_store,
+    lean_scripts,
     ping_client,
 )
 
@@ -177,6 +186,7 @@ class Sidecar:
         self._allowance_sweep: asyncio.Task[None] | None = None
         self._store_watch: asyncio.Task[None] | None = None
         self._ping_redis: AnyRedis | None = None
+        self._lean: LeanScripts | None = None
         self._ready: bool | None = None
 
     def current_policy(self) -> LoadedPolicy:
@@ -254,7 +264,10 @@ class Sidecar:
                 url, cluster=settings.redis_cluster, timeout_s=_socket_timeout(settings), **access
             )
             self.telemetry.set_gauge_source(self._read_gauges)
-        store = BudgetStore(self.redis, store_retention(settings), self.telemetry)
+        self._lean = lean_scripts(
+            settings, self.redis, embedded=self.embedded is not None, socket_timeout=_socket_timeout(settings)
+        )
+        store = BudgetStore(self.redis, store_retention(settings), self.telemetry, lean=self._lean)
         if settings.local_allowance:
             self.allowances = Allowances(
                 AllowanceStore(store),
@@ -453,6 +466,9 @@ class Sidecar:
             # A huge prompt still being counted is not waited for: nobody is left to answer.
             self.limiter.counting_pool.shutdown()
             self.limiter = None
+        if self._lean is not None:
+            await self._lean.aclose()
+            self._lean = None
         if self.redis is not None:
             await _bounded_step("redis client", close_client(self.redis), STOP_STEP_LIMIT_S)
             self.redis = None

@@ -14,6 +14,7 @@ from ._keys import (
     parse_fail_open_id,
     reservation_id,
 )
+from ._lean import LeanScripts, lean_scripts_for
 from ._live import LiveTask, live_tasks
 from ._notify import NotificationEntry, NotificationQueue
 from ._replay import candidate_part, common_part, fingerprint, replayed_answer
@@ -60,6 +61,7 @@ __all__ = [
     "EmbeddedRedis",
     "GaugeReader",
     "IdempotencyConflictError",
+    "LeanScripts",
     "LiveTask",
     "NotificationEntry",
     "NotificationQueue",
@@ -85,6 +87,7 @@ __all__ = [
     "fingerprint",
     "is_reservation_id",
     "is_sentinel_url",
+    "lean_scripts_for",
     "live_tasks",
     "parse_checkpoint_id",
     "parse_fail_open_id",

@@ -35,6 +35,7 @@ from budgetwarden.telemetry import Telemetry
 
 from ._codec import FIELD_SEPARATOR, field_text, limit_arg, read_counters, read_thresholds, reply_text
 from ._keys import GLOBAL_AUDIT_KEY, TenantKeys, checkpoint_prefix, digest, reservation_id
+from ._lean import LeanScripts
 from ._usage import event_id, event_payload
 
 AnyRedis = Redis | RedisCluster
@@ -218,8 +219,17 @@ def unconfirmed_script_shas() -> frozenset[str]:
 class BudgetStore:
     """The Redis side. Scripts are redis-py ``Script`` objects: EVALSHA, with a fallback to EVAL on NOSCRIPT."""
 
-    def __init__(self, redis: AnyRedis, retention: Retention | None = None, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        redis: AnyRedis,
+        retention: Retention | None = None,
+        telemetry: Telemetry | None = None,
+        *,
+        lean: LeanScripts | None = None,
+    ) -> None:
         self.redis = redis
+        # When set, check.lua's calls go through it (store/_lean.py) instead of redis-py; everything else does not.
+        self.lean = lean
         self.retention = retention or Retention()
         self.telemetry = telemetry or Telemetry(None)
         self._check = self._script("check")
@@ -284,7 +294,10 @@ class BudgetStore:
                 parts += (str(tokens), str(usd), str(bound), field_text(label), answer)
             args.append(FIELD_SEPARATOR.join(parts))
         started = time.perf_counter()
-        replies = await self._check(keys=script_keys, args=args)
+        if self.lean is not None:
+            replies = await self.lean.run(self._check, script_keys, args)
+        else:
+            replies = await self._check(keys=script_keys, args=args)
         self.telemetry.redis_call("check", time.perf_counter() - started)
         return [_reservation(reply, rid) for reply, rid in zip(replies, ids, strict=True)]
 
