@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from unittest import mock
 
+import redis
+
 from budgetwarden.app._config import Settings
 from budgetwarden.app._sidecar import Sidecar
 from budgetwarden.cli import main
@@ -117,6 +119,23 @@ def sidecar_settings(redis_url: str, /, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+CONDITION_WAIT_S = 120.0  # a bound on waiting for a condition on a busy machine, not a pace
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = CONDITION_WAIT_S) -> None:
+    """Polls ``condition`` until it holds; a Redis or socket error counts as "not yet" (a node restarting, a failover
+    under way). Fails naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except (redis.RedisError, OSError):
+            pass
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting until {what}"
+        time.sleep(0.05)
 
 
 def wait_for_exit(proc: subprocess.Popen[Any], timeout: float, log: Callable[[], str]) -> int:

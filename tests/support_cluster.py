@@ -7,8 +7,7 @@ from __future__ import annotations
 import random
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -16,24 +15,13 @@ from redis.crc import key_slot
 
 from budgetwarden.store._embedded import server_binary
 
+from support import wait_until
+
 SLOTS = 16384
 # A primary silent this long is failing to the others, and its replica then asks to be promoted. Valkey's default
 # (15 s) for clusters without a failover to wait for, where a busy machine must not make a node look failed.
 DEFAULT_NODE_TIMEOUT_MS = 15_000
 FAILOVER_NODE_TIMEOUT_MS = 1000
-WAIT_S = 120.0  # bounds for conditions on a busy machine; nothing here waits on a clock otherwise
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except (redis.RedisError, OSError):
-            pass
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting until {what}"
-        time.sleep(0.05)
 
 
 def _free(port: int) -> bool:

@@ -6,32 +6,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
 from budgetwarden.store._embedded import server_binary
 
-from support import free_port
+from support import free_port, wait_until
 
 SERVICE = "budget-master"
 QUORUM = 2
 DOWN_AFTER_MS = 1000  # a primary silent this long is down to a sentinel
-WAIT_S = 120.0  # bounds for conditions on a busy machine; nothing here waits on a clock otherwise
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except (redis.RedisError, OSError):
-            pass
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting until {what}"
-        time.sleep(0.05)
 
 
 class Node:
