@@ -125,13 +125,23 @@ async def _count_calls_and_deliveries(
         grpc.StatusCode.UNAUTHENTICATED,
         grpc.StatusCode.INVALID_ARGUMENT,
     ]
-    # Scraped from a thread: the endpoint answers on this loop.
-    assert await asyncio.to_thread(admin_calls, metrics_port) == {
+    expected = {
         ("ApproveCheckpoint", "OK", "grpc"): 1,
         ("GetTenantWindows", "PERMISSION_DENIED", "grpc"): 1,
         ("ListCheckpoints", "UNAUTHENTICATED", "grpc"): 1,
         ("ListCheckpoints", "INVALID_ARGUMENT", "grpc"): 1,
     }
+    # A refused call is counted as its handler ends, just after its status went out: the client can see the status
+    # first, so the count is waited for (and must then be exactly this). Scraped from a thread: the endpoint answers
+    # on this loop.
+    seen: list[dict[tuple[str, str, str], float]] = []
+
+    def counted() -> bool:
+        seen.append(admin_calls(metrics_port))
+        return len(seen[-1]) >= len(expected)
+
+    await asyncio.to_thread(_wait_until, counted)
+    assert seen[-1] == expected
     # The opened and the approved checkpoint, delivered by the control plane and counted on its endpoint (the
     # deliverer's meter is the control plane's provider, not the SDK's global no-op one).
     await asyncio.to_thread(receiver.wait_for, lambda r: len(r.events()) == 2)
