@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
+import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -112,3 +115,26 @@ def wait_serving(addr: str, timeout: float = 30.0) -> float:
             if time.perf_counter() - started > timeout:
                 raise TimeoutError(f"{addr} did not serve within {timeout}s")
             time.sleep(0.01)
+
+
+# bench/vary_body.c, preloaded into h2load, overwrites these marks in the one request body h2load posts, so that each
+# request is a new step (and task) rather than a replay.
+STEP_MARK = "#########"
+TASK_MARK = "&&&&"
+
+
+def build_shim(tmp: Path) -> Path:
+    """bench/vary_body.c as a shared object, built with the system C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("h2load's request shim needs a C compiler (Debian: gcc) for bench/vary_body.c")
+    shim = tmp / "vary_body.so"
+    source = Path(__file__).resolve().parent / "vary_body.c"
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"], check=True)
+    return shim
+
+
+def write_grpc_body(path: Path, message: bytes) -> Path:
+    """A gRPC length-prefixed message (uncompressed), as h2load posts it."""
+    path.write_bytes(b"\x00" + struct.pack(">I", len(message)) + message)
+    return path

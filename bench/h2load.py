@@ -26,7 +26,6 @@ import argparse
 import os
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -42,25 +41,23 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import cpu_seconds, machine, percentile, publish, wait_serving  # noqa: E402
+from _common import (  # noqa: E402
+    STEP_MARK,
+    TASK_MARK,
+    build_shim,
+    cpu_seconds,
+    machine,
+    percentile,
+    publish,
+    wait_serving,
+    write_grpc_body,
+)
 from harness import POLICY, rss_mb, start, wait_port  # noqa: E402
 
 CHECK_PATH = "/budgetwarden.v1.BudgetService/Check"
-STEP_MARK = "#########"
-TASK_MARK = "&&&&"
 LEAN = "budgetwarden, lean client"
 SERVERS = ("floor", "naive", "budgetwarden", "budgetwarden, batching off", LEAN)
 RATES = (100, 1000, 3000)
-
-
-def build_shim(tmp: Path) -> Path:
-    """bench/vary_body.c as a shared object, built with the system C compiler."""
-    shim = tmp / "vary_body.so"
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise SystemExit("bench/h2load.py needs a C compiler (Debian: gcc) for bench/vary_body.c")
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(shim), str(HERE / "vary_body.c"), "-ldl"], check=True)
-    return shim
 
 
 def grpc_body(path: Path, tenant: str, run: str) -> Path:
@@ -72,8 +69,7 @@ def grpc_body(path: Path, tenant: str, run: str) -> Path:
         estimated_input_tokens=800,
         max_output_tokens=200,
     ).SerializeToString()
-    path.write_bytes(b"\x00" + struct.pack(">I", len(message)) + message)
-    return path
+    return write_grpc_body(path, message)
 
 
 @dataclass

@@ -21,7 +21,6 @@ import os
 import re
 import resource
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,17 @@ from budgetwarden_client import BudgetClient
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import cpu_seconds, machine, percentile, publish, wait_serving  # noqa: E402
+from _common import (  # noqa: E402
+    STEP_MARK,
+    TASK_MARK,
+    build_shim,
+    cpu_seconds,
+    machine,
+    percentile,
+    publish,
+    wait_serving,
+    write_grpc_body,
+)
 
 CHECK = "/budgetwarden.v1.BudgetService/Check"
 POLICY = """
@@ -272,19 +281,6 @@ def findings(scenarios: list[Scenario], client_deadline: float) -> list[str]:
 # from feat/perf's bench/h2load.py approach) writes a counter into the step and the counter modulo VARY_TASKS into the
 # task of what each read returns. It cannot read grpc-status: outcomes come from the sidecar's own metrics.
 
-STEP_MARK = "#########"
-TASK_MARK = "&&&&"
-
-
-def build_shim(tmp: Path) -> Path:
-    """bench/vary_body.c as a shared object, built with the system C compiler."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise SystemExit("--generator h2load needs a C compiler (Debian: gcc) for bench/vary_body.c")
-    shim = tmp / "vary_body.so"
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(shim), str(HERE / "vary_body.c"), "-ldl"], check=True)
-    return shim
-
 
 def grpc_body(path: Path, tenant: str, tag: str) -> Path:
     """A length-prefixed CheckRequest whose task (of TASKS[tenant]) and step the shim varies per request."""
@@ -292,8 +288,7 @@ def grpc_body(path: Path, tenant: str, tag: str) -> Path:
         tenant_id=tenant, task_id=f"{tenant}-{TASK_MARK}", step_id=f"{tag}-{STEP_MARK}", estimated_input_tokens=TOKENS,
         task_ceiling_tokens=CEILING,
     ).SerializeToString()  # fmt: skip
-    path.write_bytes(b"\x00" + struct.pack(">I", len(message)) + message)
-    return path
+    return write_grpc_body(path, message)
 
 
 @dataclass
