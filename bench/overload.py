@@ -495,6 +495,8 @@ def h2load_main(args: argparse.Namespace) -> int:
         serve_flags += ["--tenant-in-flight-share", str(args.tenant_in_flight_share)]
     if args.max_pending_calls is not None:
         serve_flags += ["--max-pending-calls", str(args.max_pending_calls)]
+    if args.overload_busy_share is not None:
+        serve_flags += ["--overload-busy-share", str(args.overload_busy_share)]
     scenarios: list[H2Scenario] = []
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as name:
@@ -562,13 +564,14 @@ def h2load_report(args: argparse.Namespace, scenarios: list[H2Scenario], held: d
         "### Overload under h2load: unary checks at 2x and 5x saturation, a noisy and a quiet tenant"
         + "".join(
             f", --{flag.replace('_', '-')} {value}"
-            for flag in ("max_pending_calls", "max_checks_in_flight", "tenant_in_flight_share")
+            for flag in ("max_pending_calls", "max_checks_in_flight", "tenant_in_flight_share", "overload_busy_share")
             if (value := getattr(args, flag)) is not None
         )
         + f" ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
         f"Machine: {machine()}. Command: `.venv/bin/python {command}` (one `budgetwarden serve` on its own Valkey "
-        "with AOF everysec, its default bounds (--max-pending-calls, --max-checks-in-flight) and tenant share unless "
+        "with AOF everysec, its default bounds (--max-pending-calls, --max-checks-in-flight), tenant share and "
+        "--overload-busy-share unless "
         "the command sets them, a Prometheus endpoint; "
         f"generator: h2load 1.52 (`-t1 -H 'grpc-timeout: {args.client_deadline * 1000:g}m'`, bench/vary_body.c "
         f"preloaded so every check is a new step); saturation: `h2load -c2 -m{args.concurrency}` closed loop; open "
@@ -657,6 +660,7 @@ def main() -> int:
     parser.add_argument("--max-checks-in-flight", type=int, default=None, help="the sidecar's bound (its default)")
     parser.add_argument("--tenant-in-flight-share", type=float, default=None, help="(the sidecar's default)")
     parser.add_argument("--max-pending-calls", type=int, default=None, help="h2load: (the sidecar's default)")
+    parser.add_argument("--overload-busy-share", type=float, default=None, help="h2load: (the sidecar's default)")
     parser.add_argument("--write", type=Path, default=None)
     parser.add_argument("--probe-rate", type=float, default=20.0, help="h2load: checks/s of the Python probe")
     parser.add_argument(
