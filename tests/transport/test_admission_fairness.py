@@ -229,10 +229,12 @@ async def test_the_watcher_measures_a_busy_loop_as_busy() -> None:
     """A loop that only runs callbacks (never waits for I/O) is measured near 100% busy; an idle one near 0. The
     shares are wide of the threshold both ways: no timing edge."""
     admission = Admission(512, 0.75, overload_busy=BUSY)
+    loop = asyncio.get_running_loop()
+    selector = loop._selector  # type: ignore[attr-defined]
+    select = selector.select
     watcher = asyncio.create_task(admission.watch_loop(0.02))
     await asyncio.sleep(0.5)  # idle: the loop waits in its selector
     assert admission.loop_busy < 0.5, admission.loop_busy
-    loop = asyncio.get_running_loop()
     spinning = True
 
     def spin() -> None:
@@ -245,5 +247,7 @@ async def test_the_watcher_measures_a_busy_loop_as_busy() -> None:
             break
         await asyncio.sleep(0.01)
     spinning = False
-    watcher.cancel()
     assert admission.overloaded(), admission.loop_busy
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+    assert selector.select == select  # the loop's selector as it was

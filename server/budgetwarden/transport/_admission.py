@@ -65,22 +65,27 @@ class LoopIdleMeter:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.seconds = 0.0
-        selector = getattr(loop, "_selector", None)
-        select = getattr(selector, "select", None)
-        self.measuring = select is not None
-        if select is None:
-            return
+        self.selector = getattr(loop, "_selector", None)
+        self.select = getattr(self.selector, "select", None)
+        self.measuring = self.select is not None
+        if self.measuring:
+            self.selector.select = self.timed_select  # type: ignore[union-attr]
 
-        def timed_select(timeout: float | None = None) -> Any:
-            if timeout is not None and timeout <= 0:
-                return select(timeout)  # a poll between callbacks: the loop has work, this is part of it
-            started = time.perf_counter()
-            try:
-                return select(timeout)
-            finally:
-                self.seconds += time.perf_counter() - started
+    def timed_select(self, timeout: float | None = None) -> Any:
+        assert self.select is not None
+        if timeout is not None and timeout <= 0:
+            return self.select(timeout)  # a poll between callbacks: the loop has work, this is part of it
+        started = time.perf_counter()
+        try:
+            return self.select(timeout)
+        finally:
+            self.seconds += time.perf_counter() - started
 
-        selector.select = timed_select  # type: ignore[union-attr]
+    def close(self) -> None:
+        """Stop measuring: the selector's ``select`` as it was."""
+        if self.measuring:
+            self.selector.select = self.select  # type: ignore[union-attr]
+            self.measuring = False
 
 
 class Refusal(str):
@@ -169,11 +174,14 @@ class Admission:
         """Sample the event loop's busy share for ever (a task of the sidecar, cancelled when it stops)."""
         loop = asyncio.get_running_loop()
         idle = LoopIdleMeter(loop)
-        while idle.measuring:
-            started, idle_before = loop.time(), idle.seconds
-            await asyncio.sleep(period_s)
-            took = loop.time() - started
-            self.note_loop_busy(1.0 - (idle.seconds - idle_before) / took if took > 0 else 0.0)
+        try:
+            while idle.measuring:
+                started, idle_before = loop.time(), idle.seconds
+                await asyncio.sleep(period_s)
+                took = loop.time() - started
+                self.note_loop_busy(1.0 - (idle.seconds - idle_before) / took if took > 0 else 0.0)
+        finally:
+            idle.close()
 
     def scale(self) -> float:
         """The factor the counts of ``recent`` carry now: a check counted now adds this much, and a count divided by it
