@@ -568,6 +568,15 @@ def h2load_main(args: argparse.Namespace) -> int:
                                   rps=quiet_rate)  # fmt: skip
 
             variants = [(main_, "")] + ([(sidecars[1], FAIRNESS_OFF)] if args.compare_fairness else [])
+            if args.compare_fairness:
+                # Saturated, not overloaded: a closed loop holds a bounded number of calls, so gRPC refuses none.
+                for sidecar, suffix in variants:
+                    tag = f"satq{'off' if suffix else ''}"
+                    runs = [closed(tag, args.seconds, sidecar.addr), quiet(f"{tag}q", sidecar.addr)]
+                    scenarios.append(
+                        h2load_scenario(f"closed loop with the quiet tenant{suffix}", runs, shim, sidecar.metrics_port,
+                                        pids(sidecar), args.seconds)
+                    )  # fmt: skip
             for multiple in (float(m) for m in args.multiples.split(",")):
                 # Streams enough for every check of the client deadline in flight: h2load never holds one back.
                 streams = max(64, int(multiple * sat_rate * args.client_deadline * 2 / args.processes))

@@ -1,8 +1,9 @@
-"""Overload (issue 16), fairness under CPU overload: while the sidecar's event loop is busy past
---overload-busy-share, a check of a tenant that asked more than an equal part and took its fair share of the checks
-admitted lately is shed with RESOURCE_EXHAUSTED "overloaded: ...", counted in budgetwarden.check.shed with reason
-fair_share, while a quiet tenant is still admitted. Over a real socket; the overload signal is driven by the test (the
-Admission's ``overloaded``), and its clock is frozen so the counts do not fade under the test: no timing involved."""
+"""Overload (issue 16), fairness under CPU overload: while the sidecar's event loop is busy past --overload-busy-share,
+a check of a tenant that asked more than an equal part and took its fair share of the checks admitted lately is shed
+with RESOURCE_EXHAUSTED "overloaded: ...", counted in budgetwarden.check.shed with reason fair_share, while a quiet
+tenant is still admitted. Over a real socket; the overload signal is driven by the test (the Admission's
+``overloaded``; fairness is off by default, on here), and its clock is frozen so the counts do not fade under the
+test: no timing involved."""
 
 from __future__ import annotations
 
@@ -53,9 +54,9 @@ def test_under_cpu_overload_the_noisy_tenant_is_shed_and_the_quiet_one_admitted(
     start_sidecar: Callable[..., RunningSidecar], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = free_port()
-    running = start_sidecar(metrics_port=port)
+    running = start_sidecar(metrics_port=port, overload_busy_share=0.9)
     admission = admission_of(running)
-    assert admission.overload_busy > 0  # the default turns fairness on
+    assert admission.overload_busy == 0.9
     monkeypatch.setattr(admission, "clock", lambda: FROZEN_AT)
     monkeypatch.setattr(admission, "scale_origin", FROZEN_AT)
     monkeypatch.setattr(admission, "forgotten_at", FROZEN_AT)
@@ -86,7 +87,7 @@ def test_under_cpu_overload_the_noisy_tenant_is_shed_and_the_quiet_one_admitted(
 def test_a_check_stream_sheds_the_noisy_tenants_checks_of_a_message_and_keeps_the_quiet_ones(
     start_sidecar: Callable[..., RunningSidecar], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    running = start_sidecar()
+    running = start_sidecar(overload_busy_share=0.9)
     admission = admission_of(running)
     monkeypatch.setattr(admission, "clock", lambda: FROZEN_AT)
     monkeypatch.setattr(admission, "scale_origin", FROZEN_AT)

@@ -218,10 +218,11 @@ class Settings(BaseSettings):
         "every one beyond twice as many; 0: gRPC's own limits (1000 and 3000)",
     )
     overload_busy_share: Annotated[float, Field(ge=0, le=1)] = Field(
-        0.9,
+        0.0,
         description="from this share of time with work on the sidecar's event loop (its CPU is behind), a check of a "
         "tenant that asked more than an equal part and took its fair share of the checks admitted lately is refused "
-        "with RESOURCE_EXHAUSTED, so the other tenants still get in; needs max_checks_in_flight; 0: off",
+        "with RESOURCE_EXHAUSTED, so the other tenants still get in; a refusal costs about half a check, so this "
+        "trades throughput for fairness (docs/reliability.md); needs max_checks_in_flight; 0 (the default): off",
     )
     tenant_in_flight_share: Annotated[float, Field(gt=0, le=1)] = Field(
         0.75,

@@ -27,7 +27,8 @@ way and its refusal (no store call) costs less than a check, so the loop gets id
 stays shorter and more calls reach a handler that knows their tenant; once the loop has slack, every tenant is
 admitted again, so the load follows what the CPU serves. A sidecar bound to one tenant, or asked by one tenant only,
 sheds nothing for fairness: there is no one to be fair to. Where receiving the calls alone takes the whole CPU, gRPC
-still refuses blind (--max-pending-calls), whatever the tenant.
+still refuses blind (--max-pending-calls), whatever the tenant. A refusal costs about half a check (gRPC's per-call
+work in Python), so fairness costs throughput: it is off unless --overload-busy-share is set (docs/reliability.md).
 """
 
 from __future__ import annotations
