@@ -10,6 +10,10 @@ answered with a decision (from their scheduled time), the share shed (RESOURCE_E
 answered by the fail mode (the store call missed the check deadline) and the share that missed the client deadline.
 Every check asks for tokens of a task with a ceiling; at the end, what the clients were granted per task and what Redis
 holds per task are compared with the ceilings read back from Redis.
+
+With --compare-fairness (h2load), each open-loop scenario runs again right after against a sidecar with fairness
+between tenants off (--overload-busy-share 0), on the same Valkey, and a closed loop against a sidecar that refuses
+every noisy check in its handler measures what such a refusal costs the sidecar's CPU against a decided check.
 """
 
 from __future__ import annotations
@@ -483,6 +487,27 @@ def h2load_scenario(
     return H2Scenario(name, took, runs, after, used, sampled)
 
 
+FAIRNESS_OFF = ", fairness off (--overload-busy-share 0)"
+REFUSAL_SCENARIO = "closed loop, every noisy check refused (--overload-busy-share 0.01)"
+
+
+@dataclass
+class Sidecar:
+    process: subprocess.Popen[bytes]
+    addr: str
+    metrics_port: int
+
+
+def start_sidecar(url: str, policy: Path, env: dict[str, str], flags: list[str]) -> Sidecar:
+    addr, metrics_port = f"127.0.0.1:{free_port()}", free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "budgetwarden", "serve", "--listen", addr, "--redis-url", url,
+         "--policy-file", str(policy), "--log-level", "ERROR", "--metrics-port", str(metrics_port), *flags],
+        env=env, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return Sidecar(process, addr, metrics_port)
+
+
 def h2load_main(args: argparse.Namespace) -> int:
     if shutil.which("h2load") is None:
         raise SystemExit("--generator h2load needs h2load (Debian: apt-get install nghttp2-client)")
@@ -495,6 +520,8 @@ def h2load_main(args: argparse.Namespace) -> int:
         serve_flags += ["--tenant-in-flight-share", str(args.tenant_in_flight_share)]
     if args.max_pending_calls is not None:
         serve_flags += ["--max-pending-calls", str(args.max_pending_calls)]
+    if args.overload_busy_share is not None:
+        serve_flags += ["--overload-busy-share", str(args.overload_busy_share)]
     scenarios: list[H2Scenario] = []
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as name:
@@ -504,47 +531,80 @@ def h2load_main(args: argparse.Namespace) -> int:
         url = valkey.start()
         policy = tmp / "policy.yaml"
         policy.write_text(POLICY)
-        addr, metrics_port = f"127.0.0.1:{free_port()}", free_port()
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "budgetwarden", "serve", "--listen", addr, "--redis-url", url,
-             "--policy-file", str(policy), "--log-level", "ERROR", "--metrics-port", str(metrics_port), *serve_flags],
-            env=env, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        sidecars: list[Sidecar] = []
         try:
-            wait_serving(addr)
+            main_ = start_sidecar(url, policy, env, serve_flags)
+            sidecars.append(main_)
+            if args.compare_fairness:
+                # Fairness off, as before it existed; and every noisy check refused, for what a refusal costs.
+                sidecars.append(start_sidecar(url, policy, env, [*serve_flags, "--overload-busy-share", "0"]))
+                sidecars.append(start_sidecar(url, policy, env, [*serve_flags, "--overload-busy-share", "0.01"]))
+            for sidecar in sidecars:
+                wait_serving(sidecar.addr)
             assert valkey.pid is not None
-            pids = {"sidecar": serve.pid, "Valkey": valkey.pid}
+            addr, metrics_port = main_.addr, main_.metrics_port
 
-            def closed(tag: str, seconds: float) -> H2Run:
-                return h2load_run(addr, "noisy", tag, tmp, seconds=seconds, deadline=args.client_deadline,
+            def pids(sidecar: Sidecar) -> dict[str, int]:
+                assert valkey.pid is not None
+                return {"sidecar": sidecar.process.pid, "Valkey": valkey.pid}
+
+            def closed(tag: str, seconds: float, at: str = addr) -> H2Run:
+                return h2load_run(at, "noisy", tag, tmp, seconds=seconds, deadline=args.client_deadline,
                                   clients=2, streams=args.concurrency)  # fmt: skip
 
-            h2load_scenario("warm-up", [closed("warm", 1.0)], shim, metrics_port, pids, 1.0)
+            for n, sidecar in enumerate(sidecars):
+                h2load_scenario("warm-up", [closed(f"warm{n}", 1.0, sidecar.addr)], shim, sidecar.metrics_port,
+                                pids(sidecar), 1.0)  # fmt: skip
             saturation = h2load_scenario(
-                "closed loop (saturation)", [closed("sat", args.seconds)], shim, metrics_port, pids, args.seconds
+                "closed loop (saturation)", [closed("sat", args.seconds)], shim, metrics_port, pids(main_), args.seconds
             )
             scenarios.append(saturation)
             sat_rate = saturation.decided("noisy") / saturation.seconds
             quiet_rate = max(1.0, args.quiet_share * sat_rate)
+
+            def quiet(tag: str, at: str) -> H2Run:
+                return h2load_run(at, "quiet", tag, tmp, seconds=args.seconds, deadline=args.client_deadline,
+                                  clients=1, streams=max(64, int(quiet_rate * args.client_deadline * 2)),
+                                  rps=quiet_rate)  # fmt: skip
+
+            variants = [(main_, "")] + ([(sidecars[1], FAIRNESS_OFF)] if args.compare_fairness else [])
+            if args.compare_fairness:
+                # Saturated, not overloaded: a closed loop holds a bounded number of calls, so gRPC refuses none.
+                for sidecar, suffix in variants:
+                    tag = f"satq{'off' if suffix else ''}"
+                    runs = [closed(tag, args.seconds, sidecar.addr), quiet(f"{tag}q", sidecar.addr)]
+                    scenarios.append(
+                        h2load_scenario(f"closed loop with the quiet tenant{suffix}", runs, shim, sidecar.metrics_port,
+                                        pids(sidecar), args.seconds)
+                    )  # fmt: skip
             for multiple in (float(m) for m in args.multiples.split(",")):
-                tag = f"x{multiple:g}"
                 # Streams enough for every check of the client deadline in flight: h2load never holds one back.
                 streams = max(64, int(multiple * sat_rate * args.client_deadline * 2 / args.processes))
-                runs = [
-                    h2load_run(addr, "noisy", f"{tag}n", tmp, seconds=args.seconds, deadline=args.client_deadline,
-                               clients=args.processes, streams=streams, rps=multiple * sat_rate - quiet_rate),
-                    h2load_run(addr, "quiet", f"{tag}q", tmp, seconds=args.seconds, deadline=args.client_deadline,
-                               clients=1, streams=max(64, int(quiet_rate * args.client_deadline * 2)), rps=quiet_rate),
-                ]  # fmt: skip
-                name_ = f"open loop, {multiple:g}x saturation"
+                for sidecar, suffix in variants:
+                    tag = f"x{multiple:g}{'off' if suffix else ''}"
+                    runs = [
+                        h2load_run(sidecar.addr, "noisy", f"{tag}n", tmp, seconds=args.seconds,
+                                   deadline=args.client_deadline, clients=args.processes, streams=streams,
+                                   rps=multiple * sat_rate - quiet_rate),
+                        quiet(f"{tag}q", sidecar.addr),
+                    ]  # fmt: skip
+                    scenarios.append(
+                        h2load_scenario(f"open loop, {multiple:g}x saturation{suffix}", runs, shim,
+                                        sidecar.metrics_port, pids(sidecar), args.seconds, sidecar.addr,
+                                        args.probe_rate, args.client_deadline)
+                    )  # fmt: skip
+            if args.compare_fairness:
+                refusing = sidecars[2]
                 scenarios.append(
-                    h2load_scenario(name_, runs, shim, metrics_port, pids, args.seconds, addr, args.probe_rate,
-                                    args.client_deadline)
+                    h2load_scenario(REFUSAL_SCENARIO, [closed("refused", args.seconds, refusing.addr),
+                                    quiet("refusedq", refusing.addr)], shim, refusing.metrics_port, pids(refusing),
+                                    args.seconds)
                 )  # fmt: skip
             held = read_back(addr, len(TASK_MARK))
         finally:
-            serve.terminate()
-            serve.wait(30)
+            for sidecar in sidecars:
+                sidecar.process.terminate()
+                sidecar.process.wait(30)
             valkey.stop()
     lines = h2load_report(args, scenarios, held, sat_rate, quiet_rate, load_before)
     publish(lines, args.write)
@@ -555,6 +615,28 @@ def _ms(values: list[float], q: float) -> float:
     return percentile(values, q) / 1000 if values else float("nan")
 
 
+def refusal_cost(scenarios: list[H2Scenario], sat_rate: float) -> list[str]:
+    """What a check refused in the handler costs the sidecar's CPU, against one decided: from the closed loop in which
+    every noisy check is refused, less the quiet tenant's decided checks at the saturation's cost each."""
+    refusing = [s for s in scenarios if s.name == REFUSAL_SCENARIO]
+    if not refusing:
+        return []
+    s, saturation = refusing[0], scenarios[0]
+    per_decided = saturation.cpu["sidecar"] / sat_rate  # core-seconds per check
+    decided = sum(s.decided(t) for t in ("noisy", "quiet")) / s.seconds
+    shed = sum(s.shed(t) for t in ("noisy", "quiet")) / s.seconds
+    per_refused = (s.cpu["sidecar"] - decided * per_decided) / max(shed, 1e-9)
+    return [
+        "",
+        f"- What a refusal costs: closed loop against a sidecar that counts as overloaded whenever it has work "
+        f"(--overload-busy-share 0.01), so every noisy check is refused in the handler (parse, decide, abort; no store "
+        f"call): {shed:,.0f} refused/s and {decided:,.0f} decided/s (the quiet tenant) at {s.cpu['sidecar']:.0%} of a "
+        f"core. At {per_decided * 1e6:,.0f} µs of sidecar CPU per decided check (the saturation row), a refused check "
+        f"cost {per_refused * 1e6:,.0f} µs ({per_refused / per_decided:.0%} of a decided one); all of it in gRPC's "
+        "and the handler's per-call work, which a refusal cannot skip.",
+    ]
+
+
 def h2load_report(args: argparse.Namespace, scenarios: list[H2Scenario], held: dict[str, tuple[int, int, int]],
                   sat_rate: float, quiet_rate: float, load_before: float) -> list[str]:  # fmt: skip
     command = " ".join(["bench/overload.py", *sys.argv[1:]])
@@ -562,14 +644,24 @@ def h2load_report(args: argparse.Namespace, scenarios: list[H2Scenario], held: d
         "### Overload under h2load: unary checks at 2x and 5x saturation, a noisy and a quiet tenant"
         + "".join(
             f", --{flag.replace('_', '-')} {value}"
-            for flag in ("max_pending_calls", "max_checks_in_flight", "tenant_in_flight_share")
+            for flag in ("max_pending_calls", "max_checks_in_flight", "tenant_in_flight_share", "overload_busy_share")
             if (value := getattr(args, flag)) is not None
         )
         + f" ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
         f"Machine: {machine()}. Command: `.venv/bin/python {command}` (one `budgetwarden serve` on its own Valkey "
-        "with AOF everysec, its default bounds (--max-pending-calls, --max-checks-in-flight) and tenant share unless "
-        "the command sets them, a Prometheus endpoint; "
+        "with AOF everysec, its default bounds (--max-pending-calls, --max-checks-in-flight), tenant share and "
+        "--overload-busy-share unless "
+        "the command sets them, a Prometheus endpoint"
+        + (
+            "; with --compare-fairness two more sidecars on the same Valkey: one with fairness off "
+            "(--overload-busy-share 0, as before it existed), which takes each open-loop scenario right after the "
+            "first, and one that counts as overloaded whenever it has work (--overload-busy-share 0.01), for what a "
+            "refusal costs"
+            if args.compare_fairness
+            else ""
+        )
+        + "; "
         f"generator: h2load 1.52 (`-t1 -H 'grpc-timeout: {args.client_deadline * 1000:g}m'`, bench/vary_body.c "
         f"preloaded so every check is a new step); saturation: `h2load -c2 -m{args.concurrency}` closed loop; open "
         f"loop: `h2load --rps` with {args.processes} connections for the noisy tenant and one h2load process, one "
@@ -580,7 +672,8 @@ def h2load_report(args: argparse.Namespace, scenarios: list[H2Scenario], held: d
         "(budgetwarden_check_decisions_total, of which fail mode: reason FAIL_OPEN/FAIL_CLOSED, the store call missed "
         "the check deadline; budgetwarden_check_shed_total); no answer: what h2load sent less those (gRPC refused "
         "it at once with CANCELLED, --max-pending-calls; or its deadline passed first; or h2load stopped before the "
-        "answer: the probe's table tells them apart). Latency: h2load's per-request "
+        "answer: the probe's table tells them apart); shed counts every reason (budgetwarden_reason: fair_share, "
+        "deadline, in_flight, tenant_in_flight). Latency: h2load's per-request "
         "time of every response (decided, shed or deadline alike), from the request's start; the sidecar's own check "
         "duration (validation to decision, bucket upper bounds) beside it.",
         "",
@@ -627,6 +720,7 @@ def h2load_report(args: argparse.Namespace, scenarios: list[H2Scenario], held: d
         "|---|---|---|---|",
         *[f"| {s.name} | {s.cpu['sidecar']:.0%} | {s.cpu['Valkey']:.0%} | {s.cpu['h2load']:.0%} |" for s in scenarios],
     ]
+    lines += refusal_cost(scenarios, sat_rate)
     over_held = {task: used for task, (used, limit, _) in held.items() if used > limit}
     limits = {limit for _, limit, _ in held.values()}
     at_ceiling = sum(1 for used, limit, _ in held.values() if used + TOKENS > limit)
@@ -657,6 +751,12 @@ def main() -> int:
     parser.add_argument("--max-checks-in-flight", type=int, default=None, help="the sidecar's bound (its default)")
     parser.add_argument("--tenant-in-flight-share", type=float, default=None, help="(the sidecar's default)")
     parser.add_argument("--max-pending-calls", type=int, default=None, help="h2load: (the sidecar's default)")
+    parser.add_argument("--overload-busy-share", type=float, default=None, help="h2load: (the sidecar's default)")
+    parser.add_argument(
+        "--compare-fairness", action="store_true",
+        help="h2load: each open-loop scenario also against a sidecar with fairness off, and a closed loop against one "
+        "that refuses every noisy check (what a refusal costs); all on the same Valkey",
+    )  # fmt: skip
     parser.add_argument("--write", type=Path, default=None)
     parser.add_argument("--probe-rate", type=float, default=20.0, help="h2load: checks/s of the Python probe")
     parser.add_argument(

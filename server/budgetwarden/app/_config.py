@@ -217,6 +217,13 @@ class Settings(BaseSettings):
         "not in max_checks_in_flight); from this many it refuses new calls (CANCELLED) with a rising probability, "
         "every one beyond twice as many; 0: gRPC's own limits (1000 and 3000)",
     )
+    overload_busy_share: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.0,
+        description="from this share of time with work on the sidecar's event loop (its CPU is behind), a check of a "
+        "tenant that asked more than an equal part and took its fair share of the checks admitted lately is refused "
+        "with RESOURCE_EXHAUSTED, so the other tenants still get in; a refusal costs about half a check, so this "
+        "trades throughput for fairness (docs/reliability.md); needs max_checks_in_flight; 0 (the default): off",
+    )
     tenant_in_flight_share: Annotated[float, Field(gt=0, le=1)] = Field(
         0.75,
         description="the most of max_checks_in_flight one tenant may hold, so others still get in (a sidecar bound "

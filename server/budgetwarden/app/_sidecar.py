@@ -184,6 +184,7 @@ class Sidecar:
         self.limiter: Limiter | None = None
         self.allowances: Allowances | None = None
         self._allowance_sweep: asyncio.Task[None] | None = None
+        self._busy_watch: asyncio.Task[None] | None = None
         self._store_watch: asyncio.Task[None] | None = None
         self._ping_redis: AnyRedis | None = None
         self._lean: LeanScripts | None = None
@@ -297,10 +298,14 @@ class Sidecar:
             default_task_type=settings.default_task_type or None,
             deadline_margin_s=settings.deadline_margin_ms / 1000,
             admission=Admission(
-                settings.max_checks_in_flight, 1.0 if settings.tenant else settings.tenant_in_flight_share
+                settings.max_checks_in_flight,
+                1.0 if settings.tenant else settings.tenant_in_flight_share,
+                overload_busy=0.0 if settings.tenant else settings.overload_busy_share,
             ),
         )
         self.servicer = servicer
+        if servicer.admission.bounded and servicer.admission.overload_busy:
+            self._busy_watch = asyncio.create_task(servicer.admission.watch_loop())
         server = grpc.aio.server(options=[*_SERVER_OPTIONS, *pending_call_limits(settings.max_pending_calls)])
         server.add_generic_rpc_handlers([servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -454,6 +459,10 @@ class Sidecar:
             await self.health.enter_graceful_shutdown()
             await _bounded_step("budget server", self.server.stop(grace), grace + STOP_STEP_LIMIT_S)
             self.server = None
+        if self._busy_watch is not None:
+            self._busy_watch.cancel()
+            await _bounded_step("event-loop watch", self._busy_watch, STOP_STEP_LIMIT_S)
+            self._busy_watch = None
         if self._allowance_sweep is not None:
             self._allowance_sweep.cancel()
             await _bounded_step("allowance sweep", self._allowance_sweep, STOP_STEP_LIMIT_S)

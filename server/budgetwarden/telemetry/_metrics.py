@@ -175,7 +175,8 @@ class Telemetry:
             meter,
             "budgetwarden.check.shed",
             "{check}",
-            "Checks refused at once (RESOURCE_EXHAUSTED): too many in flight",
+            "Checks refused at once (RESOURCE_EXHAUSTED) by reason: too many in flight, a tenant over its share, "
+            "too little deadline left",
         )
         self.admin_calls = _Sum(
             meter,
@@ -299,9 +300,10 @@ class Telemetry:
         if self.enabled:
             self.redis_duration.record(seconds, {"budgetwarden.redis.script": script})
 
-    def shed(self, tenant_id: str) -> None:
+    def shed(self, tenant_id: str, reason: str) -> None:
+        """``reason``: in_flight, tenant_in_flight, fair_share or deadline (transport/_admission.py)."""
         if self.enabled:
-            self.shed_checks.add(1, (("budgetwarden.tenant", self.tenant(tenant_id)),))
+            self.shed_checks.add(1, (("budgetwarden.tenant", self.tenant(tenant_id)), ("budgetwarden.reason", reason)))
 
     def admin_call(self, rpc: str, outcome: str, via: str) -> None:
         """``outcome``: a gRPC status code's name (OK, PERMISSION_DENIED, ...); ``via``: grpc or console."""

@@ -139,7 +139,7 @@ class BudgetServicer:
         entered_at = self.admission.clock()
         refused = self.admission.enter(tenant_id, context.time_remaining())
         if refused is not None:
-            self.limiter.telemetry.shed(tenant_id)
+            self.limiter.telemetry.shed(tenant_id, refused.reason)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _shed_message(refused))
         try:
             async with answering(context):
@@ -189,7 +189,7 @@ class BudgetServicer:
             if overloaded is None:
                 admitted.append(entry)
             else:
-                self.limiter.telemetry.shed(tenant_id)
+                self.limiter.telemetry.shed(tenant_id, overloaded.reason)
                 _refuse(
                     entry[1], grpc.StatusCode.RESOURCE_EXHAUSTED, f"checks[{entry[0]}]: {_shed_message(overloaded)}"
                 )
