@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -18,7 +18,7 @@ from budgetwarden.domain import (
     ReportStatus,
     UsageInput,
 )
-from budgetwarden.limiter import Limiter, StepConflictError
+from budgetwarden.limiter import Limiter, StepConflictError, StoreUnavailableError
 from budgetwarden.store import Applied, IdempotencyConflictError, reservation_id
 from budgetwarden_api.v1 import budget_pb2 as pb
 
@@ -85,6 +85,13 @@ async def _report_or_refuse(
         raise AssertionError("abort returned") from None  # pragma: no cover
 
 
+async def _answer_error(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> NoReturn:
+    """Aborts the call with the status ``answering`` maps ``error`` to."""
+    async with answering(context):
+        raise error
+    raise AssertionError("answering returned") from error  # pragma: no cover
+
+
 def _shed_message(reason: str) -> str:
     return f"overloaded: {reason}; nothing was reserved, retry with backoff"
 
@@ -132,8 +139,12 @@ class BudgetServicer:
         return check_input(request, max_lease_seconds=self.max_lease_seconds)
 
     async def check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.CheckResponse:
-        async with answering(context):
+        # The unary hot path: errors are mapped by ``answering`` only when one is raised (entering its async context
+        # manager on every check cost more than the validation it guards; docs/benchmarks.md, issue 17).
+        try:
             checked, prompt = self._check_input(request)
+        except (InvalidRequestError, TenantRefusedError) as exc:
+            await _answer_error(context, exc)
         tenant_id = checked.tenant_id
         # Without a caller deadline nothing comes too late: the check deadline and fail mode handle a slow store.
         entered_at = self.admission.clock()
@@ -142,8 +153,9 @@ class BudgetServicer:
             self.limiter.telemetry.shed(tenant_id)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _shed_message(refused))
         try:
-            async with answering(context):
-                result = await self.limiter.check(checked, caller_time(context, self.deadline_margin_s), prompt)
+            result = await self.limiter.check(checked, caller_time(context, self.deadline_margin_s), prompt)
+        except (StepConflictError, StoreUnavailableError) as exc:
+            await _answer_error(context, exc)
         finally:
             self.admission.leave(tenant_id, entered_at)
         return check_response(result)
