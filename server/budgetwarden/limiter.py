@@ -448,7 +448,9 @@ class Limiter:
     def _lease_s(self, request: CheckInput, plan: CheckPlan, policy: Policy) -> int:
         """The step's lease: never shorter than the policy's minimum (a lapsed lease frees its budget before the usage
         is known)."""
-        return max(request.lease_seconds or plan.lease_seconds or self.default_lease_s, policy.min_lease(plan.task_type))
+        return max(
+            request.lease_seconds or plan.lease_seconds or self.default_lease_s, policy.min_lease(plan.task_type)
+        )
 
     async def _decide_locally(
         self,
