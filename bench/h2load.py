@@ -211,6 +211,8 @@ def main() -> int:
         addrs = {server: f"127.0.0.1:{free_port()}" for server in servers}
         sidecar = ["-m", "budgetwarden", "serve", "--redis-url", url, "--policy-file", str(policy),
                    "--log-level", "WARNING", "--usage-stream-max-len", "10000000"]  # fmt: skip
+        # A slice big enough for the whole run: every check of the one task after its first is decided locally.
+        local_allowance = ["--local-allowance", "--local-allowance-cap-tokens", "1000000000"]
         base_env = env | {"PYTHONPATH": str(args.base.resolve() / "server")} if args.base is not None else env
         starters = {
             "floor": lambda: start([str(HERE / "baselines.py"), "floor", "--listen", addrs["floor"]], env),
@@ -223,9 +225,9 @@ def main() -> int:
                 env | {"BUDGETWARDEN_BATCH_UNARY_CHECKS": "false"},
             ),
             LEAN: lambda: start([*sidecar, "--listen", addrs[LEAN]], env | {"BUDGETWARDEN_LEAN_REDIS_CLIENT": "true"}),
-            LOCAL: lambda: start([*sidecar, "--listen", addrs[LOCAL], "--local-allowance"], env),
+            LOCAL: lambda: start([*sidecar, "--listen", addrs[LOCAL], *local_allowance], env),
             BASE: lambda: start([*sidecar, "--listen", addrs[BASE]], base_env),
-            BASE_LOCAL: lambda: start([*sidecar, "--listen", addrs[BASE_LOCAL], "--local-allowance"], base_env),
+            BASE_LOCAL: lambda: start([*sidecar, "--listen", addrs[BASE_LOCAL], *local_allowance], base_env),
         }
         processes = {server: starters[server]() for server in servers}
         client = redis.Redis.from_url(url)
@@ -319,8 +321,10 @@ def report(
         command += f" --servers {','.join(names[server] for server in servers)}"
     if base is not None:
         command += f" --base {base}"
+    # A run of other servers than the default set (an A/B of a change) is its own result, not the table's next run.
+    title = "budgetwarden vs. its baselines" if servers == SERVERS else f"{', '.join(servers[1:])} vs. the floor"
     lines = [
-        f"### Unary Check under h2load: budgetwarden vs. its baselines ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
+        f"### Unary Check under h2load: {title} ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
         f"Machine: {machine()}. Command: `{command}`. Each measurement: `h2load -c1 -m<streams> -t1 "
         f"-D{seconds:g} --warm-up-time=500ms -d <body> -H 'content-type: application/grpc' -H 'te: trailers' "
@@ -331,7 +335,16 @@ def report(
         "answered check. Checks per script call and Valkey µs per call: EVALSHA calls and their time in Valkey's "
         "INFO commandstats over the measurement. New steps: leases Valkey holds afterwards, of the request bodies "
         "h2load sent (warm-up included, counted by the shim): equal means every request was a new step and reserved "
-        "(none a replay, none refused); up to the streams in flight fewer when h2load's end cut their calls.",
+        "(none a replay, none refused); up to the streams in flight fewer when h2load's end cut their calls."
+        + (
+            " The local-allowance variants' requests are new steps of ONE task, with slices of up to 1,000,000,000 "
+            "tokens (`--local-allowance --local-allowance-cap-tokens 1000000000`): every check after the task's first "
+            "is decided locally; their new-steps column is empty (a step granted locally reaches Valkey when its slice "
+            "is settled, later), and the slices' settling shows in the Valkey columns of whichever server runs then."
+            if any(server.endswith("local allowance") for server in servers)
+            else ""
+        )
+        + (f" Base: the server/ directory of {base}, run with PYTHONPATH." if base is not None else ""),
         "",
         "| scenario | round | server | checks/s | vs. floor | mean ms | p50 ms | p99 ms | p99.9 ms | failed "
         "| server CPU µs/check | Valkey CPU µs/check | checks per script call | Valkey µs per call | new steps |",
