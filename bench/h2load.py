@@ -57,14 +57,32 @@ from harness import POLICY, rss_mb, start, wait_port  # noqa: E402
 CHECK_PATH = "/budgetwarden.v1.BudgetService/Check"
 LEAN = "budgetwarden, lean client"
 SERVERS = ("floor", "naive", "budgetwarden", "budgetwarden, batching off", LEAN)
+# Variants, run when named in --servers: the local allowance (--local-allowance; every request a new step of ONE task,
+# so that after the first check its slice decides them), and with --base, the same servers from another checkout's
+# server/ directory (the code before a change: the A/B of it in one run).
+LOCAL = "budgetwarden, local allowance"
+BASE = "budgetwarden, base"
+BASE_LOCAL = "budgetwarden, base, local allowance"
+VARIANTS = (LOCAL, BASE, BASE_LOCAL)
+# --servers takes these short names.
+SHORT = {
+    "floor": "floor",
+    "naive": "naive",
+    "bw": "budgetwarden",
+    "bw-batching-off": "budgetwarden, batching off",
+    "bw-lean": LEAN,
+    "bw-local": LOCAL,
+    "base": BASE,
+    "base-local": BASE_LOCAL,
+}
 RATES = (100, 1000, 3000)
 
 
-def grpc_body(path: Path, tenant: str, run: str) -> Path:
-    """A length-prefixed CheckRequest whose task and step the shim varies per request."""
+def grpc_body(path: Path, tenant: str, run: str, *, one_task: bool = False) -> Path:
+    """A length-prefixed CheckRequest whose task (unless ``one_task``) and step the shim varies per request."""
     message = pb.CheckRequest(
         tenant_id=tenant,
-        task_id=f"task-{TASK_MARK}",
+        task_id="task-one" if one_task else f"task-{TASK_MARK}",
         step_id=f"{run}-{STEP_MARK}",
         estimated_input_tokens=800,
         max_output_tokens=200,
@@ -161,7 +179,21 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the throughput measurements")
     parser.add_argument("--smoke", action="store_true", help="one short round, nothing written")
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument(
+        "--servers",
+        default="floor,naive,bw,bw-batching-off,bw-lean",
+        help=f"comma-separated short names, in the order they alternate; of {', '.join(SHORT)}",
+    )
+    parser.add_argument("--base", type=Path, default=None, help="a checkout whose server/ the base variants run")
     args = parser.parse_args()
+    unknown = [name for name in args.servers.split(",") if name not in SHORT]
+    if unknown:
+        raise SystemExit(f"unknown servers: {', '.join(unknown)}; known: {', '.join(SHORT)}")
+    servers = tuple(SHORT[name] for name in args.servers.split(","))
+    if "floor" not in servers:
+        raise SystemExit("--servers must include floor (the ratios are to it)")
+    if any(name.startswith(BASE) for name in servers) and args.base is None:
+        raise SystemExit("the base variants need --base (a checkout of the code to compare against)")
     seconds = 1.0 if args.smoke else args.seconds
     rounds = 1 if args.smoke else args.rounds
     if shutil.which("h2load") is None:
@@ -176,22 +208,31 @@ def main() -> int:
         url = valkey.start()
         policy = tmp / "policy.yaml"
         policy.write_text(POLICY)
-        addrs = {server: f"127.0.0.1:{free_port()}" for server in SERVERS}
+        addrs = {server: f"127.0.0.1:{free_port()}" for server in servers}
         sidecar = ["-m", "budgetwarden", "serve", "--redis-url", url, "--policy-file", str(policy),
                    "--log-level", "WARNING", "--usage-stream-max-len", "10000000"]  # fmt: skip
-        processes = {
-            "floor": start([str(HERE / "baselines.py"), "floor", "--listen", addrs["floor"]], env),
-            "naive": start([str(HERE / "baselines.py"), "naive", "--listen", addrs["naive"], "--redis-url", url], env),
-            "budgetwarden": start([*sidecar, "--listen", addrs["budgetwarden"]], env),
-            "budgetwarden, batching off": start(
+        # A slice big enough for the whole run: every check of the one task after its first is decided locally.
+        local_allowance = ["--local-allowance", "--local-allowance-cap-tokens", "1000000000"]
+        base_env = env | {"PYTHONPATH": str(args.base.resolve() / "server")} if args.base is not None else env
+        starters = {
+            "floor": lambda: start([str(HERE / "baselines.py"), "floor", "--listen", addrs["floor"]], env),
+            "naive": lambda: start(
+                [str(HERE / "baselines.py"), "naive", "--listen", addrs["naive"], "--redis-url", url], env
+            ),
+            "budgetwarden": lambda: start([*sidecar, "--listen", addrs["budgetwarden"]], env),
+            "budgetwarden, batching off": lambda: start(
                 [*sidecar, "--listen", addrs["budgetwarden, batching off"]],
                 env | {"BUDGETWARDEN_BATCH_UNARY_CHECKS": "false"},
             ),
-            LEAN: start([*sidecar, "--listen", addrs[LEAN]], env | {"BUDGETWARDEN_LEAN_REDIS_CLIENT": "true"}),
+            LEAN: lambda: start([*sidecar, "--listen", addrs[LEAN]], env | {"BUDGETWARDEN_LEAN_REDIS_CLIENT": "true"}),
+            LOCAL: lambda: start([*sidecar, "--listen", addrs[LOCAL], *local_allowance], env),
+            BASE: lambda: start([*sidecar, "--listen", addrs[BASE]], base_env),
+            BASE_LOCAL: lambda: start([*sidecar, "--listen", addrs[BASE_LOCAL], *local_allowance], base_env),
         }
+        processes = {server: starters[server]() for server in servers}
         client = redis.Redis.from_url(url)
         try:
-            for server in SERVERS:
+            for server in servers:
                 if server.startswith("budgetwarden"):
                     wait_serving(addrs[server])
                 else:
@@ -204,7 +245,8 @@ def main() -> int:
                 nonlocal counter
                 counter += 1
                 tenant = f"h2-{counter}"
-                body = grpc_body(tmp / f"body-{counter}", tenant, f"r{counter}")
+                local = server.endswith("local allowance")
+                body = grpc_body(tmp / f"body-{counter}", tenant, f"r{counter}", one_task=local)
                 log = tmp / f"log-{counter}"
                 leases = TenantKeys(tenant).leases
                 cpu, store = cpu_seconds(processes[server].pid), cpu_seconds(redis_pid)
@@ -222,26 +264,27 @@ def main() -> int:
                 if rps:
                     run.late_us = lateness(starts, rps)
                     run.scheduled_us = [late + took for late, took in zip(run.late_us, run.latencies_us, strict=True)]
-                if server.startswith("budgetwarden"):
-                    # Every answered check (warm-up included) is a new step: one new lease each.
+                if server.startswith("budgetwarden") and not local:
+                    # Every answered check (warm-up included) is a new step: one new lease each. (Steps granted from
+                    # a local slice are recorded in Valkey when it settles them, later: not counted.)
                     run.new_reservations = int(client.zcard(leases))
                 run.sent = sent
                 runs.append(run)
                 print(f"{scenario:>24} {server:>28}: {run.rate:8,.0f}/s p50 {run.ms(0.5):.3f} ms", flush=True)
                 return run
 
-            for server in SERVERS:  # warm-up: connections, imports, script loading
+            for server in servers:  # warm-up: connections, imports, script loading
                 measure("warm-up", server, 0, 16)
             runs.clear()
             for round_ in range(1, rounds + 1):
                 for streams in (1, 16):
-                    for server in SERVERS:
+                    for server in servers:
                         measure("serial (-m1)" if streams == 1 else "16 streams (-m16)", server, round_, streams)
             for rps in RATES:
-                for server in SERVERS:
+                for server in servers:
                     measure(f"{rps:,}/s offered", server, 1, 64, rps=rps)
             info = client.info("commandstats")
-            for server in ("budgetwarden", LEAN):
+            for server in [name for name in ("budgetwarden", LEAN) if name in servers]:
                 notes.append(f"{server}: {rss_mb(processes[server].pid):.0f} MB RSS after the run")
             evalsha = info.get("cmdstat_evalsha", {})
             if evalsha:
@@ -256,18 +299,32 @@ def main() -> int:
                 process.wait(30)
             valkey.stop()
 
-    lines = report(runs, seconds, rounds, args.smoke)
+    lines = report(runs, seconds, rounds, args.smoke, servers, args.base)
     lines += ["", *[f"- {note}" for note in notes], ""]
     publish(lines, None if args.smoke else args.write)
     return 0
 
 
-def report(runs: list[Run], seconds: float, rounds: int, smoke: bool) -> list[str]:
+def report(
+    runs: list[Run],
+    seconds: float,
+    rounds: int,
+    smoke: bool,
+    servers: tuple[str, ...] = SERVERS,
+    base: Path | None = None,
+) -> list[str]:
     command = ".venv/bin/python bench/h2load.py" + (
         " --smoke" if smoke else f" --seconds {seconds:g} --rounds {rounds}"
     )
+    if servers != SERVERS:
+        names = {name: short for short, name in SHORT.items()}
+        command += f" --servers {','.join(names[server] for server in servers)}"
+    if base is not None:
+        command += f" --base {base}"
+    # A run of other servers than the default set (an A/B of a change) is its own result, not the table's next run.
+    title = "budgetwarden vs. its baselines" if servers == SERVERS else f"{', '.join(servers[1:])} vs. the floor"
     lines = [
-        f"### Unary Check under h2load: budgetwarden vs. its baselines ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
+        f"### Unary Check under h2load: {title} ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
         f"Machine: {machine()}. Command: `{command}`. Each measurement: `h2load -c1 -m<streams> -t1 "
         f"-D{seconds:g} --warm-up-time=500ms -d <body> -H 'content-type: application/grpc' -H 'te: trailers' "
@@ -278,7 +335,16 @@ def report(runs: list[Run], seconds: float, rounds: int, smoke: bool) -> list[st
         "answered check. Checks per script call and Valkey µs per call: EVALSHA calls and their time in Valkey's "
         "INFO commandstats over the measurement. New steps: leases Valkey holds afterwards, of the request bodies "
         "h2load sent (warm-up included, counted by the shim): equal means every request was a new step and reserved "
-        "(none a replay, none refused); up to the streams in flight fewer when h2load's end cut their calls.",
+        "(none a replay, none refused); up to the streams in flight fewer when h2load's end cut their calls."
+        + (
+            " The local-allowance variants' requests are new steps of ONE task, with slices of up to 1,000,000,000 "
+            "tokens (`--local-allowance --local-allowance-cap-tokens 1000000000`): every check after the task's first "
+            "is decided locally; their new-steps column is empty (a step granted locally reaches Valkey when its slice "
+            "is settled, later), and the slices' settling shows in the Valkey columns of whichever server runs then."
+            if any(server.endswith("local allowance") for server in servers)
+            else ""
+        )
+        + (f" Base: the server/ directory of {base}, run with PYTHONPATH." if base is not None else ""),
         "",
         "| scenario | round | server | checks/s | vs. floor | mean ms | p50 ms | p99 ms | p99.9 ms | failed "
         "| server CPU µs/check | Valkey CPU µs/check | checks per script call | Valkey µs per call | new steps |",
@@ -320,7 +386,9 @@ def report(runs: list[Run], seconds: float, rounds: int, smoke: bool) -> list[st
         )
     lines += ["", "Ratios to the floor of the same round, spread over the rounds:", ""]
     for scenario in ("serial (-m1)", "16 streams (-m16)"):
-        for server in SERVERS[1:]:
+        for server in servers:
+            if server == "floor":
+                continue
             ratios = [
                 r.rate / floors[(r.scenario, r.round)]
                 for r in runs

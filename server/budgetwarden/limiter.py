@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from budgetwarden.allowance import CONFLICT, MISS, Allowances, LocalDecision
+from budgetwarden.allowance import CONFLICT, MISS, Allowances, LocalConflict, LocalDecision, LocalMiss
 from budgetwarden.domain import (
     NO_THRESHOLDS,
     Amount,
@@ -268,6 +268,18 @@ class Limiter:
         self, request: CheckInput, deadline_s: float | None = None, prompt: Prompt | None = None
     ) -> CheckResult:
         """Decide one check; raises StepConflictError for a step checked before with a different request."""
+        allowances = self.allowances
+        if prompt is None and allowances is not None and allowances.holds(request.tenant_id, request.task_id):
+            # The local allowance's hot path: a check its task's slice can decide is decided here, at once, without
+            # the batching and the store path's lists (a miss goes on below, planned again: a slice ran short).
+            started = time.perf_counter()
+            local = self._decide_now(request)
+            if local is not None:
+                if isinstance(local, StepConflictError):
+                    raise local
+                if self.telemetry.enabled:
+                    self._record(request, local, time.perf_counter() - started)
+                return local
         if self._batch is not None and prompt is None:
             started = time.perf_counter()
             result = await self._batch.check(request, deadline_s)
@@ -391,6 +403,8 @@ class Limiter:
             plans[i] = plan
             by_tenant.setdefault(request.tenant_id, []).append(i)
         groups = list(by_tenant.items())
+        if not groups:  # every check decided already (locally, or without the store): no store call to wait for
+            return results  # type: ignore[return-value]
         if len(groups) == 1:
             answers = [await self._reserve_group(groups[0][0], groups[0][1], requests, plans, now, timeout)]
         else:
@@ -411,6 +425,33 @@ class Limiter:
                     results[i] = self._finish(planned, reservation, now, loaded.version, counted[i])
         return results  # type: ignore[return-value]
 
+    def _decide_now(self, request: CheckInput) -> CheckResult | StepConflictError | None:
+        """A unary check (without a prompt) decided from the slice held for its task, without awaiting anything; None:
+        the store path decides it (``_check_many``, which may take a slice first)."""
+        assert self.allowances is not None
+        loaded = self.policy()
+        now = self.clock()
+        plan = self.planner.plan_check(loaded.policy, request, now)
+        if plan.early is not None:
+            return None
+        policy = loaded.policy
+        local = self.allowances.decide_now(
+            request,
+            plan,
+            policy_version=loaded.version,
+            lease_ms=self._lease_s(request, plan, policy) * 1000,
+            now_ms=now,
+            label=self._labels_for(policy).get,
+        )
+        return None if local is MISS else self._local_answer(request, plan, loaded, None, local)
+
+    def _lease_s(self, request: CheckInput, plan: CheckPlan, policy: Policy) -> int:
+        """The step's lease: never shorter than the policy's minimum (a lapsed lease frees its budget before the usage
+        is known)."""
+        return max(
+            request.lease_seconds or plan.lease_seconds or self.default_lease_s, policy.min_lease(plan.task_type)
+        )
+
     async def _decide_locally(
         self,
         request: CheckInput,
@@ -424,9 +465,7 @@ class Limiter:
         calls (a take, a hand-back) may take; None: none are made."""
         assert self.allowances is not None
         policy = loaded.policy
-        lease_s = max(
-            request.lease_seconds or plan.lease_seconds or self.default_lease_s, policy.min_lease(plan.task_type)
-        )
+        lease_s = self._lease_s(request, plan, policy)
         local = self.allowances.decide_now(
             request,
             plan,
@@ -450,7 +489,18 @@ class Limiter:
                     )
             except TimeoutError:
                 local = None
-        if local is None:
+        return self._local_answer(request, plan, loaded, token_count, local)
+
+    def _local_answer(
+        self,
+        request: CheckInput,
+        plan: CheckPlan,
+        loaded: LoadedPolicy,
+        token_count: TokenCount | None,
+        local: LocalDecision | LocalConflict | LocalMiss | None,
+    ) -> CheckResult | StepConflictError | None:
+        """The answer to a check its task's slice decided (``local``); None: the store decides it."""
+        if local is None or local is MISS:
             return None
         if local is CONFLICT:
             return StepConflictError(request.task_id, request.step_id)
@@ -492,10 +542,7 @@ class Limiter:
             request, plan = requests[i], plans[i]
             assert plan is not None
             windows = plan.counted[1:]
-            # Never shorter than the policy's minimum: a lapsed lease frees its budget before the usage is known.
-            lease_s = max(
-                request.lease_seconds or plan.lease_seconds or self.default_lease_s, policy.min_lease(plan.task_type)
-            )
+            lease_s = self._lease_s(request, plan, policy)
             candidates = [
                 (c.amount.tokens, c.amount.usd, int(c.bound), labels.get(c), candidate_part(c)) for c in plan.candidates
             ]

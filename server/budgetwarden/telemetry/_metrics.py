@@ -72,7 +72,10 @@ Attributes = tuple[tuple[str, str], ...]
 
 def _known(*pairs: tuple[str, str]) -> Attributes:
     """The attributes whose value is known: an empty one is left out, not exported as ""."""
-    return tuple((key, value) for key, value in pairs if value)
+    for _, value in pairs:
+        if not value:
+            return tuple((key, value) for key, value in pairs if value)
+    return pairs  # every value known, as on nearly every check: no generator, no new tuple
 
 
 class _Sum:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -18,7 +18,7 @@ from budgetwarden.domain import (
     ReportStatus,
     UsageInput,
 )
-from budgetwarden.limiter import Limiter, StepConflictError
+from budgetwarden.limiter import Limiter, StepConflictError, StoreUnavailableError
 from budgetwarden.store import Applied, IdempotencyConflictError, reservation_id
 from budgetwarden_api.v1 import budget_pb2 as pb
 
@@ -85,6 +85,22 @@ async def _report_or_refuse(
         raise AssertionError("abort returned") from None  # pragma: no cover
 
 
+async def _refuse_malformed(
+    context: grpc.aio.ServicerContext[Any, Any], request: Malformed, request_type: type[pb.CheckRequest]
+) -> NoReturn:
+    """INVALID_ARGUMENT for bytes that do not parse, as unary_handler answers them."""
+    problem = f"not a valid {request_type.__name__} ({request.error})"
+    await refuse_invalid(context, InvalidRequestError("", problem), "request: ")
+    raise AssertionError("refuse_invalid returned")  # pragma: no cover
+
+
+async def _answer_error(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> NoReturn:
+    """Aborts the call with the status ``answering`` maps ``error`` to."""
+    async with answering(context):
+        raise error
+    raise AssertionError("answering returned") from error  # pragma: no cover
+
+
 def _shed_message(reason: str) -> str:
     return f"overloaded: {reason}; nothing was reserved, retry with backoff"
 
@@ -131,9 +147,18 @@ class BudgetServicer:
             request.task_type = self.default_task_type
         return check_input(request, max_lease_seconds=self.max_lease_seconds)
 
-    async def check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.CheckResponse:
-        async with answering(context):
+    async def check(
+        self, request: pb.CheckRequest | Malformed, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CheckResponse:
+        # The unary hot path, registered without unary_handler's wrapper (one coroutine less per check): errors are
+        # mapped by ``answering`` only when one is raised (entering its async context manager on every check cost more
+        # than the validation it guards; docs/benchmarks.md, issue 17).
+        if isinstance(request, Malformed):
+            await _refuse_malformed(context, request, pb.CheckRequest)
+        try:
             checked, prompt = self._check_input(request)
+        except (InvalidRequestError, TenantRefusedError) as exc:
+            await _answer_error(context, exc)
         tenant_id = checked.tenant_id
         # Without a caller deadline nothing comes too late: the check deadline and fail mode handle a slow store.
         entered_at = self.admission.clock()
@@ -142,8 +167,9 @@ class BudgetServicer:
             self.limiter.telemetry.shed(tenant_id, refused.reason)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _shed_message(refused))
         try:
-            async with answering(context):
-                result = await self.limiter.check(checked, caller_time(context, self.deadline_margin_s), prompt)
+            result = await self.limiter.check(checked, caller_time(context, self.deadline_margin_s), prompt)
+        except (StepConflictError, StoreUnavailableError) as exc:
+            await _answer_error(context, exc)
         finally:
             self.admission.leave(tenant_id, entered_at)
         return check_response(result)
@@ -300,7 +326,11 @@ class BudgetServicer:
         return grpc.method_handlers_generic_handler(
             BUDGET_SERVICE_NAME,
             {
-                "Check": unary_handler(self.check, pb.CheckRequest, pb.CheckResponse),
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    self.check,
+                    request_deserializer=lenient(pb.CheckRequest),
+                    response_serializer=pb.CheckResponse.SerializeToString,
+                ),
                 "CheckStream": grpc.stream_stream_rpc_method_handler(
                     self.check_stream,
                     request_deserializer=lenient(pb.CheckStreamRequest),

@@ -62,6 +62,10 @@ def ident(value: str, field: str, *, required: bool = True, max_bytes: int = MAX
         if required:
             raise InvalidRequestError(field, "is required")
         return value
+    # Nearly every id: printable ASCII (one byte per character; its only non-printable characters are controls), short
+    # enough. Decided by three calls that run in C, without encoding it.
+    if len(value) <= max_bytes and value.isascii() and value.isprintable():
+        return value
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise InvalidRequestError(field, f"is {size} bytes long, at most {max_bytes} are allowed")
@@ -183,20 +187,46 @@ def check_input(request: pb.CheckRequest, *, max_lease_seconds: int) -> tuple[Ch
             raise InvalidRequestError(
                 "task_ceiling_tokens", f"must be between 1 and {MAX_LIMIT_TOKENS} (got {ceiling})"
             )
+    tenant_id, task_id, step_id = request.tenant_id, request.task_id, request.step_id
+    task_type, model = request.task_type, request.model
+    input_tokens, output_tokens = request.estimated_input_tokens, request.max_output_tokens
+    tool_calls = request.planned_tool_calls
+    # The common request, accepted without a call per field (the same rules: ``ident`` and ``_count`` accept exactly
+    # this); anything else goes through them, which name the first field that is wrong.
+    ids = tenant_id + task_id + step_id + task_type + model
+    if not (
+        tenant_id
+        and task_id
+        and step_id
+        and ids.isascii()
+        and ids.isprintable()
+        and max(len(tenant_id), len(task_id), len(step_id), len(task_type), len(model)) <= MAX_ID_BYTES
+        and 0 <= input_tokens <= MAX_TOKENS_PER_FIELD
+        and 0 <= output_tokens <= MAX_TOKENS_PER_FIELD
+        and 0 <= tool_calls <= MAX_TOOL_CALLS
+    ):
+        ident(tenant_id, "tenant_id")
+        ident(task_id, "task_id")
+        ident(step_id, "step_id")
+        ident(task_type, "task_type", required=False)
+        ident(model, "model", required=False)
+        _count(input_tokens, "estimated_input_tokens")
+        _count(output_tokens, "max_output_tokens")
+        _count(tool_calls, "planned_tool_calls", MAX_TOOL_CALLS)
     checked = CheckInput(
-        tenant_id=ident(request.tenant_id, "tenant_id"),
-        task_id=ident(request.task_id, "task_id"),
-        step_id=ident(request.step_id, "step_id"),
-        task_type=ident(request.task_type, "task_type", required=False),
-        model=ident(request.model, "model", required=False),
-        input_tokens=_count(request.estimated_input_tokens, "estimated_input_tokens"),
-        output_tokens=_count(request.max_output_tokens, "max_output_tokens"),
-        tool_calls=_count(request.planned_tool_calls, "planned_tool_calls", MAX_TOOL_CALLS),
-        labels=_labels(request.labels, "labels"),
+        tenant_id=tenant_id,
+        task_id=task_id,
+        step_id=step_id,
+        task_type=task_type,
+        model=model,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        tool_calls=tool_calls,
+        labels=_labels(request.labels, "labels") if request.labels else {},
         lease_seconds=lease,
         task_ceiling=ceiling,
     )
-    return checked, _prompt(request)
+    return checked, _prompt(request) if request.WhichOneof("input") else None
 
 
 def usage_inputs(request: pb.ReportRequest | pb.ReportStreamRequest, now_ms: int) -> list[UsageInput]:
