@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from budgetwarden_client import AdaptiveThrottle, Budget, BudgetUnavailable
+from budgetwarden_client import AdaptiveThrottle, AsyncBudget, Budget, BudgetUnavailable
 
 from support import free_port
 
@@ -161,4 +161,15 @@ def test_a_throttled_step_runs_under_the_open_fail_mode_marked() -> None:
     ):
         assert step.from_fail_mode
         assert step.model == "small"
+    assert t.throttled == before + 1
+
+
+async def test_the_async_step_api_throttles_the_same_way() -> None:
+    t = loaded(draw=0.0)
+    before = t.throttled
+    async with (
+        AsyncBudget(nobody_listens(), tenant_id="acme", fail_mode="open", throttle=t) as budget,
+        budget.step("t", "s1", estimated_input_tokens=10) as step,
+    ):
+        assert step.from_fail_mode
     assert t.throttled == before + 1
