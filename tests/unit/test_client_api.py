@@ -22,6 +22,7 @@ CLIENT_DIR = Path(__file__).resolve().parents[2] / "clients" / "python"
 
 def test_public_names_are_pinned() -> None:
     assert sorted(budgetwarden_client.__all__) == [
+        "AdaptiveThrottle",
         "AdminClient",
         "AsyncBudget",
         "AsyncBudgetClient",

@@ -29,6 +29,7 @@ from budgetwarden_client._reporter import BackgroundReporter
 from budgetwarden_client._stats import ReporterStats
 from budgetwarden_client._step import FailMode, Step
 from budgetwarden_client._stream import CheckRefusedError, CheckStream
+from budgetwarden_client._throttle import AdaptiveThrottle
 
 __all__ = [
     "DEFAULT_ADDR",
@@ -37,6 +38,7 @@ __all__ = [
     "IMAGE_TOKENS",
     "IMAGE_TOKENS_LOW",
     "RETRY_SERVICE_CONFIG",
+    "AdaptiveThrottle",
     "AdminClient",
     "AsyncBudget",
     "AsyncBudgetClient",

@@ -27,7 +27,18 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client._client import AsyncBudgetClient, BudgetClient, default_tenant
 from budgetwarden_client._messages import Message
 from budgetwarden_client._reporter import BackgroundReporter
-from budgetwarden_client._step import FailMode, Step, StepSpec, decide, is_unreachable, outcome_of, unreachable
+from budgetwarden_client._step import (
+    FailMode,
+    Step,
+    StepSpec,
+    decide,
+    is_overloaded,
+    is_unreachable,
+    outcome_of,
+    throttled,
+    unreachable,
+)
+from budgetwarden_client._throttle import AdaptiveThrottle
 
 logger = logging.getLogger("budgetwarden_client.step")
 
@@ -43,6 +54,16 @@ def _tenant(tenant_id: str | None) -> str:
     if not tenant:
         raise ValueError("no tenant: pass tenant_id= or set BUDGETWARDEN_TENANT")
     return tenant
+
+
+def _throttle(throttle: AdaptiveThrottle | bool) -> AdaptiveThrottle | None:
+    if throttle is True:
+        return AdaptiveThrottle()
+    if throttle is False:
+        return None
+    if isinstance(throttle, AdaptiveThrottle):
+        return throttle
+    raise ValueError(f"throttle must be True, False or an AdaptiveThrottle, not {throttle!r}")
 
 
 def _check_fail_mode(fail_mode: str) -> FailMode:
@@ -151,7 +172,10 @@ class _BudgetBase(Generic[ClientT, ScopeT]):
         task_type: str = "",
         labels: Mapping[str, str] | None = None,
         reporter: BackgroundReporter | None = None,
+        throttle: AdaptiveThrottle | bool = True,
     ) -> None:
+        self.throttle = _throttle(throttle)
+        """The client-side adaptive throttle of this Budget's checks (None: off)."""
         self.client: ClientT = self._client_class(addr, timeout=timeout, retry_unavailable=True)
         self._settings = _Settings(tenant_id, fail_mode, task_type, labels, reporter, self.client.addr)
         self.tenant_id = self._settings.tenant_id
@@ -222,16 +246,33 @@ class _ScopeBase:
         fields, self._approximate = self._spec.request_fields(self._budget.tenant_id)
         return fields
 
+    def _throttled(self) -> Step | None:
+        """The local fail mode's step when the adaptive throttle keeps this check from the sidecar, else None (send)."""
+        throttle = self._budget.throttle
+        if throttle is None or throttle.admit():
+            return None
+        logger.debug("check of step %r throttled locally (%s)", self._spec.step_id, throttle)
+        self._step = throttled(self._spec, self._budget.fail_mode, self._budget.client.addr)
+        return self._step
+
     def _decided(self, response: pb.CheckResponse) -> Step:
+        self._accepted()
         self._step = decide(self._spec, response, approximate=self._approximate)
         return self._step
 
     def _unanswered(self, error: grpc.RpcError) -> Step:
         """The local fail mode's step when the sidecar could not be reached; any other error is raised as it is."""
+        if not is_overloaded(error):
+            self._accepted()
         if not is_unreachable(error):
             raise error
         self._step = unreachable(self._spec, error, self._budget.fail_mode, self._budget.client.addr)
         return self._step
+
+    def _accepted(self) -> None:
+        """The sidecar answered this check (anything but an overload refusal): the throttle counts it accepted."""
+        if self._budget.throttle is not None:
+            self._budget.throttle.accepted()
 
     def _usage(self, exc: BaseException | None) -> tuple[pb.UsageRecord | None, str]:
         """What leaving reports (None: nothing) and the reservation to release instead ("": none), for a block that
@@ -252,8 +293,11 @@ class StepScope(_ScopeBase):
     _budget: Budget
 
     def __enter__(self) -> Step:
+        request = self._request()
+        if (step := self._throttled()) is not None:
+            return step
         try:
-            response = self._budget.client.check(**self._request())
+            response = self._budget.client.check(**request)
         except grpc.RpcError as error:
             return self._unanswered(error)
         return self._decided(response)
@@ -277,8 +321,11 @@ class AsyncStepScope(_ScopeBase):
     _budget: AsyncBudget
 
     async def __aenter__(self) -> Step:
+        request = self._request()
+        if (step := self._throttled()) is not None:
+            return step
         try:
-            response = await self._budget.client.check(**self._request())
+            response = await self._budget.client.check(**request)
         except grpc.RpcError as error:
             return self._unanswered(error)
         return self._decided(response)
@@ -303,7 +350,9 @@ class Budget(_BudgetBase[BudgetClient, StepScope]):
     ``BUDGETWARDEN_TENANT``; ``timeout``: the deadline of a check, retries of UNAVAILABLE included; ``fail_mode``:
     what a step gets when the sidecar cannot be reached within it, ``"closed"`` (BudgetUnavailable, the default) or
     ``"open"`` (the step runs, marked ``step.from_fail_mode``); ``reporter``: the BackgroundReporter usage goes through
-    (default: one of its own, closed with the Budget)."""
+    (default: one of its own, closed with the Budget); ``throttle``: client-side adaptive throttling of checks while
+    the sidecar refuses most of them for overload (True, the default: ``AdaptiveThrottle()``, k=2 over 120 s; an
+    ``AdaptiveThrottle(k=..., window=...)`` of your own; False: off), a throttled check gets the fail mode's answer."""
 
     _client_class = BudgetClient
     _scope_class = StepScope

@@ -289,11 +289,24 @@ def unreachable(spec: StepSpec, error: grpc.RpcError, fail_mode: FailMode, addr:
     """The local fail mode's answer when the sidecar could not be reached: an ALLOW step (open) or
     BudgetUnavailable (closed)."""
     code = error.code() if callable(getattr(error, "code", None)) else None
+    why = f"the budgetwarden sidecar at {addr} could not be reached ({code.name if code else error})"
+    return fail_mode_answer(spec, fail_mode, why, error)
+
+
+def throttled(spec: StepSpec, fail_mode: FailMode, addr: str) -> Step:
+    """The local fail mode's answer for a check the client's adaptive throttle kept from the sidecar: the same as for
+    an overload refusal, which is what the check would most likely have got."""
+    why = (
+        f"the check was not sent to the budgetwarden sidecar at {addr}: most recent checks were refused for overload "
+        "(client-side throttling)"
+    )
+    return fail_mode_answer(spec, fail_mode, why, None)
+
+
+def fail_mode_answer(spec: StepSpec, fail_mode: FailMode, why: str, error: BaseException | None) -> Step:
+    """An ALLOW step marked ``from_fail_mode`` (open) or BudgetUnavailable saying ``why`` (closed)."""
     if fail_mode == "closed":
-        raise BudgetUnavailable(
-            f"the budgetwarden sidecar at {addr} could not be reached ({code.name if code else error}); "
-            "fail_mode='closed' refuses the step"
-        ) from error
+        raise BudgetUnavailable(f"{why}; fail_mode='closed' refuses the step") from error
     return Step(spec, pb.CheckResponse(decision=pb.DECISION_ALLOW), approximate=True, from_fail_mode=True)
 
 
@@ -305,6 +318,17 @@ def is_unreachable(error: grpc.RpcError) -> bool:
     if not callable(code):
         return False
     if code() in UNREACHABLE:
+        return True
+    return is_overloaded(error)
+
+
+def is_overloaded(error: grpc.RpcError) -> bool:
+    """The sidecar refused the call for overload: RESOURCE_EXHAUSTED "overloaded:" from its handler, or CANCELLED from
+    gRPC's pending bound (``--max-pending-calls``). Only these count against the client's adaptive throttle."""
+    code = getattr(error, "code", None)
+    if not callable(code):
+        return False
+    if code() == grpc.StatusCode.CANCELLED:
         return True
     details = getattr(error, "details", None)
     return code() == grpc.StatusCode.RESOURCE_EXHAUSTED and callable(details) and str(details()).startswith(OVERLOADED)
