@@ -10,10 +10,10 @@ grpc.aio clients: closed loop at fixed concurrency for throughput, open loop at 
 from each request's scheduled time, so a stall is not hidden by the load generator waiting). Every check uses a
 distinct step id. Latencies go into HDR histograms merged across processes.
 
-`--checkstream` measures only CheckStream (100 checks per message, 1 task and 1,000 tasks), the sidecar as it is, the
-same with `--lean-redis-client`, and, with `--baseline-src DIR` (e.g. a `git archive` of main), the sidecar of that
-source tree, alternating in each round, so that their ratios come from the same minutes of a shared machine. It also
-reports the load generator's own CPU per check, which shares the cores with the servers.
+`--checkstream` measures only CheckStream (100 checks per message, 1 task and 1,000 tasks): the sidecar as it is, the
+same with `--no-lean-redis-client` (checks on redis-py), and, with `--baseline-src DIR` (e.g. a `git archive` of
+main), the sidecar of that source tree, alternating in each round, so that their ratios come from the same minutes of
+a shared machine. It also reports the load generator's own CPU per check, which shares the cores with the servers.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def checkstream_main(args: argparse.Namespace) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | {"OTEL_SDK_DISABLED": "true"}
     servers: dict[str, tuple[list[str], dict[str, str]]] = {
         "budgetwarden": ([], env),
-        "budgetwarden, lean client": (["--lean-redis-client"], env),
+        "budgetwarden, redis-py client": (["--no-lean-redis-client"], env),
     }
     if args.baseline_src is not None:
         source = args.baseline_src.resolve()
@@ -309,7 +309,7 @@ def checkstream_main(args: argparse.Namespace) -> int:
     if args.baseline_src is not None:
         command += f" --baseline-src {args.baseline_src}"
     lines = [
-        f"### CheckStream: the sidecar, its lean client and a baseline, alternating "
+        f"### CheckStream: the sidecar, on redis-py, and a baseline, alternating "
         f"({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
         f"Machine: {machine()}. Command: `{command}` ({args.processes} load-generator processes of grpc.aio clients, "
@@ -342,7 +342,7 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
     parser.add_argument("--smoke", action="store_true", help="one second per scenario, nothing written")
     parser.add_argument("--write", type=Path, default=None)
-    parser.add_argument("--checkstream", action="store_true", help="CheckStream only: this sidecar, lean, baseline")
+    parser.add_argument("--checkstream", action="store_true", help="CheckStream only, A/B")
     parser.add_argument("--rounds", type=int, default=3, help="with --checkstream: rounds of alternation")
     parser.add_argument("--baseline-src", type=Path, default=None, help="with --checkstream: a source tree to compare")
     args = parser.parse_args()
