@@ -8,6 +8,7 @@ from typing import Any
 
 from budgetwarden.app._config import Settings
 from budgetwarden.store import LeanScripts
+
 from support import RunningSidecar
 
 
@@ -19,12 +20,14 @@ def test_a_default_sidecar_on_one_redis_runs_its_checks_on_the_lean_client(
     start_sidecar: Callable[..., RunningSidecar],
 ) -> None:
     running = start_sidecar()
-    assert running.sidecar is not None and running.sidecar.limiter is not None
+    assert running.sidecar is not None
+    assert running.sidecar.limiter is not None
     assert isinstance(running.sidecar.limiter.store.lean, LeanScripts)
 
 
 def test_the_setting_turns_it_off(start_sidecar: Callable[..., RunningSidecar]) -> None:
     overrides: dict[str, Any] = {"lean_redis_client": False}
     running = start_sidecar(**overrides)
-    assert running.sidecar is not None and running.sidecar.limiter is not None
+    assert running.sidecar is not None
+    assert running.sidecar.limiter is not None
     assert running.sidecar.limiter.store.lean is None
