@@ -107,16 +107,16 @@ local function read_task(task_key)
   return tasks[task_key] or load_task(task_key)
 end
 
--- Writes what the batch reserved on a task (its reserved counters and active reservations) back to its hash.
+-- Writes what the batch reserved on a task (its reserved counters and active reservations) back to its hash. Numbers
+-- go as they are: Redis and Valkey write a whole number below 2^53 in plain digits (%.17g or their integer path).
 local function flush_task(task_key)
   local state = tasks[task_key]
   if not state or not state.dirty then return end
   local c = state.counter
   if state.usd_dirty then
-    redis.call('HSET', task_key, 'reserved', string.format('%d', c[3]), 'reserved_usd', string.format('%d', c[6]),
-      'active', string.format('%d', state.active))
+    redis.call('HSET', task_key, 'reserved', c[3], 'reserved_usd', c[6], 'active', state.active)
   else
-    redis.call('HSET', task_key, 'reserved', string.format('%d', c[3]), 'active', string.format('%d', state.active))
+    redis.call('HSET', task_key, 'reserved', c[3], 'active', state.active)
   end
   state.dirty, state.usd_dirty = false, false
 end
@@ -241,10 +241,9 @@ for n = 1, #checks do flush_task(KEYS[nwin + 2 * n + 1]) end
 for i = 1, nwin do
   if win_touched[i] then
     if win_added_usd[i] ~= 0 then
-      redis.call('HSET', win_keys[i], 'reserved', string.format('%d', windows[i][3]), 'reserved_usd',
-        string.format('%d', windows[i][6]))
+      redis.call('HSET', win_keys[i], 'reserved', windows[i][3], 'reserved_usd', windows[i][6])
     else
-      redis.call('HSET', win_keys[i], 'reserved', string.format('%d', windows[i][3]))
+      redis.call('HSET', win_keys[i], 'reserved', windows[i][3])
     end
     redis.call('PEXPIRE', win_keys[i], math.max(1, tonumber(win_until[i]) - now))
   end
