@@ -2,12 +2,18 @@
 
     .venv/bin/python bench/harness.py [--seconds 10] [--write docs/benchmarks.md]     (make bench)
     .venv/bin/python bench/harness.py --smoke                                          (a second per scenario)
+    .venv/bin/python bench/harness.py --checkstream [--rounds 3] [--baseline-src DIR]  (CheckStream only, A/B)
 
 Servers (each its own process): the transport floor and the naive one-EVALSHA handler (bench/baselines.py), and
 `budgetwarden serve`, all on one Valkey with an append-only file. Load comes from separate OS processes running
 grpc.aio clients: closed loop at fixed concurrency for throughput, open loop at a fixed rate for latency (measured
 from each request's scheduled time, so a stall is not hidden by the load generator waiting). Every check uses a
 distinct step id. Latencies go into HDR histograms merged across processes.
+
+`--checkstream` measures only CheckStream (100 checks per message, 1 task and 1,000 tasks): the sidecar as it is, the
+same with `--no-lean-redis-client` (checks on redis-py), and, with `--baseline-src DIR` (e.g. a `git archive` of
+main), the sidecar of that source tree, alternating in each round, so that their ratios come from the same minutes of
+a shared machine. It also reports the load generator's own CPU per check, which shares the cores with the servers.
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ def _request_prefix(tenant: str) -> bytes:
     return pb.CheckRequest(tenant_id=tenant, estimated_input_tokens=800, max_output_tokens=200).SerializeToString()
 
 
-async def _load(job: dict[str, Any]) -> tuple[bytes, int, int, bytes]:
+async def _load(job: dict[str, Any]) -> tuple[bytes, int, int, bytes, float]:
+    cpu_started = time.process_time()
     histogram = HdrHistogram(1, 60_000_000, 3)
     # Open loop: how late the generator itself sent each check (its timer and its share of the cores), which the
     # latency from the schedule includes.
@@ -144,7 +151,7 @@ async def _load(job: dict[str, Any]) -> tuple[bytes, int, int, bytes]:
                 task.add_done_callback(pending.discard)
                 i += 1
             await asyncio.gather(*pending)
-    return histogram.encode(), done, errors, lateness.encode()
+    return histogram.encode(), done, errors, lateness.encode(), time.process_time() - cpu_started
 
 
 def _stream_field(check: bytes) -> bytes:
@@ -152,7 +159,7 @@ def _stream_field(check: bytes) -> bytes:
     return b"\x12" + _VarintBytes(len(check)) + check
 
 
-def _worker(job: dict[str, Any]) -> tuple[bytes, int, int, bytes]:
+def _worker(job: dict[str, Any]) -> tuple[bytes, int, int, bytes, float]:
     return asyncio.run(_load(job))
 
 
@@ -172,6 +179,7 @@ class Result:
     redis_us: float = float("nan")  # CPU of Valkey per check
     late_p50: float = 0.0  # open loop: how late the generator sent, ms
     late_p99: float = 0.0
+    generator_us: float = float("nan")  # CPU of the load generator's workers per check (their load loop only)
 
 
 # How long one unary check may take before the generator counts it as an error. A smoke run (a test, on a machine that
@@ -196,7 +204,9 @@ def run_load(
     merged = HdrHistogram(1, 60_000_000, 3)
     late = HdrHistogram(1, 60_000_000, 3)
     done = errors = 0
-    for encoded, count, failed, lateness in parts:
+    generator_cpu = 0.0
+    for encoded, count, failed, lateness, cpu in parts:
+        generator_cpu += cpu
         merged.add(HdrHistogram.decode(encoded))
         late.add(HdrHistogram.decode(lateness))
         done += count
@@ -208,6 +218,7 @@ def run_load(
         merged.get_value_at_percentile(99) / ms, merged.get_value_at_percentile(99.9) / ms,
         merged.get_max_value() / ms, errors, seconds,
         late_p50=late.get_value_at_percentile(50) / ms, late_p99=late.get_value_at_percentile(99) / ms,
+        generator_us=generator_cpu / max(1, done) * 1e6,
     )  # fmt: skip
 
 
@@ -240,6 +251,88 @@ def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pope
     return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL)
 
 
+# --- CheckStream only (--checkstream) ------------------------------------------------------------------------------
+
+
+def checkstream_main(args: argparse.Namespace) -> int:
+    seconds = 1.0 if args.smoke else args.seconds
+    rounds = 1 if args.smoke else args.rounds
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | {"OTEL_SDK_DISABLED": "true"}
+    servers: dict[str, tuple[list[str], dict[str, str]]] = {
+        "budgetwarden": ([], env),
+        "budgetwarden, redis-py client": (["--no-lean-redis-client"], env),
+    }
+    if args.baseline_src is not None:
+        source = args.baseline_src.resolve()
+        baseline_env = env | {"PYTHONPATH": f"{source / 'server'}:{source / 'clients' / 'python'}"}
+        servers[f"baseline ({args.baseline_src.name})"] = ([], baseline_env)
+    results: list[tuple[int, Result]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        valkey = EmbeddedRedis(Path(tmp) / "valkey", port=free_port(), persistent=True)
+        url = valkey.start()
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(POLICY)
+        addrs = {name: f"127.0.0.1:{free_port()}" for name in servers}
+        processes: dict[str, subprocess.Popen[bytes]] = {}
+        try:
+            for name, (extra, server_env) in servers.items():
+                processes[name] = start(
+                    ["-m", "budgetwarden", "serve", "--listen", addrs[name], "--redis-url", url, "--policy-file",
+                     str(policy), "--log-level", "WARNING", "--usage-stream-max-len", "10000000", *extra], server_env,
+                )  # fmt: skip
+                wait_serving(addrs[name])
+            redis_pid = valkey.pid
+            assert redis_pid is not None
+            for name in servers:
+                run_load("warm-up", name, addrs[name], mode="stream", concurrency=2, batch=100,
+                         seconds=min(1.0, seconds), processes=1)  # fmt: skip
+            for round_number in range(1, rounds + 1):
+                for tasks in (1, 1000):
+                    scenario = f"CheckStream, 100 checks per message, {tasks:,} task{'s' if tasks > 1 else ''}"
+                    for name in servers:
+                        result = with_cpu(
+                            processes[name].pid,
+                            redis_pid,
+                            lambda name=name, tasks=tasks, scenario=scenario: run_load(  # type: ignore[misc]
+                                scenario, name, addrs[name], mode="stream", concurrency=2, batch=100, tasks=tasks,
+                                seconds=seconds, processes=args.processes,
+                            ),
+                        )  # fmt: skip
+                        results.append((round_number, result))
+                        print(f"{round_number} {scenario:45s} {name:30s} {result.rate:8,.0f}/s", flush=True)
+        finally:
+            for process in processes.values():
+                process.terminate()
+                process.wait(30)
+            valkey.stop()
+    command = f".venv/bin/python bench/harness.py --checkstream --seconds {seconds:g} --rounds {rounds}"
+    if args.baseline_src is not None:
+        command += f" --baseline-src {args.baseline_src}"
+    lines = [
+        f"### CheckStream: the sidecar, on redis-py, and a baseline, alternating "
+        f"({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"Machine: {machine()}. Command: `{command}` ({args.processes} load-generator processes of grpc.aio clients, "
+        "2 streams each, one 100-check message in flight per stream; every check a new step; Valkey with AOF "
+        "everysec; servers, Valkey and load generator on the same 2 cores, shared with other work; metrics off). "
+        "Errors: refused checks and fail-mode answers. CPU: each process's CPU time over the measurement per answered "
+        "check; the load generator's: its workers' CPU over their load loop (it builds and parses every check in "
+        "Python on the same cores).",
+        "",
+        "| round | scenario | server | checks/s | p50 ms per message | p99 ms | errors | server CPU µs/check "
+        "| Valkey CPU µs/check | load generator CPU µs/check |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for round_number, r in results:
+        lines.append(
+            f"| {round_number} | {r.name} | {r.server} | {r.rate:,.0f} | {r.p50:.2f} | {r.p99:.2f} | {r.errors} | "
+            f"{r.server_us:.0f} | {r.redis_us:.0f} | {r.generator_us:.0f} |"
+        )
+    lines.append("")
+    publish(lines, None if args.smoke else args.write)
+    return 0
+
+
 # --- the run ------------------------------------------------------------------------------------------------------
 
 
@@ -249,7 +342,12 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
     parser.add_argument("--smoke", action="store_true", help="one second per scenario, nothing written")
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument("--checkstream", action="store_true", help="CheckStream only, A/B")
+    parser.add_argument("--rounds", type=int, default=3, help="with --checkstream: rounds of alternation")
+    parser.add_argument("--baseline-src", type=Path, default=None, help="with --checkstream: a source tree to compare")
     args = parser.parse_args()
+    if args.checkstream:
+        return checkstream_main(args)
     seconds = 1.0 if args.smoke else args.seconds
     if args.smoke:
         global RPC_TIMEOUT_S

@@ -180,10 +180,10 @@ class Settings(BaseSettings):
         "call more)",
     )
     lean_redis_client: bool = Field(
-        False,
+        True,
         description="send checks' script calls (check.lua) on one pipelined connection parsed by hiredis instead of "
         "redis-py's client, for less CPU per check; only with a single Redis (not a Cluster or Sentinel) and "
-        "durability none, else redis-py is used",
+        "durability none, else redis-py is used; off: redis-py for every call",
     )
     deadline_margin_ms: Annotated[int, Field(ge=0, le=10_000)] = Field(
         40,
