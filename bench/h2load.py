@@ -5,8 +5,9 @@
 
 Servers, each its own process on one Valkey with an append-only file: the transport floor (an empty grpc.aio Check
 handler) and the naive one-EVALSHA handler (bench/baselines.py), budgetwarden, and budgetwarden with unary
-micro-batching off (BUDGETWARDEN_BATCH_UNARY_CHECKS=false: the A/B of the batching), and budgetwarden with its lean
-client for the check's script call (BUDGETWARDEN_LEAN_REDIS_CLIENT=true, batching on: the A/B of the client).
+micro-batching off (BUDGETWARDEN_BATCH_UNARY_CHECKS=false: the A/B of the batching), and budgetwarden with redis-py
+for the check's script call instead of its lean client (BUDGETWARDEN_LEAN_REDIS_CLIENT=false, batching on: the A/B of
+the client).
 
 Request bodies: h2load posts one file (-d) with every request, read with pread(2) per request. A CheckRequest with the
 placeholders "#########" in its step id and "&&&&" in its task id is framed for gRPC (a 0 byte, then the length as 4
@@ -55,8 +56,8 @@ from _common import (  # noqa: E402
 from harness import POLICY, rss_mb, start, wait_port  # noqa: E402
 
 CHECK_PATH = "/budgetwarden.v1.BudgetService/Check"
-LEAN = "budgetwarden, lean client"
-SERVERS = ("floor", "naive", "budgetwarden", "budgetwarden, batching off", LEAN)
+REDIS_PY = "budgetwarden, redis-py"
+SERVERS = ("floor", "naive", "budgetwarden", "budgetwarden, batching off", REDIS_PY)
 # Variants, run when named in --servers: the local allowance (--local-allowance; every request a new step of ONE task,
 # so that after the first check its slice decides them), and with --base, the same servers from another checkout's
 # server/ directory (the code before a change: the A/B of it in one run).
@@ -70,7 +71,7 @@ SHORT = {
     "naive": "naive",
     "bw": "budgetwarden",
     "bw-batching-off": "budgetwarden, batching off",
-    "bw-lean": LEAN,
+    "bw-redis-py": REDIS_PY,
     "bw-local": LOCAL,
     "base": BASE,
     "base-local": BASE_LOCAL,
@@ -181,7 +182,7 @@ def main() -> int:
     parser.add_argument("--write", type=Path, default=None)
     parser.add_argument(
         "--servers",
-        default="floor,naive,bw,bw-batching-off,bw-lean",
+        default="floor,naive,bw,bw-batching-off,bw-redis-py",
         help=f"comma-separated short names, in the order they alternate; of {', '.join(SHORT)}",
     )
     parser.add_argument("--base", type=Path, default=None, help="a checkout whose server/ the base variants run")
@@ -224,7 +225,9 @@ def main() -> int:
                 [*sidecar, "--listen", addrs["budgetwarden, batching off"]],
                 env | {"BUDGETWARDEN_BATCH_UNARY_CHECKS": "false"},
             ),
-            LEAN: lambda: start([*sidecar, "--listen", addrs[LEAN]], env | {"BUDGETWARDEN_LEAN_REDIS_CLIENT": "true"}),
+            REDIS_PY: lambda: start(
+                [*sidecar, "--listen", addrs[REDIS_PY]], env | {"BUDGETWARDEN_LEAN_REDIS_CLIENT": "false"}
+            ),
             LOCAL: lambda: start([*sidecar, "--listen", addrs[LOCAL], *local_allowance], env),
             BASE: lambda: start([*sidecar, "--listen", addrs[BASE]], base_env),
             BASE_LOCAL: lambda: start([*sidecar, "--listen", addrs[BASE_LOCAL], *local_allowance], base_env),
@@ -284,7 +287,7 @@ def main() -> int:
                 for server in servers:
                     measure(f"{rps:,}/s offered", server, 1, 64, rps=rps)
             info = client.info("commandstats")
-            for server in [name for name in ("budgetwarden", LEAN) if name in servers]:
+            for server in [name for name in ("budgetwarden", REDIS_PY) if name in servers]:
                 notes.append(f"{server}: {rss_mb(processes[server].pid):.0f} MB RSS after the run")
             evalsha = info.get("cmdstat_evalsha", {})
             if evalsha:

@@ -46,7 +46,7 @@ def test_h2load_smoke_run_sends_a_new_step_with_every_request() -> None:
         if line.startswith(("| serial", "| 16 streams"))
     ]
     servers = {row["server"] for row in rows}
-    assert servers == {"floor", "naive", "budgetwarden", "budgetwarden, batching off", "budgetwarden, lean client"}
+    assert servers == {"floor", "naive", "budgetwarden", "budgetwarden, batching off", "budgetwarden, redis-py"}
     for row in rows:
         assert row["failed"] == "0", row
         assert float(row["checks/s"].replace(",", "")) > 0, row
