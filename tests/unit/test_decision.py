@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -31,8 +33,7 @@ from budgetwarden.domain._model import (
 from budgetwarden.domain._policy import Policy, parse_policy
 
 NOW = int(datetime(2026, 11, 27, 8, 30, tzinfo=ZoneInfo("UTC")).timestamp() * 1000)
-POLICY = parse_policy(
-    """
+POLICY_TEXT = """
 unknown_tenants: reject
 tenants:
   acme:
@@ -48,9 +49,8 @@ task_types:
     per_task: {tokens: 1000}
     per_step: {tokens: 300}
   unbounded: {}
-""",
-    "test",
-).policy
+"""
+POLICY = parse_policy(POLICY_TEXT, "test").policy
 
 LADDER = parse_policy(
     """
@@ -437,3 +437,19 @@ def test_token_limit_binds_when_tighter() -> None:
 def test_store_states_closed_and_replayed() -> None:
     closed = decide(big(), StoreOutcome(status=StoreStatus.CLOSED, fitted=None, counters=ladder_counters()), NOW)
     assert (closed.decision, closed.reason) == (Decision.DENY, Reason.TASK_CLOSED)
+
+
+def test_a_planner_keeps_no_earlier_policy_alive_across_reloads() -> None:
+    """Each reload parses new tenant and task-type objects; a planner's caches must not hold the old ones (the soak saw
+    the sidecar's memory grow with every reload until a bound of 4,096 entries)."""
+    planner = Planner()
+    texts = [POLICY_TEXT.replace("minute: {tokens: 500}", f"minute: {{tokens: {500 + n}}}") for n in range(20)]
+    earlier: list[weakref.ref[Policy]] = []
+    for n, text in enumerate(texts):
+        policy = parse_policy(text, f"reload {n}").policy
+        plan = planner.plan_check(policy, request(10, tenant="acme"), NOW)
+        assert plan.counted[2].limit == 500 + n  # the minute window of this reload, not a cached earlier one
+        earlier.append(weakref.ref(policy))
+        del policy, plan
+    gc.collect()
+    assert [ref() is None for ref in earlier] == [True] * 19 + [False]

@@ -136,9 +136,10 @@ def _failing_unit(
 class Planner:
     """Builds check plans; keeps a cache of the current calendar windows (a plain memo: still pure in effect)."""
 
-    __slots__ = ("_scopes", "_spans", "_task_types")
+    __slots__ = ("_policy", "_scopes", "_spans", "_task_types")
 
     def __init__(self) -> None:
+        self._policy: Policy | None = None  # the policy the caches below were filled from
         self._spans = SpanCache()
         self._task_types: dict[int, tuple[TaskTypePolicy, tuple[Scope, Scope | None, Thresholds]]] = {}
         # Per tenant policy: its window scopes and the time range they hold for (all spans current).
@@ -164,8 +165,6 @@ class Planner:
                 limit_usd=rules.per_step.usd_micros,
             )
         made = (task, step, Thresholds(rules.soft_bp, rules.checkpoint_bp))
-        if len(self._task_types) > 4096:  # policies were reloaded many times: start again
-            self._task_types.clear()
         self._task_types[id(rules)] = (rules, made)
         return made
 
@@ -187,12 +186,21 @@ class Planner:
         spans = [scope.span for scope in scopes if scope.span is not None]
         valid_from = max((span.start_ms for span in spans), default=now_ms)
         valid_until = min((span.end_ms for span in spans), default=now_ms + 1)
-        if len(self._scopes) > 4096:  # policies were reloaded many times: start again
+        if len(self._scopes) > 4096:  # more tenants than a policy holds: window_scopes was given others
             self._scopes.clear()
         self._scopes[id(tenant)] = (tenant, valid_from, valid_until, tuple(scopes))
         return tuple(scopes)
 
+    def forget_other_policies(self, policy: Policy) -> None:
+        """Empty the caches when ``policy`` is not the one they were filled from: a reloaded policy's tenants and task
+        types are new objects, and entries of the old ones would keep every earlier policy alive."""
+        if policy is not self._policy:
+            self._policy = policy
+            self._scopes.clear()
+            self._task_types.clear()
+
     def plan_check(self, policy: Policy, request: CheckInput, now_ms: int) -> CheckPlan:
+        self.forget_other_policies(policy)
         shape = Shape(
             model=request.model,
             input_tokens=request.input_tokens,
