@@ -522,6 +522,8 @@ def h2load_main(args: argparse.Namespace) -> int:
         serve_flags += ["--max-pending-calls", str(args.max_pending_calls)]
     if args.overload_busy_share is not None:
         serve_flags += ["--overload-busy-share", str(args.overload_busy_share)]
+    if args.max_streams_per_connection is not None:
+        serve_flags += ["--max-streams-per-connection", str(args.max_streams_per_connection)]
     scenarios: list[H2Scenario] = []
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as name:
@@ -644,7 +646,13 @@ def h2load_report(args: argparse.Namespace, scenarios: list[H2Scenario], held: d
         "### Overload under h2load: unary checks at 2x and 5x saturation, a noisy and a quiet tenant"
         + "".join(
             f", --{flag.replace('_', '-')} {value}"
-            for flag in ("max_pending_calls", "max_checks_in_flight", "tenant_in_flight_share", "overload_busy_share")
+            for flag in (
+                "max_pending_calls",
+                "max_checks_in_flight",
+                "tenant_in_flight_share",
+                "overload_busy_share",
+                "max_streams_per_connection",
+            )
             if (value := getattr(args, flag)) is not None
         )
         + f" ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
@@ -752,6 +760,10 @@ def main() -> int:
     parser.add_argument("--tenant-in-flight-share", type=float, default=None, help="(the sidecar's default)")
     parser.add_argument("--max-pending-calls", type=int, default=None, help="h2load: (the sidecar's default)")
     parser.add_argument("--overload-busy-share", type=float, default=None, help="h2load: (the sidecar's default)")
+    parser.add_argument(
+        "--max-streams-per-connection", type=int, default=None,
+        help="h2load: calls one connection may have open (the sidecar's default); h2load holds the rest back itself",
+    )  # fmt: skip
     parser.add_argument(
         "--compare-fairness", action="store_true",
         help="h2load: each open-loop scenario also against a sidecar with fairness off, and a closed loop against one "

@@ -217,6 +217,13 @@ class Settings(BaseSettings):
         "not in max_checks_in_flight); from this many it refuses new calls (CANCELLED) with a rising probability, "
         "every one beyond twice as many; 0: gRPC's own limits (1000 and 3000)",
     )
+    max_streams_per_connection: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
+        0,
+        description="calls one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, "
+        "enforced by gRPC's C core at no Python cost): a client that wants more queues them itself instead of "
+        "sending them, so a noisy connection's excess costs this sidecar nothing; each open CheckStream or "
+        "ReportStream holds one; 0 (the default): gRPC's default, no limit",
+    )
     overload_busy_share: Annotated[float, Field(ge=0, le=1)] = Field(
         0.0,
         description="from this share of time with work on the sidecar's event loop (its CPU is behind), a check of a "

@@ -127,6 +127,13 @@ def pending_call_limits(max_pending: int) -> list[tuple[str, int]]:
     ]
 
 
+def stream_limits(max_streams: int) -> list[tuple[str, int]]:
+    """HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS, which gRPC's C core enforces per connection before any Python runs:
+    a client with this many calls open on a connection holds its next ones back (gRPC clients queue them) rather than
+    sending them, so one connection's excess costs the sidecar no CPU and connections share it by turns."""
+    return [("grpc.max_concurrent_streams", max_streams)] if max_streams else []
+
+
 def _socket_timeout(settings: Settings) -> float:
     """Twice the longest store deadline: the limiter's deadlines decide first, this only catches what they miss."""
     return 2 * max(settings.check_deadline_ms, settings.store_deadline_ms) / 1000
@@ -306,7 +313,13 @@ class Sidecar:
         self.servicer = servicer
         if servicer.admission.bounded and servicer.admission.overload_busy:
             self._busy_watch = asyncio.create_task(servicer.admission.watch_loop())
-        server = grpc.aio.server(options=[*_SERVER_OPTIONS, *pending_call_limits(settings.max_pending_calls)])
+        server = grpc.aio.server(
+            options=[
+                *_SERVER_OPTIONS,
+                *pending_call_limits(settings.max_pending_calls),
+                *stream_limits(settings.max_streams_per_connection),
+            ]
+        )
         server.add_generic_rpc_handlers([servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection(server, [BUDGET_SERVICE_NAME, health.SERVICE_NAME])
