@@ -17,7 +17,7 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import AsyncBudgetClient, BudgetClient, CheckRefusedError
 
-from support import BlackHole, RunningSidecar
+from support import TEST_RPC_TIMEOUT_S, BlackHole, RunningSidecar
 
 CHECK_STREAM = "/budgetwarden.v1.BudgetService/CheckStream"
 
@@ -31,7 +31,7 @@ def strict(start_sidecar: Callable[..., RunningSidecar], tmp_path: Any) -> Runni
 
 @pytest.fixture
 def client(strict: RunningSidecar) -> Iterator[BudgetClient]:
-    with BudgetClient(strict.addr) as c:
+    with BudgetClient(strict.addr, timeout=TEST_RPC_TIMEOUT_S) as c:
         yield c
 
 
@@ -80,7 +80,7 @@ def test_a_sidecar_bound_to_a_tenant_refuses_other_tenants_per_check(
     start_sidecar: Callable[..., RunningSidecar],
 ) -> None:
     running = start_sidecar(tenant="acme")
-    with BudgetClient(running.addr) as c:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as c:
         mine, theirs, unnamed = c.check_many(
             [check("s1", 10), check("s2", 10, tenant_id="globex"), check("s3", 10, tenant_id="")]
         )
@@ -95,7 +95,7 @@ def test_a_sidecar_bound_to_a_tenant_refuses_other_tenants_per_check(
 
 def test_checks_of_several_tenants_in_one_message(start_sidecar: Callable[..., RunningSidecar]) -> None:
     running = start_sidecar()  # the default policy accepts any tenant
-    with BudgetClient(running.addr) as c:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as c:
         answers = c.check_many([check(f"s{i}", 100, tenant_id=f"tenant-{i % 3}") for i in range(9)])
         assert all(isinstance(a, pb.CheckResponse) and a.decision == pb.DECISION_ALLOW for a in answers)
         for n in range(3):
@@ -103,7 +103,7 @@ def test_checks_of_several_tenants_in_one_message(start_sidecar: Callable[..., R
 
 
 async def test_many_messages_on_one_stream_are_answered_in_order(strict: RunningSidecar) -> None:
-    async with AsyncBudgetClient(strict.addr) as c:
+    async with AsyncBudgetClient(strict.addr, timeout=TEST_RPC_TIMEOUT_S) as c:
         assert len(await c.check_many([check("warm", 1)])) == 1
     async with grpc.aio.insecure_channel(strict.addr) as channel:
         call = pb_grpc.BudgetServiceStub(channel).CheckStream(timeout=10)
@@ -119,7 +119,7 @@ async def test_many_messages_on_one_stream_are_answered_in_order(strict: Running
 
 
 async def test_a_kept_open_stream_answers_overlapping_calls_each_with_its_own_checks(strict: RunningSidecar) -> None:
-    async with AsyncBudgetClient(strict.addr) as client, client.check_stream() as stream:
+    async with AsyncBudgetClient(strict.addr, timeout=TEST_RPC_TIMEOUT_S) as client, client.check_stream() as stream:
 
         async def batch(n: int) -> list[int]:
             answers = await stream.check_many(
@@ -135,7 +135,7 @@ async def test_a_kept_open_stream_answers_overlapping_calls_each_with_its_own_ch
 
 
 async def test_a_cancelled_call_leaves_the_stream_and_the_other_calls_alone(strict: RunningSidecar) -> None:
-    async with AsyncBudgetClient(strict.addr) as client, client.check_stream() as stream:
+    async with AsyncBudgetClient(strict.addr, timeout=TEST_RPC_TIMEOUT_S) as client, client.check_stream() as stream:
         abandoned = asyncio.create_task(stream.check_many([check(f"c{i}", 1, task_id="tc") for i in range(300)]))
         await asyncio.sleep(0)  # sent (or about to be), then given up on
         abandoned.cancel()
@@ -163,7 +163,7 @@ async def test_closing_the_channel_fails_the_waiting_calls(
 
 
 async def test_a_kept_open_stream_fails_every_call_once_the_sidecar_ends_it(strict: RunningSidecar) -> None:
-    async with AsyncBudgetClient(strict.addr) as client:
+    async with AsyncBudgetClient(strict.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         stream = client.check_stream()
         with pytest.raises(grpc.RpcError) as caught:
             await stream.check_many([check(f"s{i}", 1) for i in range(1001)])  # too many: the sidecar ends the stream

@@ -17,7 +17,7 @@ import pytest
 from budgetwarden_client import BudgetClient, pb
 
 import support
-from support import free_port, one_error_line
+from support import TEST_RPC_TIMEOUT_S, free_port, one_error_line
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
 RESERVATION_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -42,7 +42,7 @@ def table_row(stdout: str, scope: str) -> list[str]:
 
 
 def task_scope(addr: str, task: str, tenant: str = "default") -> pb.ScopeState:
-    with BudgetClient(addr) as client:
+    with BudgetClient(addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         answer = client.get_budget(tenant_id=tenant, task_id=task)
     (found,) = [s for s in answer.scopes if s.name == "task"]
     return found

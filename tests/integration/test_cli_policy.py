@@ -8,7 +8,7 @@ from pathlib import Path
 
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar, free_port, one_error_line
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar, free_port, one_error_line
 from support import run_cli as cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ EXAMPLE = str(ROOT / "examples" / "policy.yaml")
 def test_approve_and_deny_from_the_command_line(start_sidecar: Callable[..., RunningSidecar]) -> None:
     admin = f"127.0.0.1:{free_port()}"
     running = start_sidecar(policy_file=Path(EXAMPLE), admin_listen=admin)
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         for step in range(5):  # triage: 20000-token tasks that checkpoint at the ceiling
             fields = {"tenant_id": "acme", "task_id": "t", "task_type": "triage", "estimated_input_tokens": 4000}
             answer = client.check(step_id=f"s{step}", **fields)

@@ -19,7 +19,7 @@ import pytest
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
 
-from support import RunningSidecar, SettableClock, free_port
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar, SettableClock, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
@@ -138,7 +138,7 @@ def fleet(start_sidecar: Callable[..., RunningSidecar], tmp_path: Path) -> Itera
     ports = [free_port(), free_port()]
     sidecars = [start_sidecar(policy_file=policy, metrics_port=port, clock=clock) for port in ports]
     for n, sidecar in enumerate(sidecars):
-        with BudgetClient(sidecar.addr) as client:
+        with BudgetClient(sidecar.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
             for step in ("s1", "s2"):
                 answer = client.check(
                     tenant_id="acme", task_id=f"t{n}", step_id=step, model="gpt-x", estimated_input_tokens=1000,

@@ -17,7 +17,7 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient, CheckRefusedError
 
-from support import BlackHole, RunningSidecar, SettableClock, free_port, sidecar_settings
+from support import TEST_RPC_TIMEOUT_S, BlackHole, RunningSidecar, SettableClock, free_port, sidecar_settings
 from support_requests import BAD_CHECKS, BAD_RECORDS, BAD_RELEASES
 
 STRICT_POLICY = """
@@ -391,10 +391,10 @@ def test_fail_open_usage_is_reconciled_when_reported(
     start_sidecar: Callable[..., RunningSidecar], redis_url: str, black_hole: BlackHole
 ) -> None:
     down = start_sidecar(**black_hole.as_redis, fail_mode="open", check_deadline_ms=50)
-    with BudgetClient(down.addr) as c:
+    with BudgetClient(down.addr, timeout=TEST_RPC_TIMEOUT_S) as c:
         admitted = check(c, tokens=100, fail_mode=True)
     up = start_sidecar(redis_url=redis_url)
-    with BudgetClient(up.addr) as c:
+    with BudgetClient(up.addr, timeout=TEST_RPC_TIMEOUT_S) as c:
         (result,) = c.report([usage(reservation_id=admitted.reservation_id, input_tokens=90)]).results
         assert result.status == pb.REPORT_STATUS_UNRESERVED
         assert scopes(c.get_budget(tenant_id="acme", task_id="t1"))["task"].used_tokens == 90
@@ -409,13 +409,13 @@ def test_health_on_its_own_listener(start_sidecar: Callable[..., RunningSidecar]
         with pytest.raises(grpc.RpcError) as caught:  # only health there: the budget API stays on its own listener
             channel.unary_unary("/budgetwarden.v1.BudgetService/Check")(b"", timeout=30)
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         check(client)
 
 
 def test_a_sidecar_bound_to_a_tenant_serves_only_that_tenant(start_sidecar: Callable[..., RunningSidecar]) -> None:
     running = start_sidecar(tenant="acme")
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         answer = client.check(task_id="t1", step_id="s1", estimated_input_tokens=10)  # no tenant: the bound one
         assert answer.decision == pb.DECISION_ALLOW
         assert client.get_budget(task_id="t1").task_known
@@ -446,7 +446,7 @@ def test_the_sidecars_default_task_type(start_sidecar: Callable[..., RunningSide
     policy = tmp_path / "policy.yaml"
     policy.write_text(STRICT_POLICY + "  tiny:\n    per_task: {tokens: 50}\n")
     running = start_sidecar(policy_file=policy, default_task_type="tiny")
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         answer = check(client, "s1", 100, expect=pb.DECISION_DENY)
         assert answer.reason == pb.REASON_TASK_BUDGET_EXHAUSTED  # tiny, not the policy's general
         check(client, "s2", 100, task_id="t2", task_type="general")

@@ -19,7 +19,7 @@ from budgetwarden.transport._validation import InvalidRequestError, ident
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import AdminClient, BudgetClient, CheckRefusedError, admin_pb
 
-from support import RunningSidecar, free_port
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar, free_port
 
 # One character of each refused kind, and the ones the issue found accepted (DEL, a C1 control, U+2028, U+202E).
 REFUSED = {
@@ -137,7 +137,7 @@ def test_check_stream_refuses_each_bad_check_and_decides_the_others(
 
     assert_each_refused(fields, lambda field: f"checks[0].{field}")
     # Only the good check of each message reserved anything: its step, once.
-    with BudgetClient(client.addr) as other:
+    with BudgetClient(client.addr, timeout=TEST_RPC_TIMEOUT_S) as other:
         task = next(s for s in other.get_budget(tenant_id="acme", task_id="t1").scopes if s.name == "task")
     assert task.reserved_tokens == 10
 

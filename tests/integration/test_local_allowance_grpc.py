@@ -10,7 +10,7 @@ import redis
 from budgetwarden.store import TenantKeys
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar
 
 
 def task_counters(sync_redis: redis.Redis, task: str) -> dict[str, int]:
@@ -22,7 +22,7 @@ def test_a_sidecar_with_a_local_allowance_decides_reports_and_hands_back(
     start_sidecar: Callable[..., RunningSidecar], sync_redis: redis.Redis
 ) -> None:
     running = start_sidecar(local_allowance=True, local_allowance_cap_tokens=5000, local_allowance_share=0.5)
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         answers = [
             client.check(tenant_id="acme", task_id="t", step_id=f"s{n}", estimated_input_tokens=100) for n in range(4)
         ]

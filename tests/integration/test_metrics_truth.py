@@ -28,7 +28,7 @@ from budgetwarden.telemetry._metrics import resource_from_env
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
 
-from support import RunningSidecar, free_port
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar, free_port
 
 POLICY = """
 default_tenant: {windows: {day: {tokens: 1000000}}}
@@ -94,7 +94,7 @@ def test_cost_counter_follows_the_naming_conventions(
 ) -> None:
     port = free_port()
     running = start_sidecar(policy_file=policy_file, metrics_port=port)
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         client.check(tenant_id="acme", task_id="t", step_id="s", model="gpt-x", estimated_input_tokens=1000)
         client.report([pb.UsageRecord(tenant_id="acme", task_id="t", step_id="s", model="gpt-x", input_tokens=1000)])
     cost = [s for s in samples(port) if "cost" in s.name]
@@ -170,7 +170,7 @@ def test_counters_that_have_not_fired_exist_at_zero(start_sidecar: Callable[...,
 def test_fail_mode_counts_up_from_its_zero(start_sidecar: Callable[..., RunningSidecar]) -> None:
     port = free_port()
     running = start_sidecar(metrics_port=port, redis_url=f"redis://127.0.0.1:{free_port()}/0", check_deadline_ms=2000)
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         assert client.check(tenant_id="acme", task_id="t", step_id="s", estimated_input_tokens=1).from_fail_mode
     counted = {
         s.labels["budgetwarden_fail_mode"]: s.value
@@ -187,7 +187,7 @@ def test_a_sidecar_can_leave_the_tenant_gauges_to_others(
     exporting = start_sidecar(policy_file=policy_file, metrics_port=ports[0])
     quiet = start_sidecar(policy_file=policy_file, metrics_port=ports[1], metrics_tenant_gauges=False)
     for running in (exporting, quiet):
-        with BudgetClient(running.addr) as client:
+        with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
             client.check(tenant_id="acme", task_id="t", step_id=running.addr, estimated_input_tokens=100)
     gauges = ("budgetwarden_budget_remaining", "budgetwarden_reservations_active")
     assert {s.name for s in samples(ports[0])} >= set(gauges)
@@ -265,7 +265,7 @@ def test_metrics_endpoint_answers_every_concurrent_scrape(
     without an answer. Each connection is opened before any request is sent, so they all wait in the accept queue."""
     port = free_port()
     running = start_sidecar(policy_file=policy_file, metrics_port=port)
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         client.check(tenant_id="acme", task_id="t", step_id="s", model="gpt-x", estimated_input_tokens=100)
 
     async def hammer() -> list[bytes]:

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar, free_port
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,11 +49,11 @@ def test_dashboard_uses_only_metrics_the_sidecar_emits(start_sidecar: Callable[.
     healthy_port, failing_port = free_port(), free_port()
     healthy = start_sidecar(metrics_port=healthy_port)
     failing = start_sidecar(metrics_port=failing_port, redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    with BudgetClient(healthy.addr) as client:
+    with BudgetClient(healthy.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         client.check(tenant_id="acme", task_id="t", step_id="s1", model="gpt-x", estimated_input_tokens=500)
         client.check(tenant_id="acme", task_id="t", step_id="s2", model="gpt-x", estimated_input_tokens=500)
         client.report([pb.UsageRecord(tenant_id="acme", task_id="t", step_id="s1", model="gpt-x", input_tokens=100)])
-    with BudgetClient(failing.addr) as client:
+    with BudgetClient(failing.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         assert client.check(tenant_id="acme", task_id="t", step_id="s", estimated_input_tokens=1).from_fail_mode
     emitted = scraped_names(healthy_port) | scraped_names(failing_port)
     missing = {name for name in used if name not in emitted}

@@ -17,7 +17,7 @@ from budgetwarden_api.v1 import admin_pb2 as admin_pb
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import AdminClient, BudgetClient
 
-from support import RunningSidecar, free_port
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar, free_port
 from support_policies import ENGINE_POLICY, check_acme
 
 
@@ -31,7 +31,7 @@ def running(start_sidecar: Callable[..., RunningSidecar], engine_policy_file: Pa
 
 @pytest.fixture
 def client(running: RunningSidecar) -> Iterator[BudgetClient]:
-    with BudgetClient(running.addr) as c:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as c:
         yield c
 
 
@@ -111,7 +111,7 @@ def test_denied_checkpoint_closes_the_task(client: BudgetClient, admin: AdminCli
 
 def test_concurrent_checks_near_the_checkpoint_never_over_grant(running: RunningSidecar) -> None:
     def one(i: int) -> pb.CheckResponse:
-        with BudgetClient(running.addr) as c:
+        with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as c:
             return check_acme(c, f"s{i}", 300, model="small", max_output_tokens=0, task_id="busy")
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -121,7 +121,7 @@ def test_concurrent_checks_near_the_checkpoint_never_over_grant(running: Running
     assert granted > 8000 - 300  # demand exceeded it, so it ends within one step of it
     checkpoints = {a.checkpoint_id for a in answers if a.decision == pb.DECISION_CHECKPOINT}
     assert len(checkpoints) == 1  # one stop, shared by every check that reached it
-    with BudgetClient(running.addr) as c:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as c:
         assert task_scope(c.get_budget(tenant_id="acme", task_id="busy")).reserved_tokens == granted
 
 
@@ -210,7 +210,7 @@ def test_a_good_policy_file_takes_effect_and_a_bad_one_is_rejected(
     start_sidecar: Callable[..., RunningSidecar], engine_policy_file: Path
 ) -> None:
     running = start_sidecar(policy_file=engine_policy_file, policy_reload_seconds=0.05)
-    with BudgetClient(running.addr) as c:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as c:
         before = check_acme(c, "s1", 3500, task_type="agent", model="small")
         assert before.decision == pb.DECISION_ALLOW
         engine_policy_file.write_text(ENGINE_POLICY.replace("per_step: {tokens: 4000}", "per_step: {tokens: 3000}"))

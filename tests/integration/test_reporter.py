@@ -21,7 +21,7 @@ import pytest
 from budgetwarden.app._config import Settings
 from budgetwarden_client import BackgroundReporter, BudgetClient, pb
 
-from support import RunningSidecar, free_port
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar, free_port
 
 TENANT = "acme"
 
@@ -58,7 +58,7 @@ class Truth:
 
 def used(addr: str, tasks: Iterator[str] | list[str] | dict[str, int]) -> dict[str, int]:
     """Each task's used tokens as the server has them."""
-    with BudgetClient(addr) as client:
+    with BudgetClient(addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         out = {}
         for task in tasks:
             scopes = {scope.name: scope for scope in client.get_budget(tenant_id=TENANT, task_id=task).scopes}
@@ -90,7 +90,7 @@ def test_batches_arrive_exactly_once_and_stats_add_up(sidecar: RunningSidecar) -
     truth = Truth()
     records = truth.records(2000, tasks=4)
     checked = records[:40]  # these steps hold a reservation, so their records are APPLIED; the rest UNRESERVED
-    with BudgetClient(sidecar.addr) as client:
+    with BudgetClient(sidecar.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         for record in checked:
             answer = client.check(
                 tenant_id=TENANT, task_id=record.task_id, step_id=record.step_id, estimated_input_tokens=500
@@ -101,7 +101,7 @@ def test_batches_arrive_exactly_once_and_stats_add_up(sidecar: RunningSidecar) -
         assert reporter.flush(timeout=30)
         stats = reporter.stats.snapshot()
     assert used(sidecar.addr, truth.by_task) == truth.by_task
-    with BudgetClient(sidecar.addr) as client:
+    with BudgetClient(sidecar.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         budget = {scope.name: scope for scope in client.get_budget(tenant_id=TENANT, task_id="t0").scopes}
     assert budget["task"].reserved_tokens == 0  # every reservation was replaced by its record
     assert budget["tenant.day"].used_tokens == truth.total

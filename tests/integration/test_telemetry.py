@@ -24,7 +24,7 @@ from budgetwarden.telemetry._metrics import SECONDS_BUCKETS, TOKEN_BUCKETS
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
 
-from support import RunningSidecar, free_port
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar, free_port
 
 POLICY = """
 default_tenant: {windows: {day: {tokens: 1000000}}}
@@ -91,7 +91,7 @@ def policy_file(tmp_path: Path) -> Path:
 
 def scripted(addr: str) -> dict[str, int]:
     """3 allowed checks, 1 denied, 2 reports: what the metrics must add up to."""
-    with BudgetClient(addr) as client:
+    with BudgetClient(addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         for step in ("s1", "s2", "s3"):
             answer = client.check(
                 tenant_id="acme", task_id="t1", step_id=step, model="gpt-x", estimated_input_tokens=1000,
@@ -240,7 +240,7 @@ def test_unknown_attributes_are_left_out_of_the_export(
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.replace("default_task_type: agent\n", ""))
     running = start_sidecar(policy_file=policy)
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         denied = client.check(tenant_id="acme", task_id="t0", step_id="s", estimated_input_tokens=100)
         assert denied.decision == pb.DECISION_DENY
         allowed = client.check(tenant_id="acme", task_id="t", step_id="s", task_type="agent", estimated_input_tokens=9)
@@ -308,15 +308,17 @@ def test_cardinality_guard(start_sidecar: Callable[..., RunningSidecar], policy_
             if not s.name.endswith("_bucket")
         }
 
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         client.check(tenant_id="acme", task_id="t0", step_id="s", estimated_input_tokens=1, labels={"user": "u"})
         before = series()
 
         def check(i: int) -> None:
             labels = {"user": "u", f"unlisted-{i}": str(i)}
-            client.check(
+            answer = client.check(
                 tenant_id="acme", task_id=f"task-{i}", step_id=f"s{i}", estimated_input_tokens=1, labels=labels
             )
+            # The series compared are ALLOW's: a fail-mode answer would add its own (a bounded label, not a leak).
+            assert (answer.decision, answer.reason) == (pb.DECISION_ALLOW, pb.REASON_WITHIN_BUDGET), answer
 
         # 2,000 task ids and unlisted label keys, ten times the largest cap the metrics keep (models: 4 x 50 task
         # types): a value that became a label would show as a new series. Several calls in flight, for the time.

@@ -15,7 +15,7 @@ from typing import Any
 
 from budgetwarden_client import BudgetClient, pb
 
-from support import RunningSidecar
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar
 
 # Where the sidecar's own code lives (not the client's, nor grpc's or redis-py's).
 OWN_CODE = (
@@ -60,7 +60,7 @@ def test_a_unary_check_on_the_redis_path_makes_few_calls_of_the_sidecars_own_cod
     start_sidecar: Callable[..., RunningSidecar],
 ) -> None:
     running = start_sidecar()
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
 
         def check(n: int) -> pb.CheckResponse:
             return client.check(tenant_id="acme", task_id=f"t{n}", step_id="s", estimated_input_tokens=100)
@@ -74,7 +74,7 @@ def test_a_check_its_local_allowance_decides_makes_few_calls_of_the_sidecars_own
     start_sidecar: Callable[..., RunningSidecar],
 ) -> None:
     running = start_sidecar(local_allowance=True, local_allowance_cap_tokens=50_000, local_allowance_share=0.5)
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
 
         def check(n: int) -> pb.CheckResponse:
             return client.check(tenant_id="acme", task_id="t", step_id=f"s{n}", estimated_input_tokens=100)

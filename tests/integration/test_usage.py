@@ -18,7 +18,7 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient
 
-from support import RunningSidecar
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar
 from support import run_cli as cli
 
 POLICY = """
@@ -45,7 +45,7 @@ def running(start_sidecar: Callable[..., RunningSidecar], tmp_path: Path) -> Run
 
 @pytest.fixture
 def client(running: RunningSidecar) -> Iterator[BudgetClient]:
-    with BudgetClient(running.addr) as c:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as c:
         yield c
 
 

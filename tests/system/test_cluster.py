@@ -11,7 +11,7 @@ from budgetwarden.store._store import REPORT_BATCH
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
 
-from support import RunningSidecar
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar
 from support_cluster import Cluster
 
 
@@ -27,7 +27,7 @@ def test_tenants_spread_over_nodes_and_scripts_run_unchanged(
 ) -> None:
     running = start_sidecar(redis_url=cluster_url, redis_cluster=True)
     tenants = [f"tenant-{i}" for i in range(12)]
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         for tenant in tenants:
             answer = client.check(tenant_id=tenant, task_id="t", step_id="s1", estimated_input_tokens=100)
             assert answer.decision == pb.DECISION_ALLOW, answer.message
@@ -77,7 +77,7 @@ def test_report_batches_of_a_tenant_apply_in_order(
         cluster.script_flush()  # on every primary
     finally:
         cluster.close()
-    with BudgetClient(running.addr) as client:
+    with BudgetClient(running.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         results = client.report(records).results
         budget = client.get_budget(tenant_id="ordered", task_id="t")
 

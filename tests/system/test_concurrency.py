@@ -20,7 +20,7 @@ from budgetwarden.domain._model import Decision, Reason, ReportStatus
 from budgetwarden_client import BudgetClient, pb
 
 from concurrency_workers import grpc_worker
-from support import run_processes
+from support import TEST_RPC_TIMEOUT_S, run_processes
 from support_concurrency import (
     MAX_STEP,
     TENANT,
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 
 def grpc_budget(addr: str, task_id: str) -> tuple[dict[str, pb.ScopeState], pb.GetBudgetResponse]:
-    with BudgetClient(addr) as client:
+    with BudgetClient(addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         answer = client.get_budget(tenant_id=TENANT, task_id=task_id)
     return {scope.name: scope for scope in answer.scopes}, answer
 

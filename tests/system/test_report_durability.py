@@ -38,7 +38,7 @@ from budgetwarden.store._usage import UsageEvent, event_id, read_events
 from budgetwarden_api.v1 import budget_pb2_grpc as pb_grpc
 from budgetwarden_client import BudgetClient, pb
 
-from support import SERVE_DEADLINE_ENV, RunningSidecar, free_port, run_processes, wait_for_exit
+from support import SERVE_DEADLINE_ENV, TEST_RPC_TIMEOUT_S, RunningSidecar, free_port, run_processes, wait_for_exit
 
 pytestmark = pytest.mark.slow
 
@@ -373,7 +373,7 @@ def _send_plan(addr: str, worker: int) -> dict[str, Any]:
 
 def many_records_worker(index: int, results: Any, barrier: Any, addr: str) -> None:
     try:
-        BudgetClient(addr).close()  # import everything before the start line
+        BudgetClient(addr, timeout=TEST_RPC_TIMEOUT_S).close()  # import everything before the start line
         barrier.wait(60)
         results.put((index, None, _send_plan(addr, index)))
     except BaseException:

@@ -10,14 +10,14 @@ import textwrap
 
 from budgetwarden_client import BudgetClient
 
-from support import RunningSidecar
+from support import TEST_RPC_TIMEOUT_S, RunningSidecar
 
 TENANT = "acme"
 
 
 def used(addr: str, tasks: list[str]) -> dict[str, int]:
     """Each task's used tokens as the server has them."""
-    with BudgetClient(addr) as client:
+    with BudgetClient(addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         out = {}
         for task in tasks:
             scopes = {scope.name: scope for scope in client.get_budget(tenant_id=TENANT, task_id=task).scopes}

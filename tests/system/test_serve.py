@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from budgetwarden.app._config import Settings
 from budgetwarden_client import BudgetClient, pb
 
-from support import SERVE_DEADLINE_ENV, RunningSidecar, free_port, wait_for_exit
+from support import SERVE_DEADLINE_ENV, TEST_RPC_TIMEOUT_S, RunningSidecar, free_port, wait_for_exit
 
 pytestmark = pytest.mark.slow
 
@@ -210,7 +210,7 @@ def test_embedded_serve_persists_counters_across_a_restart(serve: ServeFactory, 
     first = serve("--data-dir", data_dir, "--listen", addr, addr=addr)
     first.wait_ready()
 
-    with BudgetClient(addr) as client:
+    with BudgetClient(addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         checked = client.check(tenant_id="acme", task_id="persist", step_id="s1", estimated_input_tokens=100)
         assert checked.decision == pb.DECISION_ALLOW
         record = pb.UsageRecord(tenant_id="acme", task_id="persist", step_id="s1", input_tokens=50, output_tokens=10)
@@ -236,7 +236,7 @@ def test_embedded_serve_persists_counters_across_a_restart(serve: ServeFactory, 
     second_addr = f"127.0.0.1:{free_port()}"
     second = serve("--data-dir", data_dir, "--listen", second_addr, addr=second_addr)
     second.wait_ready()
-    with BudgetClient(second_addr) as client:
+    with BudgetClient(second_addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         after = task_scope(client, "acme", "persist")
         view = client.get_budget(tenant_id="acme", task_id="persist")
         (again,) = client.report([record]).results
@@ -259,7 +259,7 @@ def test_sigint_stops_cleanly(serve: ServeFactory, tmp_path: Path) -> None:
     addr = f"127.0.0.1:{free_port()}"
     served = serve("--data-dir", tmp_path / "data", "--listen", addr, addr=addr)
     served.wait_ready()
-    with BudgetClient(addr) as client:
+    with BudgetClient(addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         assert client.check(tenant_id="a", task_id="t", step_id="s", estimated_input_tokens=1).granted_tokens == 1
     started = served.log(EMBEDDED_STARTED)
 
@@ -375,7 +375,7 @@ def test_sigterm_during_a_stream_of_checks_loses_nothing(serve: ServeFactory, tm
     fresh_addr = f"127.0.0.1:{free_port()}"
     fresh = serve("--data-dir", data_dir, "--listen", fresh_addr, addr=fresh_addr)
     fresh.wait_ready()
-    with BudgetClient(fresh_addr) as client:
+    with BudgetClient(fresh_addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         view = client.get_budget(tenant_id="acme", task_id="stream")
         (task,) = [scope for scope in view.scopes if scope.name == "task"]
         assert task.reserved_tokens == 10 * len(ok)
@@ -493,7 +493,7 @@ def test_serve_with_a_good_policy_file_uses_it(serve: ServeFactory, tmp_path: Pa
     served = serve("--policy-file", policy, "--listen", addr, "--data-dir", tmp_path / "data", addr=addr)
     served.wait_ready()
 
-    with BudgetClient(addr) as client:
+    with BudgetClient(addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         fits = client.check(tenant_id="a", task_id="t", step_id="s1", estimated_input_tokens=50)
         too_big = client.check(tenant_id="a", task_id="t", step_id="s2", estimated_input_tokens=51)
     assert fits.decision == pb.DECISION_ALLOW
@@ -533,6 +533,6 @@ def test_a_second_sidecar_on_a_port_a_sidecar_serves_is_refused(
             second.start()
     finally:
         second.stop()
-    with BudgetClient(first.addr) as client:  # the first one still serves
+    with BudgetClient(first.addr, timeout=TEST_RPC_TIMEOUT_S) as client:  # the first one still serves
         answer = client.check(tenant_id="default", task_id="t", step_id="s", estimated_input_tokens=1)
         assert answer.decision == pb.DECISION_ALLOW

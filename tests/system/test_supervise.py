@@ -22,7 +22,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from budgetwarden.store._embedded import EmbeddedError, EmbeddedRedis
 from budgetwarden_client import BudgetClient, pb
 
-from support import FAST_WATCH, BlackHole, RunningSidecar, cli, embedded_of, free_port, one_error_line
+from support import (
+    FAST_WATCH,
+    TEST_RPC_TIMEOUT_S,
+    BlackHole,
+    RunningSidecar,
+    cli,
+    embedded_of,
+    free_port,
+    one_error_line,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -210,7 +219,8 @@ def test_a_second_serve_on_the_same_data_dir_is_one_line(
         f"budgetwarden serve: error: data dir {(tmp_path / 'data').resolve()} is in use by another budgetwarden "
         f"(pid {os.getpid()}); stop it or give this one another --data-dir"
     )
-    with BudgetClient(first.addr) as client:  # the first one still serves, from its own server
+    # the first one still serves, from its own server
+    with BudgetClient(first.addr, timeout=TEST_RPC_TIMEOUT_S) as client:
         answer = client.check(tenant_id="acme", task_id="t", step_id="s", estimated_input_tokens=1)
         assert answer.decision == pb.DECISION_ALLOW
         assert not answer.from_fail_mode
