@@ -6,10 +6,12 @@
 --                                                                               (expires after task retention)
 --   <p>win:<w>:<l>   hash  used, reserved, used_usd, reserved_usd                (expires after its window + grace)
 --   <p>resv:<id>     hash  state, gen, amount, amount_usd, lease, scopes, untils (expires after lease + retention)
---                         step_id, admitted (ALLOW or DEGRADE:rung), model, price_in, price_cached, price_out (the
---                         model the step was granted and its prices per million tokens, for a report naming none),
---                         fp (the request's fingerprint) and answer (what the check answered: a re-check with the
---                         same fingerprint replays it; see check.lua)
+--                         step_id, label (the granted candidate's label as the sidecar sent it: the model the step
+--                         was granted, its prices per million tokens, for a report naming none, and the decision,
+--                         ALLOW or DEGRADE:rung; see candidate_label), fp (the request's fingerprint) and answer
+--                         (what the check answered: a re-check with the same fingerprint replays it; see check.lua).
+--                         A record written before 'label' has admitted, model, price_in, price_cached and price_out
+--                         instead (report.lua reads both).
 --   <p>idem:<h>      string  the fingerprint of the record that used an idempotency key (expires after its window)
 --   <p>leases        zset  reservation id -> lease expiry (ms); expired members are purged lazily by every script
 -- A reservation names the scope keys it holds on ("scopes") and until when each scope key is alive ("untils";
@@ -81,6 +83,13 @@ local function end_hold(resv_key, record, new_state, leases, now)
   return record.amount
 end
 
+-- A reservation's member in the leases set: its key without the reservation key prefix (purge_expired puts the prefix
+-- back). Cut by position: matching the part after the last ':' instead cost about 10k instructions per check.
+local function lease_member(resv_key, resv_prefix)
+  if string.find(resv_key, resv_prefix, 1, true) == 1 then return string.sub(resv_key, #resv_prefix + 1) end
+  return string.match(resv_key, '([^:]+)$')
+end
+
 -- Expired leases stop holding budget: no background job, every script sweeps a bounded batch first (PURGE_BATCH, or
 -- `limit` when given).
 local function purge_expired(leases, resv_prefix, now, limit)
@@ -149,6 +158,11 @@ local function candidate_label(text)
   local p_in, p_cached, p_out, model, decision = string.match(text, '^(%d+) (%d+) (%d+) (%S*) (.*)$')
   if not p_in then return text, '', '', '', '' end
   return decision, model, p_in, p_cached, p_out
+end
+
+-- The decision of a candidate's label alone (what candidate_label returns first), without its other parts.
+local function label_decision(text)
+  return string.match(text, '^%d+ %d+ %d+ %S* (.*)$') or text
 end
 
 -- ceil((uncached * p_in + cached * p_cached + output * p_out) / 10^6), exactly as _cost.actual_micros computes it.
