@@ -4,11 +4,13 @@ depend on how busy the machine is (CPU time and INFO commandstats' µs do, by 2x
     .venv/bin/python bench/check_lua_cost.py TREE [TREE ...] [--calls 1500] [--write docs/benchmarks.md] [--profile DIR]
 
 Each TREE is a source tree (e.g. a `git archive` of main, and `.`), whose _lib.lua + check.lua are loaded, or a .lua
-file holding a whole script (for trying a variant). One real check's EVALSHA is recorded from the sidecar's own Limiter
+file holding a whole script (for trying a variant), or `naive` (the naive one-counter script of bench/baselines.py, one
+counter per check). One real check's EVALSHA is recorded from the sidecar's own Limiter
 (bench/redis_baseline.py) and replayed with new step ids: a unary check (a batch of one), a batch of 100 checks of one
 task, and a batch of 100 checks spread over 100 tasks. Valkey with its append-only file, as the sidecar's. Needs
 valgrind (`apt-get install valgrind`); without it the script says so and exits 0. Slow: about 20 s per tree.
---profile DIR keeps each measurement's callgrind dump there (callgrind_annotate --inclusive=yes DIR/callgrind.<tree>.unary).
+--profile DIR keeps each measurement's callgrind dump there (for `callgrind_annotate --inclusive=yes
+DIR/callgrind.<tree>.unary`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,27 @@ from redis_baseline import RAND, record_check  # noqa: E402
 _ids = itertools.count()
 
 
+# bench/baselines.py's naive one-counter script, taking check.lua's keys: per check, read the task's counter, add to
+# it, write the reservation's amount (1 token, against a limit of 10^15).
+NAIVE = """
+local nwin = tonumber(string.match(ARGV[5], '^(%d+)'))
+local out = {}
+for k = nwin + 2, #KEYS, 2 do
+  local resv, task = KEYS[k], KEYS[k + 1]
+  local used = tonumber(redis.call('HGET', task, 'nreserved') or '0')
+  if used + 1 > 1e15 then out[#out + 1] = 0 else
+    redis.call('HINCRBY', task, 'nreserved', 1)
+    redis.call('HSET', resv, 'amount', 1)
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+
+
 def script_source(tree: str) -> str:
+    if tree == "naive":
+        return NAIVE
     if tree.endswith(".lua"):
         return Path(tree).read_text()
     lua = Path(tree) / "server" / "budgetwarden" / "store" / "lua"
@@ -123,8 +145,12 @@ def main() -> int:
     parser.add_argument("trees", nargs="+")
     parser.add_argument("--calls", type=int, default=1500, help="unary calls (batches: a fiftieth of it)")
     parser.add_argument("--write", type=Path, default=None)
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="keep each measurement's callgrind dump in this directory (for callgrind_annotate)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="keep each measurement's callgrind dump in this directory (for callgrind_annotate)",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind not found (apt-get install valgrind); check.lua's instruction count skipped")
