@@ -369,7 +369,7 @@ def test_a_replay_answers_what_the_reservation_kept(lua: Scripts) -> None:
     assert first[:4] == [1, 1, 400, NOW + 60_000]
     tail = " ".join(str(int(v)) for v in lua.last[6:])
     assert tail == "-1 -1 1000 0 400 -1 0 7"
-    stored = lua.client.hmget(P + "resv:s1", "fp", "answer", "label")
+    stored = lua.client.hmget(P + "resv:s1", "fp", "answer", "admitted")
     assert stored == [b"fp", f"common\x1eanswer1\x1e{tail}".encode(), b"DEGRADE:short"]
     lua.check("s2", [100], windows=[])
     again = lua.check("s1", [(2000, 0, 0, "ALLOW"), (400, 7, 1, "DEGRADE:short")], now=NOW + 5_000, windows=[])

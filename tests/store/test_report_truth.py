@@ -165,26 +165,6 @@ async def test_a_report_without_model_is_priced_at_the_model_its_step_was_checke
     assert models == {"gpt-4o-mini"}
 
 
-async def test_a_reservation_recorded_before_labels_is_priced_and_labelled_as_before(
-    limiter: Limiter, sync_redis: redis.Redis
-) -> None:
-    """A record keeps its candidate's label in one field; one written before that (the decision, the model and its
-    prices in fields of their own) is still read: priced at its model, its event says what admitted it."""
-    checked = await limiter.check(check(task_type="research", input_tokens=100_000))
-    [key] = list(sync_redis.scan_iter(match="*resv:*"))
-    label = sync_redis.hget(key, "label")
-    assert label is not None
-    p_in, p_cached, p_out, model, decision = label.decode().split(" ", 4)
-    sync_redis.hdel(key, "label")
-    sync_redis.hset(key, mapping={"admitted": decision, "model": model, "price_in": p_in, "price_cached": p_cached,
-                                  "price_out": p_out})  # fmt: skip
-    [applied] = await limiter.report([usage(reservation_id=checked.reservation_id, task_id="", step_id="",
-                                            input_tokens=100_000)])  # fmt: skip
-    assert (applied.status, applied.charged_usd, applied.model) == (ReportStatus.APPLIED, 15_000, "gpt-4o-mini")
-    [event] = list(read_events(sync_redis, TENANT, 0))
-    assert (event.data["admitted_by"], event.data["model"]) == ("ALLOW", "gpt-4o-mini")
-
-
 async def test_a_degraded_step_reports_at_the_model_it_was_degraded_to(limiter: Limiter) -> None:
     """The reservation records the model of the candidate that fitted: after DEGRADE to the cheaper model, a report
     without a model is priced at the cheaper model."""

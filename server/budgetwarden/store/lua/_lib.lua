@@ -6,12 +6,10 @@
 --                                                                               (expires after task retention)
 --   <p>win:<w>:<l>   hash  used, reserved, used_usd, reserved_usd                (expires after its window + grace)
 --   <p>resv:<id>     hash  state, gen, amount, amount_usd, lease, scopes, untils (expires after lease + retention)
---                         step_id, label (the granted candidate's label as the sidecar sent it: the model the step
---                         was granted, its prices per million tokens, for a report naming none, and the decision,
---                         ALLOW or DEGRADE:rung; see candidate_label), fp (the request's fingerprint) and answer
---                         (what the check answered: a re-check with the same fingerprint replays it; see check.lua).
---                         A record written before 'label' has admitted, model, price_in, price_cached and price_out
---                         instead (report.lua reads both).
+--                         step_id, admitted (ALLOW or DEGRADE:rung), model, price_in, price_cached, price_out (the
+--                         model the step was granted and its prices per million tokens, for a report naming none),
+--                         fp (the request's fingerprint) and answer (what the check answered: a re-check with the
+--                         same fingerprint replays it; see check.lua)
 --   <p>idem:<h>      string  the fingerprint of the record that used an idempotency key (expires after its window)
 --   <p>leases        zset  reservation id -> lease expiry (ms); expired members are purged lazily by every script
 -- A reservation names the scope keys it holds on ("scopes") and until when each scope key is alive ("untils";
@@ -156,11 +154,6 @@ local function candidate_label(text)
   local p_in, p_cached, p_out, model, decision = string.match(text, '^(%d+) (%d+) (%d+) (%S*) (.*)$')
   if not p_in then return text, '', '', '', '' end
   return decision, model, p_in, p_cached, p_out
-end
-
--- The decision of a candidate's label alone (what candidate_label returns first), without its other parts.
-local function label_decision(text)
-  return string.match(text, '^%d+ %d+ %d+ %S* (.*)$') or text
 end
 
 -- ceil((uncached * p_in + cached * p_cached + output * p_out) / 10^6), exactly as _cost.actual_micros computes it.

@@ -185,10 +185,12 @@ local function settle()
       if not usd_free then taken_usd = taken_usd - usd end
     else
       local state = live and 'reserved' or 'expired'
+      local admitted, model, p_in, p_cached, p_out = candidate_label(g[7])
       if existing[1] then redis.call('DEL', resv_key) end
       redis.call('HSET', resv_key, 'state', state, 'gen', num(existing[2]) + 1, 'amount', tokens, 'amount_usd', usd,
         'lease', g[1], 'scopes', slice and slice.scopes or task_key, 'untils', slice and slice.untils or '0',
-        'step_id', g[2], 'label', g[7], 'fp', g[5], 'answer', g[6])
+        'step_id', g[2], 'admitted', admitted, 'model', model, 'price_in', p_in, 'price_cached', p_cached,
+        'price_out', p_out, 'fp', g[5], 'answer', g[6])
       redis.call('PEXPIRE', resv_key, math.max(1, tonumber(g[1]) - now) + tonumber(retention))
       if live then
         redis.call('ZADD', leases, g[1], string.match(resv_key, '([^:]+)$'))

@@ -201,12 +201,12 @@ local function check(resv_key, task_key, f)
       local scopes, untils = task_key, '0'
       if nwin > 0 then scopes, untils = scopes .. ' ' .. scope_list, untils .. ' ' .. until_list end
       local out = reply({ 1, c, tokens, usd, lease_until, '' }, soft_bp, ckpt_bp, task)
-      local label = f[at + 3]
+      local admitted, model, p_in, p_cached, p_out = candidate_label(f[at + 3])
       local answer = f[11] .. '\30' .. f[at + 4]
-      if label_decision(label) ~= 'ALLOW' then answer = answer .. '\30' .. figures_text(out) end
+      if admitted ~= 'ALLOW' then answer = answer .. '\30' .. figures_text(out) end
       redis.call('HSET', resv_key, 'state', 'reserved', 'gen', num(existing[5]) + 1, 'amount', tokens,
-        'amount_usd', usd, 'lease', f[1], 'scopes', scopes, 'untils', untils, 'step_id', f[8], 'label', label,
-        'fp', f[10], 'answer', answer)
+        'amount_usd', usd, 'lease', f[1], 'scopes', scopes, 'untils', untils, 'step_id', f[8], 'admitted', admitted,
+        'model', model, 'price_in', p_in, 'price_cached', p_cached, 'price_out', p_out, 'fp', f[10], 'answer', answer)
       redis.call('PEXPIRE', resv_key, math.max(1, lease_until - now) + tonumber(ARGV[2]))
       redis.call('ZADD', leases, lease_until, lease_member(resv_key, ARGV[3]))
       return out

@@ -97,19 +97,11 @@ purge_expired(leases, ARGV[3], now, batch_sweep(#records))
 local STATUSES = { 'applied', 'duplicate', 'unreserved' }
 local NO_TASK = { LIMIT_NONE, 0, 0, LIMIT_NONE, 0, 0 }
 
--- What a reservation recorded of its candidate: the decision it was admitted by, and the model and its prices. A
--- record keeps the candidate's label as the check got it ('label'); a record written before labels were kept has the
--- label's parts in fields of their own.
-local function reservation_label(resv_key)
-  local f = redis.call('HMGET', resv_key, 'label', 'admitted', 'model', 'price_in', 'price_cached', 'price_out')
-  if f[1] then return candidate_label(f[1]) end
-  return f[2], f[3], f[4], f[5], f[6]
-end
-
 -- The cost of a record naming no model, at the prices its reservation recorded; nil when it recorded none.
-local function reservation_price(r, model, p_in, p_cached, p_out)
-  if not (p_in and whole(p_in) and whole(p_cached) and whole(p_out)) then return nil end
-  return cost_micros(r.amounts, { tonumber(p_in), tonumber(p_cached), tonumber(p_out) }), model or ''
+local function reservation_price(resv_key, r)
+  local f = redis.call('HMGET', resv_key, 'model', 'price_in', 'price_cached', 'price_out')
+  if not (f[2] and whole(f[2]) and whole(f[3]) and whole(f[4])) then return nil end
+  return cost_micros(r.amounts, { tonumber(f[2]), tonumber(f[3]), tonumber(f[4]) }), f[1] or ''
 end
 
 local function report(resv_key, task_key, r)
@@ -130,12 +122,11 @@ local function report(resv_key, task_key, r)
   local admitted = 'NONE'
   local record = load_record(resv_key)
   if record then
-    local decision, label_model, p_in, p_cached, p_out = reservation_label(resv_key)
     if not r.has_model then
-      local cost, recorded = reservation_price(r, label_model, p_in, p_cached, p_out)
+      local cost, recorded = reservation_price(resv_key, r)
       if cost then usd, priced, model = cost, 1, recorded end
     end
-    admitted = decision or 'NONE'
+    admitted = redis.call('HGET', resv_key, 'admitted') or 'NONE'
     task_key = words(record.scopes)[1]
     if record.state == 'reserved' and record.lease <= now then
       end_hold(resv_key, record, 'expired', leases, now)
