@@ -1,13 +1,16 @@
 """What check.lua costs Valkey, in instructions per check: Valkey runs under valgrind's callgrind, so the count does not
 depend on how busy the machine is (CPU time and INFO commandstats' µs do, by 2x or more on a shared machine).
 
-    .venv/bin/python bench/check_lua_cost.py TREE [TREE ...] [--calls 1500] [--write docs/benchmarks.md]
+    .venv/bin/python bench/check_lua_cost.py TREE [TREE ...] [--calls 1500] [--write docs/benchmarks.md] [--profile DIR]
 
 Each TREE is a source tree (e.g. a `git archive` of main, and `.`), whose _lib.lua + check.lua are loaded, or a .lua
-file holding a whole script (for trying a variant). One real check's EVALSHA is recorded from the sidecar's own Limiter
+file holding a whole script (for trying a variant), or `naive` (the naive one-counter script of bench/baselines.py, one
+counter per check). One real check's EVALSHA is recorded from the sidecar's own Limiter
 (bench/redis_baseline.py) and replayed with new step ids: a unary check (a batch of one), a batch of 100 checks of one
 task, and a batch of 100 checks spread over 100 tasks. Valkey with its append-only file, as the sidecar's. Needs
 valgrind (`apt-get install valgrind`); without it the script says so and exits 0. Slow: about 20 s per tree.
+--profile DIR keeps each measurement's callgrind dump there (for `callgrind_annotate --inclusive=yes
+DIR/callgrind.<tree>.unary`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,27 @@ from redis_baseline import RAND, record_check  # noqa: E402
 _ids = itertools.count()
 
 
+# bench/baselines.py's naive one-counter script, taking check.lua's keys: per check, read the task's counter, add to
+# it, write the reservation's amount (1 token, against a limit of 10^15).
+NAIVE = """
+local nwin = tonumber(string.match(ARGV[5], '^(%d+)'))
+local out = {}
+for k = nwin + 2, #KEYS, 2 do
+  local resv, task = KEYS[k], KEYS[k + 1]
+  local used = tonumber(redis.call('HGET', task, 'nreserved') or '0')
+  if used + 1 > 1e15 then out[#out + 1] = 0 else
+    redis.call('HINCRBY', task, 'nreserved', 1)
+    redis.call('HSET', resv, 'amount', 1)
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+
+
 def script_source(tree: str) -> str:
+    if tree == "naive":
+        return NAIVE
     if tree.endswith(".lua"):
         return Path(tree).read_text()
     lua = Path(tree) / "server" / "budgetwarden" / "store" / "lua"
@@ -61,7 +84,9 @@ def dumps(out: str) -> list[str]:
     return sorted(glob.glob(out + ".*"), key=lambda name: int(name.rsplit(".", 1)[1]))
 
 
-def instructions(pid: int, out: str, client: redis.Redis, run: list[tuple[list[str], list[str]]], sha: str) -> int:
+def instructions(
+    pid: int, out: str, client: redis.Redis, run: list[tuple[list[str], list[str]]], sha: str, keep: str | None
+) -> int:
     """Instructions Valkey executed over the calls: callgrind's counters zeroed before, dumped after."""
     subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
     client.ping()  # the zeroing is done by the time Valkey has answered this
@@ -73,11 +98,13 @@ def instructions(pid: int, out: str, client: redis.Redis, run: list[tuple[list[s
         client.ping()
         time.sleep(0.1)
     time.sleep(0.5)  # the dump is written in full
+    if keep:
+        shutil.copy(dumps(out)[-1], keep)
     with open(dumps(out)[-1]) as dump:
         return next(int(line.split()[1]) for line in dump if line.startswith(("summary:", "totals:")))
 
 
-def measure(tree: str, recorded: list[str], calls: int) -> list[float]:
+def measure(tree: str, recorded: list[str], calls: int, profile: Path | None = None) -> list[float]:
     scenarios = [(1, 1, calls), (100, 1, max(1, calls // 50)), (100, 100, max(1, calls // 50))]
     with tempfile.TemporaryDirectory() as tmp:
         port, out = free_port(), f"{tmp}/callgrind.out"
@@ -99,9 +126,13 @@ def measure(tree: str, recorded: list[str], calls: int) -> list[float]:
                 keys, args = batch_call(recorded, checks, tasks)
                 client.evalsha(sha, len(keys), *keys, *args)
             per_check = []
-            for checks, tasks, n in scenarios:
+            for scenario, (checks, tasks, n) in enumerate(scenarios):
                 run = [batch_call(recorded, checks, tasks) for _ in range(n)]
-                per_check.append(instructions(process.pid, out, client, run, sha) / (n * checks))
+                keep = None
+                if profile is not None:
+                    name = tree.strip("/").replace("/", "_") or "tree"
+                    keep = str(profile / f"callgrind.{name}.{('unary', 'batch1', 'batch100')[scenario]}")
+                per_check.append(instructions(process.pid, out, client, run, sha, keep) / (n * checks))
             return per_check
         finally:
             client.close()
@@ -114,6 +145,12 @@ def main() -> int:
     parser.add_argument("trees", nargs="+")
     parser.add_argument("--calls", type=int, default=1500, help="unary calls (batches: a fiftieth of it)")
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="keep each measurement's callgrind dump in this directory (for callgrind_annotate)",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind not found (apt-get install valgrind); check.lua's instruction count skipped")
@@ -125,7 +162,9 @@ def main() -> int:
             _, recorded = asyncio.run(record_check(url, "bench", "task-0"))
         finally:
             valkey.stop()
-    rows = [(tree, measure(tree, recorded, args.calls)) for tree in args.trees]
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    rows = [(tree, measure(tree, recorded, args.calls, args.profile)) for tree in args.trees]
     base = rows[0][1]
     lines = [
         f"### check.lua in instructions per check, under callgrind ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",

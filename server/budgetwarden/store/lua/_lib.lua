@@ -34,17 +34,15 @@ end
 
 -- The fields of one packed argument (a check's or a usage record's), which the caller joins with \31, the unit
 -- separator: ids never hold control characters, and JSON escapes them.
+-- One gmatch over the text with a separator appended (every field, empty ones too, ends with one): about 13k
+-- instructions less per check than a find and a sub per field.
 local function fields(text)
-  local out, from = {}, 1
-  while true do
-    local at = string.find(text, '\31', from, true)
-    if not at then
-      out[#out + 1] = string.sub(text, from)
-      return out
-    end
-    out[#out + 1] = string.sub(text, from, at - 1)
-    from = at + 1
+  local out, n = {}, 0
+  for field in string.gmatch(text .. '\31', '([^\31]*)\31') do
+    n = n + 1
+    out[n] = field
   end
+  return out
 end
 
 -- Is a scope key still the right place to count in? Window keys die with their window; the task key with its TTL.
@@ -79,6 +77,13 @@ local function end_hold(resv_key, record, new_state, leases, now)
   redis.call('HSET', resv_key, 'state', new_state)
   redis.call('ZREM', leases, string.match(resv_key, '([^:]+)$'))
   return record.amount
+end
+
+-- A reservation's member in the leases set: its key without the reservation key prefix (purge_expired puts the prefix
+-- back). Cut by position: matching the part after the last ':' instead cost about 10k instructions per check.
+local function lease_member(resv_key, resv_prefix)
+  if string.find(resv_key, resv_prefix, 1, true) == 1 then return string.sub(resv_key, #resv_prefix + 1) end
+  return string.match(resv_key, '([^:]+)$')
 end
 
 -- Expired leases stop holding budget: no background job, every script sweeps a bounded batch first (PURGE_BATCH, or

@@ -208,7 +208,7 @@ local function check(resv_key, task_key, f)
         'amount_usd', usd, 'lease', f[1], 'scopes', scopes, 'untils', untils, 'step_id', f[8], 'admitted', admitted,
         'model', model, 'price_in', p_in, 'price_cached', p_cached, 'price_out', p_out, 'fp', f[10], 'answer', answer)
       redis.call('PEXPIRE', resv_key, math.max(1, lease_until - now) + tonumber(ARGV[2]))
-      redis.call('ZADD', leases, lease_until, string.match(resv_key, '([^:]+)$'))
+      redis.call('ZADD', leases, lease_until, lease_member(resv_key, ARGV[3]))
       return out
     end
     -- The windows have room but the task's checkpoint line (not the soft one) is in the way.
