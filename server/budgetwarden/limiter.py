@@ -368,14 +368,30 @@ class Limiter:
         else:
             counted = [None] * len(requests)
         loaded = self.policy()
+        policy = loaded.policy
         now = self.clock()
         results: list[CheckResult | StepConflictError | None] = [None] * len(requests)
         plans: list[CheckPlan | None] = [None] * len(requests)
         by_tenant: dict[str, list[int]] = {}
+        plan_check = self.planner.plan_check
+        # A plan depends on the policy, the clock (the windows) and these fields of the request only, so the checks of
+        # one call that agree on them share one plan (plans are not mutated): a CheckStream message's checks mostly do.
+        shaped: dict[tuple[object, ...], CheckPlan] = {}
         for i, request in enumerate(requests):
             if counted[i] is not None:
                 request = replace(request, input_tokens=counted[i].tokens)  # type: ignore[union-attr]
-            plan = self.planner.plan_check(loaded.policy, request, now)
+            shape = (
+                request.tenant_id,
+                request.task_type,
+                request.model,
+                request.input_tokens,
+                request.output_tokens,
+                request.tool_calls,
+                request.task_ceiling,
+            )
+            plan = shaped.get(shape)
+            if plan is None:
+                plan = shaped[shape] = plan_check(policy, request, now)
             if plan.early is not None:
                 results[i] = CheckResult(
                     verdict=plan.early,
@@ -538,14 +554,22 @@ class Limiter:
         windows: tuple[Scope, ...] = ()
         policy = self.policy().policy
         labels = self._labels_for(policy)
+        # What a step sends besides its task and step ids depends on its plan and these fields of its request only:
+        # made once per kind of step of the call (the store packs it once too), shared by the steps alike.
+        made: dict[tuple[object, ...], tuple[list[tuple[int, int, int, str, str]], int, str, str]] = {}
         for i in indexes:
             request, plan = requests[i], plans[i]
             assert plan is not None
+            kind = (id(plan), request.lease_seconds, request.task_type, request.task_ceiling)
+            parts = made.get(kind)
+            if parts is None:
+                candidates = [
+                    (c.amount.tokens, c.amount.usd, int(c.bound), labels.get(c), candidate_part(c))
+                    for c in plan.candidates
+                ]
+                lease_ms = self._lease_s(request, plan, policy) * 1000
+                parts = made[kind] = (candidates, lease_ms, fingerprint(request, plan.shape), common_part(plan))
             windows = plan.counted[1:]
-            lease_s = self._lease_s(request, plan, policy)
-            candidates = [
-                (c.amount.tokens, c.amount.usd, int(c.bound), labels.get(c), candidate_part(c)) for c in plan.candidates
-            ]
             steps.append(
                 StepCheck(
                     task_id=request.task_id,
@@ -553,10 +577,10 @@ class Limiter:
                     task_type=plan.task_type,
                     task=plan.counted[0],
                     thresholds=plan.thresholds,
-                    candidates=candidates,
-                    lease_ms=lease_s * 1000,
-                    fingerprint=fingerprint(request, plan.shape),
-                    answer=common_part(plan),
+                    candidates=parts[0],
+                    lease_ms=parts[1],
+                    fingerprint=parts[2],
+                    answer=parts[3],
                 )
             )
         answers: list[Reservation | BaseException] = []
