@@ -429,6 +429,7 @@ class Limiter:
                     *(self._reserve_group(tenant, indexes, requests, plans, now, timeout) for tenant, indexes in groups)
                 )
             )
+        steps_of: dict[int, tuple[tuple[Scope, Counter], ...]] = {}  # per plan: its per-step cap's scope, if any
         for (_, indexes), answer in zip(groups, answers, strict=True):
             for i, reservation in zip(indexes, answer, strict=True):
                 planned = plans[i]
@@ -438,7 +439,7 @@ class Limiter:
                 elif reservation.status is StoreStatus.CONFLICT:
                     results[i] = StepConflictError(requests[i].task_id, requests[i].step_id)
                 else:
-                    results[i] = self._finish(planned, reservation, now, loaded.version, counted[i])
+                    results[i] = self._finish(planned, reservation, now, loaded.version, counted[i], steps_of)
         return results  # type: ignore[return-value]
 
     def _decide_now(self, request: CheckInput) -> CheckResult | StepConflictError | None:
@@ -601,16 +602,28 @@ class Limiter:
         return self._labels
 
     def _finish(
-        self, plan: CheckPlan, reservation: Reservation, now: int, version: str, token_count: TokenCount | None
+        self,
+        plan: CheckPlan,
+        reservation: Reservation,
+        now: int,
+        version: str,
+        token_count: TokenCount | None,
+        steps_of: dict[int, tuple[tuple[Scope, Counter], ...]],
     ) -> CheckResult:
-        scopes = tuple(zip(plan.counted, reservation.counters, strict=True))
-        if plan.step is not None:
-            scopes = (
-                (plan.step, Counter(limit=plan.step.limit, used=0, reserved=0, limit_usd=plan.step.limit_usd)),
-                *scopes,
-            )
+        """``steps_of``: per plan of the call, its per-step cap's scope and empty counter, made once per plan."""
+        step = plan.step
+        if step is None:
+            scopes = tuple(zip(plan.counted, reservation.counters, strict=True))
+        else:
+            first = steps_of.get(id(plan))
+            if first is None:
+                first = steps_of[id(plan)] = (
+                    (step, Counter(limit=step.limit, used=0, reserved=0, limit_usd=step.limit_usd)),
+                )
+            scopes = (*first, *zip(plan.counted, reservation.counters, strict=True))
         requested = plan.requested
-        if reservation.replayed:
+        replayed = reservation.status is StoreStatus.REPLAYED
+        if replayed:
             # The first check's answer, from what its reservation kept; the scopes show the figures as they are now.
             verdict, requested = replayed_answer(plan, reservation, now)
             lease: int | None = reservation.lease_expires_ms
@@ -630,7 +643,7 @@ class Limiter:
             reservation_id=reservation.reservation_id,
             lease_expires_ms=lease,
             scopes=scopes,
-            replayed=reservation.replayed,
+            replayed=replayed,
             from_fail_mode=False,
             policy_version=version,
             thresholds=reservation.thresholds,

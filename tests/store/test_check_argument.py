@@ -11,7 +11,7 @@ import redis.asyncio
 from budgetwarden.domain import Scope, ScopeKind, Thresholds, Window, WindowSpan
 from budgetwarden.store import StepCheck
 from budgetwarden.store._codec import FIELD_SEPARATOR, field_text, limit_arg
-from budgetwarden.store._keys import checkpoint_prefix, reservation_id
+from budgetwarden.store._keys import checkpoint_prefix, digest, reservation_id
 from budgetwarden.store._store import BudgetStore
 
 NOW = 1_796_000_000_000
@@ -85,3 +85,15 @@ def test_each_steps_argument_is_its_fields_joined_whatever_its_steps_share() -> 
     assert per_step == [reference(step) for step in made]
     assert ids == [reservation_id(step.task_id, step.step_id) for step in made]
     assert len(keys) == 1 + len(WINDOWS) + 2 * len(made)
+
+
+def test_a_reservation_id_is_the_digest_of_its_task_and_step() -> None:
+    for task_id, step_id in [
+        ("t", "s"),
+        ("", ""),
+        ("t\u00e9", "unicode \u4e2d"),
+        ("ab", "c"),
+        ("a", "bc"),
+        ("x" * 300, "y"),
+    ]:
+        assert reservation_id(task_id, step_id) == digest(task_id, step_id)

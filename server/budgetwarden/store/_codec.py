@@ -38,19 +38,21 @@ def reply_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def read_counters(flat: Sequence[Any]) -> tuple[Counter, ...]:
-    """Counters from a flat reply of (limit, used, reserved, limit_usd, used_usd, reserved_usd) per scope. The script
-    returns integers, which the client hands over as ints."""
+def read_counters(flat: Sequence[Any], start: int = 0) -> tuple[Counter, ...]:
+    """Counters from a flat reply of (limit, used, reserved, limit_usd, used_usd, reserved_usd) per scope, from
+    ``start`` on. The script returns integers, which the client hands over as ints."""
     return tuple(
-        Counter(
-            limit=None if flat[i] == NONE else int(flat[i]),
-            used=int(flat[i + 1]),
-            reserved=int(flat[i + 2]),
-            limit_usd=None if flat[i + 3] == NONE else int(flat[i + 3]),
-            used_usd=int(flat[i + 4]),
-            reserved_usd=int(flat[i + 5]),
-        )
-        for i in range(0, len(flat), 6)
+        [
+            Counter(
+                limit=None if flat[i] == NONE else int(flat[i]),
+                used=int(flat[i + 1]),
+                reserved=int(flat[i + 2]),
+                limit_usd=None if flat[i + 3] == NONE else int(flat[i + 3]),
+                used_usd=int(flat[i + 4]),
+                reserved_usd=int(flat[i + 5]),
+            )
+            for i in range(start, len(flat), 6)
+        ]
     )
 
 

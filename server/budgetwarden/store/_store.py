@@ -110,11 +110,22 @@ class StepCheck:
 _STORE_STATUS = {int(status): status for status in StoreStatus}
 
 
+# Thresholds as replies hold them: a task's are fixed by its first check, so the same few pairs come back (a Thresholds
+# is frozen, and shared).
+_THRESHOLDS: dict[tuple[Any, Any], Thresholds] = {}
+
+
 def _reservation(reply: Sequence[Any], rid: str) -> Reservation:
     status = _STORE_STATUS[int(reply[0])]
     fitted = int(reply[1])
     replayed = status is StoreStatus.REPLAYED
     detail = reply_text(reply[5])  # the stored answer of a replay, else the checkpoint id (or nothing)
+    pair = (reply[6], reply[7])
+    thresholds = _THRESHOLDS.get(pair)
+    if thresholds is None:
+        if len(_THRESHOLDS) >= 1024:
+            _THRESHOLDS.clear()
+        thresholds = _THRESHOLDS[pair] = read_thresholds(*pair)
     return Reservation(
         status=status,
         fitted=None if fitted < 0 else fitted,
@@ -122,8 +133,8 @@ def _reservation(reply: Sequence[Any], rid: str) -> Reservation:
         lease_expires_ms=int(reply[4]),
         reservation_id=rid if replayed or status is StoreStatus.RESERVED else "",
         checkpoint_id="" if replayed else detail,
-        thresholds=read_thresholds(reply[6], reply[7]),
-        counters=read_counters(reply[8:]),
+        thresholds=thresholds,
+        counters=read_counters(reply, 8),
         answer=detail if replayed else "",
     )
 
