@@ -40,6 +40,7 @@ from budgetwarden.domain import (
     actual_micros,
     decide,
     estimate_prompt,
+    granted_as_asked,
     task_scope,
 )
 from budgetwarden.store import (
@@ -429,7 +430,7 @@ class Limiter:
                     *(self._reserve_group(tenant, indexes, requests, plans, now, timeout) for tenant, indexes in groups)
                 )
             )
-        steps_of: dict[int, tuple[tuple[Scope, Counter], ...]] = {}  # per plan: its per-step cap's scope, if any
+        made = _MadeOnce()
         for (_, indexes), answer in zip(groups, answers, strict=True):
             for i, reservation in zip(indexes, answer, strict=True):
                 planned = plans[i]
@@ -439,7 +440,7 @@ class Limiter:
                 elif reservation.status is StoreStatus.CONFLICT:
                     results[i] = StepConflictError(requests[i].task_id, requests[i].step_id)
                 else:
-                    results[i] = self._finish(planned, reservation, now, loaded.version, counted[i], steps_of)
+                    results[i] = self._finish(planned, reservation, now, loaded.version, counted[i], made)
         return results  # type: ignore[return-value]
 
     def _decide_now(self, request: CheckInput) -> CheckResult | StepConflictError | None:
@@ -608,35 +609,47 @@ class Limiter:
         now: int,
         version: str,
         token_count: TokenCount | None,
-        steps_of: dict[int, tuple[tuple[Scope, Counter], ...]],
+        made: _MadeOnce,
     ) -> CheckResult:
-        """``steps_of``: per plan of the call, its per-step cap's scope and empty counter, made once per plan."""
+        """``made``: what the checks of one call share, made once per plan (plans are shared by checks alike)."""
         step = plan.step
         if step is None:
             scopes = tuple(zip(plan.counted, reservation.counters, strict=True))
         else:
-            first = steps_of.get(id(plan))
+            first = made.steps.get(id(plan))
             if first is None:
-                first = steps_of[id(plan)] = (
+                first = made.steps[id(plan)] = (
                     (step, Counter(limit=step.limit, used=0, reserved=0, limit_usd=step.limit_usd)),
                 )
             scopes = (*first, *zip(plan.counted, reservation.counters, strict=True))
         requested = plan.requested
-        replayed = reservation.status is StoreStatus.REPLAYED
+        status = reservation.status
+        replayed = status is StoreStatus.REPLAYED
         if replayed:
             # The first check's answer, from what its reservation kept; the scopes show the figures as they are now.
             verdict, requested = replayed_answer(plan, reservation, now)
             lease: int | None = reservation.lease_expires_ms
         else:
-            outcome = StoreOutcome(
-                status=reservation.status,
-                fitted=reservation.fitted,
-                counters=reservation.counters,
-                thresholds=reservation.thresholds,
-                checkpoint_id=reservation.checkpoint_id,
-            )
-            verdict = decide(plan, outcome, now)
-            lease = reservation.lease_expires_ms if reservation.status is StoreStatus.RESERVED else None
+            fitted = reservation.fitted
+            shared: Verdict | None = None
+            if status is StoreStatus.RESERVED and fitted is not None:
+                key = (id(plan), fitted)
+                if key in made.verdicts:
+                    shared = made.verdicts[key]
+                else:
+                    shared = made.verdicts[key] = granted_as_asked(plan, fitted)
+            if shared is None:
+                outcome = StoreOutcome(
+                    status=status,
+                    fitted=fitted,
+                    counters=reservation.counters,
+                    thresholds=reservation.thresholds,
+                    checkpoint_id=reservation.checkpoint_id,
+                )
+                verdict = decide(plan, outcome, now)
+            else:
+                verdict = shared
+            lease = reservation.lease_expires_ms if status is StoreStatus.RESERVED else None
         return CheckResult(
             verdict=verdict,
             requested=requested,
@@ -841,6 +854,18 @@ class Limiter:
     ) -> bool:
         async with _store_call(self._store_limit(deadline_s)):
             return await self.store.reset_task(tenant_id, task_id, now_ms=self.clock(), audit=audit)
+
+
+class _MadeOnce:
+    """What ``Limiter._finish`` makes once per plan of a ``_check_many`` call, for the checks that share the plan: the
+    per-step cap's scope and its empty counter, and the verdicts that depend on the plan and the candidate reserved
+    only (``granted_as_asked``; None: the counters matter). Verdicts and counters are not mutated once made."""
+
+    __slots__ = ("steps", "verdicts")
+
+    def __init__(self) -> None:
+        self.steps: dict[int, tuple[tuple[Scope, Counter], ...]] = {}
+        self.verdicts: dict[tuple[int, int], Verdict | None] = {}
 
 
 @dataclass(slots=True)
