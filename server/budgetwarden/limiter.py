@@ -431,12 +431,16 @@ class Limiter:
                 )
             )
         made = _MadeOnce()
-        for (_, indexes), answer in zip(groups, answers, strict=True):
+        for (tenant_id, indexes), answer in zip(groups, answers, strict=True):
+            failed = 0
             for i, reservation in zip(indexes, answer, strict=True):
                 planned = plans[i]
                 assert planned is not None
                 if isinstance(reservation, BaseException):
-                    results[i] = self._fail_mode_answer(requests[i], planned, reservation, loaded.version)
+                    if not failed:  # logged once per tenant of the call, not per check (under overload, 100 lines)
+                        failed = sum(1 for item in answer if isinstance(item, BaseException))
+                        self._log_fail_mode(reservation, tenant_id, failed)
+                    results[i] = self._fail_mode_answer(requests[i], planned, reservation, loaded.version, log_it=False)
                 elif reservation.status is StoreStatus.CONFLICT:
                     results[i] = StepConflictError(requests[i].task_id, requests[i].step_id)
                 else:
@@ -665,12 +669,19 @@ class Limiter:
             task_type=plan.task_type,
         )
 
-    def _fail_mode_answer(self, request: CheckInput, plan: CheckPlan, exc: BaseException, version: str) -> CheckResult:
+    def _log_fail_mode(self, exc: BaseException, tenant_id: str, checks: int = 1) -> None:
         log.warning(
             "budget store did not answer; fail mode %s applies",
             self.fail_mode,
-            extra={"error": repr(exc), "tenant_id": request.tenant_id},
+            extra={"error": repr(exc), "tenant_id": tenant_id, "checks": checks},
         )
+
+    def _fail_mode_answer(
+        self, request: CheckInput, plan: CheckPlan, exc: BaseException, version: str, *, log_it: bool = True
+    ) -> CheckResult:
+        """The fail mode's answer; ``log_it``: False when the caller logged the store's failure for its checks."""
+        if log_it:
+            self._log_fail_mode(exc, request.tenant_id)
         requested = plan.requested
         if self.fail_mode == "open":
             verdict = Verdict(
