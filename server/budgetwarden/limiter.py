@@ -40,6 +40,7 @@ from budgetwarden.domain import (
     actual_micros,
     decide,
     estimate_prompt,
+    granted_as_asked,
     task_scope,
 )
 from budgetwarden.store import (
@@ -368,14 +369,30 @@ class Limiter:
         else:
             counted = [None] * len(requests)
         loaded = self.policy()
+        policy = loaded.policy
         now = self.clock()
         results: list[CheckResult | StepConflictError | None] = [None] * len(requests)
         plans: list[CheckPlan | None] = [None] * len(requests)
         by_tenant: dict[str, list[int]] = {}
+        plan_check = self.planner.plan_check
+        # A plan depends on the policy, the clock (the windows) and these fields of the request only, so the checks of
+        # one call that agree on them share one plan (plans are not mutated): a CheckStream message's checks mostly do.
+        shaped: dict[tuple[object, ...], CheckPlan] = {}
         for i, request in enumerate(requests):
             if counted[i] is not None:
                 request = replace(request, input_tokens=counted[i].tokens)  # type: ignore[union-attr]
-            plan = self.planner.plan_check(loaded.policy, request, now)
+            shape = (
+                request.tenant_id,
+                request.task_type,
+                request.model,
+                request.input_tokens,
+                request.output_tokens,
+                request.tool_calls,
+                request.task_ceiling,
+            )
+            plan = shaped.get(shape)
+            if plan is None:
+                plan = shaped[shape] = plan_check(policy, request, now)
             if plan.early is not None:
                 results[i] = CheckResult(
                     verdict=plan.early,
@@ -413,16 +430,21 @@ class Limiter:
                     *(self._reserve_group(tenant, indexes, requests, plans, now, timeout) for tenant, indexes in groups)
                 )
             )
-        for (_, indexes), answer in zip(groups, answers, strict=True):
+        made = _MadeOnce()
+        for (tenant_id, indexes), answer in zip(groups, answers, strict=True):
+            failed = 0
             for i, reservation in zip(indexes, answer, strict=True):
                 planned = plans[i]
                 assert planned is not None
                 if isinstance(reservation, BaseException):
-                    results[i] = self._fail_mode_answer(requests[i], planned, reservation, loaded.version)
+                    if not failed:  # logged once per tenant of the call, not per check (under overload, 100 lines)
+                        failed = sum(1 for item in answer if isinstance(item, BaseException))
+                        self._log_fail_mode(reservation, tenant_id, failed)
+                    results[i] = self._fail_mode_answer(requests[i], planned, reservation, loaded.version, log_it=False)
                 elif reservation.status is StoreStatus.CONFLICT:
                     results[i] = StepConflictError(requests[i].task_id, requests[i].step_id)
                 else:
-                    results[i] = self._finish(planned, reservation, now, loaded.version, counted[i])
+                    results[i] = self._finish(planned, reservation, now, loaded.version, counted[i], made)
         return results  # type: ignore[return-value]
 
     def _decide_now(self, request: CheckInput) -> CheckResult | StepConflictError | None:
@@ -538,14 +560,22 @@ class Limiter:
         windows: tuple[Scope, ...] = ()
         policy = self.policy().policy
         labels = self._labels_for(policy)
+        # What a step sends besides its task and step ids depends on its plan and these fields of its request only:
+        # made once per kind of step of the call (the store packs it once too), shared by the steps alike.
+        made: dict[tuple[object, ...], tuple[list[tuple[int, int, int, str, str]], int, str, str]] = {}
         for i in indexes:
             request, plan = requests[i], plans[i]
             assert plan is not None
+            kind = (id(plan), request.lease_seconds, request.task_type, request.task_ceiling)
+            parts = made.get(kind)
+            if parts is None:
+                candidates = [
+                    (c.amount.tokens, c.amount.usd, int(c.bound), labels.get(c), candidate_part(c))
+                    for c in plan.candidates
+                ]
+                lease_ms = self._lease_s(request, plan, policy) * 1000
+                parts = made[kind] = (candidates, lease_ms, fingerprint(request, plan.shape), common_part(plan))
             windows = plan.counted[1:]
-            lease_s = self._lease_s(request, plan, policy)
-            candidates = [
-                (c.amount.tokens, c.amount.usd, int(c.bound), labels.get(c), candidate_part(c)) for c in plan.candidates
-            ]
             steps.append(
                 StepCheck(
                     task_id=request.task_id,
@@ -553,10 +583,10 @@ class Limiter:
                     task_type=plan.task_type,
                     task=plan.counted[0],
                     thresholds=plan.thresholds,
-                    candidates=candidates,
-                    lease_ms=lease_s * 1000,
-                    fingerprint=fingerprint(request, plan.shape),
-                    answer=common_part(plan),
+                    candidates=parts[0],
+                    lease_ms=parts[1],
+                    fingerprint=parts[2],
+                    answer=parts[3],
                 )
             )
         answers: list[Reservation | BaseException] = []
@@ -577,36 +607,60 @@ class Limiter:
         return self._labels
 
     def _finish(
-        self, plan: CheckPlan, reservation: Reservation, now: int, version: str, token_count: TokenCount | None
+        self,
+        plan: CheckPlan,
+        reservation: Reservation,
+        now: int,
+        version: str,
+        token_count: TokenCount | None,
+        made: _MadeOnce,
     ) -> CheckResult:
-        scopes = tuple(zip(plan.counted, reservation.counters, strict=True))
-        if plan.step is not None:
-            scopes = (
-                (plan.step, Counter(limit=plan.step.limit, used=0, reserved=0, limit_usd=plan.step.limit_usd)),
-                *scopes,
-            )
+        """``made``: what the checks of one call share, made once per plan (plans are shared by checks alike)."""
+        step = plan.step
+        if step is None:
+            scopes = tuple(zip(plan.counted, reservation.counters, strict=True))
+        else:
+            first = made.steps.get(id(plan))
+            if first is None:
+                first = made.steps[id(plan)] = (
+                    (step, Counter(limit=step.limit, used=0, reserved=0, limit_usd=step.limit_usd)),
+                )
+            scopes = (*first, *zip(plan.counted, reservation.counters, strict=True))
         requested = plan.requested
-        if reservation.replayed:
+        status = reservation.status
+        replayed = status is StoreStatus.REPLAYED
+        if replayed:
             # The first check's answer, from what its reservation kept; the scopes show the figures as they are now.
             verdict, requested = replayed_answer(plan, reservation, now)
             lease: int | None = reservation.lease_expires_ms
         else:
-            outcome = StoreOutcome(
-                status=reservation.status,
-                fitted=reservation.fitted,
-                counters=reservation.counters,
-                thresholds=reservation.thresholds,
-                checkpoint_id=reservation.checkpoint_id,
-            )
-            verdict = decide(plan, outcome, now)
-            lease = reservation.lease_expires_ms if reservation.status is StoreStatus.RESERVED else None
+            fitted = reservation.fitted
+            shared: Verdict | None = None
+            if status is StoreStatus.RESERVED and fitted is not None:
+                key = (id(plan), fitted)
+                if key in made.verdicts:
+                    shared = made.verdicts[key]
+                else:
+                    shared = made.verdicts[key] = granted_as_asked(plan, fitted)
+            if shared is None:
+                outcome = StoreOutcome(
+                    status=status,
+                    fitted=fitted,
+                    counters=reservation.counters,
+                    thresholds=reservation.thresholds,
+                    checkpoint_id=reservation.checkpoint_id,
+                )
+                verdict = decide(plan, outcome, now)
+            else:
+                verdict = shared
+            lease = reservation.lease_expires_ms if status is StoreStatus.RESERVED else None
         return CheckResult(
             verdict=verdict,
             requested=requested,
             reservation_id=reservation.reservation_id,
             lease_expires_ms=lease,
             scopes=scopes,
-            replayed=reservation.replayed,
+            replayed=replayed,
             from_fail_mode=False,
             policy_version=version,
             thresholds=reservation.thresholds,
@@ -615,12 +669,19 @@ class Limiter:
             task_type=plan.task_type,
         )
 
-    def _fail_mode_answer(self, request: CheckInput, plan: CheckPlan, exc: BaseException, version: str) -> CheckResult:
+    def _log_fail_mode(self, exc: BaseException, tenant_id: str, checks: int = 1) -> None:
         log.warning(
             "budget store did not answer; fail mode %s applies",
             self.fail_mode,
-            extra={"error": repr(exc), "tenant_id": request.tenant_id},
+            extra={"error": repr(exc), "tenant_id": tenant_id, "checks": checks},
         )
+
+    def _fail_mode_answer(
+        self, request: CheckInput, plan: CheckPlan, exc: BaseException, version: str, *, log_it: bool = True
+    ) -> CheckResult:
+        """The fail mode's answer; ``log_it``: False when the caller logged the store's failure for its checks."""
+        if log_it:
+            self._log_fail_mode(exc, request.tenant_id)
         requested = plan.requested
         if self.fail_mode == "open":
             verdict = Verdict(
@@ -804,6 +865,18 @@ class Limiter:
     ) -> bool:
         async with _store_call(self._store_limit(deadline_s)):
             return await self.store.reset_task(tenant_id, task_id, now_ms=self.clock(), audit=audit)
+
+
+class _MadeOnce:
+    """What ``Limiter._finish`` makes once per plan of a ``_check_many`` call, for the checks that share the plan: the
+    per-step cap's scope and its empty counter, and the verdicts that depend on the plan and the candidate reserved
+    only (``granted_as_asked``; None: the counters matter). Verdicts and counters are not mutated once made."""
+
+    __slots__ = ("steps", "verdicts")
+
+    def __init__(self) -> None:
+        self.steps: dict[int, tuple[tuple[Scope, Counter], ...]] = {}
+        self.verdicts: dict[tuple[int, int], Verdict | None] = {}
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from ._decision import (
     Shape,
     StoreOutcome,
     decide,
+    granted_as_asked,
     simulate,
     task_scope,
 )
@@ -107,6 +108,7 @@ __all__ = [
     "estimate_prompt",
     "estimate_text",
     "explain",
+    "granted_as_asked",
     "load_policy",
     "local_candidate",
     "micros_to_usd",

@@ -404,19 +404,35 @@ def decide(plan: CheckPlan, outcome: StoreOutcome, now_ms: int) -> Verdict:
     return _denied(plan, outcome, now_ms)
 
 
+def granted_as_asked(plan: CheckPlan, fitted: int) -> Verdict | None:
+    """``decide``'s verdict when the store reserved candidate ``fitted`` of ``plan`` (StoreStatus.RESERVED), if it
+    depends on nothing else: a candidate that is the request as asked is an ALLOW of its amount, whatever the counters.
+    None for a degraded one (its verdict explains itself from the counters). Pure, so a caller may share the verdict
+    between checks of one plan."""
+    if plan.early is not None:
+        return None
+    candidate = plan.candidates[fitted]
+    return _allowed(candidate) if candidate.rung is None else None
+
+
+def _allowed(candidate: Candidate) -> Verdict:
+    amount = candidate.amount
+    message = f"allowed {amount.tokens} tokens"
+    if candidate.bound is Bound.CHECKPOINT:
+        message += " (the task is past its soft threshold, and no degrade rung makes this step cheaper)"
+    return Verdict(
+        decision=Decision.ALLOW,
+        reason=Reason.WITHIN_BUDGET,
+        granted=amount.tokens,
+        message=message,
+        granted_usd=amount.usd,
+    )
+
+
 def _granted(plan: CheckPlan, outcome: StoreOutcome, candidate: Candidate) -> Verdict:
     amount = candidate.amount
     if candidate.rung is None:
-        message = f"allowed {amount.tokens} tokens"
-        if candidate.bound is Bound.CHECKPOINT:
-            message += " (the task is past its soft threshold, and no degrade rung makes this step cheaper)"
-        return Verdict(
-            decision=Decision.ALLOW,
-            reason=Reason.WITHIN_BUDGET,
-            granted=amount.tokens,
-            message=message,
-            granted_usd=amount.usd,
-        )
+        return _allowed(candidate)
     # Why the request was not granted as asked is a question about the counters as they were before this grant.
     before = _before_grant(outcome.counters, amount)
     binding, unit, line = _first_misfit_as_asked(plan, before, outcome.thresholds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from itertools import islice
 from typing import Any
 
 from budgetwarden.domain import Counter, Thresholds
@@ -38,19 +39,26 @@ def reply_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def read_counters(flat: Sequence[Any]) -> tuple[Counter, ...]:
-    """Counters from a flat reply of (limit, used, reserved, limit_usd, used_usd, reserved_usd) per scope. The script
-    returns integers, which the client hands over as ints."""
+def read_counters(flat: Sequence[Any], start: int = 0) -> tuple[Counter, ...]:
+    """Counters from a flat reply of (limit, used, reserved, limit_usd, used_usd, reserved_usd) per scope, from
+    ``start`` on. The script returns integers, which the client hands over as ints."""
+    figures = islice(flat, start, None)
+    # Six at a time from one iterator (unpacked, not indexed: once per scope of every check); strict: a reply cut
+    # short in a scope is a ValueError.
     return tuple(
-        Counter(
-            limit=None if flat[i] == NONE else int(flat[i]),
-            used=int(flat[i + 1]),
-            reserved=int(flat[i + 2]),
-            limit_usd=None if flat[i + 3] == NONE else int(flat[i + 3]),
-            used_usd=int(flat[i + 4]),
-            reserved_usd=int(flat[i + 5]),
-        )
-        for i in range(0, len(flat), 6)
+        [
+            Counter(
+                limit=None if limit == NONE else int(limit),
+                used=int(used),
+                reserved=int(reserved),
+                limit_usd=None if limit_usd == NONE else int(limit_usd),
+                used_usd=int(used_usd),
+                reserved_usd=int(reserved_usd),
+            )
+            for limit, used, reserved, limit_usd, used_usd, reserved_usd in zip(
+                figures, figures, figures, figures, figures, figures, strict=True
+            )
+        ]
     )
 
 

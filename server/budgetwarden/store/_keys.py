@@ -31,8 +31,11 @@ def task_digest(task_id: str) -> str:
 
 
 def reservation_id(task_id: str, step_id: str) -> str:
-    """Stable per (task, step): checking a step again finds the same reservation."""
-    return digest(task_id, step_id)
+    """Stable per (task, step): checking a step again finds the same reservation. ``digest(task_id, step_id)``, in one
+    update (the same bytes go in; once per check, so worth the few microseconds)."""
+    task, step = task_id.encode(), step_id.encode()
+    data = b"".join((len(task).to_bytes(4, "big"), task, len(step).to_bytes(4, "big"), step))
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def is_reservation_id(value: str) -> bool:

@@ -110,11 +110,22 @@ class StepCheck:
 _STORE_STATUS = {int(status): status for status in StoreStatus}
 
 
+# Thresholds as replies hold them: a task's are fixed by its first check, so the same few pairs come back (a Thresholds
+# is frozen, and shared).
+_THRESHOLDS: dict[tuple[Any, Any], Thresholds] = {}
+
+
 def _reservation(reply: Sequence[Any], rid: str) -> Reservation:
     status = _STORE_STATUS[int(reply[0])]
     fitted = int(reply[1])
     replayed = status is StoreStatus.REPLAYED
     detail = reply_text(reply[5])  # the stored answer of a replay, else the checkpoint id (or nothing)
+    pair = (reply[6], reply[7])
+    thresholds = _THRESHOLDS.get(pair)
+    if thresholds is None:
+        if len(_THRESHOLDS) >= 1024:
+            _THRESHOLDS.clear()
+        thresholds = _THRESHOLDS[pair] = read_thresholds(*pair)
     return Reservation(
         status=status,
         fitted=None if fitted < 0 else fitted,
@@ -122,8 +133,8 @@ def _reservation(reply: Sequence[Any], rid: str) -> Reservation:
         lease_expires_ms=int(reply[4]),
         reservation_id=rid if replayed or status is StoreStatus.RESERVED else "",
         checkpoint_id="" if replayed else detail,
-        thresholds=read_thresholds(reply[6], reply[7]),
-        counters=read_counters(reply[8:]),
+        thresholds=thresholds,
+        counters=read_counters(reply, 8),
         answer=detail if replayed else "",
     )
 
@@ -216,6 +227,40 @@ def unconfirmed_script_shas() -> frozenset[str]:
     return frozenset({hashlib.sha1(load_lua("budget").encode()).hexdigest()})  # the script id, as Redis
 
 
+def _packs_alike(packed: StepCheck, step: StepCheck) -> bool:
+    """Whether ``step``'s argument, its ids aside, is ``packed``'s: the same objects (or lease) in every other field."""
+    return (
+        step.candidates is packed.candidates
+        and step.lease_ms == packed.lease_ms
+        and step.task is packed.task
+        and step.thresholds is packed.thresholds
+        and step.task_type is packed.task_type
+        and step.fingerprint is packed.fingerprint
+        and step.answer is packed.answer
+    )
+
+
+def _step_parts(step: StepCheck, now_ms: int) -> tuple[str, str, str]:
+    """check.lua's argument for one step, but for its task id, step id and checkpoint prefix: the fields that go before
+    the task id, between it and the step id, and after the checkpoint prefix, each with its separators. The fields are
+    the lease's expiry, the task's ceilings and thresholds, the task id, the task type, the step id, the checkpoint
+    prefix, the fingerprint, the answer's common part, then five per candidate."""
+    task, thresholds = step.task, step.thresholds
+    before = [
+        str(now_ms + step.lease_ms),
+        str(limit_arg(task.limit)),
+        str(limit_arg(task.limit_usd)),
+        str(limit_arg(thresholds.soft_bp)),
+        str(limit_arg(thresholds.checkpoint_bp)),
+        "",
+    ]
+    after = ["", step.fingerprint, step.answer]
+    for tokens, usd, bound, label, answer in step.candidates:
+        after += (str(tokens), str(usd), str(bound), field_text(label), answer)
+    separator = FIELD_SEPARATOR
+    return separator.join(before), f"{separator}{field_text(step.task_type)}{separator}", separator.join(after)
+
+
 class BudgetStore:
     """The Redis side. Scripts are redis-py ``Script`` objects: EVALSHA, with a fallback to EVAL on NOSCRIPT."""
 
@@ -256,6 +301,19 @@ class BudgetStore:
     ) -> list[Reservation]:
         """Check many steps of one tenant in one script call, in order; each is all-or-nothing on its own and decided
         as if it ran alone after the ones before it (lua/check.lua)."""
+        script_keys, args, ids = self.check_call(tenant_id, windows, steps, now_ms)
+        started = time.perf_counter()
+        if self.lean is not None:
+            replies = await self.lean.run(self._check, script_keys, args)
+        else:
+            replies = await self._check(keys=script_keys, args=args)
+        self.telemetry.redis_call("check", time.perf_counter() - started)
+        return [_reservation(reply, rid) for reply, rid in zip(replies, ids, strict=True)]
+
+    def check_call(
+        self, tenant_id: str, windows: Sequence[Scope], steps: Sequence[StepCheck], now_ms: int
+    ) -> tuple[list[str], list[Any], list[str]]:
+        """check.lua's keys and arguments for ``reserve_many``, and the steps' reservation ids."""
         keys = TenantKeys(tenant_id)
         retention = self.retention
         script_keys = [keys.leases]
@@ -272,34 +330,21 @@ class BudgetStore:
             alive_until = scope.span.end_ms + retention.window_grace_ms
             args += (limit_arg(scope.limit), limit_arg(scope.limit_usd), alive_until)
         ids = []
+        # A step's argument: its ids between parts that steps of one kind share (the limiter hands such steps the same
+        # objects), packed once per kind: (the step they were packed from, what goes before the task id, between it
+        # and the step id, after the checkpoint prefix).
+        packed: dict[int, tuple[StepCheck, str, str, str]] = {}
         for step in steps:
-            rid = reservation_id(step.task_id, step.step_id)
+            task_id, step_id = step.task_id, step.step_id
+            rid = reservation_id(task_id, step_id)
             ids.append(rid)
-            script_keys += (keys.reservation(rid), keys.task(step.task_id))
-            task, thresholds = step.task, step.thresholds
-            parts = [
-                str(now_ms + step.lease_ms),
-                str(limit_arg(task.limit)),
-                str(limit_arg(task.limit_usd)),
-                str(limit_arg(thresholds.soft_bp)),
-                str(limit_arg(thresholds.checkpoint_bp)),
-                step.task_id,
-                field_text(step.task_type),
-                step.step_id,
-                checkpoint_prefix(tenant_id, step.task_id),
-                step.fingerprint,
-                step.answer,
-            ]
-            for tokens, usd, bound, label, answer in step.candidates:
-                parts += (str(tokens), str(usd), str(bound), field_text(label), answer)
-            args.append(FIELD_SEPARATOR.join(parts))
-        started = time.perf_counter()
-        if self.lean is not None:
-            replies = await self.lean.run(self._check, script_keys, args)
-        else:
-            replies = await self._check(keys=script_keys, args=args)
-        self.telemetry.redis_call("check", time.perf_counter() - started)
-        return [_reservation(reply, rid) for reply, rid in zip(replies, ids, strict=True)]
+            script_keys += (keys.reservation(rid), keys.task(task_id))
+            known = packed.get(id(step.candidates))
+            if known is None or not _packs_alike(known[0], step):
+                known = packed[id(step.candidates)] = (step, *_step_parts(step, now_ms))
+            prefix = checkpoint_prefix(tenant_id, task_id)
+            args.append(f"{known[1]}{task_id}{known[2]}{step_id}{FIELD_SEPARATOR}{prefix}{known[3]}")
+        return script_keys, args, ids
 
     async def report(self, entries: Sequence[UsageEntry], now_ms: int) -> list[Applied]:
         """Apply usage records in script calls of up to REPORT_BATCH records of one tenant, all in one round trip on a
