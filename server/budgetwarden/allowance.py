@@ -19,6 +19,7 @@ from budgetwarden.domain import (
     CheckInput,
     CheckPlan,
     Counter,
+    Scope,
     SliceLeft,
     StoreOutcome,
     StoreStatus,
@@ -90,12 +91,14 @@ class _Held:
     task_id: str
     slice_ref: str  # its record's id (store.slice_id)
     windows: tuple[WindowSpan | None, ...]
+    window_scopes: tuple[Scope, ...]  # the scopes ``windows`` came from (the planner's cached objects)
     policy_version: str
     left: SliceLeft
     lease_until_ms: int
     step_lease_ms: int
     thresholds: Thresholds
     counters: tuple[Counter, ...]
+    outcome: StoreOutcome  # what a grant from the slice decides from: the same for every grant (decide reads it only)
     last_used_ms: int
     pending: list[SettledStep] = field(default_factory=list)
     steps: dict[str, tuple[str, LocalDecision]] = field(default_factory=dict)
@@ -188,9 +191,11 @@ class Allowances:
         return None if after is MISS else after  # type: ignore[return-value]
 
     def _serves(self, held: _Held, plan: CheckPlan, policy_version: str, lease_ms: int, now_ms: int) -> bool:
+        windows = plan.counted[1:]
         return (
             held.policy_version == policy_version
-            and held.windows == tuple(scope.span for scope in plan.counted[1:])
+            # The same windows: nearly always the very scope objects of the take (equal scopes have equal spans).
+            and (windows == held.window_scopes or held.windows == tuple([scope.span for scope in windows]))
             and now_ms + lease_ms <= held.lease_until_ms
             and local_candidate(plan, held.left) is not None
         )
@@ -207,13 +212,10 @@ class Allowances:
         candidate = plan.candidates[0]
         held.left.take(candidate.amount)
         held.last_used_ms = now_ms
-        outcome = StoreOutcome(
-            status=StoreStatus.RESERVED, fitted=0, counters=held.counters, thresholds=held.thresholds
-        )
         rid = reservation_id(request.task_id, request.step_id)
         lease_until = now_ms + lease_ms
         decision = LocalDecision(
-            verdict=decide(plan, outcome, now_ms),
+            verdict=decide(plan, held.outcome, now_ms),
             reservation_id=rid,
             lease_expires_ms=lease_until,
             counters=held.counters,
@@ -285,12 +287,16 @@ class Allowances:
                 task_id=request.task_id,
                 slice_ref=slice_ref,
                 windows=tuple(scope.span for scope in plan.counted[1:]),
+                window_scopes=plan.counted[1:],
                 policy_version=policy_version,
                 left=SliceLeft(taken.tokens, taken.usd),
                 lease_until_ms=taken.lease_until_ms,
                 step_lease_ms=lease_ms,
                 thresholds=taken.thresholds,
                 counters=taken.counters,
+                outcome=StoreOutcome(
+                    status=StoreStatus.RESERVED, fitted=0, counters=taken.counters, thresholds=taken.thresholds
+                ),
                 last_used_ms=now_ms,
             )
             return True
