@@ -74,7 +74,7 @@ def _known(*pairs: tuple[str, str]) -> Attributes:
     """The attributes whose value is known: an empty one is left out, not exported as ""."""
     for _, value in pairs:
         if not value:
-            return tuple((key, value) for key, value in pairs if value)
+            return tuple([pair for pair in pairs if pair[1]])  # a list, not a generator: cheaper for a few pairs
     return pairs  # every value known, as on nearly every check: no generator, no new tuple
 
 
@@ -99,6 +99,21 @@ class _Sum:
     def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
         # list() copies the dict in one step under the GIL, so the event loop may keep adding meanwhile.
         return [Observation(total, dict(attributes)) for attributes, total in list(self._totals.items())]
+
+
+CHECK_ATTRIBUTES_MAX = 4096
+
+
+class _CheckAttributes:
+    """One distinct check's attributes: the decisions counter's, the duration histogram's (never mutated: the SDK
+    copies them), and the reserved tokens' once it reserved."""
+
+    __slots__ = ("decisions", "duration", "usage")
+
+    def __init__(self, decisions: Attributes, duration: dict[str, str]) -> None:
+        self.decisions = decisions
+        self.duration = duration
+        self.usage: Attributes | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,6 +156,10 @@ class Telemetry:
         self.tenant = _Capped(max_tenants)
         self.task_type = _Capped(max_task_types)
         self.model = _Capped(max_task_types * 4)
+        # A check's attributes by what it was called with: what the caps make of a value never changes once they have
+        # seen it (a value that got a slot keeps it, one refused stays refused), so they are made once per distinct
+        # check. The usage attributes are made when a check first reserves (only then is its model counted).
+        self._check_attributes: dict[tuple[str, str, str, str, str], _CheckAttributes] = {}
         self.genai_latest = genai_latest
         self._gauge_source: GaugeSource | None = None
         # The Prometheus endpoint, when one is configured: started and stopped on the event loop (start, aclose).
@@ -245,23 +264,33 @@ class Telemetry:
     ) -> None:
         if not self.enabled:
             return
-        tenant, kind = self.tenant(tenant_id), self.task_type(task_type)
-        attributes = _known(
-            ("budgetwarden.decision", decision),
-            ("budgetwarden.reason", reason),
-            ("budgetwarden.tenant", tenant),
-            ("budgetwarden.task_type", kind),
-        )
+        key = (tenant_id, task_type, model, decision, reason)
+        made = self._check_attributes.get(key)
+        if made is None:
+            tenant, kind = self.tenant(tenant_id), self.task_type(task_type)
+            attributes = _known(
+                ("budgetwarden.decision", decision),
+                ("budgetwarden.reason", reason),
+                ("budgetwarden.tenant", tenant),
+                ("budgetwarden.task_type", kind),
+            )
+            made = _CheckAttributes(attributes, {"budgetwarden.decision": decision})
+            if len(self._check_attributes) >= CHECK_ATTRIBUTES_MAX:
+                self._check_attributes.clear()  # bounded: ids come from callers (the caps bound only what is exported)
+            self._check_attributes[key] = made
+        attributes = made.decisions
         self.decisions.add(1, attributes + self._labels(labels) if self.label_keys else attributes)
-        self.check_duration.record(seconds, {"budgetwarden.decision": decision})
+        self.check_duration.record(seconds, made.duration)
         if fail_mode is not None:
             self.fail_mode.add(1, (("budgetwarden.fail_mode", fail_mode),))
         if reserved_tokens:
-            usage = _known(
-                ("budgetwarden.tenant", tenant),
-                ("budgetwarden.task_type", kind),
-                ("gen_ai.request.model", self.model(model)),
-            )
+            usage = made.usage
+            if usage is None:
+                usage = made.usage = _known(
+                    ("budgetwarden.tenant", self.tenant(tenant_id)),
+                    ("budgetwarden.task_type", self.task_type(task_type)),
+                    ("gen_ai.request.model", self.model(model)),
+                )
             self.reserved.add(reserved_tokens, usage)
 
     def reported(self, records: Iterable[ReportedUsage]) -> None:

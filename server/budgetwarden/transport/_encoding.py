@@ -67,8 +67,47 @@ def check_response(result: CheckResult) -> pb.CheckResponse:
     return response
 
 
+# The encoded scopes of answers whose scopes come back unchanged: a check its task's local slice decides answers with
+# the slice's counters (the figures of its take, until the slice goes) under the policy's cached scopes, so every check
+# of a slice encodes the same bytes. Keyed by what fill_scope_state reads: the identity of the thresholds and of each
+# scope (frozen, and held by the entry, so no other object can take their ids meanwhile) and each counter's six figures
+# (a per-step cap's counter is made anew for every check).
+_ENCODED_SCOPES: dict[tuple[int | None, ...], tuple[object, bytes]] = {}
+ENCODED_SCOPES_MAX = 1024
+
+
+def check_response_bytes(result: CheckResult) -> bytes:
+    """``check_response(result).SerializeToString()``, with the scopes' encoding remembered (see ``_ENCODED_SCOPES``):
+    the answer's other fields are encoded, and the remembered scopes appended. A repeated field may come in any order
+    and in parts in the protobuf encoding, so the bytes parse to the same message."""
+    thresholds, scopes = result.thresholds, result.scopes
+    key: list[int | None] = [id(thresholds)]
+    for scope, c in scopes:
+        key += (id(scope), c.limit, c.used, c.reserved, c.limit_usd, c.used_usd, c.reserved_usd)
+    known = _ENCODED_SCOPES.get(tuple(key))
+    if known is None:
+        holder = pb.CheckResponse()
+        for scope, counter in scopes:
+            fill_scope_state(holder.scopes.add(), scope, counter, thresholds)
+        known = ((thresholds, [scope for scope, _ in scopes]), holder.SerializeToString())
+        if len(_ENCODED_SCOPES) >= ENCODED_SCOPES_MAX:
+            _ENCODED_SCOPES.clear()  # bounded: slices come and go, and an answer of the store path never repeats
+        _ENCODED_SCOPES[tuple(key)] = known
+    response = pb.CheckResponse()
+    _fill_answer(response, result)
+    return response.SerializeToString() + known[1]
+
+
 def fill_check_response(response: pb.CheckResponse, result: CheckResult) -> None:
     """Fills a CheckResponse in place (a stream builds it inside its result message, without a copy)."""
+    _fill_answer(response, result)
+    thresholds = result.thresholds
+    for scope, counter in result.scopes:
+        fill_scope_state(response.scopes.add(), scope, counter, thresholds)
+
+
+def _fill_answer(response: pb.CheckResponse, result: CheckResult) -> None:
+    """Every field of the answer but its scopes."""
     verdict = result.verdict
     # IntEnum members are ints: set as they are (their .value is a Python property, slower than the assignment).
     response.decision = verdict.decision  # type: ignore[assignment]
@@ -83,9 +122,6 @@ def fill_check_response(response: pb.CheckResponse, result: CheckResult) -> None
         response.reservation_id = result.reservation_id
     if verdict.binding_scope:
         response.binding_scope = verdict.binding_scope
-    thresholds = result.thresholds
-    for scope, counter in result.scopes:
-        fill_scope_state(response.scopes.add(), scope, counter, thresholds)
     if result.from_fail_mode:
         response.from_fail_mode = True
     if result.replayed:

@@ -30,9 +30,10 @@ from ._answering import (
     caller_time,
     lenient,
     refuse_invalid,
+    time_for_store,
     unary_handler,
 )
-from ._encoding import check_response, fill_check_response, scope_state
+from ._encoding import check_response, check_response_bytes, fill_check_response, scope_state
 from ._validation import (
     InvalidRequestError,
     budget_target,
@@ -128,6 +129,8 @@ class BudgetServicer:
         self.max_lease_seconds = max_lease_seconds
         self.bound_tenant = bound_tenant
         self.default_task_type = default_task_type
+        # With a local allowance, most answers repeat their slice's scopes: their encoding is remembered.
+        self._remember_scopes = limiter.allowances is not None
 
     def _bind_tenant(self, message: Any, field: str) -> None:
         """A sidecar bound to a tenant answers only for that tenant: an empty tenant_id means it, another is refused
@@ -147,32 +150,40 @@ class BudgetServicer:
             request.task_type = self.default_task_type
         return check_input(request, max_lease_seconds=self.max_lease_seconds)
 
-    async def check(
-        self, request: pb.CheckRequest | Malformed, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.CheckResponse:
+    async def check(self, request: pb.CheckRequest | Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         # The unary hot path, registered without unary_handler's wrapper (one coroutine less per check): errors are
         # mapped by ``answering`` only when one is raised (entering its async context manager on every check cost more
-        # than the validation it guards; docs/benchmarks.md, issue 17).
+        # than the validation it guards; docs/benchmarks.md, issue 17). It answers the encoded response (registered
+        # without a serializer), so that a local slice's scopes are encoded once (check_response_bytes).
         if isinstance(request, Malformed):
             await _refuse_malformed(context, request, pb.CheckRequest)
         try:
-            checked, prompt = self._check_input(request)
+            # _check_input, inline (two calls less per check)
+            if self.bound_tenant is not None:
+                self._bind_tenant(request, "tenant_id")
+            if self.default_task_type and not request.task_type:
+                request.task_type = self.default_task_type
+            checked, prompt = check_input(request, max_lease_seconds=self.max_lease_seconds)
         except (InvalidRequestError, TenantRefusedError) as exc:
             await _answer_error(context, exc)
         tenant_id = checked.tenant_id
         # Without a caller deadline nothing comes too late: the check deadline and fail mode handle a slow store.
         entered_at = self.admission.clock()
-        refused = self.admission.enter(tenant_id, context.time_remaining())
+        remaining = context.time_remaining()  # read once: admission and the store's share both start from it
+        refused = self.admission.enter(tenant_id, remaining)
         if refused is not None:
             self.limiter.telemetry.shed(tenant_id, refused.reason)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _shed_message(refused))
         try:
-            result = await self.limiter.check(checked, caller_time(context, self.deadline_margin_s), prompt)
+            store_s = None if remaining is None else time_for_store(remaining, self.deadline_margin_s)
+            result = await self.limiter.check(checked, store_s, prompt)
         except (StepConflictError, StoreUnavailableError) as exc:
             await _answer_error(context, exc)
         finally:
             self.admission.leave(tenant_id, entered_at)
-        return check_response(result)
+        if self._remember_scopes:
+            return check_response_bytes(result)
+        return check_response(result).SerializeToString()
 
     async def check_stream(
         self, requests: AsyncIterator[pb.CheckStreamRequest | Malformed], context: grpc.aio.ServicerContext[Any, Any]
@@ -329,7 +340,7 @@ class BudgetServicer:
                 "Check": grpc.unary_unary_rpc_method_handler(
                     self.check,
                     request_deserializer=lenient(pb.CheckRequest),
-                    response_serializer=pb.CheckResponse.SerializeToString,
+                    response_serializer=None,  # check() answers bytes
                 ),
                 "CheckStream": grpc.stream_stream_rpc_method_handler(
                     self.check_stream,
