@@ -1,0 +1,223 @@
+"""The sidecar's own Python per unary Check decided by a local allowance, in-process and counted: a tree's and a base
+tree's, side by side.
+
+    .venv/bin/python bench/local_cost.py [--base DIR] [--checks 300] [--reps 9] [--rounds 2] [--vary-tokens]
+    .venv/bin/python bench/local_cost.py --profile                    (cProfile of this tree, by own time)
+    .venv/bin/python bench/local_cost.py --by-function                (opcodes per check by function, this tree)
+
+Each tree runs in its own process (``DIR/server`` and ``DIR/clients/python`` first on PYTHONPATH; without ``--base``,
+this checkout alone): a sidecar (`Sidecar`, its gRPC server idle, ``--local-allowance`` on, metrics off) on a fresh
+Valkey, and `BudgetServicer.check` called directly with a context that has no deadline, on request bytes parsed as the
+handler's deserializer does (every check a new step of one task, so every one after the slice's take is decided by
+the slice; all ask the same tokens, or with ``--vary-tokens`` each a different number, so that no plan repeats). Per
+check: Python opcodes executed (`sys.settrace` with opcode events) and Python function calls
+(cProfile), which do not depend on how busy the machine is; and CPU time of the loop's thread (`time.thread_time`,
+least and median of ``--reps`` runs), which does. The allowance sweep is held off (idle 600 s), so no settle call falls
+in a measurement; its cost per settled step is the settle's, measured apart (docs/benchmarks.md, issue 17).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+POLICY = """
+default_tenant: {windows: {day: {tokens: 1000000000000}, month: {tokens: 1000000000000}}}
+default_model: {}
+default_task_type: agent
+task_types:
+  agent: {per_task: {tokens: 1000000000000}, per_step: {tokens: 100000}}
+"""
+
+
+class _Context:
+    """What the unary handler reads of a grpc.aio context on an answered check: no caller deadline."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort(self, code: Any, details: str = "") -> None:
+        raise RuntimeError(f"aborted: {code} {details}")
+
+
+async def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    import cProfile
+    import pstats
+
+    from budgetwarden.app import Settings
+    from budgetwarden.app._sidecar import Sidecar
+    from budgetwarden.store._embedded import EmbeddedRedis, free_port
+    from budgetwarden_api.v1 import budget_pb2 as pb
+
+    try:
+        from budgetwarden.transport._answering import lenient
+    except ImportError:  # pragma: no cover - an older tree
+        lenient = None
+    parse = lenient(pb.CheckRequest) if lenient is not None else pb.CheckRequest.FromString
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        valkey = EmbeddedRedis(Path(tmp) / "valkey", port=free_port(), persistent=True)
+        url = valkey.start()
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(POLICY)
+        settings = Settings(
+            listen=f"127.0.0.1:{free_port()}",
+            redis_url=url,
+            policy_file=policy,
+            log_level="WARNING",
+            check_deadline_ms=60_000,
+            usage_stream_max_len=10_000_000,
+            local_allowance=True,
+            local_allowance_cap_tokens=10**11,
+            local_allowance_share=0.5,
+            local_allowance_idle_ms=600_000,
+        )
+        sidecar = Sidecar(settings)
+        await sidecar.start()
+        try:
+            servicer = sidecar.servicer
+            assert servicer is not None
+            context = _Context()
+            sent = 0
+
+            def bodies(count: int) -> list[bytes]:
+                nonlocal sent
+                out = []
+                for _ in range(count):
+                    sent += 1
+                    request = pb.CheckRequest(
+                        tenant_id="bench",
+                        task_id="task-0",
+                        step_id=f"s-{sent}",
+                        estimated_input_tokens=800 + (sent % 100_000 if args.vary_tokens else 0),
+                        max_output_tokens=200,
+                    )
+                    out.append(request.SerializeToString())
+                return out
+
+            async def run(batch: list[bytes]) -> Any:
+                answer = None
+                for body in batch:
+                    answer = await servicer.check(parse(body), context)
+                return answer
+
+            answer = await run(bodies(50))  # warm: the first check on the Redis path, then the slice's take
+            decoded = pb.CheckResponse.FromString(answer) if isinstance(answer, bytes) else answer
+            assert decoded.decision == pb.DECISION_ALLOW, decoded
+            allowances = sidecar.allowances
+            assert allowances is not None
+            local_before = allowances.local_checks
+            if args.profile:
+                profile = cProfile.Profile(time.thread_time)
+                batch = bodies(args.checks)
+                profile.enable()
+                await run(batch)
+                profile.disable()
+                pstats.Stats(profile).sort_stats("tottime").print_stats(40)
+                return out
+            opcodes = 0
+            by_function: dict[str, int] = {}
+
+            def tracer(frame: Any, event: str, arg: Any) -> Any:
+                nonlocal opcodes
+                frame.f_trace_opcodes = True
+                if event == "opcode":
+                    opcodes += 1
+                    if args.by_function:
+                        code = frame.f_code
+                        where = "/".join(code.co_filename.rsplit("/", 2)[-2:]) + ":" + code.co_name
+                        by_function[where] = by_function.get(where, 0) + 1
+                return tracer
+
+            batch = bodies(args.checks)
+            sys.settrace(tracer)
+            await run(batch)
+            sys.settrace(None)
+            if args.by_function:
+                for where, count in sorted(by_function.items(), key=lambda item: -item[1])[:40]:
+                    print(f"{count / args.checks:8.1f}  {where}")
+                return out
+            calls = cProfile.Profile()
+            batch = bodies(args.checks)
+            calls.enable()
+            await run(batch)
+            calls.disable()
+            cpu = []
+            for _ in range(args.reps):
+                batch = bodies(args.checks)
+                started = time.thread_time()
+                await run(batch)
+                cpu.append((time.thread_time() - started) / args.checks * 1e6)
+            cpu.sort()
+            measured = args.checks * (2 + args.reps)
+            assert allowances.local_checks - local_before == measured, "a check left the slice"
+            out = {
+                "opcodes": opcodes / args.checks,
+                "calls": pstats.Stats(calls).total_calls / args.checks,  # type: ignore[attr-defined]
+                "cpu_min": cpu[0],
+                "cpu_median": cpu[len(cpu) // 2],
+            }
+        finally:
+            await sidecar.stop()
+            valkey.stop()
+    return out
+
+
+def _run_tree(tree: Path | None, argv: list[str]) -> dict[str, Any]:
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = f"{tree / 'server'}:{tree / 'clients' / 'python'}"
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__)), "--child", *argv], env=env, capture_output=True, text=True, check=True
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, default=None, help="a source tree to compare (e.g. a git archive of main)")
+    parser.add_argument("--checks", type=int, default=300, help="checks per measurement")
+    parser.add_argument("--reps", type=int, default=9, help="CPU measurements (least and median shown)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the trees (with --base)")
+    parser.add_argument("--profile", action="store_true", help="cProfile this tree instead")
+    parser.add_argument(
+        "--vary-tokens", action="store_true", help="every check asks a different number of tokens (no plan repeats)"
+    )
+    parser.add_argument("--by-function", action="store_true", help="opcodes per check by function, of this tree")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child or args.profile or args.by_function:
+        measured = asyncio.run(_measure(args))
+        if args.child:
+            print(json.dumps(measured))
+        return 0
+    argv = ["--checks", str(args.checks), "--reps", str(args.reps), *(["--vary-tokens"] if args.vary_tokens else [])]
+    trees: list[tuple[str, Path | None]] = [("this tree", None)]
+    if args.base is not None:
+        trees.append((f"base ({args.base})", args.base.resolve()))
+    print("| round | tree | opcodes per check | calls per check | CPU µs per check, least | median |")
+    print("|---|---|---|---|---|---|")
+    for round_number in range(1, (args.rounds if args.base is not None else 1) + 1):
+        for name, tree in trees:
+            m = _run_tree(tree, argv)
+            print(
+                f"| {round_number} | {name} | {m['opcodes']:,.0f} | {m['calls']:.1f} | {m['cpu_min']:.1f} | "
+                f"{m['cpu_median']:.1f} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
