@@ -73,10 +73,20 @@ def test_the_server_requires_the_client_of_its_own_version_and_ships_neither_pac
     assert not [p for p in packages if p.split(".")[0] in CLIENT_PACKAGES]
 
 
+# The client's sources, parsed at collection, before any test starts a thread: CPython 3.11's AST construction keeps
+# its recursion depth in state shared by the interpreter's threads, so a parse racing another thread's (3.11's
+# tracebacks parse source for their ^^^ carets) can raise "AST constructor recursion depth mismatch" (cpython#106905).
+_TREES = {path: ast.parse(path.read_text(), str(path)) for path in sorted(CLIENT.glob("budgetwarden_*/**/*.py"))}
+
+
+def parsed(path: Path) -> ast.Module:
+    return _TREES[path]
+
+
 def third_party_imports(path: Path, allowed: set[str]) -> set[str]:
     """The top-level modules `path` imports that are not in `allowed`."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parsed(path)):
         if isinstance(node, ast.Import):
             found |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
@@ -109,7 +119,7 @@ def test_the_client_sources_import_only_the_standard_library_grpc_and_protobuf()
     protobuf_imports = {
         node.module
         for path in core_sources()
-        for node in ast.walk(ast.parse(path.read_text()))
+        for node in ast.walk(parsed(path))
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("google")
     }
     assert {module.split(".")[1] for module in protobuf_imports} == {"protobuf"}
