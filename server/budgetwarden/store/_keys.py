@@ -16,12 +16,10 @@ KEY_VERSION = "bw1"
 
 def digest(*parts: str) -> str:
     """A 128-bit hex digest of the parts, length-prefixed so that ("ab", "c") and ("a", "bc") differ."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        data = part.encode()
-        h.update(len(data).to_bytes(4, "big"))
-        h.update(data)
-    return h.hexdigest()
+    encoded = [part.encode() for part in parts]
+    # One update of the joined bytes (the same bytes as an update per piece; a reservation id is made on every check).
+    data = b"".join(piece for part in encoded for piece in (len(part).to_bytes(4, "big"), part))
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 @functools.lru_cache(maxsize=8192)
@@ -31,11 +29,8 @@ def task_digest(task_id: str) -> str:
 
 
 def reservation_id(task_id: str, step_id: str) -> str:
-    """Stable per (task, step): checking a step again finds the same reservation. ``digest(task_id, step_id)``, in one
-    update (the same bytes go in; once per check, so worth the few microseconds)."""
-    task, step = task_id.encode(), step_id.encode()
-    data = b"".join((len(task).to_bytes(4, "big"), task, len(step).to_bytes(4, "big"), step))
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    """Stable per (task, step): checking a step again finds the same reservation."""
+    return digest(task_id, step_id)
 
 
 def is_reservation_id(value: str) -> bool:
