@@ -158,12 +158,7 @@ class BudgetServicer:
         if isinstance(request, Malformed):
             await _refuse_malformed(context, request, pb.CheckRequest)
         try:
-            # _check_input, inline (two calls less per check)
-            if self.bound_tenant is not None:
-                self._bind_tenant(request, "tenant_id")
-            if self.default_task_type and not request.task_type:
-                request.task_type = self.default_task_type
-            checked, prompt = check_input(request, max_lease_seconds=self.max_lease_seconds)
+            checked, prompt = self._check_input(request)
         except (InvalidRequestError, TenantRefusedError) as exc:
             await _answer_error(context, exc)
         tenant_id = checked.tenant_id
