@@ -41,6 +41,7 @@ from budgetwarden.domain import (
     decide,
     estimate_prompt,
     granted_as_asked,
+    plan_inputs,
     task_scope,
 )
 from budgetwarden.store import (
@@ -375,21 +376,13 @@ class Limiter:
         plans: list[CheckPlan | None] = [None] * len(requests)
         by_tenant: dict[str, list[int]] = {}
         plan_check = self.planner.plan_check
-        # A plan depends on the policy, the clock (the windows) and these fields of the request only, so the checks of
+        # A plan depends on the policy, the clock (the windows) and plan_inputs of the request only, so the checks of
         # one call that agree on them share one plan (plans are not mutated): a CheckStream message's checks mostly do.
         shaped: dict[tuple[object, ...], CheckPlan] = {}
         for i, request in enumerate(requests):
             if counted[i] is not None:
                 request = replace(request, input_tokens=counted[i].tokens)  # type: ignore[union-attr]
-            shape = (
-                request.tenant_id,
-                request.task_type,
-                request.model,
-                request.input_tokens,
-                request.output_tokens,
-                request.tool_calls,
-                request.task_ceiling,
-            )
+            shape = plan_inputs(request)
             plan = shaped.get(shape)
             if plan is None:
                 plan = shaped[shape] = plan_check(policy, request, now)

@@ -18,6 +18,7 @@ from budgetwarden.domain import (
     Thresholds,
     decide,
     granted_as_asked,
+    plan_inputs,
 )
 from budgetwarden.domain._policy import parse_policy
 
@@ -89,3 +90,40 @@ def test_a_shared_verdict_is_the_one_decide_gives_whatever_the_counters(
                     shared_some = True
                     assert shared == decided
     assert shared_some
+
+
+@pytest.mark.parametrize("task_type", ["agent", "plain", "unknown-type"])
+@pytest.mark.parametrize("tenant", ["acme", "stranger"])
+@pytest.mark.parametrize("ceiling", [None, 500])
+def test_checks_that_agree_on_plan_inputs_get_equal_plans(task_type: str, tenant: str, ceiling: int | None) -> None:
+    # _check_many shares one plan between the checks of a call with equal plan_inputs: everything else a request holds
+    # (its ids, labels, lease) must not change the plan.
+    def request(**others: object) -> CheckInput:
+        fields: dict[str, object] = {
+            "tenant_id": tenant,
+            "task_id": "t1",
+            "step_id": "s1",
+            "task_type": task_type,
+            "model": "big",
+            "input_tokens": 1000,
+            "output_tokens": 500,
+            "tool_calls": 2,
+            "task_ceiling": ceiling,
+        }
+        return CheckInput(**{**fields, **others})  # type: ignore[arg-type]
+
+    first = request()
+    others = [
+        request(task_id="t2"),
+        request(step_id="s2"),
+        request(labels={"user": "u"}),
+        request(lease_seconds=5),
+        request(task_id="t3", step_id="s9", labels={"k": "v"}, lease_seconds=60),
+    ]
+    plan = Planner().plan_check(POLICY, first, NOW)
+    for other in others:
+        assert plan_inputs(other) == plan_inputs(first)
+        assert Planner().plan_check(POLICY, other, NOW) == plan
+    # And the key is not blind to what the plan reads.
+    for changed in [request(input_tokens=999), request(model="small"), request(task_ceiling=400)]:
+        assert plan_inputs(changed) != plan_inputs(first)

@@ -18,6 +18,7 @@ from ._decision import (
     StoreOutcome,
     decide,
     granted_as_asked,
+    plan_inputs,
     simulate,
     task_scope,
 )
@@ -112,6 +113,7 @@ __all__ = [
     "load_policy",
     "local_candidate",
     "micros_to_usd",
+    "plan_inputs",
     "remaining_of",
     "simulate",
     "slice_size",

@@ -404,6 +404,21 @@ def decide(plan: CheckPlan, outcome: StoreOutcome, now_ms: int) -> Verdict:
     return _denied(plan, outcome, now_ms)
 
 
+def plan_inputs(request: CheckInput) -> tuple[object, ...]:
+    """The fields of ``request`` that ``Planner.plan_check`` reads: under one policy and one clock reading, checks that
+    agree on them get the same plan, so a caller may share one (plans are not mutated). Kept beside plan_check: a field
+    it comes to read belongs here too."""
+    return (
+        request.tenant_id,
+        request.task_type,
+        request.model,
+        request.input_tokens,
+        request.output_tokens,
+        request.tool_calls,
+        request.task_ceiling,
+    )
+
+
 def granted_as_asked(plan: CheckPlan, fitted: int) -> Verdict | None:
     """``decide``'s verdict when the store reserved candidate ``fitted`` of ``plan`` (StoreStatus.RESERVED), if it
     depends on nothing else: a candidate that is the request as asked is an ALLOW of its amount, whatever the counters.
