@@ -13,7 +13,9 @@ A check runs in two halves around one atomic store call:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from operator import attrgetter
 
 from ._cost import estimate_micros, usd_text
 from ._model import (
@@ -404,19 +406,12 @@ def decide(plan: CheckPlan, outcome: StoreOutcome, now_ms: int) -> Verdict:
     return _denied(plan, outcome, now_ms)
 
 
-def plan_inputs(request: CheckInput) -> tuple[object, ...]:
-    """The fields of ``request`` that ``Planner.plan_check`` reads: under one policy and one clock reading, checks that
-    agree on them get the same plan, so a caller may share one (plans are not mutated). Kept beside plan_check: a field
-    it comes to read belongs here too."""
-    return (
-        request.tenant_id,
-        request.task_type,
-        request.model,
-        request.input_tokens,
-        request.output_tokens,
-        request.tool_calls,
-        request.task_ceiling,
-    )
+# The fields of a request that ``Planner.plan_check`` reads: under one policy and one clock reading, checks that agree
+# on them get the same plan, so a caller may share one (plans are not mutated). Kept beside plan_check: a field it comes
+# to read belongs here too. An attrgetter: called once per check, in C.
+plan_inputs: Callable[[CheckInput], tuple[object, ...]] = attrgetter(
+    "tenant_id", "task_type", "model", "input_tokens", "output_tokens", "tool_calls", "task_ceiling"
+)
 
 
 def granted_as_asked(plan: CheckPlan, fitted: int) -> Verdict | None:
