@@ -16,10 +16,12 @@ KEY_VERSION = "bw1"
 
 def digest(*parts: str) -> str:
     """A 128-bit hex digest of the parts, length-prefixed so that ("ab", "c") and ("a", "bc") differ."""
-    encoded = [part.encode() for part in parts]
-    # One update of the joined bytes (the same bytes as an update per piece; a reservation id is made on every check).
-    data = b"".join(piece for part in encoded for piece in (len(part).to_bytes(4, "big"), part))
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        data = part.encode()
+        h.update(len(data).to_bytes(4, "big"))
+        h.update(data)
+    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=8192)
