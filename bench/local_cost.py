@@ -21,22 +21,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-POLICY = """
-default_tenant: {windows: {day: {tokens: 1000000000000}, month: {tokens: 1000000000000}}}
-default_model: {}
-default_task_type: agent
-task_types:
-  agent: {per_task: {tokens: 1000000000000}, per_step: {tokens: 100000}}
-"""
+sys.path.insert(0, str(HERE))
+from _counting import (  # noqa: E402
+    UNBOUNDED_POLICY,
+    Work,
+    calls,
+    cpu_seconds,
+    least_and_median,
+    opcodes,
+    print_profile,
+    run_in_tree,
+)
 
 
 class _Context:
@@ -50,9 +51,6 @@ class _Context:
 
 
 async def _measure(args: argparse.Namespace) -> dict[str, Any]:
-    import cProfile
-    import pstats
-
     from budgetwarden.app import Settings
     from budgetwarden.app._sidecar import Sidecar
     from budgetwarden.store._embedded import EmbeddedRedis, free_port
@@ -69,7 +67,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
         valkey = EmbeddedRedis(Path(tmp) / "valkey", port=free_port(), persistent=True)
         url = valkey.start()
         policy = Path(tmp) / "policy.yaml"
-        policy.write_text(POLICY)
+        policy.write_text(UNBOUNDED_POLICY)
         settings = Settings(
             listen=f"127.0.0.1:{free_port()}",
             redis_url=url,
@@ -117,71 +115,39 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
             allowances = sidecar.allowances
             assert allowances is not None
             local_before = allowances.local_checks
+
+            def work(count: int = args.checks) -> Work:
+                batch = bodies(count)  # made before the measurement starts
+
+                async def answer_all() -> None:
+                    await run(batch)
+
+                return answer_all
+
             if args.profile:
-                profile = cProfile.Profile(time.thread_time)
-                batch = bodies(args.checks)
-                profile.enable()
-                await run(batch)
-                profile.disable()
-                pstats.Stats(profile).sort_stats("tottime").print_stats(40)
+                await print_profile(work())
                 return out
-            opcodes = 0
-            by_function: dict[str, int] = {}
-
-            def tracer(frame: Any, event: str, arg: Any) -> Any:
-                nonlocal opcodes
-                frame.f_trace_opcodes = True
-                if event == "opcode":
-                    opcodes += 1
-                    if args.by_function:
-                        code = frame.f_code
-                        where = "/".join(code.co_filename.rsplit("/", 2)[-2:]) + ":" + code.co_name
-                        by_function[where] = by_function.get(where, 0) + 1
-                return tracer
-
-            batch = bodies(args.checks)
-            sys.settrace(tracer)
-            await run(batch)
-            sys.settrace(None)
-            if args.by_function:
+            by_function: dict[str, int] | None = {} if args.by_function else None
+            opcodes_made = await opcodes(work(), by_function)
+            if by_function is not None:
                 for where, count in sorted(by_function.items(), key=lambda item: -item[1])[:40]:
                     print(f"{count / args.checks:8.1f}  {where}")
                 return out
-            calls = cProfile.Profile()
-            batch = bodies(args.checks)
-            calls.enable()
-            await run(batch)
-            calls.disable()
-            cpu = []
-            for _ in range(args.reps):
-                batch = bodies(args.checks)
-                started = time.thread_time()
-                await run(batch)
-                cpu.append((time.thread_time() - started) / args.checks * 1e6)
-            cpu.sort()
+            calls_made = await calls(work())
+            cpu = [await cpu_seconds(work()) / args.checks * 1e6 for _ in range(args.reps)]
+            cpu_min, cpu_median = least_and_median(cpu)
             measured = args.checks * (2 + args.reps)
             assert allowances.local_checks - local_before == measured, "a check left the slice"
             out = {
-                "opcodes": opcodes / args.checks,
-                "calls": pstats.Stats(calls).total_calls / args.checks,  # type: ignore[attr-defined]
-                "cpu_min": cpu[0],
-                "cpu_median": cpu[len(cpu) // 2],
+                "opcodes": opcodes_made / args.checks,
+                "calls": calls_made / args.checks,
+                "cpu_min": cpu_min,
+                "cpu_median": cpu_median,
             }
         finally:
             await sidecar.stop()
             valkey.stop()
     return out
-
-
-def _run_tree(tree: Path | None, argv: list[str]) -> dict[str, Any]:
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = f"{tree / 'server'}:{tree / 'clients' / 'python'}"
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__)), "--child", *argv], env=env, capture_output=True, text=True, check=True
-    )
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
 
 
 def main() -> int:
@@ -210,7 +176,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for round_number in range(1, (args.rounds if args.base is not None else 1) + 1):
         for name, tree in trees:
-            m = _run_tree(tree, argv)
+            m = run_in_tree(Path(__file__), tree, argv)
             print(
                 f"| {round_number} | {name} | {m['opcodes']:,.0f} | {m['calls']:.1f} | {m['cpu_min']:.1f} | "
                 f"{m['cpu_median']:.1f} |",

@@ -17,24 +17,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _counting import (  # noqa: E402
+    UNBOUNDED_POLICY,
+    Work,
+    calls,
+    cpu_seconds,
+    least_and_median,
+    opcodes,
+    print_profile,
+    run_in_tree,
+)
+
 REPO = HERE.parent
-POLICY = """
-default_tenant: {windows: {day: {tokens: 1000000000000}, month: {tokens: 1000000000000}}}
-default_model: {}
-default_task_type: agent
-task_types:
-  agent: {per_task: {tokens: 1000000000000}, per_step: {tokens: 100000}}
-"""
 
 
 def _messages(count: int, tasks: int, rnd: random.Random, first: int) -> list[Any]:
@@ -57,9 +61,6 @@ def _messages(count: int, tasks: int, rnd: random.Random, first: int) -> list[An
 
 
 async def _measure(args: argparse.Namespace) -> dict[str, Any]:
-    import cProfile
-    import pstats
-
     from budgetwarden.app import Settings
     from budgetwarden.app._sidecar import Sidecar
     from budgetwarden.store._embedded import EmbeddedRedis, free_port
@@ -70,7 +71,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
         valkey = EmbeddedRedis(Path(tmp) / "valkey", port=free_port(), persistent=True)
         url = valkey.start()
         policy = Path(tmp) / "policy.yaml"
-        policy.write_text(POLICY)
+        policy.write_text(UNBOUNDED_POLICY)
         settings = Settings(
             listen=f"127.0.0.1:{free_port()}",
             redis_url=url,
@@ -96,65 +97,34 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
                 for message in batch(10):  # warm: scripts loaded, windows and caches filled
                     answer = await servicer._check_batch(message)
                 assert all(r.response.decision == pb.DECISION_ALLOW for r in answer.results), answer.results[0]
-                if args.profile:
-                    profile = cProfile.Profile(time.thread_time)
-                    messages = batch(args.messages)
-                    profile.enable()
-                    for message in messages:
-                        await servicer._check_batch(message)
-                    profile.disable()
-                    pstats.Stats(profile).sort_stats("tottime").print_stats(40)
-                    continue
-                opcodes = 0
-
-                def tracer(frame: Any, event: str, arg: Any) -> Any:
-                    nonlocal opcodes
-                    frame.f_trace_opcodes = True
-                    if event == "opcode":
-                        opcodes += 1
-                    return tracer
-
-                messages = batch(args.messages)
-                sys.settrace(tracer)
-                for message in messages:
-                    await servicer._check_batch(message)
-                sys.settrace(None)
-                calls = cProfile.Profile()
-                messages = batch(args.messages)
-                calls.enable()
-                for message in messages:
-                    await servicer._check_batch(message)
-                calls.disable()
                 checks = 100 * args.messages
-                cpu = []
-                for _ in range(args.reps):
-                    messages = batch(args.messages)
-                    started = time.thread_time()
-                    for message in messages:
-                        await servicer._check_batch(message)
-                    cpu.append((time.thread_time() - started) / checks * 1e6)
-                cpu.sort()
+
+                def work(count: int = args.messages, batch: Callable[[int], list[Any]] = batch) -> Work:
+                    messages = batch(count)  # made before the measurement starts
+
+                    async def answer_all() -> None:
+                        for message in messages:
+                            await servicer._check_batch(message)
+
+                    return answer_all
+
+                if args.profile:
+                    await print_profile(work())
+                    continue
+                opcodes_made = await opcodes(work())
+                calls_made = await calls(work())
+                cpu = [await cpu_seconds(work()) / checks * 1e6 for _ in range(args.reps)]
+                cpu_min, cpu_median = least_and_median(cpu)
                 out[str(tasks)] = {
-                    "opcodes": opcodes / checks,
-                    "calls": pstats.Stats(calls).total_calls / checks,  # type: ignore[attr-defined]
-                    "cpu_min": cpu[0],
-                    "cpu_median": cpu[len(cpu) // 2],
+                    "opcodes": opcodes_made / checks,
+                    "calls": calls_made / checks,
+                    "cpu_min": cpu_min,
+                    "cpu_median": cpu_median,
                 }
         finally:
             await sidecar.stop()
             valkey.stop()
     return out
-
-
-def _run_tree(tree: Path | None, argv: list[str]) -> dict[str, Any]:
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = f"{tree / 'server'}:{tree / 'clients' / 'python'}"
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__)), "--child", *argv], env=env, capture_output=True, text=True, check=True
-    )
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
 
 
 def main() -> int:
@@ -180,7 +150,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for round_number in range(1, (args.rounds if args.base is not None else 1) + 1):
         for name, tree in trees:
-            for tasks, m in _run_tree(tree, argv).items():
+            for tasks, m in run_in_tree(Path(__file__), tree, argv).items():
                 print(
                     f"| {round_number} | {name} | {int(tasks):,} | {m['opcodes']:,.0f} | {m['calls']:.1f} | "
                     f"{m['cpu_min']:.1f} | {m['cpu_median']:.1f} |",
