@@ -38,8 +38,6 @@ from _counting import (  # noqa: E402
     run_in_tree,
 )
 
-REPO = HERE.parent
-
 
 def _messages(count: int, tasks: int, rnd: random.Random, first: int) -> list[Any]:
     from google.protobuf.internal.encoder import _VarintBytes
