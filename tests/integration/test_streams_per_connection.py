@@ -74,6 +74,14 @@ def test_one_connection_gets_at_most_its_streams_in_and_another_connection_still
         grpc.insecure_channel(running.addr, options=OWN_CONNECTION) as noisy_channel,
         grpc.insecure_channel(running.addr, options=OWN_CONNECTION) as quiet_channel,
     ):
+        # One answered check per connection first: the client has then read the sidecar's SETTINGS (its stream bound).
+        # Streams opened before that may go past the bound and come back REFUSED_STREAM (UNAVAILABLE), which happened
+        # once on a busy machine.
+        for channel, tenant in ((noisy_channel, "noisy"), (quiet_channel, "quiet")):
+            call = channel.unary_unary(CHECK, pb.CheckRequest.SerializeToString, pb.CheckResponse.FromString)
+            warm = pb.CheckRequest(tenant_id=tenant, task_id="warm", step_id="s", estimated_input_tokens=10)
+            assert call(warm, timeout=RPC_TIMEOUT_S).decision == pb.DECISION_ALLOW
+        assert admission.in_flight == 0
         faults.stop()
         noisy = checks(noisy_channel, "noisy", 4)
         wait_until(lambda: admission.by_tenant["noisy"] >= STREAMS, "the noisy connection's checks are in flight")
