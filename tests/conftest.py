@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,19 @@ from budgetwarden.store._embedded import EmbeddedRedis
 
 from support import FAST_WATCH, BlackHole, RunningSidecar, free_port, sidecar_settings
 from support_policies import ENGINE_POLICY
+
+# What the test process started with. Importing some libraries changes it for the whole process: LiteLLM's token
+# counter sets TIKTOKEN_CACHE_DIR to its bundled encodings (o200k_base among them) when first used, so a later test's
+# in-process sidecar would count exactly what that test expects to be unavailable offline.
+_TIKTOKEN_CACHE_DIR_AT_START = os.environ.get("TIKTOKEN_CACHE_DIR")
+
+
+@pytest.fixture(autouse=True)
+def _tiktoken_cache_dir_as_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    if _TIKTOKEN_CACHE_DIR_AT_START is None:
+        monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", _TIKTOKEN_CACHE_DIR_AT_START)
 
 
 @pytest.fixture(scope="session")
