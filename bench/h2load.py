@@ -42,6 +42,7 @@ from budgetwarden_api.v1 import budget_pb2 as pb
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import _pyspy  # noqa: E402
 from _common import (  # noqa: E402
     STEP_MARK,
     TASK_MARK,
@@ -186,6 +187,12 @@ def main() -> int:
         help=f"comma-separated short names, in the order they alternate; of {', '.join(SHORT)}",
     )
     parser.add_argument("--base", type=Path, default=None, help="a checkout whose server/ the base variants run")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the rounds, one more serial measurement of each server under py-spy (not in the table): where "
+        "its busy samples went",
+    )
     args = parser.parse_args()
     unknown = [name for name in args.servers.split(",") if name not in SHORT]
     if unknown:
@@ -199,9 +206,12 @@ def main() -> int:
     rounds = 1 if args.smoke else args.rounds
     if shutil.which("h2load") is None:
         raise SystemExit("bench/h2load.py needs h2load (Debian: nghttp2-client; `make bench` installs it)")
+    if args.profile and not _pyspy.available():
+        raise SystemExit("--profile needs py-spy (`make dev` installs it)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | {"OTEL_SDK_DISABLED": "true"}
     runs: list[Run] = []
     notes: list[str] = []
+    profiles: list[str] = []
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         shim = build_shim(tmp)
@@ -244,7 +254,9 @@ def main() -> int:
             assert redis_pid is not None
             counter = 0
 
-            def measure(scenario: str, server: str, round_: int, streams: int, rps: int = 0) -> Run:
+            def measure(
+                scenario: str, server: str, round_: int, streams: int, rps: int = 0, profile: Path | None = None
+            ) -> Run:
                 nonlocal counter
                 counter += 1
                 tenant = f"h2-{counter}"
@@ -254,9 +266,14 @@ def main() -> int:
                 leases = TenantKeys(tenant).leases
                 cpu, store = cpu_seconds(processes[server].pid), cpu_seconds(redis_pid)
                 calls, usec = script_stats(client)
+                sampler = None if profile is None else _pyspy.record(processes[server].pid, seconds, profile)
                 done, failed, took, sent = h2load(
                     f"http://{addrs[server]}{CHECK_PATH}", body, shim, log, streams=streams, seconds=seconds, rps=rps
                 )
+                if sampler is not None:
+                    _, problem = sampler.communicate(timeout=60 + seconds)
+                    if sampler.returncode:
+                        raise SystemExit(f"py-spy failed: {problem.decode(errors='replace')}")
                 run = Run(scenario, server, round_, done, took, failed, offered=rps)
                 calls_after, usec_after = script_stats(client)
                 run.script_calls, run.script_usec = calls_after - calls, usec_after - usec
@@ -286,6 +303,14 @@ def main() -> int:
             for rps in RATES:
                 for server in servers:
                     measure(f"{rps:,}/s offered", server, 1, 64, rps=rps)
+            if args.profile:
+                for server in servers:
+                    raw = tmp / f"profile-{len(profiles)}.txt"
+                    profiled = measure("profiled, serial (-m1)", server, 0, 1, profile=raw)
+                    runs.remove(profiled)  # sampled: not a measurement for the table
+                    text = raw.read_text() if raw.exists() else ""
+                    profiles += ["", f"**{server}** ({profiled.rate:,.0f} checks/s while sampled):", ""]
+                    profiles += _pyspy.summary(text)
             info = client.info("commandstats")
             for server in [name for name in ("budgetwarden", REDIS_PY) if name in servers]:
                 notes.append(f"{server}: {rss_mb(processes[server].pid):.0f} MB RSS after the run")
@@ -302,8 +327,19 @@ def main() -> int:
                 process.wait(30)
             valkey.stop()
 
-    lines = report(runs, seconds, rounds, args.smoke, servers, args.base)
+    lines = report(runs, seconds, rounds, args.smoke, servers, args.base, args.profile)
     lines += ["", *[f"- {note}" for note in notes], ""]
+    if profiles:
+        lines += [
+            "Profiles: after the rounds, one more serial measurement of each server with py-spy attached (`py-spy "
+            "record --rate 200 --native --format raw`, as long as the measurement; not in the tables above: py-spy "
+            "pauses the server at each sample, so it runs slower meanwhile, and the shares are what to read). Samples "
+            "of a thread waiting (its innermost frame epoll_wait, a lock) are left out; each busy one is counted where "
+            "its innermost Python frame is: time in C called from Python (protobuf's parse, gRPC's Cython core, a "
+            "syscall) counts where it was called from.",
+            *profiles,
+            "",
+        ]
     publish(lines, None if args.smoke else args.write)
     return 0
 
@@ -315,6 +351,7 @@ def report(
     smoke: bool,
     servers: tuple[str, ...] = SERVERS,
     base: Path | None = None,
+    profile: bool = False,
 ) -> list[str]:
     command = ".venv/bin/python bench/h2load.py" + (
         " --smoke" if smoke else f" --seconds {seconds:g} --rounds {rounds}"
@@ -324,6 +361,8 @@ def report(
         command += f" --servers {','.join(names[server] for server in servers)}"
     if base is not None:
         command += f" --base {base}"
+    if profile:
+        command += " --profile"
     # A run of other servers than the default set (an A/B of a change) is its own result, not the table's next run.
     title = "budgetwarden vs. its baselines" if servers == SERVERS else f"{', '.join(servers[1:])} vs. the floor"
     lines = [
