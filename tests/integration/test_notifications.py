@@ -389,3 +389,28 @@ async def test_a_stream_gone_since_the_scan_is_not_made_again_by_the_reader(asyn
     assert await queue.read(stream, 10) == []
     assert await queue.claim(stream, 0, 10) == []
     assert await async_redis.exists(stream) == 0  # a stream a reader made would never expire
+
+
+async def test_the_poll_loop_stops_when_a_redis_call_consumed_its_cancellation(
+    make_deliverer: Callable[..., Deliverer],
+) -> None:
+    # redis-py can finish a call cancelled in flight and return its answer: the loop must still end, not sleep again
+    # (the control plane's shutdown waits for it).
+    deliverer = make_deliverer([], poll_interval_s=0.01)
+    in_poll = asyncio.Event()
+
+    async def poll_that_finishes_when_cancelled() -> int:
+        in_poll.set()
+        try:
+            await asyncio.Event().wait()  # a stalled store
+        except asyncio.CancelledError:
+            return 0  # the call answered, the cancellation consumed
+        raise AssertionError("unreachable: nothing sets the event")
+
+    deliverer.poll = poll_that_finishes_when_cancelled  # type: ignore[method-assign]
+    loop = asyncio.create_task(deliverer.run())
+    await in_poll.wait()
+    loop.cancel()
+    done, _ = await asyncio.wait({loop}, timeout=WAIT_S)  # before the fix: never (it polled and slept for ever)
+    assert done, "the loop ran on after its cancellation"
+    assert loop.cancelled()

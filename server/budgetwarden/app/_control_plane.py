@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from budgetwarden.domain import LoadedPolicy, PolicyError, default_policy, load_policy
 from budgetwarden.limiter import Clock, Limiter, wall_clock_ms
-from budgetwarden.store import AnyRedis, BudgetStore
+from budgetwarden.store import AnyRedis, BudgetStore, raise_if_cancelled
 from budgetwarden.telemetry import Telemetry, telemetry_from_env
 from budgetwarden.transport import ADMIN_SERVICE_NAME
 
@@ -197,6 +197,7 @@ class ControlPlane:
         while True:
             await asyncio.sleep(self.settings.store_ping_interval_seconds)
             await self._set_ready(await self._store_answers())
+            raise_if_cancelled()
 
     async def stop(self) -> None:
         grace = self.settings.shutdown_grace_seconds

@@ -28,6 +28,7 @@ from budgetwarden.store import (
     GaugeReader,
     LeanScripts,
     Retention,
+    raise_if_cancelled,
 )
 from budgetwarden.telemetry import Telemetry, telemetry_from_env
 from budgetwarden.transport import BUDGET_SERVICE_NAME, Admission, BudgetServicer
@@ -365,6 +366,7 @@ class Sidecar:
                     await self.allowances.sweep(self.clock())
                 except Exception:  # never let the timer die: the next round tries again
                     log.exception("allowance sweep failed")
+                raise_if_cancelled()
 
     async def _watch_store(self) -> None:
         """Readiness follows the store: a cheap PING every interval. A dead embedded server is started again."""
@@ -377,6 +379,7 @@ class Sidecar:
                 await self._set_ready(await self._store_answers())
             except Exception:  # never let one bad round end the watch: nothing would restart the server after it
                 log.exception("store watch failed; trying again")
+            raise_if_cancelled()
 
     async def _store_answers(self) -> bool:
         client = self._ping_redis

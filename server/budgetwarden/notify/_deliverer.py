@@ -20,7 +20,7 @@ import redis
 from opentelemetry import metrics
 from opentelemetry.metrics import MeterProvider
 
-from budgetwarden.store import NotificationEntry, NotificationQueue
+from budgetwarden.store import NotificationEntry, NotificationQueue, raise_if_cancelled
 
 from ._events import body_of, cloud_event, event_id, read_secret, sign, slack_text
 
@@ -121,6 +121,7 @@ class Deliverer:
                 await self.poll()
             except (redis.RedisError, OSError) as exc:
                 log.warning("cannot read the notification streams", extra={"error": repr(exc)})
+            raise_if_cancelled()
             await asyncio.sleep(self.poll_interval_s)
 
     async def poll(self) -> int:

@@ -3,6 +3,7 @@ of stored answers, and the embedded Valkey server. Imports the domain and teleme
 
 from ._allowance import AllowanceStore, Settled, SettledStep, SettleStatus, Slice, slice_id
 from ._audit import audit_record, read_audit
+from ._cancel import raise_if_cancelled
 from ._embedded import EmbeddedRedis
 from ._gauges import GaugeReader
 from ._keys import (
@@ -92,6 +93,7 @@ __all__ = [
     "parse_checkpoint_id",
     "parse_fail_open_id",
     "parse_sentinel_url",
+    "raise_if_cancelled",
     "read_audit",
     "read_events",
     "replayed_answer",
