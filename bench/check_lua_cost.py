@@ -7,7 +7,9 @@ Each TREE is a source tree (e.g. a `git archive` of main, and `.`), whose _lib.l
 file holding a whole script (for trying a variant), or `naive` (the naive one-counter script of bench/baselines.py, one
 counter per check). One real check's EVALSHA is recorded from the sidecar's own Limiter
 (bench/redis_baseline.py) and replayed with new step ids: a unary check (a batch of one), a batch of 100 checks of one
-task, and a batch of 100 checks spread over 100 tasks. Valkey with its append-only file, as the sidecar's. Needs
+task, and a batch of 100 checks spread over 100 tasks. Valkey with its append-only file and the embedded server's
+hash-max-listpack-value, as the sidecar's; TREE@N runs that tree's script on a Valkey with hash-max-listpack-value N
+(64 is Valkey's own default, what an external server has unless set). Needs
 valgrind (`apt-get install valgrind`); without it the script says so and exits 0. Slow: about 20 s per tree.
 --profile DIR keeps each measurement's callgrind dump there (for `callgrind_annotate --inclusive=yes
 DIR/callgrind.<tree>.unary`).
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import redis
 
-from budgetwarden.store._embedded import EmbeddedRedis, free_port, server_binary
+from budgetwarden.store._embedded import HASH_MAX_LISTPACK_VALUE, EmbeddedRedis, free_port, server_binary
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -104,13 +106,16 @@ def instructions(
         return next(int(line.split()[1]) for line in dump if line.startswith(("summary:", "totals:")))
 
 
-def measure(tree: str, recorded: list[str], calls: int, profile: Path | None = None) -> list[float]:
+def measure(spec: str, recorded: list[str], calls: int, profile: Path | None = None) -> list[float]:
+    # TREE@N: Valkey with hash-max-listpack-value N (Valkey's own default is 64); TREE alone: the embedded server's.
+    tree, _, listpack_value = spec.partition("@")
     scenarios = [(1, 1, calls), (100, 1, max(1, calls // 50)), (100, 100, max(1, calls // 50))]
     with tempfile.TemporaryDirectory() as tmp:
         port, out = free_port(), f"{tmp}/callgrind.out"
         process = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", str(server_binary()), "--port", str(port),
-             "--appendonly", "yes", "--dir", tmp, "--save", ""],
+             "--appendonly", "yes", "--dir", tmp, "--save", "",
+             "--hash-max-listpack-value", listpack_value or str(HASH_MAX_LISTPACK_VALUE)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis(port=port)
@@ -170,7 +175,8 @@ def main() -> int:
         f"### check.lua in instructions per check, under callgrind ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
         f"Machine: {machine()}. Command: `.venv/bin/python bench/check_lua_cost.py {' '.join(args.trees)} --calls "
-        f"{args.calls}`. Valkey ({server_binary().name}, AOF on) under valgrind's callgrind: instructions it executed "
+        f"{args.calls}`. Valkey ({server_binary().name}, AOF on, hash-max-listpack-value {HASH_MAX_LISTPACK_VALUE} "
+        "unless a row says @N) under valgrind's callgrind: instructions it executed "
         "per check over the calls, EVALSHA parsing, the script, its commands and the append-only file's buffer "
         "included (not a time: it does not move with the machine's load). One real check's call, recorded from the "
         "sidecar's Limiter, replayed as new steps; the ratio is to the first row.",

@@ -27,6 +27,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from budgetwarden.store._embedded import HASH_MAX_LISTPACK_VALUE
+
 from support import run_cli
 from support_k8s import (
     ADDONS,
@@ -563,6 +565,7 @@ def test_redis_is_persistent_durable_and_never_evicts() -> None:
     assert pairs["--appendonly"] == "yes"
     assert pairs["--appendfsync"] == "everysec"
     assert pairs["--maxmemory-policy"] == "noeviction"
+    assert pairs["--hash-max-listpack-value"] == str(HASH_MAX_LISTPACK_VALUE)  # as the embedded server's
     (claim,) = redis["spec"]["volumeClaimTemplates"]
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
     assert mount["mountPath"] == pairs["--dir"]

@@ -67,6 +67,14 @@ _DIE_WITH_PARENT = (
 )
 
 
+# Hash values up to this many bytes keep a hash in Valkey's compact listpack encoding (Valkey's default: 64). A
+# reservation record's `scopes` field names the keys it counts in (about 40 bytes and the tenant id each, 150 bytes
+# for a short tenant id), so with the default every record becomes a hashtable: 1,032 bytes against 560 (MEMORY
+# USAGE of one check's record), most of an active task's memory. 1024 holds four scopes of tenant ids up to about 200
+# bytes. (External servers: docs/storage.md.)
+HASH_MAX_LISTPACK_VALUE = 1024
+
+
 class EmbeddedRedis:
     """A child Redis-compatible server. ``persistent`` keeps an append-only file in ``data_dir`` across restarts."""
 
@@ -112,6 +120,7 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--loglevel", "warning",
             "--logfile", str(self.data_dir / "redis.log"),
+            "--hash-max-listpack-value", str(HASH_MAX_LISTPACK_VALUE),
         ]  # fmt: skip
         if self.socket_path is not None:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
