@@ -4,8 +4,13 @@ which a record takes a hashtable of about twice the memory (docs/storage.md)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
+import pytest
 import redis
 
+from budgetwarden.store import HASH_MAX_LISTPACK_VALUE
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_client import BudgetClient
 
@@ -26,3 +31,28 @@ def test_a_reservation_record_is_a_listpack_though_its_scopes_pass_the_default_l
     assert scopes is not None
     assert len(scopes) > 64, "the record's scopes would fit Valkey's default: this test would prove nothing"
     assert sync_redis.object("encoding", record) == b"listpack"
+
+
+ADVICE = "every reservation record has a longer one"
+
+
+def test_a_sidecar_on_a_redis_with_the_default_limit_says_what_to_set(
+    start_sidecar: Callable[..., RunningSidecar], sync_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    sync_redis.config_set("hash-max-listpack-value", 64)  # what an external Redis has unless set
+    try:
+        with caplog.at_level(logging.WARNING, logger="budgetwarden.server"):
+            start_sidecar()
+    finally:
+        sync_redis.config_set("hash-max-listpack-value", HASH_MAX_LISTPACK_VALUE)
+    (advice,) = [r.getMessage() for r in caplog.records if ADVICE in r.getMessage()]
+    assert "at most 64 bytes" in advice
+    assert f"set hash-max-listpack-value {HASH_MAX_LISTPACK_VALUE}" in advice
+
+
+def test_a_sidecar_on_a_redis_set_as_advised_says_nothing(
+    start_sidecar: Callable[..., RunningSidecar], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="budgetwarden.server"):
+        start_sidecar()
+    assert not [r for r in caplog.records if ADVICE in r.getMessage()]

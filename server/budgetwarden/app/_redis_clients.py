@@ -18,6 +18,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budgetwarden.store import (
+    HASH_MAX_LISTPACK_VALUE,
     AnyRedis,
     LeanScripts,
     SentinelTarget,
@@ -294,3 +295,43 @@ async def check_confirmation(client: AnyRedis, confirmation: WriteConfirmation) 
         ) from None
     except (RedisError, OSError):
         pass
+
+
+# The shortest `scopes` field a reservation record can have: a task and two windows of a one-character tenant, about 40
+# bytes each. Below it, every record is a hashtable.
+_SHORTEST_SCOPES_FIELD = 128
+
+
+async def listpack_limit(client: AnyRedis) -> int | None:
+    """The server's ``hash-max-listpack-value`` (the least over a Cluster's nodes), or None when it cannot be read:
+    CONFIG is often disabled on managed Redis, and an older Redis names it differently."""
+    try:
+        reply = await client.config_get("hash-max-listpack-value")
+    except (RedisError, OSError):
+        return None
+    values = [int(v) for v in _config_values(reply) if str(v).isdigit()]
+    return min(values) if values else None
+
+
+def _config_values(reply: Any) -> list[Any]:
+    if not isinstance(reply, dict):
+        return []
+    found = []
+    for key, value in reply.items():
+        if isinstance(value, dict):  # a Cluster client answers per node
+            found += _config_values(value)
+        elif (key.decode() if isinstance(key, bytes) else key) == "hash-max-listpack-value":
+            found.append(value.decode() if isinstance(value, bytes) else value)
+    return found
+
+
+def listpack_advice(limit: int | None) -> str | None:
+    """What to tell the operator of a server whose records cannot stay listpacks, or None."""
+    if limit is None or limit >= _SHORTEST_SCOPES_FIELD:
+        return None
+    return (
+        f"this Redis keeps hash values of at most {limit} bytes in the compact listpack encoding "
+        "(hash-max-listpack-value), and every reservation record has a longer one: records take about twice the "
+        f"memory; set hash-max-listpack-value {HASH_MAX_LISTPACK_VALUE}, as budgetwarden's own servers do "
+        "(docs/storage.md)"
+    )

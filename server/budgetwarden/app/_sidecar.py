@@ -39,6 +39,8 @@ from ._redis_clients import (
     close_client,
     connect_store,
     lean_scripts,
+    listpack_advice,
+    listpack_limit,
     ping_client,
 )
 
@@ -346,6 +348,10 @@ class Sidecar:
             url, cluster=settings.redis_cluster, timeout_s=settings.store_ping_timeout_ms / 1000, access=access
         )
         await self._set_ready(await self._store_answers())
+        if self._ready and self.embedded is None:  # the embedded server is set up as it should be
+            advice = listpack_advice(await listpack_limit(self._ping_redis))
+            if advice is not None:
+                log.warning(advice)
         self._store_watch = asyncio.create_task(self._watch_store())
         log.info(
             "serving",

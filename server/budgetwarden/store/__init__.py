@@ -4,7 +4,7 @@ of stored answers, and the embedded Valkey server. Imports the domain and teleme
 from ._allowance import AllowanceStore, Settled, SettledStep, SettleStatus, Slice, slice_id
 from ._audit import audit_record, read_audit
 from ._cancel import raise_if_cancelled
-from ._embedded import EmbeddedRedis
+from ._embedded import HASH_MAX_LISTPACK_VALUE, EmbeddedRedis
 from ._gauges import GaugeReader
 from ._keys import (
     TenantKeys,
@@ -49,6 +49,7 @@ from ._store import (
 from ._usage import read_events
 
 __all__ = [
+    "HASH_MAX_LISTPACK_VALUE",
     "AllowanceStore",
     "AnyRedis",
     "Applied",
