@@ -80,9 +80,17 @@ async def print_profile(work: Work, top: int = 40) -> None:
     pstats.Stats(profile).sort_stats("tottime").print_stats(top)
 
 
-def least_and_median(values: list[float]) -> tuple[float, float]:
-    ordered = sorted(values)
-    return ordered[0], ordered[len(ordered) // 2]
+async def per_check(make_work: Callable[[], Work], checks: int, reps: int, opcodes_made: int) -> dict[str, float]:
+    """A benchmark's row: opcodes (counted by the caller), calls, and the least and median CPU µs of ``reps`` runs, per
+    check of the ``checks`` each piece of work from ``make_work`` answers."""
+    calls_made = await calls(make_work())
+    cpu = sorted([await cpu_seconds(make_work()) / checks * 1e6 for _ in range(reps)])
+    return {
+        "opcodes": opcodes_made / checks,
+        "calls": calls_made / checks,
+        "cpu_min": cpu[0],
+        "cpu_median": cpu[len(cpu) // 2],
+    }
 
 
 def run_in_tree(script: Path, tree: Path | None, argv: list[str]) -> Any:

@@ -31,10 +31,8 @@ sys.path.insert(0, str(HERE))
 from _counting import (  # noqa: E402
     UNBOUNDED_POLICY,
     Work,
-    calls,
-    cpu_seconds,
-    least_and_median,
     opcodes,
+    per_check,
     print_profile,
     run_in_tree,
 )
@@ -133,17 +131,9 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
                 for where, count in sorted(by_function.items(), key=lambda item: -item[1])[:40]:
                     print(f"{count / args.checks:8.1f}  {where}")
                 return out
-            calls_made = await calls(work())
-            cpu = [await cpu_seconds(work()) / args.checks * 1e6 for _ in range(args.reps)]
-            cpu_min, cpu_median = least_and_median(cpu)
+            out = await per_check(work, args.checks, args.reps, opcodes_made)
             measured = args.checks * (2 + args.reps)
             assert allowances.local_checks - local_before == measured, "a check left the slice"
-            out = {
-                "opcodes": opcodes_made / args.checks,
-                "calls": calls_made / args.checks,
-                "cpu_min": cpu_min,
-                "cpu_median": cpu_median,
-            }
         finally:
             await sidecar.stop()
             valkey.stop()

@@ -30,10 +30,8 @@ sys.path.insert(0, str(HERE))
 from _counting import (  # noqa: E402
     UNBOUNDED_POLICY,
     Work,
-    calls,
-    cpu_seconds,
-    least_and_median,
     opcodes,
+    per_check,
     print_profile,
     run_in_tree,
 )
@@ -109,16 +107,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
                 if args.profile:
                     await print_profile(work())
                     continue
-                opcodes_made = await opcodes(work())
-                calls_made = await calls(work())
-                cpu = [await cpu_seconds(work()) / checks * 1e6 for _ in range(args.reps)]
-                cpu_min, cpu_median = least_and_median(cpu)
-                out[str(tasks)] = {
-                    "opcodes": opcodes_made / checks,
-                    "calls": calls_made / checks,
-                    "cpu_min": cpu_min,
-                    "cpu_median": cpu_median,
-                }
+                out[str(tasks)] = await per_check(work, checks, args.reps, await opcodes(work()))
         finally:
             await sidecar.stop()
             valkey.stop()
