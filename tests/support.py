@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import io
 import multiprocessing
 import os
@@ -17,6 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 from unittest import mock
 
@@ -333,3 +335,14 @@ def embedded_of(running: RunningSidecar) -> EmbeddedRedis:
     assert running.sidecar is not None
     assert running.sidecar.embedded is not None
     return running.sidecar.embedded
+
+
+def bench_module(filename: str) -> ModuleType:
+    """A module of bench/ (not a package), loaded from its file."""
+    path = Path(__file__).resolve().parents[1] / "bench" / filename
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem.lstrip('_')}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,23 +3,14 @@ of the same benchmark moved, verbatim, to the archive beside it."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
+
+from support import bench_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def bench_common() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "_common.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-common = bench_common()
+common = bench_module("_common.py")
 
 HARNESS_OLD = "### Checks: vs. baselines (2026-11-27 14:15 UTC)\n\nMachine: old. Command: `harness.py`\n\n| a |\n|---|"
 SCALE = "### Cost per check vs. active tasks (2026-11-27 12:57 UTC)\n\nMachine: m. Command: `scale.py`"

@@ -3,23 +3,9 @@ innermost Python frame is."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
+from support import bench_module
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def bench_pyspy() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_pyspy", ROOT / "bench" / "_pyspy.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pyspy = bench_pyspy()
+pyspy = bench_module("_pyspy.py")
 
 LOOP = "<module> (budgetwarden/__main__.py:3);BaseEventLoop.run_forever (asyncio/base_events.py:607)"
 RAW = "\n".join(
