@@ -303,26 +303,14 @@ _SHORTEST_SCOPES_FIELD = 128
 
 
 async def listpack_limit(client: AnyRedis) -> int | None:
-    """The server's ``hash-max-listpack-value`` (the least over a Cluster's nodes), or None when it cannot be read:
-    CONFIG is often disabled on managed Redis, and an older Redis names it differently."""
+    """The server's ``hash-max-listpack-value`` (a Cluster client asks its default node), or None when it cannot be
+    read: CONFIG is often disabled on managed Redis, and an older Redis names it differently (an empty reply)."""
     try:
         reply = await client.config_get("hash-max-listpack-value")
     except (RedisError, OSError):
         return None
-    values = [int(v) for v in _config_values(reply) if str(v).isdigit()]
-    return min(values) if values else None
-
-
-def _config_values(reply: Any) -> list[Any]:
-    if not isinstance(reply, dict):
-        return []
-    found = []
-    for key, value in reply.items():
-        if isinstance(value, dict):  # a Cluster client answers per node
-            found += _config_values(value)
-        elif (key.decode() if isinstance(key, bytes) else key) == "hash-max-listpack-value":
-            found.append(value.decode() if isinstance(value, bytes) else value)
-    return found
+    value = reply.get("hash-max-listpack-value")  # redis-py decodes CONFIG GET's names and values
+    return int(value) if isinstance(value, str) and value.isdigit() else None
 
 
 def listpack_advice(limit: int | None) -> str | None:
