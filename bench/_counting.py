@@ -1,18 +1,20 @@
 """In-process counting for the *_cost benchmarks (stream_cost.py, local_cost.py): Python opcodes and calls of a piece of
-work, which do not depend on how busy the machine is, its CPU time, which does, and running a source tree's copy of
-a benchmark in its own process for a side-by-side with this checkout. No budgetwarden imports: a child process runs
-it against another tree."""
+work, which do not depend on how busy the machine is, its CPU time, which does, a sidecar to measure, and running a
+source tree's copy of a benchmark in its own process for a side-by-side with this checkout. No budgetwarden imports
+at module level: a child process runs it against another tree."""
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import json
 import os
 import pstats
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,39 @@ task_types:
 """
 
 Work = Callable[[], Awaitable[object]]
+
+
+@contextlib.asynccontextmanager
+async def sidecar_servicer(**settings: Any) -> AsyncIterator[Any]:
+    """A started sidecar's BudgetServicer (its gRPC server idle) on a fresh Valkey with the unbounded policy, metrics
+    off; ``settings`` add to the sidecar's. Imports the tree on the path when called."""
+    from budgetwarden.app import Settings
+    from budgetwarden.app._sidecar import Sidecar
+    from budgetwarden.store._embedded import EmbeddedRedis, free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        valkey = EmbeddedRedis(Path(tmp) / "valkey", port=free_port(), persistent=True)
+        url = valkey.start()
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(UNBOUNDED_POLICY)
+        sidecar = Sidecar(
+            Settings(
+                listen=f"127.0.0.1:{free_port()}",
+                redis_url=url,
+                policy_file=policy,
+                log_level="WARNING",
+                check_deadline_ms=60_000,  # counts, not the fail mode, on a busy machine
+                usage_stream_max_len=10_000_000,
+                **settings,
+            )
+        )
+        try:
+            await sidecar.start()
+            assert sidecar.servicer is not None
+            yield sidecar
+        finally:
+            await sidecar.stop()
+            valkey.stop()
 
 
 async def opcodes(work: Work, by_function: dict[str, int] | None = None) -> int:

@@ -22,19 +22,18 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _counting import (  # noqa: E402
-    UNBOUNDED_POLICY,
     Work,
     opcodes,
     per_check,
     print_profile,
     run_in_tree,
+    sidecar_servicer,
 )
 
 
@@ -49,9 +48,6 @@ class _Context:
 
 
 async def _measure(args: argparse.Namespace) -> dict[str, Any]:
-    from budgetwarden.app import Settings
-    from budgetwarden.app._sidecar import Sidecar
-    from budgetwarden.store._embedded import EmbeddedRedis, free_port
     from budgetwarden_api.v1 import budget_pb2 as pb
 
     try:
@@ -61,82 +57,64 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
     parse = lenient(pb.CheckRequest) if lenient is not None else pb.CheckRequest.FromString
 
     out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        valkey = EmbeddedRedis(Path(tmp) / "valkey", port=free_port(), persistent=True)
-        url = valkey.start()
-        policy = Path(tmp) / "policy.yaml"
-        policy.write_text(UNBOUNDED_POLICY)
-        settings = Settings(
-            listen=f"127.0.0.1:{free_port()}",
-            redis_url=url,
-            policy_file=policy,
-            log_level="WARNING",
-            check_deadline_ms=60_000,
-            usage_stream_max_len=10_000_000,
-            local_allowance=True,
-            local_allowance_cap_tokens=10**11,
-            local_allowance_share=0.5,
-            local_allowance_idle_ms=600_000,
-        )
-        sidecar = Sidecar(settings)
-        await sidecar.start()
-        try:
-            servicer = sidecar.servicer
-            assert servicer is not None
-            context = _Context()
-            sent = 0
+    async with sidecar_servicer(
+        local_allowance=True,
+        local_allowance_cap_tokens=10**11,
+        local_allowance_share=0.5,
+        local_allowance_idle_ms=600_000,
+    ) as sidecar:
+        servicer = sidecar.servicer
+        context = _Context()
+        sent = 0
 
-            def bodies(count: int) -> list[bytes]:
-                nonlocal sent
-                out = []
-                for _ in range(count):
-                    sent += 1
-                    request = pb.CheckRequest(
-                        tenant_id="bench",
-                        task_id="task-0",
-                        step_id=f"s-{sent}",
-                        estimated_input_tokens=800 + (sent % 100_000 if args.vary_tokens else 0),
-                        max_output_tokens=200,
-                    )
-                    out.append(request.SerializeToString())
-                return out
+        def bodies(count: int) -> list[bytes]:
+            nonlocal sent
+            out = []
+            for _ in range(count):
+                sent += 1
+                request = pb.CheckRequest(
+                    tenant_id="bench",
+                    task_id="task-0",
+                    step_id=f"s-{sent}",
+                    estimated_input_tokens=800 + (sent % 100_000 if args.vary_tokens else 0),
+                    max_output_tokens=200,
+                )
+                out.append(request.SerializeToString())
+            return out
 
-            async def run(batch: list[bytes]) -> Any:
-                answer = None
-                for body in batch:
-                    answer = await servicer.check(parse(body), context)
-                return answer
+        async def run(batch: list[bytes]) -> Any:
+            answer = None
+            for body in batch:
+                answer = await servicer.check(parse(body), context)
+            return answer
 
-            answer = await run(bodies(50))  # warm: the first check on the Redis path, then the slice's take
-            decoded = pb.CheckResponse.FromString(answer) if isinstance(answer, bytes) else answer
-            assert decoded.decision == pb.DECISION_ALLOW, decoded
-            allowances = sidecar.allowances
-            assert allowances is not None
-            local_before = allowances.local_checks
+        answer = await run(bodies(50))  # warm: the first check on the Redis path, then the slice's take
+        decoded = pb.CheckResponse.FromString(answer) if isinstance(answer, bytes) else answer
+        assert decoded.decision == pb.DECISION_ALLOW, decoded
+        allowances = sidecar.allowances
+        assert allowances is not None
+        local_before = allowances.local_checks
 
-            def work(count: int = args.checks) -> Work:
-                batch = bodies(count)  # made before the measurement starts
+        def work(count: int = args.checks) -> Work:
+            batch = bodies(count)  # made before the measurement starts
 
-                async def answer_all() -> None:
-                    await run(batch)
+            async def answer_all() -> None:
+                await run(batch)
 
-                return answer_all
+            return answer_all
 
-            if args.profile:
-                await print_profile(work())
-                return out
-            by_function: dict[str, int] | None = {} if args.by_function else None
-            opcodes_made = await opcodes(work(), by_function)
-            if by_function is not None:
-                for where, count in sorted(by_function.items(), key=lambda item: -item[1])[:40]:
-                    print(f"{count / args.checks:8.1f}  {where}")
-                return out
-            out = await per_check(work, args.checks, args.reps, opcodes_made)
-            measured = args.checks * (2 + args.reps)
-            assert allowances.local_checks - local_before == measured, "a check left the slice"
-        finally:
-            await sidecar.stop()
-            valkey.stop()
+        if args.profile:
+            await print_profile(work())
+            return out
+        by_function: dict[str, int] | None = {} if args.by_function else None
+        opcodes_made = await opcodes(work(), by_function)
+        if by_function is not None:
+            for where, count in sorted(by_function.items(), key=lambda item: -item[1])[:40]:
+                print(f"{count / args.checks:8.1f}  {where}")
+            return out
+        out = await per_check(work, args.checks, args.reps, opcodes_made)
+        measured = args.checks * (2 + args.reps)
+        assert allowances.local_checks - local_before == measured, "a check left the slice"
     return out
 
 

@@ -19,7 +19,6 @@ import asyncio
 import json
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,12 +27,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _counting import (  # noqa: E402
-    UNBOUNDED_POLICY,
     Work,
     opcodes,
     per_check,
     print_profile,
     run_in_tree,
+    sidecar_servicer,
 )
 
 
@@ -57,60 +56,38 @@ def _messages(count: int, tasks: int, rnd: random.Random, first: int) -> list[An
 
 
 async def _measure(args: argparse.Namespace) -> dict[str, Any]:
-    from budgetwarden.app import Settings
-    from budgetwarden.app._sidecar import Sidecar
-    from budgetwarden.store._embedded import EmbeddedRedis, free_port
     from budgetwarden_api.v1 import budget_pb2 as pb
 
     out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        valkey = EmbeddedRedis(Path(tmp) / "valkey", port=free_port(), persistent=True)
-        url = valkey.start()
-        policy = Path(tmp) / "policy.yaml"
-        policy.write_text(UNBOUNDED_POLICY)
-        settings = Settings(
-            listen=f"127.0.0.1:{free_port()}",
-            redis_url=url,
-            policy_file=policy,
-            log_level="WARNING",
-            check_deadline_ms=60_000,  # counts, not the fail mode, on a busy machine
-            usage_stream_max_len=10_000_000,
-        )
-        sidecar = Sidecar(settings)
-        await sidecar.start()
-        try:
-            servicer = sidecar.servicer
-            assert servicer is not None
-            for tasks in args.tasks:
-                rnd = random.Random(tasks)
-                sent = 0
+    async with sidecar_servicer() as sidecar:
+        servicer = sidecar.servicer
+        for tasks in args.tasks:
+            rnd = random.Random(tasks)
+            sent = 0
 
-                def batch(count: int, tasks: int = tasks, rnd: random.Random = rnd) -> list[Any]:
-                    nonlocal sent
-                    sent += 100 * count
-                    return _messages(count, tasks, rnd, sent)
+            def batch(count: int, tasks: int = tasks, rnd: random.Random = rnd) -> list[Any]:
+                nonlocal sent
+                sent += 100 * count
+                return _messages(count, tasks, rnd, sent)
 
-                for message in batch(10):  # warm: scripts loaded, windows and caches filled
-                    answer = await servicer._check_batch(message)
-                assert all(r.response.decision == pb.DECISION_ALLOW for r in answer.results), answer.results[0]
-                checks = 100 * args.messages
+            for message in batch(10):  # warm: scripts loaded, windows and caches filled
+                answer = await servicer._check_batch(message)
+            assert all(r.response.decision == pb.DECISION_ALLOW for r in answer.results), answer.results[0]
+            checks = 100 * args.messages
 
-                def work(count: int = args.messages, batch: Callable[[int], list[Any]] = batch) -> Work:
-                    messages = batch(count)  # made before the measurement starts
+            def work(count: int = args.messages, batch: Callable[[int], list[Any]] = batch) -> Work:
+                messages = batch(count)  # made before the measurement starts
 
-                    async def answer_all() -> None:
-                        for message in messages:
-                            await servicer._check_batch(message)
+                async def answer_all() -> None:
+                    for message in messages:
+                        await servicer._check_batch(message)
 
-                    return answer_all
+                return answer_all
 
-                if args.profile:
-                    await print_profile(work())
-                    continue
-                out[str(tasks)] = await per_check(work, checks, args.reps, await opcodes(work()))
-        finally:
-            await sidecar.stop()
-            valkey.stop()
+            if args.profile:
+                await print_profile(work())
+                continue
+            out[str(tasks)] = await per_check(work, checks, args.reps, await opcodes(work()))
     return out
 
 
