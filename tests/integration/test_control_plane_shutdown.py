@@ -8,6 +8,7 @@ from pathlib import Path
 
 from budgetwarden.limiter import wall_clock_ms
 
+from support import AnswersWhenCancelled
 from support_console import start_control_plane, two_tenants
 
 
@@ -16,19 +17,11 @@ def test_a_store_watch_whose_ping_consumed_the_cancellation_still_stops(redis_ur
         redis_url, None, two_tenants(tmp_path), wall_clock_ms, console_listen=None, store_ping_interval_seconds=0.01
     )
     plane = running.plane
-    in_ping = asyncio.Event()
-
-    async def ping_that_finishes_when_cancelled() -> bool:
-        in_ping.set()
-        try:
-            await asyncio.Event().wait()  # a stalled store
-        except asyncio.CancelledError:
-            return True  # the call answered, the cancellation consumed
-        raise AssertionError("unreachable: nothing sets the event")
+    ping = AnswersWhenCancelled(True)
 
     async def swap_the_ping_and_wait_for_one() -> None:
-        plane._store_answers = ping_that_finishes_when_cancelled  # type: ignore[method-assign]
-        await in_ping.wait()
+        plane._store_answers = ping  # type: ignore[method-assign]
+        await ping.entered.wait()
 
     asyncio.run_coroutine_threadsafe(swap_the_ping_and_wait_for_one(), running._loop).result(60)
     running.stop()  # before the fix: the watch slept on, the stop waited for it, and this gave up after 60 s

@@ -24,7 +24,7 @@ from budgetwarden_api.v1 import admin_pb2 as admin_pb
 from budgetwarden_api.v1 import budget_pb2 as pb
 from budgetwarden_api.v1 import budget_pb2_grpc
 
-from support import RunningSidecar, free_port
+from support import AnswersWhenCancelled, RunningSidecar, free_port
 from support_admin import RPC_TIMEOUT_S, TWO_TENANTS_POLICY, Admin, open_checkpoint
 from support_notify import WAIT_S, Receiver, deliver_all
 
@@ -397,19 +397,10 @@ async def test_the_poll_loop_stops_when_a_redis_call_consumed_its_cancellation(
     # redis-py can finish a call cancelled in flight and return its answer: the loop must still end, not sleep again
     # (the control plane's shutdown waits for it).
     deliverer = make_deliverer([], poll_interval_s=0.01)
-    in_poll = asyncio.Event()
-
-    async def poll_that_finishes_when_cancelled() -> int:
-        in_poll.set()
-        try:
-            await asyncio.Event().wait()  # a stalled store
-        except asyncio.CancelledError:
-            return 0  # the call answered, the cancellation consumed
-        raise AssertionError("unreachable: nothing sets the event")
-
-    deliverer.poll = poll_that_finishes_when_cancelled  # type: ignore[method-assign]
+    poll = AnswersWhenCancelled(0)
+    deliverer.poll = poll  # type: ignore[method-assign]
     loop = asyncio.create_task(deliverer.run())
-    await in_poll.wait()
+    await poll.entered.wait()
     loop.cancel()
     done, _ = await asyncio.wait({loop}, timeout=WAIT_S)  # before the fix: never (it polled and slept for ever)
     assert done, "the loop ran on after its cancellation"

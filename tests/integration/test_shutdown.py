@@ -11,7 +11,7 @@ import pytest
 
 from budgetwarden.app import _sidecar
 
-from support import RunningSidecar
+from support import AnswersWhenCancelled, RunningSidecar
 
 OVERRAN = "shutdown step overran; going on without it"
 
@@ -57,19 +57,11 @@ def test_a_store_watch_whose_ping_consumed_the_cancellation_still_stops(
     running = start_sidecar(store_ping_interval_seconds=0.01)
     sidecar = running.sidecar
     assert sidecar is not None
-    in_ping = asyncio.Event()
-
-    async def ping_that_finishes_when_cancelled() -> bool:
-        in_ping.set()
-        try:
-            await asyncio.Event().wait()  # a stalled store
-        except asyncio.CancelledError:
-            return True  # what redis-py did: the call answered, the cancellation consumed
-        raise AssertionError("unreachable: nothing sets the event")
+    ping = AnswersWhenCancelled(True)
 
     async def swap_the_ping_and_wait_for_one() -> None:
-        sidecar._store_answers = ping_that_finishes_when_cancelled  # type: ignore[method-assign]
-        await in_ping.wait()
+        sidecar._store_answers = ping  # type: ignore[method-assign]
+        await ping.entered.wait()
 
     running.run(swap_the_ping_and_wait_for_one())
     with caplog.at_level(logging.INFO, logger="budgetwarden.server"):
